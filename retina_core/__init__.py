@@ -1,0 +1,16 @@
+"""retina_core: explainable retinal imaging (fundus photographs, OCT B-scans, OCT volumes).
+
+Research software, not a medical device. Public API:
+    list_models(), load_model(name), read_image(path_or_bytes), analyze(image, model, method="gradcam")
+"""
+from .analysis import DEFAULT_MODELS, Analysis, analyze, get_model
+from .errors import RetinaInputError
+from .io.decode import RetinalImage, read_image
+from .models import create_model, list_models, load_model
+
+__version__ = "0.1.0"
+DISCLAIMER = ("Research software, not a medical device. Suggestions are not a diagnosis; bundled demo models were "
+              "trained on synthetic phantoms, and their metrics are phantom metrics, not clinical accuracy.")
+
+__all__ = ["Analysis", "DEFAULT_MODELS", "DISCLAIMER", "RetinaInputError", "RetinalImage", "analyze",
+           "create_model", "get_model", "list_models", "load_model", "read_image"]

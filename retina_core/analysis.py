@@ -1,0 +1,150 @@
+"""The diagnosis chain: decoded image -> quality gate -> preprocess -> forward (+ heatmap, same pass) -> Analysis.
+
+    >>> import retina_core as rc
+    >>> a = rc.analyze(rc.read_image("scan.png"))          # model chosen from the detected modality
+    >>> a.label, a.probabilities, a.heatmap.shape
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import RetinaInputError
+from .explain.cam import CAM_METHODS, cam_with_library, gradcam_single_pass, normalise_map
+from .io.decode import RetinalImage, read_image
+from .models import LoadedModel, load_model
+from .quality import Quality, assess_quality
+
+# The model used when the caller names none, per detected modality.
+DEFAULT_MODELS = {"fundus": "fundus_dr_effnet_b0", "oct": "oct_resnet18"}
+NO_RESULT = "No result: retake or refer"
+
+
+@functools.lru_cache(maxsize=None)
+def get_model(name: str) -> LoadedModel:
+    """One shared, read-only copy of each bundled model per process."""
+    return load_model(name)
+
+
+@dataclass
+class Analysis:
+    """One image read by one model. `heatmap`: float32 [H, W] in [0, 1] at the shown image's size, or None."""
+
+    modality: str
+    quality: Quality
+    probabilities: dict[str, float]          # calibrated; sums to 1; empty when there is no result
+    label: str | None
+    heatmap: np.ndarray | None = field(repr=False)
+    model: str | None
+    weights_sha256: str | None
+    method: str
+    target: str | None                        # the class the heatmap explains
+    referable: bool | None
+    suggestion: str
+    content_hash: str
+    laterality: str | None
+    image: np.ndarray = field(repr=False)     # uint8 [H, W, 3], the image as shown to the user
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_result(self) -> bool:
+        return self.label is not None
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (no pixel arrays)."""
+        q = self.quality
+        return {"modality": self.modality, "label": self.label, "probabilities": self.probabilities,
+                "referable": self.referable, "suggestion": self.suggestion, "model": self.model,
+                "weights_sha256": self.weights_sha256, "method": self.method, "target": self.target,
+                "quality": {"verdict": q.verdict, "gradable": q.gradable, "score": round(float(q.score), 4),
+                            "reasons": list(q.reasons)},
+                "laterality": self.laterality, "content_hash": self.content_hash, "notes": list(self.notes)}
+
+
+def _no_result(img: RetinalImage, q: Quality, modality: str, method: str, why: list[str],
+               model: LoadedModel | None = None) -> Analysis:
+    return Analysis(modality=modality, quality=q, probabilities={}, label=None, heatmap=None,
+                    model=model.name if model else None, weights_sha256=model.sha256 if model else None,
+                    method=method, target=None, referable=None, suggestion=NO_RESULT,
+                    content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=why)
+
+
+def _target_index(target: str | int | None, classes: tuple[str, ...], predicted: int) -> int:
+    if target is None:
+        return predicted
+    if isinstance(target, (int, np.integer)) and 0 <= int(target) < len(classes):
+        return int(target)
+    if target in classes:
+        return classes.index(target)
+    raise RetinaInputError(f"Cannot explain class {target!r}: the model's classes are {', '.join(classes)}.")
+
+
+def suggestion_for(label: str, model: LoadedModel) -> tuple[bool, str]:
+    """Plain-language action for a predicted class, from the cfg's referable classes."""
+    if label in model.cfg.referable:
+        return True, f"Refer to an eye specialist: findings suggest {label}."
+    return False, f"Not referable by this model: findings suggest {label}. Routine follow-up."
+
+
+def analyze(image, model: LoadedModel | str | None = None, method: str = "gradcam",
+            target: str | int | None = None, modality: str | None = None) -> Analysis:
+    """Read one image with one model: quality gate, calibrated probabilities and a heatmap.
+
+    image: a RetinalImage, a path, bytes or a binary file (decoded by `read_image`). model: a LoadedModel, a
+    registered name, or None for the default model of the detected modality. method: one of CAM_METHODS
+    ("gradcam" is the single-pass default). target: the class to explain (default: the predicted class).
+    modality: the user's override of the detected modality ("fundus" | "oct").
+    Ungradable or non-retinal images, and images of a modality the model does not read, give an Analysis with
+    no result (label None, suggestion "No result: retake or refer") and the reasons in `notes`.
+    """
+    img = image if isinstance(image, RetinalImage) else read_image(image)
+    if img.kind != "image":
+        raise RetinaInputError("This is an OCT volume; this step reads single images (fundus photographs or "
+                               "OCT B-scans). Open it in the volume viewer, or export one B-scan.")
+    if method not in CAM_METHODS:
+        raise RetinaInputError(f"Unknown heatmap method {method!r}; choose one of {', '.join(CAM_METHODS)}.")
+    q = assess_quality(img, modality=modality)
+    if q.modality == "not_retinal":
+        return _no_result(img, q, q.modality, method, [q.verdict, *q.reasons])
+    if model is None:
+        model = DEFAULT_MODELS.get(q.modality)
+        if model is None:
+            return _no_result(img, q, q.modality, method, [f"No bundled model reads {q.modality} images."])
+    if isinstance(model, str):
+        model = get_model(model)
+    if model.cfg.modality != q.modality:
+        why = (f"This image looks like a {q.modality} image, but model {model.name} reads {model.cfg.modality} "
+               f"images. Choose a {q.modality} model, or override the modality if the detection is wrong.")
+        return _no_result(img, q, q.modality, method, [why], model)
+    if not q.gradable:
+        return _no_result(img, q, q.modality, method, [q.verdict, *q.reasons], model)
+
+    x = model.preprocess(img.pixels)
+    h, w = img.pixels.shape[:2]
+    classes = model.cfg.classes
+    if method == "gradcam":
+        tgt = None if target is None else [_target_index(target, classes, 0)]
+        logits, cams = gradcam_single_pass(model.net, x, model.cfg.target_layer, tgt)
+        pred = int(logits.argmax(1))
+        t_idx = tgt[0] if tgt else pred
+        heatmap = normalise_map(cams[0], (h, w))
+    else:
+        with torch.inference_mode():
+            logits = model.net(x)
+        pred = int(logits.argmax(1))
+        t_idx = _target_index(target, classes, pred)
+        cam = cam_with_library(model.net, x, model.cfg.target_layer, method, [t_idx])[0]
+        heatmap = normalise_map(cam, (h, w))
+    probs = torch.softmax(logits.float() / model.temperature, dim=1)[0].cpu().numpy().astype(np.float64)
+    probs = probs / probs.sum()
+    label = classes[pred]
+    referable, suggestion = suggestion_for(label, model)
+    notes = [] if heatmap.max() > 0 else ["The heatmap is empty: no region raised the explained class's score."]
+    return Analysis(modality=q.modality, quality=q, probabilities={c: float(p) for c, p in zip(classes, probs)},
+                    label=label, heatmap=heatmap, model=model.name, weights_sha256=model.sha256, method=method,
+                    target=classes[t_idx], referable=referable, suggestion=suggestion,
+                    content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=notes)
+

@@ -1,0 +1,236 @@
+"""Command line: `python -m retina_core <command> ...` (see `--help` of each command).
+
+    python -m retina_core models
+    python -m retina_core predict scan1.png scan2.jpeg --out heatmaps/ --json
+    python -m retina_core data phantoms --kind oct-kermany --n 200 --seed 0 --out data/oct
+    python -m retina_core data inspect data/oct --json
+    python -m retina_core train --model oct_resnet18 --data data/oct --out runs/oct
+    python -m retina_core evaluate --model oct_resnet18 --data data/oct --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import RetinaInputError
+
+log = logging.getLogger("retina_core")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------- models
+def cmd_models(args) -> int:
+    from .models import get_cfg, list_models, read_manifest
+
+    manifest = read_manifest()
+    rows = []
+    for name in list_models():
+        cfg, entry = get_cfg(name), manifest.get(name, {})
+        rows.append({"name": name, "modality": cfg.modality, "classes": list(cfg.classes), "task": cfg.task,
+                     "weights": entry.get("file"), "sha256": entry.get("sha256"),
+                     "trained_on": entry.get("data"), "heldout_metrics": entry.get("heldout_metrics"),
+                     "metric_kind": entry.get("metric_kind")})
+    if args.json:
+        for r in rows:
+            _print_json(r)
+        return 0
+    for r in rows:
+        acc = (r["heldout_metrics"] or {}).get("accuracy")
+        state = f"weights {r['sha256'][:12]}, {r['metric_kind']} accuracy {acc:.3f}" if r["sha256"] else "no weights"
+        print(f"{r['name']:<24} {r['modality']:<7} {len(r['classes'])} classes  ({state})\n    {r['task']}")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+def cmd_predict(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .analysis import analyze, get_model
+    from .explain.overlay import heatmap_to_rgb, overlay
+    from .io.decode import read_image
+
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    model = get_model(args.model) if args.model else None
+    failures = 0
+    for path in args.images:
+        record: dict = {"file": path}
+        try:
+            a = analyze(read_image(path), model, method=args.method, modality=args.modality)
+            record.update(a.to_dict())
+            if out and a.heatmap is not None:
+                # Outputs are named by content hash, never by the input name (which may carry patient data).
+                stem = a.content_hash[:16]
+                Image.fromarray(heatmap_to_rgb(a.heatmap)).save(out / f"{stem}_heatmap.png")
+                Image.fromarray(overlay(a.image, a.heatmap)).save(out / f"{stem}_overlay.png")
+                np.save(out / f"{stem}_heatmap.npy", a.heatmap)
+                record["heatmap"] = str(out / f"{stem}_heatmap.png")
+                record["overlay"] = str(out / f"{stem}_overlay.png")
+        except RetinaInputError as exc:
+            failures += 1
+            record["error"] = str(exc)
+        if args.json:
+            _print_json(record)
+        elif "error" in record:
+            print(f"{path}: error: {record['error']}")
+        elif record["label"] is None:
+            print(f"{path}: {record['suggestion']} ({'; '.join(record['notes'])})")
+        else:
+            p = record["probabilities"][record["label"]]
+            print(f"{path}: {record['modality']} -> {record['label']} ({p:.1%}) by {record['model']}; "
+                  f"{record['suggestion']}" + (f"; heatmap {record['heatmap']}" if "heatmap" in record else ""))
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------- data
+def cmd_data_phantoms(args) -> int:
+    from .phantoms import write_dataset
+
+    summary = write_dataset(args.kind, n=args.n, seed=args.seed, out=Path(args.out), layout=args.layout,
+                            size=args.size)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from .io.datasets import inspect_dataset
+
+    info = inspect_dataset(args.path)
+    if args.json:
+        _print_json(info)
+    else:
+        print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------- train / evaluate
+def cmd_train(args) -> int:
+    import shutil
+
+    from .models.loading import MANIFEST, weights_dir
+    from .train.engine import config_from_args, train
+
+    result = train(args.model, args.data, args.out, config_from_args(args), data_note=args.data_note)
+    if args.install:
+        # Copy the new weights into the bundled weights folder and merge its manifest entry.
+        wdir = weights_dir()
+        shutil.copy2(result["weights"], wdir / Path(result["weights"]).name)
+        manifest_path = wdir / MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        manifest[args.model] = json.loads((Path(args.out) / MANIFEST).read_text())[args.model]
+        manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
+    summary = {k: result[k] for k in ("model", "weights", "sha256", "temperature", "heldout_metrics", "metric_kind")}
+    _print_json(summary) if args.json else print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate.run import evaluate
+
+    report = evaluate(args.model, args.data, split=args.split, weights_dir=args.weights_dir)
+    _print_json(report) if args.json else print(json.dumps(report, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from .train.engine import TrainConfig
+
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default {f.default})")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default {f.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .analysis import DEFAULT_MODELS
+    from .explain.cam import CAM_METHODS
+
+    parser = argparse.ArgumentParser(prog="python -m retina_core",
+                                     description="Explainable retinal imaging. Research software, not a medical device.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks) to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list registered models and their bundled weights")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("predict", help="diagnosis suggestion + heatmap for images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", help=f"model name (default: by detected modality, {DEFAULT_MODELS})")
+    p.add_argument("--method", default="gradcam", choices=CAM_METHODS)
+    p.add_argument("--modality", choices=["fundus", "oct"], help="override the detected modality")
+    p.add_argument("--out", help="folder for heatmap/overlay PNGs (named by content hash)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.set_defaults(func=cmd_predict)
+
+    data = sub.add_parser("data", help="phantom data sets and real data set layouts").add_subparsers(
+        dest="data_command", required=True)
+    p = data.add_parser("phantoms", help="write a synthetic data set in a real data set's layout")
+    p.add_argument("--kind", required=True,
+                   choices=["fundus-dr", "fundus-4class", "oct-c8", "oct-kermany", "oct-volume", "paired"])
+    p.add_argument("--n", type=int, default=100, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", default=None, help="layout variant (default: the kind's real layout)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default per kind)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_phantoms)
+    p = data.add_parser("inspect", help="detected layout, splits, classes and counts of a data set folder")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("train", help="train a registered model on a data set folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-note", default=None, help="how the data was made, recorded in the manifest")
+    p.add_argument("--install", action="store_true", help="copy the weights into weights/ and its manifest")
+    p.add_argument("--json", action="store_true")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a data set split")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--weights-dir", default=None, help="a folder written by `train` (default: bundled weights)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except RetinaInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug, not the user's fault: short message, traceback only with --verbose
+        log.debug("unexpected error", exc_info=True)
+        print(f"internal error ({type(exc).__name__}): {exc}. Run with -v for details.", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 3

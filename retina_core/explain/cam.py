@@ -1,0 +1,105 @@
+"""Class activation maps: a single-pass Grad-CAM for the default path, the rest of the CAM family via pytorch-grad-cam.
+
+Single pass: the forward that gives the prediction also records the target layer's activations A as a new leaf,
+so the backward runs only from the target logit down to that layer (no parameter needs a gradient, nothing is
+propagated to the input). The map equals pytorch-grad-cam's GradCAM on the same model and layer
+(tests/test_explain.py checks it to 1e-4) at a fraction of its cost (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+
+def get_module(net: nn.Module, path: str) -> nn.Module:
+    """`net.get_submodule` with a clear error for a wrong target-layer name."""
+    try:
+        return net.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"target layer {path!r} not found in {type(net).__name__}") from None
+
+
+@contextmanager
+def capture_as_leaf(module: nn.Module) -> Iterator[dict]:
+    """While active, `module`'s output is replaced by a detached leaf that requires grad (stored in the dict)."""
+    store: dict = {}
+
+    def hook(_mod, _inp, out):
+        leaf = out.detach().requires_grad_(True)
+        store["activations"] = leaf
+        return leaf.clone()   # a non-leaf copy, so in-place ops downstream cannot touch the leaf
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def gradcam_single_pass(net: nn.Module, x: torch.Tensor, target_layer: str,
+                        targets: torch.Tensor | list[int] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """One forward + a backward from the target logits to `target_layer` only.
+
+    x: float32 [B, C, H, W] preprocessed. targets: class index per image (default: the predicted class).
+    Returns (logits [B, K] detached, cams float32 [B, h, w] = relu(sum_c mean(dy/dA_c) * A_c), not normalised).
+    """
+    with capture_as_leaf(get_module(net, target_layer)) as store, torch.enable_grad():
+        logits = net(x)
+        if targets is None:
+            idx = logits.argmax(dim=1)
+        else:
+            idx = torch.as_tensor(targets, device=logits.device).reshape(-1)
+        score = logits.gather(1, idx[:, None]).sum()
+        (grads,) = torch.autograd.grad(score, store["activations"])
+    acts = store["activations"].detach()
+    spatial = tuple(range(2, grads.ndim))            # 2D [B,C,h,w] and 3D [B,C,d,h,w] alike
+    weights = grads.mean(dim=spatial, keepdim=True)
+    cams = torch.relu((weights * acts).sum(dim=1))
+    return logits.detach(), cams.float().cpu().numpy()
+
+
+def normalise_map(cam: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Low-res map [h, w] -> float32 [H, W] in [0, 1]: min-max, bilinear resize, min-max (as pytorch-grad-cam)."""
+    cam = np.maximum(cam.astype(np.float32), 0)
+    cam = cam - cam.min()
+    cam = cam / (1e-7 + cam.max())
+    h, w = out_hw
+    if cam.shape != (h, w):
+        cam = cv2.resize(cam, (w, h), interpolation=cv2.INTER_LINEAR)
+    cam = cam - cam.min()
+    cam = cam / (1e-7 + cam.max())
+    return np.clip(cam, 0.0, 1.0).astype(np.float32)
+
+
+def _pgc_methods() -> dict:
+    import pytorch_grad_cam as pgc
+    return {"gradcam-reference": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "hirescam": pgc.HiResCAM,
+            "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM, "scorecam": pgc.ScoreCAM}
+
+
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam", "gradcam-reference")
+
+
+def cam_with_library(net: nn.Module, x: torch.Tensor, target_layer: str, method: str,
+                     targets: list[int]) -> np.ndarray:
+    """pytorch-grad-cam's implementation of `method`; returns float32 [B, H, W] at the input size, in [0, 1]."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = _pgc_methods()[method]
+    needs_grad = [p for p in net.parameters() if not p.requires_grad]
+    for p in needs_grad:   # the library back-propagates to the input through the whole net
+        p.requires_grad_(True)
+    try:
+        with cls(model=net, target_layers=[get_module(net, target_layer)]) as cam:
+            if method == "scorecam":
+                cam.batch_size = 16
+            out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    finally:
+        for p in needs_grad:
+            p.requires_grad_(False)
+    return out.astype(np.float32)

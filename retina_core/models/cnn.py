@@ -1,0 +1,66 @@
+"""CNN classifiers built from timm architectures (random init: no pretrained download is possible here).
+
+Users who have timm/ImageNet checkpoints on disk can start from them with `load_state_dict_file`.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from ..labels import DR_GRADES, OCT4
+from .registry import ModelCfg, register_model
+
+
+class TimmClassifier(nn.Module):
+    """A timm network behind the common interface: forward_features -> [B, C, h, w], forward_head -> logits."""
+
+    def __init__(self, cfg: ModelCfg):
+        super().__init__()
+        self.net = timm.create_model(cfg.arch, pretrained=False, num_classes=cfg.num_classes,
+                                     in_chans=cfg.input_size[0], **cfg.builder_kwargs)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_PHANTOM_NOTE = ("Demo weights were trained on this project's synthetic retinal phantoms, not on patient images. "
+                 "Their metrics are phantom metrics and say nothing about clinical accuracy.")
+
+register_model(ModelCfg(
+    name="fundus_dr_effnet_b0",
+    arch="tf_efficientnet_b0",
+    modality="fundus",
+    classes=DR_GRADES,
+    task="Diabetic retinopathy grade (ICDR 0-4) from a colour fundus photograph",
+    weights="fundus_dr_effnet_b0.safetensors",
+    target_layer="net.bn2",
+    referable=("Moderate", "Severe", "Proliferative DR"),
+    ordinal=True,
+    builder_kwargs={"drop_rate": 0.2},
+    card=("EfficientNet-B0 (timm `tf_efficientnet_b0`) grading diabetic retinopathy on the 5-step ICDR scale, "
+          "as in the APTOS 2019 set-up of the multimodal fundus + OCT source project. Input: RGB, resized to "
+          "224x224, ImageNet normalisation. Grad-CAM target: the last 1x1 conv block (`bn2`). Referable: "
+          "moderate or worse. " + _PHANTOM_NOTE),
+), TimmClassifier)
+
+register_model(ModelCfg(
+    name="oct_resnet18",
+    arch="resnet18",
+    modality="oct",
+    classes=OCT4,
+    task="OCT B-scan: choroidal neovascularisation, diabetic macular oedema, drusen or normal",
+    weights="oct_resnet18.safetensors",
+    target_layer="net.layer4",
+    referable=("CNV", "DME"),
+    card=("ResNet-18 (timm `resnet18`) classifying macular OCT B-scans into the Kermany OCT2017 classes "
+          "(CNV, DME, DRUSEN, NORMAL). Input: greyscale replicated to 3 channels, resized to 224x224, ImageNet "
+          "normalisation. Grad-CAM target: `layer4`. Referable: CNV and DME (urgent / soon); drusen: monitor. "
+          + _PHANTOM_NOTE),
+), TimmClassifier)

@@ -1,0 +1,120 @@
+"""Load bundled or user weights: safetensors only, each file checked against the sha256 in its manifest.
+
+    >>> m = load_model("oct_resnet18")            # weights/ + weights/manifest.json
+    >>> m = load_model("oct_resnet18", weights_dir="runs/oct")   # a directory written by `retina_core train`
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import RetinaInputError
+from .registry import ModelCfg, create_model, get_cfg
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def weights_dir() -> Path:
+    """The bundled weights folder (override with RETINA_WEIGHTS_DIR)."""
+    env = os.environ.get("RETINA_WEIGHTS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "weights"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_manifest(directory: str | os.PathLike | None = None) -> dict:
+    """`{model name: entry}`; entry has file, sha256, classes, temperature, command, data, metrics, ..."""
+    path = Path(directory or weights_dir()) / MANIFEST
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [H, W, 3] RGB -> float32 [1, C, h, w] resized to cfg.input_size and normalised with cfg.mean/std.
+
+    Training and inference both call this, so what a model saw in training is what it sees in the app.
+    """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}")
+    c, h, w = cfg.input_size
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1)[None].float().div_(255.0)
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode on its device, with its cfg, calibration temperature and provenance."""
+
+    name: str
+    cfg: ModelCfg
+    net: nn.Module
+    device: torch.device
+    sha256: str
+    temperature: float = 1.0
+    entry: dict = field(default_factory=dict)   # the manifest entry: command, data, metrics, dates
+
+    def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
+        return preprocess_image(pixels, self.cfg, self.device)
+
+    @torch.inference_mode()
+    def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] preprocessed -> calibrated probabilities [B, num_classes]."""
+        return torch.softmax(self.net(batch.to(self.device)) / self.temperature, dim=1)
+
+
+def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: str | None = None) -> LoadedModel:
+    """Build `name`, load its safetensors after checking the sha256 recorded in the manifest, eval mode."""
+    cfg = get_cfg(name)
+    directory = Path(weights_dir) if weights_dir else globals()["weights_dir"]()
+    entry = read_manifest(directory).get(name)
+    if entry is None:
+        raise RetinaInputError(f"No weights for model {name!r} in {directory}: its manifest.json has no entry. "
+                               f"Train it with `python -m retina_core train --model {name} ...`.")
+    path = directory / entry["file"]
+    if path.suffix != ".safetensors":
+        raise RetinaInputError(f"Weights for {name!r} must be a .safetensors file, not {path.name}.")
+    if not path.exists():
+        raise RetinaInputError(f"Weights file for {name!r} is missing: {path.name} (expected in {directory}).")
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise RetinaInputError(f"Weights file {path.name} does not match the sha256 in manifest.json: it was "
+                               f"changed or damaged, so model {name!r} will not be loaded.")
+    net = create_model(name)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RetinaInputError(f"Weights file {path.name} does not fit model {name!r} "
+                               f"({len(missing)} missing, {len(unexpected)} unexpected tensors).")
+    dev = torch.device(device) if device else default_device()
+    net.eval().to(dev)
+    for p in net.parameters():
+        p.requires_grad_(False)   # inference only; Grad-CAM takes gradients w.r.t. activations
+    log.info("loaded %s (%s) on %s", name, digest[:12], dev)
+    return LoadedModel(name=name, cfg=cfg, net=net, device=dev, sha256=digest,
+                       temperature=float(entry.get("temperature", 1.0)), entry=entry)

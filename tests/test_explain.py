@@ -1,0 +1,52 @@
+"""Single-pass Grad-CAM equals pytorch-grad-cam's GradCAM; heatmaps are shaped and scaled as documented."""
+import numpy as np
+import pytest
+import torch
+
+from retina_core.explain.cam import cam_with_library, gradcam_single_pass, normalise_map
+from retina_core.explain.overlay import overlay, strongest_region
+from retina_core.models import create_model
+
+
+@pytest.mark.parametrize("name", ["oct_resnet18", "fundus_dr_effnet_b0"])
+def test_single_pass_gradcam_equals_pytorch_grad_cam(name):
+    torch.manual_seed(0)
+    net = create_model(name, input_size=(3, 96, 96)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 96, 96)
+    logits, cams = gradcam_single_pass(net, x, net.cfg.target_layer, targets=[1, 2])
+    with torch.no_grad():
+        assert torch.allclose(logits, net(x), atol=1e-5)   # the same forward gives the prediction
+    ours = np.stack([normalise_map(c, (96, 96)) for c in cams])
+    ref = cam_with_library(net, x, net.cfg.target_layer, "gradcam-reference", [1, 2])
+    assert ours.shape == ref.shape == (2, 96, 96)
+    assert np.abs(ours - ref).max() < 1e-4
+    assert all(not p.requires_grad for p in net.parameters())   # the library call restores the flags
+
+
+def test_single_pass_needs_no_parameter_gradients():
+    net = create_model("oct_resnet18", input_size=(3, 64, 64)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    _, cams = gradcam_single_pass(net, torch.randn(1, 3, 64, 64), "net.layer4")
+    assert all(p.grad is None for p in net.parameters())
+    assert cams.shape == (1, 2, 2) and (cams >= 0).all()
+
+
+def test_normalise_map_range_and_size():
+    m = normalise_map(np.array([[0.0, 1.0], [2.0, 4.0]]), (30, 40))
+    assert m.shape == (30, 40) and m.dtype == np.float32
+    assert m.min() == 0.0 and 0.999 < m.max() <= 1.0
+    assert np.all(normalise_map(np.zeros((3, 3)), (5, 5)) == 0)
+
+
+def test_overlay_and_strongest_region_follow_the_peak():
+    img = np.zeros((100, 200, 3), np.uint8)
+    hm = np.zeros((100, 200), np.float32)
+    hm[70:80, 150:160] = 1.0
+    x0, y0, x1, y1 = strongest_region(hm)
+    assert x0 <= 155 <= x1 and y0 <= 75 <= y1
+    assert overlay(img, hm, 0.0).max() == 0 and overlay(img, hm, 1.0)[75, 155, 0] > 100
+    with pytest.raises(ValueError):
+        overlay(img, hm[:50], 0.5)
