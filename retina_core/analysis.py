@@ -21,6 +21,7 @@ from .quality import Quality, assess_quality
 # The model used when the caller names none, per detected modality.
 DEFAULT_MODELS = {"fundus": "fundus_dr_effnet_b0", "oct": "oct_resnet18"}
 NO_RESULT = "No result: retake or refer"
+LOW_CONFIDENCE = 0.5   # below this top-class probability the suggestion says so
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,6 +144,9 @@ def analyze(image, model: LoadedModel | str | None = None, method: str = "gradca
     label = classes[pred]
     referable, suggestion = suggestion_for(label, model)
     notes = [] if heatmap.max() > 0 else ["The heatmap is empty: no region raised the explained class's score."]
+    if probs[pred] < LOW_CONFIDENCE:
+        notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
+        suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."
     return Analysis(modality=q.modality, quality=q, probabilities={c: float(p) for c, p in zip(classes, probs)},
                     label=label, heatmap=heatmap, model=model.name, weights_sha256=model.sha256, method=method,
                     target=classes[t_idx], referable=referable, suggestion=suggestion,

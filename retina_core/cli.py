@@ -144,6 +144,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_markdown, run
+
+    result = run(repeats=args.repeats)
+    _print_json(result) if args.json else print(format_markdown(result))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .train.engine import TrainConfig
@@ -214,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", default=None, help="a folder written by `train` (default: bundled weights)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="performance ratios against same-process baselines (medians)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,7 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"expected uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}")
     c, h, w = cfg.input_size
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(2, 0, 1)[None].float().div_(255.0)
+    x = torch.tensor(pixels, device=device).permute(2, 0, 1)[None].float().div_(255.0)
     if x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
@@ -105,7 +105,11 @@ def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: 
     if digest != entry.get("sha256"):
         raise RetinaInputError(f"Weights file {path.name} does not match the sha256 in manifest.json: it was "
                                f"changed or damaged, so model {name!r} will not be loaded.")
-    net = create_model(name)
+    # The manifest records the input size the weights were trained at (demo weights use a smaller one on CPU).
+    size = tuple(entry.get("input_size") or cfg.input_size)
+    if size != cfg.input_size:
+        cfg = replace(cfg, input_size=size)
+    net = create_model(name, input_size=size)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -77,7 +77,7 @@ class CachedImages(Dataset):
         self.labels = torch.tensor([classes.index(r.label) for r in records])
         imgs = []
         for r in records:
-            x = torch.from_numpy(read_image(r.path).pixels).permute(2, 0, 1)[None].float()
+            x = torch.tensor(read_image(r.path).pixels).permute(2, 0, 1)[None].float()
             x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
             imgs.append(x.round().clamp(0, 255).to(torch.uint8)[0])
         self.images = torch.stack(imgs) if imgs else torch.empty(0, 3, h, w, dtype=torch.uint8)
@@ -144,7 +144,9 @@ def _splits(data: str | Path, classes: tuple[str, ...], seed: int):
                                f"Expected a subset of: {', '.join(classes)}.")
     splits = patient_split(index.records, seed=seed)
     if not splits.get("val"):
-        splits = patient_split(index.records, seed=seed, force=True)
+        # e.g. Mendeley's Kermany (train/test only): carve a validation split from train, keep test untouched.
+        carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
+        splits = {"train": carved["train"], "val": carved["val"], "test": splits.get("test", [])}
     return index, splits
 
 
@@ -217,7 +219,7 @@ def train(model_name: str, data: str | Path, out: str | Path, config: TrainConfi
             scaler.step(opt)
             scaler.update()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         logits, ys = predict_logits(net, eval_loaders["val"], device)
         m = classification_metrics(ys, torch.softmax(torch.from_numpy(logits), 1).numpy(), list(cfg.classes),
                                    ordinal=cfg.ordinal)

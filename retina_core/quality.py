@@ -1,0 +1,452 @@
+"""Quality gate: which kind of scan is this (fundus / OCT / OCT volume / not retinal), and is it gradable?
+
+Hand-crafted, documented features (no neural network), computed on a small working copy of the image:
+
+Modality
+- fundus: a roughly circular bright field on a dark border. The field is the largest bright component
+  (Otsu threshold on the max channel); a circle is fitted (least squares) to its edge away from the image frame;
+  `circle_iou` = IoU(field, fitted disk clipped to the frame). The border outside the field must be dark and
+  unsaturated, and the field red-dominant (R > G > B).
+- oct: greyscale; horizontal layered structure (vertical gradients dominate horizontal ones), a dark top
+  (vitreous), and a bright band that spans the width and runs continuously from column to column.
+- oct_volume: `img.kind == "volume"` (its middle B-scans are graded as OCT).
+Gradability (sub-scores in [0, 1] from linear ramps between "bad" and "good" values; score = their minimum)
+- fundus: focus (fine-to-coarse detail ratio of the green channel inside the field, at a fixed field diameter
+  of 256 px, so it does not depend on resolution), illumination (mean brightness, saturated-green and black fractions),
+  field of view (share of the fitted circle inside the frame), contrast (coefficient of variation in the field).
+- oct: signal strength (bright-band intensity and bright band vs background ratio, SNR-like), cut-off (tissue
+  touching the top or bottom edge), contrast, focus (fine-to-coarse detail ratio).
+
+    q = assess_quality(read_image("scan.png"))
+    q.modality, q.gradable, q.verdict, q.reasons
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from retina_core.errors import RetinaInputError
+from retina_core.io.decode import RetinalImage, looks_grey
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("fundus", "oct", "oct_volume")
+GRADABLE, UNGRADABLE, NOT_RETINAL = "gradable", "ungradable: retake or refer", "not a retinal image: no result"
+DETECT_MIN = 0.5        # modality score needed to call an image retinal
+GRADABLE_MIN = 0.5      # gradability score needed to give a result
+WORK_SIDE = 256         # px: the working copy's size (fundus: field diameter; OCT: width)
+
+
+@dataclass
+class Quality:
+    modality: str                          # "fundus" | "oct" | "oct_volume" | "not_retinal"
+    modality_scores: dict[str, float]
+    gradable: bool
+    score: float                           # 0..1 gradability (0 when not retinal)
+    reasons: list[str]                     # plain-language reasons, e.g. "image is blurred (focus 0.12 < 0.30)"
+    verdict: str                           # "gradable" | "ungradable: retake or refer" | "not a retinal image: no result"
+    features: dict[str, float] = field(default_factory=dict)   # the measured numbers, for reports and tuning
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------
+
+def assess_quality(img: RetinalImage, modality: str | None = None) -> Quality:
+    """Detect the modality (or take the user's `modality` override) and grade the image's quality."""
+    if modality is not None and modality not in MODALITIES:
+        raise RetinaInputError(f"Unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}.")
+    if img.kind == "volume":
+        return _assess_volume(img, modality)
+    rgb = np.asarray(img.pixels)
+    work = _resize(rgb, WORK_SIDE)
+    grey = bool(img.grayscale) or looks_grey(rgb)
+    fundus_s, ff = fundus_score(work)
+    oct_s, of = oct_score(work, grey)
+    scores = {"fundus": round(fundus_s, 4), "oct": round(oct_s, 4), "oct_volume": 0.0}
+    features = {**{f"fundus_{k}": v for k, v in ff.items()}, **{f"oct_{k}": v for k, v in of.items()}}
+    reasons: list[str] = []
+    chosen = modality
+    if chosen is None and img.modality_hint in ("fundus", "oct"):
+        chosen = img.modality_hint
+        reasons.append(f"modality taken from the DICOM header ({chosen})")
+    if chosen is None:
+        best = max(("fundus", "oct"), key=lambda m: scores[m])
+        if scores[best] < DETECT_MIN:
+            why = _not_retinal_reason(ff, of, grey)
+            return Quality("not_retinal", scores, False, 0.0, [why], NOT_RETINAL, features)
+        chosen = best
+    elif modality is not None:
+        reasons.append(f"modality set by the user ({modality})")
+    if chosen == "oct_volume":  # a single B-scan graded as part of a volume
+        chosen = "oct"
+    if chosen == "fundus":
+        subs, why = fundus_gradability(rgb, ff)
+    else:
+        subs, why = oct_gradability(work, of)
+    features = {**{f"fundus_{k}": v for k, v in ff.items()}, **{f"oct_{k}": v for k, v in of.items()}}
+    return _finish(chosen, scores, subs, reasons + why, features)
+
+
+def _finish(modality: str, scores: dict, subs: dict[str, float], reasons: list[str], features: dict) -> Quality:
+    score = float(min(subs.values())) if subs else 0.0
+    features.update({f"sub_{k}": round(v, 4) for k, v in subs.items()})
+    gradable = score >= GRADABLE_MIN
+    return Quality(modality, scores, gradable, round(score, 4), reasons, GRADABLE if gradable else UNGRADABLE,
+                   features)
+
+
+def _assess_volume(img: RetinalImage, modality: str | None) -> Quality:
+    vol = np.asarray(img.pixels, dtype=np.float32)
+    d = vol.shape[0]
+    picks = sorted({d // 2, d // 4, (3 * d) // 4})  # middle B-scan (fovea) and two either side
+    subs_all, reasons, feats = [], [], {}
+    for i in picks:
+        u8 = np.rint(np.clip(vol[i], 0, 1) * 255).astype(np.uint8)
+        work = _resize(np.repeat(u8[..., None], 3, axis=2), WORK_SIDE)
+        _, of = oct_score(work, True)
+        subs, why = oct_gradability(work, of)
+        subs_all.append(subs)
+        if i == d // 2:
+            reasons, feats = why, {f"oct_{k}": v for k, v in of.items()}
+    subs = {k: float(np.median([s[k] for s in subs_all])) for k in subs_all[0]}
+    scores = {"fundus": 0.0, "oct": 0.0, "oct_volume": 1.0}
+    pre = [f"modality set by the user ({modality})"] if modality and modality != "oct_volume" else []
+    return _finish("oct_volume", scores, subs, pre + reasons, feats)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------------------
+
+def _resize(rgb: np.ndarray, side: int) -> np.ndarray:
+    """float32 [h, w, 3] in [0, 1], the longest side = `side` (box filter: area average, no aliasing)."""
+    from PIL import Image
+    h, w = rgb.shape[:2]
+    if max(h, w) <= side:  # never up-sample: interpolation would read as blur
+        return np.asarray(rgb, dtype=np.float32) / 255.0
+    s = side / max(h, w)
+    size = (max(8, int(round(w * s))), max(8, int(round(h * s))))
+    im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    return np.asarray(im.resize(size, Image.BOX), dtype=np.float32) / 255.0
+
+
+def _ramp(x: float, bad: float, good: float) -> float:
+    """0 at `bad`, 1 at `good`, linear between (works for either direction)."""
+    if good == bad:
+        return float(x >= good)
+    return float(np.clip((x - bad) / (good - bad), 0.0, 1.0))
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist, edges = np.histogram(values, bins=128, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def _detail_ratio(g: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Fine (sigma 0.5-1.5 px) over coarse (1.5-4 px) band-pass energy: low when the image is blurred."""
+    b1, b2, b3 = (ndi.gaussian_filter(g, s) for s in (0.5, 1.5, 4.0))
+    fine, coarse = (b1 - b2) ** 2, (b2 - b3) ** 2
+    if mask is not None:
+        fine, coarse = fine[mask], coarse[mask]
+    return float(np.sqrt(fine.mean() / (coarse.mean() + 1e-12))) if fine.size else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fundus
+# --------------------------------------------------------------------------------------------------------------
+
+def _field_mask(work: np.ndarray) -> tuple[np.ndarray, float]:
+    """Largest bright component of the max channel (hole-filled): the camera's field of view."""
+    vmax = work.max(axis=2)
+    t = float(np.clip(_otsu(vmax) * 0.5, 0.015, 0.15))
+    mask = ndi.binary_opening(vmax > t, iterations=2)
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return np.zeros_like(mask), t
+    sizes = ndi.sum(mask, labels, index=np.arange(1, n + 1))
+    mask = labels == (int(np.argmax(sizes)) + 1)
+    return ndi.binary_fill_holes(mask), t
+
+
+def _fit_circle(mask: np.ndarray) -> tuple[float, float, float] | None:
+    """Least-squares (Kasa) circle through the field's edge, ignoring edge pixels on the image frame."""
+    edge = mask & ~ndi.binary_erosion(mask)
+    edge[:2, :] = edge[-2:, :] = False
+    edge[:, :2] = edge[:, -2:] = False
+    ys, xs = np.nonzero(edge)
+    if xs.size < 20:
+        return None
+    a = np.column_stack([xs, ys, np.ones_like(xs)]).astype(np.float64)
+    b = -(xs.astype(np.float64) ** 2 + ys.astype(np.float64) ** 2)
+    (d, e, f), *_ = np.linalg.lstsq(a, b, rcond=None)
+    cx, cy = -d / 2, -e / 2
+    r2 = cx * cx + cy * cy - f
+    if not np.isfinite(r2) or r2 <= 0:
+        return None
+    return float(cx), float(cy), float(np.sqrt(r2))
+
+
+def fundus_score(work: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Fundus likelihood in [0, 1] and its features, from a float [h, w, 3] working copy in [0, 1]."""
+    h, w = work.shape[:2]
+    mask, thr = _field_mask(work)
+    feats: dict[str, float] = {"threshold": thr, "fov_fraction": float(mask.mean())}
+    circle = _fit_circle(mask) if mask.any() else None
+    if circle is None:
+        feats.update(circle_iou=0.0, circle_visible=0.0, border_fraction=float(1 - mask.mean()))
+        return 0.0, feats
+    cx, cy, r = circle
+    yy, xx = np.mgrid[0:h, 0:w]
+    disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    iou = float((disk & mask).sum() / max((disk | mask).sum(), 1))
+    visible = float(disk.sum() / (np.pi * r * r))  # share of the fitted circle inside the frame
+    outside = ~mask
+    vmax = work.max(axis=2)
+    border_fraction = float(outside.mean())
+    # judge the border away from the field's edge: blur or vignetting spreads the field's light a few px out
+    far = ~ndi.binary_dilation(mask, iterations=max(2, int(0.04 * max(h, w))))
+    outside = far if far.sum() > 0.25 * outside.sum() else outside
+    border_dark = float(np.percentile(vmax[outside], 90)) if outside.any() else 1.0
+    sat = (vmax - work.min(axis=2)) / np.maximum(vmax, 1e-3)
+    # saturation is meaningless for near-black noise: judge only border pixels that carry some light
+    lit = outside & (vmax > 0.1)
+    border_sat = float(np.median(sat[lit])) if lit.sum() > max(20, 0.05 * outside.sum()) else 0.0
+    inside = work[mask]
+    m_r, m_g, m_b = (float(v) for v in inside.mean(axis=0))
+    redness = (m_r - m_g) / max(m_r, 1e-3)
+    order = float(m_r > m_g >= 0.9 * m_b)
+    feats.update(circle_iou=iou, circle_visible=visible, radius_fraction=float(2 * r / max(h, w)),
+                 border_fraction=border_fraction, border_dark=border_dark, border_saturation=border_sat,
+                 mean_r=m_r, mean_g=m_g, mean_b=m_b, redness=redness)
+    s_circle = _ramp(iou, 0.80, 0.93)
+    s_border = _ramp(border_dark, 0.20, 0.08) * _ramp(border_fraction, 0.02, 0.06) * _ramp(border_sat, 0.8, 0.5)
+    s_red = order * _ramp(redness, 0.05, 0.15)
+    s_size = _ramp(2 * r / max(h, w), 0.3, 0.5)
+    score = (s_circle * s_border * s_red * s_size) ** 0.25
+    feats.update(s_circle=s_circle, s_border=s_border, s_red=s_red, s_size=s_size)
+    return float(score), feats
+
+
+def fundus_gradability(rgb: np.ndarray, ff: dict[str, float]) -> tuple[dict[str, float], list[str]]:
+    """Sub-scores (focus, illumination, field, contrast) and plain-language reasons for the failing ones."""
+    # Re-sample so that the field diameter is WORK_SIDE px: focus is judged at a fixed anatomical scale.
+    diam_frac = ff.get("radius_fraction", 1.0) or 1.0
+    side = int(np.clip(WORK_SIDE / max(min(diam_frac, 1.0), 0.3), WORK_SIDE, 3 * WORK_SIDE))
+    work = _resize(rgb, min(side, max(rgb.shape[:2])))
+    mask, _ = _field_mask(work)
+    reasons: list[str] = []
+    if mask.sum() < 100:
+        return {"field": 0.0}, ["no bright field of view found"]
+    core = ndi.binary_erosion(mask, iterations=max(2, int(0.03 * max(work.shape[:2]))))
+    core = core if core.sum() > 50 else mask
+    g = work[..., 1]
+    lum = work.mean(axis=2)
+    inside = lum[mask]
+    mean_lum = float(inside.mean())
+    clipped = float((g[mask] >= 0.98).mean())  # green: red clips in normal photographs, green almost never
+    dark = float((inside < 0.04).mean())
+    g_in = g[core]
+    gn = g / max(float(g_in.mean()), 1e-3)  # brightness-normalised: focus must not depend on exposure
+    focus = _detail_ratio(gn, core)
+    contrast = float(g_in.std() / max(g_in.mean(), 1e-3))
+    visible = float(ff.get("circle_visible", 0.0))
+    subs = {
+        "focus": _ramp(focus, 0.36, 0.52),
+        "illumination": min(_ramp(mean_lum, 0.11, 0.19), _ramp(clipped, 0.30, 0.10), _ramp(dark, 0.40, 0.15)),
+        "field": _ramp(visible, 0.55, 0.75),
+        "contrast": _ramp(contrast, 0.04, 0.10),
+    }
+    if subs["focus"] < 0.5:
+        reasons.append(f"image is blurred (focus score {focus:.2f} < 0.44)")
+    if _ramp(mean_lum, 0.11, 0.19) < 0.5:
+        reasons.append(f"image is too dark (mean brightness {mean_lum:.2f} < 0.15)")
+    if _ramp(clipped, 0.30, 0.10) < 0.5:
+        reasons.append(f"image is over-exposed ({100 * clipped:.0f}% of the field is saturated)")
+    if _ramp(dark, 0.40, 0.15) < 0.5:
+        reasons.append(f"uneven illumination ({100 * dark:.0f}% of the field is black)")
+    if subs["field"] < 0.5:
+        reasons.append(f"field of view is cut off (only {100 * visible:.0f}% of the circular field is in the image)")
+    if subs["contrast"] < 0.5:
+        reasons.append(f"very low contrast (variation {contrast:.3f} < 0.07): haze, media opacity or wrong exposure")
+    for k, v in (("focus", focus), ("mean_brightness", mean_lum), ("clipped", clipped), ("dark", dark),
+                 ("contrast", contrast), ("field_visible", visible)):
+        ff[k] = float(v)
+    return subs, reasons
+
+
+# --------------------------------------------------------------------------------------------------------------
+# OCT
+# --------------------------------------------------------------------------------------------------------------
+
+def _oct_grey(work: np.ndarray) -> np.ndarray:
+    """Grey B-scan with registration padding removed: saturated white areas touching the border (common in
+    Kermany/Spectralis exports, where the flattened scan is padded with white) are set to the background level."""
+    g = work.mean(axis=2)
+    white = g >= 0.995
+    if white.mean() < 0.002:
+        return g
+    labels, n = ndi.label(white)
+    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
+    if not border:
+        return g
+    pad = np.isin(labels, list(border))
+    g = g.copy()
+    g[pad] = float(np.percentile(g[~pad], 10)) if (~pad).any() else 0.0
+    return g
+
+
+def oct_score(work: np.ndarray, grey: bool) -> tuple[float, dict[str, float]]:
+    """OCT B-scan likelihood in [0, 1] and its features."""
+    g = _oct_grey(work)
+    h, w = g.shape
+    sm = ndi.gaussian_filter(g, 2.0)
+    gy, gx = np.abs(np.diff(sm, axis=0)).mean(), np.abs(np.diff(sm, axis=1)).mean()
+    anisotropy = float(gy / (gx + 1e-6))
+    profile = sm.mean(axis=1)
+    lo, hi = float(np.percentile(profile, 5)), float(profile.max())
+    top = float(profile[: max(2, h // 10)].mean())
+    dark_top = float((top - lo) / (hi - lo + 1e-6))
+    # the brightest row of each column (block of 4 columns): present everywhere and continuous
+    cols = sm[:, : (w // 4) * 4].reshape(h, -1, 4).mean(axis=2)
+    peak_rows = cols.argmax(axis=0).astype(np.float64)
+    peak_vals = cols.max(axis=0)
+    bg = float(np.percentile(sm, 20))
+    span = float((peak_vals > bg + 0.5 * (peak_vals.max() - bg)).mean()) if peak_vals.size else 0.0
+    jumps = float(np.median(np.abs(np.diff(peak_rows))) / h) if peak_rows.size > 1 else 1.0
+    chroma = float(np.abs(work - g[..., None]).mean())
+    feats = {"anisotropy": anisotropy, "dark_top": dark_top, "band_span": span, "band_jumps": jumps,
+             "chroma": chroma, "grey": float(grey)}
+    s_grey = 1.0 if grey else _ramp(chroma, 0.04, 0.015)
+    s_aniso = _ramp(anisotropy, 1.2, 1.8)
+    s_top = _ramp(dark_top, 0.45, 0.2)
+    s_band = _ramp(span, 0.5, 0.8) * _ramp(jumps, 0.06, 0.02)
+    score = (s_grey * s_aniso * s_top * s_band) ** 0.25
+    feats.update(s_grey=s_grey, s_aniso=s_aniso, s_top=s_top, s_band=s_band)
+    return float(score), feats
+
+
+def oct_gradability(work: np.ndarray, of: dict[str, float]) -> tuple[dict[str, float], list[str]]:
+    """Sub-scores (signal, cut-off, contrast, focus) and reasons for an OCT B-scan working copy."""
+    g = _oct_grey(work)
+    h = g.shape[0]
+    sm = ndi.gaussian_filter(g, 1.0)
+    p99 = float(np.percentile(sm, 99))
+    p5, p50, p95 = (float(v) for v in np.percentile(sm, [5, 50, 95]))
+    profile = ndi.gaussian_filter1d(sm.mean(axis=1), 2.0)
+    base = float(np.percentile(profile, 10))
+    tissue = profile > base + 0.25 * (profile.max() - base)
+    edge = max(2, int(0.03 * h))
+    cut_top, cut_bottom = bool(tissue[:edge].mean() > 0.5), bool(tissue[-edge:].mean() > 0.5)
+    bg_rows = profile <= np.percentile(profile, 25)
+    background = sm[bg_rows]
+    snr = float((p99 - background.mean()) / (background.std() + 2.0 / 255))
+    contrast = p95 - p5
+    focus = _detail_ratio(g / max(float(g.mean()), 1e-3))
+    subs = {
+        "signal": min(_ramp(p99, 0.25, 0.45), _ramp(snr, 3.0, 6.0)),
+        "cutoff": 0.0 if (cut_top or cut_bottom) else 1.0,
+        "contrast": _ramp(contrast, 0.15, 0.30),
+        "focus": _ramp(focus, 0.40, 0.60),
+    }
+    reasons: list[str] = []
+    if _ramp(p99, 0.25, 0.45) < 0.5:
+        reasons.append(f"signal is too weak (brightest tissue {p99:.2f} < 0.35 of full scale)")
+    if _ramp(snr, 3.0, 6.0) < 0.5:
+        reasons.append(f"signal-to-noise too low ({snr:.1f} < 4.5)")
+    if cut_top or cut_bottom:
+        where = " and ".join(s for s, c in (("top", cut_top), ("bottom", cut_bottom)) if c)
+        reasons.append(f"retina is cut off at the {where} of the scan")
+    if subs["contrast"] < 0.5:
+        reasons.append(f"low contrast (range {contrast:.2f} < 0.22)")
+    if subs["focus"] < 0.5:
+        reasons.append(f"scan is blurred (focus score {focus:.2f} < 0.50)")
+    of.update(p99=p99, snr=snr, contrast=contrast, focus=focus, cut_top=float(cut_top), cut_bottom=float(cut_bottom),
+              median=p50)
+    return subs, reasons
+
+
+def _not_retinal_reason(ff: dict[str, float], of: dict[str, float], grey: bool) -> str:
+    if grey:
+        return ("greyscale image without the layered structure of an OCT B-scan (dark vitreous on top, bright "
+                "bands across the width)")
+    if ff.get("circle_iou", 0.0) < 0.8 or ff.get("s_border", 0.0) < 0.5:
+        return "no circular field of view on a dark border, as a fundus photograph has"
+    return "colours do not match a fundus photograph (a red-dominant field)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation of the gate on phantoms
+# --------------------------------------------------------------------------------------------------------------
+
+def degrade(image: np.ndarray, kind: str, modality: str) -> np.ndarray:
+    """Synthetic acquisition failures: "blur" (Gaussian, sigma = 1/128 of the image width), "dark" (x0.25),
+    "crop" (fundus: keep 55% of the width, cutting the circular field; OCT: keep 20% of the rows centred on the
+    RPE band, so the retina touches both edges), all uint8 in, uint8 out."""
+    img = np.asarray(image)
+    if kind == "blur":
+        sigma = img.shape[1] / 128.0
+        return np.rint(ndi.gaussian_filter(img.astype(np.float32), (sigma, sigma) + (0,) * (img.ndim - 2))
+                       ).clip(0, 255).astype(np.uint8)
+    if kind == "dark":
+        return (img.astype(np.float32) * 0.25).astype(np.uint8)
+    if kind == "crop":
+        h, w = img.shape[:2]
+        if modality == "fundus":
+            return np.ascontiguousarray(img[:, : int(0.55 * w)])
+        grey = img if img.ndim == 2 else img.mean(axis=2)
+        centre = int(np.argmax(ndi.uniform_filter1d(grey.mean(axis=1), 5)))  # the RPE band
+        top = int(np.clip(centre - 0.1 * h, 0, h - 0.2 * h))
+        return np.ascontiguousarray(img[top: top + int(0.2 * h)])
+    raise ValueError(f"unknown degradation {kind!r}")
+
+
+def roc_auc(positive: list[float], negative: list[float]) -> float:
+    """Mann-Whitney ROC AUC: P(score of a positive > score of a negative), ties count one half."""
+    pos, neg = np.asarray(positive, float)[:, None], np.asarray(negative, float)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size))
+
+
+def gate_roc(n: int = 8, size: int = 256, seed: int = 0) -> dict:
+    """ROC AUC of the gradability score, clean phantoms (positive) vs degraded ones (negative).
+
+    n clean fundus + n clean OCT phantoms (labels cycled), each also blurred, darkened and cropped (so 2n clean,
+    6n degraded). A "not a retinal image" verdict counts as score 0: it gives no result either.
+        python -c "from retina_core.quality import gate_roc; print(gate_roc())"
+    """
+    from retina_core.labels import DR_GRADES, FUNDUS4, OCT8
+    from retina_core.phantoms import fundus_phantom, oct_phantom
+
+    def score(image: np.ndarray) -> Quality:
+        rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+        return assess_quality(RetinalImage(rgb, "image", "png", "", image.ndim == 2))
+
+    fundus_labels = DR_GRADES + FUNDUS4
+    clean, degraded, flagged = [], [], {}
+    for i in range(n):
+        for modality in ("fundus", "oct"):
+            if modality == "fundus":
+                image = fundus_phantom(fundus_labels[i % len(fundus_labels)], seed + i, size=size).image
+            else:
+                image = oct_phantom(OCT8[i % len(OCT8)], seed + i, width=size, height=int(size * 496 / 512)).image
+            clean.append(score(image).score)
+            for kind in ("blur", "dark", "crop"):
+                q = score(degrade(image, kind, modality))
+                degraded.append(q.score)
+                flagged.setdefault(f"{modality}_{kind}", []).append(not q.gradable)
+    return {"auc": roc_auc(clean, degraded), "n_clean": len(clean), "n_degraded": len(degraded),
+            "clean_gradable": float(np.mean([s >= GRADABLE_MIN for s in clean])),
+            "degraded_flagged": float(np.mean([s < GRADABLE_MIN for s in degraded])),
+            "flagged_by_kind": {k: float(np.mean(v)) for k, v in flagged.items()}}

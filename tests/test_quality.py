@@ -1,0 +1,134 @@
+"""Quality gate: modality detection, refusal of non-retinal photos, gradability of clean vs degraded phantoms.
+
+Run: .venv/bin/python -m pytest -q tests/test_quality.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage import data
+
+from retina_core.errors import RetinaInputError
+from retina_core.io.decode import RetinalImage
+from retina_core.quality import (GRADABLE, NOT_RETINAL, UNGRADABLE, Quality, assess_quality, degrade, gate_roc,
+                                 roc_auc)
+
+phantoms = pytest.importorskip("retina_core.phantoms")
+
+
+def as_image(a: np.ndarray, hint: str | None = None) -> RetinalImage:
+    grey = a.ndim == 2
+    rgb = np.repeat(a[..., None], 3, axis=2) if grey else a[..., :3]
+    return RetinalImage(np.ascontiguousarray(rgb, dtype=np.uint8), "image", "png", "0" * 64, grey, modality_hint=hint)
+
+
+def fundus(label="No DR", seed=0, size=256) -> np.ndarray:
+    return phantoms.fundus_phantom(label, seed, size=size).image
+
+
+def oct_scan(label="NORMAL", seed=0, width=256, height=248) -> np.ndarray:
+    return phantoms.oct_phantom(label, seed, width=width, height=height).image
+
+
+def test_real_fundus_photograph_is_gradable():
+    q = assess_quality(as_image(data.retina()))
+    assert isinstance(q, Quality)
+    assert q.modality == "fundus" and q.gradable and q.verdict == GRADABLE and q.score >= 0.9
+    assert q.modality_scores["fundus"] > q.modality_scores["oct"]
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "camera", "rocket", "noise", "grey_noise"])
+def test_non_retinal_photos_are_refused(name):
+    rng = np.random.default_rng(0)
+    if name == "noise":
+        a = (rng.random((300, 400, 3)) * 255).astype(np.uint8)
+    elif name == "grey_noise":
+        a = (rng.random((300, 400)) * 255).astype(np.uint8)
+    else:
+        a = getattr(data, name)()
+    q = assess_quality(as_image(a))
+    assert q.modality == "not_retinal" and not q.gradable and q.score == 0.0
+    assert q.verdict == NOT_RETINAL and q.reasons and all(isinstance(r, str) for r in q.reasons)
+
+
+@pytest.mark.parametrize("label", ["No DR", "Moderate", "Proliferative DR", "cataract", "glaucoma"])
+def test_fundus_phantoms_detected_and_gradable(label):
+    q = assess_quality(as_image(fundus(label, seed=3)))
+    assert q.modality == "fundus" and q.gradable, (q.reasons, q.features)
+
+
+@pytest.mark.parametrize("label", ["NORMAL", "CNV", "DME", "DRUSEN", "MH", "CSR"])
+def test_oct_phantoms_detected_and_gradable(label):
+    q = assess_quality(as_image(oct_scan(label, seed=3)))
+    assert q.modality == "oct" and q.gradable, (q.reasons, q.features)
+
+
+@pytest.mark.parametrize("modality, kind, words", [
+    ("fundus", "blur", "blurred"), ("fundus", "dark", "too dark"), ("fundus", "crop", "cut off"),
+    ("oct", "blur", "blurred"), ("oct", "dark", "weak"), ("oct", "crop", "cut off")])
+def test_degradations_flagged_with_plain_reasons(modality, kind, words):
+    clean = fundus(seed=5) if modality == "fundus" else oct_scan(seed=5)
+    q = assess_quality(as_image(degrade(clean, kind, modality)))
+    assert not q.gradable and q.verdict in (UNGRADABLE, NOT_RETINAL)
+    if q.verdict == UNGRADABLE:
+        assert q.modality == modality and any(words in r for r in q.reasons), q.reasons
+
+
+def test_gate_roc_auc_clean_vs_degraded():
+    result = gate_roc(n=6, size=192, seed=11)  # 12 clean, 36 degraded phantoms, held-out seeds
+    assert result["n_clean"] == 12 and result["n_degraded"] == 36
+    assert result["auc"] >= 0.9, result
+    assert result["clean_gradable"] >= 0.8 and result["degraded_flagged"] >= 0.8, result
+
+
+def test_roc_auc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    pos, neg = list(rng.random(20) + 0.3), list(np.round(rng.random(30), 1))
+    expected = roc_auc_score([1] * 20 + [0] * 30, pos + neg)
+    assert abs(roc_auc(pos, neg) - expected) < 1e-12
+
+
+def test_user_override_and_dicom_hint():
+    q = assess_quality(as_image(data.astronaut()), modality="fundus")  # the user insists: graded, not detected
+    assert q.modality == "fundus" and any("set by the user" in r for r in q.reasons)
+    q = assess_quality(as_image(oct_scan()), modality="oct")
+    assert q.modality == "oct" and q.gradable
+    q = assess_quality(as_image(oct_scan(), hint="oct"))
+    assert q.modality == "oct" and any("DICOM" in r for r in q.reasons)
+    with pytest.raises(RetinaInputError):
+        assess_quality(as_image(oct_scan()), modality="xray")
+
+
+def test_volume_is_graded_as_oct_volume():
+    slices = [oct_scan(seed=s).astype(np.float32) / 255 for s in range(5)]
+    vol = RetinalImage(np.stack(slices), "volume", "nifti", "0" * 64, True)
+    q = assess_quality(vol)
+    assert q.modality == "oct_volume" and q.gradable and q.modality_scores["oct_volume"] == 1.0
+    dark = RetinalImage(np.stack(slices) * 0.2, "volume", "nifti", "0" * 64, True)
+    assert not assess_quality(dark).gradable
+
+
+def test_quality_works_on_decoded_files():
+    import io
+
+    from PIL import Image
+
+    from retina_core.io.decode import read_image
+    buf = io.BytesIO()
+    Image.fromarray(oct_scan(width=512, height=496)).save(buf, "JPEG", quality=85)  # Kermany-like greyscale JPEG
+    img = read_image(buf.getvalue())
+    q = assess_quality(img)
+    assert img.grayscale and q.modality == "oct" and q.gradable, (q.reasons, q.features)
+
+
+def test_oct_with_white_registration_padding():
+    """Kermany/Spectralis exports often pad the flattened scan with white corners: still an OCT, still gradable."""
+    im = oct_scan(seed=4, width=512, height=496).copy()
+    h, w = im.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    im[yy < 120 - xx * 0.4] = 255
+    im[yy < 100 - (w - 1 - xx) * 0.3] = 255
+    q = assess_quality(as_image(im))
+    assert q.modality == "oct" and q.gradable, (q.reasons, q.features)
