@@ -51,8 +51,9 @@ def test_bundled_weights_match_manifest_and_load(name):
     m = rc.load_model(name)
     assert m.sha256 == entry["sha256"] and not m.net.training
     assert all(not p.requires_grad for p in m.net.parameters())
-    # Demo weights must be clearly better than chance on held-out phantoms.
-    assert entry["heldout_metrics"]["accuracy"] > 1.5 / len(entry["classes"])
+    # Demo weights must be clearly better than chance on held-out phantoms (chance: AUC 0.5, accuracy 1/K).
+    assert entry["heldout_metrics"]["auc_macro"] > 0.75
+    assert entry["heldout_metrics"]["accuracy"] > 1.4 / len(entry["classes"])
 
 
 def test_tampered_or_missing_weights_refuse_to_load(tmp_path):

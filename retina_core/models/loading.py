@@ -67,6 +67,18 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
     return (x - mean) / std
 
 
+def _with_entry(cfg: ModelCfg, entry: dict) -> ModelCfg:
+    # The manifest records the input size the weights were trained at (demo weights use a smaller one on CPU).
+    size = tuple(entry.get("input_size") or cfg.input_size)
+    return cfg if size == cfg.input_size else replace(cfg, input_size=size)
+
+
+def inference_cfg(name: str, weights_dir: str | os.PathLike | None = None) -> ModelCfg:
+    """The cfg as the installed weights use it (input size from the manifest), without loading the network:
+    enough for preprocessing in data-loader workers."""
+    return _with_entry(get_cfg(name), read_manifest(weights_dir).get(name, {}))
+
+
 @dataclass
 class LoadedModel:
     """A network in eval mode on its device, with its cfg, calibration temperature and provenance."""
@@ -105,11 +117,8 @@ def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: 
     if digest != entry.get("sha256"):
         raise RetinaInputError(f"Weights file {path.name} does not match the sha256 in manifest.json: it was "
                                f"changed or damaged, so model {name!r} will not be loaded.")
-    # The manifest records the input size the weights were trained at (demo weights use a smaller one on CPU).
-    size = tuple(entry.get("input_size") or cfg.input_size)
-    if size != cfg.input_size:
-        cfg = replace(cfg, input_size=size)
-    net = create_model(name, input_size=size)
+    cfg = _with_entry(cfg, entry)
+    net = create_model(name, input_size=cfg.input_size)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

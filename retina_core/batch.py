@@ -1,0 +1,226 @@
+"""Batch screening: a folder or CSV of images -> one results row per image, resumable, never stopped by a bad file.
+
+    python -m retina_core batch archive/ --out results.csv --heatmaps maps/            # local engine
+    python -m retina_core batch list.csv --out results.csv --engine ray [--address auto]
+
+Local engine: DataLoader workers decode, gate and preprocess while the main process runs batched forwards with
+the single-pass Grad-CAM, so decoding overlaps inference. Ray engine: the same per-image steps on Ray Data with the
+models held in actors, for archives beyond one machine (an existing cluster with --address, else a local one).
+Both produce the same rows (tests/test_batch.py checks it).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .analysis import DEFAULT_MODELS, get_model, suggestion_for
+from .errors import RetinaInputError
+from .explain.cam import gradcam_single_pass, normalise_map
+from .models.loading import inference_cfg, preprocess_image
+
+log = logging.getLogger(__name__)
+COLUMNS = ["file", "content_hash", "modality", "quality", "quality_score", "model", "label", "confidence",
+           "referable", "probabilities", "heatmap", "error"]
+_SKIP = {".csv", ".json", ".txt", ".md", ".parquet"}
+
+
+def list_inputs(source: str | os.PathLike) -> list[str]:
+    """Files of a folder (recursively, hidden files and masks/ folders skipped) or the `path`/`file` column of a CSV."""
+    src = Path(source)
+    if src.is_dir():
+        return sorted(str(p) for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")
+                      and "masks" not in p.relative_to(src).parts and p.suffix.lower() not in _SKIP)
+    if src.is_file() and src.suffix.lower() == ".csv":
+        with open(src, newline="") as f:
+            reader = csv.DictReader(f)
+            col = next((c for c in ("path", "file", "image") if c in (reader.fieldnames or [])), None)
+            if col is None:
+                raise RetinaInputError(f"{src.name} needs a 'path' (or 'file') column listing the images.")
+            base = src.parent
+            return [str(p if Path(p).is_absolute() else base / p) for p in (row[col] for row in reader) if p]
+    raise RetinaInputError(f"{source} is neither a folder of images nor a CSV file listing them.")
+
+
+def done_files(out_csv: Path) -> set[str]:
+    if not out_csv.exists():
+        return set()
+    with open(out_csv, newline="") as f:
+        return {row["file"] for row in csv.DictReader(f)}
+
+
+@dataclass
+class Prepared:
+    """One decoded, gated and preprocessed image (or its error): what a worker hands to the model."""
+
+    file: str
+    row: dict
+    tensor: torch.Tensor | None = None    # [C, h, w] normalised, when a model should read it
+    size: tuple[int, int] | None = None   # H, W of the image as decoded (for the heatmap)
+
+
+def prepare(path: str, model_override: str | None = None) -> Prepared:
+    """Decode + quality gate + preprocess one file; errors become a row, never an exception."""
+    from .io.decode import read_image
+    from .quality import assess_quality
+
+    row = {c: "" for c in COLUMNS}
+    row["file"] = path
+    try:
+        img = read_image(path)
+        row["content_hash"] = img.content_hash
+        if img.kind != "image":
+            raise RetinaInputError("OCT volume: batch screening reads single images.")
+        q = assess_quality(img)
+        row.update(modality=q.modality, quality=q.verdict, quality_score=round(float(q.score), 4))
+        name = model_override or DEFAULT_MODELS.get(q.modality)
+        if q.modality == "not_retinal" or not q.gradable or name is None:
+            row["label"] = "no result"
+            return Prepared(path, row)
+        cfg = inference_cfg(name)   # preprocessing needs the cfg only; the network stays in the main process
+        if cfg.modality != q.modality:
+            row.update(label="no result", error=f"{q.modality} image, model {name} reads {cfg.modality}")
+            return Prepared(path, row)
+        row["model"] = name
+        x = preprocess_image(img.pixels, cfg)[0]
+        return Prepared(path, row, x, img.pixels.shape[:2])
+    except RetinaInputError as exc:
+        row["error"] = str(exc)
+        return Prepared(path, row)
+
+
+class _Files(Dataset):
+    def __init__(self, files: list[str], model_override: str | None):
+        self.files, self.model_override = files, model_override
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Prepared:
+        return prepare(self.files[i], self.model_override)
+
+
+def infer(items: list[Prepared], heatmaps: Path | None) -> list[dict]:
+    """Batched forward + single-pass Grad-CAM per model; fills label, probabilities and heatmap into the rows."""
+    by_model: dict[str, list[Prepared]] = {}
+    for it in items:
+        if it.tensor is not None:
+            by_model.setdefault(it.row["model"], []).append(it)
+    for name, group in by_model.items():
+        model = get_model(name)
+        x = torch.stack([g.tensor for g in group]).to(model.device)
+        logits, cams = gradcam_single_pass(model.net, x, model.cfg.target_layer)
+        probs = torch.softmax(logits.float() / model.temperature, dim=1).cpu().numpy()
+        for g, p, cam in zip(group, probs, cams):
+            k = int(np.argmax(p))
+            label = model.cfg.classes[k]
+            g.row.update(label=label, confidence=round(float(p[k]), 6),
+                         referable=suggestion_for(label, model)[0],
+                         probabilities=json.dumps({c: round(float(v), 6) for c, v in zip(model.cfg.classes, p)}))
+            if heatmaps is not None:
+                from PIL import Image
+
+                from .explain.overlay import heatmap_to_rgb
+
+                path = heatmaps / f"{g.row['content_hash'][:16]}_heatmap.png"
+                Image.fromarray(heatmap_to_rgb(normalise_map(cam, g.size))).save(path)
+                g.row["heatmap"] = str(path)
+    return [it.row for it in items]
+
+
+def _collate(batch: list[Prepared]) -> list[Prepared]:
+    return batch
+
+
+def run_local(files: list[str], heatmaps: Path | None, batch_size: int = 16, num_workers: int = 2,
+              model_override: str | None = None) -> Iterator[list[dict]]:
+    loader = DataLoader(_Files(files, model_override), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, persistent_workers=False)
+    for items in loader:
+        yield infer(items, heatmaps)
+
+
+def run_ray(files: list[str], heatmaps: Path | None, batch_size: int = 16, address: str | None = None,
+            model_override: str | None = None, num_actors: int = 1) -> Iterator[list[dict]]:
+    """Ray Data: `prepare` runs as a parallel map, inference in actors that each hold one copy of the models."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": os.cpu_count() or 2}))
+
+    class Predictor:
+        def __call__(self, batch: dict) -> dict:
+            items = [Prepared(f, json.loads(r), torch.from_numpy(t) if t is not None and t.size else None,
+                              tuple(s) if s is not None and len(s) else None)
+                     for f, r, t, s in zip(batch["file"], batch["row"], batch["tensor"], batch["size"])]
+            rows = infer(items, heatmaps)
+            return {"row": [json.dumps(r) for r in rows]}
+
+    def prep(item: dict) -> dict:
+        p = prepare(item["file"], model_override)
+        return {"file": p.file, "row": json.dumps(p.row),
+                "tensor": p.tensor.numpy() if p.tensor is not None else np.zeros(0, np.float32),
+                "size": np.array(p.size if p.size else [], dtype=np.int64)}
+
+    ds = ray.data.from_items([{"file": f} for f in files]).map(prep)
+    ds = ds.map_batches(Predictor, batch_size=batch_size, concurrency=num_actors, batch_format="numpy")
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield [json.loads(r) for r in batch["row"]]
+
+
+def run_batch(source: str | os.PathLike, out: str | os.PathLike, engine: str = "local",
+              heatmaps: str | os.PathLike | None = None, batch_size: int = 16, num_workers: int = 2,
+              address: str | None = None, model: str | None = None, progress: bool = True) -> dict:
+    """Screen every input, appending rows to `out` (CSV; a .parquet twin is written at the end). Resumable."""
+    out = Path(out)
+    files = list_inputs(source)
+    done = done_files(out)
+    todo = [f for f in files if f not in done]
+    hm = Path(heatmaps) if heatmaps else None
+    if hm:
+        hm.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runner: Iterable[list[dict]]
+    if engine == "local":
+        runner = run_local(todo, hm, batch_size, num_workers, model)
+    elif engine == "ray":
+        runner = run_ray(todo, hm, batch_size, address, model)
+    else:
+        raise RetinaInputError(f"Unknown engine {engine!r}: use 'local' or 'ray'.")
+    counts = {"processed": 0, "errors": 0, "no_result": 0}
+    from tqdm import tqdm
+
+    with tqdm(total=len(todo), disable=not progress, unit="img", desc="screening") as bar, \
+            open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if not done and f.tell() == 0:
+            writer.writeheader()
+        for rows in runner:
+            for r in rows:
+                writer.writerow({c: r.get(c, "") for c in COLUMNS})
+                counts["processed"] += 1
+                counts["errors"] += bool(r.get("error"))
+                counts["no_result"] += r.get("label") == "no result"
+            f.flush()
+            bar.update(len(rows))
+    _write_parquet(out)
+    return {"inputs": len(files), "skipped_already_done": len(files) - len(todo), **counts, "out": str(out),
+            "engine": engine}
+
+
+def _write_parquet(out: Path) -> None:
+    try:
+        import pandas as pd
+
+        pd.read_csv(out, dtype=str, keep_default_na=False).to_parquet(out.with_suffix(".parquet"), index=False)
+    except ImportError:   # pyarrow missing: the CSV is the result
+        log.info("pyarrow not installed; no parquet copy written")

@@ -1,0 +1,86 @@
+"""Batch screening: every input gets a row, bad files become error rows, reruns resume, Ray equals local."""
+import csv
+import json
+
+import pandas as pd
+import pytest
+
+from retina_core.batch import list_inputs, run_batch
+from retina_core.cli import main
+from tests.conftest import png_bytes
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    from retina_core.phantoms import fundus_phantom, oct_phantom
+
+    d = tmp_path_factory.mktemp("archive")
+    (d / "sub").mkdir()
+    (d / "a_oct.png").write_bytes(png_bytes(oct_phantom("DME", seed=5).image))
+    (d / "sub" / "b_oct.png").write_bytes(png_bytes(oct_phantom("NORMAL", seed=6).image))
+    (d / "c_fundus.png").write_bytes(png_bytes(fundus_phantom("Severe", seed=7, size=320).image))
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (d / ".hidden.png").write_bytes(b"ignored")
+    return d
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return {r["file"]: r for r in csv.DictReader(f)}
+
+
+def test_local_batch_rows_errors_heatmaps_and_resume(archive, tmp_path):
+    out = tmp_path / "results.csv"
+    summary = run_batch(archive, out, heatmaps=tmp_path / "maps", batch_size=2, num_workers=1, progress=False)
+    assert summary["inputs"] == 4 and summary["processed"] == 4 and summary["errors"] == 1
+    rows = _rows(out)
+    assert len(rows) == 4
+    bad = rows[str(archive / "broken.jpg")]
+    assert bad["error"] and not bad["label"]
+    for name in ("a_oct.png", "sub/b_oct.png", "c_fundus.png"):
+        r = rows[str(archive / name)]
+        probs = json.loads(r["probabilities"])
+        assert abs(sum(probs.values()) - 1) < 1e-4 and r["label"] in probs
+        assert len(r["content_hash"]) == 64 and (tmp_path / "maps").joinpath(r["heatmap"].split("/")[-1]).exists()
+    assert rows[str(archive / "c_fundus.png")]["model"] == "fundus_dr_effnet_b0"
+    assert pd.read_parquet(out.with_suffix(".parquet")).shape[0] == 4
+    again = run_batch(archive, out, num_workers=0, progress=False)
+    assert again["skipped_already_done"] == 4 and again["processed"] == 0
+    assert len(_rows(out)) == 4
+
+
+def test_batch_matches_single_image_analysis(archive, tmp_path):
+    import retina_core as rc
+
+    out = tmp_path / "r.csv"
+    run_batch(archive, out, num_workers=0, progress=False)
+    row = _rows(out)[str(archive / "a_oct.png")]
+    a = rc.analyze(rc.read_image(archive / "a_oct.png"))
+    assert row["label"] == a.label
+    probs = json.loads(row["probabilities"])
+    assert max(abs(probs[c] - a.probabilities[c]) for c in probs) < 1e-4
+
+
+def test_csv_input_and_cli(archive, tmp_path, capsys):
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\n" + str(archive / "a_oct.png") + "\n" + str(archive / "c_fundus.png") + "\n")
+    assert list_inputs(listing) == [str(archive / "a_oct.png"), str(archive / "c_fundus.png")]
+    assert main(["batch", str(listing), "--out", str(tmp_path / "o.csv"), "--workers", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["processed"] == 2
+
+
+def test_ray_engine_equals_local(archive, tmp_path):
+    ray = pytest.importorskip("ray")
+    local, remote = tmp_path / "local.csv", tmp_path / "ray.csv"
+    run_batch(archive, local, num_workers=0, progress=False)
+    try:
+        run_batch(archive, remote, engine="ray", batch_size=2, progress=False)
+    finally:
+        ray.shutdown()
+    a, b = _rows(local), _rows(remote)
+    assert a.keys() == b.keys()
+    for f in a:
+        assert a[f]["label"] == b[f]["label"] and a[f]["error"] == b[f]["error"]
+        if a[f]["probabilities"]:
+            pa, pb = json.loads(a[f]["probabilities"]), json.loads(b[f]["probabilities"])
+            assert max(abs(pa[c] - pb[c]) for c in pa) < 1e-4
