@@ -10,10 +10,9 @@ import functools
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .errors import RetinaInputError
-from .explain.cam import CAM_METHODS, cam_with_library, gradcam_single_pass, normalise_map
+from .explain.attribution import ALL_METHODS, available_methods, explain_batch
 from .io.decode import RetinalImage, read_image
 from .models import LoadedModel, load_model
 from .quality import Quality, assess_quality
@@ -95,8 +94,9 @@ def analyze(image, model: LoadedModel | str | None = None, method: str = "gradca
     """Read one image with one model: quality gate, calibrated probabilities and a heatmap.
 
     image: a RetinalImage, a path, bytes or a binary file (decoded by `read_image`). model: a LoadedModel, a
-    registered name, or None for the default model of the detected modality. method: one of CAM_METHODS
-    ("gradcam" is the single-pass default). target: the class to explain (default: the predicted class).
+    registered name, or None for the default model of the detected modality. method: one of
+    `available_methods(model)` ("gradcam", the single-pass default; the pytorch-grad-cam family; integrated
+    gradients; for ViTs attention rollout and relevance). target: the class to explain (default: the predicted one).
     modality: the user's override of the detected modality ("fundus" | "oct").
     Ungradable or non-retinal images, and images of a modality the model does not read, give an Analysis with
     no result (label None, suggestion "No result: retake or refer") and the reasons in `notes`.
@@ -105,8 +105,8 @@ def analyze(image, model: LoadedModel | str | None = None, method: str = "gradca
     if img.kind != "image":
         raise RetinaInputError("This is an OCT volume; this step reads single images (fundus photographs or "
                                "OCT B-scans). Open it in the volume viewer, or export one B-scan.")
-    if method not in CAM_METHODS:
-        raise RetinaInputError(f"Unknown heatmap method {method!r}; choose one of {', '.join(CAM_METHODS)}.")
+    if method not in ALL_METHODS:
+        raise RetinaInputError(f"Unknown heatmap method {method!r}; choose one of {', '.join(ALL_METHODS)}.")
     q = assess_quality(img, modality=modality)
     if q.modality == "not_retinal":
         return _no_result(img, q, q.modality, method, [q.verdict, *q.reasons])
@@ -123,24 +123,19 @@ def analyze(image, model: LoadedModel | str | None = None, method: str = "gradca
     if not q.gradable:
         return _no_result(img, q, q.modality, method, [q.verdict, *q.reasons], model)
 
-    x = model.preprocess(img.pixels)
-    h, w = img.pixels.shape[:2]
     classes = model.cfg.classes
-    if method == "gradcam":
-        tgt = None if target is None else [_target_index(target, classes, 0)]
-        logits, cams = gradcam_single_pass(model.net, x, model.cfg.target_layer, tgt)
-        pred = int(logits.argmax(1))
-        t_idx = tgt[0] if tgt else pred
-        heatmap = normalise_map(cams[0], (h, w))
-    else:
-        with torch.inference_mode():
-            logits = model.net(x)
-        pred = int(logits.argmax(1))
-        t_idx = _target_index(target, classes, pred)
-        cam = cam_with_library(model.net, x, model.cfg.target_layer, method, [t_idx])[0]
-        heatmap = normalise_map(cam, (h, w))
-    probs = torch.softmax(logits.float() / model.temperature, dim=1)[0].cpu().numpy().astype(np.float64)
+    if method not in available_methods(model):
+        raise RetinaInputError(f"Method {method!r} does not apply to {model.name}; choose one of "
+                               f"{', '.join(available_methods(model))}.")
+    if target is not None:
+        _target_index(target, classes, 0)   # a clear message for an unknown class, before any work
+    # One forward gives the prediction and (for Grad-CAM) the heatmap; other methods reuse that forward's logits.
+    maps, probs_b, idx = explain_batch(model, img.pixels[None], method, target)
+    heatmap = maps[0]
+    probs = probs_b[0].astype(np.float64)
     probs = probs / probs.sum()
+    pred = int(np.argmax(probs))
+    t_idx = int(idx[0])
     label = classes[pred]
     referable, suggestion = suggestion_for(label, model)
     notes = [] if heatmap.max() > 0 else ["The heatmap is empty: no region raised the explained class's score."]

@@ -1,0 +1,24 @@
+"""Explanations: heatmaps (cam, attribution), zone scores (zones), trust checks (trust) and their evaluation (evaluate).
+
+Names are loaded lazily, so `import retina_core.explain.cam` stays as light as before.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "explain": "attribution", "explain_batch": "attribution", "available_methods": "attribution",
+    "ALL_METHODS": "attribution", "VIT_METHODS": "attribution", "make_predict_fn": "attribution",
+    "centre_lr_shares": "zones", "etdrs_zone_scores": "zones", "etdrs_grid_mask": "zones",
+    "optic_disc_zone": "zones", "oct_zone_scores": "zones", "locate_fovea_and_disc": "zones",
+    "ETDRS_SUBFIELDS": "zones", "locate_oct_fovea": "zones", "zone_report": "zones",
+    "pointing_game": "trust", "energy_pointing_game": "trust", "deletion_insertion_auc": "trust",
+    "randomisation_check": "trust", "stability_under_perturbation": "trust", "class_consistency": "trust",
+    "centre_attention_vs_confidence": "trust", "correct_vs_misclassified": "trust",
+    "explain_eval": "evaluate",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,14 +52,16 @@ def sha256_file(path: Path) -> str:
 
 
 def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 [H, W, 3] RGB -> float32 [1, C, h, w] resized to cfg.input_size and normalised with cfg.mean/std.
-
-    Training and inference both call this, so what a model saw in training is what it sees in the app.
-    """
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f"expected uint8 [H, W, 3], got {pixels.dtype} {pixels.shape}")
+    """uint8 [H, W, 3] (or a batch [B, H, W, 3]) RGB -> float32 [B, C, h, w] resized to cfg.input_size and
+    normalised with cfg.mean/std. Training, inference and every explainer call this, so what a model saw in
+    training is what it sees in the app."""
+    a = np.asarray(pixels)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [H, W, 3] or [B, H, W, 3], got {a.dtype} {a.shape}")
     c, h, w = cfg.input_size
-    x = torch.tensor(pixels, device=device).permute(2, 0, 1)[None].float().div_(255.0)
+    x = torch.tensor(a, device=device).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)

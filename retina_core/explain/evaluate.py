@@ -1,0 +1,412 @@
+"""Score explanation methods on phantom images whose lesions have pixel masks:
+`python -m retina_core explain-eval --model M --data PATH --methods gradcam,integrated_gradients --n 16 --json`.
+
+Per method: pointing game and energy pointing game (lesion-bearing images), deletion / insertion AUC, the
+model-randomisation Spearman rho, stability (SSIM / Spearman under noise, brightness, shift), class consistency,
+zone summaries (centre share vs confidence, correct vs misclassified) and seconds per image; then a ranking.
+Images are evaluated at the model's input size (the model sees nothing finer), masks and landmarks scaled with them.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from ..errors import RetinaInputError
+from . import trust, zones
+from .attribution import (IG_METHODS, VIT_METHODS, available_methods, explain, explain_batch, make_predict_fn,
+                          resolve_model, to_pixels)
+
+log = logging.getLogger(__name__)
+
+# metric -> +1 if higher is better, -1 if lower is better (used for the ranking)
+RANKED_METRICS = {"pointing_game": 1, "energy_pointing_game": 1, "insertion_auc": 1, "deletion_auc": -1,
+                  "randomisation_abs_spearman": -1, "stability_ssim": 1, "stability_spearman": 1}
+
+
+@dataclass
+class Sample:
+    image: np.ndarray                 # uint8 [H, W, 3] at evaluation size
+    label: str | None
+    mask: np.ndarray | None           # bool [H, W], union of the lesion masks (None / empty: no lesion)
+    modality: str = ""
+    landmarks: dict = field(default_factory=dict)   # fovea_xy, disc_xy, disc_radius, eye (fundus); fovea_x, span_mm
+    name: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def _resize_sample(s: Sample, size: tuple[int, int] | None) -> Sample:
+    if size is None or s.image.shape[:2] == tuple(size):
+        return s
+    h0, w0 = s.image.shape[:2]
+    h, w = size
+    img = cv2.resize(s.image, (w, h), interpolation=cv2.INTER_AREA if h < h0 else cv2.INTER_LINEAR)
+    mask = None
+    if s.mask is not None:
+        mask = cv2.resize(s.mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        if s.mask.any() and not mask.any():     # a lesion smaller than one pixel at this size: keep its centre
+            ys, xs = np.nonzero(s.mask)
+            mask[min(h - 1, int(ys.mean() * h / h0)), min(w - 1, int(xs.mean() * w / w0))] = True
+    sx, sy = w / w0, h / h0
+    lm = dict(s.landmarks)
+    if "fovea_xy" in lm:
+        lm["fovea_xy"] = (lm["fovea_xy"][0] * sx, lm["fovea_xy"][1] * sy)
+    if "disc_xy" in lm:
+        lm["disc_xy"] = (lm["disc_xy"][0] * sx, lm["disc_xy"][1] * sy)
+    if "disc_radius" in lm:
+        lm["disc_radius"] = lm["disc_radius"] * (sx + sy) / 2
+    if "fovea_x" in lm:
+        lm["fovea_x"] = lm["fovea_x"] * sx
+    return Sample(img, s.label, mask, s.modality, lm, s.name)
+
+
+def samples_from_phantoms(phantoms: Sequence) -> list[Sample]:
+    """In-memory phantoms (`retina_core.phantoms.Phantom`) -> samples (union of their lesion masks)."""
+    out = []
+    for i, ph in enumerate(phantoms):
+        img = to_pixels(ph.image)
+        masks = [np.asarray(m, bool) for m in (ph.masks or {}).values()]
+        mask = np.logical_or.reduce(masks) if masks else None
+        meta = dict(ph.meta or {})
+        lm = {}
+        if ph.modality == "fundus" and "fovea_xy" in meta:
+            lm = {k: meta[k] for k in ("fovea_xy", "disc_xy", "disc_radius") if k in meta}
+            lm["eye"] = meta.get("eye")
+        elif "fovea_x" in meta:
+            lm = {"fovea_x": meta["fovea_x"], "span_mm": meta.get("span_mm", 6.0)}
+        out.append(Sample(img, ph.label, mask, ph.modality, lm, f"phantom{i}"))
+    return out
+
+
+def _read_meta_csv(root: Path) -> dict[str, dict]:
+    p = root / "phantom_meta.csv"
+    if not p.exists():
+        return {}
+    with open(p, newline="") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def _mask_dir(root: Path, path: Path) -> tuple[Path | None, str | None]:
+    """masks/<image path relative to the data root, without extension>/ and the relative path."""
+    for base in (root, *root.parents):
+        try:
+            rel = path.relative_to(base)
+        except ValueError:
+            continue
+        d = base / "masks" / rel.with_suffix("")
+        if d.is_dir() or (base / "phantom_meta.csv").exists():
+            return d, rel.as_posix()
+    return None, None
+
+
+def _landmarks_from_row(row: dict) -> tuple[str, dict]:
+    def num(k):
+        v = row.get(k, "")
+        return float(v) if v not in ("", None) else None
+
+    modality = row.get("modality", "")
+    if modality == "fundus" and num("fovea_x") is not None and num("disc_x") is not None:
+        return modality, {"fovea_xy": (num("fovea_x"), num("fovea_y")), "disc_xy": (num("disc_x"), num("disc_y")),
+                          "disc_radius": num("disc_radius"), "eye": row.get("eye") or None}
+    if modality == "oct" and num("fovea_x") is not None:
+        return modality, {"fovea_x": num("fovea_x")}
+    return modality, {}
+
+
+def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None, seed: int = 0) -> list[Sample]:
+    """Up to n images of a data set folder (any layout `load_dataset` reads), spread evenly over its classes,
+    with the union of their lesion masks from `masks/` and landmarks from `phantom_meta.csv` when present."""
+    from PIL import Image
+
+    from ..io.datasets import load_dataset
+    from ..io.decode import read_image
+
+    root = Path(data_path).expanduser()
+    idx = load_dataset(root)
+    recs = [r for r in idx.records if classes is None or r.label in classes] or list(idx.records)
+    if not recs:
+        raise RetinaInputError(f"No images found in {data_path}.")
+    rng = np.random.default_rng(seed)
+    by: dict[str, list] = {}
+    for r in recs:
+        by.setdefault(r.label, []).append(r)
+    for v in by.values():
+        rng.shuffle(v)
+    chosen = []
+    labels = sorted(by)
+    while len(chosen) < n and any(by.values()):        # round-robin over classes
+        for lab in labels:
+            if by[lab] and len(chosen) < n:
+                chosen.append(by[lab].pop())
+    meta_rows = {}
+    for base in (root, idx.root):
+        meta_rows.update(_read_meta_csv(Path(base)))
+    out = []
+    for r in chosen:
+        img = read_image(r.path)
+        if img.kind != "image":
+            continue
+        pixels = to_pixels(img.pixels)
+        mdir, rel = _mask_dir(root, Path(r.path))
+        mask = None
+        if mdir is not None and mdir.is_dir():
+            parts = [np.asarray(Image.open(p).convert("L")) > 127 for p in sorted(mdir.glob("*.png"))]
+            parts = [m for m in parts if m.shape == pixels.shape[:2]]
+            mask = np.logical_or.reduce(parts) if parts else np.zeros(pixels.shape[:2], bool)
+        row = meta_rows.get(rel or "", {})
+        modality, lm = _landmarks_from_row(row)
+        out.append(Sample(pixels, r.label, mask, modality or ("oct" if img.grayscale else "fundus"), lm, rel or
+                          str(r.path)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _mean(xs) -> float | None:
+    xs = [float(x) for x in xs if x is not None and np.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def _zones_of(hm: np.ndarray, s: Sample) -> dict:
+    z = {"centre_lr": zones.centre_lr_shares(hm)}
+    lm = s.landmarks
+    try:
+        if "fovea_xy" in lm and lm.get("disc_radius"):
+            z["etdrs"] = zones.etdrs_zone_scores(hm, lm["fovea_xy"], 2 * lm["disc_radius"], lm.get("eye"),
+                                                 lm.get("disc_xy"))
+            z["optic_disc"] = zones.optic_disc_zone(hm, lm["disc_xy"], lm["disc_radius"])
+        elif "fovea_x" in lm:
+            z["oct"] = zones.oct_zone_scores(hm, lm["fovea_x"], lm.get("span_mm", 6.0))
+    except ValueError:
+        pass
+    return z
+
+
+def _mean_dicts(ds: list[dict]) -> dict | None:
+    if not ds:
+        return None
+    return {k: _mean([d[k] for d in ds]) for k in ds[0]}
+
+
+def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int = 16,
+                    stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0) -> dict:
+    """All metrics of one method on prepared samples (see `explain_eval`)."""
+    predict = make_predict_fn(m)
+    rm = None
+    if rnet is not None:
+        rm = copy.copy(m)
+        rm.net = rnet
+    classes = list(m.classes)
+    per: dict[str, list] = {k: [] for k in ("pg", "epg", "area", "del", "ins", "rho", "sec", "conf", "correct",
+                                            "centre", "maps", "labels", "zones")}
+    stab: dict[str, dict[str, list]] = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
+    for s in samples:
+        t0 = time.perf_counter()
+        maps, probs, idx = explain_batch(m, s.image[None], method)
+        per["sec"].append(time.perf_counter() - t0)
+        hm, tgt = maps[0], idx[0]
+        per["maps"].append(hm)
+        per["labels"].append(s.label if s.label is not None else classes[tgt])
+        per["conf"].append(float(probs[0, tgt]))
+        per["centre"].append(zones.centre_lr_shares(hm)["centre"])
+        per["zones"].append(_zones_of(hm, s))
+        if s.label in classes:
+            per["correct"].append(classes.index(s.label) == int(np.argmax(probs[0])))
+        else:
+            per["correct"].append(None)
+        if s.mask is not None and s.mask.any():
+            per["pg"].append(float(trust.pointing_game(hm, s.mask)))
+            per["epg"].append(trust.energy_pointing_game(hm, s.mask))
+            per["area"].append(float(s.mask.mean()))
+        di = trust.deletion_insertion_auc(predict, s.image, hm, tgt, steps=steps)
+        per["del"].append(di["deletion_auc"])
+        per["ins"].append(di["insertion_auc"])
+        if rm is not None:
+            per["rho"].append(trust.spearman(hm, explain(rm, s.image, method, tgt)))
+        if stability_kinds:
+            st = trust.stability_under_perturbation(lambda im: explain(m, im, method, tgt), s.image,
+                                                    kinds=stability_kinds, seed=seed, reference=hm)
+            for k, v in st.items():
+                stab[k]["ssim"].append(v["ssim"])
+                stab[k]["spearman"].append(v["spearman"])
+    stability = {k: {"ssim": _mean(v["ssim"]), "spearman": _mean(v["spearman"])} for k, v in stab.items()}
+    cons = trust.class_consistency_by_label(per["maps"], per["labels"])
+    flags = [c for c in per["correct"] if c is not None]
+    zsum = {"centre_lr": _mean_dicts([z["centre_lr"] for z in per["zones"]])}
+    for key in ("etdrs", "oct"):
+        ds = [z[key] for z in per["zones"] if key in z]
+        if ds:
+            zsum[key] = _mean_dicts(ds)
+    od = [z["optic_disc"] for z in per["zones"] if "optic_disc" in z]
+    if od:
+        zsum["optic_disc"] = _mean(od)
+    res = {
+        "n_images": len(samples),
+        "n_lesion_images": len(per["pg"]),
+        "pointing_game": _mean(per["pg"]),
+        "energy_pointing_game": _mean(per["epg"]),
+        "energy_baseline_mask_area": _mean(per["area"]),
+        "deletion_auc": _mean(per["del"]),
+        "insertion_auc": _mean(per["ins"]),
+        "randomisation_spearman": _mean(per["rho"]),
+        "randomisation_abs_spearman": _mean([abs(r) for r in per["rho"]]),
+        "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in per["rho"]]),
+        "stability": stability,
+        "stability_ssim": _mean([v["ssim"] for v in stability.values()]),
+        "stability_spearman": _mean([v["spearman"] for v in stability.values()]),
+        "class_consistency": cons,
+        "centre_attention_vs_confidence": trust.centre_attention_vs_confidence(per["centre"], per["conf"]),
+        "zones": zsum,
+        "seconds_per_image": _mean(per["sec"]),
+    }
+    if len(flags) == len(per["correct"]) and flags:
+        res["correct_vs_misclassified"] = trust.correct_vs_misclassified(per["centre"], flags)
+        res["accuracy"] = float(np.mean(flags))
+    return res
+
+
+def rank_methods(results: dict[str, dict]) -> list[dict]:
+    """Mean rank over RANKED_METRICS (1 = best; ties share the average rank); metrics missing for a method are
+    skipped for it. Class consistency and speed are reported but not ranked (their 'better' is not one-sided)."""
+    from scipy.stats import rankdata
+
+    ranks: dict[str, dict[str, float]] = {m: {} for m in results}
+    for metric, sign in RANKED_METRICS.items():
+        have = [(m, r.get(metric)) for m, r in results.items() if r.get(metric) is not None]
+        if len(have) < 2:
+            continue
+        rk = rankdata([-sign * v for _, v in have], method="average")
+        for (m, _), k in zip(have, rk):
+            ranks[m][metric] = float(k)
+    rows = [{"method": m, "mean_rank": (float(np.mean(list(r.values()))) if r else None), "ranks": r}
+            for m, r in ranks.items()]
+    rows.sort(key=lambda d: (d["mean_rank"] is None, d["mean_rank"] or 0.0))
+    return rows
+
+
+def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam",), n: int = 16,
+                 weights_dir=None, phantoms: Sequence | None = None, seed: int = 0, steps: int = 16,
+                 stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), randomisation: bool = True,
+                 eval_size: tuple[int, int] | str | None = "model") -> dict:
+    """Run every explanation method over phantom images and report, per method, localisation (pointing game,
+    energy pointing game), faithfulness (deletion / insertion AUC), the model-randomisation rho, stability
+    (SSIM / Spearman per perturbation), class consistency, zone summaries and seconds per image; then rank them.
+
+    model: a registered name (its weights are loaded from `weights_dir` or the bundled weights), a LoadedModel, or
+    an nn.Module (e.g. a random-init tiny net for tests). Images: `data_path` (a folder written by
+    `retina_core.phantoms.write_dataset`, or any data set `load_dataset` reads; masks from `masks/`) or in-memory
+    `phantoms`. eval_size "model" evaluates at the model's input size (faster; the model sees nothing finer),
+    None at the images' own size, or an explicit (H, W).
+    """
+    if isinstance(model, str):
+        from ..models import load_model
+
+        model = load_model(model, weights_dir=weights_dir)
+    m = resolve_model(model)
+    if isinstance(methods, str):
+        methods = [s.strip() for s in methods.split(",") if s.strip()]
+    avail = available_methods(m.net)
+    notes = []
+    for meth in methods:
+        if meth not in avail:
+            if meth in VIT_METHODS:
+                notes.append(f"{meth} skipped: it applies to vision transformers only.")
+            else:
+                raise RetinaInputError(f"Unknown explanation method {meth!r}; choose from {', '.join(avail)}.")
+    methods = [x for x in methods if x in avail]
+    if phantoms is not None:
+        samples = samples_from_phantoms(phantoms)[:n]
+        source = f"{len(samples)} in-memory phantoms"
+    elif data_path is not None:
+        samples = samples_from_dataset(data_path, n, classes=m.classes, seed=seed)
+        source = str(data_path)
+    else:
+        raise RetinaInputError("explain_eval needs data_path or phantoms.")
+    if not samples:
+        raise RetinaInputError("No images to evaluate.")
+    size = tuple(m.cfg.input_size[1:]) if eval_size == "model" else (tuple(eval_size) if eval_size else None)
+    samples = [_resize_sample(s, size) for s in samples]
+    if not any(s.mask is not None and s.mask.any() for s in samples):
+        notes.append("No lesion masks found: pointing-game metrics are empty.")
+    rnet = None
+    if randomisation:
+        rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval()
+    results = {}
+    for meth in methods:
+        t0 = time.perf_counter()
+        results[meth] = evaluate_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
+                                        seed=seed)
+        results[meth]["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        log.info("explain-eval %s done in %.1fs", meth, results[meth]["wall_seconds"])
+    if any(meth in IG_METHODS for meth in methods):
+        notes.append("integrated_gradients: 32 steps from a black image; its time includes all steps.")
+    return _clean({"model": getattr(model, "name", m.cfg.name), "weights_sha256": getattr(model, "sha256", None),
+            "data": source, "n_images": len(samples), "eval_size": list(size) if size else None,
+            "metric_kind": "phantom", "methods": results, "ranking": rank_methods(results), "notes": notes,
+            "settings": {"steps": steps, "stability_kinds": list(stability_kinds), "randomisation": randomisation,
+                         "seed": seed, "deletion_baseline": "blur", "noise_sigma": 0.03, "brightness": 1.15}})
+
+
+def _clean(obj):
+    """JSON-ready: NaN / inf -> None, numpy scalars -> Python numbers, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return trust.finite_or_none(obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _format(report: dict) -> str:
+    cols = ("pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc", "randomisation_spearman",
+            "stability_ssim", "stability_spearman", "seconds_per_image")
+    lines = [f"explain-eval: {report['model']} on {report['data']} ({report['n_images']} images, phantom metrics)",
+             "method".ljust(22) + " ".join(c[:12].rjust(12) for c in cols)]
+    for meth, r in report["methods"].items():
+        vals = [r.get(c) for c in cols]
+        lines.append(meth.ljust(22) + " ".join(("-" if v is None else f"{v:.3f}").rjust(12) for v in vals))
+    lines.append("ranking: " + ", ".join(f"{d['method']} ({d['mean_rank']:.2f})" for d in report["ranking"]
+                                         if d["mean_rank"] is not None))
+    lines += [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+def cmd_explain_eval(args) -> int:
+    report = explain_eval(args.model, args.data, methods=args.methods, n=args.n, weights_dir=args.weights_dir,
+                          seed=args.seed, steps=args.steps,
+                          stability_kinds=tuple(k for k in args.stability.split(",") if k),
+                          randomisation=not args.no_randomisation)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(_format(report))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `explain-eval` on the CLI's subparsers (called from retina_core/cli.py)."""
+    p = subparsers.add_parser("explain-eval", help="score explanation methods on phantom images with lesion masks")
+    p.add_argument("--model", required=True, help="registered model name (weights from --weights-dir or bundled)")
+    p.add_argument("--data", required=True, help="data set folder (e.g. written by `data phantoms`)")
+    p.add_argument("--methods", default="gradcam", help="comma-separated, e.g. gradcam,gradcam++,integrated_gradients")
+    p.add_argument("--n", type=int, default=16, help="number of images (spread over the classes)")
+    p.add_argument("--weights-dir", default=None)
+    p.add_argument("--steps", type=int, default=16, help="deletion / insertion steps")
+    p.add_argument("--stability", default="noise,brightness,shift", help="perturbations ('' to skip)")
+    p.add_argument("--no-randomisation", action="store_true", help="skip the model-randomisation check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain_eval)

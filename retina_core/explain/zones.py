@@ -1,0 +1,418 @@
+"""Where a heatmap puts its mass, in zones a clinician names: centre / left / right (seed 002), the ETDRS 9-subfield
+grid on the fovea, the optic-disc zone, and the foveal bands of an OCT B-scan.
+
+Every score is a *share of the heatmap's total mass* (sum of map values inside the zone / sum over the image), so the
+scores of one partition sum to 1. A flat (or empty) map gives each zone its area fraction.
+
+    >>> shares = centre_lr_shares(heatmap)                              # {"centre", "left", "right"}
+    >>> lm = locate_fovea_and_disc(image_rgb)                           # fovea_xy, disc_xy, disc_radius, ...
+    >>> etdrs_zone_scores(heatmap, lm["fovea_xy"], 2 * lm["disc_radius"], disc_xy=lm["disc_xy"])
+
+Scale: one optic-disc diameter is taken as 1.8 mm (ETDRS grid diameters 1, 3 and 6 mm), so the grid follows each
+photograph's magnification through its disc size. Image orientation: superior is up (smaller y); nasal is the side of
+the fovea toward the optic disc (right in a right eye OD as photographed, left in a left eye OS).
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import cv2
+import numpy as np
+
+DISC_DIAMETER_MM = 1.8
+ETDRS_DIAMETERS_MM = (1.0, 3.0, 6.0)
+QUADRANTS = ("superior", "nasal", "inferior", "temporal")
+# label image values of `etdrs_grid_mask`: 0 outside, 1 central, 2-5 inner ring, 6-9 outer ring (quadrant order above)
+ETDRS_SUBFIELDS = ("central",) + tuple(f"inner_{q}" for q in QUADRANTS) + tuple(f"outer_{q}" for q in QUADRANTS)
+ETDRS_ABBREVIATIONS = {"central": "CSF", "inner_superior": "SIM", "inner_nasal": "NIM", "inner_inferior": "IIM",
+                       "inner_temporal": "TIM", "outer_superior": "SOM", "outer_nasal": "NOM",
+                       "outer_inferior": "IOM", "outer_temporal": "TOM"}
+OCT_BANDS_MM = {"central": (0.0, 0.5), "parafoveal": (0.5, 1.5), "perifoveal": (1.5, 3.0)}   # |x - fovea| ranges
+
+
+def _as_map(heatmap: np.ndarray) -> np.ndarray:
+    h = np.asarray(heatmap, dtype=np.float64)
+    if h.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D [H, W], got shape {h.shape}")
+    h = np.where(np.isfinite(h), h, 0.0)
+    return np.maximum(h, 0.0)
+
+
+def _shares(heatmap: np.ndarray, labels: np.ndarray, names: Mapping[int, str]) -> dict[str, float]:
+    """Mass share of every label in `names` (a flat map is used when the heatmap has no mass)."""
+    h = _as_map(heatmap)
+    total = h.sum()
+    if total <= 0:
+        h = np.ones_like(h)
+        total = h.sum()
+    sums = np.bincount(labels.ravel(), weights=h.ravel(), minlength=max(names) + 1)
+    return {name: float(sums[k] / total) for k, name in names.items()}
+
+
+# ------------------------------------------------------------------------------------------ centre / left / right
+def centre_lr_mask(shape: tuple[int, int]) -> np.ndarray:
+    """int label image: 0 centre box (middle 50% of height and of width), 1 left and 2 right halves of the rest."""
+    h, w = shape
+    lab = np.where(np.arange(w)[None, :] < w / 2.0, 1, 2).repeat(h, axis=0).astype(np.int64)
+    y0, y1 = int(round(h / 4)), int(round(3 * h / 4))
+    x0, x1 = int(round(w / 4)), int(round(3 * w / 4))
+    lab[y0:y1, x0:x1] = 0
+    return lab
+
+
+def centre_lr_shares(heatmap: np.ndarray) -> dict[str, float]:
+    """Shares of heatmap mass in the centre box and the left / right remainder (RETFound-heatmap source, seed 002).
+
+    The centre box spans the middle 50% of the height and of the width (a quarter of the area); left and right are
+    the halves of what is left. The three shares sum to 1.
+    """
+    h = _as_map(heatmap)
+    return _shares(h, centre_lr_mask(h.shape), {0: "centre", 1: "left", 2: "right"})
+
+
+# ------------------------------------------------------------------------------------------------------ ETDRS
+def _nasal_sign(fovea_xy, laterality: str | None, disc_xy) -> int:
+    """+1 when nasal is toward +x (right of the fovea in the image), -1 when toward -x."""
+    if disc_xy is not None:
+        dx = float(disc_xy[0]) - float(fovea_xy[0])
+        if abs(dx) > 1e-6:
+            return 1 if dx > 0 else -1
+    lat = (laterality or "").upper()
+    if lat in ("OD", "R", "RIGHT"):
+        return 1      # right eye as photographed: the disc (nasal) is right of the fovea
+    if lat in ("OS", "L", "LEFT"):
+        return -1
+    raise ValueError("ETDRS quadrants need the eye: pass laterality ('OD' or 'OS') or disc_xy "
+                     "(e.g. from locate_fovea_and_disc).")
+
+
+def etdrs_grid_mask(shape: tuple[int, int], fovea_xy, disc_diameter_px: float, laterality: str | None = None,
+                    disc_xy=None, disc_diameter_mm: float = DISC_DIAMETER_MM) -> np.ndarray:
+    """int label image [H, W] of the ETDRS grid centred on the fovea (for zone scores and for drawing).
+
+    0 outside the 6 mm circle, 1 central subfield (1 mm), 2-5 inner ring (3 mm) superior/nasal/inferior/temporal,
+    6-9 outer ring (6 mm) in the same order; names in `ETDRS_SUBFIELDS[label - 1]`. Quadrant borders are the
+    diagonals. disc_diameter_px sets the scale (one disc diameter = `disc_diameter_mm`, 1.8 mm by default).
+    """
+    if not disc_diameter_px or disc_diameter_px <= 0:
+        raise ValueError("disc_diameter_px must be positive")
+    h, w = shape
+    px_per_mm = float(disc_diameter_px) / float(disc_diameter_mm)
+    fx, fy = float(fovea_xy[0]), float(fovea_xy[1])
+    sign = _nasal_sign(fovea_xy, laterality, disc_xy)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    dx = (xx + 0.5 - (fx + 0.5)) / px_per_mm     # pixel centres; mm
+    dy = (yy + 0.5 - (fy + 0.5)) / px_per_mm
+    r = np.hypot(dx, dy)
+    # quadrant index in QUADRANTS order: superior (up, dy<0), nasal (toward disc), inferior, temporal
+    up, nasal_dir = -dy, sign * dx
+    quad = np.where(np.abs(up) >= np.abs(nasal_dir),
+                    np.where(up >= 0, 0, 2),
+                    np.where(nasal_dir >= 0, 1, 3))
+    r1, r2, r3 = (d / 2.0 for d in ETDRS_DIAMETERS_MM)
+    lab = np.zeros((h, w), np.int64)
+    lab[(r <= r3)] = 6 + quad[(r <= r3)]
+    lab[(r <= r2)] = 2 + quad[(r <= r2)]
+    lab[r <= r1] = 1
+    return lab
+
+
+def etdrs_zone_scores(heatmap: np.ndarray, fovea_xy, disc_diameter_px: float, laterality: str | None = None,
+                      disc_xy=None, mode: str = "share",
+                      disc_diameter_mm: float = DISC_DIAMETER_MM) -> dict[str, float]:
+    """Heatmap over the 9 ETDRS subfields + "outside" the 6 mm circle.
+
+    mode "share": share of the map's total mass per zone (all 10 sum to 1); "mean": mean map value per zone (density,
+    independent of the zone's area; NaN for a zone that falls outside the image).
+    Nasal/temporal follow `disc_xy` when given (nasal = toward the disc), else `laterality` ("OD" / "OS").
+    """
+    h = _as_map(heatmap)
+    lab = etdrs_grid_mask(h.shape, fovea_xy, disc_diameter_px, laterality, disc_xy, disc_diameter_mm)
+    names = {0: "outside", **{i + 1: n for i, n in enumerate(ETDRS_SUBFIELDS)}}
+    if mode == "share":
+        out = _shares(h, lab, names)
+    elif mode == "mean":
+        sums = np.bincount(lab.ravel(), weights=h.ravel(), minlength=10)
+        cnt = np.bincount(lab.ravel(), minlength=10)
+        out = {n: (float(sums[k] / cnt[k]) if cnt[k] else float("nan")) for k, n in names.items()}
+    else:
+        raise ValueError("mode must be 'share' or 'mean'")
+    return {n: out[n] for n in (*ETDRS_SUBFIELDS, "outside")}
+
+
+def optic_disc_mask(shape: tuple[int, int], disc_xy, disc_radius: float, margin: float = 1.0) -> np.ndarray:
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.hypot(xx - float(disc_xy[0]), yy - float(disc_xy[1])) <= float(disc_radius) * margin
+
+
+def optic_disc_zone(heatmap: np.ndarray, disc_xy, disc_radius: float, margin: float = 1.0) -> float:
+    """Share of the heatmap mass inside the optic disc (circle of disc_radius x margin around disc_xy)."""
+    h = _as_map(heatmap)
+    m = optic_disc_mask(h.shape, disc_xy, disc_radius, margin)
+    return _shares(h, m.astype(np.int64), {0: "out", 1: "disc"})["disc"]
+
+
+# ------------------------------------------------------------------------------------------------------ OCT
+def oct_zone_scores(heatmap: np.ndarray, fovea_x: float, span_mm: float = 6.0) -> dict[str, float]:
+    """Shares of a B-scan heatmap's mass in bands along x around the fovea: central (|dx| <= 0.5 mm, the 1 mm
+    central subfield), parafoveal (0.5-1.5 mm), perifoveal (1.5-3 mm) and outside; they sum to 1.
+
+    span_mm: the scan width in mm (6 mm for the usual macular cube / Kermany-style B-scans).
+    """
+    h = _as_map(heatmap)
+    width = h.shape[1]
+    mm_per_px = float(span_mm) / width
+    d = np.abs(np.arange(width) + 0.5 - (float(fovea_x) + 0.5)) * mm_per_px
+    band = np.full(width, 3, np.int64)
+    for k, (lo, hi) in enumerate(OCT_BANDS_MM.values()):
+        band[(d >= lo) & (d <= hi) & (band == 3)] = k
+    lab = np.broadcast_to(band[None, :], h.shape)
+    return _shares(h, np.ascontiguousarray(lab), {0: "central", 1: "parafoveal", 2: "perifoveal", 3: "outside"})
+
+
+# ------------------------------------------------------------------------------------------ fovea / disc finder
+def _fov_mask(rgb: np.ndarray) -> np.ndarray:
+    """Field of view of a fundus photograph: the largest bright-enough connected region (the black rim excluded)."""
+    lum = rgb.astype(np.float32).mean(axis=2)
+    thr = max(12.0, 0.15 * float(np.percentile(lum, 99)))
+    m = (lum > thr).astype(np.uint8)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(m, 8)
+    if n <= 1:
+        return np.ones(lum.shape, bool)
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    fov = lab == k
+    fov = cv2.morphologyEx(fov.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)) > 0
+    return fov
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.5, float(sigma)))
+
+
+def _masked_blur(a: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur that ignores pixels outside `mask` (normalised convolution), so the black rim does not bleed in."""
+    m = mask.astype(np.float32)
+    num = _blur(a * m, sigma)
+    den = _blur(m, sigma)
+    return num / np.maximum(den, 1e-3)
+
+
+def locate_fovea_and_disc(image_rgb, meta: Mapping | None = None) -> dict:
+    """Fovea centre, optic-disc centre and radius of a colour fundus photograph (pixels of the given image).
+
+    Returns {fovea_xy, disc_xy, disc_radius, laterality, method, confidence}. With phantom `meta` holding fovea_xy,
+    disc_xy and disc_radius (`Phantom.meta` or a phantom_meta.csv row), the ground truth is returned (method "meta",
+    confidence 1). Otherwise a heuristic (method "heuristic"):
+    - field of view: largest bright connected region; expected disc radius ~ FOV radius / 7 (a 45-degree field is
+      about 6.4-8 disc diameters wide); the image is worked on at <= 256 px;
+    - disc candidates: the 5 strongest bright blobs of the vessel-free (grey closing), background-corrected,
+      FOV-masked red+green image at the disc scale, away from the FOV rim;
+    - fovea for each candidate: the darkest smoothed spot 2-3.3 disc diameters from it toward the image centre,
+      within +-25 degrees of the horizontal;
+    - the candidate with the best blob contrast + 0.5 x fovea contrast + a prior for macula-centred photographs
+      (disc near the horizontal midline, 0.4-0.9 FOV radii off-centre) wins; its bright core gives centre and radius;
+    - laterality: "OD" when the disc is right of the fovea (as photographed), else "OS".
+    confidence in [0, 1] combines the disc's and the fovea's contrast to their surroundings; below ~0.3 treat the
+    landmarks as unreliable (ask the user to place them).
+    """
+    if meta is not None:
+        got = _from_meta(meta)
+        if got is not None:
+            return got
+    pixels = getattr(image_rgb, "pixels", image_rgb)
+    rgb = np.asarray(pixels)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError(f"expected an RGB fundus image [H, W, 3], got shape {rgb.shape}")
+    rgb = rgb[..., :3]
+    if rgb.dtype != np.uint8:
+        rgb = np.clip(rgb.astype(np.float32) * (255.0 if rgb.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    H, W = rgb.shape[:2]
+    scale = 256.0 / max(H, W)
+    small = cv2.resize(rgb, (max(8, round(W * scale)), max(8, round(H * scale))), interpolation=cv2.INTER_AREA) \
+        if scale < 1 else rgb.copy()
+    s = small.shape[1] / W                                                 # small px per original px
+    fov = _fov_mask(small)
+    ys, xs = np.nonzero(fov)
+    cx, cy = float(xs.mean()), float(ys.mean())
+    fov_r = math.sqrt(fov.sum() / math.pi)
+    r_exp = max(2.0, fov_r / 7.0)                # expected disc radius: a 45-degree FOV spans ~6.4-8 DD
+
+    f = small.astype(np.float32) / 255.0
+    chan = 0.35 * f[..., 0] + 0.65 * f[..., 1]                            # green has the disc contrast; red helps
+    k = int(max(3, round(0.5 * r_exp))) | 1                                # closing removes vessels (dark, thin)
+    closed = cv2.morphologyEx(chan, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    inner = cv2.erode(fov.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
+                                                                     (int(2 * r_exp) | 1, int(2 * r_exp) | 1))) > 0
+    if inner.sum() < 10:
+        inner = fov
+    bg = _masked_blur(chan, fov, 3.0 * r_exp)
+    local = _masked_blur(closed, fov, 0.6 * r_exp) - _masked_blur(closed, fov, 3.0 * r_exp)
+    spread = float(np.std(local[inner])) + 1e-6
+    dark = _masked_blur(chan, fov, 0.5 * r_exp) - bg
+    dark_spread = float(np.std(dark[inner])) + 1e-6
+    yy, xx = np.mgrid[0:small.shape[0], 0:small.shape[1]].astype(np.float32)
+    dd = 2.0 * r_exp
+
+    # disc candidates: the strongest local maxima of `local`, at least one disc diameter apart
+    score = np.where(inner, local, -np.inf).astype(np.float32)
+    cands = []
+    work = score.copy()
+    for _ in range(5):
+        y0, x0 = np.unravel_index(int(np.argmax(work)), work.shape)
+        if not np.isfinite(work[y0, x0]):
+            break
+        cands.append((float(x0), float(y0), float(local[y0, x0]) / spread))
+        work[np.hypot(xx - x0, yy - y0) < dd] = -np.inf
+
+    best = None
+    for (x0, y0, dz) in cands:
+        fov_xy, fz = _fovea_near(dark, fov, xx, yy, x0, y0, cx, dd, dark_spread)
+        # macula-centred photographs: the disc sits near the horizontal midline, 0.4-0.9 FOV radii off-centre
+        offc = abs(x0 - cx) / fov_r
+        prior = -2.0 * max(0.0, abs(y0 - cy) / fov_r - 0.35) / 0.35 - 3.0 * max(0.0, 0.4 - offc) / 0.4
+        total = dz + 0.5 * max(fz, 0.0) + prior
+        if best is None or total > best[0]:
+            best = (total, x0, y0, dz, fov_xy, fz)
+    _, disc_x, disc_y, disc_contrast, (fov_x, fov_y), fovea_contrast = best
+
+    # disc outline around the candidate at a fine scale: the centroid of its bright core (above 60% of the local
+    # peak) refines the centre; the region above 40% gives the equivalent radius, kept within 0.6-1.4x the expected
+    fine = _masked_blur(closed, fov, 0.25 * r_exp) - bg
+    near = (np.hypot(xx - disc_x, yy - disc_y) <= 1.2 * r_exp) & fov
+    py, px = np.unravel_index(int(np.argmax(np.where(near, fine, -np.inf))), fine.shape)
+    peak = float(fine[py, px])
+    r_disc = r_exp
+    for frac in (0.6, 0.4):
+        n, lab = cv2.connectedComponents(((fine > frac * peak) & near).astype(np.uint8), connectivity=8)
+        if lab[py, px] == 0:
+            continue
+        reg = lab == lab[py, px]
+        if frac == 0.6:
+            ys_, xs_ = np.nonzero(reg)
+            disc_x, disc_y = float(xs_.mean()), float(ys_.mean())
+        else:
+            r_disc = float(np.clip(math.sqrt(reg.sum() / math.pi), 0.6 * r_exp, 1.4 * r_exp))
+    conf = float(np.clip(0.5 * min(1.0, disc_contrast / 4.0) + 0.5 * min(1.0, max(0.0, fovea_contrast) / 2.0),
+                         0.0, 1.0))
+    lat = "OD" if disc_x > fov_x else "OS"
+    fov_x = float(np.clip(fov_x, 0, small.shape[1] - 1))
+    fov_y = float(np.clip(fov_y, 0, small.shape[0] - 1))
+    return {"fovea_xy": (fov_x / s, fov_y / s), "disc_xy": (disc_x / s, disc_y / s), "disc_radius": r_disc / s,
+            "laterality": lat, "method": "heuristic", "confidence": round(conf, 3)}
+
+
+def _fovea_near(dark, fov, xx, yy, disc_x, disc_y, cx, dd, spread):
+    """Darkest spot 2-3.3 disc diameters from a disc candidate, toward the FOV centre, within 25 degrees of the
+    horizontal. Returns ((x, y), contrast in units of the map's spread)."""
+    side = -1.0 if disc_x > cx else 1.0
+    ddx, ddy = xx - disc_x, yy - disc_y
+    dist = np.hypot(ddx, ddy)
+    ang = np.degrees(np.arctan2(np.abs(ddy), np.maximum(side * ddx, 1e-6)))
+    cand = fov & (dist >= 2.0 * dd) & (dist <= 3.3 * dd) & (side * ddx > 0) & (ang <= 25)
+    if cand.sum() < 4:
+        return (float(disc_x + side * 2.5 * dd), float(disc_y)), 0.0
+    prior = 0.15 * spread * (np.abs(dist - 2.5 * dd) / dd) + 0.1 * spread * (np.abs(ddy) / dd)
+    sc = np.where(cand, dark + prior, np.inf)
+    fy, fx = np.unravel_index(int(np.argmin(sc)), sc.shape)
+    r = np.hypot(xx - fx, yy - fy)
+    ring = fov & (r > dd) & (r < 2 * dd)
+    contrast = float((dark[ring].mean() if ring.any() else 0.0) - dark[fy, fx]) / spread
+    return (float(fx), float(fy)), contrast
+
+
+def _from_meta(meta: Mapping) -> dict | None:
+    m = dict(meta)
+    fovea = m.get("fovea_xy")
+    disc = m.get("disc_xy")
+    if fovea is None and m.get("fovea_x") not in (None, "") and m.get("fovea_y") not in (None, ""):
+        fovea = (float(m["fovea_x"]), float(m["fovea_y"]))
+    if disc is None and m.get("disc_x") not in (None, "") and m.get("disc_y") not in (None, ""):
+        disc = (float(m["disc_x"]), float(m["disc_y"]))
+    radius = m.get("disc_radius")
+    if fovea is None or disc is None or radius in (None, ""):
+        return None
+    fovea = (float(fovea[0]), float(fovea[1]))
+    disc = (float(disc[0]), float(disc[1]))
+    lat = m.get("eye") or ("OD" if disc[0] > fovea[0] else "OS")
+    return {"fovea_xy": fovea, "disc_xy": disc, "disc_radius": float(radius), "laterality": lat,
+            "method": "meta", "confidence": 1.0}
+
+
+def locate_oct_fovea(image, meta: Mapping | None = None) -> dict:
+    """Foveal pit of a macular OCT B-scan: the column where the inner retinal surface (ILM) lies deepest.
+
+    Returns {fovea_x, method, confidence}. Phantom `meta` with `fovea_x` gives the ground truth (method "meta").
+    Heuristic: per column, the first row whose smoothed intensity exceeds a threshold between the vitreous level and
+    the bright retinal layers is the ILM; a quadratic trend (the eye's curvature and tilt) is removed and the deepest
+    dip below it within the central 70% of the width is the pit.
+    confidence: pit depth relative to the ILM's residual spread (low when no pit is visible, e.g. oedema).
+    """
+    if meta is not None and meta.get("fovea_x") not in (None, ""):
+        return {"fovea_x": float(meta["fovea_x"]), "method": "meta", "confidence": 1.0}
+    a = np.asarray(getattr(image, "pixels", image))
+    if a.ndim == 3:
+        a = a[..., :3].mean(axis=2)
+    a = a.astype(np.float32)
+    h, w = a.shape
+    sm = _blur(a, max(1.0, min(h, w) / 128.0))
+    lo, hi = np.percentile(sm, 20), np.percentile(sm, 99)
+    thr = lo + 0.35 * (hi - lo)
+    above = sm > thr
+    has = above.any(axis=0)
+    ilm = np.where(has, above.argmax(axis=0), h).astype(np.float32)
+    if has.sum() < max(4, w // 10):
+        return {"fovea_x": w / 2.0, "method": "heuristic", "confidence": 0.0}
+    ilm[~has] = np.median(ilm[has])
+    k = max(3, int(w / 40)) | 1
+    ilm_s = np.convolve(np.pad(ilm, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
+    # remove the retina's curvature / tilt: a quadratic trend, refitted without the columns that dip below it
+    xs = np.arange(w, dtype=np.float64)
+    keep = np.ones(w, bool)
+    for _ in range(3):
+        coef = np.polyfit(xs[keep], ilm_s[keep], 2)
+        resid = ilm_s - np.polyval(coef, xs)
+        keep = resid < np.percentile(resid, 70)
+    x0, x1 = int(0.15 * w), int(0.85 * w)
+    x = x0 + int(np.argmax(resid[x0:x1]))
+    depth = float(resid[x])
+    conf = float(np.clip(depth / (4.0 * (np.std(resid[keep]) + 1e-6)), 0.0, 1.0))
+    return {"fovea_x": float(x), "method": "heuristic", "confidence": round(conf, 3)}
+
+
+def zone_report(heatmap: np.ndarray, image=None, modality: str = "fundus", laterality: str | None = None,
+                meta: Mapping | None = None, span_mm: float = 6.0) -> dict:
+    """Every zone summary of one heatmap in one call (for pages and reports).
+
+    fundus: centre_lr, landmarks (meta or `locate_fovea_and_disc`), etdrs (shares) and optic_disc share;
+    oct: centre_lr, fovea (meta or `locate_oct_fovea`) and the foveal bands. Landmarks found on `image` are scaled
+    to the heatmap's size when the two differ.
+    """
+    hm = _as_map(heatmap)
+    out: dict = {"centre_lr": centre_lr_shares(hm)}
+    if image is None and meta is None:
+        return out
+    px = None if image is None else np.asarray(getattr(image, "pixels", image))
+    sy, sx = (1.0, 1.0) if px is None else (hm.shape[0] / px.shape[0], hm.shape[1] / px.shape[1])
+    if modality == "oct":
+        f = locate_oct_fovea(px, meta) if px is not None or meta is not None else None
+        if f is not None:
+            fx = f["fovea_x"] * sx
+            out["oct_fovea"] = {**f, "fovea_x": fx}
+            out["oct"] = oct_zone_scores(hm, fx, float((meta or {}).get("span_mm") or span_mm))
+        return out
+    lm = _from_meta(meta) if meta is not None else None
+    if lm is None and px is not None:
+        lm = locate_fovea_and_disc(px)
+    if lm is None:
+        return out
+    fov = (lm["fovea_xy"][0] * sx, lm["fovea_xy"][1] * sy)
+    disc = (lm["disc_xy"][0] * sx, lm["disc_xy"][1] * sy)
+    r = lm["disc_radius"] * (sx + sy) / 2
+    out["landmarks"] = {**lm, "fovea_xy": fov, "disc_xy": disc, "disc_radius": r}
+    out["etdrs"] = etdrs_zone_scores(hm, fov, 2 * r, laterality or lm.get("laterality"), disc)
+    out["optic_disc"] = optic_disc_zone(hm, disc, r)
+    return out
