@@ -1,33 +1,107 @@
-"""Models & evaluation: model cards, provenance of the bundled weights, their phantom metrics."""
+"""Models & evaluation: model cards and provenance of the weights, and their evaluation on phantoms (confusion
+matrix, ROC curves, reliability diagram), computed on demand or read from saved evaluations."""
 import pandas as pd
 import streamlit as st
 
-from retina_core import ui
+from retina_core import figures, ui
 from retina_core.models import get_cfg, list_models, read_manifest
+from retina_core.quick_eval import saved_evaluations, stability_table
 
 st.title("Models & evaluation")
 ui.disclaimer()
 
 manifest = read_manifest()
 status = ui.model_status()
+
+st.subheader("Overview")
+overview = []
+for name in list_models():
+    cfg, e = get_cfg(name), manifest.get(name, {})
+    hm = e.get("heldout_metrics", {})
+    overview.append({"model": name, "reads": cfg.modality.replace("_", " "),
+                     "status": "loaded" if status.get(name) is None else "not available",
+                     "trained on": e.get("data", "-") if e else "-",
+                     "held-out accuracy": hm.get("accuracy", float("nan")), "metric kind": e.get("metric_kind", "-"),
+                     "temperature": e.get("temperature", float("nan"))})
+df = pd.DataFrame(overview)
+st.dataframe(df, hide_index=True, width="stretch", height=38 + 35 * len(df),
+             column_config={"held-out accuracy": st.column_config.NumberColumn(format="%.2f"),
+                            "temperature": st.column_config.NumberColumn(format="%.2f")})
+st.caption("Accuracy is measured on held-out synthetic phantoms for the bundled demo weights: it says whether a "
+           "model learned the phantoms, not how it performs on patients.")
+
+st.subheader("Evaluation")
+loaded = [n for n in list_models() if status.get(n) is None]
+if not loaded:
+    st.info("No model has weights installed, so there is nothing to evaluate. Train one, e.g. "
+            "`python -m retina_core train --model oct_resnet18 --data PATH`.", icon=":material/hourglass_empty:")
+else:
+    c1, c2 = st.columns([2, 1])
+    name = c1.selectbox("Model to evaluate", loaded, key="eval_model")
+    n_per_class = c2.number_input("Phantoms per class", 2, 40, 6, key="eval_n")
+    model = ui.cached_model(name)
+    key = (name, model.sha256, int(n_per_class))
+    have = st.session_state.setdefault("_evals_shown", set())
+    if key not in have and st.button(f"Evaluate {name} on {int(n_per_class) * len(model.cfg.classes)} fresh "
+                                     "phantoms", key="eval_run", type="primary", icon=":material/play_arrow:"):
+        have.add(key)
+    if key in have:
+        with st.spinner("Generating phantoms and predicting (shared with every session once done)..."):
+            r = ui.phantom_evaluation(name, model.sha256, int(n_per_class))
+        m = r["metrics"]
+        c = st.columns(5)
+        c[0].metric("Accuracy", f"{m['accuracy']:.2f}")
+        c[1].metric("Macro AUC", "-" if m["auc_macro"] is None else f"{m['auc_macro']:.2f}")
+        c[2].metric("Sensitivity (macro)", "-" if m["sensitivity_macro"] is None else f"{m['sensitivity_macro']:.2f}")
+        c[3].metric("Specificity (macro)", "-" if m["specificity_macro"] is None else f"{m['specificity_macro']:.2f}")
+        c[4].metric("ECE", "-" if m["ece"] is None else f"{m['ece']:.3f}")
+        g1, g2, g3 = st.columns(3)
+        g1.plotly_chart(figures.confusion_matrix_fig(m["confusion_matrix"], m["class_names"]),
+                        width="stretch", key="eval_cm")
+        g2.plotly_chart(figures.roc_fig(r["roc"]), width="stretch", key="eval_roc")
+        g3.plotly_chart(figures.reliability_fig(m["reliability_bins"]), width="stretch", key="eval_rel")
+        st.caption(f"{r['n']} phantoms ({r['n_per_class']} per class) from seeds {r['seed']}+, new to the model but "
+                   f"from the generator it was trained on: phantom metrics, not clinical accuracy. "
+                   + " ".join(m.get("notes", [])))
+    else:
+        st.caption("Press the button to generate fresh phantoms of every class and score the model on them "
+                   "(seconds for the small demo models). The result is cached for every session.")
+    saved = saved_evaluations(name)
+    stab = [(p, o) for p, o in saved if isinstance(o.get("methods"), dict)]
+    if stab:
+        p, o = stab[-1]
+        rows = stability_table(o)
+        st.markdown(f"**Explanation stability and faithfulness** (saved `explain-eval` of {o.get('n_images')} "
+                    f"phantoms, `{p.name}`)")
+        st.plotly_chart(figures.stability_fig(rows), width="stretch", key="eval_stab")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    else:
+        st.caption(f"No saved explanation evaluation of {name}. Stability plots appear here after "
+                   f"`python -m retina_core explain-eval --model {name} --data PATH --methods gradcam,gradcam++ "
+                   f"--json > docs/explain_eval_{name}.json`; the Attention zones page shows stability on one "
+                   "image.")
+
+st.subheader("Model cards")
 for name in list_models():
     cfg, entry = get_cfg(name), manifest.get(name, {})
-    with st.container(border=True):
+    state = "loaded" if status.get(name) is None else "not available"
+    with st.expander(f"{name} · {cfg.task} · {state}", icon=":material/description:"):
         st.subheader(name)
-        st.markdown(f"**{cfg.task}**")
         if status.get(name):
             st.error(f"Unavailable: {status[name]}", icon=":material/error:")
         st.markdown(cfg.card)
         cols = st.columns(4)
-        cols[0].metric("Modality", cfg.modality)
+        cols[0].metric("Modality", cfg.modality.replace("_", " "))
         cols[1].metric("Classes", len(cfg.classes))
-        cols[2].metric("Input", "x".join(map(str, cfg.input_size[1:])))
+        cols[2].metric("Input", "x".join(map(str, (entry.get("input_size") or cfg.input_size)[1:])))
         cols[3].metric("Temperature", f"{entry.get('temperature', 1.0):.2f}")
+        st.caption("Classes: " + ", ".join(cfg.classes))
         if entry:
             kind = entry.get("metric_kind", "held-out")
             st.markdown(f"**Trained on:** {entry.get('data')}  \n**Held-out {kind} metrics** "
                         f"(n = {entry.get('heldout_metrics', {}).get('n')}; not clinical accuracy):")
             metrics = {k: v for k, v in entry.get("heldout_metrics", {}).items() if k != "n"}
-            st.dataframe(pd.DataFrame([metrics]), hide_index=True)
+            if metrics:
+                st.dataframe(pd.DataFrame([metrics]), hide_index=True)
             st.caption(f"Weights `{entry['file']}` ({entry.get('dtype')}), sha256 `{entry['sha256']}`; "
                        f"trained {entry.get('date')} with `{entry.get('command')}`")

@@ -1,14 +1,17 @@
-"""Upload & diagnose: images in, quality verdict, calibrated probabilities and a heatmap out."""
+"""Upload & diagnose: images in, quality verdict, calibrated probabilities and a heatmap out; reports to download."""
 import streamlit as st
 
 from retina_core import ui
 from retina_core.analysis import NO_RESULT
 from retina_core.errors import RetinaInputError
-from retina_core.explain.cam import CAM_METHODS
+from retina_core.explain.attribution import ALL_METHODS, VIT_METHODS
 from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
+from retina_core.report import EYES, ReportItem, report_json, report_pdf, split_by_eye
 
 MODALITIES = {"Automatic": None, "Fundus photograph": "fundus", "OCT B-scan": "oct"}
-METHOD_LABELS = {m: m + (" (slow)" if m == "scorecam" else "") for m in CAM_METHODS if m != "gradcam-reference"}
+SLOW = ("scorecam", "integrated_gradients")
+METHOD_LABELS = {m: m + (" (slow)" if m in SLOW else " (ViT models only)" if m in VIT_METHODS else "")
+                 for m in ALL_METHODS if m != "gradcam-reference"}
 
 st.title("Upload & diagnose")
 ui.disclaimer()
@@ -18,17 +21,19 @@ with st.sidebar:
     modality_label = st.selectbox("Modality", list(MODALITIES), key="modality",
                                   help="Detected automatically; override it if the detection is wrong.")
     modality = MODALITIES[modality_label]
-    models = ["Automatic (by modality)"] + ui.model_choices(modality)
+    models = ["Automatic (by modality)"] + (ui.model_choices(modality) if modality
+                                            else ui.model_choices("fundus") + ui.model_choices("oct"))
     model_label = st.selectbox("Model", models, key="model")
     model = None if model_label == models[0] else model_label
     method = st.selectbox("Heatmap method", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="method",
-                          help="Grad-CAM is computed in the same pass as the prediction; the others are "
-                               "pytorch-grad-cam implementations and cost more.")
+                          help="Grad-CAM is computed in the same pass as the prediction; the others "
+                               "(pytorch-grad-cam family, Integrated Gradients, ViT attention maps) cost more.")
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
 
-uploads = st.file_uploader("Fundus photographs or OCT B-scans (PNG, JPEG, TIFF, BMP, DICOM)",
-                           type=["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"], accept_multiple_files=True,
-                           key="upload")
+uploads = st.file_uploader("Fundus photographs or OCT B-scans (PNG, JPEG, TIFF, BMP, DICOM); OCT volumes (NIfTI, "
+                           "multi-frame DICOM) open in the volume viewer",
+                           type=["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm", "nii", "gz"],
+                           accept_multiple_files=True, key="upload")
 sample = st.selectbox("... or try a bundled sample (a synthetic phantom, no patient data)",
                       ["(none)"] + list(ui.SAMPLES), key="sample")
 
@@ -37,13 +42,22 @@ if not inputs and sample != "(none)":
     inputs = [(sample, ui.sample_png(sample))]
 if not inputs:
     st.info("Upload one or more fundus photographs or OCT B-scans, or pick a bundled sample above. "
-            "Each image gets a quality check, calibrated probabilities and a heatmap of where the model looked.")
+            "Each image gets a quality check, calibrated probabilities and a heatmap of where the model looked; "
+            "a PDF report for the patient follows the results.", icon=":material/arrow_upward:")
     st.stop()
 
+report_items: list[ReportItem] = []
 for i, (name, data) in enumerate(inputs, start=1):
     with st.container(border=True):
         try:
             img = ui.decode_upload(data, name)
+            if img.kind == "volume":
+                st.subheader(f"Image {i} · OCT volume · {img.pixels.shape[0]} slices")
+                st.session_state["volume_input"] = (name, data)
+                st.info("This file is an OCT volume. The volume viewer shows its slices, an en-face projection "
+                        "and the 3D model's result.", icon=":material/view_in_ar:")
+                st.page_link("pages/volume.py", label="Open it in the volume viewer", icon=":material/arrow_forward:")
+                continue
             with st.spinner("Analysing..."):
                 a = ui.analysis_for(img, model, method, modality)
         except RetinaInputError as exc:
@@ -51,12 +65,15 @@ for i, (name, data) in enumerate(inputs, start=1):
             st.error(str(exc), icon=":material/error:")
             continue
         h, w = img.pixels.shape[:2]
-        st.subheader(f"Image {i} · {img.source_format.upper()} {w}x{h} · {a.modality}"
-                     + (f" · {a.laterality}" if a.laterality else ""))
+        head, eye_col = st.columns([3, 1])
+        head.subheader(f"Image {i} · {img.source_format.upper()} {w}x{h} · {a.modality.replace('_', ' ')}")
+        with eye_col:
+            eye = ui.eye_of(img, key=f"eye_{img.content_hash[:16]}")
+        report_items.append(ReportItem(a, eye, f"Image {i}"))
         c1, c2, c3 = st.columns(3)
         c1.metric("Modality", a.modality.replace("_", " "))
         c2.metric("Quality", "gradable" if a.quality.gradable else "ungradable", f"score {a.quality.score:.2f}",
-                  delta_color="off")
+                  delta_color="off", delta_arrow="off")
         c3.metric("Suggestion", a.label or "no result")
         if not a.has_result:
             st.error(f"**{NO_RESULT}.** " + " ".join(a.notes), icon=":material/block:")
@@ -64,24 +81,45 @@ for i, (name, data) in enumerate(inputs, start=1):
             continue
         (st.error if a.referable else st.success)(a.suggestion)
         left, right = st.columns(2)
-        left.image(img.pixels, caption="Original", use_container_width=True)
+        left.image(img.pixels, caption="Original", width="stretch")
         shown = overlay(img.pixels, a.heatmap, alpha)
         x0, y0, x1, y1 = strongest_region(a.heatmap)
-        right.image(shown, caption=f"{a.method} heatmap for '{a.target}' (opacity {alpha:.2f})",
-                    use_container_width=True)
+        right.image(shown, caption=f"{a.method} heatmap for '{a.target}' (red = where the model looked most; "
+                                   f"opacity {alpha:.2f})", width="stretch")
         chart, zoom = st.columns([3, 2])
         with chart:
             st.markdown("**Calibrated probabilities**")
-            st.plotly_chart(ui.probability_chart(a), use_container_width=True, key=f"probs_{i}")
+            st.plotly_chart(ui.probability_chart(a), width="stretch", key=f"probs_{i}")
         with zoom:
             st.markdown("**Strongest heatmap region**")
-            st.image(shown[y0:y1, x0:x1], caption=f"x {x0}-{x1}, y {y0}-{y1}", use_container_width=True)
-            st.download_button("Download heatmap (PNG)", ui.png_bytes(heatmap_to_rgb(a.heatmap)),
+            st.image(shown[y0:y1, x0:x1], caption=f"x {x0}-{x1}, y {y0}-{y1}", width="stretch")
+            st.download_button("Download heatmap (PNG)", lambda hm=a.heatmap: ui.png_bytes(heatmap_to_rgb(hm)),
                                file_name=f"heatmap_{a.content_hash[:12]}_{a.method}.png", mime="image/png",
-                               key=f"dl_{i}")
+                               key=f"dl_{i}", on_click="ignore")   # encoded on click, not on every rerun
         if a.quality.reasons:
             st.caption("Quality notes: " + "; ".join(a.quality.reasons))
+        notes = [n for n in a.notes if not n.startswith("Low confidence")]   # that one is in the suggestion
+        if notes:
+            st.caption(" ".join(notes))
         st.caption(f"Model `{a.model}` · weights sha256 `{a.weights_sha256[:16]}` · image hash "
                    f"`{a.content_hash[:16]}`")
 
-ui.weights_caption()
+if report_items:
+    st.subheader("Report")
+    st.caption("PDF and JSON with the images, heatmaps, probabilities, quality, model and weights versions and the "
+               "date. The patient report covers every image on this page (upload one patient's images at a time); "
+               "per-eye reports follow the eye set for each image. No patient data: file names and DICOM "
+               "identifiers are left out. Built when you click.")
+    cols = st.columns(2 + len(split_by_eye(report_items)))
+    cols[0].download_button("Patient report (PDF)", lambda: report_pdf(report_items, "patient"),
+                            file_name="retina_report_patient.pdf", mime="application/pdf", key="report_pdf",
+                            icon=":material/picture_as_pdf:", on_click="ignore")
+    cols[1].download_button("Patient report (JSON)", lambda: report_json(report_items, "patient"),
+                            file_name="retina_report_patient.json", mime="application/json", key="report_json",
+                            icon=":material/data_object:", on_click="ignore")
+    for col, (eye, items) in zip(cols[2:], split_by_eye(report_items).items()):
+        col.download_button(f"Per-eye report: {EYES[eye].lower()} (PDF)", lambda items=items: report_pdf(items, "eye"),
+                            file_name=f"retina_report_{eye or 'eye'}.pdf", mime="application/pdf",
+                            key=f"report_pdf_{eye or 'unspecified'}", on_click="ignore")
+
+ui.weights_caption(sorted({it.analysis.model for it in report_items if it.analysis.model}) or None)

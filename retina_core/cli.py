@@ -144,10 +144,20 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .batch import run_batch
+
+    summary = run_batch(args.input, args.out, engine=args.engine, heatmaps=args.heatmaps,
+                        batch_size=args.batch_size, num_workers=args.workers, address=args.address,
+                        model=args.model, progress=not args.json)
+    _print_json(summary) if args.json else print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import format_markdown, run
 
-    result = run(repeats=args.repeats)
+    result = run(repeats=args.repeats, only=args.only.split(",") if args.only else None)
     _print_json(result) if args.json else print(format_markdown(result))
     return 0
 
@@ -168,7 +178,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .analysis import DEFAULT_MODELS
-    from .explain.cam import CAM_METHODS
+    from .explain.attribution import ALL_METHODS
 
     parser = argparse.ArgumentParser(prog="python -m retina_core",
                                      description="Explainable retinal imaging. Research software, not a medical device.")
@@ -182,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="diagnosis suggestion + heatmap for images")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", help=f"model name (default: by detected modality, {DEFAULT_MODELS})")
-    p.add_argument("--method", default="gradcam", choices=CAM_METHODS)
+    p.add_argument("--method", default="gradcam", choices=ALL_METHODS)
     p.add_argument("--modality", choices=["fundus", "oct"], help="override the detected modality")
     p.add_argument("--out", help="folder for heatmap/overlay PNGs (named by content hash)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -223,10 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("batch", help="screen a folder or CSV of images into a results CSV (resumable)")
+    p.add_argument("input", help="a folder of images, or a CSV with a 'path' column")
+    p.add_argument("--out", required=True, help="results CSV (rows already there are skipped)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--heatmaps", help="folder for heatmap PNGs (named by content hash)")
+    p.add_argument("--model", help="one model for every image (default: by detected modality)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="decoding workers of the local engine")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_batch)
+
     p = sub.add_parser("bench", help="performance ratios against same-process baselines (medians)")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--only", help="comma-separated parts: heatmap_overhead,batch_throughput,matmul_efficiency,"
+                                  "cached_rerun")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    from .explain.evaluate import add_cli as add_explain_eval_cli
+    add_explain_eval_cli(sub)
+    from .evaluate.ensemble_cli import add_cli as add_ensemble_cli
+    add_ensemble_cli(sub)
     return parser
 
 

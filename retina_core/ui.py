@@ -1,12 +1,15 @@
 """Streamlit glue shared by the pages: cached model loading, per-session result cache, samples, common widgets.
 
 Pages stay thin: they lay out widgets and plots and call these helpers and the retina_core API.
-Nothing patient-specific goes into a shared (cross-session) cache: models and phantom samples are shared,
-uploaded images and their analyses live only in the session's own `st.session_state`.
+Nothing patient-specific goes into a shared (cross-session) cache: models, phantom samples and phantom evaluations
+are shared; uploaded images and everything computed from them live only in the session's own `st.session_state`
+(`memo`, `analysis_for`, `decode_upload`), keyed by content hash, so a rerun (a slider moved, an overlay switched)
+finds its result there and recomputes nothing heavy.
 """
 from __future__ import annotations
 
 import io
+from typing import Callable, Hashable, TypeVar
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,28 +22,48 @@ from .errors import RetinaInputError
 from .io.decode import RetinalImage, read_image
 from .models import get_cfg, list_models, read_manifest
 
+T = TypeVar("T")
+
 SAMPLES = {  # label shown -> (generator, class, seed)
     "Fundus phantom: moderate diabetic retinopathy": ("fundus", "Moderate", 11),
     "Fundus phantom: no diabetic retinopathy": ("fundus", "No DR", 12),
     "Fundus phantom: proliferative diabetic retinopathy": ("fundus", "Proliferative DR", 13),
+    "Fundus phantom: glaucoma (large cup)": ("fundus", "glaucoma", 14),
+    "Fundus phantom: cataract (hazy media)": ("fundus", "cataract", 15),
     "OCT phantom: choroidal neovascularisation (CNV)": ("oct", "CNV", 21),
     "OCT phantom: diabetic macular oedema (DME)": ("oct", "DME", 22),
     "OCT phantom: drusen": ("oct", "DRUSEN", 23),
     "OCT phantom: normal": ("oct", "NORMAL", 24),
+    "OCT phantom: central serous retinopathy (CSR)": ("oct", "CSR", 25),
+    "OCT phantom: macular hole (MH)": ("oct", "MH", 26),
 }
+NO_SAMPLE = "(none)"
+EYE_OPTIONS = {"Not specified": None, "Right eye (OD)": "OD", "Left eye (OS)": "OS"}
+ANALYSIS_LIMIT = 64     # analyses kept per session (oldest dropped): bounded memory for long sessions
 
 
+# ------------------------------------------------------------------------------------------- shared caches
 @st.cache_resource(show_spinner="Loading model weights (once per server)...")
 def cached_model(name: str):
     """One read-only model copy per process, shared by all sessions (CUDA when present).
 
-    Wraps `retina_core.get_model`, the same process-wide copy `analyze` uses when it picks a model itself."""
+    Wraps `retina_core.get_model`, the same process-wide copy `analyze` uses when it picks a model itself. The
+    two-input models (fundus + OCT fusion, OCT volume + metadata) load through `train.multimodal.load_multimodal`,
+    which also applies what their manifest entry records (the volume model's fusion mode, the fusion head's
+    encoders)."""
+    if get_cfg(name).modality in ("fundus+oct", "oct_volume"):
+        from .train.multimodal import load_multimodal
+
+        return load_multimodal(name)
     return get_model(name)
 
 
-@st.cache_resource
+@st.cache_resource(ttl=120, show_spinner="Checking which model weights are installed...")
 def model_status() -> dict[str, str | None]:
-    """Start-up check: model name -> None when its weights load, else the reason it is unavailable."""
+    """Start-up check: model name -> None when its weights load, else the reason it is unavailable.
+
+    Re-checked every two minutes, so weights installed while the server runs appear without a restart (models
+    already loaded stay in `cached_model`, so a re-check costs a manifest read per missing model)."""
     status = {}
     for name in list_models():
         try:
@@ -48,7 +71,38 @@ def model_status() -> dict[str, str | None]:
             status[name] = None
         except RetinaInputError as exc:
             status[name] = str(exc)
+        except Exception as exc:   # a broken architecture must not take the app down
+            status[name] = f"Model {name!r} could not be built ({type(exc).__name__})."
     return status
+
+
+def model_or_reason(name: str):
+    """(LoadedModel, None) when `name` is usable, else (None, a sentence saying why not)."""
+    reason = model_status().get(name, f"Unknown model {name!r}.")
+    if reason:
+        return None, reason
+    return cached_model(name), None
+
+
+def available_models(modality: str | None = None) -> list[str]:
+    """Registered models of `modality` whose weights loaded."""
+    status = model_status()
+    return [n for n in list_models(modality) if status.get(n) is None]
+
+
+def model_choices(modality: str | None = None) -> list[str]:
+    """Usable models first (for selectboxes); unavailable ones are explained by `unavailable_note`."""
+    return available_models(modality)
+
+
+def unavailable_note(modality: str | None = None, names: list[str] | None = None) -> None:
+    """A collapsed list of models that exist but cannot be used here, each with the reason."""
+    status = model_status()
+    missing = {n: status[n] for n in (names or list_models(modality)) if status.get(n)}
+    if missing:
+        with st.expander(f"{len(missing)} model(s) not available here", icon=":material/info:"):
+            for n, why in missing.items():
+                st.markdown(f"- **{n}**: {why}")
 
 
 @st.cache_data(show_spinner=False)
@@ -58,23 +112,20 @@ def sample_png(label: str) -> bytes:
 
     kind, cls, seed = SAMPLES[label]
     ph = fundus_phantom(cls, seed=seed, size=512) if kind == "fundus" else oct_phantom(cls, seed=seed)
-    buf = io.BytesIO()
-    Image.fromarray(ph.image).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(ph.image)
 
 
-def disclaimer() -> None:
-    """The statement every page carries, with what the loaded weights were trained on."""
-    st.warning(DISCLAIMER, icon=":material/science:")
+# ------------------------------------------------------------------------------------------- per-session cache
+def memo(kind: str, key: Hashable, compute: Callable[[], T], limit: int = 16) -> T:
+    """Per-session memo: `compute()` once per (kind, key) in this browser session (never shared between users).
 
-
-def weights_caption(model_names: list[str] | None = None) -> None:
-    manifest = read_manifest()
-    for name in model_names or sorted(manifest):
-        e = manifest.get(name)
-        if e:
-            st.caption(f"`{name}` weights `{e['sha256'][:12]}` trained on {e.get('data', 'unknown data')}"
-                       f" ({e.get('metric_kind', '')} accuracy {e.get('heldout_metrics', {}).get('accuracy', float('nan')):.2f}).")
+    Keys should contain content hashes, model names and settings; at most `limit` results per kind are kept."""
+    store = st.session_state.setdefault("_memo", {}).setdefault(kind, {})
+    if key not in store:
+        if len(store) >= limit:
+            store.pop(next(iter(store)))
+        store[key] = compute()
+    return store[key]
 
 
 def decode_upload(data: bytes, name: str | None) -> RetinalImage:
@@ -82,6 +133,8 @@ def decode_upload(data: bytes, name: str | None) -> RetinalImage:
     cache = st.session_state.setdefault("_decoded", {})
     key = (hash(data), name)
     if key not in cache:
+        if len(cache) >= ANALYSIS_LIMIT:
+            cache.pop(next(iter(cache)))
         cache[key] = read_image(data, name=name)
     return cache[key]
 
@@ -91,19 +144,96 @@ def analysis_for(img: RetinalImage, model: str | None, method: str, modality: st
     cache = st.session_state.setdefault("_analyses", {})
     key = (img.content_hash, model, method, modality)
     if key not in cache:
+        if len(cache) >= ANALYSIS_LIMIT:
+            cache.pop(next(iter(cache)))
         cache[key] = analyze(img, cached_model(model) if model else None, method=method, modality=modality)
     return cache[key]
 
 
+# ------------------------------------------------------------------------------------------- common widgets
+def disclaimer() -> None:
+    """The statement every page carries, with what the loaded weights were trained on."""
+    st.warning(DISCLAIMER, icon=":material/science:")
+
+
+def weights_caption(model_names: list[str] | None = None) -> None:
+    """One caption per model: weights hash and what they were trained on (phantoms for the bundled demo)."""
+    manifest = read_manifest()
+    status = model_status()
+    for name in model_names or sorted(manifest):
+        e = manifest.get(name)
+        if e and status.get(name) is None:
+            acc = e.get("heldout_metrics", {}).get("accuracy")
+            kind = e.get("metric_kind", "held-out")
+            score = f"; {kind} accuracy {acc:.2f}" if isinstance(acc, (int, float)) else ""
+            st.caption(f"`{name}` weights `{e['sha256'][:12]}` trained on {e.get('data', 'unknown data')}{score}.")
+
+
+def sidebar_weights() -> None:
+    """In the sidebar of every page: which weights are loaded, and that they were trained on phantoms."""
+    status = model_status()
+    manifest = read_manifest()
+    loaded = [n for n, why in status.items() if why is None]
+    with st.sidebar:
+        with st.expander(f"Loaded weights: {len(loaded)} of {len(status)} models", icon=":material/memory:"):
+            if not loaded:
+                st.markdown("No model weights are installed yet. Train one with "
+                            "`python -m retina_core train --model NAME --data PATH` (see *Models & evaluation*).")
+            for n in loaded:
+                e = manifest.get(n, {})
+                st.markdown(f"**{n}** `{e.get('sha256', '')[:10]}`  \n{e.get('data', 'unknown data')}")
+            st.caption("Bundled demo weights were trained on synthetic phantoms, not on patient images.")
+
+
+def pick_image(prefix: str, label: str, sample_kinds: tuple[str, ...] = ("fundus", "oct"),
+               types: tuple[str, ...] = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"),
+               default_sample: str | None = None) -> tuple[str, bytes] | None:
+    """An uploader (key `{prefix}_upload`) and a bundled-sample selectbox (key `{prefix}_sample`).
+
+    Returns (name, bytes) of the upload, else of the chosen sample, else None."""
+    up = st.file_uploader(label, type=list(types), key=f"{prefix}_upload")
+    options = [NO_SAMPLE] + [s for s, (k, _, _) in SAMPLES.items() if k in sample_kinds]
+    index = options.index(default_sample) if default_sample in options else 0
+    sample = st.selectbox("... or a bundled sample (a synthetic phantom, no patient data)", options, index=index,
+                          key=f"{prefix}_sample")
+    if up is not None:
+        return up.name, up.getvalue()
+    if sample != NO_SAMPLE:
+        return sample, sample_png(sample)
+    return None
+
+
+def eye_of(img: RetinalImage, key: str) -> str | None:
+    """The eye of an image: from the DICOM tag or the file name when present (shown), else the user's choice."""
+    if img.laterality:
+        source = "DICOM laterality tag" if img.source_format == "dicom" else "file name"
+        st.caption(f"Eye: **{img.laterality}** (from the {source})")
+        return img.laterality
+    label = st.selectbox("Eye (not recorded in the file)", list(EYE_OPTIONS), key=key,
+                         help="Used for the report and for the nasal/temporal sides of the ETDRS grid.")
+    return EYE_OPTIONS[label]
+
+
+def show_unavailable(what: str, reason: str) -> None:
+    """The standard 'model not available: why' message."""
+    st.info(f"**{what} is not available.** {reason}", icon=":material/hourglass_empty:")
+
+
+# ------------------------------------------------------------------------------------------- charts and images
 def probability_chart(a: Analysis) -> go.Figure:
     """Horizontal bars of the calibrated probabilities, the predicted class highlighted."""
-    classes = list(a.probabilities)
-    probs = [a.probabilities[c] for c in classes]
-    colours = ["#1f6f8b" if c == a.label else "#9bb7c4" for c in classes]
+    return probability_bars(a.probabilities, a.label)
+
+
+def probability_bars(probabilities: dict[str, float], label: str | None = None, height: int | None = None
+                     ) -> go.Figure:
+    classes = list(probabilities)
+    probs = [probabilities[c] for c in classes]
+    colours = ["#1f6f8b" if c == label else "#9bb7c4" for c in classes]
     fig = go.Figure(go.Bar(x=probs, y=classes, orientation="h", marker_color=colours,
                            text=[f"{p:.1%}" for p in probs], textposition="outside", cliponaxis=False))
     fig.update_layout(xaxis=dict(range=[0, 1.08], tickformat=".0%", title="calibrated probability"),
-                      yaxis=dict(autorange="reversed"), height=60 + 38 * len(classes),
+                      yaxis=dict(autorange="reversed"), height=height or 60 + 38 * len(classes),
                       margin=dict(l=10, r=30, t=10, b=40))
     return fig
 
@@ -114,5 +244,62 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def model_choices(modality: str | None = None) -> list[str]:
-    return [n for n in list_models() if modality is None or get_cfg(n).modality == modality]
+
+# ------------------------------------------------------------------------------------------- shared, non-patient
+PAIRED_SAMPLES = {  # label -> (seed, disease)
+    "Paired phantom 1: diabetic eye (fundus + OCT)": (5, True),
+    "Paired phantom 2: healthy eye (fundus + OCT)": (6, False),
+    "Paired phantom 3: macular degeneration (fundus + OCT)": (8, True),
+}
+VOLUME_SAMPLES = {  # label -> (phantom label, seed)
+    "Volume phantom: diabetic macular oedema (DME)": ("DME", 7),
+    "Volume phantom: choroidal neovascularisation (CNV)": ("CNV", 8),
+    "Volume phantom: normal": ("normal", 9),
+}
+
+
+@st.cache_data(show_spinner=False)
+def paired_sample_pngs(label: str) -> tuple[bytes, bytes, dict]:
+    """(fundus PNG, OCT PNG, non-identifying facts) of one virtual eye: a bundled phantom pair."""
+    from .phantoms import paired_phantoms
+
+    seed, disease = PAIRED_SAMPLES[label]
+    f, o = paired_phantoms(seed, disease=disease)
+    facts = {k: f.meta.get(k) for k in ("eye", "fundus_class", "oct_class", "disease_process")}
+    return png_bytes(f.image), png_bytes(o.image), facts
+
+
+@st.cache_data(show_spinner=False)
+def sample_volume(label: str):
+    """(volume float32 [D, H, W], metadata, eye, class) of a bundled phantom volume (no patient data)."""
+    from .volume import phantom_volume
+
+    cls, seed = VOLUME_SAMPLES[label]
+    return phantom_volume(cls, seed=seed)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def phantom_evaluation(name: str, sha256: str, n_per_class: int) -> dict:
+    """`quick_eval.evaluate_on_phantoms`, once per (model, weights, size) per server: phantoms hold no patient
+    data, so every session shares the result."""
+    from .quick_eval import evaluate_on_phantoms
+
+    return evaluate_on_phantoms(cached_model(name), n_per_class=n_per_class)
+
+
+def batch_key(files: list[tuple[str, bytes]]) -> str:
+    """A key for a set of uploads (names + content), so a rerun finds the screened batch in the session."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, data in files:
+        h.update(name.encode("utf-8", "replace"))
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
+def quality_of(img: RetinalImage, modality: str | None = None):
+    """The quality gate's verdict (with the detected modality), once per image and session."""
+    from .quality import assess_quality
+
+    return memo("quality", (img.content_hash, modality), lambda: assess_quality(img, modality=modality), limit=64)

@@ -1,4 +1,12 @@
-"""AppTest of the Streamlit pages: upload -> prediction + heatmap, samples, slider reruns, models page."""
+"""AppTest of every Streamlit page: upload -> prediction + heatmap + report, methods, compare, zones, ensemble,
+volume viewer, batch screening, models page; and the 'model not available' path.
+
+Weights: the bundled ones where present, randomly initialised ones for models not trained yet (tests check the
+app's behaviour, not the models' accuracy), in a temporary folder named by RETINA_WEIGHTS_DIR.
+"""
+import contextlib
+import io
+import os
 from pathlib import Path
 
 import pytest
@@ -7,23 +15,78 @@ from streamlit.testing.v1 import AppTest
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
+@contextlib.contextmanager
+def use_test_weights(directory, names=None):
+    """RETINA_WEIGHTS_DIR -> `directory` filled by `retina_core.testing.write_test_weights`; the process-wide model
+    caches are emptied on entry and exit so no other test sees these weights."""
+    import streamlit as st
+
+    from retina_core.analysis import get_model
+    from retina_core.testing import write_test_weights
+
+    write_test_weights(directory, names)
+    saved = os.environ.get("RETINA_WEIGHTS_DIR")
+    os.environ["RETINA_WEIGHTS_DIR"] = str(directory)
+    get_model.cache_clear()
+    st.cache_resource.clear()
+    try:
+        yield Path(directory)
+    finally:
+        if saved is None:
+            os.environ.pop("RETINA_WEIGHTS_DIR", None)
+        else:
+            os.environ["RETINA_WEIGHTS_DIR"] = saved
+        get_model.cache_clear()
+        st.cache_resource.clear()
+        st.cache_data.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def weights(tmp_path_factory):
+    with use_test_weights(tmp_path_factory.mktemp("app_weights")) as d:
+        yield d
+
+
 def _texts(at) -> str:
     parts = [m.value for m in at.markdown] + [s.value for s in at.subheader] + [c.value for c in at.caption]
     parts += [str(e.value) for e in at.error] + [str(e.value) for e in at.success] + [str(w.value) for w in at.warning]
+    parts += [str(i.value) for i in at.info]
     return "\n".join(parts)
+
+
+def _captions(at) -> list[str]:
+    """Captions of every st.image on the page."""
+    return [c for e in at.image for c in e.captions]
+
+
+def _page(path=None):
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    assert not at.exception
+    if path:
+        at.switch_page(path).run()
+        assert not at.exception, at.exception
+    return at
 
 
 @pytest.fixture
 def app():
-    at = AppTest.from_file(APP, default_timeout=240)
-    at.run()
-    assert not at.exception
-    return at
+    return _page()
 
 
+def _png(array) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- upload & diagnose
 def test_empty_state_explains_what_to_do(app):
     assert "not a medical device" in _texts(app)
     assert any("Upload one or more" in i.value for i in app.info)
+    assert any(e.label.startswith("Loaded weights") for e in app.expander)
 
 
 def test_upload_phantom_shows_prediction_and_heatmap(app, oct_png):
@@ -36,13 +99,30 @@ def test_upload_phantom_shows_prediction_and_heatmap(app, oct_png):
     assert labels["Suggestion"] in ("CNV", "DME", "DRUSEN", "NORMAL")
     assert any("heatmap" in c for c in [c.value for c in app.caption]) or "heatmap" in text
     assert len(app.get("plotly_chart")) == 1
-    assert len(app.get("download_button")) == 1
+    assert {"dl_1", "report_pdf", "report_json"} <= {d.key for d in app.get("download_button")}
+    # No laterality in the file name: the page asks for the eye.
+    assert any(s.label.startswith("Eye") for s in app.selectbox)
     # Moving the opacity slider reuses the cached analysis (no second forward pass).
     cache = app.session_state["_analyses"]
     before = {k: id(v) for k, v in cache.items()}
     app.slider(key="alpha").set_value(0.8).run()
     assert not app.exception
     assert {k: id(v) for k, v in app.session_state["_analyses"].items()} == before
+
+
+def test_switching_methods_computes_each_once(app, oct_png):
+    app.file_uploader(key="upload").set_value((oct_png.name, oct_png.read_bytes(), "image/png")).run()
+    assert len(app.session_state["_analyses"]) == 1
+    app.selectbox(key="method").set_value("gradcam++").run()
+    assert not app.exception
+    cache = app.session_state["_analyses"]
+    assert sorted(k[2] for k in cache) == ["gradcam", "gradcam++"]
+    assert any("gradcam++ heatmap" in c for c in _captions(app))
+    ids = {k: id(v) for k, v in cache.items()}
+    app.selectbox(key="method").set_value("gradcam").run()       # back: served from the session cache
+    assert {k: id(v) for k, v in app.session_state["_analyses"].items()} == ids
+    app.selectbox(key="method").set_value("attention_rollout").run()   # a ViT-only method on a CNN: a message
+    assert not app.exception and "does not apply" in app.error[0].value
 
 
 def test_bundled_sample_needs_no_files(app):
@@ -59,11 +139,184 @@ def test_non_image_upload_gets_a_clear_message(app):
     assert len(app.error) == 1 and "Traceback" not in app.error[0].value
 
 
-def test_models_page_shows_cards_and_phantom_provenance():
-    at = AppTest.from_file(APP, default_timeout=240)
-    at.run()
-    at.switch_page("pages/models.py").run()
+def test_report_download_button_gives_a_pdf(app, fundus_png, monkeypatch):
+    """The report buttons defer building to the click; capture their callables and call them like the server."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    deferred = {}
+    original = MediaFileManager.add_deferred
+
+    def spy(self, data_callable, mimetype, coordinates, file_name=None, **kw):
+        deferred[file_name] = data_callable
+        return original(self, data_callable, mimetype, coordinates, file_name, **kw)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", spy)
+    name = "patient_scan_right.png"        # laterality from the file name
+    app.file_uploader(key="upload").set_value((name, fundus_png.read_bytes(), "image/png")).run()
+    assert not app.exception
+    assert any("from the file name" in c.value and "OD" in c.value for c in app.caption)
+    assert {"report_pdf", "report_json", "report_pdf_OD"} <= {d.key for d in app.get("download_button")}
+    pdf = deferred["retina_report_patient.pdf"]()
+    assert pdf[:4] == b"%PDF"
+    assert deferred["retina_report_OD.pdf"]()[:4] == b"%PDF"
+    js = deferred["retina_report_patient.json"]()
+    assert b'"OD"' in js and name.encode() not in js and b"patient_scan" not in js
+
+
+def test_dicom_upload_takes_the_eye_from_its_tag_and_shows_no_patient_data(app, oct_png):
+    from retina_core import read_image
+    from tests.test_decode import dicom_bytes
+
+    grey = read_image(oct_png).pixels[..., 0].copy()
+    data = dicom_bytes(grey, modality="OPT", laterality="L")      # carries DOE^JOHN, PID-12345, ...
+    app.file_uploader(key="upload").set_value(("scan.dcm", data, "application/dicom")).run()
+    assert not app.exception
+    assert any("OS" in c.value and "DICOM laterality tag" in c.value for c in app.caption)
+    shown = _texts(app) + " ".join(_captions(app)) + " ".join(str(m.value) for m in app.metric)
+    for phi in ("DOE", "JOHN", "PID-12345", "1945", "Elsewhere", "HOUSE"):
+        assert phi not in shown
+
+
+def test_volume_upload_is_routed_to_the_viewer(app):
+    from retina_core.phantoms import oct_volume
+    from tests.test_decode import nifti_bytes
+
+    vol = oct_volume("DME", seed=3, n_slices=12, height=64, width=64).image
+    app.file_uploader(key="upload").set_value(("cube.nii", nifti_bytes(vol), "application/octet-stream")).run()
+    assert not app.exception
+    assert any("OCT volume" in i.value for i in app.info)
+    assert any(p.proto.page.endswith("volume.py") or "volume" in p.proto.label for p in app.get("page_link"))
+    assert app.session_state["volume_input"][0] == "cube.nii"
+    app.switch_page("pages/volume.py").run()
+    assert not app.exception
+    assert app.slider(key="vol_slice").max == 11 and app.slider(key="vol_slice").value == 6
+    assert "from Upload & diagnose" in _texts(app)
+
+
+# ------------------------------------------------------------------------------------------- other pages
+def test_volume_viewer_slider_and_metadata():
+    at = _page("pages/volume.py")
+    assert any("Upload an OCT volume" in i.value for i in at.info)
+    at.selectbox(key="vol_sample").set_value("Volume phantom: diabetic macular oedema (DME)").run()
     assert not at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["3D model suggestion"] in ("normal", "disease")
+    assert at.number_input(key="vol_age").value is not None            # phantom metadata prefilled
+    memo = at.session_state["_memo"]["volume3d"]
+    ids = {k: id(v) for k, v in memo.items()}
+    at.slider(key="vol_slice").set_value(3).run()                        # slider: nothing recomputed
+    assert not at.exception
+    assert {k: id(v) for k, v in at.session_state["_memo"]["volume3d"].items()} == ids
+    assert any(c.startswith("B-scan 3 of") for c in _captions(at))
+    at.number_input(key="vol_age").set_value(80.0).run()                 # another age: a new result
+    assert not at.exception and len(at.session_state["_memo"]["volume3d"]) == 2
+    at.toggle(key="vol_2d").set_value(True).run()                        # the B-scan model on every slice
+    assert not at.exception and len(at.session_state["_memo"]["volume2d"]) == 1
+
+
+def test_compare_page_pair_with_fusion_and_agreement():
+    at = _page("pages/compare.py")
+    assert any("paired phantom" in i.value for i in at.info)
+    at.selectbox(key="cmp_pair").set_value("Paired phantom 1: diabetic eye (fundus + OCT)").run()
+    assert not at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Fusion suggestion"] in ("normal", "disease")
+    caps = " ".join(_captions(at))
+    assert "fusion model used in the fundus" in caps and "fusion model used in the OCT" in caps
+    assert "agree" in " ".join(str(x.value) for x in list(at.success) + list(at.warning))
+    assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 3        # fundus, OCT, fusion rows
+
+
+def test_zones_page_methods_plots_and_stability():
+    at = _page("pages/zones.py")
+    at.selectbox(key="zones_sample").set_value("Fundus phantom: moderate diabetic retinopathy").run()
+    assert not at.exception
+    keys = {c.proto.id for c in at.get("plotly_chart")}
+    assert len(at.get("plotly_chart")) == 3 and keys                       # centre/L/R, disc, ETDRS
+    assert any(m.label == "SSIM to the original map" for m in at.metric)
+    assert any(c.startswith("Perturbed: shift") for c in _captions(at))
+    at.multiselect(key="zones_methods").set_value(["gradcam", "layercam"]).run()
+    assert not at.exception
+    caps = _captions(at)
+    assert "layercam" in caps and "gradcam++" not in caps
+
+
+def test_ensemble_members_change_the_vote(tmp_path, monkeypatch):
+    import json
+
+    import retina_core.compare as compare
+
+    (tmp_path / "docs").mkdir()
+    saved = {"metric": "accuracy", "metric_kind": "phantom", "ablation": [     # the CLI's --ablation --json shape
+        {"rank": 1, "members": ["a", "b"], "score": 0.91, "accuracy": 0.91, "auc_macro": 0.97},
+        {"rank": 2, "members": ["a"], "score": 0.88, "accuracy": 0.88, "auc_macro": 0.95}]}
+    (tmp_path / "docs" / "ensemble_ablation.json").write_text(json.dumps(saved))
+    real = compare.find_ablation_files
+    monkeypatch.setattr(compare, "find_ablation_files", lambda: real(base=tmp_path))
+    at = _page("pages/ensemble.py")
+    group = at.selectbox(key="ens_group")
+    assert len(at.multiselect(key="ens_members").value) >= 2, "no group with two members"
+    modality = "OCT" if group.value.startswith("oct") else "Fundus"
+    sample = next(o for o in at.selectbox(key="ens_sample").options if o.startswith(modality))
+    at.selectbox(key="ens_sample").set_value(sample).run()
+    assert not at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert "Ensemble suggestion" in labels and "Disagreement" in labels
+    members = at.multiselect(key="ens_members").value
+    assert len(members) >= 2 and all(m in at.multiselect(key="ens_members").options for m in members)
+    n_maps = sum(1 for c in _captions(at) if "weight" in c)
+    assert n_maps == len(members)
+    at.multiselect(key="ens_members").set_value(members[:1]).run()
+    assert not at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Members agreeing"] == "100%" and labels["Spread"] == "0.00"
+    table = at.dataframe[-1].value                                       # the saved ablation, ranked
+    assert list(table["members"]) == ["a + b", "a"] and list(table["accuracy"]) == [0.91, 0.88]
+
+
+def test_batch_page_screens_uploads_into_a_table_and_csv(fundus_png, oct_png):
+    at = _page("pages/batch.py")
+    assert any("Screen" in i.value for i in at.info)
+    files = [("a.png", fundus_png.read_bytes(), "image/png"), ("b.png", oct_png.read_bytes(), "image/png"),
+             ("broken.jpg", b"\xff\xd8\xff\xe0 truncated", "image/jpeg")]
+    at.file_uploader(key="batch_upload").set_value(files).run()
+    assert not at.exception
+    at.button(key="batch_run").click().run()
+    assert not at.exception
+    df = at.dataframe[0].value
+    assert list(df["file"]) == ["a.png", "b.png", "broken.jpg"]
+    assert df.loc[2, "error"] and df.loc[0, "modality"] == "fundus" and df.loc[1, "modality"] == "oct"
+    assert {m.label: m.value for m in at.metric}["Unreadable files"] == "1"
+    assert "batch_csv" in {d.key for d in at.get("download_button")}
+    at.run()                                                           # rerun: the table stays, nothing recomputed
+    assert len(at.dataframe) == 1 and not at.exception
+
+
+def test_models_page_shows_cards_and_phantom_provenance():
+    at = _page("pages/models.py")
     text = _texts(at)
     assert "fundus_dr_effnet_b0" in text and "oct_resnet18" in text
     assert "phantom" in text.lower() and "not a medical device" in text
+    at.selectbox(key="eval_model").set_value("oct_resnet18").run()
+    at.number_input(key="eval_n").set_value(2).run()
+    at.button(key="eval_run").click().run()
+    assert not at.exception
+    assert len(at.get("plotly_chart")) >= 3                             # confusion matrix, ROC, reliability
+    assert {m.label for m in at.metric} >= {"Accuracy", "Macro AUC", "ECE"}
+
+
+def test_pages_degrade_when_a_model_has_no_weights(tmp_path):
+    """Only the two bundled CNNs installed: the fusion, 3D and ensemble parts say what is missing and why."""
+    with use_test_weights(tmp_path, ["fundus_dr_effnet_b0", "oct_resnet18"]):
+        at = _page("pages/compare.py")
+        at.selectbox(key="cmp_pair").set_value("Paired phantom 2: healthy eye (fundus + OCT)").run()
+        assert not at.exception
+        assert any("fusion model is not available" in i.value and "fundus_oct_fusion" in i.value for i in at.info)
+        assert len(at.dataframe) == 1                                  # the two single-modality readings still
+        at.switch_page("pages/volume.py").run()
+        at.selectbox(key="vol_sample").set_value("Volume phantom: normal").run()
+        assert not at.exception
+        assert any("3D volume model is not available" in i.value for i in at.info)
+        at.switch_page("pages/ensemble.py").run()
+        assert not at.exception
+        assert any("an ensemble needs at least two" in i.value for i in at.info)

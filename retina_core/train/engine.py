@@ -7,17 +7,25 @@ AdamW, linear warmup then cosine decay, early stopping on a validation metric wi
 resumable checkpoints, seeds, AMP when CUDA is present. After training the calibration temperature is fitted on
 the validation split, the held-out test split is scored, and `<out>/<model>.safetensors` + `<out>/manifest.json`
 are written (the format `load_model(name, weights_dir=out)` reads).
+
+Optional, off by default: training recipes (`--recipe`, see RECIPES), layer-wise lr decay (`--layer-decay`,
+ViTs), drop path, mixup, two-phase training (`--freeze-epochs`: head only, then `--unfreeze` prefixes at
+`--finetune-lr`), reduce-on-plateau, N repeated trainings with a stability summary (`--repeats`), DDP under
+`torchrun --nproc_per_node N -m retina_core train ...` (train/distributed.py), and routing of the fundus+OCT and
+volume+metadata models to train/multimodal.py.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import logging
+import math
 import random
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +40,8 @@ from ..evaluate.calibration import fit_temperature
 from ..evaluate.metrics import classification_metrics
 from ..models.loading import MANIFEST, default_device, sha256_file
 from ..models.registry import ModelCfg, create_model, get_cfg
-from .schedules import EarlyStopping, warmup_cosine
+from . import distributed
+from .schedules import EarlyStopping, param_groups_layer_decay, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,20 @@ class TrainConfig:
     init: str | None = None           # start from a checkpoint on disk (.safetensors, or timm/torch .pth)
     resume: bool = False              # continue from <out>/last.pt
     fp16_weights: bool = True         # store the final weights in float16 (half the size)
+    # ---- additions (defaults keep the behaviour above) ----
+    recipe: str | None = None         # a named set of defaults (RECIPES); flags you give still win; "none" = off
+    layer_decay: float | None = None  # layer-wise lr decay (BEiT/MAE/RETFound), e.g. 0.65; ViTs (or net.layer_id)
+    drop_path: float | None = None    # stochastic depth rate passed to the builder (timm drop_path_rate)
+    mixup: float = 0.0                # mixup Beta(a, a) parameter; 0 = off
+    aug_strength: float = 1.0         # scales the intensity/shift augmentation (0.5 gentle, 1.5 strong)
+    freeze_epochs: int = 0            # two-phase training: epochs with only the head trainable (0 = one phase)
+    unfreeze: str | None = None       # phase 2: comma-separated parameter-name prefixes made trainable (None = all)
+    finetune_lr: float | None = None  # phase 2 learning rate (default lr / 100)
+    plateau: bool = False             # ReduceLROnPlateau (x0.5 after 2 flat epochs) instead of warmup + cosine
+    repeats: int = 1                  # train N times (seeds seed..seed+N-1) and report mean +- sd of the metrics
+    pair_with: str | None = None      # fundus_oct_fusion: an OCT data set to draw virtual pairs from
+    encoders_dir: str | None = None   # fundus_oct_fusion: comma-separated folders holding the encoders' weights
+    fusion: str | None = None         # volume models: concat | add | multiply | image_only
 
 
 def seed_everything(seed: int) -> None:
@@ -65,15 +88,96 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Named training recipes: TrainConfig defaults per model family (docs/models.md). A recipe fills the fields a caller
+# left at their dataclass default; on the command line every flag given wins (config_from_args).
+RECIPES: dict[str, dict] = {
+    "v3_specialist": {
+        "doc": "RetinalFusionNet V3 'specialist': long schedule, low lr, gentle augmentation that keeps layer "
+               "boundaries sharp for the edge branch, label smoothing 0.1.",
+        "config": {"epochs": 30, "batch_size": 32, "lr": 4e-4, "weight_decay": 0.05, "warmup_epochs": 2.0,
+                   "patience": 6, "label_smoothing": 0.1, "aug_strength": 0.5, "drop_path": 0.1},
+    },
+    "v4_sprint": {
+        "doc": "RetinalFusionNet V4 'sprint': short schedule, high lr, strong augmentation and mixup 0.2 for "
+               "global robustness.",
+        "config": {"epochs": 12, "batch_size": 32, "lr": 1.5e-3, "weight_decay": 0.05, "warmup_epochs": 0.5,
+                   "patience": 3, "label_smoothing": 0.05, "aug_strength": 1.5, "mixup": 0.2, "drop_path": 0.05},
+    },
+    "retfound_finetune": {
+        "doc": "RETFound main_finetune: AdamW, lr = 5e-3 x 16 / 256, layer decay 0.65, weight decay 0.05, "
+               "drop path 0.2, label smoothing 0.1, 10 warm-up epochs then cosine, 50 epochs, batch 16.",
+        "config": {"epochs": 50, "batch_size": 16, "lr": 5e-3 * 16 / 256, "weight_decay": 0.05,
+                   "warmup_epochs": 10.0, "patience": 10, "label_smoothing": 0.1, "layer_decay": 0.65,
+                   "drop_path": 0.2},
+    },
+    "two_phase": {
+        "doc": "ResNet50 source: phase 1 head only (backbone and its BatchNorm frozen) at lr 1e-3, phase 2 "
+               "`net.layer4` unfrozen at lr 1e-5, reduce-on-plateau and early stopping.",
+        "config": {"epochs": 30, "freeze_epochs": 10, "lr": 1e-3, "finetune_lr": 1e-5, "unfreeze": "net.layer4",
+                   "plateau": True, "patience": 5, "weight_decay": 1e-4},
+    },
+    "learned_fusion3d": {
+        "doc": "LearnedFusion3D: focal loss (dynamic alpha) with label smoothing 0.1, AdamW lr 3e-4, batch 8.",
+        "config": {"epochs": 30, "batch_size": 8, "lr": 3e-4, "weight_decay": 1e-4, "patience": 6,
+                   "label_smoothing": 0.1},
+    },
+    "fusion_head": {
+        "doc": "Fundus + OCT fusion head on frozen encoders: AdamW lr 1e-3, batch 64, no image augmentation "
+               "(embeddings are computed once).",
+        "config": {"epochs": 30, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "patience": 6,
+                   "augment": False},
+    },
+}
+# The recipe a model trains with when none is named (models not listed: no recipe, the plain defaults).
+DEFAULT_RECIPES = {
+    "retinal_fusion_net": "v3_specialist", "retinal_fusion_net_atto": "v3_specialist",
+    "retinal_fusion_net_atto_v4": "v4_sprint", "retfound_vit": "retfound_finetune",
+    "retfound_vit_tiny": "retfound_finetune", "fundus_resnet50": "two_phase", "fundus_resnet18_head": "two_phase",
+    "oct_volume_fusion3d": "learned_fusion3d", "oct_volume_fusion3d_tiny": "learned_fusion3d",
+    "fundus_oct_fusion": "fusion_head",
+}
+MULTIMODAL_MODALITIES = ("fundus+oct", "oct_volume")
+
+
+def _recipe_name(model_name: str, requested: str | None) -> str | None:
+    name = requested if requested is not None else DEFAULT_RECIPES.get(model_name)
+    if name in (None, "", "none"):
+        return None
+    if name not in RECIPES:
+        raise RetinaInputError(f"Unknown training recipe {name!r}. Available recipes: {', '.join(RECIPES)}, none.")
+    return name
+
+
+def _mark_resolved(cfg_t: "TrainConfig") -> "TrainConfig":
+    cfg_t._recipe_resolved = True
+    return cfg_t
+
+
+def resolve_recipe(model_name: str, cfg_t: "TrainConfig") -> "TrainConfig":
+    """Fill the fields still at their TrainConfig default from the recipe (named, or the model's default)."""
+    if getattr(cfg_t, "_recipe_resolved", False):
+        return cfg_t
+    name = _recipe_name(model_name, cfg_t.recipe)
+    if name is None:
+        return _mark_resolved(replace(cfg_t, recipe=None))
+    defaults = TrainConfig()
+    updates = {k: v for k, v in RECIPES[name]["config"].items() if getattr(cfg_t, k) == getattr(defaults, k)}
+    return _mark_resolved(replace(cfg_t, recipe=name, **updates))
+
+
+def _replace_resolved(cfg_t: "TrainConfig", **changes) -> "TrainConfig":
+    return _mark_resolved(replace(cfg_t, **changes))
+
+
 class CachedImages(Dataset):
     """Decodes every record once (through `read_image`), resized to the model's input size as uint8 in memory;
     augmentation and normalisation then run per item. Decoding never becomes the bottleneck on CPU."""
 
-    def __init__(self, records, classes: tuple[str, ...], cfg: ModelCfg, augment: bool):
+    def __init__(self, records, classes: tuple[str, ...], cfg: ModelCfg, augment: bool, aug_strength: float = 1.0):
         from ..io.decode import read_image
 
         _, h, w = cfg.input_size
-        self.cfg, self.augment = cfg, augment
+        self.cfg, self.augment, self.aug_strength = cfg, augment, aug_strength
         self.labels = torch.tensor([classes.index(r.label) for r in records])
         imgs = []
         for r in records:
@@ -90,21 +194,23 @@ class CachedImages(Dataset):
     def __getitem__(self, i):
         x = self.images[i].float() / 255.0
         if self.augment:
-            x = augment_image(x, self.cfg.modality)
+            x = augment_image(x, self.cfg.modality, self.aug_strength)
         return (x - self.mean) / self.std, self.labels[i]
 
 
-def augment_image(x: torch.Tensor, modality: str) -> torch.Tensor:
-    """Mild, label-preserving augmentation of a [3, H, W] image in [0, 1]: flip, brightness/contrast, shift."""
+def augment_image(x: torch.Tensor, modality: str, strength: float = 1.0) -> torch.Tensor:
+    """Mild, label-preserving augmentation of a [3, H, W] image in [0, 1]: flip, brightness/contrast, shift.
+    `strength` scales the intensity changes and the shift (1.0 = the default amounts)."""
     if torch.rand(()) < 0.5:
         x = x.flip(-1)
     if modality == "fundus" and torch.rand(()) < 0.5:
         x = x.flip(-2)
-    gain = 1.0 + 0.2 * (torch.rand(()) - 0.5)
-    bias = 0.08 * (torch.rand(()) - 0.5)
+    gain = 1.0 + 0.2 * strength * (torch.rand(()) - 0.5)
+    bias = 0.08 * strength * (torch.rand(()) - 0.5)
     mean = x.mean()
-    x = ((x - mean) * (1.0 + 0.3 * (torch.rand(()) - 0.5)) + mean) * gain + bias
-    dy, dx = (int(v) for v in torch.randint(-8, 9, (2,)))
+    x = ((x - mean) * (1.0 + 0.3 * strength * (torch.rand(()) - 0.5)) + mean) * gain + bias
+    shift = max(0, int(round(8 * strength)))
+    dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,)))
     x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
     return x.clamp(0, 1)
 
@@ -152,94 +258,270 @@ def _splits(data: str | Path, classes: tuple[str, ...], seed: int):
 
 def train(model_name: str, data: str | Path, out: str | Path, config: TrainConfig | None = None,
           data_note: str | None = None) -> dict:
-    """Train `model_name` on the data set at `data`; write weights, manifest and history to `out`."""
-    cfg_t = config or TrainConfig()
-    seed_everything(cfg_t.seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train `model_name` on the data set at `data`; write weights, manifest and history to `out`.
+
+    Under torchrun (WORLD_SIZE > 1) the ranks train data-parallel and rank 0 alone writes; the other ranks return
+    the same summary plus `replica_digest` (sha256 of their final weights), then, when started by torchrun, exit.
+    """
+    cfg_t = resolve_recipe(model_name, config or TrainConfig())
+    ctx = distributed.setup()
+    try:
+        if cfg_t.repeats > 1:
+            result = train_repeats(model_name, data, out, cfg_t, data_note, ctx)
+        else:
+            result = _train_single(model_name, data, out, cfg_t, data_note, ctx)
+    finally:
+        distributed.cleanup(ctx)
+    if ctx is not None and not ctx.is_main and distributed.launched_by_torchrun():
+        raise SystemExit(0)   # rank 0 alone reports (and installs, with --install)
+    return result
+
+
+def _train_single(model_name, data, out, cfg_t, data_note, ctx) -> dict:
+    if get_cfg(model_name).modality in MULTIMODAL_MODALITIES:
+        from .multimodal import train_multimodal
+        return train_multimodal(model_name, data, out, cfg_t, data_note, ctx)
+    return _train_images(model_name, data, out, cfg_t, data_note, ctx)
+
+
+def build_for_training(model_name: str, cfg_t: TrainConfig) -> nn.Module:
+    """create_model with the TrainConfig's input size and drop-path overrides, then `--init` weights if given."""
+    base = get_cfg(model_name)
     overrides = {}
     if cfg_t.image_size:
-        c = get_cfg(model_name).input_size[0]
-        overrides["input_size"] = (c, cfg_t.image_size, cfg_t.image_size)
+        overrides["input_size"] = (base.input_size[0], *([cfg_t.image_size] * (len(base.input_size) - 1)))
+    if cfg_t.drop_path is not None:
+        overrides["builder_kwargs"] = {**base.builder_kwargs, "drop_path_rate": cfg_t.drop_path}
     net = create_model(model_name, **overrides)
-    cfg: ModelCfg = net.cfg
     if cfg_t.init:
-        from ..models.checkpoints import load_state_dict_file
-        report = load_state_dict_file(net, cfg_t.init)
+        if hasattr(net, "import_checkpoint"):        # e.g. RETFound's format for the ViTs
+            report = net.import_checkpoint(cfg_t.init)
+        else:
+            from ..models.checkpoints import load_state_dict_file
+            report = load_state_dict_file(net, cfg_t.init)
         log.info("initialised from %s: %s", cfg_t.init, report)
+    return net
+
+
+def _is_head_fn(net: nn.Module):
+    """name -> whether the parameter belongs to the classification head (phase 1 of two-phase training)."""
+    prefixes = getattr(net, "head_param_prefixes", None)
+    if prefixes:
+        return lambda n: n.startswith(tuple(prefixes))
+    for owner, path in ((net, ""), (getattr(net, "net", None), "net.")):
+        if owner is not None and hasattr(owner, "get_classifier"):
+            ids = {id(p) for p in owner.get_classifier().parameters()}
+            names = {path + n for n, p in owner.named_parameters() if id(p) in ids}
+            if names:
+                return lambda n: n in names
+    raise RetinaInputError(f"{type(net).__name__} does not say which parameters form its head, so it cannot be "
+                           f"trained in two phases (--freeze-epochs).")
+
+
+def _set_phase(net: nn.Module, phase: int, cfg_t: TrainConfig) -> None:
+    """phase 0: leave every parameter as built; 1: head only; 2: head + the `unfreeze` prefixes (None = all)."""
+    if phase == 0:
+        return
+    is_head = _is_head_fn(net)
+    prefixes = tuple(p.strip() for p in (cfg_t.unfreeze or "").split(",") if p.strip())
+    for n, p in net.named_parameters():
+        p.requires_grad_(is_head(n) or (phase == 2 and (not prefixes or n.startswith(prefixes))))
+
+
+def _frozen_bn_eval(net: nn.Module) -> None:
+    """BatchNorm layers whose parameters are all frozen keep their running statistics (Keras trainable=False)."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            ps = list(m.parameters(recurse=False))
+            if ps and not any(p.requires_grad for p in ps):
+                m.eval()
+
+
+def make_optimizer(net: nn.Module, cfg_t: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; layer-wise lr decay groups when cfg_t.layer_decay is set."""
+    if cfg_t.layer_decay:
+        if hasattr(net, "blocks"):
+            groups = param_groups_layer_decay(net, lr, cfg_t.weight_decay, cfg_t.layer_decay)
+        elif hasattr(net, "layer_id"):
+            groups = param_groups_layer_decay(net, lr, cfg_t.weight_decay, cfg_t.layer_decay,
+                                              layer_id_fn=net.layer_id)
+        else:
+            log.warning("layer_decay ignored: %s has no transformer blocks or layer_id()", type(net).__name__)
+            groups = _param_groups(net, cfg_t.weight_decay)
+    else:
+        groups = _param_groups(net, cfg_t.weight_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def make_scheduler(opt, cfg_t: TrainConfig, steps_per_epoch: int, epochs: int, warmup: bool = True):
+    """(scheduler, per_step): warmup + cosine stepped every optimizer step, or ReduceLROnPlateau per epoch."""
+    if cfg_t.plateau:
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2), False
+    total = max(1, epochs * steps_per_epoch)
+    warm = min(int(cfg_t.warmup_epochs * steps_per_epoch) if warmup else 0, total - 1)
+    return warmup_cosine(opt, warm, total), True
+
+
+def _phase_of(epoch: int, cfg_t: TrainConfig) -> int:
+    if cfg_t.freeze_epochs <= 0:
+        return 0
+    return 1 if epoch < cfg_t.freeze_epochs else 2
+
+
+def _phase_bounds(phase: int, cfg_t: TrainConfig) -> tuple[int, int]:
+    if phase == 0:
+        return 0, cfg_t.epochs
+    if phase == 1:
+        return 0, min(cfg_t.freeze_epochs, cfg_t.epochs)
+    return cfg_t.freeze_epochs, cfg_t.epochs
+
+
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
+    """(mixed x, y, y[perm], lam): x' = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha)."""
+    lam = float(np.random.beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], device=x.device)
+    return lam * x + (1.0 - lam) * x[perm], y, y[perm], lam
+
+
+def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> dict:
+    seed_everything(cfg_t.seed)
+    out = Path(out)
+    main = ctx is None or ctx.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    net = build_for_training(model_name, cfg_t)
+    cfg: ModelCfg = net.cfg
     index, splits = _splits(data, cfg.classes, cfg_t.seed)
-    device = default_device()
+    device = ctx.device if ctx else default_device()
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
 
     t0 = time.time()
-    sets = {k: CachedImages(splits.get(k, []), cfg.classes, cfg, augment=(k == "train" and cfg_t.augment))
+    sets = {k: CachedImages(splits.get(k, []), cfg.classes, cfg, augment=(k == "train" and cfg_t.augment),
+                            aug_strength=cfg_t.aug_strength)
             for k in ("train", "val", "test")}
     log.info("decoded %s images in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
     if len(sets["train"]) == 0 or len(sets["val"]) == 0:
         raise RetinaInputError("Training needs images in both a training and a validation split.")
     g = torch.Generator().manual_seed(cfg_t.seed)
-    train_loader = DataLoader(sets["train"], batch_size=cfg_t.batch_size, shuffle=True, generator=g,
-                              num_workers=cfg_t.num_workers, drop_last=len(sets["train"]) > cfg_t.batch_size)
+    if ctx is None:
+        train_loader = DataLoader(sets["train"], batch_size=cfg_t.batch_size, shuffle=True, generator=g,
+                                  num_workers=cfg_t.num_workers, drop_last=len(sets["train"]) > cfg_t.batch_size)
+    else:   # every rank must take the same number of steps: equal shards, whole batches only
+        shard = distributed.sampler(sets["train"], ctx, cfg_t.seed)
+        train_loader = DataLoader(sets["train"], batch_size=cfg_t.batch_size, sampler=shard,
+                                  num_workers=cfg_t.num_workers, drop_last=len(shard) > cfg_t.batch_size)
     eval_loaders = {k: DataLoader(sets[k], batch_size=64) for k in ("val", "test")}
 
     steps_per_epoch = len(train_loader)
     if cfg_t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg_t.max_steps_per_epoch)
-    opt = torch.optim.AdamW(_param_groups(net, cfg_t.weight_decay), lr=cfg_t.lr)
-    sched = warmup_cosine(opt, int(cfg_t.warmup_epochs * steps_per_epoch), cfg_t.epochs * steps_per_epoch)
+
+    def start_phase(phase: int):
+        _set_phase(net, phase, cfg_t)
+        lr = cfg_t.lr if phase < 2 else (cfg_t.finetune_lr or cfg_t.lr / 100.0)
+        first, last = _phase_bounds(phase, cfg_t)
+        opt = make_optimizer(net, cfg_t, lr)
+        sched, per_step = make_scheduler(opt, cfg_t, steps_per_epoch, last - first, warmup=phase < 2)
+        return opt, sched, per_step, distributed.wrap(net, ctx)
+
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
-    history, best_state, best_epoch, start_epoch = [], None, -1, 0
+    history, best_state, best_epoch, start_epoch, best_score = [], None, -1, 0, None
     ckpt = out / "last.pt"
+    state = None
     if cfg_t.resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         best_state, best_epoch, start_epoch = state["best_model"], int(state["best_epoch"]), int(state["epoch"]) + 1
         history = json.loads(state["history"])
-        for h in history:
-            stopper.step(h["val_score"])
         log.info("resumed from epoch %d", start_epoch)
+    phase = _phase_of(start_epoch, cfg_t)
+    opt, sched, per_step, model = start_phase(phase)
+    stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
+    for h in history:
+        v = h["val_score"]
+        if v is not None and not math.isnan(v) and (best_score is None or v > best_score):
+            best_score = v
+        if _phase_of(h["epoch"], cfg_t) == phase:
+            stopper.step(v)
+    if state is not None and int(state.get("phase", 0)) == phase:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
 
-    for epoch in range(start_epoch, cfg_t.epochs):
-        net.train()
+    epoch = start_epoch
+    while epoch < cfg_t.epochs:
+        if _phase_of(epoch, cfg_t) != phase:   # two-phase: unfreeze, new optimizer, fresh patience
+            phase = _phase_of(epoch, cfg_t)
+            opt, sched, per_step, model = start_phase(phase)
+            stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
+            if main:
+                print(f"phase {phase}: trainable {sum(p.numel() for p in net.parameters() if p.requires_grad)} "
+                      f"parameters", file=sys.stderr, flush=True)
+        if ctx is not None:
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        _frozen_bn_eval(net)
         losses, t_ep = [], time.time()
         for step, (x, y) in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = F.cross_entropy(net(x), y, label_smoothing=cfg_t.label_smoothing)
+                if cfg_t.mixup > 0:
+                    x, ya, yb, lam = mixup_batch(x, y, cfg_t.mixup)
+                    logits = model(x)
+                    loss = lam * F.cross_entropy(logits, ya, label_smoothing=cfg_t.label_smoothing) + (1 - lam) * \
+                        F.cross_entropy(logits, yb, label_smoothing=cfg_t.label_smoothing)
+                else:
+                    loss = F.cross_entropy(model(x), y, label_smoothing=cfg_t.label_smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            sched.step()
+            if per_step:
+                sched.step()
             losses.append(loss.item())
-        logits, ys = predict_logits(net, eval_loaders["val"], device)
-        m = classification_metrics(ys, torch.softmax(torch.from_numpy(logits), 1).numpy(), list(cfg.classes),
-                                   ordinal=cfg.ordinal)
-        score = _score(m, cfg_t.monitor)
-        improved = stopper.step(score)
+        distributed.sync_buffers(net, ctx)
+        m, score = None, None
+        if main:
+            logits, ys = predict_logits(net, eval_loaders["val"], device)
+            m = classification_metrics(ys, torch.softmax(torch.from_numpy(logits), 1).numpy(), list(cfg.classes),
+                                       ordinal=cfg.ordinal)
+            score = _score(m, cfg_t.monitor)
+        score = distributed.broadcast(score, ctx)
+        if not per_step:
+            sched.step(score)
+        stopper.step(score)
+        improved = not math.isnan(score) and (best_score is None or score > best_score)
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            best_epoch = epoch
+            best_epoch, best_score = epoch, score
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                        "val_accuracy": m["accuracy"], "val_score": score, "seconds": round(time.time() - t_ep, 1)})
-        print(f"epoch {epoch + 1}/{cfg_t.epochs} loss {history[-1]['train_loss']:.4f} "
-              f"val {cfg_t.monitor} {score:.4f} acc {m['accuracy']:.4f}{' *' if improved else ''} "
-              f"({history[-1]['seconds']}s)", file=sys.stderr, flush=True)
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "best_model": best_state, "best_epoch": best_epoch, "epoch": epoch,
-                    "history": json.dumps(history)}, ckpt)
+                        "val_accuracy": m["accuracy"] if m else None, "val_score": score,
+                        "seconds": round(time.time() - t_ep, 1), **({"phase": phase} if phase else {})})
+        if main:
+            print(f"epoch {epoch + 1}/{cfg_t.epochs} loss {history[-1]['train_loss']:.4f} "
+                  f"val {cfg_t.monitor} {score:.4f} acc {m['accuracy']:.4f}{' *' if improved else ''} "
+                  f"({history[-1]['seconds']}s)", file=sys.stderr, flush=True)
+            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "best_model": best_state, "best_epoch": best_epoch, "epoch": epoch, "phase": phase,
+                        "history": json.dumps(history)}, ckpt)
+        epoch += 1
         if stopper.should_stop:
-            break
+            if phase == 1 and cfg_t.epochs > cfg_t.freeze_epochs:
+                epoch = max(epoch, cfg_t.freeze_epochs)   # phase 1 has converged: go on to fine-tuning
+            else:
+                break
 
     net.load_state_dict(best_state)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    digest = distributed.state_digest(net) if ctx is not None else None
+    if not main:
+        return {**_result_from_rank0(model_name, out, ctx, digest),
+                "replica_param_digest": distributed.state_digest(net, params_only=True)}
     val_logits, val_y = predict_logits(net, eval_loaders["val"], device)
     temperature = float(fit_temperature(val_logits, val_y))
     result = {"val": classification_metrics(val_y, _softmax(val_logits, temperature), list(cfg.classes),
@@ -248,8 +530,65 @@ def train(model_name: str, data: str | Path, out: str | Path, config: TrainConfi
         test_logits, test_y = predict_logits(net, eval_loaders["test"], device)
         result["test"] = classification_metrics(test_y, _softmax(test_logits, temperature), list(cfg.classes),
                                                 ordinal=cfg.ordinal)
-    return _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_note, temperature,
-                          result, history, best_epoch)
+    extra = net.training_report() if hasattr(net, "training_report") else {}
+    out_result = _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_note, temperature,
+                                result, history, best_epoch, extra=extra)
+    if ctx is not None:
+        out_result.update(rank=ctx.rank, world_size=ctx.world_size, replica_digest=digest,
+                          replica_param_digest=distributed.state_digest(net, params_only=True))
+        distributed.barrier(ctx)   # the other ranks read the manifest written above
+    return out_result
+
+
+def _result_from_rank0(model_name: str, out: Path, ctx, digest: str | None) -> dict:
+    """What a non-main rank returns: rank 0's manifest entry (after it has written it) and its own digest."""
+    distributed.barrier(ctx)
+    entry = json.loads((Path(out) / MANIFEST).read_text())[model_name]
+    return {"model": model_name, "out": str(out), "weights": str(Path(out) / entry["file"]), **entry,
+            "metrics": None, "rank": ctx.rank, "world_size": ctx.world_size, "replica_digest": digest}
+
+
+HEADLINE = ("accuracy", "auc_macro", "sensitivity_macro", "specificity_macro", "f1_macro", "kappa_quadratic", "ece")
+
+
+def train_repeats(model_name: str, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
+    """Train `cfg_t.repeats` times (seeds seed, seed+1, ...; each seed also draws its own patient split where the
+    data set has none) into <out>/seed<k>/, and summarise the held-out metrics as mean +- sd (stability_summary).
+    <out>/ receives the first run's weights, a manifest entry with `stability`, and stability.json."""
+    from ..evaluate.ensemble import stability_summary
+
+    out = Path(out)
+    main = ctx is None or ctx.is_main
+    runs = []
+    for i in range(cfg_t.repeats):
+        seed = cfg_t.seed + i
+        run_cfg = _replace_resolved(cfg_t, seed=seed, repeats=1)
+        runs.append(_train_single(model_name, data, out / f"seed{seed}", run_cfg, data_note, ctx))
+    if not main:
+        return runs[0]
+    per_run = [r["metrics"].get("test") or r["metrics"]["val"] for r in runs]
+    summary = stability_summary(per_run)
+    headline = {k: summary[k] for k in HEADLINE if k in summary}
+    first = runs[0]
+    wfile = out / Path(first["weights"]).name
+    shutil.copy2(first["weights"], wfile)
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    entry = json.loads((Path(first["out"]) / MANIFEST).read_text())[model_name]
+    entry["stability"] = {"repeats": len(runs), "seeds": [cfg_t.seed + i for i in range(len(runs))],
+                          "split": "test" if runs[0]["metrics"].get("test") else "val", **headline}
+    entry["config"] = {**entry["config"], "repeats": len(runs)}
+    manifest[model_name] = entry
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "stability.json").write_text(json.dumps(
+        {"model": model_name, "summary": summary, "runs": [{"seed": cfg_t.seed + i, "out": r["out"],
+                                                            "metrics": m} for i, (r, m) in
+                                                           enumerate(zip(runs, per_run))]}, indent=2) + "\n")
+    for k, v in headline.items():
+        sd = f" +- {v['sd']:.4f}" if v["sd"] is not None else ""
+        print(f"stability over {len(runs)} runs: {k} {v['mean']:.4f}{sd} (min {v['min']:.4f}, max {v['max']:.4f})",
+              file=sys.stderr, flush=True)
+    return {**first, "out": str(out), "weights": str(wfile), **entry, "stability": entry["stability"]}
 
 
 def _softmax(logits: np.ndarray, t: float) -> np.ndarray:
@@ -261,9 +600,9 @@ def _is_phantom(root: Path) -> bool:
 
 
 def _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_note, temperature, result,
-                   history, best_epoch) -> dict:
+                   history, best_epoch, extra: dict | None = None, state: dict | None = None) -> dict:
     state = {k: (v.half() if cfg_t.fp16_weights and v.is_floating_point() else v).contiguous()
-             for k, v in net.state_dict().items()}
+             for k, v in (state if state is not None else net.state_dict()).items()}
     wfile = out / f"{model_name}.safetensors"
     save_file(state, str(wfile), metadata={"model": model_name, "arch": cfg.arch})
     phantom = _is_phantom(Path(data))
@@ -280,6 +619,7 @@ def _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_n
         "heldout_metrics": _brief(result.get("test") or result["val"]),
         "best_epoch": best_epoch + 1, "epochs_run": len(history),
         "config": asdict(cfg_t), "date": _dt.date.today().isoformat(), "torch": torch.__version__,
+        **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}), **(extra or {}),
     }
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -297,7 +637,11 @@ def _brief(m: dict) -> dict:
 
 
 def config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
-    """Dataclass defaults overridden by CLI flags that were given."""
-    base = base or TrainConfig()
+    """Dataclass defaults, then the recipe (`--recipe`, or the model's default recipe), then the CLI flags given."""
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    if base is None:
+        name = _recipe_name(getattr(args, "model", "") or "", given.get("recipe"))
+        base = TrainConfig(**(RECIPES[name]["config"] if name else {}))
+        given["recipe"] = name
+        return _mark_resolved(replace(base, **given))
     return replace(base, **given)

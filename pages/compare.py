@@ -1,0 +1,111 @@
+"""Compare modalities: a fundus photograph and an OCT B-scan of the same eye, each model's reading and heatmap,
+the fusion model's result with one map per modality, and where the modalities agree or disagree."""
+import pandas as pd
+import streamlit as st
+
+from retina_core import ui
+from retina_core.compare import agreement, run_fusion
+from retina_core.errors import RetinaInputError
+from retina_core.explain.overlay import overlay
+
+FUSION = "fundus_oct_fusion"
+
+st.title("Compare modalities")
+ui.disclaimer()
+st.markdown("One eye, two modalities: a colour fundus photograph and an OCT B-scan through the macula. Each is read "
+            "by its own model; the fusion model reads both together and shows which parts of each image drove its "
+            "normal-vs-disease answer.")
+
+pair = st.selectbox("Bundled paired phantom (both images of one virtual eye)", ["(none)"] + list(ui.PAIRED_SAMPLES),
+                    key="cmp_pair")
+inputs = {}
+if pair != "(none)":
+    f_png, o_png, facts = ui.paired_sample_pngs(pair)
+    inputs = {"fundus": ("fundus.png", f_png), "oct": ("oct.png", o_png)}
+    st.caption(f"Phantom ground truth: fundus {facts['fundus_class']}, OCT {facts['oct_class']} "
+               f"({facts['disease_process'].replace('_', ' ')}), eye {facts['eye']}.")
+else:
+    cf, co = st.columns(2)
+    with cf:
+        got = ui.pick_image("cmp_fundus", "Fundus photograph", sample_kinds=("fundus",))
+        if got:
+            inputs["fundus"] = got
+    with co:
+        got = ui.pick_image("cmp_oct", "OCT B-scan of the same eye", sample_kinds=("oct",))
+        if got:
+            inputs["oct"] = got
+
+with st.sidebar:
+    st.header("Settings")
+    f_models, o_models = ui.model_choices("fundus"), ui.model_choices("oct")
+    f_model = st.selectbox("Fundus model", f_models, key="cmp_fundus_model") if f_models else None
+    o_model = st.selectbox("OCT model", o_models, key="cmp_oct_model") if o_models else None
+    alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="cmp_alpha")
+
+if not inputs:
+    st.info("Pick a bundled paired phantom above, or upload a fundus photograph and an OCT B-scan of the same eye "
+            "(one is enough to see its own model's reading; the fusion model needs both).",
+            icon=":material/arrow_upward:")
+    st.stop()
+
+images, readings = {}, {}
+cols = st.columns(2)
+for col, (kind, model, title) in zip(cols, (("fundus", f_model, "Fundus photograph"), ("oct", o_model, "OCT B-scan"))):
+    with col, st.container(border=True):
+        st.subheader(title)
+        if kind not in inputs:
+            st.info(f"No {title.lower()} yet: add one above to compare.", icon=":material/image:")
+            continue
+        if model is None:
+            ui.show_unavailable(f"A {kind} model", "No weights are installed for this modality.")
+            continue
+        try:
+            img = ui.decode_upload(inputs[kind][1], inputs[kind][0])
+            with st.spinner(f"Reading the {kind} image..."):
+                a = ui.analysis_for(img, model, "gradcam", kind)
+        except RetinaInputError as exc:
+            st.error(str(exc), icon=":material/error:")
+            continue
+        images[kind] = img
+        readings[kind] = a
+        if not a.has_result:
+            st.error(f"No result: {' '.join(a.notes)}", icon=":material/block:")
+            st.image(img.pixels, width="stretch")
+            continue
+        st.metric(f"{model}", a.label, f"{a.probabilities[a.label]:.0%}", delta_color="off", delta_arrow="off")
+        st.image(overlay(img.pixels, a.heatmap, alpha), caption=f"Grad-CAM for '{a.target}'",
+                 width="stretch")
+        st.plotly_chart(ui.probability_chart(a), width="stretch", key=f"cmp_probs_{kind}")
+
+st.subheader("Fusion model: both images together")
+fusion, reason = ui.model_or_reason(FUSION)
+fr = None
+if fusion is None:
+    ui.show_unavailable("The fusion model", reason)
+elif len(images) < 2:
+    st.info("The fusion model needs both a fundus photograph and an OCT B-scan.", icon=":material/join_inner:")
+elif not all(readings[k].quality.gradable for k in ("fundus", "oct")):
+    st.warning("The fusion model is not run: one of the images is ungradable (retake or refer).")
+else:
+    key = (images["fundus"].content_hash, images["oct"].content_hash, fusion.sha256)
+    with st.spinner("Running the fusion model..."):
+        fr = ui.memo("fusion", key, lambda: run_fusion(fusion, images["fundus"].pixels, images["oct"].pixels))
+    c0, c1, c2 = st.columns([1, 2, 2])
+    c0.metric("Fusion suggestion", fr.label, f"P(disease) {fr.p_disease:.0%}", delta_color="off",
+              delta_arrow="off")
+    (c0.error if fr.referable else c0.success)("Refer" if fr.referable else "Not referable")
+    c1.image(overlay(images["fundus"].pixels, fr.fundus_map, alpha), width="stretch",
+             caption=f"What the fusion model used in the fundus photograph (for '{fr.target}')")
+    c2.image(overlay(images["oct"].pixels, fr.oct_map, alpha), width="stretch",
+             caption=f"What the fusion model used in the OCT B-scan (for '{fr.target}')")
+
+if readings:
+    st.subheader("Agreement")
+    rows, verdict = agreement({k: readings[k] for k in ("fundus", "oct") if k in readings}, fr)
+    (st.success if verdict.startswith("All readings agree") else st.warning)(verdict)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                 column_config={"P(disease)": st.column_config.ProgressColumn("P(disease)", min_value=0.0,
+                                                                              max_value=1.0, format="%.2f")})
+    st.caption("Each model's classes are mapped to normal vs disease (NORMAL, No DR and normal count as normal); "
+               "P(disease) sums the probabilities of the disease classes.")
+ui.weights_caption([m for m in (f_model, o_model, FUSION) if m])

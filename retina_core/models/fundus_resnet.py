@@ -1,0 +1,85 @@
+"""Fundus 4-class ResNet with the source's Keras head (capability 5):
+
+    ResNet -> global average pool -> BatchNorm -> Dense 256 (ReLU) -> Dropout 0.5 -> Dense 4
+
+Two-phase training (`--recipe two_phase`): phase 1 trains the head with the backbone frozen (its BatchNorm statistics
+too, as Keras' `trainable=False`), phase 2 unfreezes the last stage (`net.layer4`) at a low learning rate with
+early stopping and reduce-on-plateau. The backbone is named `net` so a timm / torchvision ResNet checkpoint loads
+with `train --init resnet50.pth` (its `fc` is reported as unexpected).
+
+    python -m retina_core train --model fundus_resnet50 --data dataset/ --init resnet50_a1_in1k.pth --recipe two_phase
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from ..labels import FUNDUS4
+from .registry import ModelCfg, register_model
+
+
+class FundusResNet(nn.Module):
+    """forward_features -> [B, C, h, w] (last stage), forward_head -> logits. Target layer `net.layer4`."""
+
+    head_param_prefixes = ("head.",)     # phase 1 trains only these
+
+    def __init__(self, cfg: ModelCfg):
+        super().__init__()
+        kw = dict(cfg.builder_kwargs)
+        hidden = int(kw.pop("hidden", 256))
+        drop = float(kw.pop("head_dropout", 0.5))
+        self.net = timm.create_model(cfg.arch, pretrained=False, num_classes=0, global_pool="",
+                                     in_chans=cfg.input_size[0], **kw)
+        c = self.net.num_features
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.BatchNorm1d(c),
+            nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Dropout(drop), nn.Linear(hidden, cfg.num_classes))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_PHANTOM_NOTE = ("Demo weights were trained on this project's synthetic retinal phantoms, not on patient images. "
+                 "Their metrics are phantom metrics and say nothing about clinical accuracy.")
+_RECIPE = ("Training (`--recipe two_phase`, from the XAI ResNet50 source): phase 1, backbone frozen (BatchNorm "
+           "statistics included), head trained with Adam-style AdamW at lr 1e-3; phase 2, `layer4` unfrozen and the "
+           "whole trainable set at lr 1e-5, reduce-on-plateau (x0.5 after 2 flat epochs) and early stopping; the "
+           "best validation epoch is kept. Grad-CAM target: `layer4`. Input: RGB 224x224, ImageNet normalisation. ")
+
+register_model(ModelCfg(
+    name="fundus_resnet50",
+    arch="resnet50",
+    modality="fundus",
+    classes=FUNDUS4,
+    task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
+    weights="fundus_resnet50.safetensors",
+    target_layer="net.layer4",
+    referable=("cataract", "diabetic_retinopathy", "glaucoma"),
+    card=("ResNet-50 (timm `resnet50`, 23.5M backbone) + GAP + BatchNorm + Dense 256 ReLU + Dropout 0.5 + Dense 4, "
+          "as the Keras model of the explainable ResNet50 source. " + _RECIPE + "No demo weights (50 MB in fp16, "
+          "beyond the bundle budget): start from an ImageNet ResNet-50 you have (`--init`)."),
+), FundusResNet)
+
+register_model(ModelCfg(
+    name="fundus_resnet18_head",
+    arch="resnet18",
+    modality="fundus",
+    classes=FUNDUS4,
+    task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
+    input_size=(3, 96, 96),
+    weights="fundus_resnet18_head.safetensors",
+    target_layer="net.layer4",
+    referable=("cataract", "diabetic_retinopathy", "glaucoma"),
+    builder_kwargs={"channels": (32, 64, 128, 256), "stem_width": 32},
+    card=("Demo variant of `fundus_resnet50` for CPU and the weights budget: the same head (GAP + BatchNorm + Dense "
+          "256 ReLU + Dropout 0.5 + Dense 4) on a ResNet-18 layout at half width (32-64-128-256 channels, 2.8M), "
+          "96x96 input. With no ImageNet weights available, the backbone was first trained end to end on phantoms "
+          "(a stand-in for pre-training), then the two phases ran. " + _RECIPE + _PHANTOM_NOTE),
+), FundusResNet)

@@ -1,0 +1,193 @@
+"""OCT volume + metadata (capability 7), after LearnedFeatureFusion3D:
+
+    volume [B,1,D,H,W] -> 3D ResNet (MONAI, spatial_dims=3) -> pooled -> Linear 512, ReLU --------+
+    metadata [B, M]    -> standardise -> Linear M->h, ReLU, Linear h->512, ReLU (not in image_only) +-> fusion
+    fusion: concat (1024) | add (512) | multiply (512) | image_only (512) -> Linear 256, ReLU, Dropout -> 1 logit
+
+Trained with the binary FocalLoss (dynamic alpha, label smoothing); P(disease) = sigmoid(logit / T).
+Metadata columns (age, sex, eye, visual acuity, central subfield thickness, HbA1c) are standardised with the
+training split's mean/std, stored as buffers; a missing value becomes the training mean. The phantom metadata's
+`oct_class` column names the disease, so it is never a feature. The 3D ResNet is named `net` (MONAI / MedicalNet
+layout: conv1, bn1, layer1..4), so a MedicalNet checkpoint loads with `train --init`.
+`volume_cam` gives a 3D Grad-CAM (per-slice maps) from the single-pass Grad-CAM of `explain/cam.py`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import ModelCfg, register_model
+
+VOLUME_CLASSES = ("normal", "disease")
+FUSION_MODES = ("concat", "add", "multiply", "image_only")
+META_FEATURES = ("age", "sex", "eye", "va_logmar", "cst_um", "hba1c")
+EMBED_DIM = 512
+
+_SEX = {"m": 1.0, "male": 1.0, "1": 1.0, "f": 0.0, "female": 0.0, "0": 0.0}
+_EYE = {"od": 1.0, "right": 1.0, "r": 1.0, "os": 0.0, "left": 0.0, "l": 0.0}
+
+
+def encode_metadata(meta: dict, eye: str | None = None, features=META_FEATURES) -> np.ndarray:
+    """One record's metadata -> float32 [M] (NaN where missing). sex: M 1 / F 0; eye: OD 1 / OS 0."""
+    out = np.full(len(features), np.nan, np.float32)
+    for i, f in enumerate(features):
+        v = eye if f == "eye" and eye is not None else meta.get(f)
+        if v is None:
+            continue
+        if f in ("sex", "eye", "laterality"):
+            out[i] = (_SEX if f == "sex" else _EYE).get(str(v).strip().lower(), np.nan)
+        else:
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                continue
+            out[i] = x if math.isfinite(x) else np.nan
+    return out
+
+
+def _monai_resnet(depth: str, in_ch: int, widen: float, stride: int) -> nn.Module:
+    from monai.networks.nets import resnet as monai_resnet
+
+    builder = getattr(monai_resnet, depth)
+    return builder(spatial_dims=3, n_input_channels=in_ch, widen_factor=widen, conv1_t_stride=stride,
+                   feed_forward=False, shortcut_type="B", bias_downsample=False)
+
+
+class VolumeFusion3D(nn.Module):
+    """forward(volume, meta=None) -> logit [B, 1]; forward_features -> fused [B, classifier_in];
+    forward_head -> logit. meta: raw metadata [B, M] (NaN = missing), standardised inside; None = all missing."""
+
+    def __init__(self, cfg: ModelCfg):
+        super().__init__()
+        kw = dict(cfg.builder_kwargs)
+        self.fusion = kw.get("fusion", "concat")
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
+        self.meta_features = tuple(kw.get("meta_features", META_FEATURES))
+        self.net = _monai_resnet(kw.get("resnet", "resnet18"), cfg.input_size[0], float(kw.get("widen_factor", 1.0)),
+                                 int(kw.get("conv1_stride", 1)))
+        feat = int(self.net.in_planes)   # channels after layer4 (x block expansion)
+        self.image_proj = nn.Sequential(nn.Linear(feat, EMBED_DIM), nn.ReLU(inplace=True))
+        m, hidden = len(self.meta_features), int(kw.get("meta_hidden", 128))
+        if self.fusion != "image_only":
+            self.meta_mlp = nn.Sequential(nn.Linear(m, hidden), nn.ReLU(inplace=True),
+                                          nn.Linear(hidden, EMBED_DIM), nn.ReLU(inplace=True))
+        self.classifier_in = 2 * EMBED_DIM if self.fusion == "concat" else EMBED_DIM
+        ch = int(kw.get("classifier_hidden", 256))
+        self.classifier = nn.Sequential(nn.Linear(self.classifier_in, ch), nn.ReLU(inplace=True),
+                                        nn.Dropout(float(kw.get("dropout", 0.3))), nn.Linear(ch, 1))
+        self.register_buffer("meta_mean", torch.zeros(m))
+        self.register_buffer("meta_std", torch.ones(m))
+
+    def set_metadata_stats(self, mean, std) -> None:
+        """Standardisation of the metadata (from the training split); std 0 or NaN -> 1, NaN mean -> 0."""
+        mean = torch.nan_to_num(torch.as_tensor(mean, dtype=torch.float32), nan=0.0)
+        std = torch.as_tensor(std, dtype=torch.float32)
+        std = torch.where(torch.isfinite(std) & (std > 1e-6), std, torch.ones_like(std))
+        self.meta_mean.copy_(mean)
+        self.meta_std.copy_(std)
+
+    def standardise(self, meta: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
+        if meta is None:
+            return torch.zeros(batch, len(self.meta_features), device=like.device, dtype=like.dtype)
+        z = (meta.to(like.dtype) - self.meta_mean.to(like.dtype)) / self.meta_std.to(like.dtype)
+        return torch.nan_to_num(z, nan=0.0).clamp(-6, 6)
+
+    def forward_features(self, volume: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        img = self.image_proj(self.net(volume))
+        if self.fusion == "image_only":
+            return img
+        m = self.meta_mlp(self.standardise(meta, volume.shape[0], img))
+        if self.fusion == "concat":
+            return torch.cat([img, m], dim=1)
+        return img + m if self.fusion == "add" else img * m
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.classifier(feats)
+
+    def forward(self, volume: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(volume, meta))
+
+
+def preprocess_volume(vol: np.ndarray, cfg: ModelCfg, device="cpu") -> torch.Tensor:
+    """float32 [D, H, W] in [0, 1] -> [1, 1, D', H', W'] resized (trilinear) to cfg.input_size, normalised."""
+    x = torch.as_tensor(np.ascontiguousarray(vol), dtype=torch.float32, device=device)[None, None]
+    size = tuple(cfg.input_size[1:])
+    if tuple(x.shape[2:]) != size:
+        x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    return (x - cfg.mean[0]) / cfg.std[0]
+
+
+class _WithMeta(nn.Module):
+    def __init__(self, net: nn.Module, meta: torch.Tensor | None):
+        super().__init__()
+        self.net, self.meta = net, meta
+
+    def forward(self, x):
+        return self.net(x, self.meta)
+
+
+def volume_cam(net: VolumeFusion3D, x: torch.Tensor, meta: torch.Tensor | None = None,
+               target_layer: str = "net.layer4") -> tuple[torch.Tensor, np.ndarray]:
+    """3D Grad-CAM for the disease logit: (logits [B, 1], maps float32 [B, D, H, W] in [0, 1] at the input size).
+    Slice i of a map is the per-slice heatmap of B-scan i."""
+    from ..explain.cam import gradcam_single_pass
+
+    logits, cams = gradcam_single_pass(_WithMeta(net, meta), x, "net." + target_layer, [0] * x.shape[0])
+    c = torch.from_numpy(cams)[:, None]
+    c = F.interpolate(c, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)[:, 0].numpy()
+    lo = c.reshape(len(c), -1).min(1)[:, None, None, None]
+    hi = c.reshape(len(c), -1).max(1)[:, None, None, None]
+    return logits, ((c - lo) / (hi - lo + 1e-7)).astype(np.float32)
+
+
+_PHANTOM_NOTE = ("Demo weights were trained on this project's synthetic retinal phantoms, not on patient images. "
+                 "Their metrics are phantom metrics and say nothing about clinical accuracy.")
+_DESIGN = ("Image branch: a 3D ResNet (MONAI `resnet`, spatial_dims=3, one input channel) pooled and projected to "
+           "512 (Linear + ReLU). Metadata branch (skipped in image_only): age, sex, eye, visual acuity (logMAR), "
+           "central subfield thickness and HbA1c, standardised with training statistics (stored in the weights), "
+           "two-layer MLP to 512. Fusion `concat` (1024 into the classifier), `add`, `multiply` or `image_only` "
+           "(512); choose with `train --fusion`. Classifier: Linear 256, ReLU, dropout 0.3, one logit "
+           "(P(disease) = sigmoid(logit / T)). Loss: binary focal loss with per-batch dynamic alpha (fraction of "
+           "negatives) and label smoothing (`--recipe learned_fusion3d`). 3D Grad-CAM on `net.layer4` gives per-slice "
+           "maps (`models.volume3d.volume_cam`). Input: NIfTI volume resized to D x H x W, intensities in [0, 1] "
+           "normalised with mean 0.15, std 0.2. ")
+
+register_model(ModelCfg(
+    name="oct_volume_fusion3d",
+    arch="monai_resnet18_3d+meta",
+    modality="oct_volume",
+    classes=VOLUME_CLASSES,
+    task="OCT volume + clinical metadata: normal vs disease",
+    input_size=(1, 32, 128, 128),
+    mean=(0.15,), std=(0.2,),
+    weights="oct_volume_fusion3d.safetensors",
+    target_layer="net.layer4",
+    referable=("disease",),
+    builder_kwargs={"resnet": "resnet18", "widen_factor": 1.0, "conv1_stride": 1, "fusion": "concat",
+                    "meta_hidden": 128, "classifier_hidden": 256, "dropout": 0.3},
+    card=("LearnedFeatureFusion3D on OCT volumes with a full-width 3D ResNet-18 (33M; the source used a 3D "
+          "ResNet-50), 32 x 128 x 128 input. " + _DESIGN + "No demo weights (66 MB in fp16); train with "
+          "`python -m retina_core train --model oct_volume_fusion3d --data volumes/`."),
+), VolumeFusion3D)
+
+register_model(ModelCfg(
+    name="oct_volume_fusion3d_tiny",
+    arch="monai_resnet10_3d_w0.25+meta",
+    modality="oct_volume",
+    classes=VOLUME_CLASSES,
+    task="OCT volume + clinical metadata: normal vs disease",
+    input_size=(1, 32, 64, 64),
+    mean=(0.15,), std=(0.2,),
+    weights="oct_volume_fusion3d_tiny.safetensors",
+    target_layer="net.layer4",
+    referable=("disease",),
+    builder_kwargs={"resnet": "resnet10", "widen_factor": 0.25, "conv1_stride": 2, "fusion": "concat",
+                    "meta_hidden": 128, "classifier_hidden": 256, "dropout": 0.3},
+    card=("Demo variant for CPU: 3D ResNet-10 at quarter width (16-32-64-128 channels, stride-2 first conv), "
+          "32 x 64 x 64 input, the same 512-d branches, fusion and classifier. " + _DESIGN + _PHANTOM_NOTE),
+), VolumeFusion3D)

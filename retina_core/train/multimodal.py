@@ -1,0 +1,478 @@
+"""Training for the two-input models; `engine.train` routes them here (same CLI, same outputs).
+
+- fundus_oct_fusion (modality "fundus+oct"): the encoders are frozen, so each image is embedded once (no
+  augmentation) and only the MLP head trains on the cached embeddings. True pairs come from a `pairs.csv` data set;
+  virtual pairs from a fundus data set (`--data`) and an OCT data set (`--pair-with`): every epoch each fundus image
+  is paired with a random OCT image of the same binary label (normal vs disease) from the same split; validation
+  and test pairs are drawn once with the seed.
+
+      python -m retina_core train --model fundus_oct_fusion --data data/paired --out runs/fusion
+      python -m retina_core train --model fundus_oct_fusion --data data/fundus_dr --pair-with data/oct --out runs/f
+
+- oct_volume_fusion3d[_tiny] (modality "oct_volume"): NIfTI volumes + metadata.csv; binary focal loss (dynamic
+  alpha, label smoothing); flips, intensity jitter and small shifts; metadata standardised with training statistics.
+
+      python -m retina_core train --model oct_volume_fusion3d_tiny --data data/volumes --out runs/vol --fusion concat
+
+Both write `<out>/<model>.safetensors` (fp16) + `<out>/manifest.json` + history.json like the image engine, train
+data-parallel under torchrun, and fit a calibration temperature on the validation split.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..errors import RetinaInputError
+from ..evaluate.calibration import apply_temperature, fit_temperature
+from ..evaluate.metrics import classification_metrics
+from ..models.loading import LoadedModel, default_device, preprocess_image
+from ..models.multimodal import FUSION_CLASSES, binary_label
+from ..models.registry import create_model, get_cfg
+from ..models.volume3d import VOLUME_CLASSES, encode_metadata, preprocess_volume
+from . import distributed
+from .engine import (EarlyStopping, TrainConfig, _score, _write_outputs, make_optimizer, make_scheduler,
+                     seed_everything)
+from .losses import FocalLoss
+
+log = logging.getLogger(__name__)
+
+
+def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: str | None = None,
+                     ctx=None) -> dict:
+    modality = get_cfg(model_name).modality
+    if modality == "fundus+oct":
+        return train_fusion(model_name, data, out, cfg_t, data_note, ctx)
+    if modality == "oct_volume":
+        return train_volume(model_name, data, out, cfg_t, data_note, ctx)
+    raise RetinaInputError(f"{model_name} is not a multimodal model.")
+
+
+# ------------------------------------------------------------------------------------------------ shared loop
+def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainConfig, ctx, out: Path):
+    """Train `module` (its trainable parameters): step_fn(wrapped_module, batch) -> loss; eval_fn() -> (metrics,
+    score) on rank 0. Keeps the best validation epoch. Returns (best_epoch, history)."""
+    main = ctx is None or ctx.is_main
+    g = torch.Generator().manual_seed(cfg_t.seed)
+    bs = cfg_t.batch_size
+    if ctx is None:
+        loader = DataLoader(train_ds, batch_size=bs, shuffle=True, generator=g, drop_last=len(train_ds) > bs)
+    else:
+        shard = distributed.sampler(train_ds, ctx, cfg_t.seed)
+        loader = DataLoader(train_ds, batch_size=bs, sampler=shard, drop_last=len(shard) > bs)
+    steps = len(loader) if not cfg_t.max_steps_per_epoch else min(len(loader), cfg_t.max_steps_per_epoch)
+    opt = make_optimizer(module, cfg_t, cfg_t.lr)
+    sched, per_step = make_scheduler(opt, cfg_t, max(steps, 1), cfg_t.epochs)
+    model = distributed.wrap(module, ctx)
+    stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
+    history, best_state, best_epoch, best_score = [], None, -1, None
+    for epoch in range(cfg_t.epochs):
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        if ctx is not None:
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        losses, t_ep = [], time.time()
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            loss = step_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if per_step:
+                sched.step()
+            losses.append(loss.item())
+        distributed.sync_buffers(module, ctx)
+        m, score = eval_fn() if main else (None, None)
+        score = distributed.broadcast(score, ctx)
+        if not per_step:
+            sched.step(score)
+        stopper.step(score)
+        improved = not math.isnan(score) and (best_score is None or score > best_score)
+        if improved:
+            best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            best_epoch, best_score = epoch, score
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                        "val_accuracy": m["accuracy"] if m else None, "val_score": score,
+                        "seconds": round(time.time() - t_ep, 1)})
+        if main:
+            print(f"epoch {epoch + 1}/{cfg_t.epochs} loss {history[-1]['train_loss']:.4f} val {cfg_t.monitor} "
+                  f"{score:.4f} acc {m['accuracy']:.4f}{' *' if improved else ''} ({history[-1]['seconds']}s)",
+                  file=sys.stderr, flush=True)
+        if stopper.should_stop:
+            break
+    module.load_state_dict(best_state)
+    return best_epoch, history
+
+
+def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_note, val, test, history,
+            best_epoch, extra, ctx, classes) -> dict:
+    """Temperature on validation logits, metrics, weights + manifest (rank 0); other ranks read rank 0's entry."""
+    from .engine import _result_from_rank0
+
+    digest = distributed.state_digest(net) if ctx is not None else None
+    if ctx is not None and not ctx.is_main:
+        return _result_from_rank0(model_name, out, ctx, digest)
+    (val_z, val_y), test_pair = val, test
+    temperature = float(fit_temperature(val_z, val_y))
+    result = {"val": classification_metrics(val_y, apply_temperature(val_z, temperature), list(classes))}
+    if test_pair is not None and len(test_pair[1]):
+        result["test"] = classification_metrics(test_pair[1], apply_temperature(test_pair[0], temperature),
+                                                list(classes))
+    res = _write_outputs(net, cfg, model_name, Path(out), cfg_t, index, splits, data, data_note, temperature, result,
+                         history, best_epoch, extra=extra, state=state)
+    if ctx is not None:
+        res.update(rank=ctx.rank, world_size=ctx.world_size, replica_digest=digest)
+        distributed.barrier(ctx)
+    return res
+
+
+def _split(records, seed: int):
+    from ..io.datasets import patient_split
+
+    splits = patient_split(records, seed=seed)
+    if not splits.get("val"):
+        carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
+        splits = {"train": carved["train"], "val": carved["val"], "test": splits.get("test", [])}
+    if not splits.get("train") or not splits.get("val"):
+        raise RetinaInputError("Training needs samples in both a training and a validation split.")
+    return splits
+
+
+# ------------------------------------------------------------------------------------------------ fundus + OCT
+@torch.no_grad()
+def embed_images(encode, enc_cfg, paths, device, batch_size: int = 32) -> torch.Tensor:
+    """Pooled embeddings [N, d] of image files (decoded by read_image, preprocessed with the encoder's cfg)."""
+    from ..io.decode import read_image
+
+    out = []
+    for i in range(0, len(paths), batch_size):
+        x = torch.cat([preprocess_image(read_image(p).pixels, enc_cfg, device) for p in paths[i:i + batch_size]])
+        out.append(encode(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 1)
+
+
+class VirtualPairs(Dataset):
+    """Each item pairs fundus i with an OCT embedding of the same label, re-drawn every epoch (set_epoch); the
+    epoch length is the larger of the two sets (the smaller one is cycled)."""
+
+    def __init__(self, f_emb, f_y, o_emb, o_y, seed: int):
+        self.f_emb, self.f_y, self.o_emb, self.o_y, self.seed = f_emb, f_y, o_emb, o_y, seed
+        self.pools = {int(c): torch.nonzero(o_y == c).flatten() for c in torch.unique(f_y)}
+        missing = [int(c) for c, pool in self.pools.items() if len(pool) == 0]
+        if missing:
+            raise RetinaInputError(f"The OCT data set has no {FUSION_CLASSES[missing[0]]} image to pair with.")
+        self.n = max(len(f_y), len(o_y))
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        fi = torch.randperm(self.n, generator=g) % len(self.f_y)
+        oi = torch.empty_like(fi)
+        for c, pool in self.pools.items():
+            sel = self.f_y[fi] == c
+            oi[sel] = pool[torch.randint(len(pool), (int(sel.sum()),), generator=g)]
+        self.fi, self.oi = fi, oi
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return self.f_emb[self.fi[i]], self.o_emb[self.oi[i]], self.f_y[self.fi[i]]
+
+    def fixed(self) -> TensorDataset:
+        return TensorDataset(self.f_emb[self.fi], self.o_emb[self.oi], self.f_y[self.fi])
+
+
+def _fusion_sources(data, cfg_t: TrainConfig):
+    """(index, splits, {split: (fundus paths, oct paths or None, labels)}, oct index or None, pairing)."""
+    from ..io.datasets import load_dataset
+
+    index = load_dataset(data)
+    if index.layout == "paired":
+        splits = _split([replace(r, label=binary_label(r.label)) for r in index.records], cfg_t.seed)
+        per = {k: ([r.path for r in v], [Path(r.meta["oct"]) for r in v], [r.label for r in v])
+               for k, v in splits.items()}
+        return index, splits, per, None, "true pairs"
+    if not cfg_t.pair_with:
+        raise RetinaInputError(f"{data} is a {index.layout} data set. fundus_oct_fusion trains on pairs.csv (true "
+                               f"pairs), or on a fundus data set plus an OCT data set given with --pair-with "
+                               f"(virtual pairs of the same label).")
+    oct_index = load_dataset(cfg_t.pair_with)
+    fs = _split([replace(r, label=binary_label(r.label)) for r in index.records], cfg_t.seed)
+    os_ = _split([replace(r, label=binary_label(r.label)) for r in oct_index.records], cfg_t.seed)
+    per = {k: ([r.path for r in fs.get(k, [])], [r.path for r in os_.get(k, [])],
+               ([r.label for r in fs.get(k, [])], [r.label for r in os_.get(k, [])])) for k in ("train", "val", "test")}
+    splits = {k: fs.get(k, []) for k in ("train", "val", "test")}
+    return index, splits, per, oct_index, "virtual pairs"
+
+
+def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
+    seed_everything(cfg_t.seed)
+    out = Path(out)
+    if ctx is None or ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    base = get_cfg(model_name)
+    kw = dict(base.builder_kwargs)
+    if cfg_t.encoders_dir:
+        kw["encoders_dir"] = cfg_t.encoders_dir
+    if cfg_t.image_size:
+        kw["encoder_input_size"] = (3, cfg_t.image_size, cfg_t.image_size)
+    net = create_model(model_name, builder_kwargs=kw)
+    net.cfg = replace(net.cfg, input_size=tuple(net.fundus_cfg.input_size))
+    device = ctx.device if ctx else default_device()
+    net.to(device).eval()
+    index, splits, per, oct_index, pairing = _fusion_sources(data, cfg_t)
+    cls = {c: i for i, c in enumerate(FUSION_CLASSES)}
+
+    t0 = time.time()
+    sets = {}
+    for k, (fp, op, labels) in per.items():
+        if not fp:
+            continue
+        f_emb = embed_images(net.embed_fundus, net.fundus_cfg, fp, device)
+        o_emb = embed_images(net.embed_oct, net.oct_cfg, op, device)
+        if pairing == "true pairs":
+            y = torch.tensor([cls[c] for c in labels])
+            sets[k] = TensorDataset(f_emb, o_emb, y)
+        else:
+            fy = torch.tensor([cls[c] for c in labels[0]])
+            oy = torch.tensor([cls[c] for c in labels[1]])
+            if len(oy) == 0:
+                raise RetinaInputError(f"The OCT data set has no {k} split to pair with.")
+            vp = VirtualPairs(f_emb, fy, o_emb, oy, seed=cfg_t.seed + {"train": 0, "val": 1, "test": 2}[k])
+            sets[k] = vp if k == "train" else vp.fixed()
+    log.info("embedded %s pairs in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
+    if "train" not in sets or "val" not in sets:
+        raise RetinaInputError("Training needs pairs in both a training and a validation split.")
+
+    def head_logits(head, f, o):
+        return head(torch.cat([f, o], dim=1).to(device))
+
+    def step(head, batch):
+        f, o, y = batch
+        return F.cross_entropy(head_logits(head, f, o), y.to(device), label_smoothing=cfg_t.label_smoothing)
+
+    @torch.no_grad()
+    def logits_of(ds):
+        net.eval()
+        f, o, y = ds.tensors
+        return head_logits(net.head, f, o).float().cpu().numpy(), y.numpy()
+
+    def evaluate():
+        z, y = logits_of(sets["val"])
+        m = classification_metrics(y, torch.softmax(torch.from_numpy(z), 1).numpy(), list(FUSION_CLASSES))
+        return m, _score(m, cfg_t.monitor)
+
+    best_epoch, history = _fit(net.head, sets["train"], step, evaluate, cfg_t, ctx, out)
+    note = data_note
+    if note is None and oct_index is not None:
+        from .engine import _is_phantom
+        kind = "synthetic phantoms" if _is_phantom(Path(data)) and _is_phantom(Path(cfg_t.pair_with)) else "data"
+        note = (f"{kind}, virtual pairs: fundus {index.layout} ({data}) x OCT {oct_index.layout} "
+                f"({cfg_t.pair_with}), same binary label")
+    extra = {"encoders": net.encoder_info(), "pairing": pairing, "head_only": True}
+    return _finish(net, net.head_state_dict(), net.cfg, model_name, out, cfg_t, index, splits, data, note,
+                   logits_of(sets["val"]), logits_of(sets["test"]) if "test" in sets else None, history,
+                   best_epoch, extra, ctx, FUSION_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------------ volumes
+class VolumeSet(Dataset):
+    """(volume [1, D, H, W] normalised, metadata [M] raw with NaN, label) with optional augmentation."""
+
+    def __init__(self, vols: torch.Tensor, metas: torch.Tensor, ys: torch.Tensor, augment: bool, strength: float):
+        self.vols, self.metas, self.ys, self.augment, self.strength = vols, metas, ys, augment, strength
+
+    def __len__(self) -> int:
+        return len(self.ys)
+
+    def __getitem__(self, i):
+        x = self.vols[i].float()
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            x = x * (1.0 + 0.2 * self.strength * (torch.rand(()) - 0.5)) + 0.2 * self.strength * (torch.rand(()) - 0.5)
+            s = max(0, int(round(3 * self.strength)))
+            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+            x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+        return x, self.metas[i], self.ys[i]
+
+
+def _volume_records(data):
+    from ..io.datasets import load_dataset
+
+    index = load_dataset(data)
+    if index.layout != "volumes":
+        raise RetinaInputError(f"{data} is a {index.layout} data set; volume models read NIfTI volumes with a "
+                               f"metadata.csv (layout 'volumes').")
+    labels = {r.label for r in index.records}
+    if not labels <= set(VOLUME_CLASSES):
+        log.warning("labels %s mapped to normal vs disease", sorted(labels))
+    recs = [replace(r, label=r.label if r.label in VOLUME_CLASSES else binary_label(r.label))
+            for r in index.records]
+    return index, recs
+
+
+def decode_volumes(records, cfg, dtype=torch.float16) -> torch.Tensor:
+    """[N, 1, D, H, W] preprocessed volumes (read_image -> preprocess_volume), kept in memory as float16."""
+    from ..io.decode import read_image
+
+    vols = [preprocess_volume(read_image(r.path).pixels, cfg)[0].to(dtype) for r in records]
+    return torch.stack(vols) if vols else torch.zeros(0, *cfg.input_size, dtype=dtype)
+
+
+def metadata_matrix(records, features) -> torch.Tensor:
+    return torch.from_numpy(np.stack([encode_metadata(r.meta, r.eye, features) for r in records])
+                            if records else np.zeros((0, len(features)), np.float32))
+
+
+def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
+    seed_everything(cfg_t.seed)
+    out = Path(out)
+    if ctx is None or ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    base = get_cfg(model_name)
+    overrides = {}
+    if cfg_t.image_size:
+        overrides["input_size"] = (base.input_size[0], base.input_size[1], cfg_t.image_size, cfg_t.image_size)
+    kw = dict(base.builder_kwargs)
+    if cfg_t.fusion:
+        kw["fusion"] = cfg_t.fusion
+    if cfg_t.drop_path is not None:
+        log.info("drop_path is not used by the 3D ResNet")
+    net = create_model(model_name, builder_kwargs=kw, **overrides)
+    if cfg_t.init:
+        from ..models.checkpoints import load_state_dict_file
+        log.info("initialised from %s: %s", cfg_t.init, load_state_dict_file(net, cfg_t.init))
+    cfg = net.cfg
+    device = ctx.device if ctx else default_device()
+    index, recs = _volume_records(data)
+    splits = _split(recs, cfg_t.seed)
+    t0 = time.time()
+    cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
+    sets, raw = {}, {}
+    for k in ("train", "val", "test"):
+        rs = splits.get(k, [])
+        raw[k] = (decode_volumes(rs, cfg), metadata_matrix(rs, net.meta_features),
+                  torch.tensor([cls[r.label] for r in rs], dtype=torch.long))
+        sets[k] = VolumeSet(*raw[k], augment=(k == "train" and cfg_t.augment), strength=cfg_t.aug_strength)
+    log.info("decoded %s volumes in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
+    meta_train = raw["train"][1].numpy()
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        net.set_metadata_stats(np.nanmean(meta_train, axis=0), np.nanstd(meta_train, axis=0))
+    net.to(device)
+    focal = FocalLoss(gamma=2.0, label_smoothing=cfg_t.label_smoothing, dynamic_alpha=True)
+
+    def step(model, batch):
+        x, meta, y = (b.to(device) for b in batch)
+        return focal(model(x, meta).squeeze(1), y.float())
+
+    @torch.no_grad()
+    def logits_of(k):
+        net.eval()
+        vols, metas, ys = raw[k]
+        z = [net(vols[i:i + 16].float().to(device), metas[i:i + 16].to(device)).float().cpu()
+             for i in range(0, len(ys), 16)]
+        return (torch.cat(z)[:, 0].numpy() if z else np.zeros(0, np.float32)), ys.numpy()
+
+    def evaluate():
+        z, y = logits_of("val")
+        m = classification_metrics(y, 1.0 / (1.0 + np.exp(-z)), list(VOLUME_CLASSES))
+        return m, _score(m, cfg_t.monitor)
+
+    best_epoch, history = _fit(net, sets["train"], step, evaluate, cfg_t, ctx, out)
+    extra = {"fusion": net.fusion, "meta_features": list(net.meta_features), "output": "one logit, P(disease)",
+             "loss": f"focal (gamma 2, dynamic alpha, label smoothing {cfg_t.label_smoothing})"}
+    return _finish(net, None, cfg, model_name, out, cfg_t, index, splits, data, data_note, logits_of("val"),
+                   logits_of("test") if len(raw["test"][2]) else None, history, best_epoch, extra, ctx,
+                   VOLUME_CLASSES)
+
+
+@contextlib.contextmanager
+def _quiet_nan_warnings():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def load_multimodal(name: str, weights_dir=None, encoders_dir=None, device: str | None = None) -> LoadedModel:
+    """`load_model` for the two-input models, with the same safety checks (safetensors only, sha256 against the
+    manifest, every tensor must fit), plus what their manifest entry records: the volume model's fusion mode, and
+    for fundus_oct_fusion the encoders, looked up in `encoders_dir` (comma-separated), RETINA_ENCODERS_DIR, then
+    the bundled weights folder (the head refuses encoders other than those it was trained on)."""
+    from safetensors.torch import load_file
+
+    from ..models.loading import read_manifest, sha256_file
+    from ..models.loading import weights_dir as bundled_dir
+
+    cfg = get_cfg(name)
+    directory = Path(weights_dir) if weights_dir else bundled_dir()
+    entry = read_manifest(directory).get(name)
+    if entry is None:
+        raise RetinaInputError(f"No weights for model {name!r} in {directory}: its manifest.json has no entry. "
+                               f"Train it with `python -m retina_core train --model {name} ...`.")
+    path = directory / entry["file"]
+    if path.suffix != ".safetensors" or not path.exists():
+        raise RetinaInputError(f"Weights file for {name!r} is missing or not a .safetensors file: {path.name}.")
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise RetinaInputError(f"Weights file {path.name} does not match the sha256 in manifest.json: it was "
+                               f"changed or damaged, so model {name!r} will not be loaded.")
+    kw = dict(cfg.builder_kwargs)
+    if entry.get("fusion"):
+        kw["fusion"] = entry["fusion"]
+    if encoders_dir:
+        kw["encoders_dir"] = encoders_dir
+    size = tuple(entry.get("input_size") or cfg.input_size)
+    net = create_model(name, input_size=size, builder_kwargs=kw)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RetinaInputError(f"Weights file {path.name} does not fit model {name!r} "
+                               f"({len(missing)} missing, {len(unexpected)} unexpected tensors).")
+    dev = torch.device(device) if device else default_device()
+    net.eval().to(dev)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(name=name, cfg=net.cfg, net=net, device=dev, sha256=digest,
+                       temperature=float(entry.get("temperature", 1.0)), entry=entry)
+
+
+@torch.inference_mode()
+def predict_pairs(model: LoadedModel, fundus_paths, oct_paths, batch_size: int = 32) -> np.ndarray:
+    """Calibrated probabilities [N, 2] (normal, disease) for fundus/OCT file pairs."""
+    from ..io.decode import read_image
+
+    net, out = model.net, []
+    for i in range(0, len(fundus_paths), batch_size):
+        pairs = [net.preprocess_pair(read_image(f).pixels, read_image(o).pixels, model.device)
+                 for f, o in zip(fundus_paths[i:i + batch_size], oct_paths[i:i + batch_size])]
+        z = net(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+        out.append(torch.softmax(z.float() / model.temperature, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
+@torch.inference_mode()
+def predict_volumes(model: LoadedModel, records, batch_size: int = 8) -> np.ndarray:
+    """Calibrated P(disease) [N] for volume records (NIfTI path + metadata)."""
+    net, out = model.net, []
+    for i in range(0, len(records), batch_size):
+        rs = records[i:i + batch_size]
+        x = decode_volumes(rs, model.cfg, dtype=torch.float32).to(model.device)
+        z = net(x, metadata_matrix(rs, net.meta_features).to(model.device))[:, 0].float().cpu().numpy()
+        out.append(apply_temperature(z, model.temperature))
+    return np.concatenate(out) if out else np.zeros(0)

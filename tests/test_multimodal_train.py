@@ -1,0 +1,120 @@
+"""Training the two-input models end to end on tiny phantoms: fundus + OCT fusion (true and virtual pairs) and
+OCT volume + metadata; head-only weights tied to their encoders; reload through the sha256-checked loader."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import retina_core as rc
+from retina_core.cli import main
+from retina_core.models import create_model
+from retina_core.models.loading import sha256_file
+from retina_core.phantoms import write_dataset
+from retina_core.train.engine import TrainConfig, train
+from retina_core.train.multimodal import load_multimodal, predict_pairs, predict_volumes
+
+ENCODERS = ("fundus_dr_effnet_b0", "oct_resnet18")
+
+
+def _write_encoders(d, size=32, seed=0):
+    """Stand-in encoder weights (random, but real files with sha256 in a manifest), trained at `size` px."""
+    d.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    manifest = {}
+    for name in ENCODERS:
+        net = create_model(name, input_size=(3, size, size))
+        f = d / f"{name}.safetensors"
+        save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()},
+                  str(f))
+        manifest[name] = {"file": f.name, "sha256": sha256_file(f), "input_size": [3, size, size],
+                          "classes": list(net.cfg.classes)}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    return _write_encoders(tmp_path_factory.mktemp("enc"))
+
+
+def test_fusion_on_true_pairs_stores_only_the_head_tied_to_its_encoders(tmp_path, encoders):
+    data = tmp_path / "pairs"
+    write_dataset("paired", n=24, seed=2, out=data, size=48)
+    out = tmp_path / "run"
+    result = train("fundus_oct_fusion", data, out, TrainConfig(epochs=2, batch_size=8, encoders_dir=str(encoders)))
+    entry = json.loads((out / "manifest.json").read_text())["fundus_oct_fusion"]
+    assert entry["pairing"] == "true pairs" and entry["head_only"] and entry["recipe"] == "fusion_head"
+    for name in ENCODERS:
+        assert entry["encoders"][name]["sha256"] == sha256_file(encoders / f"{name}.safetensors")
+        assert entry["encoders"][name]["input_size"] == [3, 32, 32]
+    stored = load_file(str(out / entry["file"]))
+    assert set(stored) == {"head.0.weight", "head.0.bias", "head.3.weight", "head.3.bias", "encoder_digest"}
+    assert stored["head.0.weight"].shape == (512, 1792) and stored["head.3.weight"].shape == (2, 512)
+    assert entry["classes"] == ["normal", "disease"] and result["metrics"]["val"]["n"] > 0
+
+    m = load_multimodal("fundus_oct_fusion", weights_dir=out, encoders_dir=encoders, device="cpu")
+    assert m.sha256 == entry["sha256"] and not m.net.training
+    rows = [l.split(",") for l in (data / "pairs.csv").read_text().splitlines()[1:4]]
+    probs = predict_pairs(m, [data / r[1] for r in rows], [data / r[2] for r in rows])
+    assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1.0)
+
+    # other encoder weights than those the head was trained on: refused with a clear message
+    other = _write_encoders(tmp_path / "other", seed=1)
+    with pytest.raises(rc.RetinaInputError, match="trained on encoder weights"):
+        load_multimodal("fundus_oct_fusion", weights_dir=out, encoders_dir=other, device="cpu")
+
+
+def test_fusion_on_virtual_pairs_from_two_data_sets_via_cli(tmp_path, encoders, capsys):
+    fundus, octs = tmp_path / "fundus", tmp_path / "oct"
+    write_dataset("fundus-dr", n=20, seed=3, out=fundus, size=48)
+    write_dataset("oct-kermany", n=24, seed=3, out=octs, size=48)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "fundus_oct_fusion", "--data", str(fundus), "--pair-with", str(octs),
+                 "--out", str(out), "--encoders-dir", str(encoders), "--epochs", "2", "--json"]) == 0
+    entry = json.loads((out / "manifest.json").read_text())["fundus_oct_fusion"]
+    assert entry["pairing"] == "virtual pairs" and "virtual pairs" in entry["data"]
+    assert entry["trained_on_phantoms"] and entry["config"]["pair_with"] == str(octs)
+    assert main(["train", "--model", "fundus_oct_fusion", "--data", str(fundus), "--out", str(tmp_path / "x"),
+                 "--encoders-dir", str(encoders), "--epochs", "1"]) == 2          # no pairs.csv, no --pair-with
+    assert "--pair-with" in capsys.readouterr().err
+
+
+def test_virtual_pairs_keep_labels_and_repair_every_epoch():
+    from retina_core.train.multimodal import VirtualPairs
+
+    f_y, o_y = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([1, 0, 1, 0, 0, 1, 1, 0])
+    vp = VirtualPairs(torch.arange(5.0)[:, None], f_y, 10 + torch.arange(8.0)[:, None], o_y, seed=0)
+    assert len(vp) == 8
+    first = vp.oi.clone()
+    for i in range(len(vp)):
+        f, o, y = vp[i]
+        assert o_y[int(o.item()) - 10] == f_y[int(f.item())] == y
+    vp.set_epoch(1)
+    assert not torch.equal(first, vp.oi)
+
+
+def test_volume_model_trains_with_focal_loss_and_metadata(tmp_path, capsys):
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(out),
+                 "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--fusion", "add", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    entry = json.loads((out / "manifest.json").read_text())["oct_volume_fusion3d_tiny"]
+    assert summary["sha256"] == entry["sha256"] == sha256_file(out / entry["file"])
+    assert entry["fusion"] == "add" and entry["loss"].startswith("focal") and entry["recipe"] == "learned_fusion3d"
+    assert entry["meta_features"] == ["age", "sex", "eye", "va_logmar", "cst_um", "hba1c"]
+    assert "oct_class" not in entry["meta_features"]                   # names the disease: never a feature
+    assert entry["input_size"] == [1, 32, 32, 32] and entry["config"]["label_smoothing"] == 0.1
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert len(history) == 2 and all(np.isfinite(h["train_loss"]) for h in history)
+
+    m = load_multimodal("oct_volume_fusion3d_tiny", weights_dir=out, device="cpu")
+    assert m.net.fusion == "add" and m.net.classifier_in == 512
+    assert m.net.meta_mean[0] > 20                                     # age, standardised with training stats
+    from retina_core.io.datasets import load_dataset
+    recs = load_dataset(data).records[:3]
+    p = predict_volumes(m, recs)
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
