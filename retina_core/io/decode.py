@@ -479,7 +479,9 @@ def _decode_pillow(data: bytes, fmt: str, *, content_hash: str, max_pixels: int,
                 raise RetinaInputError(f"This {_pretty(fmt)} image was refused as a possible decompression bomb."
                                        ) from None
             except (OSError, SyntaxError, EOFError, ValueError) as exc:
-                log_internal_error(exc, fmt, content_hash)
+                # A damaged file is the user's problem, not ours: one info line, the traceback only at debug level.
+                log.info("Could not decode a %s file (sha256 %s...): %s", fmt, content_hash[:12], type(exc).__name__)
+                log.debug("decoder detail", exc_info=exc)
                 raise RetinaInputError(truncated_msg) from None
     meta["frame"] = index
     return RetinalImage(pixels=rgb, kind="image", source_format=fmt, content_hash=content_hash,
