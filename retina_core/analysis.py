@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,8 +143,21 @@ def analyze(image, model: LoadedModel | str | None = None, method: str = "gradca
     if probs[pred] < LOW_CONFIDENCE:
         notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
         suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."
-    return Analysis(modality=q.modality, quality=q, probabilities={c: float(p) for c, p in zip(classes, probs)},
-                    label=label, heatmap=heatmap, model=model.name, weights_sha256=model.sha256, method=method,
-                    target=classes[t_idx], referable=referable, suggestion=suggestion,
-                    content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=notes)
+    result = Analysis(modality=q.modality, quality=q, probabilities={c: float(p) for c, p in zip(classes, probs)},
+                      label=label, heatmap=heatmap, model=model.name, weights_sha256=model.sha256, method=method,
+                      target=classes[t_idx], referable=referable, suggestion=suggestion,
+                      content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=notes)
+    audit(result)
+    return result
+
+
+def audit(a: Analysis) -> None:
+    """Append to the JSONL audit log named by RETINA_AUDIT_LOG, if set: hashes and outputs, never patient data."""
+    path = os.environ.get("RETINA_AUDIT_LOG")
+    if path and a.model:
+        from .audit import AuditLog
+
+        AuditLog(path).record(a.content_hash, a.model, a.weights_sha256,
+                              {"label": a.label, "probabilities": a.probabilities, "method": a.method,
+                               "modality": a.modality, "quality": a.quality.verdict})
 

@@ -59,3 +59,17 @@ def test_concurrent_appends_do_not_interleave(tmp_path):
         t.join()
     entries = log.entries()
     assert len(entries) == 100 and all(e["outputs"]["text"] == "x" * 500 for e in entries)
+
+
+def test_analyze_writes_the_audit_log_without_patient_data(tmp_path, monkeypatch, oct_png):
+    import json
+
+    import retina_core as rc
+
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("RETINA_AUDIT_LOG", str(log))
+    a = rc.analyze(rc.read_image(oct_png))
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["content_hash"] == a.content_hash and entry["model"] == "oct_resnet18"
+    assert entry["weights_sha256"] == a.weights_sha256 and entry["outputs"]["label"] == a.label
+    assert oct_png.name not in log.read_text()
