@@ -1,7 +1,6 @@
 """`python -m retina_core ensemble`: soft and weighted voting, exhaustive ablation over 2^k - 1 subsets."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file

@@ -11,9 +11,9 @@ from retina_core.train.engine import TrainConfig, build_for_training
 
 
 def _public_checkpoint(prefix="backbone.", img=64, classes=1000, mae_norm=True):
-    """A RETFound-style checkpoint: {'model': sd}, prefixed keys, a 1000-class head, pos_embed for an 8x8 grid
-    (img 64 / patch 8 is avoided: patch 16 at 128 px), MAE leftovers (norm instead of fc_norm, decoder, mask_token)."""
-    src = create_model("retfound_vit_tiny", input_size=(3, 128, 128))       # 8x8 patch grid
+    """A RETFound-style checkpoint: {'model': sd}, prefixed keys, a 1000-class head, pos_embed for an 8x8 grid,
+    MAE leftovers (norm instead of fc_norm, decoder, mask_token)."""
+    src = create_model("retfound_vit_tiny", input_size=(3, 64, 64))         # patch 8: 8x8 grid
     sd = dict(src.state_dict())
     sd["head.weight"] = torch.randn(classes, 192)
     sd["head.bias"] = torch.randn(classes)
@@ -27,7 +27,7 @@ def _public_checkpoint(prefix="backbone.", img=64, classes=1000, mae_norm=True):
 def test_import_strips_prefixes_drops_head_and_interpolates_pos_embed(tmp_path):
     src, sd = _public_checkpoint()
     torch.save({"model": sd, "epoch": 799}, tmp_path / "RETFound_cfp_weights.pth")
-    net = create_model("retfound_vit_tiny", input_size=(3, 64, 64))         # 4x4 patch grid
+    net = create_model("retfound_vit_tiny", input_size=(3, 32, 32))         # 4x4 patch grid
     report = import_retfound_checkpoint(net, tmp_path / "RETFound_cfp_weights.pth")
 
     assert report["dropped_head"] == ["head.weight (1000, 192)", "head.bias (1000,)"]
@@ -44,17 +44,18 @@ def test_import_strips_prefixes_drops_head_and_interpolates_pos_embed(tmp_path):
     assert net.head.weight.shape == (4, 192) and net.head.weight.abs().max() < 1e-3
     assert torch.count_nonzero(net.head.bias) == 0
     with torch.no_grad():
-        assert net.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+        assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
 
 
 def test_import_module_prefix_safetensors_and_a_matching_head_is_kept(tmp_path):
     src, sd = _public_checkpoint(prefix="module.", classes=4, mae_norm=False)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "ft.safetensors"))
-    net = create_model("retfound_vit_tiny", input_size=(3, 128, 128))
+    net = create_model("retfound_vit_tiny", input_size=(3, 64, 64))
     report = import_retfound_checkpoint(net, tmp_path / "ft.safetensors")
     assert report["dropped_head"] == [] and not report["pos_embed"]["interpolated"]
     assert report["missing"] == [] and not report["head_reinitialised"]
-    assert torch.equal(net.head.weight, sd["module.head.weight"]) and torch.equal(net.fc_norm.weight, src.fc_norm.weight)
+    assert torch.equal(net.head.weight, sd["module.head.weight"])
+    assert torch.equal(net.fc_norm.weight, src.fc_norm.weight)
     # a state dict works as well as a file
     assert import_retfound_checkpoint(create_model("retfound_vit_tiny"), {"model": sd})["loaded"] > 50
 
@@ -62,8 +63,8 @@ def test_import_module_prefix_safetensors_and_a_matching_head_is_kept(tmp_path):
 def test_train_init_uses_the_retfound_importer(tmp_path):
     src, sd = _public_checkpoint()
     torch.save({"model": sd}, tmp_path / "ckpt.pth")
-    net = build_for_training("retfound_vit_tiny", TrainConfig(init=str(tmp_path / "ckpt.pth"), image_size=64))
-    assert net.cfg.input_size == (3, 64, 64)
+    net = build_for_training("retfound_vit_tiny", TrainConfig(init=str(tmp_path / "ckpt.pth"), image_size=32))
+    assert net.cfg.input_size == (3, 32, 32) and net.pos_embed.shape == (1, 17, 192)
     assert torch.equal(net.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
 
 

@@ -51,7 +51,7 @@ def test_registry_has_every_family_with_cards_and_target_layers():
 IMAGE_TABLE = [
     ("retinal_fusion_net", {"input_size": (3, 64, 64)}, (2, 3, 64, 64), (2, 256), (2, 8)),
     ("retinal_fusion_net_atto", {"input_size": (3, 64, 64)}, (2, 3, 64, 64), (2, 160), (2, 8)),
-    ("retfound_vit_tiny", {"input_size": (3, 64, 64)}, (2, 3, 64, 64), (2, 17, 192), (2, 4)),
+    ("retfound_vit_tiny", {"input_size": (3, 64, 64)}, (2, 3, 64, 64), (2, 65, 192), (2, 4)),
     ("fundus_resnet50", {"input_size": (3, 64, 64)}, (2, 3, 64, 64), (2, 2048, 2, 2), (2, 4)),
     ("fundus_resnet18_head", {"input_size": (3, 64, 64)}, (2, 3, 64, 64), (2, 256, 2, 2), (2, 4)),
 ]

@@ -1,7 +1,7 @@
 """`python -m retina_core ensemble`: soft / weighted voting of trained models on one data split, exhaustive subset
 ablation, and whether the ensemble beats its best member (evaluate/ensemble.py does the arithmetic).
 
-    python -m retina_core ensemble --models retinal_fusion_net_atto,retinal_fusion_net_atto_v4 --data data/octc8 --ablation
+    python -m retina_core ensemble --models retinal_fusion_net_atto,retinal_fusion_net_atto_v4 --data octc8 --ablation
     python -m retina_core ensemble --models A,B --weights 0.6,0.4 --weights-dirs runs/a,runs/b --data D --json
     python -m retina_core ensemble --models retinal_fusion_net_atto@runs/v3,retinal_fusion_net_atto@runs/v4 --data D
 

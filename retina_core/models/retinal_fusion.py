@@ -15,7 +15,7 @@ lambda -> 1 means the semantic branch dominates, -> 0 the edge branch. `fusion_l
 
 The ConvNeXt branch is named `net` so timm / ImageNet ConvNeXt checkpoints load with `train --init ckpt.pth`.
 
-    python -m retina_core train --model retinal_fusion_net_atto --data data/octc8 --out runs/rfn_v3 --recipe v3_specialist
+    python -m retina_core train --model retinal_fusion_net_atto --data data/octc8 --out runs/v3 --recipe v3_specialist
 """
 from __future__ import annotations
 
@@ -220,12 +220,13 @@ _ATTO = dict(
 register_model(ModelCfg(
     name="retinal_fusion_net_atto", weights="retinal_fusion_net_atto.safetensors", **_ATTO,
     card=("Demo RetinalFusionNet on CPU: ConvNeXt-Atto (timm `convnext_atto`, 3.4M) semantic branch, narrow edge "
-          "branch, MSFA width 160, 96x96 input. Demo weights: the V3 specialist recipe. " + _DESIGN + _PHANTOM_NOTE),
+          "branch, MSFA width 160, 96x96 input. Demo weights: the V3 specialist recipe; after training lambda = "
+          "0.491 (from 0.5: the edge branch gained a little weight; the manifest's `fusion_lambda` is authoritative). " + _DESIGN + _PHANTOM_NOTE),
 ), RetinalFusionNet)
 
 register_model(ModelCfg(
     name="retinal_fusion_net_atto_v4", weights="retinal_fusion_net_atto_v4.safetensors", **_ATTO,
     card=("The same architecture as `retinal_fusion_net_atto`, with demo weights from the V4 sprint recipe; "
           "the V3+V4 ensemble is `python -m retina_core ensemble --models retinal_fusion_net_atto,"
-          "retinal_fusion_net_atto_v4 --data ...`. " + _DESIGN + _PHANTOM_NOTE),
+          "retinal_fusion_net_atto_v4 --data ...`. After V4 training lambda = 0.482. " + _DESIGN + _PHANTOM_NOTE),
 ), RetinalFusionNet)
