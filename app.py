@@ -21,5 +21,6 @@ pages = {
     ],
 }
 nav = st.navigation(pages)
+ui.mark_navigation()
 ui.sidebar_weights()
 nav.run()

@@ -5,6 +5,8 @@ import streamlit as st
 from retina_core import ui
 from retina_core.screening import COLUMNS, screen_uploads
 
+ui.require_navigation()
+
 CHUNK = 8   # images per forward batch; the progress bar moves after each
 
 st.title("Batch screening")

@@ -8,6 +8,8 @@ from retina_core.compare import agreement, run_fusion
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
 
+ui.require_navigation()
+
 FUSION = "fundus_oct_fusion"
 
 st.title("Compare modalities")

@@ -8,6 +8,8 @@ from retina_core.compare import ablation_rows, ensemble_groups, ensemble_image, 
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
 
+ui.require_navigation()
+
 st.title("Ensemble")
 ui.disclaimer()
 

@@ -7,6 +7,8 @@ from retina_core import figures, ui
 from retina_core.models import get_cfg, list_models, read_manifest
 from retina_core.quick_eval import saved_evaluations, stability_table
 
+ui.require_navigation()
+
 st.title("Models & evaluation")
 ui.disclaimer()
 

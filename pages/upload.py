@@ -8,6 +8,8 @@ from retina_core.explain.attribution import ALL_METHODS, VIT_METHODS
 from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
 from retina_core.report import EYES, ReportItem, report_json, report_pdf, split_by_eye
 
+ui.require_navigation()
+
 MODALITIES = {"Automatic": None, "Fundus photograph": "fundus", "OCT B-scan": "oct"}
 SLOW = ("scorecam", "integrated_gradients")
 METHOD_LABELS = {m: m + (" (slow)" if m in SLOW else " (ViT models only)" if m in VIT_METHODS else "")

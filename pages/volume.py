@@ -9,6 +9,8 @@ from retina_core.explain.overlay import overlay
 from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
                                 slice_rgb)
 
+ui.require_navigation()
+
 st.title("Volume viewer")
 ui.disclaimer()
 

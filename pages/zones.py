@@ -9,6 +9,8 @@ from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
 from retina_core.explain.zones import ETDRS_ABBREVIATIONS
 
+ui.require_navigation()
+
 SLOW = {"scorecam", "integrated_gradients", "vit_relevance"}
 DEFAULT_METHODS = ("gradcam", "gradcam++", "eigencam", "attention_rollout")
 
