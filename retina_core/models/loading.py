@@ -102,8 +102,11 @@ class LoadedModel:
         return torch.softmax(self.net(batch.to(self.device)) / self.temperature, dim=1)
 
 
-def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: str | None = None) -> LoadedModel:
-    """Build `name`, load its safetensors after checking the sha256 recorded in the manifest, eval mode."""
+def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: str | None = None,
+               **builder_overrides) -> LoadedModel:
+    """Build `name`, load its safetensors after checking the sha256 recorded in the manifest, eval mode.
+
+    builder_overrides: extra builder arguments, e.g. `encoders_dir` for fundus_oct_fusion's frozen encoders."""
     cfg = get_cfg(name)
     directory = Path(weights_dir) if weights_dir else globals()["weights_dir"]()
     entry = read_manifest(directory).get(name)
@@ -120,7 +123,12 @@ def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: 
         raise RetinaInputError(f"Weights file {path.name} does not match the sha256 in manifest.json: it was "
                                f"changed or damaged, so model {name!r} will not be loaded.")
     cfg = _with_entry(cfg, entry)
-    net = create_model(name, input_size=cfg.input_size)
+    kw = dict(cfg.builder_kwargs)
+    if entry.get("fusion"):           # the volume model's fusion mode is part of what the weights were trained as
+        kw["fusion"] = entry["fusion"]
+    kw.update(builder_overrides)
+    net = create_model(name, input_size=cfg.input_size, builder_kwargs=kw)
+    cfg = net.cfg
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -414,42 +414,10 @@ def load_multimodal(name: str, weights_dir=None, encoders_dir=None, device: str 
     manifest, every tensor must fit), plus what their manifest entry records: the volume model's fusion mode, and
     for fundus_oct_fusion the encoders, looked up in `encoders_dir` (comma-separated), RETINA_ENCODERS_DIR, then
     the bundled weights folder (the head refuses encoders other than those it was trained on)."""
-    from safetensors.torch import load_file
+    from ..models.loading import load_model
 
-    from ..models.loading import read_manifest, sha256_file
-    from ..models.loading import weights_dir as bundled_dir
-
-    cfg = get_cfg(name)
-    directory = Path(weights_dir) if weights_dir else bundled_dir()
-    entry = read_manifest(directory).get(name)
-    if entry is None:
-        raise RetinaInputError(f"No weights for model {name!r} in {directory}: its manifest.json has no entry. "
-                               f"Train it with `python -m retina_core train --model {name} ...`.")
-    path = directory / entry["file"]
-    if path.suffix != ".safetensors" or not path.exists():
-        raise RetinaInputError(f"Weights file for {name!r} is missing or not a .safetensors file: {path.name}.")
-    digest = sha256_file(path)
-    if digest != entry.get("sha256"):
-        raise RetinaInputError(f"Weights file {path.name} does not match the sha256 in manifest.json: it was "
-                               f"changed or damaged, so model {name!r} will not be loaded.")
-    kw = dict(cfg.builder_kwargs)
-    if entry.get("fusion"):
-        kw["fusion"] = entry["fusion"]
-    if encoders_dir:
-        kw["encoders_dir"] = encoders_dir
-    size = tuple(entry.get("input_size") or cfg.input_size)
-    net = create_model(name, input_size=size, builder_kwargs=kw)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RetinaInputError(f"Weights file {path.name} does not fit model {name!r} "
-                               f"({len(missing)} missing, {len(unexpected)} unexpected tensors).")
-    dev = torch.device(device) if device else default_device()
-    net.eval().to(dev)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return LoadedModel(name=name, cfg=net.cfg, net=net, device=dev, sha256=digest,
-                       temperature=float(entry.get("temperature", 1.0)), entry=entry)
+    return load_model(name, weights_dir=weights_dir, device=device,
+                      **({"encoders_dir": encoders_dir} if encoders_dir else {}))
 
 
 @torch.inference_mode()
