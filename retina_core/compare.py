@@ -155,25 +155,9 @@ def find_ablation_files(roots=("docs", "weights", "artifacts"), base=None) -> li
     """Saved ensemble evaluations (`python -m retina_core ensemble ... --ablation --json > FILE.json`): JSON files
     under `roots` (relative to `base`, default the project folder) holding an "ablation" list.
     Returns [(path, parsed dict)]."""
-    import json
-    from pathlib import Path
+    from .quick_eval import saved_reports
 
-    base = Path(base) if base else Path(__file__).resolve().parents[1]
-    found = []
-    for r in roots:
-        d = base / r
-        if not d.is_dir():
-            continue
-        for p in sorted(d.rglob("*.json"))[:200]:
-            if p.name == "manifest.json" or p.stat().st_size > 20_000_000:
-                continue
-            try:
-                obj = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(obj, dict) and isinstance(obj.get("ablation"), list):
-                found.append((p, obj))
-    return found
+    return saved_reports(lambda obj: isinstance(obj.get("ablation"), list), roots, base=base, limit=200)
 
 
 def ablation_rows(obj: dict) -> list[dict]:

@@ -100,25 +100,32 @@ def evaluate_on_phantoms(model, n_per_class: int = 6, seed: int = SEED_BASE) -> 
             "roc": roc_curves(y, probs, classes)}
 
 
-def saved_evaluations(model_name: str, roots=("docs", "weights", "artifacts")) -> list[tuple[Path, dict]]:
-    """JSON evaluations of `model_name` saved in the project (`evaluate --json`, `explain-eval --json`, a training
-    run's history.json copied next to the weights): [(path, parsed)] whose "model" is `model_name`."""
-    base = Path(__file__).resolve().parents[1]
+def saved_reports(keep, roots=("docs", "weights", "artifacts"), base=None, limit: int = 300) -> list[tuple[Path, dict]]:
+    """JSON reports saved in the project: [(path, parsed dict)] for files under `roots` (relative to `base`,
+    default the project folder) whose parsed dict satisfies `keep(obj)`. manifest.json and files over 20 MB
+    are skipped, unreadable files ignored."""
+    base = Path(base) if base else Path(__file__).resolve().parents[1]
     found = []
     for r in roots:
         d = base / r
         if not d.is_dir():
             continue
-        for p in sorted(d.rglob("*.json"))[:300]:
+        for p in sorted(d.rglob("*.json"))[:limit]:
             if p.name == "manifest.json" or p.stat().st_size > 20_000_000:
                 continue
             try:
                 obj = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(obj, dict) and obj.get("model") == model_name:
+            if isinstance(obj, dict) and keep(obj):
                 found.append((p, obj))
     return found
+
+
+def saved_evaluations(model_name: str, roots=("docs", "weights", "artifacts")) -> list[tuple[Path, dict]]:
+    """JSON evaluations of `model_name` saved in the project (`evaluate --json`, `explain-eval --json`, a training
+    run's history.json copied next to the weights): [(path, parsed)] whose "model" is `model_name`."""
+    return saved_reports(lambda obj: obj.get("model") == model_name, roots)
 
 
 def stability_table(explain_eval_report: dict) -> list[dict]:
