@@ -64,7 +64,7 @@ for col, (kind, model, title) in zip(cols, (("fundus", f_model, "Fundus photogra
         try:
             img = ui.decode_upload(inputs[kind][1], inputs[kind][0])
             with st.spinner(f"Reading the {kind} image..."):
-                a = ui.analysis_for(img, model, "gradcam", kind)
+                a = ui.analysis_for(img, model, None, kind)
         except RetinaInputError as exc:
             st.error(str(exc), icon=":material/error:")
             continue

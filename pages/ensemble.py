@@ -60,7 +60,7 @@ elif image_modality is None:
 else:
     st.caption(f"Detected modality: **{image_modality}**; group: {group}.")
     with st.spinner("Reading the image with each member..."):
-        results = {n: ui.analysis_for(img, n, "gradcam", None) for n in members}
+        results = {n: ui.analysis_for(img, n, None, None) for n in members}
     if not members:
         st.info("Choose at least one member in the sidebar.")
     elif results and not any(a.has_result for a in results.values()):

@@ -12,8 +12,11 @@ ui.require_navigation()
 
 MODALITIES = {"Automatic": None, "Fundus photograph": "fundus", "OCT B-scan": "oct"}
 SLOW = ("scorecam", "integrated_gradients")
-METHOD_LABELS = {m: m + (" (slow)" if m in SLOW else " (ViT models only)" if m in VIT_METHODS else "")
-                 for m in ALL_METHODS if m != "gradcam-reference"}
+DEFAULT_LABEL = "Model's default (best-ranked by explain-eval)"
+METHOD_LABELS = {DEFAULT_LABEL: DEFAULT_LABEL} | {
+    m: m + (" (slow)" if m in SLOW else " (ViT models only)" if m in VIT_METHODS
+            else " (CNN models with a finer stage)" if m == "multiscale_gradcam" else "")
+    for m in ALL_METHODS if m != "gradcam-reference"}
 
 st.title("Upload & diagnose")
 ui.disclaimer()
@@ -27,9 +30,13 @@ with st.sidebar:
                                             else ui.model_choices("fundus") + ui.model_choices("oct"))
     model_label = st.selectbox("Model", models, key="model")
     model = None if model_label == models[0] else model_label
-    method = st.selectbox("Heatmap method", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="method",
-                          help="Grad-CAM is computed in the same pass as the prediction; the others "
-                               "(pytorch-grad-cam family, Integrated Gradients, ViT attention maps) cost more.")
+    method_label = st.selectbox(
+        "Heatmap method", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="method",
+        help="The default is each model's best-ranked method in `explain-eval` (localisation on phantom lesions, "
+             "faithfulness, sanity, stability) among those fast enough; Grad-CAM and multi-scale Grad-CAM come "
+             "from the same pass as the prediction; the others (pytorch-grad-cam family, Integrated Gradients, "
+             "ViT attention maps) cost more.")
+    method = None if method_label == DEFAULT_LABEL else method_label
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
 
 uploads = st.file_uploader("Fundus photographs or OCT B-scans (PNG, JPEG, TIFF, BMP, DICOM); OCT volumes (NIfTI, "

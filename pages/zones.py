@@ -12,7 +12,7 @@ from retina_core.explain.zones import ETDRS_ABBREVIATIONS
 ui.require_navigation()
 
 SLOW = {"scorecam", "integrated_gradients", "vit_relevance"}
-DEFAULT_METHODS = ("gradcam", "gradcam++", "eigencam", "attention_rollout")
+DEFAULT_METHODS = ("gradcam", "multiscale_gradcam", "gradcam++", "attention_rollout")
 
 st.title("Attention zones")
 ui.disclaimer()
@@ -54,7 +54,7 @@ with st.sidebar:
     show_grid = st.toggle("Draw the zones on the maps", True, key="zones_grid")
 
 eye = ui.eye_of(img, key=f"zones_eye_{img.content_hash[:16]}")
-a = ui.analysis_for(img, model_name, "gradcam", modality)
+a = ui.analysis_for(img, model_name, None, modality)
 if not a.has_result:
     st.error(f"No result: {' '.join(a.notes)}", icon=":material/block:")
     st.stop()

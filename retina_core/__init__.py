@@ -1,8 +1,11 @@
 """retina_core: explainable retinal imaging (fundus photographs, OCT B-scans, OCT volumes).
 
 Research software, not a medical device. Public API:
-    list_models(), load_model(name), read_image(path_or_bytes), analyze(image, model, method="gradcam")
+    list_models(), load_model(name), read_image(path_or_bytes), analyze(image, model, method=None),
+    explain(model, image, method=None, target=None)
+method None is the model's default heatmap method (Grad-CAM unless `explain-eval --set-default` chose another).
 """
+from . import explain
 from .analysis import DEFAULT_MODELS, Analysis, analyze, get_model
 from .errors import RetinaInputError
 from .io.decode import RetinalImage, read_image
@@ -13,4 +16,4 @@ DISCLAIMER = ("Research software, not a medical device. Suggestions are not a di
               "trained on synthetic phantoms, and their metrics are phantom metrics, not clinical accuracy.")
 
 __all__ = ["Analysis", "DEFAULT_MODELS", "DISCLAIMER", "RetinaInputError", "RetinalImage", "analyze",
-           "create_model", "get_model", "list_models", "load_model", "read_image"]
+           "create_model", "explain", "get_model", "list_models", "load_model", "read_image"]

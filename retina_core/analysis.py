@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import RetinaInputError
-from .explain.attribution import ALL_METHODS, available_methods, explain_batch
+from .explain.attribution import ALL_METHODS, available_methods, default_method, explain_batch
 from .io.decode import RetinalImage, read_image
 from .models import LoadedModel, load_model
 from .quality import Quality, assess_quality
@@ -90,14 +90,15 @@ def suggestion_for(label: str, model: LoadedModel) -> tuple[bool, str]:
     return False, f"Not referable by this model: findings suggest {label}. Routine follow-up."
 
 
-def analyze(image, model: LoadedModel | str | None = None, method: str = "gradcam",
+def analyze(image, model: LoadedModel | str | None = None, method: str | None = None,
             target: str | int | None = None, modality: str | None = None) -> Analysis:
     """Read one image with one model: quality gate, calibrated probabilities and a heatmap.
 
     image: a RetinalImage, a path, bytes or a binary file (decoded by `read_image`). model: a LoadedModel, a
     registered name, or None for the default model of the detected modality. method: one of
-    `available_methods(model)` ("gradcam", the single-pass default; the pytorch-grad-cam family; integrated
-    gradients; for ViTs attention rollout and relevance). target: the class to explain (default: the predicted one).
+    `available_methods(model)` (single-pass "gradcam" and "multiscale_gradcam"; the pytorch-grad-cam family;
+    integrated gradients; for ViTs attention rollout and relevance); None for the model's default
+    (`default_method`: the best-ranked method of `explain-eval` that meets the speed target). target: the class to explain (default: the predicted one).
     modality: the user's override of the detected modality ("fundus" | "oct").
     Ungradable or non-retinal images, and images of a modality the model does not read, give an Analysis with
     no result (label None, suggestion "No result: retake or refer") and the reasons in `notes`.
@@ -106,25 +107,27 @@ def analyze(image, model: LoadedModel | str | None = None, method: str = "gradca
     if img.kind != "image":
         raise RetinaInputError("This is an OCT volume; this step reads single images (fundus photographs or "
                                "OCT B-scans). Open it in the volume viewer, or export one B-scan.")
-    if method not in ALL_METHODS:
+    if method is not None and method not in ALL_METHODS:
         raise RetinaInputError(f"Unknown heatmap method {method!r}; choose one of {', '.join(ALL_METHODS)}.")
+    asked = method or "default"
     q = assess_quality(img, modality=modality)
     if q.modality == "not_retinal":
-        return _no_result(img, q, q.modality, method, [q.verdict, *q.reasons])
+        return _no_result(img, q, q.modality, asked, [q.verdict, *q.reasons])
     if model is None:
         model = DEFAULT_MODELS.get(q.modality)
         if model is None:
-            return _no_result(img, q, q.modality, method, [f"No bundled model reads {q.modality} images."])
+            return _no_result(img, q, q.modality, asked, [f"No bundled model reads {q.modality} images."])
     if isinstance(model, str):
         model = get_model(model)
     if model.cfg.modality != q.modality:
         why = (f"This image looks like a {q.modality} image, but model {model.name} reads {model.cfg.modality} "
                f"images. Choose a {q.modality} model, or override the modality if the detection is wrong.")
-        return _no_result(img, q, q.modality, method, [why], model)
+        return _no_result(img, q, q.modality, asked, [why], model)
     if not q.gradable:
-        return _no_result(img, q, q.modality, method, [q.verdict, *q.reasons], model)
+        return _no_result(img, q, q.modality, asked, [q.verdict, *q.reasons], model)
 
     classes = model.cfg.classes
+    method = method or default_method(model)
     if method not in available_methods(model):
         raise RetinaInputError(f"Method {method!r} does not apply to {model.name}; choose one of "
                                f"{', '.join(available_methods(model))}.")

@@ -108,8 +108,23 @@ class _Files(Dataset):
         return prepare(self.files[i], self.model_override)
 
 
-def infer(items: list[Prepared], heatmaps: Path | None) -> list[dict]:
-    """Batched forward + single-pass Grad-CAM per model; fills label, probabilities and heatmap into the rows."""
+_ONNX: dict[str, object] = {}
+
+
+def _onnx_predictor(name: str):
+    """One verified ONNX Runtime session per model and process (see runtime.py)."""
+    if name not in _ONNX:
+        from .runtime import OnnxPredictor, onnx_available
+
+        if not onnx_available():
+            raise RetinaInputError("--runtime onnx needs onnxruntime and onnx (pip install onnxruntime onnx).")
+        _ONNX[name] = OnnxPredictor(get_model(name))
+    return _ONNX[name]
+
+
+def infer(items: list[Prepared], heatmaps: Path | None, runtime: str = "torch") -> list[dict]:
+    """Batched forward per model (+ single-pass Grad-CAM when heatmaps are written); fills label, probabilities and
+    heatmap into the rows. runtime "onnx": predictions through ONNX Runtime (no heatmaps)."""
     by_model: dict[str, list[Prepared]] = {}
     for it in items:
         if it.tensor is not None:
@@ -117,15 +132,21 @@ def infer(items: list[Prepared], heatmaps: Path | None) -> list[dict]:
     for name, group in by_model.items():
         model = get_model(name)
         x = torch.stack([g.tensor for g in group]).to(model.device)
-        logits, cams = gradcam_single_pass(model.net, x, model.cfg.target_layer)
-        probs = torch.softmax(logits.float() / model.temperature, dim=1).cpu().numpy()
+        cams = [None] * len(group)
+        if heatmaps is not None:
+            logits, cams = gradcam_single_pass(model.net, x, model.cfg.target_layer)
+            probs = torch.softmax(logits.float() / model.temperature, dim=1).cpu().numpy()
+        elif runtime == "onnx":
+            probs = _onnx_predictor(name).predict_proba(x)
+        else:
+            probs = model.predict_proba(x).cpu().numpy()
         for g, p, cam in zip(group, probs, cams):
             k = int(np.argmax(p))
             label = model.cfg.classes[k]
             g.row.update(label=label, confidence=round(float(p[k]), 6),
                          referable=suggestion_for(label, model)[0],
                          probabilities=json.dumps({c: round(float(v), 6) for c, v in zip(model.cfg.classes, p)}))
-            if heatmaps is not None:
+            if cam is not None:
                 from PIL import Image
 
                 from .explain.overlay import heatmap_to_rgb
@@ -141,15 +162,15 @@ def _collate(batch: list[Prepared]) -> list[Prepared]:
 
 
 def run_local(files: list[str], heatmaps: Path | None, batch_size: int = 16, num_workers: int = 2,
-              model_override: str | None = None) -> Iterator[list[dict]]:
+              model_override: str | None = None, runtime: str = "torch") -> Iterator[list[dict]]:
     loader = DataLoader(_Files(files, model_override), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, persistent_workers=False)
     for items in loader:
-        yield infer(items, heatmaps)
+        yield infer(items, heatmaps, runtime)
 
 
 def run_ray(files: list[str], heatmaps: Path | None, batch_size: int = 16, address: str | None = None,
-            model_override: str | None = None, num_actors: int = 1) -> Iterator[list[dict]]:
+            model_override: str | None = None, num_actors: int = 1, runtime: str = "torch") -> Iterator[list[dict]]:
     """Ray Data: `prepare` runs as a parallel map, inference in actors that each hold one copy of the models."""
     import ray
 
@@ -162,7 +183,7 @@ def run_ray(files: list[str], heatmaps: Path | None, batch_size: int = 16, addre
             items = [Prepared(f, json.loads(r), torch.from_numpy(t) if t is not None and t.size else None,
                               tuple(s) if s is not None and len(s) else None)
                      for f, r, t, s in zip(batch["file"], batch["row"], batch["tensor"], batch["size"])]
-            rows = infer(items, heatmaps)
+            rows = infer(items, heatmaps, runtime)
             return {"row": [json.dumps(r) for r in rows]}
 
     def prep(item: dict) -> dict:
@@ -179,21 +200,27 @@ def run_ray(files: list[str], heatmaps: Path | None, batch_size: int = 16, addre
 
 def run_batch(source: str | os.PathLike, out: str | os.PathLike, engine: str = "local",
               heatmaps: str | os.PathLike | None = None, batch_size: int = 16, num_workers: int = 2,
-              address: str | None = None, model: str | None = None, progress: bool = True) -> dict:
+              address: str | None = None, model: str | None = None, progress: bool = True,
+              runtime: str = "torch") -> dict:
     """Screen every input, appending rows to `out` (CSV; a .parquet twin is written at the end). Resumable."""
     out = Path(out)
     files = list_inputs(source)
     done = done_files(out)
     todo = [f for f in files if f not in done]
     hm = Path(heatmaps) if heatmaps else None
+    if runtime not in ("torch", "onnx"):
+        raise RetinaInputError(f"Unknown runtime {runtime!r}: use 'torch' or 'onnx'.")
+    if runtime == "onnx" and hm:
+        raise RetinaInputError("--runtime onnx gives predictions only; heatmaps need PyTorch (drop --heatmaps or "
+                               "use --runtime torch).")
     if hm:
         hm.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     runner: Iterable[list[dict]]
     if engine == "local":
-        runner = run_local(todo, hm, batch_size, num_workers, model)
+        runner = run_local(todo, hm, batch_size, num_workers, model, runtime)
     elif engine == "ray":
-        runner = run_ray(todo, hm, batch_size, address, model)
+        runner = run_ray(todo, hm, batch_size, address, model, runtime=runtime)
     else:
         raise RetinaInputError(f"Unknown engine {engine!r}: use 'local' or 'ray'.")
     counts = {"processed": 0, "errors": 0, "no_result": 0}
@@ -214,7 +241,7 @@ def run_batch(source: str | os.PathLike, out: str | os.PathLike, engine: str = "
             bar.update(len(rows))
     _write_parquet(out)
     return {"inputs": len(files), "skipped_already_done": len(files) - len(todo), **counts, "out": str(out),
-            "engine": engine}
+            "engine": engine, "runtime": runtime}
 
 
 def _write_parquet(out: Path) -> None:

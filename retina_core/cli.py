@@ -139,7 +139,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate.run import evaluate
 
-    report = evaluate(args.model, args.data, split=args.split, weights_dir=args.weights_dir)
+    report = evaluate(args.model, args.data, split=args.split, weights_dir=args.weights_dir,
+                      encoders_dir=args.encoders_dir)
     _print_json(report) if args.json else print(json.dumps(report, indent=2))
     return 0
 
@@ -149,6 +150,7 @@ def cmd_batch(args) -> int:
 
     summary = run_batch(args.input, args.out, engine=args.engine, heatmaps=args.heatmaps,
                         batch_size=args.batch_size, num_workers=args.workers, address=args.address,
+                        runtime=args.runtime,
                         model=args.model, progress=not args.json)
     _print_json(summary) if args.json else print(json.dumps(summary, indent=2))
     return 0
@@ -192,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="diagnosis suggestion + heatmap for images")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", help=f"model name (default: by detected modality, {DEFAULT_MODELS})")
-    p.add_argument("--method", default="gradcam", choices=ALL_METHODS)
+    p.add_argument("--method", default=None, choices=ALL_METHODS,
+                   help="heatmap method (default: the model's, chosen by explain-eval evidence)")
     p.add_argument("--modality", choices=["fundus", "oct"], help="override the detected modality")
     p.add_argument("--out", help="folder for heatmap/overlay PNGs (named by content hash)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -230,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--weights-dir", default=None, help="a folder written by `train` (default: bundled weights)")
+    p.add_argument("--encoders-dir", default=None, help="fundus_oct_fusion: folder(s) with the encoders' weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", help="folder for heatmap PNGs (named by content hash)")
     p.add_argument("--model", help="one model for every image (default: by detected modality)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="onnx: predictions through ONNX Runtime (faster on CPU, verified against PyTorch; no heatmaps)")
     p.add_argument("--workers", type=int, default=2, help="decoding workers of the local engine")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--json", action="store_true")
@@ -248,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="performance ratios against same-process baselines (medians)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--only", help="comma-separated parts: heatmap_overhead,batch_throughput,matmul_efficiency,"
-                                  "cached_rerun")
+                                  "cached_rerun,cold_start,concurrent_sessions (the last two drive chromium)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -139,14 +139,20 @@ def decode_upload(data: bytes, name: str | None) -> RetinalImage:
     return cache[key]
 
 
-def analysis_for(img: RetinalImage, model: str | None, method: str, modality: str | None) -> Analysis:
-    """Analyse once per (content hash, model, method, modality) in this session; reruns reuse the result."""
+def analysis_for(img: RetinalImage, model: str | None, method: str | None, modality: str | None) -> Analysis:
+    """Analyse once per (content hash, model, method, modality) in this session; reruns reuse the result.
+
+    method None is the model's default; the result is also filed under the method it resolved to, so choosing
+    that method by name later reuses it."""
     cache = st.session_state.setdefault("_analyses", {})
-    key = (img.content_hash, model, method, modality)
+    key = (img.content_hash, model, method or "default", modality)
     if key not in cache:
-        if len(cache) >= ANALYSIS_LIMIT:
+        while len(cache) >= ANALYSIS_LIMIT:
             cache.pop(next(iter(cache)))
-        cache[key] = analyze(img, cached_model(model) if model else None, method=method, modality=modality)
+        a = analyze(img, cached_model(model) if model else None, method=method, modality=modality)
+        cache[key] = a
+        if method is None and a.label is not None:
+            cache.setdefault((img.content_hash, model, a.method, modality), a)
     return cache[key]
 
 

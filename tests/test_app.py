@@ -112,11 +112,12 @@ def test_upload_phantom_shows_prediction_and_heatmap(app, oct_png):
 
 def test_switching_methods_computes_each_once(app, oct_png):
     app.file_uploader(key="upload").set_value((oct_png.name, oct_png.read_bytes(), "image/png")).run()
-    assert len(app.session_state["_analyses"]) == 1
+    assert len({id(v) for v in app.session_state["_analyses"].values()}) == 1
     app.selectbox(key="method").set_value("gradcam++").run()
     assert not app.exception
     cache = app.session_state["_analyses"]
-    assert sorted(k[2] for k in cache) == ["gradcam", "gradcam++"]
+    assert sorted(k[2] for k in cache) == ["default", "gradcam", "gradcam++"]     # default = gradcam, filed twice
+    assert len({id(v) for v in cache.values()}) == 2
     assert any("gradcam++ heatmap" in c for c in _captions(app))
     ids = {k: id(v) for k, v in cache.items()}
     app.selectbox(key="method").set_value("gradcam").run()       # back: served from the session cache

@@ -144,6 +144,7 @@ def test_explain_eval_on_tiny_phantoms_returns_all_metrics():
     assert -1 <= r["randomisation_spearman"] <= 1 and r["seconds_per_image"] > 0
     assert "etdrs" in r["zones"] and abs(sum(r["zones"]["centre_lr"].values()) - 1) < 1e-6
     assert rep["ranking"][0]["method"] == "gradcam" and rep["eval_size"] == [64, 64]
+    assert r["cost_vs_forward"] > 0 and rep["recommended_default"]["method"] in ("gradcam", None)
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
@@ -166,3 +167,59 @@ def test_explain_eval_reads_a_phantom_data_set_folder(tmp_path):
     r = rep["methods"]["gradcam"]
     assert rep["n_images"] == 3 and r["n_lesion_images"] >= 1 and r["pointing_game"] is not None
     assert "etdrs" in r["zones"] and set(r["stability"]) == {"noise"}
+
+
+def test_default_method_comes_from_the_manifest_then_the_registry(cnn, image):
+    from types import SimpleNamespace
+
+    from retina_core.explain.attribution import available_methods, default_method
+
+    assert "multiscale_gradcam" in available_methods(cnn) and default_method(cnn) == cnn.cfg.default_method
+    chosen = SimpleNamespace(net=cnn, cfg=cnn.cfg, entry={"default_method": "multiscale_gradcam"}, temperature=1.0)
+    assert default_method(chosen) == "multiscale_gradcam"
+    check_map(explain(chosen, image), image.shape[:2])               # method None: the model's default
+    bogus = SimpleNamespace(net=cnn, cfg=cnn.cfg, entry={"default_method": "attention_rollout"}, temperature=1.0)
+    assert default_method(bogus) == "gradcam"                        # not applicable to a CNN: ignored
+    assert "multiscale_gradcam" not in available_methods(tiny_vit())
+
+
+def test_recommended_default_skips_slow_and_insane_methods():
+    from retina_core.explain.evaluate import recommend_default
+
+    results = {"a": {"randomisation_abs_spearman": 0.9, "cost_vs_forward": 1.0},     # ignores the weights
+               "b": {"randomisation_abs_spearman": 0.1, "cost_vs_forward": 4.0},     # too slow
+               "c": {"randomisation_abs_spearman": 0.2, "cost_vs_forward": 1.1, "pointing_game": 0.7}}
+    ranking = [{"method": k, "mean_rank": i + 1.0} for i, k in enumerate("abc")]
+    rec = recommend_default(results, ranking)
+    assert rec["method"] == "c" and set(rec["passed_over"]) == {"a", "b"}
+    assert "randomisation" in rec["passed_over"]["a"] and "slow" in rec["passed_over"]["b"]
+    assert recommend_default({"a": results["a"]}, ranking[:1])["method"] is None
+
+
+def test_explain_eval_set_default_records_the_choice_and_analyze_uses_it(tmp_path, capsys):
+    import json
+
+    from retina_core.cli import main
+    from retina_core.models.loading import load_model
+    from retina_core.phantoms import write_dataset
+    from retina_core.testing import write_test_weights
+
+    w = write_test_weights(tmp_path / "w", ["oct_resnet18"])
+    write_dataset("oct-kermany", 6, 0, tmp_path / "oct", size=96)
+    code = main(["explain-eval", "--model", "oct_resnet18", "--data", str(tmp_path / "oct"), "--weights-dir", str(w),
+                 "--methods", "gradcam,multiscale_gradcam", "--n", "4", "--steps", "4", "--stability", "",
+                 "--set-default", "--json"])
+    out = capsys.readouterr().out
+    entry = json.loads((w / "manifest.json").read_text())["oct_resnet18"]
+    if code == 0:
+        rep = json.loads(out)
+        chosen = rep["recommended_default"]["method"]
+        assert entry["default_method"] == chosen in ("gradcam", "multiscale_gradcam")
+        ev = entry["default_method_evidence"]
+        assert ev["metric_kind"] == "phantom" and ev["cost_vs_forward"] <= 1.3 and set(ev["ranking"]) == {
+            "gradcam", "multiscale_gradcam"}
+        model = load_model("oct_resnet18", weights_dir=w, device="cpu")
+        from retina_core.explain.attribution import default_method
+        assert default_method(model) == chosen
+    else:                      # both too slow on a loaded machine: nothing is written, the message says why
+        assert "default_method" not in entry

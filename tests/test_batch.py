@@ -84,3 +84,41 @@ def test_ray_engine_equals_local(archive, tmp_path):
         if a[f]["probabilities"]:
             pa, pb = json.loads(a[f]["probabilities"]), json.loads(b[f]["probabilities"])
             assert max(abs(pa[c] - pb[c]) for c in pa) < 1e-4
+
+
+def test_onnx_runtime_batch_equals_torch_within_its_tolerance(archive, tmp_path, capsys):
+    from retina_core.runtime import TOLERANCE
+
+    torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    run_batch(archive, torch_csv, num_workers=0, progress=False)
+    assert main(["batch", str(archive), "--out", str(onnx_csv), "--workers", "0", "--runtime", "onnx",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runtime"] == "onnx"
+    a, b = _rows(torch_csv), _rows(onnx_csv)
+    assert a.keys() == b.keys()
+    for f in a:
+        assert a[f]["label"] == b[f]["label"] and a[f]["error"] == b[f]["error"]
+        if a[f]["probabilities"]:
+            pa, pb = json.loads(a[f]["probabilities"]), json.loads(b[f]["probabilities"])
+            assert max(abs(pa[c] - pb[c]) for c in pa) <= TOLERANCE + 1e-6
+    # heatmaps need gradients: asking for both is refused with a message, not a traceback
+    assert main(["batch", str(archive), "--out", str(tmp_path / "x.csv"), "--runtime", "onnx",
+                 "--heatmaps", str(tmp_path / "m")]) != 0
+    assert "predictions only" in capsys.readouterr().err
+
+
+def test_onnx_predictor_checks_itself_against_torch():
+    import torch
+
+    from retina_core.models import create_model
+    from retina_core.models.loading import LoadedModel
+    from retina_core.runtime import OnnxPredictor
+
+    torch.manual_seed(0)
+    net = create_model("retinal_fusion_net_atto", input_size=(3, 64, 64)).eval()
+    m = LoadedModel("retinal_fusion_net_atto", net.cfg, net, torch.device("cpu"), "0" * 64, temperature=1.5)
+    pred = OnnxPredictor(m)
+    x = torch.randn(3, 3, 64, 64)
+    p = pred.predict_proba(x)
+    assert p.shape == (3, 8) and abs(p.sum(1) - 1).max() < 1e-5
+    assert abs(p - m.predict_proba(x).numpy()).max() < 1e-4 and pred.max_abs_diff < 1e-4

@@ -2,32 +2,20 @@
 (upload, bundled samples, buttons), download the PDF report, and save a screenshot of every page
 (artifacts/screenshots/) to look at."""
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from retina_core.browser import app_server, chromium_available, choose, launch, wait_idle
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 ART = ROOT / "artifacts" / "screenshots"
 
-if not Path(CHROMIUM).exists():
+if not chromium_available():
     if os.environ.get("CI"):
         raise RuntimeError("CI must install Debian's chromium (see .ci/run) for the browser test")
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,50 +23,8 @@ def server(tmp_path_factory):
     from retina_core.testing import write_test_weights
 
     weights = write_test_weights(tmp_path_factory.mktemp("browser_weights"))   # bundled + random for the rest
-    port = _free_port()
-    env = {**os.environ, "RETINA_WEIGHTS_DIR": str(weights)}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
-                             "--server.address", "127.0.0.1", "--server.port", str(port),
-                             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("streamlit did not start within 120 s")
+    with app_server(weights) as (url, _proc):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def wait_idle(page, timeout_s=240):
-    """Until Streamlit's 'running' indicator has been gone for two seconds."""
-    page.wait_for_selector('[data-testid="stApp"]', timeout=60000)
-    end, quiet = time.time() + timeout_s, 0
-    while time.time() < end and quiet < 4:
-        quiet = quiet + 1 if page.locator('[data-testid="stStatusWidget"]').count() == 0 else 0
-        time.sleep(0.5)
-
-
-def choose(page, label: str, option: str) -> None:
-    """Pick `option` in the selectbox whose label contains `label`."""
-    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
-    combo = box.get_by_role("combobox")
-    combo.click()
-    combo.fill(option)                      # filters the (virtualised) option list down to the one wanted
-    page.get_by_role("option", name=option).first.click()
-    time.sleep(0.5)
-    wait_idle(page)
 
 
 def shoot(page, name: str) -> Path:
@@ -157,7 +103,7 @@ def test_every_page_in_a_real_browser_with_report_download(server, oct_png, fund
 
     ART.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         shots = visit_every_page(page, server, str(oct_png), str(fundus_png))
         # The PDF report, built on click by the server, downloaded like a user does.

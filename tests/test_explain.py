@@ -50,3 +50,33 @@ def test_overlay_and_strongest_region_follow_the_peak():
     assert overlay(img, hm, 0.0).max() == 0 and overlay(img, hm, 1.0)[75, 155, 0] > 100
     with pytest.raises(ValueError):
         overlay(img, hm[:50], 0.5)
+
+
+@pytest.mark.parametrize("name", ["oct_resnet18", "fundus_dr_effnet_b0"])
+def test_multiscale_gradcam_is_the_geometric_mean_of_single_stage_gradcams(name):
+    import torch.nn.functional as F
+
+    from retina_core.explain.cam import multiscale_gradcam_single_pass
+
+    torch.manual_seed(1)
+    net = create_model(name, input_size=(3, 96, 96)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 96, 96)
+    layers = [net.cfg.target_layer, net.cfg.fine_layer]
+    logits, fused = multiscale_gradcam_single_pass(net, x, layers, targets=[0, 1])
+    with torch.no_grad():
+        assert torch.allclose(logits, net(x), atol=1e-5)
+    _, deep = gradcam_single_pass(net, x, layers[0], targets=[0, 1])
+    _, fine = gradcam_single_pass(net, x, layers[1], targets=[0, 1])
+    assert fused.shape == fine.shape and fine.shape[1] == 2 * deep.shape[1]   # the finer stage's grid
+
+    def scale(c):
+        c = torch.from_numpy(c)
+        lo, hi = c.flatten(1).min(1).values[:, None, None], c.flatten(1).max(1).values[:, None, None]
+        return (c - lo) / (hi - lo + 1e-7)
+
+    up = F.interpolate(scale(deep)[:, None], size=fine.shape[1:], mode="bilinear", align_corners=False)[:, 0]
+    expect = (up.clamp_min(0) * scale(fine)).sqrt().numpy()
+    assert np.abs(fused - expect).max() < 1e-5
+    assert all(p.grad is None for p in net.parameters())

@@ -42,6 +42,7 @@ def encoders(tmp_path_factory):
 def test_fusion_on_true_pairs_stores_only_the_head_tied_to_its_encoders(tmp_path, encoders):
     data = tmp_path / "pairs"
     write_dataset("paired", n=24, seed=2, out=data, size=48)
+    write_dataset("oct-kermany", n=8, seed=2, out=tmp_path / "singles", size=48)
     out = tmp_path / "run"
     result = train("fundus_oct_fusion", data, out, TrainConfig(epochs=2, batch_size=8, encoders_dir=str(encoders)))
     entry = json.loads((out / "manifest.json").read_text())["fundus_oct_fusion"]
@@ -59,6 +60,12 @@ def test_fusion_on_true_pairs_stores_only_the_head_tied_to_its_encoders(tmp_path
     rows = [l.split(",") for l in (data / "pairs.csv").read_text().splitlines()[1:4]]
     probs = predict_pairs(m, [data / r[1] for r in rows], [data / r[2] for r in rows])
     assert probs.shape == (3, 2) and np.allclose(probs.sum(1), 1.0)
+    from retina_core.evaluate.run import evaluate
+    report = evaluate("fundus_oct_fusion", data, split="val", weights_dir=out, encoders_dir=str(encoders))
+    assert report["metrics"]["n"] == result["metrics"]["val"]["n"]
+    assert report["metrics"]["accuracy"] == pytest.approx(result["metrics"]["val"]["accuracy"], abs=1e-6)
+    with pytest.raises(rc.RetinaInputError, match="pairs"):        # a single-image data set: a clear message
+        evaluate("fundus_oct_fusion", tmp_path / "singles", weights_dir=out, encoders_dir=str(encoders))
 
     # other encoder weights than those the head was trained on: refused with a clear message
     other = _write_encoders(tmp_path / "other", seed=1)
@@ -118,3 +125,15 @@ def test_volume_model_trains_with_focal_loss_and_metadata(tmp_path, capsys):
     recs = load_dataset(data).records[:3]
     p = predict_volumes(m, recs)
     assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+    two = m.predict_proba(torch.zeros(2, 1, 32, 32, 32), torch.zeros(2, len(m.net.meta_features)))
+    assert two.shape == (2, 2) and torch.allclose(two.sum(1), torch.ones(2))      # one logit -> (normal, disease)
+
+    # `evaluate` reads volumes too, and scores the held-out split as training did
+    split = "test" if entry["splits"].get("test") else "val"
+    assert main(["evaluate", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--weights-dir", str(out),
+                 "--split", split, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    held = entry["heldout_metrics"]
+    assert report["n"] == held["n"] == entry["splits"][split] and report["metrics"]["accuracy"] == pytest.approx(held["accuracy"], abs=1e-4)
+    assert main(["evaluate", "--model", "oct_volume_fusion3d_tiny", "--data", str(tmp_path / "nope"),
+                 "--weights-dir", str(out)]) != 0

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import RetinaInputError
 from .ensemble import LOWER_IS_BETTER, ablation, ensemble_report
+from .run import is_phantom, load_member, member_probabilities, split_records
 
 BRIEF = ("n", "accuracy", "auc_macro", "sensitivity_macro", "specificity_macro", "f1_macro", "kappa_quadratic", "ece")
 
@@ -60,55 +60,12 @@ def _labels(members) -> list[str]:
     return labels
 
 
-def _load(name: str, weights_dir, encoders_dir):
-    from ..models.loading import load_model
-    from ..models.registry import get_cfg
-
-    if get_cfg(name).modality in ("fundus+oct", "oct_volume"):
-        from ..train.multimodal import load_multimodal
-        return load_multimodal(name, weights_dir=weights_dir, encoders_dir=encoders_dir)
-    return load_model(name, weights_dir=weights_dir)
-
-
-def _records_and_targets(model, data, split: str, seed: int):
-    """(records of the split whose label the model knows, y [N] class indices, layout, root)."""
-    from ..io.datasets import load_dataset, patient_split
-    from ..models.multimodal import binary_label
-
-    index = load_dataset(data)
-    classes = model.cfg.classes
-    records = index.records
-    if model.cfg.modality in ("fundus+oct", "oct_volume"):
-        from dataclasses import replace
-        records = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in records]
-    records = patient_split(records, seed=seed).get(split, [])
-    records = [r for r in records if r.label in classes]
-    if not records:
-        raise RetinaInputError(f"The {split!r} split of {data} has no sample of the classes {', '.join(classes)}.")
-    return records, np.array([classes.index(r.label) for r in records]), index
-
-
-def member_probabilities(model, records) -> np.ndarray:
-    """Calibrated probabilities of one loaded member on the records: (N, C), or (N,) P(disease) for one logit."""
-    modality = model.cfg.modality
-    if modality == "fundus+oct":
-        from ..train.multimodal import predict_pairs
-        if any("oct" not in r.meta for r in records):
-            raise RetinaInputError("fundus_oct_fusion members need a paired data set (pairs.csv).")
-        return predict_pairs(model, [r.path for r in records], [Path(r.meta["oct"]) for r in records])
-    if modality == "oct_volume":
-        from ..train.multimodal import predict_volumes
-        return predict_volumes(model, records)
-    from .run import predict_paths
-    return predict_paths(model, [r.path for r in records])
-
-
 def run_ensemble(models, data, weights=None, weights_dirs=None, ablate: bool = False, split: str = "test",
                  metric: str = "accuracy", seed: int | None = None, encoders_dir: str | None = None) -> dict:
     """Evaluate every member and their soft / weighted vote on one split; optionally rank all 2^k - 1 subsets."""
     members = parse_members(models, weights_dirs)
     labels = _labels(members)
-    loaded = [_load(n, d, encoders_dir) for n, d in members]
+    loaded = [load_member(n, d, encoders_dir) for n, d in members]
     first = loaded[0]
     warnings = []
     for lab, m in zip(labels, loaded):
@@ -129,11 +86,11 @@ def run_ensemble(models, data, weights=None, weights_dirs=None, ablate: bool = F
         if len(wl) != len(labels):
             raise RetinaInputError(f"{len(wl)} weights for {len(labels)} models: give one weight per model.")
         w = dict(zip(labels, wl))
-    records, y, index = _records_and_targets(first, data, split, seed)
+    records, y, index = split_records(first, data, split, seed)
     probs = {lab: member_probabilities(m, records) for lab, m in zip(labels, loaded)}
     classes = list(first.cfg.classes)
     soft = ensemble_report(probs, y, classes, None, metric=metric, ordinal=first.cfg.ordinal)
-    phantom = (Path(index.root) / "phantom_meta.csv").exists() or (Path(data) / "phantom_meta.csv").exists()
+    phantom = is_phantom(index, data)
     report = {
         "models": labels, "weights_dirs": [d for _, d in members], "data": str(data), "layout": index.layout,
         "split": split, "seed": seed, "n": int(len(y)), "metric": metric,

@@ -1,14 +1,22 @@
-"""Score a trained model on a data set split: `python -m retina_core evaluate --model M --data PATH --json`."""
+"""Score a trained model on a data set split: `python -m retina_core evaluate --model M --data PATH --json`.
+
+Every model of the zoo goes through the same path: image models read image files, fundus_oct_fusion reads a
+paired data set (pairs.csv), the volume models read NIfTI volumes with their metadata. The ensemble CLI reuses
+`load_member`, `split_records` and `member_probabilities`, so a model scores the same alone and in an ensemble.
+"""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import RetinaInputError
-from ..models.loading import LoadedModel, load_model, read_manifest, weights_dir as default_weights_dir
+from ..models.loading import LoadedModel, load_model
 from .metrics import classification_metrics
+
+MULTI_INPUT = ("fundus+oct", "oct_volume")
 
 
 @torch.inference_mode()
@@ -23,27 +31,65 @@ def predict_paths(model: LoadedModel, paths: list[Path], batch_size: int = 32) -
     return np.concatenate(out) if out else np.zeros((0, model.cfg.num_classes))
 
 
-def evaluate(model_name: str, data: str | Path, split: str = "test", weights_dir: str | Path | None = None) -> dict:
-    """Metrics (accuracy, macro AUC, sensitivity/specificity, F1, kappa for grades, ECE, confusion matrix)."""
-    from ..io.datasets import load_dataset, patient_split
+def load_member(name: str, weights_dir=None, encoders_dir=None) -> LoadedModel:
+    """`load_model`, passing fundus_oct_fusion's encoder folder(s) when given."""
+    return load_model(name, weights_dir=weights_dir, **({"encoders_dir": encoders_dir} if encoders_dir else {}))
 
-    model = load_model(model_name, weights_dir=weights_dir)
-    manifest = read_manifest(weights_dir or default_weights_dir()).get(model_name, {})
+
+def split_records(model: LoadedModel, data, split: str, seed: int):
+    """(records of `split` whose label the model knows, y [N] class indices, the data set index).
+
+    Multi-input models train on normal vs disease, so their labels are mapped before the patient-level split,
+    exactly as in training: the test split is the one the model never saw."""
+    from ..io.datasets import load_dataset, patient_split
+    from ..models.multimodal import binary_label
+
     index = load_dataset(data)
-    # The training seed decides the patient-level split of unsplit data; reuse it so test stays unseen.
-    seed = int(manifest.get("config", {}).get("seed", 0))
-    records = patient_split(index.records, seed=seed).get(split, [])
-    if not records:
-        raise RetinaInputError(f"The data set at {data} has no {split!r} split.")
+    needs = {"fundus+oct": "paired", "oct_volume": "volumes"}.get(model.cfg.modality)
+    if needs and index.layout != needs:
+        what = {"paired": "fundus + OCT pairs (pairs.csv)", "volumes": "OCT volumes (NIfTI + metadata.csv)"}[needs]
+        raise RetinaInputError(f"{model.name} reads {what}, but {data} is a {index.layout} data set. Make one with "
+                               f"`python -m retina_core data phantoms --kind {'paired' if needs == 'paired' else 'oct-volume'}`.")
     classes = model.cfg.classes
+    records = index.records
+    if model.cfg.modality in MULTI_INPUT:
+        records = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in records]
+    records = patient_split(records, seed=seed).get(split, [])
     records = [r for r in records if r.label in classes]
     if not records:
-        raise RetinaInputError(f"No image in the {split!r} split has a class of model {model_name}: "
+        raise RetinaInputError(f"The {split!r} split of {data} has no sample of the classes of model {model.name}: "
                                f"{', '.join(classes)}.")
-    probs = predict_paths(model, [r.path for r in records])
-    y = np.array([classes.index(r.label) for r in records])
-    phantom = (Path(data) / "phantom_meta.csv").exists()
+    return records, np.array([classes.index(r.label) for r in records]), index
+
+
+def member_probabilities(model: LoadedModel, records) -> np.ndarray:
+    """Calibrated probabilities of a loaded model on records: (N, C), or (N,) P(disease) for one logit."""
+    modality = model.cfg.modality
+    if modality == "fundus+oct":
+        from ..train.multimodal import predict_pairs
+        if any("oct" not in r.meta for r in records):
+            raise RetinaInputError(f"{model.name} reads fundus + OCT pairs: give a paired data set (pairs.csv), "
+                                   f"e.g. `python -m retina_core data phantoms --kind paired`.")
+        return predict_pairs(model, [r.path for r in records], [Path(r.meta["oct"]) for r in records])
+    if modality == "oct_volume":
+        from ..train.multimodal import predict_volumes
+        return predict_volumes(model, records)
+    return predict_paths(model, [r.path for r in records])
+
+
+def is_phantom(index, data) -> bool:
+    return (Path(index.root) / "phantom_meta.csv").exists() or (Path(data) / "phantom_meta.csv").exists()
+
+
+def evaluate(model_name: str, data: str | Path, split: str = "test", weights_dir: str | Path | None = None,
+             encoders_dir: str | None = None) -> dict:
+    """Metrics (accuracy, macro AUC, sensitivity/specificity, F1, kappa for grades, ECE, confusion matrix)."""
+    model = load_member(model_name, weights_dir, encoders_dir)
+    # The training seed decides the patient-level split of unsplit data; reuse it so test stays unseen.
+    seed = int(model.entry.get("config", {}).get("seed", 0))
+    records, y, index = split_records(model, data, split, seed)
+    probs = member_probabilities(model, records)
     return {"model": model_name, "weights_sha256": model.sha256, "data": str(data), "layout": index.layout,
-            "split": split, "metric_kind": "phantom" if phantom else "as measured on this data",
-            "temperature": model.temperature, "trained_on": manifest.get("data"),
-            "metrics": classification_metrics(y, probs, list(classes), ordinal=model.cfg.ordinal)}
+            "split": split, "n": int(len(y)), "metric_kind": "phantom" if is_phantom(index, data)
+            else "as measured on this data", "temperature": model.temperature, "trained_on": model.entry.get("data"),
+            "metrics": classification_metrics(y, probs, list(model.cfg.classes), ordinal=model.cfg.ordinal)}

@@ -1,11 +1,16 @@
 """Explanations: heatmaps (cam, attribution), zone scores (zones), trust checks (trust) and their evaluation (evaluate).
 
+The package itself is callable, so the public interface reads `retina_core.explain(model, image, method=...,
+target=...)` (= `attribution.explain`: a float32 [H, W] map in [0, 1]; method None is the model's default).
 Names are loaded lazily, so `import retina_core.explain.cam` stays as light as before.
 """
+import sys
+import types
 from importlib import import_module
 
 _EXPORTS = {
     "explain": "attribution", "explain_batch": "attribution", "available_methods": "attribution",
+    "default_method": "attribution",
     "ALL_METHODS": "attribution", "VIT_METHODS": "attribution", "make_predict_fn": "attribution",
     "centre_lr_shares": "zones", "etdrs_zone_scores": "zones", "etdrs_grid_mask": "zones",
     "optic_disc_zone": "zones", "oct_zone_scores": "zones", "locate_fovea_and_disc": "zones",
@@ -22,3 +27,11 @@ def __getattr__(name):
     if name in _EXPORTS:
         return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, model, image, method=None, target=None):
+        return import_module(f"{__name__}.attribution").explain(model, image, method, target)
+
+
+sys.modules[__name__].__class__ = _CallableModule

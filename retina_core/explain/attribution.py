@@ -4,7 +4,9 @@
     >>> maps, probs, targets = explain_batch(model, [img1, img2], "gradcam")
 
 Methods
-- CAM family (`cam.CAM_METHODS`): "gradcam" is the single-pass Grad-CAM of `cam.py`; "gradcam++", "hirescam",
+- CAM family (`cam.CAM_METHODS`): "gradcam" is the single-pass Grad-CAM of `cam.py`; "multiscale_gradcam" (CNNs
+  whose cfg names a `fine_layer`) fuses Grad-CAM at the last stage and at the stage before it, from the same single
+  pass, by their geometric mean (twice the resolution, still class-specific); "gradcam++", "hirescam",
   "xgradcam", "layercam", "eigencam", "scorecam" and "gradcam-reference" come from pytorch-grad-cam. On a ViT the
   target layer is the last block's `norm1` (unless the cfg names one) and the token activations are reshaped to a
   [B, C, h, w] grid, dropping the class / register tokens (`tokens_to_grid`).
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cam import CAM_METHODS, cam_with_library, capture_as_leaf, get_module, gradcam_single_pass, normalise_map
+from .cam import (CAM_METHODS, cam_with_library, capture_as_leaf, get_module, gradcam_single_pass,
+                  multiscale_gradcam_single_pass, normalise_map)
 
 IG_METHODS = ("integrated_gradients",)
 VIT_METHODS = ("attention_rollout", "vit_relevance")
@@ -54,6 +57,7 @@ class _Model:
             cfg = _default_cfg(net, self.vit)
         self.cfg = cfg
         self.temperature = float(getattr(model, "temperature", 1.0) or 1.0)
+        self.entry = getattr(model, "entry", None) or {}
         try:
             self.device = next(net.parameters()).device
         except StopIteration:
@@ -99,8 +103,25 @@ def is_vit(model) -> bool:
 
 
 def available_methods(model) -> tuple[str, ...]:
-    """Methods that apply to this model (the ViT-only ones only for ViTs)."""
-    return ALL_METHODS if is_vit(model) else tuple(CAM_METHODS) + IG_METHODS
+    """Methods that apply to this model: the ViT-only ones only for ViTs, multiscale_gradcam where the cfg names a
+    finer stage (`fine_layer`)."""
+    if is_vit(model):
+        return tuple(m for m in ALL_METHODS if m != "multiscale_gradcam")
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+    multi = bool(getattr(cfg, "fine_layer", ""))
+    return tuple(m for m in CAM_METHODS if multi or m != "multiscale_gradcam") + IG_METHODS
+
+
+def default_method(model) -> str:
+    """The heatmap method `analyze` uses for this model: the one its manifest entry chose from `explain-eval`
+    evidence (`explain-eval --set-default`), else the registry's, else Grad-CAM."""
+    entry = getattr(model, "entry", None) or {}
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+    avail = available_methods(model)
+    for choice in (entry.get("default_method"), getattr(cfg, "default_method", None)):
+        if choice and choice in avail:
+            return choice
+    return "gradcam"
 
 
 def preprocess_batch(batch_uint8: np.ndarray, cfg, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -384,6 +405,13 @@ def attribute(model, x: torch.Tensor, method: str = "gradcam",
             with torch.inference_mode(False):
                 logits, cams = gradcam_single_pass(net, x, cfg.target_layer, tg)
             return cams, logits, tg if tg is not None else logits.argmax(1).tolist()
+        if method == "multiscale_gradcam":
+            if vit is not None or not getattr(cfg, "fine_layer", ""):
+                raise ValueError(f"multiscale_gradcam needs a CNN whose cfg names a finer stage (fine_layer); "
+                                 f"{cfg.name} has none.")
+            with torch.inference_mode(False):
+                logits, cams = multiscale_gradcam_single_pass(net, x, [cfg.target_layer, cfg.fine_layer], tg)
+            return cams, logits, tg if tg is not None else logits.argmax(1).tolist()
         with torch.no_grad():
             logits = net(x)
         idx = tg if tg is not None else logits.argmax(1).tolist()
@@ -394,10 +422,13 @@ def attribute(model, x: torch.Tensor, method: str = "gradcam",
         return cam_with_library(net, x, cfg.target_layer, method, idx), logits, idx
 
 
-def explain_batch(model, images, method: str = "gradcam", target=None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def explain_batch(model, images, method: str | None = None,
+                  target=None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Heatmaps for same-size images: (maps float32 [B, H, W] in [0, 1] at the image size, calibrated
-    probabilities [B, K], explained class per image). images: uint8 [B, H, W, 3] or a list of [H, W, 3]."""
+    probabilities [B, K], explained class per image). images: uint8 [B, H, W, 3] or a list of [H, W, 3].
+    method None: the model's `default_method`."""
     m = model if isinstance(model, _Model) else _Model(model)
+    method = method or default_method(m)
     batch = np.stack([to_pixels(i) for i in images]) if not isinstance(images, np.ndarray) or images.ndim != 4 \
         else images
     h, w = batch.shape[1:3]
@@ -411,11 +442,12 @@ def explain_batch(model, images, method: str = "gradcam", target=None) -> tuple[
     return maps.astype(np.float32), probs, idx
 
 
-def explain(model, image, method: str = "gradcam", target=None) -> np.ndarray:
+def explain(model, image, method: str | None = None, target=None) -> np.ndarray:
     """Heatmap of `method` for one image: float32 [H, W] in [0, 1] at the size of the image shown.
 
     model: a LoadedModel or an nn.Module (with `.cfg`, or a bare timm network). image: uint8 [H, W, 3] (or [H, W])
-    or a RetinalImage. target: class index or name to explain (default: the predicted class).
+    or a RetinalImage. method: see the module docstring (None: the model's `default_method`). target: class index
+    or name to explain (default: the predicted class).
     """
     return explain_batch(model, to_pixels(image)[None], method, target)[0][0]
 

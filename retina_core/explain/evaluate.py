@@ -19,6 +19,7 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import torch
 
 from ..errors import RetinaInputError
 from . import trust, zones
@@ -272,6 +273,57 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
     return res
 
 
+SPEED_TARGET = 1.3          # heatmap + prediction at most 1.3x a bare forward (the default path's budget)
+RANDOMISATION_LIMIT = 0.5   # mean |Spearman| between maps of the trained and the randomised model must stay below
+
+
+def cost_vs_forward(m, image: np.ndarray, method: str, repeats: int = 9) -> float:
+    """Median over interleaved repeats of (prediction + heatmap time) / (bare forward time) for one image at the
+    model's input size, in this process: a same-machine ratio, robust to background load. Slow methods
+    (Integrated Gradients, Score-CAM) get 3 repeats."""
+    x = m.preprocess(image[None])
+
+    def forward():
+        with torch.inference_mode():
+            m.net(x)
+
+    def heat():
+        explain_batch(m, image[None], method)
+
+    reps = 3 if method in IG_METHODS or method == "scorecam" else repeats
+    for f in (forward, heat):
+        f()
+    ratios = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        forward()
+        t1 = time.perf_counter()
+        heat()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / max(t1 - t0, 1e-9))
+    return float(np.median(ratios))
+
+
+def recommend_default(results: dict[str, dict], ranking: list[dict]) -> dict:
+    """The best-ranked method that passes the randomisation check and meets the speed target (None if none)."""
+    why = {}
+    for row in ranking:
+        meth, r = row["method"], results[row["method"]]
+        rho, cost = r.get("randomisation_abs_spearman"), r.get("cost_vs_forward")
+        problems = []
+        if rho is not None and rho >= RANDOMISATION_LIMIT:
+            problems.append(f"fails the randomisation check (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT})")
+        if cost is not None and cost > SPEED_TARGET:
+            problems.append(f"too slow ({cost:.2f}x a bare forward > {SPEED_TARGET}x)")
+        if not problems:
+            return {"method": meth, "mean_rank": row["mean_rank"], "pointing_game": r.get("pointing_game"),
+                    "cost_vs_forward": cost, "randomisation_abs_spearman": rho, "passed_over": why,
+                    "rule": f"best mean rank among methods with mean |rho| < {RANDOMISATION_LIMIT} and cost <= "
+                            f"{SPEED_TARGET}x a bare forward"}
+        why[meth] = "; ".join(problems)
+    return {"method": None, "passed_over": why}
+
+
 def rank_methods(results: dict[str, dict]) -> list[dict]:
     """Mean rank over RANKED_METRICS (1 = best; ties share the average rank); metrics missing for a method are
     skipped for it. Class consistency and speed are reported but not ranked (their 'better' is not one-sided)."""
@@ -344,12 +396,15 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
         results[meth] = evaluate_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
                                         seed=seed)
         results[meth]["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        results[meth]["cost_vs_forward"] = cost_vs_forward(m, samples[0].image, meth)
         log.info("explain-eval %s done in %.1fs", meth, results[meth]["wall_seconds"])
     if any(meth in IG_METHODS for meth in methods):
         notes.append("integrated_gradients: 32 steps from a black image; its time includes all steps.")
+    ranking = rank_methods(results)
     return _clean({"model": getattr(model, "name", m.cfg.name), "weights_sha256": getattr(model, "sha256", None),
             "data": source, "n_images": len(samples), "eval_size": list(size) if size else None,
-            "metric_kind": "phantom", "methods": results, "ranking": rank_methods(results), "notes": notes,
+            "metric_kind": "phantom", "methods": results, "ranking": ranking,
+            "recommended_default": recommend_default(results, ranking), "notes": notes,
             "settings": {"steps": steps, "stability_kinds": list(stability_kinds), "randomisation": randomisation,
                          "seed": seed, "deletion_baseline": "blur", "noise_sigma": 0.03, "brightness": 1.15}})
 
@@ -372,7 +427,7 @@ def _clean(obj):
 # ------------------------------------------------------------------------------------------------ CLI
 def _format(report: dict) -> str:
     cols = ("pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc", "randomisation_spearman",
-            "stability_ssim", "stability_spearman", "seconds_per_image")
+            "stability_ssim", "stability_spearman", "cost_vs_forward")
     lines = [f"explain-eval: {report['model']} on {report['data']} ({report['n_images']} images, phantom metrics)",
              "method".ljust(22) + " ".join(c[:12].rjust(12) for c in cols)]
     for meth, r in report["methods"].items():
@@ -380,8 +435,39 @@ def _format(report: dict) -> str:
         lines.append(meth.ljust(22) + " ".join(("-" if v is None else f"{v:.3f}").rjust(12) for v in vals))
     lines.append("ranking: " + ", ".join(f"{d['method']} ({d['mean_rank']:.2f})" for d in report["ranking"]
                                          if d["mean_rank"] is not None))
+    rec = report.get("recommended_default") or {}
+    lines.append(f"recommended default: {rec.get('method')} ({rec.get('rule', 'no method passes')})")
+    for meth, why in (rec.get("passed_over") or {}).items():
+        lines.append(f"  passed over {meth}: {why}")
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+def set_default(model_name: str, report: dict, weights_dir=None) -> Path:
+    """Record the recommended default method, with its evidence, in the model's manifest entry."""
+    from ..models.loading import MANIFEST, weights_dir as bundled
+
+    rec = report.get("recommended_default") or {}
+    if not rec.get("method"):
+        raise RetinaInputError("No method passes the randomisation check and the speed target; the default is "
+                               "left unchanged.")
+    path = Path(weights_dir or bundled()) / MANIFEST
+    manifest = json.loads(path.read_text())
+    if model_name not in manifest:
+        raise RetinaInputError(f"{path} has no entry for {model_name}.")
+    if manifest[model_name].get("sha256") != report.get("weights_sha256"):
+        raise RetinaInputError("The report was made with other weights than the manifest's; run explain-eval again.")
+    r = report["methods"][rec["method"]]
+    manifest[model_name]["default_method"] = rec["method"]
+    manifest[model_name]["default_method_evidence"] = {
+        "data": report["data"], "n_images": report["n_images"], "n_lesion_images": r.get("n_lesion_images"),
+        "metric_kind": "phantom", "rule": rec["rule"], "mean_rank": rec["mean_rank"],
+        "pointing_game": r.get("pointing_game"), "energy_pointing_game": r.get("energy_pointing_game"),
+        "insertion_auc": r.get("insertion_auc"), "randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
+        "cost_vs_forward": r.get("cost_vs_forward"), "ranking": [d["method"] for d in report["ranking"]],
+        "passed_over": rec.get("passed_over", {})}
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
 
 
 def cmd_explain_eval(args) -> int:
@@ -389,10 +475,15 @@ def cmd_explain_eval(args) -> int:
                           seed=args.seed, steps=args.steps,
                           stability_kinds=tuple(k for k in args.stability.split(",") if k),
                           randomisation=not args.no_randomisation)
+    if args.set_default:
+        report["default_written_to"] = str(set_default(args.model, report, args.weights_dir))
     if args.json:
         print(json.dumps(report))
     else:
         print(_format(report))
+        if args.set_default:
+            print(f"default method of {args.model} set to {report['recommended_default']['method']} in "
+                  f"{report['default_written_to']}")
     return 0
 
 
@@ -408,5 +499,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--stability", default="noise,brightness,shift", help="perturbations ('' to skip)")
     p.add_argument("--no-randomisation", action="store_true", help="skip the model-randomisation check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set-default", action="store_true",
+                   help="write the recommended default method and its evidence into the model's manifest entry")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain_eval)

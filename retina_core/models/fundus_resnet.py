@@ -61,6 +61,7 @@ register_model(ModelCfg(
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     weights="fundus_resnet50.safetensors",
     target_layer="net.layer4",
+    fine_layer="net.layer3",
     referable=("cataract", "diabetic_retinopathy", "glaucoma"),
     card=("ResNet-50 (timm `resnet50`, 23.5M backbone) + GAP + BatchNorm + Dense 256 ReLU + Dropout 0.5 + Dense 4, "
           "as the Keras model of the explainable ResNet50 source. " + _RECIPE + "No demo weights (50 MB in fp16, "
@@ -76,6 +77,7 @@ register_model(ModelCfg(
     input_size=(3, 96, 96),
     weights="fundus_resnet18_head.safetensors",
     target_layer="net.layer4",
+    fine_layer="net.layer3",
     referable=("cataract", "diabetic_retinopathy", "glaucoma"),
     builder_kwargs={"channels": (32, 64, 128, 256), "stem_width": 32},
     card=("Demo variant of `fundus_resnet50` for CPU and the weights budget: the same head (GAP + BatchNorm + Dense "

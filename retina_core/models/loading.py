@@ -97,9 +97,17 @@ class LoadedModel:
         return preprocess_image(pixels, self.cfg, self.device)
 
     @torch.inference_mode()
-    def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] preprocessed -> calibrated probabilities [B, num_classes]."""
-        return torch.softmax(self.net(batch.to(self.device)) / self.temperature, dim=1)
+    def predict_proba(self, batch: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        """Preprocessed input(s) -> calibrated probabilities [B, num_classes].
+
+        `extra` are the further inputs of two-input networks (the volume model's metadata, the fusion model's OCT
+        batch). A network with one logit (the volume model: P(disease)) gets a sigmoid, returned as [B, 2]
+        (normal, disease) like the softmax models."""
+        z = self.net(batch.to(self.device), *(e.to(self.device) for e in extra)).float() / self.temperature
+        if z.shape[1] == 1:
+            p = torch.sigmoid(z)
+            return torch.cat([1.0 - p, p], dim=1)
+        return torch.softmax(z, dim=1)
 
 
 def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: str | None = None,
@@ -124,6 +132,7 @@ def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: 
                                f"changed or damaged, so model {name!r} will not be loaded.")
     cfg = _with_entry(cfg, entry)
     kw = dict(cfg.builder_kwargs)
+    kw.update(entry.get("builder_kwargs") or {})   # architecture options the weights were trained with
     if entry.get("fusion"):           # the volume model's fusion mode is part of what the weights were trained as
         kw["fusion"] = entry["fusion"]
     kw.update(builder_overrides)

@@ -32,6 +32,8 @@ class ModelCfg:
     std: tuple[float, ...] = IMAGENET_STD
     weights: str | None = None                  # file name inside the weights directory
     target_layer: str = ""                      # dotted module path used by the CAM family
+    fine_layer: str = ""                        # a finer stage (half the stride) for multiscale_gradcam
+    default_method: str = "gradcam"             # heatmap method of `analyze` (the manifest's choice wins)
     referable: tuple[str, ...] = ()             # classes whose suggestion is "refer to a specialist"
     ordinal: bool = False                       # classes are ordered grades (quadratic kappa applies)
     card: str = ""                              # model card text (markdown): architecture, intended use, limits

@@ -80,6 +80,7 @@ class TrainConfig:
     pair_with: str | None = None      # fundus_oct_fusion: an OCT data set to draw virtual pairs from
     encoders_dir: str | None = None   # fundus_oct_fusion: comma-separated folders holding the encoders' weights
     fusion: str | None = None         # volume models: concat | add | multiply | image_only
+    output_stride: int | None = None  # CNNs: 16 dilates the last stage (finer Grad-CAM grid, more compute)
 
 
 def seed_everything(seed: int) -> None:
@@ -284,14 +285,60 @@ def _train_single(model_name, data, out, cfg_t, data_note, ctx) -> dict:
     return _train_images(model_name, data, out, cfg_t, data_note, ctx)
 
 
+class EpochTracker:
+    """End-of-epoch bookkeeping shared by this engine and the two-input trainers (train/multimodal.py): early
+    stopping on the validation score, the best weights, the history row and the progress line on stderr."""
+
+    def __init__(self, cfg_t: TrainConfig, history: list | None = None, best_state: dict | None = None,
+                 best_epoch: int = -1):
+        self.cfg_t, self.history = cfg_t, list(history or [])
+        self.best_state, self.best_epoch = best_state, best_epoch
+        scores = [h["val_score"] for h in self.history if h["val_score"] is not None and not math.isnan(h["val_score"])]
+        self.best_score = max(scores) if scores else None
+        self.stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
+
+    def restart_patience(self, replay: list[float] | None = None) -> None:
+        """A fresh early-stopping counter (a new training phase), optionally replaying that phase's scores."""
+        self.stopper = EarlyStopping(patience=self.cfg_t.patience, mode="max")
+        for v in replay or []:
+            self.stopper.step(v)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stopper.should_stop
+
+    def end_epoch(self, module: nn.Module, epoch: int, losses: list[float], metrics: dict | None, score: float,
+                  seconds: float, main: bool, extra: dict | None = None) -> bool:
+        """Record one epoch; keeps a CPU copy of the weights when the score improved. Returns whether it did."""
+        self.stopper.step(score)
+        improved = not math.isnan(score) and (self.best_score is None or score > self.best_score)
+        if improved:
+            self.best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            self.best_epoch, self.best_score = epoch, score
+        self.history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                             "val_accuracy": metrics["accuracy"] if metrics else None, "val_score": score,
+                             "seconds": round(seconds, 1), **(extra or {})})
+        if main:
+            h = self.history[-1]
+            print(f"epoch {epoch + 1}/{self.cfg_t.epochs} loss {h['train_loss']:.4f} val {self.cfg_t.monitor} "
+                  f"{score:.4f} acc {metrics['accuracy']:.4f}{' *' if improved else ''} ({h['seconds']}s)",
+                  file=sys.stderr, flush=True)
+        return improved
+
+
 def build_for_training(model_name: str, cfg_t: TrainConfig) -> nn.Module:
     """create_model with the TrainConfig's input size and drop-path overrides, then `--init` weights if given."""
     base = get_cfg(model_name)
     overrides = {}
     if cfg_t.image_size:
         overrides["input_size"] = (base.input_size[0], *([cfg_t.image_size] * (len(base.input_size) - 1)))
+    kw = dict(base.builder_kwargs)
     if cfg_t.drop_path is not None:
-        overrides["builder_kwargs"] = {**base.builder_kwargs, "drop_path_rate": cfg_t.drop_path}
+        kw["drop_path_rate"] = cfg_t.drop_path
+    if cfg_t.output_stride:
+        kw["output_stride"] = cfg_t.output_stride
+    if kw != base.builder_kwargs:
+        overrides["builder_kwargs"] = kw
     net = create_model(model_name, **overrides)
     if cfg_t.init:
         if hasattr(net, "import_checkpoint"):        # e.g. RETFound's format for the ViTs
@@ -428,24 +475,18 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
 
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history, best_state, best_epoch, start_epoch, best_score = [], None, -1, 0, None
+    tracker, start_epoch = EpochTracker(cfg_t), 0
     ckpt = out / "last.pt"
     state = None
     if cfg_t.resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         net.load_state_dict(state["model"])
-        best_state, best_epoch, start_epoch = state["best_model"], int(state["best_epoch"]), int(state["epoch"]) + 1
-        history = json.loads(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        tracker = EpochTracker(cfg_t, json.loads(state["history"]), state["best_model"], int(state["best_epoch"]))
         log.info("resumed from epoch %d", start_epoch)
     phase = _phase_of(start_epoch, cfg_t)
     opt, sched, per_step, model = start_phase(phase)
-    stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
-    for h in history:
-        v = h["val_score"]
-        if v is not None and not math.isnan(v) and (best_score is None or v > best_score):
-            best_score = v
-        if _phase_of(h["epoch"], cfg_t) == phase:
-            stopper.step(v)
+    tracker.restart_patience([h["val_score"] for h in tracker.history if _phase_of(h["epoch"], cfg_t) == phase])
     if state is not None and int(state.get("phase", 0)) == phase:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -455,7 +496,7 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         if _phase_of(epoch, cfg_t) != phase:   # two-phase: unfreeze, new optimizer, fresh patience
             phase = _phase_of(epoch, cfg_t)
             opt, sched, per_step, model = start_phase(phase)
-            stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
+            tracker.restart_patience()
             if main:
                 print(f"phase {phase}: trainable {sum(p.numel() for p in net.parameters() if p.requires_grad)} "
                       f"parameters", file=sys.stderr, flush=True)
@@ -493,29 +534,20 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         score = distributed.broadcast(score, ctx)
         if not per_step:
             sched.step(score)
-        stopper.step(score)
-        improved = not math.isnan(score) and (best_score is None or score > best_score)
-        if improved:
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            best_epoch, best_score = epoch, score
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                        "val_accuracy": m["accuracy"] if m else None, "val_score": score,
-                        "seconds": round(time.time() - t_ep, 1), **({"phase": phase} if phase else {})})
+        tracker.end_epoch(net, epoch, losses, m, score, time.time() - t_ep, main, {"phase": phase} if phase else None)
         if main:
-            print(f"epoch {epoch + 1}/{cfg_t.epochs} loss {history[-1]['train_loss']:.4f} "
-                  f"val {cfg_t.monitor} {score:.4f} acc {m['accuracy']:.4f}{' *' if improved else ''} "
-                  f"({history[-1]['seconds']}s)", file=sys.stderr, flush=True)
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "best_model": best_state, "best_epoch": best_epoch, "epoch": epoch, "phase": phase,
-                        "history": json.dumps(history)}, ckpt)
+                        "best_model": tracker.best_state, "best_epoch": tracker.best_epoch, "epoch": epoch,
+                        "phase": phase, "history": json.dumps(tracker.history)}, ckpt)
         epoch += 1
-        if stopper.should_stop:
+        if tracker.should_stop:
             if phase == 1 and cfg_t.epochs > cfg_t.freeze_epochs:
                 epoch = max(epoch, cfg_t.freeze_epochs)   # phase 1 has converged: go on to fine-tuning
             else:
                 break
 
-    net.load_state_dict(best_state)
+    net.load_state_dict(tracker.best_state)
+    history, best_epoch = tracker.history, tracker.best_epoch
     for p in net.parameters():
         p.requires_grad_(True)
     digest = distributed.state_digest(net) if ctx is not None else None
@@ -619,7 +651,9 @@ def _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_n
         "heldout_metrics": _brief(result.get("test") or result["val"]),
         "best_epoch": best_epoch + 1, "epochs_run": len(history),
         "config": asdict(cfg_t), "date": _dt.date.today().isoformat(), "torch": torch.__version__,
-        **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}), **(extra or {}),
+        **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}),
+        **({"builder_kwargs": {"output_stride": cfg_t.output_stride}} if cfg_t.output_stride else {}),
+        **(extra or {}),
     }
     manifest_path = out / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +39,7 @@ from ..models.multimodal import FUSION_CLASSES, binary_label
 from ..models.registry import create_model, get_cfg
 from ..models.volume3d import VOLUME_CLASSES, encode_metadata, preprocess_volume
 from . import distributed
-from .engine import (EarlyStopping, TrainConfig, _score, _write_outputs, make_optimizer, make_scheduler,
+from .engine import (EpochTracker, TrainConfig, _score, _write_outputs, make_optimizer, make_scheduler,
                      seed_everything)
 from .losses import FocalLoss
 
@@ -74,8 +72,7 @@ def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainCon
     opt = make_optimizer(module, cfg_t, cfg_t.lr)
     sched, per_step = make_scheduler(opt, cfg_t, max(steps, 1), cfg_t.epochs)
     model = distributed.wrap(module, ctx)
-    stopper = EarlyStopping(patience=cfg_t.patience, mode="max")
-    history, best_state, best_epoch, best_score = [], None, -1, None
+    tracker = EpochTracker(cfg_t)
     for epoch in range(cfg_t.epochs):
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(epoch)
@@ -98,22 +95,11 @@ def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainCon
         score = distributed.broadcast(score, ctx)
         if not per_step:
             sched.step(score)
-        stopper.step(score)
-        improved = not math.isnan(score) and (best_score is None or score > best_score)
-        if improved:
-            best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-            best_epoch, best_score = epoch, score
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                        "val_accuracy": m["accuracy"] if m else None, "val_score": score,
-                        "seconds": round(time.time() - t_ep, 1)})
-        if main:
-            print(f"epoch {epoch + 1}/{cfg_t.epochs} loss {history[-1]['train_loss']:.4f} val {cfg_t.monitor} "
-                  f"{score:.4f} acc {m['accuracy']:.4f}{' *' if improved else ''} ({history[-1]['seconds']}s)",
-                  file=sys.stderr, flush=True)
-        if stopper.should_stop:
+        tracker.end_epoch(module, epoch, losses, m, score, time.time() - t_ep, main)
+        if tracker.should_stop:
             break
-    module.load_state_dict(best_state)
-    return best_epoch, history
+    module.load_state_dict(tracker.best_state)
+    return tracker.best_epoch, tracker.history
 
 
 def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_note, val, test, history,
@@ -429,18 +415,16 @@ def predict_pairs(model: LoadedModel, fundus_paths, oct_paths, batch_size: int =
     for i in range(0, len(fundus_paths), batch_size):
         pairs = [net.preprocess_pair(read_image(f).pixels, read_image(o).pixels, model.device)
                  for f, o in zip(fundus_paths[i:i + batch_size], oct_paths[i:i + batch_size])]
-        z = net(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
-        out.append(torch.softmax(z.float() / model.temperature, 1).cpu().numpy())
+        out.append(model.predict_proba(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2))
 
 
 @torch.inference_mode()
 def predict_volumes(model: LoadedModel, records, batch_size: int = 8) -> np.ndarray:
     """Calibrated P(disease) [N] for volume records (NIfTI path + metadata)."""
-    net, out = model.net, []
+    out = []
     for i in range(0, len(records), batch_size):
         rs = records[i:i + batch_size]
-        x = decode_volumes(rs, model.cfg, dtype=torch.float32).to(model.device)
-        z = net(x, metadata_matrix(rs, net.meta_features).to(model.device))[:, 0].float().cpu().numpy()
-        out.append(apply_temperature(z, model.temperature))
+        x = decode_volumes(rs, model.cfg, dtype=torch.float32)
+        out.append(model.predict_proba(x, metadata_matrix(rs, model.net.meta_features))[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)

@@ -1,0 +1,102 @@
+"""Driving the real app in headless Chromium: start `streamlit run` on 127.0.0.1, wait for pages, pick options.
+
+Used by tests/test_browser.py and by the app benchmarks (`bench --only cold_start,concurrent_sessions`). Needs
+Debian's chromium (`apt-get install -y chromium`) and Playwright's Python package (requirements-dev.txt); Playwright
+is pointed at /usr/bin/chromium and never downloads a browser.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+def chromium_available() -> bool:
+    return Path(CHROMIUM).exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def app_server(weights_dir: str | os.PathLike | None = None, timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`streamlit run app.py` on 127.0.0.1 and a free port; yields (url, process) once /_stcore/health answers;
+    stopped on exit. weights_dir: RETINA_WEIGHTS_DIR for the server (default: the bundled weights)."""
+    env = dict(os.environ)
+    if weights_dir:
+        env["RETINA_WEIGHTS_DIR"] = str(weights_dir)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+                             "--server.address", "127.0.0.1", "--server.port", str(port),
+                             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, timeout_s)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_healthy(url: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"streamlit did not start within {timeout_s:.0f} s")
+
+
+def wait_idle(page, timeout_s: float = 240) -> None:
+    """Until Streamlit's 'running' indicator has been gone for two seconds."""
+    page.wait_for_selector('[data-testid="stApp"]', timeout=60000)
+    end, quiet = time.time() + timeout_s, 0
+    while time.time() < end and quiet < 4:
+        quiet = quiet + 1 if page.locator('[data-testid="stStatusWidget"]').count() == 0 else 0
+        time.sleep(0.5)
+
+
+def choose(page, label: str, option: str, idle: bool = True) -> None:
+    """Pick `option` in the selectbox whose label contains `label`."""
+    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label).first
+    combo = box.get_by_role("combobox")
+    combo.click()
+    combo.fill(option)                      # filters the (virtualised) option list down to the one wanted
+    page.get_by_role("option", name=option).first.click()
+    if idle:
+        time.sleep(0.5)
+        wait_idle(page)
+
+
+def launch(playwright):
+    """Debian's chromium with the flags this project's machines need."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
