@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,10 +25,31 @@ NO_RESULT = "No result: retake or refer"
 LOW_CONFIDENCE = 0.5   # below this top-class probability the suggestion says so
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
-def get_model(name: str) -> LoadedModel:
-    """One shared, read-only copy of each bundled model per process."""
+def _load_once(name: str) -> LoadedModel:
     return load_model(name)
+
+
+def get_model(name: str) -> LoadedModel:
+    """One shared, read-only copy of each bundled model per process (thread-safe: concurrent first calls, e.g. a
+    session and the app's background warm-up, load it once)."""
+    with _LOAD_LOCK:
+        return _load_once(name)
+
+
+LOAD_FAILURES: dict[str, str] = {}    # models whose files check out but whose full load failed (the app's status)
+
+
+def _clear_models() -> None:
+    with _LOAD_LOCK:
+        _load_once.cache_clear()
+        LOAD_FAILURES.clear()
+
+
+get_model.cache_clear = _clear_models
 
 
 @dataclass

@@ -17,7 +17,7 @@ import streamlit as st
 from PIL import Image
 
 from . import DISCLAIMER
-from .analysis import Analysis, analyze, get_model
+from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, analyze, get_model
 from .errors import RetinaInputError
 from .io.decode import RetinalImage, read_image
 from .models import get_cfg, list_models, read_manifest
@@ -45,35 +45,50 @@ ANALYSIS_LIMIT = 64     # analyses kept per session (oldest dropped): bounded me
 # ------------------------------------------------------------------------------------------- shared caches
 @st.cache_resource(show_spinner="Loading model weights (once per server)...")
 def cached_model(name: str):
-    """One read-only model copy per process, shared by all sessions (CUDA when present).
-
-    Wraps `retina_core.get_model`, the same process-wide copy `analyze` uses when it picks a model itself. The
-    two-input models (fundus + OCT fusion, OCT volume + metadata) load through `train.multimodal.load_multimodal`,
-    which also applies what their manifest entry records (the volume model's fusion mode, the fusion head's
-    encoders)."""
-    if get_cfg(name).modality in ("fundus+oct", "oct_volume"):
-        from .train.multimodal import load_multimodal
-
-        return load_multimodal(name)
-    return get_model(name)
+    """One read-only model copy per process, shared by all sessions (CUDA when present): `retina_core.get_model`,
+    the same process-wide copy `analyze` uses when it picks a model itself and the background warm-up fills.
+    `load_model` applies what the manifest entry records (input size, architecture options, the volume model's
+    fusion mode, the fusion head's encoders)."""
+    try:
+        return get_model(name)
+    except RetinaInputError as exc:
+        LOAD_FAILURES[name] = str(exc)
+        raise
 
 
-@st.cache_resource(ttl=120, show_spinner="Checking which model weights are installed...")
-def model_status() -> dict[str, str | None]:
-    """Start-up check: model name -> None when its weights load, else the reason it is unavailable.
+def _warm_up(names: list[str]) -> None:
+    """Load the verified models in a background thread, so the first page renders at once and the first
+    prediction finds its model ready; failures are recorded for `model_status`."""
+    def run():
+        for n in names:
+            try:
+                get_model(n)
+            except RetinaInputError as exc:
+                LOAD_FAILURES[n] = str(exc)
+            except Exception as exc:   # a broken architecture must not take the app down
+                LOAD_FAILURES[n] = f"Model {n!r} could not be built ({type(exc).__name__})."
 
-    Re-checked every two minutes, so weights installed while the server runs appear without a restart (models
-    already loaded stay in `cached_model`, so a re-check costs a manifest read per missing model)."""
-    status = {}
-    for name in list_models():
-        try:
-            cached_model(name)
-            status[name] = None
-        except RetinaInputError as exc:
-            status[name] = str(exc)
-        except Exception as exc:   # a broken architecture must not take the app down
-            status[name] = f"Model {name!r} could not be built ({type(exc).__name__})."
+    import threading
+
+    threading.Thread(target=run, name="retina-warm-up", daemon=False).start()   # not daemon: never killed mid-load
+
+
+@st.cache_resource(ttl=120, show_spinner=False)
+def _checked_weights() -> dict[str, str | None]:
+    from .models.loading import weights_problem
+
+    status = {name: weights_problem(name) for name in list_models()}
+    _warm_up([n for n in DEFAULT_MODELS.values() if status.get(n) is None] +
+             [n for n, why in status.items() if why is None and n not in DEFAULT_MODELS.values()])
     return status
+
+
+def model_status() -> dict[str, str | None]:
+    """Start-up check: model name -> None when its weights are installed and intact, else the reason it is
+    unavailable. Files and sha256 are checked at once (re-checked every two minutes, so weights installed while
+    the server runs appear without a restart); the networks load in the background, defaults first, and a model
+    whose full load fails (e.g. a fusion head without its encoders) is reported with the reason."""
+    return {**_checked_weights(), **LOAD_FAILURES}
 
 
 def model_or_reason(name: str):
@@ -81,7 +96,10 @@ def model_or_reason(name: str):
     reason = model_status().get(name, f"Unknown model {name!r}.")
     if reason:
         return None, reason
-    return cached_model(name), None
+    try:
+        return cached_model(name), None
+    except RetinaInputError as exc:
+        return None, str(exc)
 
 
 def available_models(modality: str | None = None) -> list[str]:
@@ -181,7 +199,7 @@ def sidebar_weights() -> None:
     manifest = read_manifest()
     loaded = [n for n, why in status.items() if why is None]
     with st.sidebar:
-        with st.expander(f"Loaded weights: {len(loaded)} of {len(status)} models", icon=":material/memory:"):
+        with st.expander(f"Installed weights: {len(loaded)} of {len(status)} models", icon=":material/memory:"):
             if not loaded:
                 st.markdown("No model weights are installed yet. Train one with "
                             "`python -m retina_core train --model NAME --data PATH` (see *Models & evaluation*).")

@@ -86,7 +86,7 @@ def _png(array) -> bytes:
 def test_empty_state_explains_what_to_do(app):
     assert "not a medical device" in _texts(app)
     assert any("Upload one or more" in i.value for i in app.info)
-    assert any(e.label.startswith("Loaded weights") for e in app.expander)
+    assert any(e.label.startswith("Installed weights") for e in app.expander)
 
 
 def test_upload_phantom_shows_prediction_and_heatmap(app, oct_png):

@@ -110,6 +110,25 @@ class LoadedModel:
         return torch.softmax(z, dim=1)
 
 
+def weights_problem(name: str, weights_dir: str | os.PathLike | None = None) -> str | None:
+    """The start-up check without building the network: None when `name` has a manifest entry whose safetensors
+    file exists and matches its sha256, else the reason (the same sentences `load_model` raises)."""
+    directory = Path(weights_dir) if weights_dir else globals()["weights_dir"]()
+    entry = read_manifest(directory).get(name)
+    if entry is None:
+        return (f"No weights for model {name!r} in {directory}: its manifest.json has no entry. "
+                f"Train it with `python -m retina_core train --model {name} ...`.")
+    path = directory / entry["file"]
+    if path.suffix != ".safetensors":
+        return f"Weights for {name!r} must be a .safetensors file, not {path.name}."
+    if not path.exists():
+        return f"Weights file for {name!r} is missing: {path.name} (expected in {directory})."
+    if sha256_file(path) != entry.get("sha256"):
+        return (f"Weights file {path.name} does not match the sha256 in manifest.json: it was changed or damaged, "
+                f"so model {name!r} will not be loaded.")
+    return None
+
+
 def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: str | None = None,
                **builder_overrides) -> LoadedModel:
     """Build `name`, load its safetensors after checking the sha256 recorded in the manifest, eval mode.
