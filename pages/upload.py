@@ -12,7 +12,7 @@ ui.require_navigation()
 
 MODALITIES = {"Automatic": None, "Fundus photograph": "fundus", "OCT B-scan": "oct"}
 SLOW = ("scorecam", "integrated_gradients")
-DEFAULT_LABEL = "Model's default (best-ranked by explain-eval)"
+DEFAULT_LABEL = "Model's default (from explain-eval)"
 METHOD_LABELS = {DEFAULT_LABEL: DEFAULT_LABEL} | {
     m: m + (" (slow)" if m in SLOW else " (ViT models only)" if m in VIT_METHODS
             else " (CNN models with a finer stage)" if m == "multiscale_gradcam" else "")

@@ -29,6 +29,17 @@ def _rows(path):
         return {r["file"]: r for r in csv.DictReader(f)}
 
 
+def assert_same_rows(path_a, path_b, tolerance: float) -> None:
+    """The same files, labels and errors, and probabilities within `tolerance`."""
+    a, b = _rows(path_a), _rows(path_b)
+    assert a.keys() == b.keys()
+    for f in a:
+        assert a[f]["label"] == b[f]["label"] and a[f]["error"] == b[f]["error"]
+        if a[f]["probabilities"]:
+            pa, pb = json.loads(a[f]["probabilities"]), json.loads(b[f]["probabilities"])
+            assert max(abs(pa[c] - pb[c]) for c in pa) <= tolerance
+
+
 def test_local_batch_rows_errors_heatmaps_and_resume(archive, tmp_path):
     out = tmp_path / "results.csv"
     summary = run_batch(archive, out, heatmaps=tmp_path / "maps", batch_size=2, num_workers=1, progress=False)
@@ -77,13 +88,7 @@ def test_ray_engine_equals_local(archive, tmp_path):
         run_batch(archive, remote, engine="ray", batch_size=2, progress=False)
     finally:
         ray.shutdown()
-    a, b = _rows(local), _rows(remote)
-    assert a.keys() == b.keys()
-    for f in a:
-        assert a[f]["label"] == b[f]["label"] and a[f]["error"] == b[f]["error"]
-        if a[f]["probabilities"]:
-            pa, pb = json.loads(a[f]["probabilities"]), json.loads(b[f]["probabilities"])
-            assert max(abs(pa[c] - pb[c]) for c in pa) < 1e-4
+    assert_same_rows(local, remote, 1e-4)
 
 
 def test_onnx_runtime_batch_equals_torch_within_its_tolerance(archive, tmp_path, capsys):
@@ -94,13 +99,7 @@ def test_onnx_runtime_batch_equals_torch_within_its_tolerance(archive, tmp_path,
     assert main(["batch", str(archive), "--out", str(onnx_csv), "--workers", "0", "--runtime", "onnx",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["runtime"] == "onnx"
-    a, b = _rows(torch_csv), _rows(onnx_csv)
-    assert a.keys() == b.keys()
-    for f in a:
-        assert a[f]["label"] == b[f]["label"] and a[f]["error"] == b[f]["error"]
-        if a[f]["probabilities"]:
-            pa, pb = json.loads(a[f]["probabilities"]), json.loads(b[f]["probabilities"])
-            assert max(abs(pa[c] - pb[c]) for c in pa) <= TOLERANCE + 1e-6
+    assert_same_rows(torch_csv, onnx_csv, TOLERANCE + 1e-6)
     # heatmaps need gradients: asking for both is refused with a message, not a traceback
     assert main(["batch", str(archive), "--out", str(tmp_path / "x.csv"), "--runtime", "onnx",
                  "--heatmaps", str(tmp_path / "m")]) != 0

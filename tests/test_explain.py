@@ -8,12 +8,18 @@ from retina_core.explain.overlay import overlay, strongest_region
 from retina_core.models import create_model
 
 
-@pytest.mark.parametrize("name", ["oct_resnet18", "fundus_dr_effnet_b0"])
-def test_single_pass_gradcam_equals_pytorch_grad_cam(name):
-    torch.manual_seed(0)
-    net = create_model(name, input_size=(3, 96, 96)).eval()
+def frozen_net(name: str, seed: int, size: int = 96):
+    """A random-init registry network in eval mode whose parameters need no gradient (as `load_model` leaves it)."""
+    torch.manual_seed(seed)
+    net = create_model(name, input_size=(3, size, size)).eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("name", ["oct_resnet18", "fundus_dr_effnet_b0"])
+def test_single_pass_gradcam_equals_pytorch_grad_cam(name):
+    net = frozen_net(name, 0)
     x = torch.randn(2, 3, 96, 96)
     logits, cams = gradcam_single_pass(net, x, net.cfg.target_layer, targets=[1, 2])
     with torch.no_grad():
@@ -58,10 +64,7 @@ def test_multiscale_gradcam_is_the_geometric_mean_of_single_stage_gradcams(name)
 
     from retina_core.explain.cam import multiscale_gradcam_single_pass
 
-    torch.manual_seed(1)
-    net = create_model(name, input_size=(3, 96, 96)).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net = frozen_net(name, 1)
     x = torch.randn(2, 3, 96, 96)
     layers = [net.cfg.target_layer, net.cfg.fine_layer]
     logits, fused = multiscale_gradcam_single_pass(net, x, layers, targets=[0, 1])
