@@ -38,11 +38,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _strip(key: str) -> str:
+def strip_prefixes(key: str, prefixes: tuple[str, ...] = _PREFIXES) -> str:
+    """`key` without any leading wrapper prefixes (repeatedly: "module.backbone.x" -> "x")."""
     changed = True
     while changed:
         changed = False
-        for p in _PREFIXES:
+        for p in prefixes:
             if key.startswith(p):
                 key, changed = key[len(p):], True
     return key
@@ -51,7 +52,7 @@ def _strip(key: str) -> str:
 def load_state_dict_file(net: nn.Module, path: str | Path) -> dict:
     """Load what fits from `path` into `net` (strict=False). Returns a report of the matching."""
     target = net.state_dict()
-    src = {_strip(k): v for k, v in read_state_dict(path).items()}
+    src = {strip_prefixes(k): v for k, v in read_state_dict(path).items()}
     mapped, skipped, unexpected = {}, [], []
     for k, v in src.items():
         cand = k if k in target else "net." + k

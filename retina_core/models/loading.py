@@ -110,6 +110,19 @@ class LoadedModel:
         return torch.softmax(z, dim=1)
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _checked_digest(path: Path) -> str:
+    """sha256 of a weights file, remembered per (path, size, mtime) so the app's periodic re-check does not hash
+    every file again; `load_model` always hashes the bytes it loads."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
+
+
 def weights_problem(name: str, weights_dir: str | os.PathLike | None = None) -> str | None:
     """The start-up check without building the network: None when `name` has a manifest entry whose safetensors
     file exists and matches its sha256, else the reason (the same sentences `load_model` raises)."""
@@ -123,7 +136,7 @@ def weights_problem(name: str, weights_dir: str | os.PathLike | None = None) -> 
         return f"Weights for {name!r} must be a .safetensors file, not {path.name}."
     if not path.exists():
         return f"Weights file for {name!r} is missing: {path.name} (expected in {directory})."
-    if sha256_file(path) != entry.get("sha256"):
+    if _checked_digest(path) != entry.get("sha256"):
         return (f"Weights file {path.name} does not match the sha256 in manifest.json: it was changed or damaged, "
                 f"so model {name!r} will not be loaded.")
     return None

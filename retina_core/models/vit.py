@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import RetinaInputError
 from ..labels import FUNDUS4
+from .checkpoints import read_state_dict, strip_prefixes
 from .registry import ModelCfg, register_model
 
 
@@ -66,16 +67,6 @@ class RetFoundViT(VisionTransformer):
         return import_retfound_checkpoint(self, path)
 
 
-def _strip_prefixes(key: str, prefixes=("module.", "backbone.")) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
 def import_retfound_checkpoint(net: VisionTransformer, source) -> dict:
     """Load a RETFound-format checkpoint into `net` as RETFound's fine-tuning script does.
 
@@ -90,9 +81,8 @@ def import_retfound_checkpoint(net: VisionTransformer, source) -> dict:
         raw = source.get("model", source) if isinstance(source.get("model", None), dict) else source
         raw = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     else:
-        from .checkpoints import read_state_dict
         raw = read_state_dict(Path(source))
-    sd = {_strip_prefixes(k): v for k, v in raw.items()}
+    sd = {strip_prefixes(k, ("module.", "backbone.")): v for k, v in raw.items()}   # RETFound's own wrappers
     target = net.state_dict()
     report = {"dropped_head": [], "pos_embed": {"interpolated": False}}
 
