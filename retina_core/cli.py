@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="onnx: predictions through ONNX Runtime (faster on CPU, verified against PyTorch; no heatmaps)")
-    p.add_argument("--workers", type=int, default=2, help="decoding workers of the local engine")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding workers of the local engine (default: 2 with a GPU, none on a CPU, where the "
+                        "forward already uses every core)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_batch)

@@ -54,6 +54,20 @@ def test_local_batch_rows_errors_heatmaps_and_resume(archive, tmp_path):
         assert abs(sum(probs.values()) - 1) < 1e-4 and r["label"] in probs
         assert len(r["content_hash"]) == 64 and (tmp_path / "maps").joinpath(r["heatmap"].split("/")[-1]).exists()
     assert rows[str(archive / "c_fundus.png")]["model"] == "fundus_dr_effnet_b0"
+    # the written map is the app's Grad-CAM of the predicted class, as 8-bit grey at the image's size
+    import numpy as np
+    from PIL import Image
+
+    from retina_core import explain
+    from retina_core.analysis import get_model
+    from retina_core.io.decode import read_image
+
+    r = rows[str(archive / "a_oct.png")]
+    img = read_image(archive / "a_oct.png")
+    written = np.asarray(Image.open(r["heatmap"]))
+    assert written.dtype == np.uint8 and written.shape == img.pixels.shape[:2]
+    expected = explain(get_model(r["model"]), img.pixels, "gradcam", r["label"])
+    assert np.abs(written / 255.0 - expected).max() <= 1.5 / 255
     assert pd.read_parquet(out.with_suffix(".parquet")).shape[0] == 4
     again = run_batch(archive, out, num_workers=0, progress=False)
     assert again["skipped_already_done"] == 4 and again["processed"] == 0
@@ -121,3 +135,16 @@ def test_onnx_predictor_checks_itself_against_torch():
     p = pred.predict_proba(x)
     assert p.shape == (3, 8) and abs(p.sum(1) - 1).max() < 1e-5
     assert abs(p - m.predict_proba(x).numpy()).max() < 1e-4 and pred.max_abs_diff < 1e-4
+
+
+def test_batch_benchmark_runs_every_configuration():
+    """`bench --only batch_throughput` on a tiny archive: every configuration measured for both default models
+    (figures are recorded in docs/benchmarks.md, never asserted here)."""
+    from retina_core.bench import bench_batch_throughput, format_markdown
+
+    r = bench_batch_throughput(n_images=4, batch_size=2, repeats=1)
+    assert set(r["models"]) == {"oct_resnet18", "fundus_dr_effnet_b0"}
+    for m in r["models"].values():
+        assert set(m["ratio"]) == {"floor", "default", "workers_2", "heatmaps"}
+        assert all(v > 0 for v in m["img_per_s"].values())
+    assert "| oct_resnet18 |" in format_markdown({"batch_throughput": r})

@@ -132,3 +132,38 @@ def test_oct_with_white_registration_padding():
     im[yy < 100 - (w - 1 - xx) * 0.3] = 255
     q = assess_quality(as_image(im))
     assert q.modality == "oct" and q.gradable, (q.reasons, q.features)
+
+
+def test_fast_filters_equal_scipy():
+    """The OpenCV Gaussian and cross-structure erosion / dilation the gate uses equal scipy.ndimage's."""
+    from scipy import ndimage as ndi
+
+    from retina_core.quality import _channels, _dilate, _erode, _gauss
+
+    rng = np.random.default_rng(0)
+    for t in range(12):
+        h, w = (int(v) for v in rng.integers(20, 200, 2))
+        g = rng.random((h, w)).astype(np.float32)
+        for sigma in (0.5, 1.0, 1.5, 2.0, 4.0):
+            assert np.abs(_gauss(g, sigma) - ndi.gaussian_filter(g, sigma)).max() < 1e-6
+        m = ndi.gaussian_filter(g, 3) > np.float32(rng.uniform(0.45, 0.55))
+        if t == 0:
+            m[:] = True   # erosion from the image frame counts too
+        for it in (1, 2, 10):
+            assert np.array_equal(_erode(m, it), ndi.binary_erosion(m, iterations=it))
+            assert np.array_equal(_dilate(m, it), ndi.binary_dilation(m, iterations=it))
+    work = rng.random((30, 40, 3)).astype(np.float32)
+    hi, lo, mean = _channels(work)
+    assert np.array_equal(hi, work.max(axis=2)) and np.array_equal(lo, work.min(axis=2))
+    assert np.allclose(mean, work.mean(axis=2), atol=1e-7)
+
+
+def test_greyscale_image_is_never_a_fundus_but_can_be_graded_as_one():
+    """A greyscale image scores 0 as a fundus photograph (no red-dominant field); a red-free photograph the user
+    calls a fundus is still graded with the fundus features."""
+    red_free = np.ascontiguousarray(fundus("Moderate", seed=2)[..., 1])
+    q = assess_quality(as_image(red_free))
+    assert q.modality_scores["fundus"] == 0.0 and q.modality != "fundus"
+    forced = assess_quality(as_image(red_free), modality="fundus")
+    assert forced.modality == "fundus" and "fundus_circle_iou" in forced.features
+    assert forced.features["fundus_circle_iou"] > 0.8
