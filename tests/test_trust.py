@@ -110,3 +110,15 @@ def test_consistency_and_population_summaries():
     centre = np.zeros((40, 40))
     centre[15:25, 15:25] = 1
     assert centre_attention_vs_confidence([centre, a, centre], [1.0, 0.0, 1.0])["n"] == 3
+
+
+def test_integrated_gradients_passes_the_randomisation_check_on_the_bundled_oct_model():
+    """The signed, region-smoothed IG map depends on the weights (|attribution| would follow the image's edges
+    whatever the weights: mean |rho| 0.93 on held-out phantoms)."""
+    from retina_core.analysis import get_model
+    from retina_core.phantoms import oct_phantom
+
+    model = get_model("oct_resnet18")
+    rhos = [randomisation_check(model, oct_phantom(label, seed=300 + i).image, "integrated_gradients")["spearman"]
+            for i, label in enumerate(("CNV", "DME", "DRUSEN"))]
+    assert np.mean(np.abs(rhos)) < 0.5, rhos

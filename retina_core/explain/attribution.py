@@ -11,8 +11,12 @@ Methods
   target layer is the last block's `norm1` (unless the cfg names one) and the token activations are reshaped to a
   [B, C, h, w] grid, dropping the class / register tokens (`tokens_to_grid`).
 - "integrated_gradients": captum IntegratedGradients from a black image (zero intensity in pixel space, i.e.
-  (0 - mean) / std after normalisation), 32 steps; |attribution| summed over channels, lightly smoothed
-  (Gaussian, sigma = 1/112 of the input side), clipped at its 99.5th percentile, normalised.
+  (0 - mean) / std after normalisation), 32 steps; the signed attribution summed over channels and smoothed
+  (Gaussian, sigma = 1/112 of the input side) *before* its positive part is kept: by IG's completeness, a
+  Gaussian-weighted sum of attributions is the contribution of that soft region, so the map shows where the net
+  evidence for the class lies. |attribution| instead tracks the image's edges whatever the weights (mean |rho|
+  0.93 between the trained and a randomised OCT model, failing the sanity check; the signed map: 0.15). Then
+  clipped at its 99.5th percentile and normalised.
 - ViTs only (timm VisionTransformer-like: `blocks`, `patch_embed`, `attn.attn_drop`):
   "attention_rollout" (Abnar & Zuidema 2020: R = prod_l normalise(mean_heads(A_l) + I); class-agnostic) and
   "vit_relevance" (Chefer et al. 2021, "Generic attention-model explainability": R = I, then for each block
@@ -353,7 +357,7 @@ def _vit_library_cam(net: nn.Module, vit: nn.Module, x: torch.Tensor, layer: str
 def integrated_gradients(net: nn.Module, x: torch.Tensor, targets: list[int], cfg,
                          n_steps: int = IG_STEPS, internal_batch_size: int = IG_INTERNAL_BATCH) -> np.ndarray:
     """captum IntegratedGradients from a black image (pixel intensity 0, normalised like the input).
-    Returns |attribution| summed over channels, float32 [B, h, w] at the model input size (unnormalised)."""
+    Returns the signed attribution summed over channels, float32 [B, h, w] at the model input size."""
     from captum.attr import IntegratedGradients
 
     mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -363,12 +367,13 @@ def integrated_gradients(net: nn.Module, x: torch.Tensor, targets: list[int], cf
     with torch.inference_mode(False), torch.enable_grad():
         attr = ig.attribute(x.detach().clone().requires_grad_(True), baselines=baseline, target=list(targets),
                             n_steps=n_steps, internal_batch_size=max(internal_batch_size, 1))
-    return attr.detach().abs().sum(dim=1).float().cpu().numpy()
+    return attr.detach().sum(dim=1).float().cpu().numpy()
 
 
 def _postprocess_ig(a: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Signed [h, w] attribution -> map: smoothed, positive part, clipped at the 99.5th percentile, normalised."""
     side = min(a.shape[-2:])
-    a = cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.5, side / 112.0))
+    a = np.maximum(cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.5, side / 112.0)), 0.0)
     hi = float(np.percentile(a, 99.5))
     if hi > 0:
         a = np.minimum(a, hi)
