@@ -129,12 +129,63 @@ def saved_evaluations(model_name: str, roots=("docs", "weights", "artifacts")) -
 
 
 def stability_table(explain_eval_report: dict) -> list[dict]:
-    """Rows {method, stability_ssim, stability_spearman, pointing_game, deletion_auc, insertion_auc} of an
-    explain-eval report (`python -m retina_core explain-eval ... --json`)."""
+    """Rows {method, stability_ssim, stability_spearman, pointing_game, deletion_auc, insertion_auc,
+    randomisation_abs_spearman, passes_sanity_check, cost_vs_forward, seconds_per_image} of an explain-eval report
+    (`python -m retina_core explain-eval ... --json`)."""
+    from .explain.evaluate import RANDOMISATION_LIMIT
+
     rows = []
     for meth, r in (explain_eval_report.get("methods") or {}).items():
         if isinstance(r, dict):
+            rho = r.get("randomisation_abs_spearman")
             rows.append({"method": meth, **{k: r.get(k) for k in ("stability_ssim", "stability_spearman",
                                                                   "pointing_game", "deletion_auc",
-                                                                  "insertion_auc", "seconds_per_image")}})
+                                                                  "insertion_auc", "randomisation_abs_spearman")},
+                         "passes_sanity_check": None if rho is None else bool(rho < RANDOMISATION_LIMIT),
+                         **{k: r.get(k) for k in ("cost_vs_forward", "seconds_per_image")}})
     return rows
+
+
+def method_trust(model_name: str, weights_sha256: str | None = None, roots=("docs", "weights", "artifacts")
+                 ) -> dict[str, dict]:
+    """Per explanation method, what the newest saved `explain-eval` of `model_name` measured (only a report of
+    these weights when `weights_sha256` is given): {method: {randomisation_abs_spearman, passes_randomisation,
+    pointing_game, energy_pointing_game, cost_vs_forward, n_images, source}}. Empty when nothing is saved."""
+    from .explain.evaluate import RANDOMISATION_LIMIT
+
+    reports = [(p, o) for p, o in saved_evaluations(model_name, roots)
+               if isinstance(o.get("methods"), dict) and (weights_sha256 is None
+                                                          or o.get("weights_sha256") == weights_sha256)]
+    if not reports:
+        return {}
+    path, rep = max(reports, key=lambda po: po[0].stat().st_mtime)
+    out = {}
+    for meth, r in rep["methods"].items():
+        if not isinstance(r, dict):
+            continue
+        rho = r.get("randomisation_abs_spearman")
+        out[meth] = {"randomisation_abs_spearman": rho,
+                     "passes_randomisation": None if rho is None else rho < RANDOMISATION_LIMIT,
+                     **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward")},
+                     "n_images": rep.get("n_images"), "source": path.name}
+    return out
+
+
+def trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
+    """One sentence on how far `method`'s maps can be trusted on this model, and whether it is a warning."""
+    from .explain.evaluate import RANDOMISATION_LIMIT
+
+    if not evidence:
+        return (f"{method}: not evaluated on this model yet (`python -m retina_core explain-eval`): no measured "
+                "evidence of how far its map can be trusted.", False)
+    rho, pg = evidence.get("randomisation_abs_spearman"), evidence.get("pointing_game")
+    where = f" (`{evidence['source']}`, {evidence.get('n_images')} phantoms)"
+    pointing = f"; it hit a phantom lesion {pg:.0%} of the time" if pg is not None else ""
+    if evidence.get("passes_randomisation") is False:
+        return (f"{method} **failed the sanity check** on this model: its map barely changes when the model's "
+                f"weights are randomised (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT}), so it shows the image's "
+                f"structure more than what the model learnt{pointing}{where}. Compare it, do not rely on it.", True)
+    if rho is None:
+        return f"{method}: sanity check not run{pointing}{where}.", False
+    return (f"{method} passed the sanity check on this model (map changes when the weights are randomised: mean "
+            f"|rho| {rho:.2f}){pointing}{where}.", False)

@@ -119,6 +119,9 @@ def test_switching_methods_computes_each_once(app, oct_png):
     assert sorted(k[2] for k in cache) == ["default", "gradcam", "gradcam++"]     # default = gradcam, filed twice
     assert len({id(v) for v in cache.values()}) == 2
     assert any("gradcam++ heatmap" in c for c in _captions(app))
+    # every heatmap says how far its method can be trusted on this model (saved explain-eval, or that there is none)
+    notes = _captions(app) + [w.value for w in app.warning]
+    assert any("gradcam++" in n and ("sanity check" in n or "not evaluated" in n) for n in notes)
     ids = {k: id(v) for k, v in cache.items()}
     app.selectbox(key="method").set_value("gradcam").run()       # back: served from the session cache
     assert {k: id(v) for k, v in app.session_state["_analyses"].items()} == ids

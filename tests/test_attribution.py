@@ -223,3 +223,25 @@ def test_explain_eval_set_default_records_the_choice_and_analyze_uses_it(tmp_pat
         assert default_method(model) == chosen
     else:                      # both too slow on a loaded machine: nothing is written, the message says why
         assert "default_method" not in entry
+
+
+def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
+    import json
+
+    from retina_core.quick_eval import method_trust, trust_note
+
+    report = {"model": "m", "weights_sha256": "abc", "n_images": 10,
+              "methods": {"gradcam": {"randomisation_abs_spearman": 0.3, "pointing_game": 0.9},
+                          "layercam": {"randomisation_abs_spearman": 0.7, "pointing_game": 0.8}}}
+    (tmp_path / "explain_eval_m.json").write_text(json.dumps(report))
+    (tmp_path / "other_weights.json").write_text(json.dumps({**report, "weights_sha256": "old", "methods": {
+        "gradcam": {"randomisation_abs_spearman": 0.9}}}))
+    ev = method_trust("m", "abc", roots=(str(tmp_path),))
+    assert ev["gradcam"]["passes_randomisation"] and not ev["layercam"]["passes_randomisation"]
+    assert ev["gradcam"]["source"] == "explain_eval_m.json"
+    ok, warn_ok = trust_note(ev["gradcam"], "gradcam")
+    bad, warn_bad = trust_note(ev["layercam"], "layercam")
+    assert not warn_ok and "passed the sanity check" in ok and "90%" in ok
+    assert warn_bad and "failed the sanity check" in bad and "0.70" in bad
+    assert method_trust("m", "unknown", roots=(str(tmp_path),)) == {}
+    assert "not evaluated" in trust_note(None, "scorecam")[0]
