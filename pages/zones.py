@@ -8,11 +8,60 @@ from retina_core import attention, figures, ui
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
 from retina_core.explain.zones import ETDRS_ABBREVIATIONS
+from retina_core.quick_eval import trust_badge
 
 ui.require_navigation()
 
 SLOW = {"scorecam", "integrated_gradients", "vit_relevance"}
 DEFAULT_METHODS = ("gradcam", "multiscale_gradcam", "gradcam++", "attention_rollout")
+
+
+def view_settings() -> tuple[float, bool]:
+    """The sidebar's opacity slider and zone toggle (drawn by `draw_maps`, so moving them reruns only that)."""
+    with st.sidebar:
+        return (st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="zones_alpha"),
+                st.toggle("Draw the zones on the maps", True, key="zones_grid"))
+
+
+def zone_figures(summaries: dict, modality: str) -> dict:
+    """The zone-share bar charts of the methods' summaries: centre/left/right, then the optic disc and the ETDRS
+    subfields (fundus) or the foveal bands (OCT) when every summary has them."""
+    figs = {"clr": figures.zone_bars({m: s["centre_lr"] for m, s in summaries.items()},
+                                     "Centre box vs left / right (share of heatmap)", ["centre", "left", "right"])}
+    if modality == "fundus" and all("etdrs" in s for s in summaries.values()):
+        figs["disc"] = figures.zone_bars({m: {"optic disc": s["disc"], "ETDRS 6 mm circle": 1 - s["etdrs"]["outside"]}
+                                          for m, s in summaries.items()}, "Optic disc and macula (share of heatmap)")
+        figs["etdrs"] = figures.etdrs_bars({m: s["etdrs"] for m, s in summaries.items()})
+    elif modality == "oct" and all("oct_bands" in s for s in summaries.values()):
+        figs["bands"] = figures.zone_bars({m: s["oct_bands"] for m, s in summaries.items()},
+                                          "Foveal bands of the B-scan (share of heatmap)")
+    return figs
+
+
+@st.fragment
+def draw_maps(key: tuple, px, maps: dict, grid, cols: list, stab_method: str, views: list, stab_cells: list,
+              captions: dict) -> None:
+    """Every map blended over its image, into cells the page laid out: the side-by-side maps (`cols`) and, per
+    perturbation, the maps on the original and the perturbed image (`stab_cells`). A fragment, so the opacity
+    slider and the zone toggle rerun only this; blends are kept per session under `key` + method + settings,
+    so coming back to an opacity recomputes nothing."""
+    alpha, show_grid = view_settings()
+
+    def shown(name, image, heatmap, with_grid=False):
+        def blend():
+            out = overlay(image, heatmap, alpha)
+            return attention.paste_layer(out, grid) if with_grid else out
+        return ui.memo("zones_overlay", (*key, name, alpha, with_grid), blend, limit=16)
+
+    for i, m in enumerate(maps, start=1):
+        with cols[i % len(cols)]:
+            st.image(shown(m, px, maps[m], show_grid), caption=captions[m], width="stretch")
+    for v, (left, right) in zip(views, stab_cells):
+        left.image(shown(stab_method, px, maps[stab_method]), caption=f"{stab_method} on the original image",
+                   width="stretch")
+        right.image(shown((stab_method, v["kind"]), v["image"], v["heatmap"]),
+                    caption=f"{stab_method} on the perturbed image", width="stretch")
+
 
 st.title("Attention zones")
 ui.disclaimer()
@@ -50,17 +99,17 @@ with st.sidebar:
                              default=[m for m in DEFAULT_METHODS if m in avail],
                              format_func=lambda m: m + (" (slow)" if m in SLOW else ""),
                              help="Every method explains the same class (the model's prediction).")
-    alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="zones_alpha")
-    show_grid = st.toggle("Draw the zones on the maps", True, key="zones_grid")
 
 eye = ui.eye_of(img, key=f"zones_eye_{img.content_hash[:16]}")
 a = ui.analysis_for(img, model_name, None, modality)
 if not a.has_result:
+    view_settings()          # drawn on every run, so the chosen opacity is kept while there is nothing to show
     st.error(f"No result: {' '.join(a.notes)}", icon=":material/block:")
     st.stop()
 st.markdown(f"**{model_name}** suggests **{a.label}** ({a.probabilities[a.label]:.0%}); every map below explains "
             f"'{a.target}'.")
 if not methods:
+    view_settings()
     st.info("Choose at least one explanation method in the sidebar.")
     st.stop()
 
@@ -84,10 +133,6 @@ with cols[0]:
     st.image(attention.paste_layer(px, grid_box), width="stretch",
              caption="Zones: ETDRS grid (white), optic disc (yellow), centre box (cyan)" if modality == "fundus"
              else "Zones: fovea (yellow), 0.5 / 1.5 / 3 mm bands (dashed), centre box (cyan)")
-for i, m in enumerate(methods, start=1):
-    with cols[i % len(cols)]:
-        shown = overlay(px, maps[m], alpha)
-        st.image(attention.paste_layer(shown, grid) if show_grid else shown, caption=m, width="stretch")
 if modality == "fundus":
     st.caption(f"Landmarks: fovea and optic disc found by {lm.get('method')} (confidence {lm.get('confidence', 0):.2f}"
                f"{'; below 0.3 treat the grid as approximate' if lm.get('confidence', 1) < 0.3 else ''}). "
@@ -98,22 +143,17 @@ else:
 
 summaries = {m: ui.memo("zones_summary", (img.content_hash, model_name, m, a.target, eye),
                         lambda m=m: attention.zone_summary(maps[m], modality, lm), limit=32) for m in methods}
+figs = ui.memo("zones_figures", (img.content_hash, model_name, a.target, eye, tuple(methods)),
+               lambda: zone_figures(summaries, modality))
 st.subheader("Zone shares")
 c1, c2 = st.columns(2)
-c1.plotly_chart(figures.zone_bars({m: s["centre_lr"] for m, s in summaries.items()},
-                                  "Centre box vs left / right (share of heatmap)", ["centre", "left", "right"]),
-                width="stretch", key="zones_clr")
-if modality == "fundus" and all("etdrs" in s for s in summaries.values()):
-    c2.plotly_chart(figures.zone_bars({m: {"optic disc": s["disc"], "ETDRS 6 mm circle": 1 - s["etdrs"]["outside"]}
-                                       for m, s in summaries.items()}, "Optic disc and macula (share of heatmap)"),
-                    width="stretch", key="zones_disc")
-    st.plotly_chart(figures.etdrs_bars({m: s["etdrs"] for m, s in summaries.items()}), width="stretch",
-                    key="zones_etdrs")
+c1.plotly_chart(figs["clr"], width="stretch", key="zones_clr")
+if "etdrs" in figs:
+    c2.plotly_chart(figs["disc"], width="stretch", key="zones_disc")
+    st.plotly_chart(figs["etdrs"], width="stretch", key="zones_etdrs")
     st.caption("ETDRS subfields: " + ", ".join(f"{v} = {k.replace('_', ' ')}" for k, v in ETDRS_ABBREVIATIONS.items()))
-elif modality == "oct" and all("oct_bands" in s for s in summaries.values()):
-    c2.plotly_chart(figures.zone_bars({m: s["oct_bands"] for m, s in summaries.items()},
-                                      "Foveal bands of the B-scan (share of heatmap)"),
-                    width="stretch", key="zones_bands")
+elif "bands" in figs:
+    c2.plotly_chart(figs["bands"], width="stretch", key="zones_bands")
 
 st.subheader("Stability under perturbation")
 st.markdown("Each row perturbs the image slightly (Gaussian noise, 15% brighter, a shift of a few pixels), "
@@ -124,17 +164,17 @@ stab_method = st.selectbox("Method to test", methods, key="zones_stab_method")
 with st.spinner(f"Perturbing and recomputing {stab_method}..."):
     views = ui.memo("zones_stab", (img.content_hash, model_name, stab_method, a.target),
                     lambda: attention.perturbation_views(model, px, stab_method, maps[stab_method], a.target))
-rows = []
-original = overlay(px, maps[stab_method], alpha)
+rows, stab_cells = [], []
 for v in views:
     c = st.columns([1, 1, 1, 1])
-    c[0].image(original, caption=f"{stab_method} on the original image", width="stretch")
+    stab_cells.append((c[0], c[2]))
     c[1].image(v["image"], caption=f"Perturbed: {v['kind']}", width="stretch")
-    c[2].image(overlay(v["image"], v["heatmap"], alpha), caption=f"{stab_method} on the perturbed image",
-               width="stretch")
     with c[3]:
         st.metric("SSIM to the original map", f"{v['ssim']:.2f}")
         st.metric("Spearman to the original map", f"{v['spearman']:.2f}")
     rows.append({"perturbation": v["kind"], "SSIM": v["ssim"], "Spearman": v["spearman"]})
+evidence = ui.method_evidence(model_name, model.sha256)
+captions = {m: f"{m} · {trust_badge(evidence.get(m))}" for m in methods}
+draw_maps((img.content_hash, model_name, a.target, eye), px, maps, grid, cols, stab_method, views, stab_cells, captions)
 st.dataframe(pd.DataFrame(rows), hide_index=True)
 ui.weights_caption([model_name])

@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="performance ratios against same-process baselines (medians)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--only", help="comma-separated parts: heatmap_overhead,batch_throughput,matmul_efficiency,"
-                                  "cached_rerun,cold_start,concurrent_sessions (the last two drive chromium)")
+                                  "cached_rerun,zones_rerun,cold_start,concurrent_sessions (the last two drive chromium)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

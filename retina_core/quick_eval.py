@@ -189,3 +189,12 @@ def trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
         return f"{method}: sanity check not run{pointing}{where}.", False
     return (f"{method} passed the sanity check on this model (map changes when the weights are randomised: mean "
             f"|rho| {rho:.2f}){pointing}{where}.", False)
+
+
+def trust_badge(evidence: dict | None) -> str:
+    """A few words for a map's caption: the sanity check's verdict on this model, from `method_trust`."""
+    if not evidence or evidence.get("passes_randomisation") is None:
+        return "not evaluated"
+    rho = evidence["randomisation_abs_spearman"]
+    return (f"sanity check passed (|rho| {rho:.2f})" if evidence["passes_randomisation"]
+            else f"FAILED sanity check (|rho| {rho:.2f}): compare, do not rely")

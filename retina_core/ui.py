@@ -146,13 +146,19 @@ def memo(kind: str, key: Hashable, compute: Callable[[], T], limit: int = 16) ->
     return store[key]
 
 
-def method_trust_note(model_name: str, weights_sha256: str, method: str) -> tuple[str, bool]:
-    """How far `method`'s maps can be trusted on this model, from its saved explain-eval (read once per session):
-    a sentence and whether it is a warning (the method failed the randomisation sanity check)."""
-    from .quick_eval import method_trust, trust_note
+def method_evidence(model_name: str, weights_sha256: str) -> dict[str, dict]:
+    """What the newest saved explain-eval of these weights measured per method (read once per session)."""
+    from .quick_eval import method_trust
 
-    evidence = memo("method_trust", (model_name, weights_sha256), lambda: method_trust(model_name, weights_sha256))
-    return trust_note(evidence.get(method), method)
+    return memo("method_trust", (model_name, weights_sha256), lambda: method_trust(model_name, weights_sha256))
+
+
+def method_trust_note(model_name: str, weights_sha256: str, method: str) -> tuple[str, bool]:
+    """How far `method`'s maps can be trusted on this model: a sentence and whether it is a warning (the method
+    failed the randomisation sanity check)."""
+    from .quick_eval import trust_note
+
+    return trust_note(method_evidence(model_name, weights_sha256).get(method), method)
 
 
 def decode_upload(data: bytes, name: str | None) -> RetinalImage:

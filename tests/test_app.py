@@ -242,7 +242,46 @@ def test_zones_page_methods_plots_and_stability():
     at.multiselect(key="zones_methods").set_value(["gradcam", "layercam"]).run()
     assert not at.exception
     caps = _captions(at)
-    assert "layercam" in caps and "gradcam++" not in caps
+    assert any(c.startswith("layercam · ") for c in caps) and not any(c.startswith("gradcam++") for c in caps)
+    # each map's caption carries its method's sanity-check verdict on this model (or that it was not evaluated)
+    assert all("sanity check" in c or "not evaluated" in c for c in caps if c.startswith(("gradcam ·", "layercam ·")))
+
+
+def test_zones_opacity_slider_recomputes_no_heatmap(monkeypatch):
+    """The opacity slider (sidebar, drawn by the maps fragment) only re-blends; a seen opacity is not re-blended."""
+    import retina_core.attention as attention
+    import retina_core.explain.overlay as overlay_module
+
+    at = _page("pages/zones.py")
+    at.selectbox(key="zones_sample").set_value("OCT phantom: choroidal neovascularisation (CNV)").run()
+    assert not at.exception
+    calls = {"explain_methods": 0, "perturbation_views": 0, "overlay": 0}
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+
+    counted(attention, "explain_methods")
+    counted(attention, "perturbation_views")
+    counted(overlay_module, "overlay")
+    methods = at.multiselect(key="zones_methods").value
+    at.sidebar.slider(key="zones_alpha").set_value(0.8).run()
+    assert not at.exception
+    assert calls["explain_methods"] == calls["perturbation_views"] == 0
+    assert calls["overlay"] > 0                                          # a new opacity: blended again
+    caps = _captions(at)
+    assert all(any(c.startswith(f"{m} · ") for c in caps) for m in methods)
+    assert sum(c.endswith("on the perturbed image") for c in caps) == 3
+    at.sidebar.toggle(key="zones_grid").set_value(False).run()
+    calls["overlay"] = 0
+    at.sidebar.toggle(key="zones_grid").set_value(True).run()           # settings seen before: kept blends
+    at.sidebar.slider(key="zones_alpha").set_value(0.5).run()
+    assert not at.exception and calls == {"explain_methods": 0, "perturbation_views": 0, "overlay": 0}
+    assert _captions(at) == caps
 
 
 def test_ensemble_members_change_the_vote(tmp_path, monkeypatch):

@@ -245,3 +245,7 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
     assert warn_bad and "failed the sanity check" in bad and "0.70" in bad
     assert method_trust("m", "unknown", roots=(str(tmp_path),)) == {}
     assert "not evaluated" in trust_note(None, "scorecam")[0]
+    from retina_core.quick_eval import trust_badge
+
+    assert trust_badge(ev["gradcam"]).startswith("sanity check passed")
+    assert trust_badge(ev["layercam"]).startswith("FAILED") and trust_badge(None) == "not evaluated"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from retina_core.explain.cam import cam_with_library, gradcam_single_pass, normalise_map
-from retina_core.explain.overlay import overlay, strongest_region
+from retina_core.attention import paste_layer
+from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
 from retina_core.models import create_model
 
 
@@ -56,6 +57,22 @@ def test_overlay_and_strongest_region_follow_the_peak():
     assert overlay(img, hm, 0.0).max() == 0 and overlay(img, hm, 1.0)[75, 155, 0] > 100
     with pytest.raises(ValueError):
         overlay(img, hm[:50], 0.5)
+
+
+def test_overlay_table_blend_gives_the_bytes_of_the_float_formula():
+    rng = np.random.default_rng(0)
+    for alpha in [*np.arange(0, 1.0001, 0.05), 0.45, 0.123, -0.2, 1.3]:      # every slider step, odd values
+        h, w = rng.integers(1, 120, 2)
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        hm = (rng.random((h, w)) * 1.4 - 0.2).astype(np.float32)
+        a = float(np.clip(alpha, 0, 1))
+        formula = (1 - a) * img.astype(np.float32) + a * heatmap_to_rgb(hm).astype(np.float32)
+        assert np.array_equal(overlay(img, hm, alpha), np.uint8(np.clip(formula + 0.5, 0, 255)))
+    layer = np.where(rng.random((50, 60, 1)) < 0.1, rng.integers(0, 256, (50, 60, 3), dtype=np.uint8), 0)
+    layer[0, 0] = (1, 0, 0)
+    img = rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)
+    mask = layer.any(axis=2)
+    assert np.array_equal(paste_layer(img, layer), np.where(mask[..., None], layer, img))
 
 
 @pytest.mark.parametrize("name", ["oct_resnet18", "fundus_dr_effnet_b0"])
