@@ -152,8 +152,10 @@ def _ramp(x: float, bad: float, good: float) -> float:
 
 
 def _otsu(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=128, range=(0.0, 1.0))
-    hist = hist.astype(np.float64)
+    # np.histogram(values, bins=128, range=(0, 1)) for values in [0, 1], without its generic bookkeeping
+    v = np.ravel(values)
+    hist = np.bincount(np.minimum((v * 128).astype(np.int64), 127), minlength=128).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, 129)
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
     w1 = w0[-1] - w0
@@ -216,9 +218,12 @@ def _field_mask(work: np.ndarray) -> tuple[np.ndarray, float]:
     labels, n = ndi.label(mask)
     if n == 0:
         return np.zeros_like(mask), t
-    sizes = ndi.sum(mask, labels, index=np.arange(1, n + 1))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     mask = labels == (int(np.argmax(sizes)) + 1)
-    return ndi.binary_fill_holes(mask), t
+    # holes filled: everything but the background connected to the image frame (= ndi.binary_fill_holes)
+    back, _ = ndi.label(~mask)
+    frame = np.unique(np.concatenate([back[0], back[-1], back[:, 0], back[:, -1]]))
+    return ~np.isin(back, frame[frame > 0]), t
 
 
 def _fit_circle(mask: np.ndarray) -> tuple[float, float, float] | None:

@@ -152,6 +152,24 @@ def test_fast_filters_equal_scipy():
         for it in (1, 2, 10):
             assert np.array_equal(_erode(m, it), ndi.binary_erosion(m, iterations=it))
             assert np.array_equal(_dilate(m, it), ndi.binary_dilation(m, iterations=it))
+    # the field of view: largest component, holes filled, as scipy's label / binary_fill_holes give it
+    from retina_core.labels import DR_GRADES
+    from retina_core.quality import _field_mask, _otsu
+
+    for seed in range(3):
+        work = fundus(DR_GRADES[seed], seed=seed).astype(np.float32) / 255
+        work[100:110, 120:130] = 0                                        # a hole inside the field
+        vmax = work.max(axis=2)
+        t = float(np.clip(_otsu(vmax) * 0.5, 0.015, 0.15))
+        m = ndi.binary_opening(vmax > t, iterations=2)
+        labels, n = ndi.label(m)
+        m = labels == int(np.argmax(ndi.sum(m, labels, index=np.arange(1, n + 1)))) + 1
+        assert np.array_equal(_field_mask(work)[0], ndi.binary_fill_holes(m))
+        hist = np.histogram(vmax, bins=128, range=(0.0, 1.0))[0]
+        centres = (np.arange(128) + 0.5) / 128
+        w0, m0 = np.cumsum(hist), np.cumsum(hist * centres)
+        between = w0 * (w0[-1] - w0) * (m0 / np.maximum(w0, 1) - (m0[-1] - m0) / np.maximum(w0[-1] - w0, 1)) ** 2
+        assert _otsu(vmax) == pytest.approx(centres[int(np.argmax(between))])
     work = rng.random((30, 40, 3)).astype(np.float32)
     hi, lo, mean = _channels(work)
     assert np.array_equal(hi, work.max(axis=2)) and np.array_equal(lo, work.min(axis=2))
