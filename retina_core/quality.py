@@ -66,7 +66,7 @@ def assess_quality(img: RetinalImage, modality: str | None = None) -> Quality:
     rgb = np.asarray(img.pixels)
     grey = bool(img.grayscale) or looks_grey(rgb)
     # a single-channel source is read as one channel (its three RGB channels are copies of it)
-    work = _resize(rgb[..., 0] if img.grayscale else rgb, WORK_SIDE)
+    work = _resize(rgb[..., 0] if img.grayscale and rgb.ndim == 3 else rgb, WORK_SIDE)
     # a greyscale image is not a colour fundus photograph (no red-dominant field: fundus score 0), so the
     # fundus features are only measured when the user or the DICOM header says "fundus"
     fundus_s, ff = (0.0, {"greyscale": 1.0}) if grey else fundus_score(work)
