@@ -132,16 +132,15 @@ def stability_table(explain_eval_report: dict) -> list[dict]:
     """Rows {method, stability_ssim, stability_spearman, pointing_game, deletion_auc, insertion_auc,
     randomisation_abs_spearman, passes_sanity_check, cost_vs_forward, seconds_per_image} of an explain-eval report
     (`python -m retina_core explain-eval ... --json`)."""
-    from .explain.evaluate import RANDOMISATION_LIMIT
+    from .explain.evaluate import passes_randomisation
 
     rows = []
     for meth, r in (explain_eval_report.get("methods") or {}).items():
         if isinstance(r, dict):
-            rho = r.get("randomisation_abs_spearman")
             rows.append({"method": meth, **{k: r.get(k) for k in ("stability_ssim", "stability_spearman",
                                                                   "pointing_game", "deletion_auc",
                                                                   "insertion_auc", "randomisation_abs_spearman")},
-                         "passes_sanity_check": None if rho is None else bool(rho < RANDOMISATION_LIMIT),
+                         "passes_sanity_check": passes_randomisation(r),
                          **{k: r.get(k) for k in ("cost_vs_forward", "seconds_per_image")}})
     return rows
 
@@ -151,7 +150,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     """Per explanation method, what the newest saved `explain-eval` of `model_name` measured (only a report of
     these weights when `weights_sha256` is given): {method: {randomisation_abs_spearman, passes_randomisation,
     pointing_game, energy_pointing_game, cost_vs_forward, n_images, source}}. Empty when nothing is saved."""
-    from .explain.evaluate import RANDOMISATION_LIMIT
+    from .explain.evaluate import passes_randomisation
 
     reports = [(p, o) for p, o in saved_evaluations(model_name, roots)
                if isinstance(o.get("methods"), dict) and (weights_sha256 is None
@@ -163,9 +162,8 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     for meth, r in rep["methods"].items():
         if not isinstance(r, dict):
             continue
-        rho = r.get("randomisation_abs_spearman")
-        out[meth] = {"randomisation_abs_spearman": rho,
-                     "passes_randomisation": None if rho is None else rho < RANDOMISATION_LIMIT,
+        out[meth] = {"randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
+                     "passes_randomisation": passes_randomisation(r),
                      **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward")},
                      "n_images": rep.get("n_images"), "source": path.name}
     return out

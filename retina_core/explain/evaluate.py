@@ -277,6 +277,13 @@ SPEED_TARGET = 1.3          # heatmap + prediction at most 1.3x a bare forward (
 RANDOMISATION_LIMIT = 0.5   # mean |Spearman| between maps of the trained and the randomised model must stay below
 
 
+def passes_randomisation(report: dict) -> bool | None:
+    """The sanity verdict of one method's explain-eval results: mean |rho| below RANDOMISATION_LIMIT (None when the
+    check was not run)."""
+    rho = report.get("randomisation_abs_spearman")
+    return None if rho is None else bool(rho < RANDOMISATION_LIMIT)
+
+
 def cost_vs_forward(m, image: np.ndarray, method: str, repeats: int = 9) -> float:
     """Median over interleaved repeats of (prediction + heatmap time) / (bare forward time) for one image at the
     model's input size, in this process: a same-machine ratio, robust to background load. Slow methods
@@ -311,7 +318,7 @@ def recommend_default(results: dict[str, dict], ranking: list[dict]) -> dict:
         meth, r = row["method"], results[row["method"]]
         rho, cost = r.get("randomisation_abs_spearman"), r.get("cost_vs_forward")
         problems = []
-        if rho is not None and rho >= RANDOMISATION_LIMIT:
+        if passes_randomisation(r) is False:
             problems.append(f"fails the randomisation check (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT})")
         if cost is not None and cost > SPEED_TARGET:
             problems.append(f"too slow ({cost:.2f}x a bare forward > {SPEED_TARGET}x)")
