@@ -100,6 +100,7 @@ else:
              caption=f"What the fusion model used in the fundus photograph (for '{fr.target}')")
     c2.image(overlay(images["oct"].pixels, fr.oct_map, alpha), width="stretch",
              caption=f"What the fusion model used in the OCT B-scan (for '{fr.target}')")
+    ui.show_trust_note(FUSION, fusion.sha256, "gradcam")
 
 if readings:
     st.subheader("Agreement")

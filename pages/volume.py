@@ -99,6 +99,7 @@ with st.container(border=True):
                      + (f" Not recorded (training mean used): {', '.join(missing)}." if missing else ""))
         if float(result.maps.max()) <= 1e-6:
             st.caption("The 3D heatmap is empty: no region of the volume raised the disease score.")
+        ui.show_trust_note(model_name, model.sha256, "gradcam")
     per_slice = st.toggle("Also run the B-scan model on every slice", False, key="vol_2d",
                           help="The OCT B-scan model reads each slice on its own: per-slice probabilities and maps.")
     if per_slice:

@@ -164,9 +164,13 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
             continue
         out[meth] = {"randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
                      "passes_randomisation": passes_randomisation(r),
+                     "randomisation_empty_fraction": r.get("randomisation_empty_fraction"),
                      **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward")},
                      "n_images": rep.get("n_images"), "source": path.name}
     return out
+
+
+LOCALISATION_WARN = 0.5   # a pointing game below this (on phantoms) makes the trust note a warning
 
 
 def trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
@@ -183,8 +187,16 @@ def trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
         return (f"{method} **failed the sanity check** on this model: its map barely changes when the model's "
                 f"weights are randomised (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT}), so it shows the image's "
                 f"structure more than what the model learnt{pointing}{where}. Compare it, do not rely on it.", True)
-    if rho is None:
-        return f"{method}: sanity check not run{pointing}{where}.", False
+    inconclusive = rho is not None and evidence.get("passes_randomisation") is None
+    if pg is not None and pg < LOCALISATION_WARN:
+        sanity = ("sanity check not run" if rho is None else "sanity check inconclusive: the randomised model's "
+                  "maps were mostly empty" if inconclusive else f"it passed the sanity check (mean |rho| {rho:.2f})")
+        return (f"{method} **rarely points at a lesion** on this model: its peak fell on a phantom lesion only "
+                f"{pg:.0%} of the time ({sanity}){where}. Read it as a coarse region the model weighed, not as a "
+                f"lesion finder.", True)
+    if rho is None or inconclusive:
+        what = "inconclusive (the randomised model's maps were mostly empty)" if inconclusive else "not run"
+        return f"{method}: sanity check {what}{pointing}{where}.", False
     return (f"{method} passed the sanity check on this model (map changes when the weights are randomised: mean "
             f"|rho| {rho:.2f}){pointing}{where}.", False)
 

@@ -161,6 +161,13 @@ def method_trust_note(model_name: str, weights_sha256: str, method: str) -> tupl
     return trust_note(method_evidence(model_name, weights_sha256).get(method), method)
 
 
+def show_trust_note(model_name: str, weights_sha256: str, method: str, where=None) -> None:
+    """`method_trust_note` under a map: a caption, or a warning when the map failed a check."""
+    note, warn = method_trust_note(model_name, weights_sha256, method)
+    where = where or st
+    (where.warning if warn else where.caption)(note, **({"icon": ":material/warning:"} if warn else {}))
+
+
 def decode_upload(data: bytes, name: str | None) -> RetinalImage:
     """Uploaded bytes -> RetinalImage through the one decoder, memoised per session by content."""
     cache = st.session_state.setdefault("_decoded", {})

@@ -206,6 +206,7 @@ def test_volume_viewer_slider_and_metadata():
     labels = {m.label: m.value for m in at.metric}
     assert labels["3D model suggestion"] in ("normal", "disease")
     assert at.number_input(key="vol_age").value is not None            # phantom metadata prefilled
+    assert any("rarely points at a lesion" in w.value for w in at.warning)   # the bundled 3-D map's measured trust
     memo = at.session_state["_memo"]["volume3d"]
     ids = {k: id(v) for k, v in memo.items()}
     at.slider(key="vol_slice").set_value(3).run()                        # slider: nothing recomputed
@@ -228,6 +229,7 @@ def test_compare_page_pair_with_fusion_and_agreement():
     caps = " ".join(_captions(at))
     assert "fusion model used in the fundus" in caps and "fusion model used in the OCT" in caps
     assert "agree" in " ".join(str(x.value) for x in list(at.success) + list(at.warning))
+    assert any("explain_eval_fundus_oct_fusion.json" in c.value for c in at.caption)   # measured trust of the maps
     assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 3        # fundus, OCT, fusion rows
 
 

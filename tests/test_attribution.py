@@ -245,6 +245,15 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
     assert warn_bad and "failed the sanity check" in bad and "0.70" in bad
     assert method_trust("m", "unknown", roots=(str(tmp_path),)) == {}
     assert "not evaluated" in trust_note(None, "scorecam")[0]
+    coarse, warn_coarse = trust_note({**ev["gradcam"], "pointing_game": 0.25}, "gradcam")
+    assert warn_coarse and "rarely points at a lesion" in coarse and "25%" in coarse and "0.30" in coarse
+    from retina_core.explain.evaluate import passes_randomisation
+
+    empty = {"randomisation_abs_spearman": 0.02, "randomisation_empty_fraction": 0.9}   # rho 0 by convention
+    assert passes_randomisation(empty) is None and passes_randomisation({**empty, "randomisation_empty_fraction": 0.1})
+    vague, warn_vague = trust_note({**empty, "passes_randomisation": None, "pointing_game": 0.9, "source": "x",
+                                    "n_images": 3}, "gradcam")
+    assert not warn_vague and "inconclusive" in vague and "passed" not in vague
     from retina_core.quick_eval import trust_badge
 
     assert trust_badge(ev["gradcam"]).startswith("sanity check passed")

@@ -37,10 +37,11 @@ def test_evaluate_cli_on_trained_weights(tmp_path, capsys):
     write_dataset("oct-kermany", n=40, seed=5, out=data, size=96)
     out = tmp_path / "run"
     train("oct_resnet18", data, out, TrainConfig(epochs=1, batch_size=8, image_size=64, max_steps_per_epoch=2,
-                                                 output_stride=16))
+                                                 output_stride=16, global_pool="avgmax"))
     entry = json.loads((out / "manifest.json").read_text())["oct_resnet18"]
-    assert entry["builder_kwargs"] == {"output_stride": 16}          # the architecture the weights need
+    assert entry["builder_kwargs"] == {"output_stride": 16, "global_pool": "avgmax"}   # what the weights need
     m16 = rc.load_model("oct_resnet18", weights_dir=out)
+    assert m16.net.net.global_pool.pool_type == "avgmax"
     assert rc.explain(m16, np.zeros((64, 64, 3), np.uint8), "gradcam").shape == (64, 64)
     from retina_core.explain.cam import gradcam_single_pass
     _, cams = gradcam_single_pass(m16.net, torch.randn(1, 3, 64, 64), "net.layer4")

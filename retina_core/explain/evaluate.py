@@ -5,6 +5,8 @@ Per method: pointing game and energy pointing game (lesion-bearing images), dele
 model-randomisation Spearman rho, stability (SSIM / Spearman under noise, brightness, shift), class consistency,
 zone summaries (centre share vs confidence, correct vs misclassified) and seconds per image; then a ranking.
 Images are evaluated at the model's input size (the model sees nothing finer), masks and landmarks scaled with them.
+The OCT volume model and the fundus + OCT fusion model are evaluated by `explain.evaluate_nd` (3-D and per-modality
+metrics in the same report shape); `explain_eval` dispatches on the model's modality.
 """
 from __future__ import annotations
 
@@ -122,6 +124,22 @@ def _landmarks_from_row(row: dict) -> tuple[str, dict]:
     return modality, {}
 
 
+def pick_round_robin(records, n: int, seed: int) -> list:
+    """Up to n records, round-robin over their labels in sorted order, each label's records shuffled with `seed`."""
+    rng = np.random.default_rng(seed)
+    by: dict[str, list] = {}
+    for r in records:
+        by.setdefault(r.label, []).append(r)
+    for v in by.values():
+        rng.shuffle(v)
+    chosen = []
+    while len(chosen) < n and any(by.values()):
+        for lab in sorted(by):
+            if by[lab] and len(chosen) < n:
+                chosen.append(by[lab].pop())
+    return chosen
+
+
 def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None, seed: int = 0) -> list[Sample]:
     """Up to n images of a data set folder (any layout `load_dataset` reads), spread evenly over its classes,
     with the union of their lesion masks from `masks/` and landmarks from `phantom_meta.csv` when present."""
@@ -135,18 +153,7 @@ def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None
     recs = [r for r in idx.records if classes is None or r.label in classes] or list(idx.records)
     if not recs:
         raise RetinaInputError(f"No images found in {data_path}.")
-    rng = np.random.default_rng(seed)
-    by: dict[str, list] = {}
-    for r in recs:
-        by.setdefault(r.label, []).append(r)
-    for v in by.values():
-        rng.shuffle(v)
-    chosen = []
-    labels = sorted(by)
-    while len(chosen) < n and any(by.values()):        # round-robin over classes
-        for lab in labels:
-            if by[lab] and len(chosen) < n:
-                chosen.append(by[lab].pop())
+    chosen = pick_round_robin(recs, n, seed)
     meta_rows = {}
     for base in (root, idx.root):
         meta_rows.update(_read_meta_csv(Path(base)))
@@ -278,10 +285,13 @@ RANDOMISATION_LIMIT = 0.5   # mean |Spearman| between maps of the trained and th
 
 
 def passes_randomisation(report: dict) -> bool | None:
-    """The sanity verdict of one method's explain-eval results: mean |rho| below RANDOMISATION_LIMIT (None when the
-    check was not run)."""
+    """The sanity verdict of one method's explain-eval results: mean |rho| below RANDOMISATION_LIMIT. None when the
+    check was not run, or when it is inconclusive: the randomised model's maps were mostly empty (a one-logit model's
+    Grad-CAM after ReLU), so rho is 0 by convention and says nothing."""
     rho = report.get("randomisation_abs_spearman")
-    return None if rho is None else bool(rho < RANDOMISATION_LIMIT)
+    if rho is None or (report.get("randomisation_empty_fraction") or 0.0) > 0.5:
+        return None
+    return bool(rho < RANDOMISATION_LIMIT)
 
 
 def cost_vs_forward(m, image: np.ndarray, method: str, repeats: int = 9) -> float:
@@ -297,11 +307,15 @@ def cost_vs_forward(m, image: np.ndarray, method: str, repeats: int = 9) -> floa
     def heat():
         explain_batch(m, image[None], method)
 
-    reps = 3 if method in IG_METHODS or method == "scorecam" else repeats
+    return median_time_ratio(forward, heat, 3 if method in IG_METHODS or method == "scorecam" else repeats)
+
+
+def median_time_ratio(forward, heat, repeats: int) -> float:
+    """Median of heat() time / forward() time over interleaved repeats, after one warm-up call of each."""
     for f in (forward, heat):
         f()
     ratios = []
-    for _ in range(reps):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         forward()
         t1 = time.perf_counter()
@@ -353,7 +367,7 @@ def rank_methods(results: dict[str, dict]) -> list[dict]:
 def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam",), n: int = 16,
                  weights_dir=None, phantoms: Sequence | None = None, seed: int = 0, steps: int = 16,
                  stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), randomisation: bool = True,
-                 eval_size: tuple[int, int] | str | None = "model") -> dict:
+                 eval_size: tuple[int, int] | str | None = "model", split: str | None = "test") -> dict:
     """Run every explanation method over phantom images and report, per method, localisation (pointing game,
     energy pointing game), faithfulness (deletion / insertion AUC), the model-randomisation rho, stability
     (SSIM / Spearman per perturbation), class consistency, zone summaries and seconds per image; then rank them.
@@ -363,7 +377,17 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     `retina_core.phantoms.write_dataset`, or any data set `load_dataset` reads; masks from `masks/`) or in-memory
     `phantoms`. eval_size "model" evaluates at the model's input size (faster; the model sees nothing finer),
     None at the images' own size, or an explicit (H, W).
+
+    Volume (`oct_volume`) and fusion (`fundus+oct`) models go to `evaluate_nd.explain_eval_nd`: samples from the
+    `split` ("test" by default: the held-out part of the patient-level split training used; "all") of a volumes /
+    paired data set, at the model's input size; `eval_size` does not apply to them.
     """
+    from .evaluate_nd import ND_MODALITIES, explain_eval_nd, modality_of
+
+    if modality_of(model) in ND_MODALITIES:
+        return explain_eval_nd(model, data_path, methods=methods, n=n, weights_dir=weights_dir, phantoms=phantoms,
+                               seed=seed, steps=steps, stability_kinds=stability_kinds, randomisation=randomisation,
+                               split=split)
     if isinstance(model, str):
         from ..models import load_model
 
@@ -446,6 +470,10 @@ def _format(report: dict) -> str:
     lines.append(f"recommended default: {rec.get('method')} ({rec.get('rule', 'no method passes')})")
     for meth, why in (rec.get("passed_over") or {}).items():
         lines.append(f"  passed over {meth}: {why}")
+    if report.get("modality") in ("oct_volume", "fundus+oct"):
+        from .evaluate_nd import format_lines
+
+        lines += format_lines(report)
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
@@ -454,6 +482,9 @@ def set_default(model_name: str, report: dict, weights_dir=None) -> Path:
     """Record the recommended default method, with its evidence, in the model's manifest entry."""
     from ..models.loading import MANIFEST, weights_dir as bundled
 
+    if report.get("modality") in ("oct_volume", "fundus+oct"):
+        raise RetinaInputError(f"{model_name} always explains with its own Grad-CAM ({report['modality']} model): "
+                               f"there is no default method to set.")
     rec = report.get("recommended_default") or {}
     if not rec.get("method"):
         raise RetinaInputError("No method passes the randomisation check and the speed target; the default is "
@@ -478,10 +509,16 @@ def set_default(model_name: str, report: dict, weights_dir=None) -> Path:
 
 
 def cmd_explain_eval(args) -> int:
+    from .evaluate_nd import ND_MODALITIES, modality_of
+
+    if args.set_default and modality_of(args.model) in ND_MODALITIES:
+        raise RetinaInputError(f"{args.model} always explains with its own Grad-CAM ({modality_of(args.model)} "
+                               f"model): there is no default method to set.")
+    split = getattr(args, "split", "test")
     report = explain_eval(args.model, args.data, methods=args.methods, n=args.n, weights_dir=args.weights_dir,
                           seed=args.seed, steps=args.steps,
                           stability_kinds=tuple(k for k in args.stability.split(",") if k),
-                          randomisation=not args.no_randomisation)
+                          randomisation=not args.no_randomisation, split=None if split == "all" else split)
     if args.set_default:
         report["default_written_to"] = str(set_default(args.model, report, args.weights_dir))
     if args.json:
@@ -496,16 +533,26 @@ def cmd_explain_eval(args) -> int:
 
 def add_cli(subparsers) -> None:
     """Register `explain-eval` on the CLI's subparsers (called from retina_core/cli.py)."""
-    p = subparsers.add_parser("explain-eval", help="score explanation methods on phantom images with lesion masks")
-    p.add_argument("--model", required=True, help="registered model name (weights from --weights-dir or bundled)")
-    p.add_argument("--data", required=True, help="data set folder (e.g. written by `data phantoms`)")
-    p.add_argument("--methods", default="gradcam", help="comma-separated, e.g. gradcam,gradcam++,integrated_gradients")
+    p = subparsers.add_parser("explain-eval", help="score explanation methods on phantom images with lesion masks "
+                                                   "(2-D models, the OCT volume model, the fundus + OCT fusion model)")
+    p.add_argument("--model", required=True, help="registered model name (weights from --weights-dir or bundled); "
+                                                  "oct_volume_fusion3d* and fundus_oct_fusion get 3-D / per-modality "
+                                                  "metrics")
+    p.add_argument("--data", required=True, help="data set folder with masks/ (e.g. written by `data phantoms`; "
+                                                 "--kind oct-volume for volume models, --kind paired for the fusion "
+                                                 "model)")
+    p.add_argument("--methods", default="gradcam", help="comma-separated, e.g. gradcam,gradcam++,integrated_gradients "
+                                                        "(volume models: gradcam, gradcam-reference; fusion: gradcam)")
     p.add_argument("--n", type=int, default=16, help="number of images (spread over the classes)")
     p.add_argument("--weights-dir", default=None)
     p.add_argument("--steps", type=int, default=16, help="deletion / insertion steps")
     p.add_argument("--stability", default="noise,brightness,shift", help="perturbations ('' to skip)")
     p.add_argument("--no-randomisation", action="store_true", help="skip the model-randomisation check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=("test", "val", "train", "all"),
+                   help="volume / fusion models only: which part of the patient-level split training used to draw "
+                        "from (default test, held out; 'all' for a data set the model never saw). 2-D models use "
+                        "every image of --data")
     p.add_argument("--set-default", action="store_true",
                    help="write the recommended default method and its evidence into the model's manifest entry")
     p.add_argument("--json", action="store_true")

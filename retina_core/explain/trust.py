@@ -1,6 +1,8 @@
 """Can a heatmap be trusted? Localisation, faithfulness, sanity, stability and consistency checks.
 
 - `pointing_game` / `energy_pointing_game`: does the map's peak (mass) fall on the lesion masks (phantom ground truth)?
+  `pointing_game_3d` (+ `_tiebreak`, `_chance`) / `energy_pointing_game_3d` / `slice_hit`: the same for [D, H, W]
+  volume maps.
 - `deletion_insertion_auc`: faithfulness - removing the most relevant pixels first should drop the class probability
   fast (low deletion AUC); inserting them first into a blurred image should raise it fast (high insertion AUC).
 - `randomisation_check`: a sanity check (Adebayo et al. 2018) - a map that survives re-initialising the network's
@@ -76,6 +78,79 @@ def energy_pointing_game(heatmap: np.ndarray, mask) -> float:
     m = _mask_for(mask, h.shape)
     total = h.sum()
     return float(h[m].sum() / total) if total > 0 else 0.0
+
+
+def _dilate_in_plane(mask: np.ndarray, tol: int) -> np.ndarray:
+    """Dilate every slice of a bool [D, H, W] mask by an ellipse of radius `tol` px (no dilation across slices)."""
+    if tol <= 0:
+        return mask.copy()
+    k = 2 * tol + 1
+    el = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    return np.stack([cv2.dilate(s.astype(np.uint8), el) > 0 for s in mask])
+
+
+def _volume_pair(heatmap, mask) -> tuple[np.ndarray, np.ndarray]:
+    h = np.asarray(heatmap, dtype=np.float32)
+    m = np.asarray(mask).astype(bool)
+    if h.ndim != 3 or m.shape != h.shape:
+        raise ValueError(f"expected a [D, H, W] map and a mask of the same shape, got {h.shape} and {m.shape}")
+    return h, m
+
+
+def pointing_game_3d(heatmap: np.ndarray, mask, tolerance_px: int | None = None) -> bool:
+    """3-D pointing game: True when the maximum of a [D, H, W] map lies inside the [D, H, W] lesion mask dilated
+    in-plane (each slice, by `tolerance_px`; default `default_tolerance((H, W))`, 15 px at 224) but not across
+    slices. Ties count as a hit when any maximal voxel is inside; an empty mask raises ValueError."""
+    h, m = _volume_pair(heatmap, mask)
+    if not m.any():
+        raise ValueError("empty mask: the pointing game needs a lesion to point at")
+    tol = default_tolerance(h.shape[1:]) if tolerance_px is None else int(tolerance_px)
+    m = _dilate_in_plane(m, tol)
+    if not np.isfinite(h).any() or float(np.nanmax(h)) <= 0:
+        return False
+    return bool(((h >= np.nanmax(h)) & m).any())
+
+
+def pointing_game_3d_tiebreak(heatmap: np.ndarray, mask, tolerance_px: int | None = None) -> float:
+    """The 3-D pointing game with ties broken at random: the share of the map's maximal voxels inside the in-plane
+    dilated mask (1 or 0 for a single peak). A coarse map upsampled from a few cells has a plateau at its maximum,
+    which the any-voxel rule of `pointing_game_3d` counts generously. 0 for an empty map."""
+    h, m = _volume_pair(heatmap, mask)
+    if not m.any():
+        raise ValueError("empty mask: the pointing game needs a lesion to point at")
+    tol = default_tolerance(h.shape[1:]) if tolerance_px is None else int(tolerance_px)
+    if not np.isfinite(h).any() or float(np.nanmax(h)) <= 0:
+        return 0.0
+    peak = h >= np.nanmax(h)
+    return float((peak & _dilate_in_plane(m, tol)).sum() / peak.sum())
+
+
+def pointing_game_3d_chance(mask, tolerance_px: int | None = None) -> float:
+    """Share of the voxels inside the in-plane dilated mask: the 3-D pointing game of a peak placed at random."""
+    m = np.asarray(mask).astype(bool)
+    tol = default_tolerance(m.shape[1:]) if tolerance_px is None else int(tolerance_px)
+    return float(_dilate_in_plane(m, tol).mean())
+
+
+def energy_pointing_game_3d(heatmap: np.ndarray, mask) -> float:
+    """Share of a [D, H, W] map's non-negative energy inside the [D, H, W] mask (0 for an empty map)."""
+    h, m = _volume_pair(heatmap, mask)
+    h = np.maximum(np.nan_to_num(h.astype(np.float64)), 0.0)
+    total = h.sum()
+    return float(h[m].sum() / total) if total > 0 else 0.0
+
+
+def slice_hit(heatmap: np.ndarray, mask) -> float:
+    """Does the most-attended slice (largest summed map) contain a lesion voxel? 1.0 / 0.0; when several slices
+    tie for the largest sum (e.g. a map with one cell across depth is the same on every slice), the share of the
+    tied slices that hold a lesion (a random tie-break's expected hit). 0 for an empty map."""
+    h, m = _volume_pair(heatmap, mask)
+    per_slice = np.maximum(np.nan_to_num(h.astype(np.float64)), 0.0).sum(axis=(1, 2))
+    top = per_slice.max()
+    if top <= 0:
+        return 0.0
+    tied = per_slice >= top * (1 - 1e-6)
+    return float(m[tied].any(axis=(1, 2)).mean())
 
 
 # ------------------------------------------------------------------------------------------------ faithfulness

@@ -81,6 +81,7 @@ class TrainConfig:
     encoders_dir: str | None = None   # fundus_oct_fusion: comma-separated folders holding the encoders' weights
     fusion: str | None = None         # volume models: concat | add | multiply | image_only
     output_stride: int | None = None  # CNNs: 16 dilates the last stage (finer Grad-CAM grid, more compute)
+    global_pool: str | None = None    # timm CNNs: avg (default) | max | avgmax: how the last feature map is pooled
 
 
 def seed_everything(seed: int) -> None:
@@ -326,6 +327,17 @@ class EpochTracker:
         return improved
 
 
+def architecture_kwargs(cfg_t: TrainConfig) -> dict:
+    """Builder options that change the architecture the weights belong to (recorded in the manifest entry's
+    `builder_kwargs`, so `load_model` rebuilds the same network)."""
+    kw = {}
+    if cfg_t.output_stride:
+        kw["output_stride"] = cfg_t.output_stride
+    if cfg_t.global_pool:
+        kw["global_pool"] = cfg_t.global_pool
+    return kw
+
+
 def build_for_training(model_name: str, cfg_t: TrainConfig) -> nn.Module:
     """create_model with the TrainConfig's input size and drop-path overrides, then `--init` weights if given."""
     base = get_cfg(model_name)
@@ -335,8 +347,7 @@ def build_for_training(model_name: str, cfg_t: TrainConfig) -> nn.Module:
     kw = dict(base.builder_kwargs)
     if cfg_t.drop_path is not None:
         kw["drop_path_rate"] = cfg_t.drop_path
-    if cfg_t.output_stride:
-        kw["output_stride"] = cfg_t.output_stride
+    kw.update(architecture_kwargs(cfg_t))
     if kw != base.builder_kwargs:
         overrides["builder_kwargs"] = kw
     net = create_model(model_name, **overrides)
@@ -652,7 +663,7 @@ def _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_n
         "best_epoch": best_epoch + 1, "epochs_run": len(history),
         "config": asdict(cfg_t), "date": _dt.date.today().isoformat(), "torch": torch.__version__,
         **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}),
-        **({"builder_kwargs": {"output_stride": cfg_t.output_stride}} if cfg_t.output_stride else {}),
+        **({"builder_kwargs": architecture_kwargs(cfg_t)} if architecture_kwargs(cfg_t) else {}),
         **(extra or {}),
     }
     manifest_path = out / MANIFEST

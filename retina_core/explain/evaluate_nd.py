@@ -1,0 +1,840 @@
+"""explain-eval for the models whose input is not one 2-D image: the OCT volume model (`oct_volume`, 3-D Grad-CAM
+per-slice maps) and the fundus + OCT fusion model (`fundus+oct`, one Grad-CAM per modality).
+
+`explain.evaluate.explain_eval` dispatches here on the model's modality; the report has the 2-D report's shape
+(`methods` -> {method: metrics}, `ranking`, `recommended_default`, `notes`), so `rank_methods`,
+`passes_randomisation` and `quick_eval.method_trust` read it unchanged.
+
+Volumes (maps [D, H, W] of the disease logit at the model's input size):
+  pointing_game (3-D: the map's peak inside the union lesion mask dilated in-plane by the default tolerance),
+  energy_pointing_game (3-D), slice_hit_rate (the slice with the largest summed map contains a lesion; chance
+  level in slice_hit_baseline), deletion / insertion AUC on P(disease) (voxels blurred / restored in map order;
+  volumes the model calls disease), the model-randomisation rho, stability (SSIM / Spearman of the maps under
+  Gaussian noise, brightness and an in-plane shift), cost_vs_forward. Methods: "gradcam" (the single-pass 3-D
+  Grad-CAM the app uses, `models.volume3d.volume_cam`) and "gradcam-reference" (pytorch-grad-cam's GradCAM on the
+  same layer: a cross-check of the same method, not a different explanation).
+Fusion (maps of the predicted class per image, at each encoder's input size):
+  per modality (`_fundus`, `_oct`) pointing game, energy pointing game, deletion / insertion (one image edited,
+  the other fixed), randomisation rho and stability; overall values pool both modalities. The maps of the two
+  modalities are min-max normalised separately, so no per-modality share of the attribution is reported.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RetinaInputError
+from . import trust
+from .evaluate import _mean, median_time_ratio, pick_round_robin
+
+log = logging.getLogger(__name__)
+
+ND_MODALITIES = ("oct_volume", "fundus+oct")
+VOLUME_METHODS = ("gradcam", "gradcam-reference")
+FUSION_METHODS = ("gradcam",)
+MODALITIES = ("fundus", "oct")
+NOISE_SIGMA, BRIGHTNESS = 0.03, 1.15     # as the 2-D stability check (intensities in [0, 1])
+
+
+@dataclass
+class VolumeSample:
+    volume: np.ndarray                # float32 [D, H, W] in [0, 1] at the model's input size
+    meta: dict                        # age, sex, va_logmar, cst_um, hba1c (missing -> training mean)
+    eye: str | None
+    label: str | None
+    mask: np.ndarray | None           # bool [D, H, W], union of the lesion masks
+    name: str = ""
+
+
+@dataclass
+class PairSample:
+    fundus: np.ndarray                # uint8 [H, W, 3] at the fundus encoder's input size
+    oct: np.ndarray                   # uint8 [H', W', 3] at the OCT encoder's input size
+    label: str | None
+    fundus_mask: np.ndarray | None    # bool [H, W]
+    oct_mask: np.ndarray | None       # bool [H', W']
+    name: str = ""
+
+
+@dataclass
+class _Net:
+    """What the evaluation needs from a LoadedModel or a bare (random-init, test) nn.Module."""
+    name: str
+    cfg: object
+    net: nn.Module
+    temperature: float
+    device: torch.device
+    sha256: str | None
+    entry: dict
+
+
+def modality_of(model) -> str:
+    """The modality of a registered name, LoadedModel or nn.Module with a cfg ('' if unknown)."""
+    if isinstance(model, str):
+        from ..models import get_cfg
+
+        try:
+            return get_cfg(model).modality
+        except RetinaInputError:
+            return ""
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+    return getattr(cfg, "modality", "") or ""
+
+
+def _resolve(model, weights_dir=None) -> _Net:
+    if isinstance(model, str):
+        from ..models import load_model
+
+        model = load_model(model, weights_dir=weights_dir)
+    net = model if isinstance(model, nn.Module) else getattr(model, "net", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"expected a model name, a LoadedModel or an nn.Module, got {type(model).__name__}")
+    cfg = getattr(model, "cfg", None) or getattr(net, "cfg", None)
+    if cfg is None:
+        raise RetinaInputError("This network has no cfg: pass a registered model name or a LoadedModel.")
+    try:
+        device = next(net.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    temp = 1.0 if isinstance(model, nn.Module) else float(getattr(model, "temperature", 1.0) or 1.0)
+    net.eval()
+    return _Net(getattr(model, "name", None) or cfg.name, cfg, net, temp, device, getattr(model, "sha256", None),
+                dict(getattr(model, "entry", None) or {}))
+
+
+# ------------------------------------------------------------------------------------------------ resizing
+def _resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    import torch.nn.functional as F
+
+    if vol.shape == tuple(size):
+        return vol.astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy().clip(0, 1)
+
+
+def _resize_mask_3d(mask: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool [D, H, W] mask; a lesion that vanishes keeps its centre voxel."""
+    import torch.nn.functional as F
+
+    if mask.shape == tuple(size):
+        return mask.astype(bool)
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    out = F.interpolate(t, size=tuple(size), mode="nearest")[0, 0].numpy() > 0.5
+    if mask.any() and not out.any():
+        idx = np.argwhere(mask).mean(0)
+        out[tuple(min(s - 1, int(i * s / s0)) for i, s, s0 in zip(idx, size, mask.shape))] = True
+    return out
+
+
+def _resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
+    from .evaluate import Sample, _resize_sample
+
+    s = _resize_sample(Sample(img, None, mask), tuple(size))
+    return s.image, s.mask
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def _records(m: _Net, data_path, split: str | None) -> tuple[list, str]:
+    """The data set's records (labels mapped to the model's classes as in training) of `split`, drawn with the
+    patient-level split training used (seed from the manifest entry, else 0). split None / "all": every record."""
+    from ..io.datasets import load_dataset
+    from ..models.multimodal import binary_label
+    from ..train.multimodal import _split
+
+    needs = "volumes" if m.cfg.modality == "oct_volume" else "paired"
+    root = Path(data_path).expanduser()
+    if not root.exists():
+        raise RetinaInputError(f"Data folder {data_path} does not exist.")
+    index = load_dataset(root)
+    if index.layout != needs:
+        what = {"paired": "fundus + OCT pairs (pairs.csv with fundus/ and oct/ images)",
+                "volumes": "OCT volumes (NIfTI files + metadata.csv)"}[needs]
+        kind = "paired" if needs == "paired" else "oct-volume"
+        raise RetinaInputError(f"{m.name} reads {what}, but {data_path} is a {index.layout!r} data set. Point "
+                               f"--data at such a folder, e.g. one made with `python -m retina_core data phantoms "
+                               f"--kind {kind} --n 24 --out DIR`.")
+    classes = tuple(m.cfg.classes)
+    recs = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in index.records]
+    recs = [r for r in recs if r.label in classes]
+    if not recs:
+        raise RetinaInputError(f"{data_path} has no sample of the classes of {m.name}: {', '.join(classes)}.")
+    if split in (None, "", "all"):
+        return recs, "all"
+    if split not in ("train", "val", "test"):
+        raise RetinaInputError(f"Unknown split {split!r}; use train, val, test or all.")
+    seed = int((m.entry.get("config") or {}).get("seed", 0) or 0)
+    try:
+        chosen = _split(recs, seed).get(split, [])
+    except RetinaInputError:
+        chosen = []
+    if not chosen:
+        raise RetinaInputError(f"The {split!r} split of {data_path} is empty ({len(recs)} samples in all); use "
+                               f"--split all for a data set the model was not trained on.")
+    return chosen, split
+
+
+def _mask_files(root: Path, rel: str, suffix: str) -> list[Path]:
+    stem = rel[: -len(".nii.gz")] if rel.endswith(".nii.gz") else str(Path(rel).with_suffix(""))
+    d = root / "masks" / stem
+    return sorted(d.glob(f"*{suffix}")) if d.is_dir() else []
+
+
+def _read_volume_mask(root: Path, path: Path, shape) -> np.ndarray:
+    import nibabel as nib
+
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        return np.zeros(shape, bool)
+    parts = []
+    for p in _mask_files(root, rel, ".nii.gz"):
+        a = np.asarray(nib.load(str(p)).dataobj)
+        a = a > (127 if a.max() > 1 else 0)
+        if a.shape != tuple(shape):
+            a = _resize_mask_3d(a, shape)
+        parts.append(a)
+    return np.logical_or.reduce(parts) if parts else np.zeros(shape, bool)
+
+
+def volume_samples_from_dataset(m: _Net, data_path, n: int, seed: int = 0, split: str | None = "test"
+                                ) -> tuple[list[VolumeSample], str]:
+    from ..io.decode import read_image
+
+    recs, used = _records(m, data_path, split)
+    root = Path(data_path).expanduser()
+    size = tuple(m.cfg.input_size[1:])
+    out = []
+    for r in pick_round_robin(recs, n, seed):
+        img = read_image(r.path)
+        if img.kind != "volume":
+            raise RetinaInputError(f"{r.path} is not a volume ({img.kind}).")
+        vol = np.asarray(img.pixels, np.float32)
+        mask = _read_volume_mask(root, Path(r.path), vol.shape)
+        out.append(VolumeSample(_resize_volume(vol, size), dict(r.meta), r.eye, r.label,
+                                _resize_mask_3d(mask, size), Path(r.path).name))
+    return out, used
+
+
+def pair_samples_from_dataset(m: _Net, data_path, n: int, seed: int = 0, split: str | None = "test"
+                              ) -> tuple[list[PairSample], str]:
+    from PIL import Image
+
+    from ..io.decode import read_image
+    from .attribution import to_pixels
+
+    recs, used = _records(m, data_path, split)
+    root = Path(data_path).expanduser()
+    out = []
+    for r in pick_round_robin(recs, n, seed):
+        if "oct" not in r.meta:
+            raise RetinaInputError(f"{r.path} has no OCT partner: {m.name} reads pairs.csv data sets.")
+        imgs, masks = [], []
+        for p in (Path(r.path), Path(r.meta["oct"])):
+            px = to_pixels(read_image(p).pixels)
+            try:
+                rel = p.relative_to(root).as_posix()
+            except ValueError:
+                rel = ""
+            parts = [np.asarray(Image.open(q).convert("L")) > 127 for q in _mask_files(root, rel, ".png")] if rel \
+                else []
+            parts = [q for q in parts if q.shape == px.shape[:2]]
+            imgs.append(px)
+            masks.append(np.logical_or.reduce(parts) if parts else np.zeros(px.shape[:2], bool))
+        out.append(_pair_at_size(m, imgs[0], imgs[1], masks[0], masks[1], r.label, Path(r.path).stem))
+    return out, used
+
+
+def _pair_at_size(m: _Net, fundus, oct_, fmask, omask, label, name) -> PairSample:
+    f, fm = _resize_2d(fundus, fmask, tuple(m.net.fundus_cfg.input_size[1:]))
+    o, om = _resize_2d(oct_, omask, tuple(m.net.oct_cfg.input_size[1:]))
+    return PairSample(f, o, label, fm, om, name)
+
+
+def _union(masks: dict | None, shape) -> np.ndarray:
+    ms = [np.asarray(v, bool) for v in (masks or {}).values()]
+    return np.logical_or.reduce(ms) if ms else np.zeros(shape, bool)
+
+
+def volume_samples_from_phantoms(m: _Net, phantoms: Sequence) -> list[VolumeSample]:
+    """In-memory `phantoms.oct_volume` phantoms -> samples at the model's input size."""
+    size = tuple(m.cfg.input_size[1:])
+    out = []
+    for i, ph in enumerate(phantoms):
+        vol = np.asarray(getattr(ph, "image", None))
+        if getattr(ph, "modality", "") != "oct_volume" or vol.ndim != 3:
+            raise RetinaInputError(f"{m.name} needs OCT volume phantoms (`phantoms.oct_volume`); item {i} is a "
+                                   f"{getattr(ph, 'modality', type(ph).__name__)!r} phantom.")
+        meta = dict(ph.meta or {})
+        out.append(VolumeSample(_resize_volume(vol, size), meta, meta.get("eye"), ph.label,
+                                _resize_mask_3d(_union(ph.masks, vol.shape), size), f"phantom{i}"))
+    return out
+
+
+def pair_samples_from_phantoms(m: _Net, pairs: Sequence) -> list[PairSample]:
+    """In-memory (fundus, OCT) phantom pairs (`phantoms.paired_phantoms`) -> samples at the encoders' sizes."""
+    from .attribution import to_pixels
+
+    out = []
+    for i, pr in enumerate(pairs):
+        try:
+            f, o = pr
+        except (TypeError, ValueError):
+            f = o = None
+        if getattr(f, "modality", "") != "fundus" or getattr(o, "modality", "") != "oct":
+            raise RetinaInputError(f"{m.name} needs (fundus, OCT) phantom pairs (`phantoms.paired_phantoms`); item "
+                                   f"{i} is not one.")
+        fp, op = to_pixels(f.image), to_pixels(o.image)
+        out.append(_pair_at_size(m, fp, op, _union(f.masks, fp.shape[:2]), _union(o.masks, op.shape[:2]),
+                                 f.label, f"pair{i}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _auc(y) -> float:
+    return trust._auc(np.asarray(y, np.float64))
+
+
+# ------------------------------------------------------------------------------------------------ volumes
+def _meta_tensor(m: _Net, s: VolumeSample) -> torch.Tensor:
+    from ..models.volume3d import META_FEATURES, encode_metadata
+
+    feats = getattr(m.net, "meta_features", None) or META_FEATURES
+    return torch.from_numpy(encode_metadata(s.meta, s.eye, feats))[None].to(m.device)
+
+
+def _prep_volumes(m: _Net, vols: np.ndarray) -> torch.Tensor:
+    """float32 [B, D, H, W] in [0, 1] at the input size -> normalised [B, 1, D, H, W]."""
+    x = torch.as_tensor(np.ascontiguousarray(vols, np.float32), device=m.device)[:, None]
+    return (x - m.cfg.mean[0]) / m.cfg.std[0]
+
+
+def _target_layer(m: _Net) -> str:
+    return m.cfg.target_layer or "net.layer4"
+
+
+def volume_map(m: _Net, net: nn.Module, vol: np.ndarray, meta_t: torch.Tensor, method: str
+               ) -> tuple[float, np.ndarray]:
+    """(P(disease), map float32 [D, H, W] in [0, 1] of the disease logit) of one volume at the input size."""
+    from ..models.volume3d import _WithMeta, volume_cam
+
+    x = _prep_volumes(m, vol[None])
+    if method == "gradcam":
+        logits, maps = volume_cam(net, x, meta_t, _target_layer(m))
+    elif method == "gradcam-reference":
+        from .cam import cam_with_library
+
+        maps = cam_with_library(_WithMeta(net, meta_t), x, "net." + _target_layer(m), "gradcam-reference", [0])
+        with torch.no_grad():
+            logits = net(x, meta_t)
+    else:
+        raise RetinaInputError(f"Unknown method {method!r} for a volume model; choose from "
+                               f"{', '.join(VOLUME_METHODS)}.")
+    p = float(torch.sigmoid(logits.float()[0, 0] / m.temperature))
+    return p, np.asarray(maps[0], np.float32)
+
+
+def _volume_predict(m: _Net, meta_t: torch.Tensor, batch_size: int = 9):
+    def predict(vols: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(vols), batch_size):
+                x = _prep_volumes(m, vols[i:i + batch_size])
+                z = m.net(x, meta_t.expand(len(x), -1)).float()[:, 0] / m.temperature
+                out.append(torch.sigmoid(z).cpu().numpy())
+        return np.concatenate(out)
+    return predict
+
+
+def volume_blur(vol: np.ndarray) -> np.ndarray:
+    """The deletion / insertion baseline: a 3-D Gaussian blur (sigma max(2, side / 16) in-plane as in 2-D,
+    max(1, D / 16) across slices)."""
+    from scipy.ndimage import gaussian_filter
+
+    d, h, w = vol.shape
+    s = max(2.0, min(h, w) / 16.0)
+    return gaussian_filter(vol.astype(np.float32), sigma=(max(1.0, d / 16.0), s, s), mode="nearest")
+
+
+def volume_deletion_insertion(predict, vol: np.ndarray, heatmap: np.ndarray, steps: int = 16) -> dict:
+    """Deletion / insertion AUC of a [D, H, W] map (RISE, in 3-D): voxels are replaced by the blurred volume
+    (deletion) or restored into it (insertion) in the map's order, steps + 1 points each; predict: float32
+    [B, D, H, W] -> P(target) [B]."""
+    n = vol.size
+    jitter = np.random.default_rng(0).random(n) * 1e-6
+    order = np.argsort(-(np.nan_to_num(heatmap.ravel().astype(np.float64)) + jitter), kind="stable")
+    base = volume_blur(vol).ravel()
+    flat = vol.astype(np.float32).ravel()
+    batch = []
+    for mode in ("deletion", "insertion"):
+        for k in range(steps + 1):
+            sel = order[:int(round(n * k / steps))]
+            out = (flat if mode == "deletion" else base).copy()
+            out[sel] = (base if mode == "deletion" else flat)[sel]
+            batch.append(out.reshape(vol.shape))
+    p = np.asarray(predict(np.stack(batch)), np.float64)
+    return {"deletion_auc": _auc(p[:steps + 1]), "insertion_auc": _auc(p[steps + 1:])}
+
+
+def perturb_volume(vol: np.ndarray, kind: str, rng: np.random.Generator, noise_sigma: float = NOISE_SIGMA,
+                   brightness: float = BRIGHTNESS) -> tuple[np.ndarray, int]:
+    """A perturbed copy of a [D, H, W] volume in [0, 1] (clipped) and its in-plane shift in px (down-right)."""
+    s = 0
+    if kind == "noise":
+        v = vol + rng.normal(0.0, noise_sigma, size=vol.shape).astype(np.float32)
+    elif kind == "brightness":
+        v = vol * brightness
+    elif kind == "shift":
+        s = max(2, int(round(min(vol.shape[1:]) / 56.0)))
+        v = trust._shift(vol.transpose(1, 2, 0), s, s).transpose(2, 0, 1)
+    elif kind in ("none", "identity"):
+        v = vol
+    else:
+        raise RetinaInputError(f"Unknown perturbation {kind!r}; use noise, brightness or shift.")
+    return np.clip(v, 0.0, 1.0).astype(np.float32), s
+
+
+def _compare_shifted(ref: np.ndarray, pm: np.ndarray, s: int) -> dict:
+    a, b = ref, pm
+    if s:
+        b = trust._shift(pm.transpose(1, 2, 0), -s, -s).transpose(2, 0, 1)
+        a, b = a[:, :-s, :-s], b[:, :-s, :-s]
+    return {"ssim": trust.ssim(a, b), "spearman": trust.spearman(a, b)}
+
+
+def _empty(hm: np.ndarray) -> bool:
+    """A map with nothing in it (Grad-CAM's ReLU removed every cell: no evidence for the explained class)."""
+    return not np.isfinite(hm).any() or float(np.ptp(np.nan_to_num(hm))) == 0.0
+
+
+def _by_label(labels: list, flags: list) -> dict:
+    out: dict[str, list] = {}
+    for lab, f in zip(labels, flags):
+        out.setdefault(str(lab), []).append(float(f))
+    return {k: float(np.mean(v)) for k, v in sorted(out.items())}
+
+
+def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rnet=None, steps: int = 16,
+                           stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0,
+                           tolerance_px: int | None = None) -> dict:
+    """All metrics of one method on volume samples (see the module docstring). Samples whose map is empty (no
+    disease evidence: normal volumes, mostly) count as misses in the pointing games and are left out of the
+    faithfulness, randomisation, stability and consistency checks (there is nothing to check); a randomised
+    model's empty map gives rho 0 (the map vanished)."""
+    classes = list(m.cfg.classes)
+    per: dict[str, list] = {k: [] for k in ("pg", "pg_tie", "chance", "epg", "area", "slice", "slice_base", "del",
+                                            "ins", "rho", "r_empty", "sec", "correct", "maps", "labels", "empty")}
+    stab = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
+    n_stab = 0
+    for s in samples:
+        mt = _meta_tensor(m, s)
+        t0 = time.perf_counter()
+        p, hm = volume_map(m, m.net, s.volume, mt, method)
+        per["sec"].append(time.perf_counter() - t0)
+        pred = classes[1] if p >= 0.5 else classes[0]
+        label = s.label if s.label is not None else pred
+        empty = _empty(hm)
+        per["empty"].append(empty)
+        per["labels"].append(label)
+        per["correct"].append(None if s.label not in classes else s.label == pred)
+        if not empty:
+            per["maps"].append((hm, label))
+        if s.mask is not None and s.mask.any():
+            per["pg"].append(float(trust.pointing_game_3d(hm, s.mask, tolerance_px)))
+            per["pg_tie"].append(trust.pointing_game_3d_tiebreak(hm, s.mask, tolerance_px))
+            per["chance"].append(trust.pointing_game_3d_chance(s.mask, tolerance_px))
+            per["epg"].append(trust.energy_pointing_game_3d(hm, s.mask))
+            per["area"].append(float(s.mask.mean()))
+            per["slice"].append(trust.slice_hit(hm, s.mask))
+            per["slice_base"].append(float(s.mask.any(axis=(1, 2)).mean()))
+        if empty:
+            continue
+        if steps and p >= 0.5:
+            di = volume_deletion_insertion(_volume_predict(m, mt), s.volume, hm, steps)
+            per["del"].append(di["deletion_auc"])
+            per["ins"].append(di["insertion_auc"])
+        if rnet is not None:
+            rm = volume_map(m, rnet, s.volume, mt, method)[1]
+            per["r_empty"].append(_empty(rm))
+            per["rho"].append(0.0 if _empty(rm) else trust.spearman(hm, rm))
+        rng = np.random.default_rng(seed)
+        n_stab += bool(stability_kinds)
+        for kind in stability_kinds:
+            pv, sh = perturb_volume(s.volume, kind, rng)
+            c = _compare_shifted(hm, volume_map(m, m.net, pv, mt, method)[1], sh)
+            stab[kind]["ssim"].append(c["ssim"])
+            stab[kind]["spearman"].append(c["spearman"])
+    stability = {k: {"ssim": _mean(v["ssim"]), "spearman": _mean(v["spearman"])} for k, v in stab.items()}
+    flags = [c for c in per["correct"] if c is not None]
+    res = {
+        "n_images": len(samples),
+        "n_lesion_images": len(per["pg"]),
+        "pointing_game": _mean(per["pg"]),
+        "pointing_game_tiebreak": _mean(per["pg_tie"]),
+        "pointing_game_chance": _mean(per["chance"]),
+        "energy_pointing_game": _mean(per["epg"]),
+        "energy_baseline_mask_area": _mean(per["area"]),
+        "slice_hit_rate": _mean(per["slice"]),
+        "slice_hit_baseline": _mean(per["slice_base"]),
+        "empty_map_fraction": _mean([float(e) for e in per["empty"]]),
+        "empty_map_fraction_by_label": _by_label(per["labels"], per["empty"]),
+        "n_faithfulness_images": len(per["del"]),
+        "deletion_auc": _mean(per["del"]),
+        "insertion_auc": _mean(per["ins"]),
+        "n_randomisation_images": len(per["rho"]),
+        "randomisation_spearman": _mean(per["rho"]),
+        "randomisation_abs_spearman": _mean([abs(r) for r in per["rho"]]),
+        "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in per["rho"]]),
+        "randomisation_empty_fraction": _mean([float(e) for e in per["r_empty"]]),
+        "n_stability_images": n_stab,
+        "stability": stability,
+        "stability_ssim": _mean([v["ssim"] for v in stability.values()]),
+        "stability_spearman": _mean([v["spearman"] for v in stability.values()]),
+        "class_consistency": trust.class_consistency_by_label([h for h, _ in per["maps"]],
+                                                              [lab for _, lab in per["maps"]]),
+        "seconds_per_image": _mean(per["sec"]),
+    }
+    if flags and len(flags) == len(per["correct"]):
+        res["accuracy"] = float(np.mean(flags))
+    return res
+
+
+def volume_map_grid(m: _Net, s: VolumeSample) -> list[int]:
+    """Cells of the target layer's output (depth, height, width) that the 3-D Grad-CAM is upsampled from."""
+    from ..models.volume3d import _WithMeta
+    from .cam import gradcam_single_pass
+
+    _, raw = gradcam_single_pass(_WithMeta(m.net, _meta_tensor(m, s)), _prep_volumes(m, s.volume[None]),
+                                 "net." + _target_layer(m), [0])
+    return list(raw.shape[1:])
+
+
+def volume_cost_vs_forward(m: _Net, s: VolumeSample, method: str, repeats: int = 9) -> float:
+    """Median (P(disease) + map time) / (bare forward time) for one volume, interleaved repeats."""
+    mt = _meta_tensor(m, s)
+    x = _prep_volumes(m, s.volume[None])
+
+    def forward():
+        with torch.inference_mode():
+            m.net(x, mt)
+
+    return median_time_ratio(forward, lambda: volume_map(m, m.net, s.volume, mt, method),
+                         repeats if method == "gradcam" else 3)
+
+
+# ------------------------------------------------------------------------------------------------ fusion
+def _pair_tensors(m: _Net, f: np.ndarray, o: np.ndarray):
+    from ..models.loading import preprocess_image
+
+    return (preprocess_image(f, m.net.fundus_cfg, m.device), preprocess_image(o, m.net.oct_cfg, m.device))
+
+
+def pair_maps(m: _Net, net: nn.Module, f: np.ndarray, o: np.ndarray, target: int | None = None
+              ) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+    """(calibrated probabilities [K], explained class, {"fundus": map, "oct": map}) of one pair; each map float32
+    in [0, 1] at its image's size, normalised on its own (`models.multimodal.modality_cams`)."""
+    from ..models.multimodal import modality_cams
+    from .cam import normalise_map
+
+    a, b = _pair_tensors(m, f, o)
+    logits, cf, co = modality_cams(net, a, b, None if target is None else [int(target)])
+    probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
+    k = int(np.argmax(probs)) if target is None else int(target)
+    return probs, k, {"fundus": normalise_map(cf[0], f.shape[:2]), "oct": normalise_map(co[0], o.shape[:2])}
+
+
+def _pair_predict(m: _Net, modality: str, other: np.ndarray, batch_size: int = 34):
+    """predict(uint8 [B, H, W, 3] images of `modality`) -> probabilities [B, K], the other image fixed (its
+    embedding computed once)."""
+    from ..models.loading import preprocess_image
+
+    net = m.net
+    f_cfg, o_cfg = net.fundus_cfg, net.oct_cfg
+    with torch.no_grad():
+        fixed = (net.embed_oct(preprocess_image(other, o_cfg, m.device)) if modality == "fundus"
+                 else net.embed_fundus(preprocess_image(other, f_cfg, m.device)))
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(batch), batch_size):
+                chunk = np.asarray(batch[i:i + batch_size])
+                if modality == "fundus":
+                    e = net.embed_fundus(preprocess_image(chunk, f_cfg, m.device))
+                    feats = torch.cat([e, fixed.expand(len(e), -1)], dim=1)
+                else:
+                    e = net.embed_oct(preprocess_image(chunk, o_cfg, m.device))
+                    feats = torch.cat([fixed.expand(len(e), -1), e], dim=1)
+                z = net.forward_head(feats)
+                out.append(torch.softmax(z.float() / m.temperature, dim=1).cpu().numpy())
+        return np.concatenate(out)
+    return predict
+
+
+def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet=None, steps: int = 16,
+                           stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0) -> dict:
+    """All metrics of one method on pair samples, per modality and pooled (see the module docstring). Empty maps
+    are handled as for volumes (`evaluate_volume_method`)."""
+    if method not in FUSION_METHODS:
+        raise RetinaInputError(f"Unknown method {method!r} for {m.name}; choose from {', '.join(FUSION_METHODS)}.")
+    classes = list(m.cfg.classes)
+    keys = ("pg", "pg_tie", "chance", "epg", "area", "del", "ins", "rho", "r_empty", "maps", "empty")
+    per = {mod: {k: [] for k in keys} for mod in MODALITIES}
+    stab = {mod: {k: {"ssim": [], "spearman": []} for k in stability_kinds} for mod in MODALITIES}
+    sec, correct, labels = [], [], []
+    for s in samples:
+        imgs = {"fundus": s.fundus, "oct": s.oct}
+        masks = {"fundus": s.fundus_mask, "oct": s.oct_mask}
+        t0 = time.perf_counter()
+        probs, k, maps = pair_maps(m, m.net, s.fundus, s.oct)
+        sec.append(time.perf_counter() - t0)
+        correct.append(None if s.label not in classes else classes.index(s.label) == k)
+        label = s.label if s.label is not None else classes[k]
+        labels.append(label)
+        rmaps = pair_maps(m, rnet, s.fundus, s.oct, target=k)[2] if rnet is not None else None
+        for mod in MODALITIES:
+            hm, mask, P = maps[mod], masks[mod], per[mod]
+            other = imgs["oct" if mod == "fundus" else "fundus"]
+            empty = _empty(hm)
+            P["empty"].append(empty)
+            if not empty:
+                P["maps"].append((hm, label))
+            if mask is not None and mask.any():
+                P["pg"].append(float(trust.pointing_game(hm, mask)))
+                P["pg_tie"].append(trust.pointing_game_3d_tiebreak(hm[None], mask[None], trust.default_tolerance(
+                    hm.shape)))
+                P["chance"].append(trust.pointing_game_3d_chance(mask[None], trust.default_tolerance(hm.shape)))
+                P["epg"].append(trust.energy_pointing_game(hm, mask))
+                P["area"].append(float(mask.mean()))
+            if empty:
+                continue
+            if steps:
+                di = trust.deletion_insertion_auc(_pair_predict(m, mod, other), imgs[mod], hm, k, steps=steps)
+                P["del"].append(di["deletion_auc"])
+                P["ins"].append(di["insertion_auc"])
+            if rmaps is not None:
+                P["r_empty"].append(_empty(rmaps[mod]))
+                P["rho"].append(0.0 if _empty(rmaps[mod]) else trust.spearman(hm, rmaps[mod]))
+            if stability_kinds:
+                def explain_fn(im, mod=mod):
+                    pair = (im, s.oct) if mod == "fundus" else (s.fundus, im)
+                    return pair_maps(m, m.net, *pair, target=k)[2][mod]
+
+                st = trust.stability_under_perturbation(explain_fn, imgs[mod], kinds=stability_kinds, seed=seed,
+                                                        reference=hm)
+                for kind, v in st.items():
+                    stab[mod][kind]["ssim"].append(v["ssim"])
+                    stab[mod][kind]["spearman"].append(v["spearman"])
+    grids = {}
+    if samples:
+        from ..models.multimodal import modality_cams
+
+        a, b = _pair_tensors(m, samples[0].fundus, samples[0].oct)
+        _, cf, co = modality_cams(m.net, a, b)
+        grids = {"fundus": list(cf.shape[1:]), "oct": list(co.shape[1:])}
+    res: dict = {"n_images": len(samples)}
+    pooled = {k: [] for k in ("pg", "pg_tie", "epg", "del", "ins")}
+    worst = None
+    for mod in MODALITIES:
+        P = per[mod]
+        for k in pooled:
+            pooled[k] += P[k]
+        stability = {k: {"ssim": _mean(v["ssim"]), "spearman": _mean(v["spearman"])} for k, v in stab[mod].items()}
+        abs_rho = _mean([abs(r) for r in P["rho"]])
+        res.update({
+            f"n_lesion_images_{mod}": len(P["pg"]),
+            f"pointing_game_{mod}": _mean(P["pg"]),
+            f"pointing_game_tiebreak_{mod}": _mean(P["pg_tie"]),
+            f"pointing_game_chance_{mod}": _mean(P["chance"]),
+            f"energy_pointing_game_{mod}": _mean(P["epg"]),
+            f"energy_baseline_mask_area_{mod}": _mean(P["area"]),
+            f"empty_map_fraction_{mod}": _mean([float(e) for e in P["empty"]]),
+            f"deletion_auc_{mod}": _mean(P["del"]),
+            f"insertion_auc_{mod}": _mean(P["ins"]),
+            f"randomisation_spearman_{mod}": _mean(P["rho"]),
+            f"randomisation_abs_spearman_{mod}": abs_rho,
+            f"randomisation_empty_fraction_{mod}": _mean([float(e) for e in P["r_empty"]]),
+            f"stability_{mod}": stability,
+            f"stability_ssim_{mod}": _mean([v["ssim"] for v in stability.values()]),
+            f"stability_spearman_{mod}": _mean([v["spearman"] for v in stability.values()]),
+            f"map_grid_{mod}": grids.get(mod),
+        })
+        if abs_rho is not None and (worst is None or abs_rho > res[f"randomisation_abs_spearman_{worst}"]):
+            worst = mod
+    all_rho = per["fundus"]["rho"] + per["oct"]["rho"]
+    flags = [c for c in correct if c is not None]
+    res.update({
+        "n_lesion_images": len(pooled["pg"]),
+        "pointing_game": _mean(pooled["pg"]),
+        "pointing_game_tiebreak": _mean(pooled["pg_tie"]),
+        "energy_pointing_game": _mean(pooled["epg"]),
+        "deletion_auc": _mean(pooled["del"]),
+        "insertion_auc": _mean(pooled["ins"]),
+        # a map must pass the sanity check in both modalities: the overall rho is the worse modality's
+        "randomisation_modality": worst,
+        "randomisation_spearman": res.get(f"randomisation_spearman_{worst}") if worst else None,
+        "randomisation_abs_spearman": res.get(f"randomisation_abs_spearman_{worst}") if worst else None,
+        "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in all_rho]),
+        "stability_ssim": _mean([res[f"stability_ssim_{mod}"] for mod in MODALITIES]),
+        "stability_spearman": _mean([res[f"stability_spearman_{mod}"] for mod in MODALITIES]),
+        "class_consistency": {mod: trust.class_consistency_by_label([h for h, _ in per[mod]["maps"]],
+                                                                    [lab for _, lab in per[mod]["maps"]])
+                              for mod in MODALITIES},
+        "seconds_per_image": _mean(sec),
+    })
+    if flags and len(flags) == len(correct):
+        res["accuracy"] = float(np.mean(flags))
+    return res
+
+
+def fusion_cost_vs_forward(m: _Net, s: PairSample, repeats: int = 9) -> float:
+    a, b = _pair_tensors(m, s.fundus, s.oct)
+
+    def forward():
+        with torch.inference_mode():
+            m.net(a, b)
+
+    return median_time_ratio(forward, lambda: pair_maps(m, m.net, s.fundus, s.oct), repeats)
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("gradcam",), n: int = 16,
+                    weights_dir=None, phantoms: Sequence | None = None, seed: int = 0, steps: int = 16,
+                    stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), randomisation: bool = True,
+                    split: str | None = "test") -> dict:
+    """explain-eval of the OCT volume model or the fundus + OCT fusion model (see the module docstring).
+
+    data_path: a `volumes` data set (NIfTI + metadata.csv, masks/<volume>/<lesion>.nii.gz [D, H, W]) or a `paired`
+    one (pairs.csv, masks/{fundus,oct}/<id>/<lesion>.png); samples come from its `split` of the patient-level split
+    training used (default "test"; "all" for data the model never saw). phantoms: in-memory `oct_volume` phantoms
+    or (fundus, OCT) pairs from `paired_phantoms` instead. Everything is evaluated at the model's input size.
+    """
+    from .evaluate import _clean, rank_methods, recommend_default
+
+    m = _resolve(model, weights_dir)
+    modality = m.cfg.modality
+    if modality not in ND_MODALITIES:
+        raise RetinaInputError(f"{m.name} is a {modality!r} model; explain_eval_nd handles {', '.join(ND_MODALITIES)}.")
+    if isinstance(methods, str):
+        methods = [x.strip() for x in methods.split(",") if x.strip()]
+    avail = VOLUME_METHODS if modality == "oct_volume" else FUSION_METHODS
+    bad = [x for x in methods if x not in avail]
+    if bad or not methods:
+        raise RetinaInputError(f"{m.name} ({modality}) supports the explanation method(s) {', '.join(avail)} only, "
+                               f"not {', '.join(bad) or 'none'}.")
+    stability_kinds = tuple(stability_kinds)
+    for k in stability_kinds:
+        if k not in ("noise", "brightness", "shift"):
+            raise RetinaInputError(f"Unknown perturbation {k!r}; use noise, brightness or shift.")
+    used_split = None
+    if phantoms is not None:
+        samples = (volume_samples_from_phantoms(m, phantoms) if modality == "oct_volume"
+                   else pair_samples_from_phantoms(m, phantoms))[:n]
+        source = f"{len(samples)} in-memory phantoms"
+    elif data_path is not None:
+        load = volume_samples_from_dataset if modality == "oct_volume" else pair_samples_from_dataset
+        samples, used_split = load(m, data_path, n, seed=seed, split=split)
+        source = str(data_path)
+    else:
+        raise RetinaInputError("explain_eval needs data_path or phantoms.")
+    if not samples:
+        raise RetinaInputError("No samples to evaluate.")
+    notes = []
+    if used_split == "test":
+        notes.append("Samples from the test split of the patient-level split training used (held out).")
+    elif used_split:
+        notes.append(f"Samples from the {used_split!r} split: not held out from training unless this data set was "
+                     f"not used to train the model.")
+    if len(samples) < n:
+        notes.append(f"Only {len(samples)} samples available (asked for {n}).")
+    rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval() if randomisation else None
+    results = {}
+    for meth in methods:
+        t0 = time.perf_counter()
+        if modality == "oct_volume":
+            r = evaluate_volume_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
+                                       seed=seed)
+            r["cost_vs_forward"] = volume_cost_vs_forward(m, samples[0], meth)
+        else:
+            r = evaluate_fusion_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
+                                       seed=seed)
+            r["cost_vs_forward"] = fusion_cost_vs_forward(m, samples[0])
+        r["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        results[meth] = r
+        log.info("explain-eval %s %s done in %.1fs", m.name, meth, r["wall_seconds"])
+    if modality == "oct_volume":
+        size = list(m.cfg.input_size[1:])
+        tol = trust.default_tolerance(tuple(size[1:]))
+        grid = volume_map_grid(m, samples[0])
+        for r in results.values():
+            r["map_grid"] = grid
+        notes += [
+            f"The 3-D Grad-CAM is upsampled (trilinear) from {_target_layer(m)}'s {grid[0]} x {grid[1]} x {grid[2]} "
+            f"cells (depth x height x width) for a {size[0]} x {size[1]} x {size[2]} input"
+            + (": one cell across depth, so every slice gets the same map and slice_hit_rate carries no slice "
+               "information (at best it equals slice_hit_baseline)." if grid[0] == 1 else "."),
+            "Volume model: the only explanation is 3-D Grad-CAM ('gradcam', the single pass the app uses, on "
+            f"{_target_layer(m)}); 'gradcam-reference' is pytorch-grad-cam's GradCAM on the same layer, a "
+            "cross-check of the same method.",
+            "Maps explain the disease logit (one-logit model) for every volume; deletion / insertion AUC are on "
+            "P(disease), over the volumes the model calls disease (n_faithfulness_images).",
+            "An empty map (Grad-CAM's ReLU left nothing: no disease evidence, mostly normal volumes; "
+            "empty_map_fraction_by_label) misses in the pointing games and is left out of the faithfulness, "
+            "randomisation and stability checks; where the randomised model's map is empty, rho is 0 (the map "
+            "vanished; randomisation_empty_fraction).",
+            f"3-D pointing game: the map's peak inside the lesion mask dilated by {tol} px in-plane (15 px at 224, "
+            "scaled), not across slices; a plateau at the peak counts if any voxel is inside (as in 2-D), "
+            "pointing_game_tiebreak breaks ties at random, pointing_game_chance is a random voxel's score. "
+            "slice_hit_rate: the slice with the largest summed map holds a lesion (ties: the share of tied slices "
+            "that do); slice_hit_baseline is a random slice's.",
+        ]
+        settings_extra = {"tolerance_px": tol, "deletion_baseline": "3-D Gaussian blur",
+                          "shift_px": max(2, int(round(min(size[1:]) / 56.0)))}
+        eval_size = size
+    else:
+        eval_size = {"fundus": list(m.net.fundus_cfg.input_size[1:]), "oct": list(m.net.oct_cfg.input_size[1:])}
+        r0 = next(iter(results.values()))
+        notes += [
+            "Fusion model: one Grad-CAM per modality (`modality_cams`, fundus at "
+            f"{m.net.fundus_encoder.cfg.target_layer}, a {r0.get('map_grid_fundus')} grid; OCT at "
+            f"{m.net.oct_encoder.cfg.target_layer}, a {r0.get('map_grid_oct')} grid), for the predicted class.",
+            "The two maps are min-max normalised separately, so no per-modality share of the attribution is "
+            "reported: the maps say where within each image, not which image mattered more.",
+            "pointing_game / energy_pointing_game pool the lesion-bearing images of both modalities; "
+            "randomisation_abs_spearman is the worse modality's mean |rho| (a map must pass in both); deletion / "
+            "insertion edit one image with the other fixed.",
+            "An empty map (nothing left after Grad-CAM's ReLU) misses in the pointing games and is left out of the "
+            "other checks; where the randomised model's map is empty, rho is 0 (the map vanished).",
+        ]
+        settings_extra = {"deletion_baseline": "blur"}
+    ranking = rank_methods(results)
+    return _clean({"model": m.name, "weights_sha256": m.sha256, "modality": modality, "data": source,
+                   "split": used_split, "n_images": len(samples), "eval_size": eval_size, "metric_kind": "phantom",
+                   "methods": results, "ranking": ranking, "recommended_default": recommend_default(results, ranking),
+                   "notes": notes,
+                   "settings": {"steps": steps, "stability_kinds": list(stability_kinds),
+                                "randomisation": randomisation, "seed": seed, "noise_sigma": NOISE_SIGMA,
+                                "brightness": BRIGHTNESS, **settings_extra}})
+
+
+def format_lines(report: dict) -> list[str]:
+    """Extra lines of the text report for volume / fusion models (appended by `evaluate._format`)."""
+    lines = []
+    for meth, r in report.get("methods", {}).items():
+        if report.get("modality") == "oct_volume":
+            keys = ("pointing_game_tiebreak", "pointing_game_chance", "energy_baseline_mask_area", "slice_hit_rate",
+                    "slice_hit_baseline", "empty_map_fraction", "randomisation_empty_fraction")
+        else:
+            keys = tuple(f"{k}_{mod}" for k in ("pointing_game", "pointing_game_chance", "energy_pointing_game",
+                                                  "randomisation_spearman", "deletion_auc", "insertion_auc",
+                                                  "empty_map_fraction") for mod in MODALITIES)
+        vals = ", ".join(f"{k} {'-' if r.get(k) is None else format(r[k], '.3f')}" for k in keys)
+        lines.append(f"  {meth}: {vals}")
+    return lines

@@ -1,0 +1,313 @@
+"""explain-eval for the OCT volume model (3-D Grad-CAM) and the fundus + OCT fusion model (per-modality Grad-CAM):
+the 3-D localisation helpers on hand-built maps, report keys and ranges on tiny random-init models and tiny phantoms,
+the randomisation rho, clear errors for the wrong data, and the CLI on the bundled volume weights."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retina_core.errors import RetinaInputError
+from retina_core.explain import trust
+from retina_core.explain.evaluate import explain_eval, passes_randomisation, rank_methods
+from retina_core.models import create_model, get_cfg
+
+VOLUME = "oct_volume_fusion3d_tiny"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here: on a busy 2-core machine two threads made each small forward ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_volume_net():
+    """A random-init volume model whose 3-D Grad-CAM has 2 x 4 x 4 cells (stride-1 stem, layer3) at 16 x 32 x 32."""
+    torch.manual_seed(0)
+    kw = {**get_cfg(VOLUME).builder_kwargs, "conv1_stride": 1}
+    return create_model(VOLUME, input_size=(1, 16, 32, 32), target_layer="net.layer3", builder_kwargs=kw).eval()
+
+
+@pytest.fixture(scope="module")
+def volume_phantoms():
+    from retina_core.phantoms import oct_volume
+
+    return [oct_volume(lab, seed=s, n_slices=16, height=32, width=32)
+            for lab, s in (("disease", 1), ("normal", 2), ("disease", 3))]
+
+
+@pytest.fixture(scope="module")
+def tiny_fusion_net():
+    torch.manual_seed(0)
+    kw = {**get_cfg("fundus_oct_fusion").builder_kwargs, "load_encoders": False, "encoder_input_size": (3, 64, 64)}
+    return create_model("fundus_oct_fusion", builder_kwargs=kw).eval()
+
+
+@pytest.fixture(scope="module")
+def pair_phantoms():
+    from retina_core.phantoms import paired_phantoms
+
+    return [paired_phantoms(s, fundus_size=64, oct_width=64, oct_height=64, disease=d)
+            for s, d in ((1, True), (2, False), (3, True))]
+
+
+@pytest.fixture(scope="module")
+def volume_dir(tmp_path_factory):
+    from retina_core.phantoms import write_dataset
+
+    out = tmp_path_factory.mktemp("vols") / "volumes"
+    write_dataset("oct-volume", n=6, seed=3, out=out, size=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def paired_dir(tmp_path_factory):
+    from retina_core.phantoms import write_dataset
+
+    out = tmp_path_factory.mktemp("pairs") / "paired"
+    write_dataset("paired", n=4, seed=3, out=out, size=64)
+    return out
+
+
+def _in01(x):
+    return x is not None and -1e-9 <= x <= 1 + 1e-9
+
+
+# ------------------------------------------------------------------------------------------------ 3-D helpers
+def _lesion_mask():
+    m = np.zeros((6, 40, 40), bool)
+    m[2, 10:14, 10:14] = True
+    return m
+
+
+def test_pointing_game_3d_peak_inside_and_outside_the_mask():
+    mask = _lesion_mask()
+    hm = np.zeros(mask.shape, np.float32)
+    hm[2, 12, 12] = 1.0                                      # on the lesion
+    assert trust.pointing_game_3d(hm, mask) is True
+    hm[:] = 0
+    hm[2, 35, 35] = 1.0                                      # same slice, far away
+    assert trust.pointing_game_3d(hm, mask) is False
+    hm[:] = 0
+    hm[2, 16, 12] = 1.0                                      # 2 px beside the lesion: inside the in-plane tolerance
+    assert trust.pointing_game_3d(hm, mask, tolerance_px=3) is True
+    assert trust.pointing_game_3d(hm, mask, tolerance_px=0) is False
+    hm[:] = 0
+    hm[3, 12, 12] = 1.0                                      # right above it, next slice: no tolerance across slices
+    assert trust.pointing_game_3d(hm, mask, tolerance_px=5) is False
+    assert trust.pointing_game_3d(np.zeros(mask.shape), mask) is False   # an empty map points nowhere
+    with pytest.raises(ValueError):
+        trust.pointing_game_3d(hm, np.zeros(mask.shape, bool))
+    with pytest.raises(ValueError):
+        trust.pointing_game_3d(hm[0], mask)
+
+
+def test_pointing_game_3d_ties_energy_slice_hit_and_chance():
+    mask = _lesion_mask()
+    hm = np.zeros(mask.shape, np.float32)
+    hm[2, 12, 12] = hm[5, 35, 35] = 1.0                       # a tie: one peak on the lesion, one far away
+    assert trust.pointing_game_3d(hm, mask, tolerance_px=0) is True
+    assert trust.pointing_game_3d_tiebreak(hm, mask, tolerance_px=0) == pytest.approx(0.5)
+    e = np.zeros(mask.shape, np.float32)
+    e[2, 10:14, 10:14] = 1.0
+    e[4, 0:4, 0:4] = 3.0
+    assert trust.energy_pointing_game_3d(e, mask) == pytest.approx(16 / 64)
+    assert trust.slice_hit(e, mask) == 0.0                    # slice 4 has the most mass and no lesion
+    e[4] = 0
+    assert trust.slice_hit(e, mask) == 1.0
+    flat = np.ones(mask.shape, np.float32)                    # the same on every slice: expected hit of a tie-break
+    assert trust.slice_hit(flat, mask) == pytest.approx(1 / 6)
+    assert trust.pointing_game_3d_chance(mask, tolerance_px=0) == pytest.approx(mask.mean())
+    assert trust.pointing_game_3d_chance(mask, tolerance_px=2) > mask.mean()
+
+
+# ------------------------------------------------------------------------------------------------ volumes
+@pytest.fixture(scope="module")
+def volume_report(tiny_volume_net, volume_phantoms):
+    return explain_eval(tiny_volume_net, phantoms=volume_phantoms, methods="gradcam,gradcam-reference", n=3,
+                        steps=4, stability_kinds=("noise", "shift"))
+
+
+@pytest.fixture(scope="module")
+def fusion_report(tiny_fusion_net, pair_phantoms):
+    return explain_eval(tiny_fusion_net, phantoms=pair_phantoms, n=3, steps=4, stability_kinds=("noise",))
+
+
+def test_volume_report_keys_ranges_and_ranking(volume_report):
+    rep = volume_report
+    assert rep["modality"] == "oct_volume" and rep["n_images"] == 3 and rep["eval_size"] == [16, 32, 32]
+    assert set(rep["methods"]) == {"gradcam", "gradcam-reference"}
+    for meth, r in rep["methods"].items():
+        assert r["n_lesion_images"] == 2 and r["map_grid"] == [2, 4, 4]
+        for k in ("pointing_game", "pointing_game_tiebreak", "pointing_game_chance", "energy_pointing_game",
+                  "slice_hit_rate", "slice_hit_baseline", "empty_map_fraction", "stability_ssim"):
+            assert _in01(r[k]), (meth, k, r[k])
+        assert r["pointing_game_tiebreak"] <= r["pointing_game"]
+        assert 0 < r["pointing_game_chance"] < 0.5 and 0 < r["slice_hit_baseline"] <= 1
+        assert set(r["stability"]) == {"noise", "shift"}
+        assert -1 <= r["stability_spearman"] <= 1
+        assert r["n_randomisation_images"] == 3 and r["randomisation_abs_spearman"] is not None
+        assert abs(r["randomisation_spearman"]) <= r["randomisation_abs_spearman"] <= 1
+        assert r["deletion_auc"] is None or (_in01(r["deletion_auc"]) and _in01(r["insertion_auc"]))
+        assert r["cost_vs_forward"] > 0 and r["seconds_per_image"] > 0
+        assert passes_randomisation(r) in (True, False)
+    assert [d["method"] for d in rep["ranking"]] == [d["method"] for d in rank_methods(rep["methods"])]
+    assert all(d["mean_rank"] is not None for d in rep["ranking"])
+    json.dumps(rep)                                           # JSON-ready
+
+
+def test_volume_randomisation_rho_is_computed_from_the_maps(tiny_volume_net, volume_phantoms):
+    """The same network as its own 'randomised' copy gives identical maps (rho 1, fails the check); really
+    randomised weights give a different number."""
+    from retina_core.explain import evaluate_nd as nd
+
+    m = nd._resolve(tiny_volume_net)
+    samples = nd.volume_samples_from_phantoms(m, volume_phantoms)
+    same = nd.evaluate_volume_method(m, samples, "gradcam", rnet=tiny_volume_net, steps=0, stability_kinds=())
+    assert same["randomisation_spearman"] == pytest.approx(1.0) and same["randomisation_abs_spearman"] == \
+        pytest.approx(1.0)
+    assert passes_randomisation(same) is False
+    rnet = trust.randomise_parameters(__import__("copy").deepcopy(tiny_volume_net), seed=1).eval()
+    other = nd.evaluate_volume_method(m, samples, "gradcam", rnet=rnet, steps=0, stability_kinds=())
+    assert other["randomisation_abs_spearman"] < 0.99
+    assert other["deletion_auc"] is None and other["stability_ssim"] is None   # steps=0, no perturbations
+
+
+def test_volume_deletion_insertion_follows_the_map():
+    """A predictor that reads the mean of a 'lesion' block: deleting in the map's order (block first) drops it
+    fast, inserting brings it back fast; the reversed map does the opposite."""
+    from retina_core.explain.evaluate_nd import volume_deletion_insertion
+
+    vol = np.zeros((8, 32, 32), np.float32)
+    vol[3:5, 8:16, 8:16] = 1.0
+
+    def predict(v):
+        return v[:, 3:5, 8:16, 8:16].reshape(len(v), -1).mean(1)
+
+    good = volume_deletion_insertion(predict, vol, vol.copy(), steps=8)
+    bad = volume_deletion_insertion(predict, vol, 1.0 - vol, steps=8)
+    assert good["deletion_auc"] < bad["deletion_auc"] and good["insertion_auc"] > bad["insertion_auc"]
+
+
+# ------------------------------------------------------------------------------------------------ fusion
+def test_fusion_report_per_modality(fusion_report):
+    rep = fusion_report
+    assert rep["modality"] == "fundus+oct" and rep["eval_size"] == {"fundus": [64, 64], "oct": [64, 64]}
+    r = rep["methods"]["gradcam"]
+    for mod in ("fundus", "oct"):
+        assert r[f"n_lesion_images_{mod}"] == 2
+        for k in ("pointing_game", "pointing_game_chance", "energy_pointing_game", "empty_map_fraction"):
+            assert _in01(r[f"{k}_{mod}"]), (k, mod)
+        assert r[f"map_grid_{mod}"] == [2, 2]
+        if r[f"empty_map_fraction_{mod}"] < 1:
+            assert r[f"randomisation_abs_spearman_{mod}"] is not None
+            assert _in01(r[f"deletion_auc_{mod}"]) and _in01(r[f"insertion_auc_{mod}"])
+    assert r["n_lesion_images"] == 4
+    pooled = (2 * r["pointing_game_fundus"] + 2 * r["pointing_game_oct"]) / 4
+    assert r["pointing_game"] == pytest.approx(pooled)
+    worst = max(r["randomisation_abs_spearman_fundus"], r["randomisation_abs_spearman_oct"])
+    assert r["randomisation_abs_spearman"] == pytest.approx(worst)
+    assert not any("share" in k for k in r)                  # no per-modality share of attribution is invented
+    assert any("normalised separately" in n for n in rep["notes"])
+    json.dumps(rep)
+
+
+def test_fusion_fixed_partner_predictions_match_the_full_forward(tiny_fusion_net, pair_phantoms):
+    from retina_core.explain import evaluate_nd as nd
+
+    m = nd._resolve(tiny_fusion_net)
+    s = nd.pair_samples_from_phantoms(m, pair_phantoms)[0]
+    probs, _, _ = nd.pair_maps(m, m.net, s.fundus, s.oct)
+    assert np.allclose(nd._pair_predict(m, "fundus", s.oct)(s.fundus[None])[0], probs, atol=1e-5)
+    assert np.allclose(nd._pair_predict(m, "oct", s.fundus)(s.oct[None])[0], probs, atol=1e-5)
+
+
+def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path, monkeypatch):
+    import retina_core.quick_eval as qe
+
+    rep = fusion_report
+    p = tmp_path / "ee_fusion.json"
+    p.write_text(json.dumps(rep))
+    monkeypatch.setattr(qe, "saved_evaluations", lambda name, roots=None: [(p, json.loads(p.read_text()))])
+    ev = qe.method_trust(rep["model"])
+    assert set(ev) == {"gradcam"}
+    assert ev["gradcam"]["randomisation_abs_spearman"] == rep["methods"]["gradcam"]["randomisation_abs_spearman"]
+    assert ev["gradcam"]["pointing_game"] == rep["methods"]["gradcam"]["pointing_game"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_wrong_data_and_methods_give_clear_errors(tiny_volume_net, tiny_fusion_net, volume_phantoms, pair_phantoms,
+                                                  volume_dir, paired_dir, tmp_path):
+    with pytest.raises(RetinaInputError, match="reads OCT volumes"):
+        explain_eval(tiny_volume_net, paired_dir, n=2)
+    with pytest.raises(RetinaInputError, match="reads fundus \\+ OCT pairs"):
+        explain_eval(tiny_fusion_net, volume_dir, n=2)
+    with pytest.raises(RetinaInputError, match="does not exist"):
+        explain_eval(tiny_volume_net, tmp_path / "nowhere", n=2)
+    with pytest.raises(RetinaInputError, match="volume phantoms"):
+        explain_eval(tiny_volume_net, phantoms=pair_phantoms, n=2)
+    with pytest.raises(RetinaInputError, match="phantom pairs"):
+        explain_eval(tiny_fusion_net, phantoms=volume_phantoms, n=2)
+    with pytest.raises(RetinaInputError, match="gradcam, gradcam-reference only"):
+        explain_eval(tiny_volume_net, phantoms=volume_phantoms, methods="gradcam++", n=2)
+    with pytest.raises(RetinaInputError, match="gradcam only"):
+        explain_eval(tiny_fusion_net, phantoms=pair_phantoms, methods="gradcam-reference", n=2)
+    with pytest.raises(RetinaInputError, match="split"):
+        explain_eval(tiny_volume_net, volume_dir, n=2, split="holdout")
+
+
+def test_samples_from_disk_read_the_masks_and_the_test_split(tiny_volume_net, tiny_fusion_net, volume_dir,
+                                                             paired_dir):
+    from retina_core.explain import evaluate_nd as nd
+
+    m = nd._resolve(tiny_volume_net)
+    every, used = nd.volume_samples_from_dataset(m, volume_dir, 10, split="all")
+    assert used == "all" and len(every) == 6
+    assert all(s.volume.shape == (16, 32, 32) and s.mask.shape == (16, 32, 32) for s in every)
+    assert any(s.mask.any() for s in every if s.label == "disease")
+    assert not any(s.mask.any() for s in every if s.label == "normal")
+    test, used = nd.volume_samples_from_dataset(m, volume_dir, 10)
+    assert used == "test" and 0 < len(test) < 6
+    f = nd._resolve(tiny_fusion_net)
+    pairs, _ = nd.pair_samples_from_dataset(f, paired_dir, 4, split="all")
+    assert len(pairs) == 4 and all(p.fundus.shape == (64, 64, 3) and p.oct_mask.shape == (64, 64) for p in pairs)
+    assert any(p.fundus_mask.any() and p.oct_mask.any() for p in pairs if p.label == "disease")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_volume_model_with_bundled_weights(volume_dir, paired_dir, capsys):
+    from retina_core.cli import main
+    from retina_core.models.loading import read_manifest, weights_dir
+
+    if VOLUME not in read_manifest(weights_dir()):
+        pytest.skip("no bundled weights for the volume model")
+    code = main(["explain-eval", "--model", VOLUME, "--data", str(volume_dir), "--n", "4", "--split", "all",
+                 "--steps", "4", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rep = json.loads(out)
+    r = rep["methods"]["gradcam"]
+    assert rep["model"] == VOLUME and rep["n_images"] == 4 and rep["split"] == "all"
+    assert rep["weights_sha256"] == read_manifest(weights_dir())[VOLUME]["sha256"]
+    assert r["n_lesion_images"] >= 1 and _in01(r["pointing_game"]) and _in01(r["slice_hit_baseline"])
+    assert "randomisation_abs_spearman" in r and r["cost_vs_forward"] > 0
+    code = main(["explain-eval", "--model", VOLUME, "--data", str(paired_dir), "--n", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "reads OCT volumes" in err and "Traceback" not in err
+
+
+def test_fusion_pools_both_modalities_for_the_overall_scores(tiny_fusion_net, pair_phantoms, monkeypatch):
+    """Fundus hits, OCT misses (a stubbed pointing game): per modality 1 and 0, overall their pooled mean 0.5."""
+    from retina_core.explain import evaluate_nd as nd
+
+    m = nd._resolve(tiny_fusion_net)
+    samples = nd.pair_samples_from_phantoms(m, pair_phantoms)
+    fundus_masks = {id(s.fundus_mask) for s in samples}
+    monkeypatch.setattr(trust, "pointing_game", lambda hm, mask, *a, **k: id(mask) in fundus_masks)
+    r = nd.evaluate_fusion_method(m, samples, "gradcam", steps=0, stability_kinds=())
+    assert r["pointing_game_fundus"] == 1.0 and r["pointing_game_oct"] == 0.0 and r["pointing_game"] == 0.5
