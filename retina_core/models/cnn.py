@@ -47,9 +47,9 @@ register_model(ModelCfg(
     builder_kwargs={"drop_rate": 0.2},
     card=("EfficientNet-B0 (timm `tf_efficientnet_b0`) grading diabetic retinopathy on the 5-step ICDR scale, "
           "as in the APTOS 2019 set-up of the multimodal fundus + OCT source project. Input: RGB, ImageNet "
-          "normalisation, 224x224 by default; the bundled demo weights run at 160x160 with the last stages "
-          "dilated (timm `output_stride=16`), so the Grad-CAM target, the last 1x1 conv block (`bn2`), is a "
-          "10x10 grid. Referable: moderate or worse. " + _PHANTOM_NOTE),
+          "normalisation, 224x224 by default; the bundled demo weights run at 320x320 (trained at 160 px, then "
+          "fine-tuned at 320 px, where microaneurysms are 2-3 px wide instead of 1-2), so the Grad-CAM target, "
+          "the last 1x1 conv block (`bn2`), is a 10x10 grid. Referable: moderate or worse. " + _PHANTOM_NOTE),
 ), TimmClassifier)
 
 register_model(ModelCfg(
