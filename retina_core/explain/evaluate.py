@@ -282,6 +282,7 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
 
 SPEED_TARGET = 1.3          # heatmap + prediction at most 1.3x a bare forward (the default path's budget)
 RANDOMISATION_LIMIT = 0.5   # mean |Spearman| between maps of the trained and the randomised model must stay below
+ND_MODALITIES = ("oct_volume", "fundus+oct")   # models scored by `evaluate_nd` (3-D / per-modality maps)
 
 
 def passes_randomisation(report: dict) -> bool | None:
@@ -382,7 +383,7 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     `split` ("test" by default: the held-out part of the patient-level split training used; "all") of a volumes /
     paired data set, at the model's input size; `eval_size` does not apply to them.
     """
-    from .evaluate_nd import ND_MODALITIES, explain_eval_nd, modality_of
+    from .evaluate_nd import explain_eval_nd, modality_of
 
     if modality_of(model) in ND_MODALITIES:
         return explain_eval_nd(model, data_path, methods=methods, n=n, weights_dir=weights_dir, phantoms=phantoms,
@@ -470,7 +471,7 @@ def _format(report: dict) -> str:
     lines.append(f"recommended default: {rec.get('method')} ({rec.get('rule', 'no method passes')})")
     for meth, why in (rec.get("passed_over") or {}).items():
         lines.append(f"  passed over {meth}: {why}")
-    if report.get("modality") in ("oct_volume", "fundus+oct"):
+    if report.get("modality") in ND_MODALITIES:
         from .evaluate_nd import format_lines
 
         lines += format_lines(report)
@@ -482,9 +483,7 @@ def set_default(model_name: str, report: dict, weights_dir=None) -> Path:
     """Record the recommended default method, with its evidence, in the model's manifest entry."""
     from ..models.loading import MANIFEST, weights_dir as bundled
 
-    if report.get("modality") in ("oct_volume", "fundus+oct"):
-        raise RetinaInputError(f"{model_name} always explains with its own Grad-CAM ({report['modality']} model): "
-                               f"there is no default method to set.")
+    _refuse_default_for_nd(model_name, report.get("modality"))
     rec = report.get("recommended_default") or {}
     if not rec.get("method"):
         raise RetinaInputError("No method passes the randomisation check and the speed target; the default is "
@@ -508,12 +507,18 @@ def set_default(model_name: str, report: dict, weights_dir=None) -> Path:
     return path
 
 
-def cmd_explain_eval(args) -> int:
-    from .evaluate_nd import ND_MODALITIES, modality_of
+def _refuse_default_for_nd(model_name: str, modality: str | None) -> None:
+    """Volume and fusion models always explain with their own Grad-CAM: there is no default method to record."""
+    if modality in ND_MODALITIES:
+        raise RetinaInputError(f"{model_name} always explains with its own Grad-CAM ({modality} model): there is no "
+                               f"default method to set.")
 
-    if args.set_default and modality_of(args.model) in ND_MODALITIES:
-        raise RetinaInputError(f"{args.model} always explains with its own Grad-CAM ({modality_of(args.model)} "
-                               f"model): there is no default method to set.")
+
+def cmd_explain_eval(args) -> int:
+    from .evaluate_nd import modality_of
+
+    if args.set_default:                     # refused before the evaluation runs, not after it
+        _refuse_default_for_nd(args.model, modality_of(args.model))
     split = getattr(args, "split", "test")
     report = explain_eval(args.model, args.data, methods=args.methods, n=args.n, weights_dir=args.weights_dir,
                           seed=args.seed, steps=args.steps,

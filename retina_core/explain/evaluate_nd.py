@@ -33,11 +33,10 @@ from torch import nn
 
 from ..errors import RetinaInputError
 from . import trust
-from .evaluate import _mean, median_time_ratio, pick_round_robin
+from .evaluate import ND_MODALITIES, _mean, median_time_ratio, pick_round_robin
 
 log = logging.getLogger(__name__)
 
-ND_MODALITIES = ("oct_volume", "fundus+oct")
 VOLUME_METHODS = ("gradcam", "gradcam-reference")
 FUSION_METHODS = ("gradcam",)
 MODALITIES = ("fundus", "oct")
@@ -721,7 +720,8 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     m = _resolve(model, weights_dir)
     modality = m.cfg.modality
     if modality not in ND_MODALITIES:
-        raise RetinaInputError(f"{m.name} is a {modality!r} model; explain_eval_nd handles {', '.join(ND_MODALITIES)}.")
+        raise RetinaInputError(f"{m.name} is a {modality!r} model; explain_eval_nd handles "
+                               f"{', '.join(ND_MODALITIES)}.")
     if isinstance(methods, str):
         methods = [x.strip() for x in methods.split(",") if x.strip()]
     avail = VOLUME_METHODS if modality == "oct_volume" else FUSION_METHODS

@@ -101,14 +101,7 @@ def pointing_game_3d(heatmap: np.ndarray, mask, tolerance_px: int | None = None)
     """3-D pointing game: True when the maximum of a [D, H, W] map lies inside the [D, H, W] lesion mask dilated
     in-plane (each slice, by `tolerance_px`; default `default_tolerance((H, W))`, 15 px at 224) but not across
     slices. Ties count as a hit when any maximal voxel is inside; an empty mask raises ValueError."""
-    h, m = _volume_pair(heatmap, mask)
-    if not m.any():
-        raise ValueError("empty mask: the pointing game needs a lesion to point at")
-    tol = default_tolerance(h.shape[1:]) if tolerance_px is None else int(tolerance_px)
-    m = _dilate_in_plane(m, tol)
-    if not np.isfinite(h).any() or float(np.nanmax(h)) <= 0:
-        return False
-    return bool(((h >= np.nanmax(h)) & m).any())
+    return pointing_game_3d_tiebreak(heatmap, mask, tolerance_px) > 0
 
 
 def pointing_game_3d_tiebreak(heatmap: np.ndarray, mask, tolerance_px: int | None = None) -> float:
