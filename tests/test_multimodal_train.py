@@ -137,3 +137,47 @@ def test_volume_model_trains_with_focal_loss_and_metadata(tmp_path, capsys):
     assert report["n"] == held["n"] == entry["splits"][split] and report["metrics"]["accuracy"] == pytest.approx(held["accuracy"], abs=1e-4)
     assert main(["evaluate", "--model", "oct_volume_fusion3d_tiny", "--data", str(tmp_path / "nope"),
                  "--weights-dir", str(out)]) != 0
+
+
+def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloaded_as_such(tmp_path, capsys):
+    from retina_core.models.volume3d import dilate_last_stages
+
+    kw = dict(create_model("oct_volume_fusion3d_tiny").cfg.builder_kwargs)
+    plain = create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32), builder_kwargs=kw)
+    grids = {}
+    for os_ in (32, 16, 8, 4):
+        net = create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32),
+                           builder_kwargs={**kw, "output_stride": os_})
+        net.load_state_dict(plain.state_dict())                 # same tensors: undilated weights fine-tune as is
+        net.eval()
+        store = {}
+        net.net.layer4.register_forward_hook(lambda m, i, o: store.update(shape=tuple(o.shape[2:])))
+        with torch.no_grad():
+            net(torch.zeros(1, 1, 32, 32, 32))
+        grids[os_] = store["shape"]
+    assert grids == {32: (1, 1, 1), 16: (2, 2, 2), 8: (4, 4, 4), 4: (8, 8, 8)}
+    with pytest.raises(ValueError, match="output_stride"):
+        dilate_last_stages(create_model("oct_volume_fusion3d_tiny").net, 12, stem_stride=4)
+
+    # trained dilated, recorded in the manifest, rebuilt dilated: re-evaluation reproduces the held-out ECE
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=16, seed=5, out=data, size=32)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(out),
+                 "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--fusion", "image_only",
+                 "--output-stride", "8", "--json"]) == 0
+    capsys.readouterr()
+    entry = json.loads((out / "manifest.json").read_text())["oct_volume_fusion3d_tiny"]
+    assert entry["builder_kwargs"] == {"output_stride": 8}
+    m = load_multimodal("oct_volume_fusion3d_tiny", weights_dir=out, device="cpu")
+    assert m.net.net.layer4[0].conv2.dilation == (4, 4, 4) and m.net.net.layer4[0].conv1.stride == (1, 1, 1)
+    split = "test" if entry["splits"].get("test") else "val"
+    assert main(["evaluate", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--weights-dir", str(out),
+                 "--split", split, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"]["ece"] == pytest.approx(entry["heldout_metrics"]["ece"], abs=1e-4)
+
+    # options that do not apply to a model are refused, not silently dropped
+    assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(tmp_path / "r2"),
+                 "--epochs", "1", "--global-pool", "max"]) != 0
+    assert "--global-pool" in capsys.readouterr().err

@@ -57,6 +57,35 @@ def _monai_resnet(depth: str, in_ch: int, widen: float, stride: int) -> nn.Modul
                    feed_forward=False, shortcut_type="B", bias_downsample=False)
 
 
+def dilate_last_stages(net: nn.Module, output_stride: int, stem_stride: int) -> int:
+    """Lower a MONAI 3D ResNet's output stride (as timm's `output_stride`): from layer4 down, a stage's stride-2
+    first block becomes stride 1 and its 3x3x3 convolutions are dilated instead, until the total stride (stem x 2 per
+    strided stage, layer2-4) is `output_stride`. Weights keep their shapes, so a checkpoint of the undilated network
+    loads (and is fine-tuned). A finer last stage gives the 3-D Grad-CAM a finer grid. Returns the dilation of layer4.
+    """
+    total = stem_stride * 8
+    if output_stride not in {total >> k for k in range(4)} or output_stride < stem_stride:
+        raise ValueError(f"output_stride must be one of {sorted({total >> k for k in range(4)} - {0})} "
+                         f"(stem stride {stem_stride}), got {output_stride}")
+    n_dilated = int(math.log2(total // output_stride))
+    dilation = 1
+    for name in ("layer2", "layer3", "layer4")[3 - n_dilated:]:
+        layer = getattr(net, name)
+        first = dilation                      # the first conv of a stage keeps the previous stage's dilation
+        dilation *= 2
+        for i, block in enumerate(layer):
+            for conv_name in ("conv1", "conv2"):
+                conv = getattr(block, conv_name, None)
+                if conv is None or conv.kernel_size[0] != 3:
+                    continue
+                d = first if (i == 0 and conv_name == "conv1") else dilation
+                conv.stride, conv.dilation, conv.padding = (1,) * 3, (d,) * 3, (d,) * 3
+            if block.downsample is not None:
+                block.downsample[0].stride = (1,) * 3
+            block.stride = 1
+    return dilation
+
+
 class VolumeFusion3D(nn.Module):
     """forward(volume, meta=None) -> logit [B, 1]; forward_features -> fused [B, classifier_in];
     forward_head -> logit. meta: raw metadata [B, M] (NaN = missing), standardised inside; None = all missing."""
@@ -70,6 +99,8 @@ class VolumeFusion3D(nn.Module):
         self.meta_features = tuple(kw.get("meta_features", META_FEATURES))
         self.net = _monai_resnet(kw.get("resnet", "resnet18"), cfg.input_size[0], float(kw.get("widen_factor", 1.0)),
                                  int(kw.get("conv1_stride", 1)))
+        if kw.get("output_stride"):
+            dilate_last_stages(self.net, int(kw["output_stride"]), stem_stride=2 * int(kw.get("conv1_stride", 1)))
         feat = int(self.net.in_planes)   # channels after layer4 (x block expansion)
         self.image_proj = nn.Sequential(nn.Linear(feat, EMBED_DIM), nn.ReLU(inplace=True))
         m, hidden = len(self.meta_features), int(kw.get("meta_hidden", 128))

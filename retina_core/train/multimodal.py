@@ -39,8 +39,8 @@ from ..models.multimodal import FUSION_CLASSES, binary_label
 from ..models.registry import create_model, get_cfg
 from ..models.volume3d import VOLUME_CLASSES, encode_metadata, preprocess_volume
 from . import distributed
-from .engine import (EpochTracker, TrainConfig, _score, _write_outputs, make_optimizer, make_scheduler,
-                     seed_everything)
+from .engine import (EpochTracker, TrainConfig, _score, _write_outputs, architecture_kwargs, make_optimizer,
+                     make_scheduler, seed_everything)
 from .losses import FocalLoss
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: str | None = None,
                      ctx=None) -> dict:
     modality = get_cfg(model_name).modality
+    if cfg_t.global_pool or (cfg_t.output_stride and modality != "oct_volume"):
+        opt = "--global-pool" if cfg_t.global_pool else "--output-stride"
+        raise RetinaInputError(f"{opt} does not apply to {model_name} (--output-stride: 2-D CNNs and the volume "
+                               "models' 3D ResNet; --global-pool: timm CNNs).")
     if modality == "fundus+oct":
         return train_fusion(model_name, data, out, cfg_t, data_note, ctx)
     if modality == "oct_volume":
@@ -336,6 +340,7 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     kw = dict(base.builder_kwargs)
     if cfg_t.fusion:
         kw["fusion"] = cfg_t.fusion
+    kw.update(architecture_kwargs(cfg_t))      # --output-stride: dilated last stages (finer 3-D Grad-CAM grid)
     if cfg_t.drop_path is not None:
         log.info("drop_path is not used by the 3D ResNet")
     net = create_model(model_name, builder_kwargs=kw, **overrides)
