@@ -82,6 +82,7 @@ class TrainConfig:
     fusion: str | None = None         # volume models: concat | add | multiply | image_only
     output_stride: int | None = None  # CNNs: 16 dilates the last stage (finer Grad-CAM grid, more compute)
     global_pool: str | None = None    # timm CNNs: avg (default) | max | avgmax: how the last feature map is pooled
+    healthy_cam_penalty: float = 0.0  # CNNs: weight of the flat-evidence penalty on healthy images (HealthyCamPenalty)
 
 
 def seed_everything(seed: int) -> None:
@@ -441,6 +442,50 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
     return lam * x + (1.0 - lam) * x[perm], y, y[perm], lam
 
 
+class HealthyCamPenalty:
+    """Penalty that keeps healthy anatomy out of the class activation maps (`--healthy-cam-penalty W`).
+
+    A CNN whose Grad-CAM layer feeds global average pooling and a linear classifier has, at every position p of that
+    layer, per-location class evidence z_k(p) = W_k . A(p); the logits are their spatial mean, and Grad-CAM is
+    relu(z_k) up to a scale. Structures every eye has (disc, fovea, vessels) cancel in the mean but not in the map,
+    so a map can peak on anatomy instead of a lesion. On training images of the healthy class (No DR / normal) this
+    adds W x mean_{k,p} (z_k(p) - mean_p z_k(p))^2: healthy anatomy gives every class a flat map, which leaves the
+    logits free (the mean is untouched), so on a diseased eye the map's relief comes from what differs from health.
+    Image-level labels only; no lesion masks. With mixup, images whose two labels are both healthy count.
+    """
+
+    def __init__(self, net: nn.Module, cfg: ModelCfg, weight: float):
+        from ..models.multimodal import NORMAL_LABELS
+        from ..explain.cam import get_module
+
+        timm_net = getattr(net, "net", None)
+        direct = (getattr(timm_net, "pretrained_cfg", {}).get("classifier") in ("fc", "classifier")   # pool -> Linear
+                  and getattr(getattr(timm_net, "global_pool", None), "pool_type", "avg") == "avg")
+        head = timm_net.get_classifier() if direct else None
+        if not isinstance(head, nn.Linear) or not cfg.target_layer:
+            raise RetinaInputError("--healthy-cam-penalty needs a timm CNN whose Grad-CAM layer feeds global average "
+                                   f"pooling and a linear classifier; {cfg.name} (as built) is not one.")
+        healthy = [i for i, c in enumerate(cfg.classes) if c.strip().lower() in NORMAL_LABELS]
+        if not healthy:
+            raise RetinaInputError(f"--healthy-cam-penalty needs a healthy class (No DR / normal); {cfg.name} has "
+                                   f"{', '.join(cfg.classes)}.")
+        self.head, self.healthy, self.weight = head, healthy[0], float(weight)
+        self.store: dict = {}
+        self.handle = get_module(net, cfg.target_layer).register_forward_hook(
+            lambda mod, inp, out: self.store.__setitem__("a", out))
+
+    def __call__(self, healthy_rows: torch.Tensor) -> torch.Tensor:
+        a = self.store.pop("a")
+        if not bool(healthy_rows.any()):
+            return a.new_zeros(())
+        z = torch.einsum("kc,bchw->bkhw", self.head.weight.float(), a[healthy_rows].float())
+        return self.weight * (z - z.mean((2, 3), keepdim=True)).pow(2).mean()
+
+    def close(self) -> None:
+        self.handle.remove()
+        self.store.clear()
+
+
 def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> dict:
     seed_everything(cfg_t.seed)
     out = Path(out)
@@ -472,6 +517,7 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
                                   num_workers=cfg_t.num_workers, drop_last=len(shard) > cfg_t.batch_size)
     eval_loaders = {k: DataLoader(sets[k], batch_size=64) for k in ("val", "test")}
 
+    cam_penalty = HealthyCamPenalty(net, cfg, cfg_t.healthy_cam_penalty) if cfg_t.healthy_cam_penalty else None
     steps_per_epoch = len(train_loader)
     if cfg_t.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg_t.max_steps_per_epoch)
@@ -515,7 +561,7 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
             train_loader.sampler.set_epoch(epoch)
         model.train()
         _frozen_bn_eval(net)
-        losses, t_ep = [], time.time()
+        losses, cam_losses, t_ep = [], [], time.time()
         for step, (x, y) in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
@@ -526,8 +572,14 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
                     logits = model(x)
                     loss = lam * F.cross_entropy(logits, ya, label_smoothing=cfg_t.label_smoothing) + (1 - lam) * \
                         F.cross_entropy(logits, yb, label_smoothing=cfg_t.label_smoothing)
+                    healthy_rows = (ya == yb) & (ya == cam_penalty.healthy) if cam_penalty else None
                 else:
                     loss = F.cross_entropy(model(x), y, label_smoothing=cfg_t.label_smoothing)
+                    healthy_rows = y == cam_penalty.healthy if cam_penalty else None
+                if cam_penalty:
+                    cam_loss = cam_penalty(healthy_rows)
+                    cam_losses.append(float(cam_loss.detach()))
+                    loss = loss + cam_loss
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -545,7 +597,10 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         score = distributed.broadcast(score, ctx)
         if not per_step:
             sched.step(score)
-        tracker.end_epoch(net, epoch, losses, m, score, time.time() - t_ep, main, {"phase": phase} if phase else None)
+        extra = {"phase": phase} if phase else {}
+        if cam_losses:   # part of the loss above; logged so its share can be read from history.json
+            extra["healthy_cam_loss"] = float(np.mean(cam_losses))
+        tracker.end_epoch(net, epoch, losses, m, score, time.time() - t_ep, main, extra or None)
         if main:
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "best_model": tracker.best_state, "best_epoch": tracker.best_epoch, "epoch": epoch,
@@ -557,6 +612,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
             else:
                 break
 
+    if cam_penalty:
+        cam_penalty.close()
     net.load_state_dict(tracker.best_state)
     history, best_epoch = tracker.history, tracker.best_epoch
     for p in net.parameters():
