@@ -95,7 +95,7 @@ for i, (name, data) in enumerate(inputs, start=1):
         x0, y0, x1, y1 = strongest_region(a.heatmap)
         right.image(shown, caption=f"{a.method} heatmap for '{a.target}' (red = where the model looked most; "
                                    f"opacity {alpha:.2f})", width="stretch")
-        ui.show_trust_note(a.model, a.weights_sha256, a.method, right)
+        ui.show_trust_note(a.model, a.weights_sha256, a.method, right, label=a.target)
         chart, zoom = st.columns([3, 2])
         with chart:
             st.markdown("**Calibrated probabilities**")

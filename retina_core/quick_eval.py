@@ -165,7 +165,8 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
         out[meth] = {"randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
                      "passes_randomisation": passes_randomisation(r),
                      "randomisation_empty_fraction": r.get("randomisation_empty_fraction"),
-                     **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward")},
+                     **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward",
+                                              "pointing_game_by_label", "n_lesion_images_by_label")},
                      "n_images": rep.get("n_images"), "source": path.name}
     return out
 
@@ -173,8 +174,30 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
 LOCALISATION_WARN = 0.5   # a pointing game below this (on phantoms) makes the trust note a warning
 
 
-def trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
-    """One sentence on how far `method`'s maps can be trusted on this model, and whether it is a warning."""
+def class_localisation(evidence: dict | None, label: str | None) -> tuple[float, int] | None:
+    """(pointing game, n lesion images) of the phantoms whose true class is `label`, from `method_trust` evidence;
+    None when the report has no such figure (older reports, or no lesion image of that class)."""
+    pg = ((evidence or {}).get("pointing_game_by_label") or {}).get(label) if label else None
+    n = ((evidence or {}).get("n_lesion_images_by_label") or {}).get(label) if label else None
+    return (float(pg), int(n or 0)) if pg is not None else None
+
+
+def trust_note(evidence: dict | None, method: str, label: str | None = None) -> tuple[str, bool]:
+    """One sentence on how far `method`'s maps can be trusted on this model, and whether it is a warning.
+    `label`: the suggested class; when the map localised poorly on phantoms of that class (below LOCALISATION_WARN,
+    from at least 3 lesion images) the note is a warning about that class even if the overall figure is good."""
+    note, warn = _trust_note(evidence, method)
+    per_class = class_localisation(evidence, label)
+    if not warn and per_class and per_class[1] >= 3 and per_class[0] < LOCALISATION_WARN:
+        return (f"{method} **rarely points at the lesions of '{label}'** on this model: on {per_class[1]} phantoms of "
+                f"that class its peak fell on a lesion only {per_class[0]:.0%} of the time (all lesion classes: "
+                f"{evidence['pointing_game']:.0%}). For this suggestion read the map as a coarse region, or choose "
+                f"Integrated Gradients (slower, pixel-level) as the heatmap method. " + note, True)
+    return note, warn
+
+
+def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
+    """`trust_note` without the per-class check."""
     from .explain.evaluate import RANDOMISATION_LIMIT
 
     if not evidence:

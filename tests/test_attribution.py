@@ -139,6 +139,8 @@ def test_explain_eval_on_tiny_phantoms_returns_all_metrics():
                 "class_consistency", "stability", "zones", "centre_attention_vs_confidence"):
         assert key in r
     assert r["n_lesion_images"] == 2 and 0 <= r["pointing_game"] <= 1 and 0 <= r["energy_pointing_game"] <= 1
+    assert r["n_lesion_images_by_label"] == {"Moderate": 1, "Severe": 1}
+    assert r["pointing_game"] == pytest.approx(sum(r["pointing_game_by_label"].values()) / 2)
     assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1
     assert set(r["stability"]) == {"noise", "brightness", "shift"}
     assert -1 <= r["randomisation_spearman"] <= 1 and r["seconds_per_image"] > 0
@@ -254,6 +256,14 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
     vague, warn_vague = trust_note({**empty, "passes_randomisation": None, "pointing_game": 0.9, "source": "x",
                                     "n_images": 3}, "gradcam")
     assert not warn_vague and "inconclusive" in vague and "passed" not in vague
+    # a good overall figure can hide a class the map misses: the note warns for that suggested class only
+    by_class = {**ev["gradcam"], "pointing_game_by_label": {"Mild": 0.2, "Severe": 1.0},
+                "n_lesion_images_by_label": {"Mild": 5, "Severe": 5}}
+    mild, warn_mild = trust_note(by_class, "gradcam", "Mild")
+    assert warn_mild and "rarely points at the lesions of 'Mild'" in mild and "20%" in mild and "90%" in mild
+    assert not trust_note(by_class, "gradcam", "Severe")[1] and not trust_note(by_class, "gradcam")[1]
+    few = {**by_class, "n_lesion_images_by_label": {"Mild": 2}}
+    assert not trust_note(few, "gradcam", "Mild")[1]                       # 2 images are too few to warn on
     from retina_core.quick_eval import trust_badge
 
     assert trust_badge(ev["gradcam"]).startswith("sanity check passed")

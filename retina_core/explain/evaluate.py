@@ -213,7 +213,7 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         rm.net = rnet
     classes = list(m.classes)
     per: dict[str, list] = {k: [] for k in ("pg", "epg", "area", "del", "ins", "rho", "sec", "conf", "correct",
-                                            "centre", "maps", "labels", "zones")}
+                                            "centre", "maps", "labels", "zones", "pg_label")}
     stab: dict[str, dict[str, list]] = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
     for s in samples:
         t0 = time.perf_counter()
@@ -231,6 +231,7 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             per["correct"].append(None)
         if s.mask is not None and s.mask.any():
             per["pg"].append(float(trust.pointing_game(hm, s.mask)))
+            per["pg_label"].append(per["labels"][-1])
             per["epg"].append(trust.energy_pointing_game(hm, s.mask))
             per["area"].append(float(s.mask.mean()))
         di = trust.deletion_insertion_auc(predict, s.image, hm, tgt, steps=steps)
@@ -259,6 +260,10 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         "n_images": len(samples),
         "n_lesion_images": len(per["pg"]),
         "pointing_game": _mean(per["pg"]),
+        # per true class: a map can find haemorrhages and miss microaneurysms; the app warns per suggested class
+        "pointing_game_by_label": {lab: _mean([h for h, l in zip(per["pg"], per["pg_label"]) if l == lab])
+                                   for lab in dict.fromkeys(per["pg_label"])},
+        "n_lesion_images_by_label": {lab: per["pg_label"].count(lab) for lab in dict.fromkeys(per["pg_label"])},
         "energy_pointing_game": _mean(per["epg"]),
         "energy_baseline_mask_area": _mean(per["area"]),
         "deletion_auc": _mean(per["del"]),

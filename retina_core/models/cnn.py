@@ -47,9 +47,11 @@ register_model(ModelCfg(
     builder_kwargs={"drop_rate": 0.2},
     card=("EfficientNet-B0 (timm `tf_efficientnet_b0`) grading diabetic retinopathy on the 5-step ICDR scale, "
           "as in the APTOS 2019 set-up of the multimodal fundus + OCT source project. Input: RGB, ImageNet "
-          "normalisation, 224x224 by default; the bundled demo weights run at 320x320 (trained at 160 px, then "
-          "fine-tuned at 320 px, where microaneurysms are 2-3 px wide instead of 1-2), so the Grad-CAM target, "
-          "the last 1x1 conv block (`bn2`), is a 10x10 grid. Referable: moderate or worse. " + _PHANTOM_NOTE),
+          "normalisation, 224x224 by default. The bundled demo weights run at 320x320 with output stride 16. They "
+          "were trained at 160 px, fine-tuned at 320 px (microaneurysms 2-3 px wide instead of 1-2), then with the "
+          "last stage dilated, the last two epochs with the healthy-CAM penalty (`train --healthy-cam-penalty`: "
+          "No DR eyes give flat class maps, so anatomy does not shape the heatmap). The Grad-CAM target, the last "
+          "1x1 conv block (`bn2`), is therefore a 20x20 grid. Referable: moderate or worse. " + _PHANTOM_NOTE),
 ), TimmClassifier)
 
 register_model(ModelCfg(
