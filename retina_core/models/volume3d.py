@@ -64,9 +64,9 @@ def dilate_last_stages(net: nn.Module, output_stride: int, stem_stride: int) -> 
     loads (and is fine-tuned). A finer last stage gives the 3-D Grad-CAM a finer grid. Returns the dilation of layer4.
     """
     total = stem_stride * 8
-    if output_stride not in {total >> k for k in range(4)} or output_stride < stem_stride:
-        raise ValueError(f"output_stride must be one of {sorted({total >> k for k in range(4)} - {0})} "
-                         f"(stem stride {stem_stride}), got {output_stride}")
+    allowed = [total >> k for k in range(4)]          # layer4, 3, 2 dilated in turn: total / 2, / 4, / 8
+    if output_stride not in allowed:
+        raise ValueError(f"output_stride must be one of {allowed} (stem stride {stem_stride}), got {output_stride}")
     n_dilated = int(math.log2(total // output_stride))
     dilation = 1
     for name in ("layer2", "layer3", "layer4")[3 - n_dilated:]:

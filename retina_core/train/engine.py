@@ -471,8 +471,11 @@ class HealthyCamPenalty:
                                    f"{', '.join(cfg.classes)}.")
         self.head, self.healthy, self.weight = head, healthy[0], float(weight)
         self.store: dict = {}
-        self.handle = get_module(net, cfg.target_layer).register_forward_hook(
-            lambda mod, inp, out: self.store.__setitem__("a", out))
+        self.handle = get_module(net, cfg.target_layer).register_forward_hook(self._keep)
+
+    def _keep(self, mod, inp, out) -> None:
+        if torch.is_grad_enabled():       # training forwards only: validation batches are not held between epochs
+            self.store["a"] = out
 
     def __call__(self, healthy_rows: torch.Tensor) -> torch.Tensor:
         a = self.store.pop("a")
