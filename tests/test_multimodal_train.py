@@ -181,3 +181,143 @@ def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloade
     assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(tmp_path / "r2"),
                  "--epochs", "1", "--global-pool", "max"]) != 0
     assert "--global-pool" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ lesion-CAM guidance
+def _tiny_volume_net(seed=0, fusion="concat"):
+    """The tiny volume model at 32^3 with output stride 8: a 4 x 4 x 4 layer4 grid."""
+    torch.manual_seed(seed)
+    kw = dict(create_model("oct_volume_fusion3d_tiny").cfg.builder_kwargs)
+    return create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32),
+                        builder_kwargs={**kw, "output_stride": 8, "fusion": fusion})
+
+
+def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
+    import torch.nn.functional as F
+
+    from retina_core.explain.cam import gradcam_single_pass
+    from retina_core.models.volume3d import _WithMeta
+    from retina_core.train.multimodal import VolumeLesionCamGuidance
+
+    net = _tiny_volume_net().eval()
+    guide = VolumeLesionCamGuidance(net, net.cfg.target_layer, 3.0)
+    store = {}
+    h = net.net.layer4.register_forward_hook(lambda m, i, o: store.update(a=o.detach()))
+    torch.manual_seed(1)
+    x, meta = torch.randn(3, 1, 32, 32, 32), torch.randn(3, 6)
+    y = torch.tensor([1, 1, 0])                                    # row 2 is normal: never guided, even with a mask
+    masks = torch.zeros(3, 32, 32, 32, dtype=torch.bool)
+    masks[0, 2:5, 3:6, 20:22] = True                               # one 8^3 cell
+    masks[1, 20:, 9:17, :3] = True                                 # 2 x 2 x 1 cells
+    masks[2, :8, :8, :8] = True
+    logits = net(x, meta).squeeze(1)
+    loss = guide(logits, masks, y)
+    h.remove()
+    guide.close()
+
+    # by hand: the head only, from the pooled layer4 features as a leaf; alpha = d(logit)/d(pooled) / #cells (the
+    # spatial mean of d(logit)/dA, as average pooling spreads it evenly)
+    a = store["a"]
+    pooled = a.mean((2, 3, 4)).requires_grad_(True)
+    feats = torch.cat([net.image_proj(pooled), net.meta_mlp(net.standardise(meta, 3, pooled))], dim=1)
+    (grad,) = torch.autograd.grad(net.forward_head(feats)[:, 0].sum(), pooled)
+    alpha = grad / a[0, 0].numel()
+    cam = torch.einsum("bk,bkdhw->bdhw", alpha, a)
+    expected = []
+    for r in (0, 1):
+        cells = F.adaptive_max_pool3d(masks[r][None, None].float(), cam.shape[1:]).flatten() > 0
+        assert int(cells.sum()) == (1 if r == 0 else 4)
+        expected.append(-torch.log(cam[r].flatten().softmax(0)[cells].sum()))
+    assert float(loss.detach()) == pytest.approx(3.0 * float(torch.stack(expected).mean()), rel=1e-4)
+
+    # its map is the Grad-CAM the app shows (volume_cam's single pass), before the ReLU
+    _, app_cams = gradcam_single_pass(_WithMeta(net, meta), x, "net." + net.cfg.target_layer, [0, 0, 0])
+    assert torch.allclose(torch.relu(cam[:2]), torch.from_numpy(app_cams[:2]), atol=1e-5)
+
+    # no guided row (no mask, or normal): exactly zero, and the stored activations are consumed either way
+    guide = VolumeLesionCamGuidance(net, net.cfg.target_layer, 3.0)
+    out = guide(net(x, meta).squeeze(1), masks * torch.tensor([False, False, True]).view(3, 1, 1, 1), y)
+    assert float(out) == 0.0 and not guide.store
+    with torch.no_grad():
+        net(x, meta)
+    assert not guide.store                                         # no-grad forwards are not kept
+    guide.close()
+
+
+def test_volume_lesion_cam_guidance_can_be_followed_and_masks_move_with_augmentation(tmp_path):
+    from retina_core.io.datasets import load_dataset
+    from retina_core.train.multimodal import (VolumeLesionCamGuidance, VolumeSet, decode_volumes, metadata_matrix,
+                                              volume_lesion_mask)
+
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
+    recs = [r for r in load_dataset(data).records if r.label == "disease"][:6]
+    net = _tiny_volume_net(seed=0)
+    vols, masks = decode_volumes(recs, net.cfg, dtype=torch.float32, mask_root=data)
+    assert masks.shape == (6, 32, 32, 32) and masks.dtype == torch.bool
+    assert all(int(m.sum()) > 0 for m in masks)                    # every diseased phantom has its lesion masks
+    meta = metadata_matrix(recs, net.meta_features)
+    net.set_metadata_stats(np.nanmean(meta.numpy(), 0), np.nanstd(meta.numpy(), 0))
+    y = torch.ones(6, dtype=torch.long)
+
+    # a few optimiser steps on the guidance loss alone, on a fixed batch: it is differentiable and correctly signed
+    net.train()
+    guide = VolumeLesionCamGuidance(net, net.cfg.target_layer, 1.0)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = guide(net(vols, meta).squeeze(1), masks, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    guide.close()
+    assert losses[-1] < 0.2 * losses[0], losses
+
+    # the training set's flips and shifts move the mask with the volume
+    vol = torch.zeros(1, 1, 8, 16, 16)
+    vol[0, 0, 3, 2, 13] = 5.0
+    mask = torch.zeros(1, 8, 16, 16, dtype=torch.bool)
+    mask[0, 3, 2, 13] = True
+    ds = VolumeSet(vol, torch.zeros(1, 6), torch.ones(1, dtype=torch.long), augment=True, strength=1.0, masks=mask)
+    torch.manual_seed(0)
+    moved = set()
+    for _ in range(12):
+        xa, _, _, ma = ds[0]
+        assert int(ma.sum()) == 1 and int(ma.flatten().byte().argmax()) == int(xa.flatten().argmax())
+        moved.add(int(ma.flatten().byte().argmax()))
+    assert len(moved) > 3
+    assert len(VolumeSet(vol, torch.zeros(1, 6), torch.ones(1), augment=True, strength=1.0)[0]) == 3
+
+    # masks resized to the input size keep a one-voxel lesion (any lesion voxel in an input voxel's footprint)
+    rel = recs[0].path
+    small = volume_lesion_mask(data, rel, (32, 32, 32), (32, 8, 8))
+    full = volume_lesion_mask(data, rel, (32, 32, 32), (32, 32, 32))
+    assert small.shape == (32, 8, 8) and small.any() and torch.equal(full, masks[0])
+
+
+def test_volume_training_with_lesion_cam_guidance_and_the_refusals(tmp_path, capsys):
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
+    out = tmp_path / "guided"
+    train("oct_volume_fusion3d_tiny", data, out, TrainConfig(epochs=1, batch_size=4, image_size=32, output_stride=8,
+                                                             lesion_cam_guidance=0.1))
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert len(history) == 1 and history[0]["lesion_cam_loss"] > 0 and np.isfinite(history[0]["train_loss"])
+    entry = json.loads((out / "manifest.json").read_text())["oct_volume_fusion3d_tiny"]
+    assert "lesion-CAM guidance 0.1" in entry["loss"] and entry["config"]["lesion_cam_guidance"] == 0.1
+    m = load_multimodal("oct_volume_fusion3d_tiny", weights_dir=out, device="cpu")
+    assert m.net.net.layer4[0].conv2.dilation == (4, 4, 4)
+
+    # refusals, not silently dropped flags
+    import shutil
+    shutil.rmtree(data / "masks")
+    with pytest.raises(rc.RetinaInputError, match="needs lesion masks"):
+        train("oct_volume_fusion3d_tiny", data, tmp_path / "r1", TrainConfig(epochs=1, batch_size=4, image_size=32,
+                                                                             lesion_cam_guidance=0.1))
+    with pytest.raises(rc.RetinaInputError, match="--healthy-cam-penalty is not implemented"):
+        train("oct_volume_fusion3d_tiny", data, tmp_path / "r2", TrainConfig(epochs=1, healthy_cam_penalty=0.1))
+    for flag in ("--lesion-cam-guidance", "--healthy-cam-penalty"):
+        assert main(["train", "--model", "fundus_oct_fusion", "--data", str(tmp_path / "nope"), "--out",
+                     str(tmp_path / "r3"), "--epochs", "1", flag, "0.1"]) != 0
+        assert f"{flag} is not implemented for fundus_oct_fusion" in capsys.readouterr().err

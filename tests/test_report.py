@@ -34,13 +34,14 @@ def items(weights, fundus_png, oct_png):
 def _pdf_text(pdf: bytes) -> bytes:
     """The text drawn on the PDF's pages: Flate streams inflated, the string pieces of each text object (BT..ET)
     joined (matplotlib kerns glyphs apart and switches fonts for some, e.g. "ff"), one line per text object; plus
-    the raw bytes (metadata)."""
-    out = [pdf]
+    the raw bytes outside the streams (metadata, dictionaries). Stream bodies are left out of the raw part: a
+    compressed image is random bytes, which sooner or later spell a short name such as "DOE" by chance."""
+    out = [re.sub(rb"stream\r?\n.*?\r?\nendstream", b"stream endstream", pdf, flags=re.S)]
     for m in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
         try:
             body = zlib.decompress(m.group(1))
         except zlib.error:
-            continue
+            body = m.group(1)                                        # an uncompressed stream: read it as it is
         for block in re.finditer(rb"BT(.*?)ET", body, re.S):       # one text object = one line of text
             pieces = re.findall(rb"\(((?:\\.|[^\\)])*)\)", block.group(1))
             out.append(b"".join(p.replace(b"\\(", b"(").replace(b"\\)", b")") for p in pieces))

@@ -110,3 +110,98 @@ def test_healthy_cam_penalty_flattens_healthy_maps_and_leaves_logits_alone(tmp_p
         history = json.loads((out / "history.json").read_text())["history"]
         assert ("healthy_cam_loss" in history[0]) == (w > 0)
     assert relief[1000.0] < 0.5 * relief[0.0]
+
+
+def test_augmentation_moves_the_lesion_mask_with_the_image():
+    from retina_core.train.engine import augment_image
+
+    torch.manual_seed(0)
+    for _ in range(20):
+        x = torch.zeros(3, 32, 32)
+        x[:, 5, 9] = 1.0                                   # one bright "lesion" pixel
+        mask = torch.zeros(32, 32, dtype=torch.uint8)
+        mask[5, 9] = 1
+        xa, ma = augment_image(x, "fundus", 1.0, mask=mask)
+        peak = divmod(int(xa[1].argmax()), 32)
+        assert ma.sum() == 1 and divmod(int(ma.flatten().argmax()), 32) == peak
+
+
+def test_lesion_cam_guidance_loss_and_training(tmp_path):
+    import torch.nn.functional as F
+
+    from retina_core.errors import RetinaInputError
+    from retina_core.models import create_model
+    from retina_core.train.engine import LesionCamGuidance
+
+    # the loss is -log of the spatial-softmax mass of z_c = W_c . A(p) on cells holding a lesion pixel, averaged over
+    # the true and the (non-healthy) predicted class, on diseased rows with a mask only
+    net = create_model("oct_resnet18", input_size=(3, 64, 64)).eval()
+    guide = LesionCamGuidance(net, net.cfg, 3.0)
+    store = {}
+    h = net.net.layer4.register_forward_hook(lambda m, i, o: store.update(a=o.detach()))
+    x = torch.randn(3, 3, 64, 64)
+    y = torch.tensor([0, 1, 2])                            # CNV, DME, DRUSEN; NORMAL is the healthy class
+    masks = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    masks[0, :16, :16] = 1
+    masks[1, 40:, 40:] = 1                                 # row 2 has no mask: not guided
+    with torch.enable_grad():
+        logits = net(x)
+        loss = guide(masks, y, logits)
+    h.remove()
+    z = torch.einsum("kc,bchw->bkhw", net.net.get_classifier().weight.detach(), store["a"])
+    expected = []
+    for r in (0, 1):
+        cells = F.adaptive_max_pool2d(masks[r][None, None].float(), z.shape[-2:]).flatten() > 0
+        pred = int(logits[r].argmax())
+        pred = int(y[r]) if pred == guide.healthy else pred
+        for c in (int(y[r]), pred):
+            p = z[r, c].flatten().softmax(0)
+            expected.append(-torch.log(p[cells].sum()))
+    assert float(loss.detach()) == pytest.approx(3.0 * float(torch.stack(expected).mean()), rel=1e-4)
+    net(x)
+    assert float(guide(torch.zeros_like(masks), y, logits)) == 0.0
+    guide.close()
+    vit = create_model("retfound_vit_tiny")
+    with pytest.raises(RetinaInputError, match="lesion-cam-guidance"):
+        LesionCamGuidance(vit, vit.cfg, 1.0)
+
+    # it is a loss the network can follow: steps on it alone move the maps' peaks onto the lesions of a fixed batch
+    data = tmp_path / "dr"
+    write_dataset("fundus-dr", n=40, seed=3, out=data, size=96)
+    from retina_core.io.datasets import load_dataset
+    from retina_core.train.engine import CachedImages
+    recs = [r for r in load_dataset(data).records if r.label != "No DR"]
+    torch.manual_seed(0)
+    dr = create_model("fundus_dr_effnet_b0", input_size=(3, 96, 96), builder_kwargs={"output_stride": 16}).train()
+    ds = CachedImages(recs, dr.cfg.classes, dr.cfg, augment=False, mask_root=data)
+    assert all(int(ds[i][2].sum()) > 0 for i in range(len(ds)))          # every diseased phantom has its mask
+    xs, ys, ms = (torch.stack([ds[i][k] for i in range(16)]) for k in range(3))
+    probe = LesionCamGuidance(dr, dr.cfg, 1.0)
+    opt = torch.optim.AdamW(dr.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        step_loss = probe(ms, ys, dr(xs))
+        opt.zero_grad()
+        step_loss.backward()
+        opt.step()
+        losses.append(float(step_loss.detach()))
+    probe.close()
+    assert losses[-1] < 0.2 * losses[0]
+
+    # and train() runs with it, logging its share of the loss per epoch
+    out = tmp_path / "guided"
+    train("fundus_dr_effnet_b0", data, out, TrainConfig(epochs=1, batch_size=8, image_size=96, warmup_epochs=0,
+                                                        max_steps_per_epoch=2, lesion_cam_guidance=0.05))
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert history[0]["lesion_cam_loss"] > 0
+    assert rc.load_model("fundus_dr_effnet_b0", weights_dir=out).cfg.input_size == (3, 96, 96)
+
+    # no masks on disk, or mixup: a clear refusal
+    plain = tmp_path / "plain"
+    write_dataset("oct-kermany", n=16, seed=1, out=plain, size=64)
+    import shutil
+    shutil.rmtree(plain / "masks", ignore_errors=True)
+    for cfg_kw, msg in (({}, "needs lesion masks"), ({"mixup": 0.2}, "mixup")):
+        with pytest.raises(RetinaInputError, match=msg):
+            train("oct_resnet18", plain, tmp_path / "refused", TrainConfig(epochs=1, batch_size=8, image_size=64,
+                                                                        lesion_cam_guidance=1.0, **cfg_kw))

@@ -97,19 +97,6 @@ def _read_meta_csv(root: Path) -> dict[str, dict]:
         return {row["path"]: row for row in csv.DictReader(f)}
 
 
-def _mask_dir(root: Path, path: Path) -> tuple[Path | None, str | None]:
-    """masks/<image path relative to the data root, without extension>/ and the relative path."""
-    for base in (root, *root.parents):
-        try:
-            rel = path.relative_to(base)
-        except ValueError:
-            continue
-        d = base / "masks" / rel.with_suffix("")
-        if d.is_dir() or (base / "phantom_meta.csv").exists():
-            return d, rel.as_posix()
-    return None, None
-
-
 def _landmarks_from_row(row: dict) -> tuple[str, dict]:
     def num(k):
         v = row.get(k, "")
@@ -143,9 +130,7 @@ def pick_round_robin(records, n: int, seed: int) -> list:
 def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None, seed: int = 0) -> list[Sample]:
     """Up to n images of a data set folder (any layout `load_dataset` reads), spread evenly over its classes,
     with the union of their lesion masks from `masks/` and landmarks from `phantom_meta.csv` when present."""
-    from PIL import Image
-
-    from ..io.datasets import load_dataset
+    from ..io.datasets import lesion_mask, lesion_mask_dir, load_dataset
     from ..io.decode import read_image
 
     root = Path(data_path).expanduser()
@@ -163,12 +148,8 @@ def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None
         if img.kind != "image":
             continue
         pixels = to_pixels(img.pixels)
-        mdir, rel = _mask_dir(root, Path(r.path))
-        mask = None
-        if mdir is not None and mdir.is_dir():
-            parts = [np.asarray(Image.open(p).convert("L")) > 127 for p in sorted(mdir.glob("*.png"))]
-            parts = [m for m in parts if m.shape == pixels.shape[:2]]
-            mask = np.logical_or.reduce(parts) if parts else np.zeros(pixels.shape[:2], bool)
+        _, rel = lesion_mask_dir(root, Path(r.path))
+        mask = lesion_mask(root, r.path, pixels.shape[:2])
         row = meta_rows.get(rel or "", {})
         modality, lm = _landmarks_from_row(row)
         out.append(Sample(pixels, r.label, mask, modality or ("oct" if img.grayscale else "fundus"), lm, rel or

@@ -1015,3 +1015,34 @@ class ImageDataset(_TorchDataset):
                 x = torch.nn.functional.interpolate(x[None], size=tuple(self.size), mode="bilinear",
                                                     align_corners=False, antialias=True)[0]
         return x, self._index[rec.label]
+
+
+# ------------------------------------------------------------------------------------------------ lesion masks
+def lesion_mask_dir(root: str | Path, path: str | Path) -> tuple[Path | None, str | None]:
+    """Where the lesion masks of image `path` live: ``masks/<image path relative to the data root, without
+    extension>/*.png`` under `root` or a folder above it (the phantom generators' layout; annotated real sets such as
+    IDRiD or FGADR can be arranged the same way), and the image's path relative to that folder."""
+    root, path = Path(root), Path(path)
+    for base in (root, *root.parents):
+        try:
+            rel = path.relative_to(base)
+        except ValueError:
+            continue
+        d = base / "masks" / rel.with_suffix("")
+        if d.is_dir() or (base / "phantom_meta.csv").exists():
+            return d, rel.as_posix()
+    return None, None
+
+
+def lesion_mask(root: str | Path, path: str | Path, shape: tuple[int, int]):
+    """The union of image `path`'s lesion masks (bool [H, W], any mask PNG of another size ignored); None when the
+    image has no mask folder (not annotated), all False for an annotated lesion-free image."""
+    import numpy as np
+    from PIL import Image
+
+    d, _ = lesion_mask_dir(root, path)
+    if d is None or not d.is_dir():
+        return None
+    parts = [np.asarray(Image.open(p).convert("L")) > 127 for p in sorted(d.glob("*.png"))]
+    parts = [m for m in parts if m.shape == tuple(shape)]
+    return np.logical_or.reduce(parts) if parts else np.zeros(tuple(shape), bool)

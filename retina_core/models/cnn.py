@@ -49,9 +49,13 @@ register_model(ModelCfg(
           "as in the APTOS 2019 set-up of the multimodal fundus + OCT source project. Input: RGB, ImageNet "
           "normalisation, 224x224 by default. The bundled demo weights run at 320x320 with output stride 16. They "
           "were trained at 160 px, fine-tuned at 320 px (microaneurysms 2-3 px wide instead of 1-2), then with the "
-          "last stage dilated, the last two epochs with the healthy-CAM penalty (`train --healthy-cam-penalty`: "
-          "No DR eyes give flat class maps, so anatomy does not shape the heatmap). The Grad-CAM target, the last "
-          "1x1 conv block (`bn2`), is therefore a 20x20 grid. Referable: moderate or worse. " + _PHANTOM_NOTE),
+          "last stage dilated, two epochs with the healthy-CAM penalty (`train --healthy-cam-penalty`: No DR eyes "
+          "give flat class maps, so anatomy does not shape the heatmap), then two with lesion-mask guidance as well "
+          "(`train --lesion-cam-guidance`: on diseased phantoms, the map of the true and of the predicted grade was "
+          "trained to peak on a lesion, using the phantoms' lesion masks). Their maps were therefore taught where "
+          "lesions are; on new phantoms they point at one (docs/explanations.md), which says nothing about real "
+          "photographs. The Grad-CAM target, the last 1x1 conv block (`bn2`), is a 20x20 grid. Referable: "
+          "moderate or worse. " + _PHANTOM_NOTE),
 ), TimmClassifier)
 
 register_model(ModelCfg(

@@ -220,5 +220,9 @@ register_model(ModelCfg(
     builder_kwargs={"resnet": "resnet10", "widen_factor": 0.25, "conv1_stride": 2, "fusion": "concat",
                     "meta_hidden": 128, "classifier_hidden": 256, "dropout": 0.3},
     card=("Demo variant for CPU: 3D ResNet-10 at quarter width (16-32-64-128 channels, stride-2 first conv), "
-          "32 x 64 x 64 input, the same 512-d branches, fusion and classifier. " + _DESIGN + _PHANTOM_NOTE),
+          "32 x 64 x 64 input, the same 512-d branches, fusion and classifier. " + _DESIGN + "The bundled demo "
+          "weights run with the last two stages dilated (`train --output-stride 8`: a 4 x 8 x 8 Grad-CAM grid) and "
+          "were trained with lesion-mask guidance (`train --lesion-cam-guidance 1`: on diseased phantoms with a "
+          "lesion mask, the 3D Grad-CAM was trained to peak on a lesion), so their maps were taught where lesions "
+          "are. " + _PHANTOM_NOTE),
 ), VolumeFusion3D)

@@ -83,6 +83,7 @@ class TrainConfig:
     output_stride: int | None = None  # CNNs: 16 dilates the last stage (finer Grad-CAM grid, more compute)
     global_pool: str | None = None    # timm CNNs: avg (default) | max | avgmax: how the last feature map is pooled
     healthy_cam_penalty: float = 0.0  # CNNs: weight of the flat-evidence penalty on healthy images (HealthyCamPenalty)
+    lesion_cam_guidance: float = 0.0  # CNNs + lesion masks on disk: weight of the map-on-lesion loss (LesionCamGuidance)
 
 
 def seed_everything(seed: int) -> None:
@@ -174,20 +175,35 @@ def _replace_resolved(cfg_t: "TrainConfig", **changes) -> "TrainConfig":
 
 class CachedImages(Dataset):
     """Decodes every record once (through `read_image`), resized to the model's input size as uint8 in memory;
-    augmentation and normalisation then run per item. Decoding never becomes the bottleneck on CPU."""
+    augmentation and normalisation then run per item. Decoding never becomes the bottleneck on CPU.
 
-    def __init__(self, records, classes: tuple[str, ...], cfg: ModelCfg, augment: bool, aug_strength: float = 1.0):
+    With `mask_root`, each item also carries the union of the image's lesion masks at the input size (uint8 [H, W],
+    moved by the same flips and shift as the image; all zero for images without masks): `(x, y, mask)`."""
+
+    def __init__(self, records, classes: tuple[str, ...], cfg: ModelCfg, augment: bool, aug_strength: float = 1.0,
+                 mask_root: str | Path | None = None):
+        from ..io.datasets import lesion_mask
         from ..io.decode import read_image
 
         _, h, w = cfg.input_size
         self.cfg, self.augment, self.aug_strength = cfg, augment, aug_strength
         self.labels = torch.tensor([classes.index(r.label) for r in records])
-        imgs = []
+        imgs, masks = [], []
         for r in records:
-            x = torch.tensor(read_image(r.path).pixels).permute(2, 0, 1)[None].float()
+            pixels = read_image(r.path).pixels
+            x = torch.tensor(pixels).permute(2, 0, 1)[None].float()
             x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
             imgs.append(x.round().clamp(0, 255).to(torch.uint8)[0])
+            if mask_root is not None:
+                m = lesion_mask(mask_root, r.path, pixels.shape[:2])
+                m = torch.zeros(1, 1, h, w) if m is None else torch.from_numpy(m)[None, None].float()
+                # a lesion pixel anywhere in an input pixel's footprint marks it (tiny lesions survive downsizing)
+                masks.append(F.adaptive_max_pool2d(m, (h, w))[0, 0].to(torch.uint8)
+                             if m.shape[-2] >= h and m.shape[-1] >= w else
+                             F.interpolate(m, size=(h, w), mode="nearest")[0, 0].to(torch.uint8))
         self.images = torch.stack(imgs) if imgs else torch.empty(0, 3, h, w, dtype=torch.uint8)
+        self.masks = (torch.stack(masks) if masks else torch.empty(0, h, w, dtype=torch.uint8)) \
+            if mask_root is not None else None
         self.mean = torch.tensor(cfg.mean).view(-1, 1, 1)
         self.std = torch.tensor(cfg.std).view(-1, 1, 1)
 
@@ -196,26 +212,36 @@ class CachedImages(Dataset):
 
     def __getitem__(self, i):
         x = self.images[i].float() / 255.0
-        if self.augment:
+        m = self.masks[i] if self.masks is not None else None
+        if self.augment and m is not None:
+            x, m = augment_image(x, self.cfg.modality, self.aug_strength, mask=m)
+        elif self.augment:
             x = augment_image(x, self.cfg.modality, self.aug_strength)
-        return (x - self.mean) / self.std, self.labels[i]
+        x = (x - self.mean) / self.std
+        return (x, self.labels[i]) if m is None else (x, self.labels[i], m)
 
 
-def augment_image(x: torch.Tensor, modality: str, strength: float = 1.0) -> torch.Tensor:
+def augment_image(x: torch.Tensor, modality: str, strength: float = 1.0, mask: torch.Tensor | None = None):
     """Mild, label-preserving augmentation of a [3, H, W] image in [0, 1]: flip, brightness/contrast, shift.
-    `strength` scales the intensity changes and the shift (1.0 = the default amounts)."""
-    if torch.rand(()) < 0.5:
-        x = x.flip(-1)
+    `strength` scales the intensity changes and the shift (1.0 = the default amounts). Returns the image, or
+    (image, mask) when a [H, W] `mask` is given: it gets the same flips and shift."""
+    flips = [-1] if torch.rand(()) < 0.5 else []
     if modality == "fundus" and torch.rand(()) < 0.5:
-        x = x.flip(-2)
+        flips.append(-2)
+    if flips:
+        x = x.flip(flips)
     gain = 1.0 + 0.2 * strength * (torch.rand(()) - 0.5)
     bias = 0.08 * strength * (torch.rand(()) - 0.5)
     mean = x.mean()
     x = ((x - mean) * (1.0 + 0.3 * strength * (torch.rand(()) - 0.5)) + mean) * gain + bias
     shift = max(0, int(round(8 * strength)))
     dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,)))
-    x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-    return x.clamp(0, 1)
+    x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1)).clamp(0, 1)
+    if mask is None:
+        return x
+    if flips:
+        mask = mask.flip(flips)                           # [H, W]: the same last two axes as the image's
+    return x, torch.roll(mask, shifts=(dy, dx), dims=(-2, -1))
 
 
 def _param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
@@ -442,17 +468,13 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
     return lam * x + (1.0 - lam) * x[perm], y, y[perm], lam
 
 
-class HealthyCamPenalty:
-    """Penalty that keeps healthy anatomy out of the class activation maps (`--healthy-cam-penalty W`).
+class _ClassEvidence:
+    """Per-location class evidence of a CNN whose Grad-CAM layer feeds global average pooling and a linear
+    classifier: z_k(p) = W_k . A(p) at every position p of that layer. The logits are its spatial mean (plus the
+    bias) and Grad-CAM is relu(z_k) up to a scale. A forward hook keeps A of training (grad-enabled) forwards only,
+    so validation batches are not held between epochs. Subclasses turn z into a loss term."""
 
-    A CNN whose Grad-CAM layer feeds global average pooling and a linear classifier has, at every position p of that
-    layer, per-location class evidence z_k(p) = W_k . A(p); the logits are their spatial mean, and Grad-CAM is
-    relu(z_k) up to a scale. Structures every eye has (disc, fovea, vessels) cancel in the mean but not in the map,
-    so a map can peak on anatomy instead of a lesion. On training images of the healthy class (No DR / normal) this
-    adds W x mean_{k,p} (z_k(p) - mean_p z_k(p))^2: healthy anatomy gives every class a flat map, which leaves the
-    logits free (the mean is untouched), so on a diseased eye the map's relief comes from what differs from health.
-    Image-level labels only; no lesion masks. With mixup, images whose two labels are both healthy count.
-    """
+    flag = ""
 
     def __init__(self, net: nn.Module, cfg: ModelCfg, weight: float):
         from ..models.multimodal import NORMAL_LABELS
@@ -463,30 +485,82 @@ class HealthyCamPenalty:
                   and getattr(getattr(timm_net, "global_pool", None), "pool_type", "avg") == "avg")
         head = timm_net.get_classifier() if direct else None
         if not isinstance(head, nn.Linear) or not cfg.target_layer:
-            raise RetinaInputError("--healthy-cam-penalty needs a timm CNN whose Grad-CAM layer feeds global average "
+            raise RetinaInputError(f"{self.flag} needs a timm CNN whose Grad-CAM layer feeds global average "
                                    f"pooling and a linear classifier; {cfg.name} (as built) is not one.")
         healthy = [i for i, c in enumerate(cfg.classes) if c.strip().lower() in NORMAL_LABELS]
         if not healthy:
-            raise RetinaInputError(f"--healthy-cam-penalty needs a healthy class (No DR / normal); {cfg.name} has "
+            raise RetinaInputError(f"{self.flag} needs a healthy class (No DR / normal); {cfg.name} has "
                                    f"{', '.join(cfg.classes)}.")
         self.head, self.healthy, self.weight = head, healthy[0], float(weight)
         self.store: dict = {}
         self.handle = get_module(net, cfg.target_layer).register_forward_hook(self._keep)
 
     def _keep(self, mod, inp, out) -> None:
-        if torch.is_grad_enabled():       # training forwards only: validation batches are not held between epochs
+        if torch.is_grad_enabled():
             self.store["a"] = out
 
-    def __call__(self, healthy_rows: torch.Tensor) -> torch.Tensor:
+    def evidence(self, rows: torch.Tensor) -> torch.Tensor:
+        """z [b, K, h, w] for the selected rows of the last training forward (consumes the stored activations)."""
         a = self.store.pop("a")
-        if not bool(healthy_rows.any()):
-            return a.new_zeros(())
-        z = torch.einsum("kc,bchw->bkhw", self.head.weight.float(), a[healthy_rows].float())
-        return self.weight * (z - z.mean((2, 3), keepdim=True)).pow(2).mean()
+        return torch.einsum("kc,bchw->bkhw", self.head.weight.float(), a[rows].float())
 
     def close(self) -> None:
         self.handle.remove()
         self.store.clear()
+
+
+class HealthyCamPenalty(_ClassEvidence):
+    """Penalty that keeps healthy anatomy out of the class activation maps (`--healthy-cam-penalty W`).
+
+    Structures every eye has (disc, fovea, vessels) cancel in the mean of z_k(p) but not in the map, so a map can
+    peak on anatomy instead of a lesion. On training images of the healthy class (No DR / normal) this adds
+    W x mean_{k,p} (z_k(p) - mean_p z_k(p))^2: healthy anatomy gives every class a flat map, which leaves the
+    logits free (the mean is untouched), so on a diseased eye the map's relief comes from what differs from health.
+    Image-level labels only; no lesion masks. With mixup, images whose two labels are both healthy count.
+    """
+
+    flag = "--healthy-cam-penalty"
+
+    def __call__(self, healthy_rows: torch.Tensor) -> torch.Tensor:
+        if not bool(healthy_rows.any()):
+            self.store.pop("a", None)
+            return self.head.weight.new_zeros(())
+        z = self.evidence(healthy_rows)
+        return self.weight * (z - z.mean((2, 3), keepdim=True)).pow(2).mean()
+
+
+class LesionCamGuidance(_ClassEvidence):
+    """Lesion-mask guidance of the class activation maps (`--lesion-cam-guidance W`), for data sets that come with
+    lesion masks for some or all of their diseased images (phantoms; IDRiD, FGADR or DDR arranged as
+    ``masks/<image>/*.png``). Attention supervision in the manner of GAIN (Li et al. 2018) and of the lesion-attention
+    DR graders trained on IDRiD (Zhou et al. 2019), in its plainest form.
+
+    On each training image that has a non-empty lesion mask and is not of the healthy class, the spatial softmax of
+    the evidence map z_c(p) is asked to put its mass on grid cells that hold a lesion pixel:
+    W x -log sum_{p in lesion cells} softmax_p(z_c(p)), averaged over two classes c: the true grade and the
+    predicted one (the map the app shows; the true grade again when the prediction is the healthy class). Only
+    where the map peaks is constrained, not how large the evidence is, so the logits stay free. Images without
+    masks train as usual. Refused with mixup (a mixed image's lesions belong to two eyes).
+    """
+
+    flag = "--lesion-cam-guidance"
+
+    def __call__(self, masks: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        rows = (masks.flatten(1).amax(1) > 0) & (y != self.healthy)
+        if not bool(rows.any()):
+            self.store.pop("a", None)
+            return self.head.weight.new_zeros(())
+        z = self.evidence(rows)
+        b, _, h, w = z.shape
+        cells = F.adaptive_max_pool2d(masks[rows][:, None].float(), (h, w)).flatten(1) > 0     # [b, h*w]
+        pred = logits.detach()[rows].argmax(1)
+        pred = torch.where(pred == self.healthy, y[rows], pred)
+        terms = []
+        for c in (y[rows], pred):
+            zc = z.gather(1, c.view(b, 1, 1, 1).expand(b, 1, h, w)).flatten(1)
+            logp = F.log_softmax(zc, dim=1)
+            terms.append(-logp.masked_fill(~cells, float("-inf")).logsumexp(1))
+        return self.weight * torch.stack(terms).mean()
 
 
 def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> dict:
@@ -504,9 +578,23 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         net = net.to(memory_format=torch.channels_last)
 
     t0 = time.time()
+    guide = None
+    if cfg_t.lesion_cam_guidance:
+        if cfg_t.mixup > 0:
+            raise RetinaInputError("--lesion-cam-guidance cannot be combined with --mixup: a mixed image's lesions "
+                                   "belong to two eyes.")
+        guide = LesionCamGuidance(net, cfg, cfg_t.lesion_cam_guidance)
     sets = {k: CachedImages(splits.get(k, []), cfg.classes, cfg, augment=(k == "train" and cfg_t.augment),
-                            aug_strength=cfg_t.aug_strength)
+                            aug_strength=cfg_t.aug_strength,
+                            mask_root=index.root if (guide is not None and k == "train") else None)
             for k in ("train", "val", "test")}
+    if guide is not None:
+        n_masked = int((sets["train"].masks.flatten(1).amax(1) > 0).sum())
+        if n_masked == 0:
+            guide.close()
+            raise RetinaInputError("--lesion-cam-guidance needs lesion masks: none of the training images has a "
+                                   "non-empty mask under masks/<image path without extension>/*.png.")
+        log.info("lesion-CAM guidance on %d of %d training images", n_masked, len(sets["train"]))
     log.info("decoded %s images in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
     if len(sets["train"]) == 0 or len(sets["val"]) == 0:
         raise RetinaInputError("Training needs images in both a training and a validation split.")
@@ -564,11 +652,11 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
             train_loader.sampler.set_epoch(epoch)
         model.train()
         _frozen_bn_eval(net)
-        losses, cam_losses, t_ep = [], [], time.time()
-        for step, (x, y) in enumerate(train_loader):
+        losses, cam_losses, guide_losses, t_ep = [], [], [], time.time()
+        for step, batch in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
-            x, y = x.to(device), y.to(device)
+            x, y = batch[0].to(device), batch[1].to(device)
             with torch.autocast(device.type, enabled=use_amp):
                 if cfg_t.mixup > 0:
                     x, ya, yb, lam = mixup_batch(x, y, cfg_t.mixup)
@@ -577,12 +665,17 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
                         F.cross_entropy(logits, yb, label_smoothing=cfg_t.label_smoothing)
                     healthy_rows = (ya == yb) & (ya == cam_penalty.healthy) if cam_penalty else None
                 else:
-                    loss = F.cross_entropy(model(x), y, label_smoothing=cfg_t.label_smoothing)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg_t.label_smoothing)
                     healthy_rows = y == cam_penalty.healthy if cam_penalty else None
                 if cam_penalty:
                     cam_loss = cam_penalty(healthy_rows)
                     cam_losses.append(float(cam_loss.detach()))
                     loss = loss + cam_loss
+                if guide is not None:
+                    guide_loss = guide(batch[2].to(device), y, logits)
+                    guide_losses.append(float(guide_loss.detach()))
+                    loss = loss + guide_loss
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -603,6 +696,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         extra = {"phase": phase} if phase else {}
         if cam_losses:   # part of the loss above; logged so its share can be read from history.json
             extra["healthy_cam_loss"] = float(np.mean(cam_losses))
+        if guide_losses:
+            extra["lesion_cam_loss"] = float(np.mean(guide_losses))
         tracker.end_epoch(net, epoch, losses, m, score, time.time() - t_ep, main, extra or None)
         if main:
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -615,8 +710,9 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
             else:
                 break
 
-    if cam_penalty:
-        cam_penalty.close()
+    for hook in (cam_penalty, guide):
+        if hook is not None:
+            hook.close()
     net.load_state_dict(tracker.best_state)
     history, best_epoch = tracker.history, tracker.best_epoch
     for p in net.parameters():

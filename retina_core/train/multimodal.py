@@ -11,6 +11,8 @@
 
 - oct_volume_fusion3d[_tiny] (modality "oct_volume"): NIfTI volumes + metadata.csv; binary focal loss (dynamic
   alpha, label smoothing); flips, intensity jitter and small shifts; metadata standardised with training statistics.
+  `--lesion-cam-guidance W` adds the lesion-mask guidance of the 3-D Grad-CAM (VolumeLesionCamGuidance; lesion
+  masks as ``masks/<volume path without .nii.gz>/*.nii.gz``, the layout `explain-eval` reads).
 
       python -m retina_core train --model oct_volume_fusion3d_tiny --data data/volumes --out runs/vol --fusion concat
 
@@ -53,6 +55,11 @@ def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: 
         opt = "--global-pool" if cfg_t.global_pool else "--output-stride"
         raise RetinaInputError(f"{opt} does not apply to {model_name} (--output-stride: 2-D CNNs and the volume "
                                "models' 3D ResNet; --global-pool: timm CNNs).")
+    if cfg_t.healthy_cam_penalty:
+        raise RetinaInputError(f"--healthy-cam-penalty is not implemented for {model_name} (2-D timm CNNs only).")
+    if cfg_t.lesion_cam_guidance and modality != "oct_volume":
+        raise RetinaInputError(f"--lesion-cam-guidance is not implemented for {model_name} (2-D timm CNNs and the "
+                               "OCT volume models only).")
     if modality == "fundus+oct":
         return train_fusion(model_name, data, out, cfg_t, data_note, ctx)
     if modality == "oct_volume":
@@ -62,8 +69,9 @@ def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: 
 
 # ------------------------------------------------------------------------------------------------ shared loop
 def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainConfig, ctx, out: Path):
-    """Train `module` (its trainable parameters): step_fn(wrapped_module, batch) -> loss; eval_fn() -> (metrics,
-    score) on rank 0. Keeps the best validation epoch. Returns (best_epoch, history)."""
+    """Train `module` (its trainable parameters): step_fn(wrapped_module, batch) -> loss, or (loss, {name: float})
+    whose named parts are logged per epoch (their mean) in the history; eval_fn() -> (metrics, score) on rank 0.
+    Keeps the best validation epoch. Returns (best_epoch, history)."""
     main = ctx is None or ctx.is_main
     g = torch.Generator().manual_seed(cfg_t.seed)
     bs = cfg_t.batch_size
@@ -83,11 +91,15 @@ def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainCon
         if ctx is not None:
             loader.sampler.set_epoch(epoch)
         model.train()
-        losses, t_ep = [], time.time()
+        losses, parts, t_ep = [], {}, time.time()
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
             loss = step_fn(model, batch)
+            if isinstance(loss, tuple):
+                loss, logged = loss
+                for k, v in logged.items():
+                    parts.setdefault(k, []).append(float(v))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -99,7 +111,8 @@ def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainCon
         score = distributed.broadcast(score, ctx)
         if not per_step:
             sched.step(score)
-        tracker.end_epoch(module, epoch, losses, m, score, time.time() - t_ep, main)
+        extra = {k: float(np.mean(v)) for k, v in parts.items()}
+        tracker.end_epoch(module, epoch, losses, m, score, time.time() - t_ep, main, extra or None)
         if tracker.should_stop:
             break
     module.load_state_dict(tracker.best_state)
@@ -280,24 +293,31 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
 
 # ------------------------------------------------------------------------------------------------ volumes
 class VolumeSet(Dataset):
-    """(volume [1, D, H, W] normalised, metadata [M] raw with NaN, label) with optional augmentation."""
+    """(volume [1, D, H, W] normalised, metadata [M] raw with NaN, label) with optional augmentation. With `masks`
+    (bool [N, D, H, W], union lesion masks at the input size) each item also carries its mask, moved by the same
+    flip and shift as the volume: (volume, metadata, label, mask)."""
 
-    def __init__(self, vols: torch.Tensor, metas: torch.Tensor, ys: torch.Tensor, augment: bool, strength: float):
+    def __init__(self, vols: torch.Tensor, metas: torch.Tensor, ys: torch.Tensor, augment: bool, strength: float,
+                 masks: torch.Tensor | None = None):
         self.vols, self.metas, self.ys, self.augment, self.strength = vols, metas, ys, augment, strength
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.ys)
 
     def __getitem__(self, i):
         x = self.vols[i].float()
+        m = self.masks[i] if self.masks is not None else None
         if self.augment:
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)
+                m = m.flip(-1) if m is not None else None
             x = x * (1.0 + 0.2 * self.strength * (torch.rand(()) - 0.5)) + 0.2 * self.strength * (torch.rand(()) - 0.5)
             s = max(0, int(round(3 * self.strength)))
             dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
             x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-        return x, self.metas[i], self.ys[i]
+            m = torch.roll(m, shifts=(dy, dx), dims=(-2, -1)) if m is not None else None
+        return (x, self.metas[i], self.ys[i]) if m is None else (x, self.metas[i], self.ys[i], m)
 
 
 def _volume_records(data):
@@ -315,17 +335,96 @@ def _volume_records(data):
     return index, recs
 
 
-def decode_volumes(records, cfg, dtype=torch.float16) -> torch.Tensor:
-    """[N, 1, D, H, W] preprocessed volumes (read_image -> preprocess_volume), kept in memory as float16."""
+def decode_volumes(records, cfg, dtype=torch.float16, mask_root=None):
+    """[N, 1, D, H, W] preprocessed volumes (read_image -> preprocess_volume), kept in memory as float16.
+
+    With `mask_root` (the data set's root), returns (volumes, masks): masks bool [N, D, H, W] is the union of each
+    volume's lesion masks (``masks/<path without .nii.gz>/*.nii.gz``, read as explain-eval reads them; all False
+    without masks) at the model's input size. A lesion voxel anywhere in an input voxel's footprint marks it
+    (adaptive max pooling), so tiny lesions survive downsizing."""
     from ..io.decode import read_image
 
-    vols = [preprocess_volume(read_image(r.path).pixels, cfg)[0].to(dtype) for r in records]
-    return torch.stack(vols) if vols else torch.zeros(0, *cfg.input_size, dtype=dtype)
+    vols, masks = [], []
+    size = tuple(cfg.input_size[1:])
+    for r in records:
+        pixels = read_image(r.path).pixels
+        vols.append(preprocess_volume(pixels, cfg)[0].to(dtype))
+        if mask_root is not None:
+            masks.append(volume_lesion_mask(mask_root, r.path, np.shape(pixels)[-3:], size))
+    out = torch.stack(vols) if vols else torch.zeros(0, *cfg.input_size, dtype=dtype)
+    if mask_root is None:
+        return out
+    return out, (torch.stack(masks) if masks else torch.zeros(0, *size, dtype=torch.bool))
+
+
+def volume_lesion_mask(root, path, shape, size) -> torch.Tensor:
+    """bool [*size]: the union lesion mask of volume `path` (evaluate_nd's reader, at the volume's `shape`),
+    resized to `size` by adaptive max pooling (any lesion voxel in an output voxel's footprint marks it)."""
+    from ..explain.evaluate_nd import _read_volume_mask
+
+    m = torch.from_numpy(_read_volume_mask(Path(root), Path(path), tuple(shape)).astype(np.float32))
+    if tuple(m.shape) != tuple(size):
+        m = F.adaptive_max_pool3d(m[None, None], tuple(size))[0, 0]
+    return m > 0
 
 
 def metadata_matrix(records, features) -> torch.Tensor:
     return torch.from_numpy(np.stack([encode_metadata(r.meta, r.eye, features) for r in records])
                             if records else np.zeros((0, len(features)), np.float32))
+
+
+class VolumeLesionCamGuidance:
+    """Lesion-mask guidance of the volume model's 3-D Grad-CAM (`--lesion-cam-guidance W`), the volume counterpart of
+    `train.engine.LesionCamGuidance`.
+
+    The head is not linear on the pooled features (Linear 512 + ReLU, fused with the clinical values), so the
+    per-location evidence is the actual Grad-CAM of the layer `volume_cam` explains (cfg.target_layer): with A the
+    layer's output of the training forward, alpha_k = mean_p d(logit)/dA_k(p) and cam(p) = sum_k alpha_k A_k(p) (before
+    the ReLU). The gradient is taken with create_graph=True, so the loss back-propagates through alpha too (double
+    backward, through the head only). On each diseased volume with a non-empty lesion mask the spatial softmax of cam
+    over the grid is asked to put its mass on cells holding a lesion voxel (adaptive max pooling of the mask to the
+    grid): W x -log sum_{p in lesion cells} softmax_p(cam(p)), averaged over those volumes. The 2-D loss averages over
+    the true and the predicted class (the true one again when the prediction is healthy); with one logit both are the
+    disease map, so that average is this single term. Volumes without masks, and normal volumes, train as usual.
+
+    A forward hook keeps A of grad-enabled forwards only (no validation batch is held); call `close()` when done.
+    """
+
+    flag = "--lesion-cam-guidance"
+
+    def __init__(self, net: nn.Module, target_layer: str, weight: float, disease: int = 1):
+        from ..explain.cam import get_module
+
+        self.weight, self.disease, self.store = float(weight), int(disease), {}
+        self.handle = get_module(net, target_layer).register_forward_hook(self._keep)
+
+    def _keep(self, mod, inp, out) -> None:
+        if torch.is_grad_enabled():
+            self.store["a"] = out
+
+    def cam(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM before the ReLU, cam [b, d, h, w], of the selected rows of the last training forward (consumes
+        the stored activations), differentiable (create_graph)."""
+        a = self.store.pop("a")
+        (g,) = torch.autograd.grad(logits.reshape(len(logits), -1)[:, 0][rows].sum(), a, create_graph=True)
+        g, a = g[rows].float(), a[rows].float()
+        alpha = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
+        return (alpha * a).sum(1)
+
+    def __call__(self, logits: torch.Tensor, masks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """logits [B] or [B, 1] of the training forward, masks [B, D, H, W] at the input size, y [B] (1 = disease)."""
+        rows = (masks.flatten(1) != 0).any(1) & (y == self.disease)
+        if not bool(rows.any()):
+            self.store.pop("a", None)
+            return logits.new_zeros(()).float()
+        cam = self.cam(logits, rows)
+        cells = F.adaptive_max_pool3d(masks[rows][:, None].float(), tuple(cam.shape[1:])).flatten(1) > 0
+        logp = F.log_softmax(cam.flatten(1), dim=1)
+        return self.weight * (-logp.masked_fill(~cells, float("-inf")).logsumexp(1)).mean()
+
+    def close(self) -> None:
+        self.handle.remove()
+        self.store.clear()
 
 
 def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
@@ -353,13 +452,30 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     splits = _split(recs, cfg_t.seed)
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
-    sets, raw = {}, {}
+    guided = bool(cfg_t.lesion_cam_guidance)
+    sets, raw, masks = {}, {}, None
     for k in ("train", "val", "test"):
         rs = splits.get(k, [])
-        raw[k] = (decode_volumes(rs, cfg), metadata_matrix(rs, net.meta_features),
+        if guided and k == "train":
+            vols, masks = decode_volumes(rs, cfg, mask_root=index.root)
+        else:
+            vols = decode_volumes(rs, cfg)
+        raw[k] = (vols, metadata_matrix(rs, net.meta_features),
                   torch.tensor([cls[r.label] for r in rs], dtype=torch.long))
-        sets[k] = VolumeSet(*raw[k], augment=(k == "train" and cfg_t.augment), strength=cfg_t.aug_strength)
+        sets[k] = VolumeSet(*raw[k], augment=(k == "train" and cfg_t.augment), strength=cfg_t.aug_strength,
+                            masks=masks if k == "train" else None)
     log.info("decoded %s volumes in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
+    guide = None
+    if guided:
+        n_masked = int((((masks.flatten(1) != 0).any(1)) & (raw["train"][2] == cls["disease"])).sum()) \
+            if len(masks) else 0
+        if n_masked == 0:
+            raise RetinaInputError("--lesion-cam-guidance needs lesion masks: none of the diseased training volumes "
+                                   "has a non-empty mask under masks/<volume path without .nii.gz>/*.nii.gz.")
+        log.info("lesion-CAM guidance on %d of %d training volumes (Grad-CAM of %s)", n_masked, len(masks),
+                 cfg.target_layer)
+        guide = VolumeLesionCamGuidance(net, cfg.target_layer or "net.layer4", cfg_t.lesion_cam_guidance,
+                                        disease=cls["disease"])
     meta_train = raw["train"][1].numpy()
     with np.errstate(all="ignore"), _quiet_nan_warnings():
         net.set_metadata_stats(np.nanmean(meta_train, axis=0), np.nanstd(meta_train, axis=0))
@@ -367,8 +483,13 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     focal = FocalLoss(gamma=2.0, label_smoothing=cfg_t.label_smoothing, dynamic_alpha=True)
 
     def step(model, batch):
-        x, meta, y = (b.to(device) for b in batch)
-        return focal(model(x, meta).squeeze(1), y.float())
+        x, meta, y = (b.to(device) for b in batch[:3])
+        logits = model(x, meta).squeeze(1)
+        loss = focal(logits, y.float())
+        if guide is None:
+            return loss
+        guide_loss = guide(logits, batch[3].to(device), y)
+        return loss + guide_loss, {"lesion_cam_loss": float(guide_loss.detach())}
 
     @torch.no_grad()
     def logits_of(k):
@@ -383,9 +504,14 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
         m = classification_metrics(y, 1.0 / (1.0 + np.exp(-z)), list(VOLUME_CLASSES))
         return m, _score(m, cfg_t.monitor)
 
-    best_epoch, history = _fit(net, sets["train"], step, evaluate, cfg_t, ctx, out)
+    try:
+        best_epoch, history = _fit(net, sets["train"], step, evaluate, cfg_t, ctx, out)
+    finally:
+        if guide is not None:
+            guide.close()
     extra = {"fusion": net.fusion, "meta_features": list(net.meta_features), "output": "one logit, P(disease)",
-             "loss": f"focal (gamma 2, dynamic alpha, label smoothing {cfg_t.label_smoothing})"}
+             "loss": f"focal (gamma 2, dynamic alpha, label smoothing {cfg_t.label_smoothing})"
+                     + (f" + lesion-CAM guidance {cfg_t.lesion_cam_guidance:g} on {cfg.target_layer}" if guide else "")}
     return _finish(net, None, cfg, model_name, out, cfg_t, index, splits, data, data_note, logits_of("val"),
                    logits_of("test") if len(raw["test"][2]) else None, history, best_epoch, extra, ctx,
                    VOLUME_CLASSES)
