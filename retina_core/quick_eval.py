@@ -158,6 +158,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     if not reports:
         return {}
     path, rep = max(reports, key=lambda po: po[0].stat().st_mtime)
+    guided = _lesion_guided(model_name, rep.get("weights_sha256"))
     out = {}
     for meth, r in rep["methods"].items():
         if not isinstance(r, dict):
@@ -167,8 +168,19 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                      "randomisation_empty_fraction": r.get("randomisation_empty_fraction"),
                      **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward",
                                               "pointing_game_by_label", "n_lesion_images_by_label")},
-                     "n_images": rep.get("n_images"), "source": path.name}
+                     "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided}
     return out
+
+
+def _lesion_guided(model_name: str, weights_sha256: str | None) -> bool:
+    """Whether the installed weights of `model_name` (when they are the report's) were trained with lesion-mask
+    guidance (`train --lesion-cam-guidance`): their maps were taught where lesions are."""
+    from .models.loading import read_manifest
+
+    entry = read_manifest().get(model_name) or {}
+    if weights_sha256 and entry.get("sha256") != weights_sha256:
+        return False
+    return bool((entry.get("config") or {}).get("lesion_cam_guidance"))
 
 
 LOCALISATION_WARN = 0.5   # a pointing game below this (on phantoms) makes the trust note a warning
@@ -216,12 +228,19 @@ def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
                   "maps were mostly empty" if inconclusive else f"it passed the sanity check (mean |rho| {rho:.2f})")
         return (f"{method} **rarely points at a lesion** on this model: its peak fell on a phantom lesion only "
                 f"{pg:.0%} of the time ({sanity}){where}. Read it as a coarse region the model weighed, not as a "
-                f"lesion finder.", True)
+                f"lesion finder.{_guided_caveat(evidence)}", True)
     if rho is None or inconclusive:
         what = "inconclusive (the randomised model's maps were mostly empty)" if inconclusive else "not run"
         return f"{method}: sanity check {what}{pointing}{where}.", False
     return (f"{method} passed the sanity check on this model (map changes when the weights are randomised: mean "
-            f"|rho| {rho:.2f}){pointing}{where}.", False)
+            f"|rho| {rho:.2f}){pointing}{where}.{_guided_caveat(evidence)}", False)
+
+
+def _guided_caveat(evidence: dict) -> str:
+    if not evidence.get("lesion_guided") or evidence.get("pointing_game") is None:
+        return ""
+    return (" These weights were trained with lesion masks (lesion-mask guidance), so their maps were taught where "
+            "phantom lesions are: the figure shows how well that carries over to new phantoms, not real photographs.")
 
 
 def trust_badge(evidence: dict | None) -> str:

@@ -268,3 +268,13 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
 
     assert trust_badge(ev["gradcam"]).startswith("sanity check passed")
     assert trust_badge(ev["layercam"]).startswith("FAILED") and trust_badge(None) == "not evaluated"
+    # weights trained with lesion masks: the note says their maps were taught where lesions are
+    assert ev["gradcam"]["lesion_guided"] is False and "lesion masks" not in ok
+    guided = trust_note({**ev["gradcam"], "lesion_guided": True}, "gradcam")[0]
+    assert "trained with lesion masks" in guided and "90%" in guided
+    assert "trained with lesion masks" in trust_note({**ev["gradcam"], "lesion_guided": True, "pointing_game": 0.25},
+                                                     "gradcam")[0]
+    from retina_core.models.loading import read_manifest
+    entry = read_manifest()["fundus_dr_effnet_b0"]          # the bundled grader was trained with guidance
+    bundled = method_trust("fundus_dr_effnet_b0", entry["sha256"])
+    assert bundled and bundled["gradcam"]["lesion_guided"] is True
