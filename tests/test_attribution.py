@@ -142,6 +142,8 @@ def test_explain_eval_on_tiny_phantoms_returns_all_metrics():
     assert r["n_lesion_images_by_label"] == {"Moderate": 1, "Severe": 1}
     assert r["pointing_game"] == pytest.approx(sum(r["pointing_game_by_label"].values()) / 2)
     assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1
+    assert 0 <= r["deletion_auc_random_map"] <= 1 and 0 <= r["insertion_auc_random_map"] <= 1
+    assert r["faithful_vs_random"] == (r["deletion_auc"] < r["deletion_auc_random_map"])
     assert set(r["stability"]) == {"noise", "brightness", "shift"}
     assert -1 <= r["randomisation_spearman"] <= 1 and r["seconds_per_image"] > 0
     assert "etdrs" in r["zones"] and abs(sum(r["zones"]["centre_lr"].values()) - 1) < 1e-6
@@ -196,6 +198,12 @@ def test_recommended_default_skips_slow_and_insane_methods():
     assert rec["method"] == "c" and set(rec["passed_over"]) == {"a", "b"}
     assert "randomisation" in rec["passed_over"]["a"] and "slow" in rec["passed_over"]["b"]
     assert recommend_default({"a": results["a"]}, ranking[:1])["method"] is None
+    # a map that deletes what matters no faster than a random map is passed over too (where that was measured)
+    unfaithful = {"randomisation_abs_spearman": 0.1, "cost_vs_forward": 1.0, "deletion_auc": 0.66,
+                  "deletion_auc_random_map": 0.65, "faithful_vs_random": False}
+    rec = recommend_default({"u": unfaithful, **results}, [{"method": "u", "mean_rank": 0.5}, *ranking])
+    assert rec["method"] == "c" and "no more faithful than a random map (deletion AUC 0.66 >= 0.65)" \
+        in rec["passed_over"]["u"]
 
 
 def test_explain_eval_set_default_records_the_choice_and_analyze_uses_it(tmp_path, capsys):

@@ -153,7 +153,10 @@ def test_volume_report_keys_ranges_and_ranking(volume_report):
         assert -1 <= r["stability_spearman"] <= 1
         assert r["n_randomisation_images"] == 3 and r["randomisation_abs_spearman"] is not None
         assert abs(r["randomisation_spearman"]) <= r["randomisation_abs_spearman"] <= 1
-        assert r["deletion_auc"] is None or (_in01(r["deletion_auc"]) and _in01(r["insertion_auc"]))
+        assert r["deletion_auc"] is None or (_in01(r["deletion_auc"]) and _in01(r["insertion_auc"])
+                                             and _in01(r["deletion_auc_random_map"])
+                                             and r["faithful_vs_random"] == (r["deletion_auc"]
+                                                                             < r["deletion_auc_random_map"]))
         assert r["cost_vs_forward"] > 0 and r["seconds_per_image"] > 0
         assert passes_randomisation(r) in (True, False)
     assert [d["method"] for d in rep["ranking"]] == [d["method"] for d in rank_methods(rep["methods"])]

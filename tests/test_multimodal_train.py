@@ -321,3 +321,23 @@ def test_volume_training_with_lesion_cam_guidance_and_the_refusals(tmp_path, cap
         assert main(["train", "--model", "fundus_oct_fusion", "--data", str(tmp_path / "nope"), "--out",
                      str(tmp_path / "r3"), "--epochs", "1", flag, "0.1"]) != 0
         assert f"{flag} is not implemented for fundus_oct_fusion" in capsys.readouterr().err
+
+
+def test_volume_monitor_val_loss_includes_the_validation_guidance(tmp_path, capsys):
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=20, seed=6, out=data, size=32)
+    out = tmp_path / "run"
+    train("oct_volume_fusion3d_tiny", data, out, TrainConfig(epochs=3, batch_size=4, image_size=32, output_stride=8,
+                                                             lesion_cam_guidance=1.0, monitor="val_loss"))
+    history = json.loads((out / "history.json").read_text())["history"]
+    losses = [h["val_loss"] for h in history]
+    assert all(np.isfinite(losses)) and all(h["val_score"] == pytest.approx(-h["val_loss"]) for h in history)
+    entry = json.loads((out / "manifest.json").read_text())["oct_volume_fusion3d_tiny"]
+    assert entry["best_epoch"] == int(np.argmin(losses)) + 1
+    # the guidance is part of it: the same run without guidance has a smaller validation loss at the same epoch 1
+    # start (a -log of a softmax mass < 1 is added on every masked diseased volume)
+    plain = tmp_path / "plain"
+    train("oct_volume_fusion3d_tiny", data, plain, TrainConfig(epochs=1, batch_size=4, image_size=32,
+                                                               output_stride=8, monitor="val_loss"))
+    first = json.loads((plain / "history.json").read_text())["history"][0]["val_loss"]
+    assert np.isfinite(first) and first < losses[0]

@@ -205,3 +205,49 @@ def test_lesion_cam_guidance_loss_and_training(tmp_path):
         with pytest.raises(RetinaInputError, match=msg):
             train("oct_resnet18", plain, tmp_path / "refused", TrainConfig(epochs=1, batch_size=8, image_size=64,
                                                                         lesion_cam_guidance=1.0, **cfg_kw))
+
+
+def test_monitor_val_loss_selects_by_the_whole_validation_objective(tmp_path, capsys):
+    """--monitor val_loss: the training objective on the validation split (cross-entropy + the CAM terms on the
+    split's masks) picks the best epoch - AUC saturates on easy sets and would keep the first perfect epoch."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from retina_core.io.datasets import load_dataset
+    from retina_core.models import create_model
+    from retina_core.train.engine import CachedImages, LesionCamGuidance, predict_logits, validation_loss
+
+    data = tmp_path / "oct"
+    write_dataset("oct-kermany", n=24, seed=5, out=data, size=64)
+    recs = load_dataset(data).records
+    torch.manual_seed(0)
+    net = create_model("oct_resnet18", input_size=(3, 64, 64)).eval()
+    cfg_t = TrainConfig(label_smoothing=0.1)
+    ds = CachedImages(recs, net.cfg.classes, net.cfg, augment=False, mask_root=data)
+    loader = DataLoader(ds, batch_size=5)
+    # without CAM terms it is the mean cross-entropy of the eval-mode logits
+    z, y = predict_logits(net, loader, torch.device("cpu"))
+    ce = float(F.cross_entropy(torch.from_numpy(z), torch.from_numpy(y), label_smoothing=0.1))
+    assert validation_loss(net, loader, torch.device("cpu"), cfg_t) == pytest.approx(ce, rel=1e-5)
+    # with the guidance it adds the guidance term of the masked diseased images (> 0: -log of a mass < 1)
+    guide = LesionCamGuidance(net, net.cfg, 1.0)
+    assert validation_loss(net, loader, torch.device("cpu"), cfg_t, guide=guide) > ce + 1e-3
+    guide.close()
+    assert all(p.grad is None for p in net.parameters())   # nothing accumulated or stepped
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", "oct_resnet18", "--data", str(data), "--out", str(out), "--epochs", "3",
+                 "--batch-size", "8", "--image-size", "64", "--warmup-epochs", "0", "--patience", "3",
+                 "--lesion-cam-guidance", "0.5", "--monitor", "val_loss", "--json"]) == 0
+    assert "val val_loss" in capsys.readouterr().err
+    history = json.loads((out / "history.json").read_text())["history"]
+    losses = [h["val_loss"] for h in history]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert all(h["val_score"] == pytest.approx(-h["val_loss"]) for h in history)
+    entry = json.loads((out / "manifest.json").read_text())["oct_resnet18"]
+    assert entry["best_epoch"] == int(np.argmin(losses)) + 1 and entry["config"]["monitor"] == "val_loss"
+
+    # an unknown monitor is refused before anything is decoded, not silently replaced by accuracy
+    assert main(["train", "--model", "oct_resnet18", "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--monitor", "auc"]) != 0
+    assert "Unknown --monitor 'auc'" in capsys.readouterr().err

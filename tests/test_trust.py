@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retina_core.explain.trust import (centre_attention_vs_confidence, class_consistency, correct_vs_misclassified,
-                                       deletion_insertion_auc, energy_pointing_game, pointing_game,
+                                       deletion_insertion_auc, energy_pointing_game, pointing_game, random_map,
                                        randomisation_check, stability_under_perturbation)
 
 
@@ -122,3 +122,26 @@ def test_integrated_gradients_passes_the_randomisation_check_on_the_bundled_oct_
     rhos = [randomisation_check(model, oct_phantom(label, seed=300 + i).image, "integrated_gradients")["spearman"]
             for i, label in enumerate(("CNV", "DME", "DRUSEN"))]
     assert np.mean(np.abs(rhos)) < 0.5, rhos
+
+
+def test_random_map_reference_is_coarse_seeded_and_sits_between_a_good_and_a_bad_map():
+    r2, r3 = random_map((128, 128), 0), random_map((32, 64, 64), 1)
+    assert r2.shape == (128, 128) and r3.shape == (32, 64, 64) and r2.dtype == np.float32
+    assert 0 <= r2.min() and r2.max() <= 1 and np.array_equal(r2, random_map((128, 128), 0))
+    assert not np.array_equal(r2, random_map((128, 128), 1))
+    # coarse: 8 x 8 cells of 16 px, so neighbouring pixels are close, unlike per-pixel noise
+    assert np.abs(np.diff(r2, axis=1)).mean() < 0.05 and np.abs(np.diff(r3, axis=0)).mean() < 0.1
+    assert random_map((100, 37), 2).shape == (100, 37)
+    # on the hand-built square, a random order deletes the evidence slower than the right map, faster than the
+    # inverted one: the reference a faithful map must beat
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 60, (64, 64, 3)).astype(np.uint8)
+    img[8:24, 8:24] = 240
+    good = np.zeros((64, 64), np.float32)
+    good[8:24, 8:24] = 1.0
+    predict = _predict_fn_reading_a_square()
+    aucs = [deletion_insertion_auc(predict, img, m, target=1, steps=16, baseline="mean")["deletion_auc"]
+            for m in (good, 1.0 - good)]
+    rand = np.mean([deletion_insertion_auc(predict, img, random_map((64, 64), s), target=1, steps=16,
+                                           baseline="mean")["deletion_auc"] for s in range(8)])
+    assert aucs[0] < rand - 0.1 and rand < aucs[1] - 0.1

@@ -193,10 +193,10 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         rm = copy.copy(m)
         rm.net = rnet
     classes = list(m.classes)
-    per: dict[str, list] = {k: [] for k in ("pg", "epg", "area", "del", "ins", "rho", "sec", "conf", "correct",
-                                            "centre", "maps", "labels", "zones", "pg_label")}
+    per: dict[str, list] = {k: [] for k in ("pg", "epg", "area", "del", "ins", "del_rand", "ins_rand", "rho", "sec",
+                                            "conf", "correct", "centre", "maps", "labels", "zones", "pg_label")}
     stab: dict[str, dict[str, list]] = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
-    for s in samples:
+    for i, s in enumerate(samples):
         t0 = time.perf_counter()
         maps, probs, idx = explain_batch(m, s.image[None], method)
         per["sec"].append(time.perf_counter() - t0)
@@ -218,6 +218,10 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         di = trust.deletion_insertion_auc(predict, s.image, hm, tgt, steps=steps)
         per["del"].append(di["deletion_auc"])
         per["ins"].append(di["insertion_auc"])
+        # the same curves in a random order (trust.random_map, seeded per image: the same for every method)
+        dr = trust.deletion_insertion_auc(predict, s.image, trust.random_map(hm.shape, seed + i), tgt, steps=steps)
+        per["del_rand"].append(dr["deletion_auc"])
+        per["ins_rand"].append(dr["insertion_auc"])
         if rm is not None:
             per["rho"].append(trust.spearman(hm, explain(rm, s.image, method, tgt)))
         if stability_kinds:
@@ -249,6 +253,7 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         "energy_baseline_mask_area": _mean(per["area"]),
         "deletion_auc": _mean(per["del"]),
         "insertion_auc": _mean(per["ins"]),
+        **random_order_reference(per["del"], per["del_rand"], per["ins_rand"]),
         "randomisation_spearman": _mean(per["rho"]),
         "randomisation_abs_spearman": _mean([abs(r) for r in per["rho"]]),
         "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in per["rho"]]),
@@ -312,8 +317,17 @@ def median_time_ratio(forward, heat, repeats: int) -> float:
     return float(np.median(ratios))
 
 
+def random_order_reference(dels: list, dels_rand: list, ins_rand: list) -> dict:
+    """Faithfulness against chance: the deletion / insertion AUC of a random map (`trust.random_map`) on the same
+    images, and whether the method's map deletes what matters faster (a lower mean deletion AUC)."""
+    d, dr = _mean(dels), _mean(dels_rand)
+    return {"deletion_auc_random_map": dr, "insertion_auc_random_map": _mean(ins_rand),
+            "faithful_vs_random": None if d is None or dr is None else bool(d < dr)}
+
+
 def recommend_default(results: dict[str, dict], ranking: list[dict]) -> dict:
-    """The best-ranked method that passes the randomisation check and meets the speed target (None if none)."""
+    """The best-ranked method that passes the randomisation check, deletes what matters faster than a random map
+    (when that was measured) and meets the speed target (None if none)."""
     why = {}
     for row in ranking:
         meth, r = row["method"], results[row["method"]]
@@ -321,13 +335,17 @@ def recommend_default(results: dict[str, dict], ranking: list[dict]) -> dict:
         problems = []
         if passes_randomisation(r) is False:
             problems.append(f"fails the randomisation check (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT})")
+        if r.get("faithful_vs_random") is False:
+            problems.append(f"no more faithful than a random map (deletion AUC {r['deletion_auc']:.2f} >= "
+                            f"{r['deletion_auc_random_map']:.2f})")
         if cost is not None and cost > SPEED_TARGET:
             problems.append(f"too slow ({cost:.2f}x a bare forward > {SPEED_TARGET}x)")
         if not problems:
             return {"method": meth, "mean_rank": row["mean_rank"], "pointing_game": r.get("pointing_game"),
                     "cost_vs_forward": cost, "randomisation_abs_spearman": rho, "passed_over": why,
-                    "rule": f"best mean rank among methods with mean |rho| < {RANDOMISATION_LIMIT} and cost <= "
-                            f"{SPEED_TARGET}x a bare forward"}
+                    "deletion_auc": r.get("deletion_auc"), "deletion_auc_random_map": r.get("deletion_auc_random_map"),
+                    "rule": f"best mean rank among methods with mean |rho| < {RANDOMISATION_LIMIT}, a deletion AUC "
+                            f"below a random map's (where measured) and cost <= {SPEED_TARGET}x a bare forward"}
         why[meth] = "; ".join(problems)
     return {"method": None, "passed_over": why}
 
@@ -443,11 +461,14 @@ def _clean(obj):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+_SHORT = {"deletion_auc_random_map": "del_rand_map", "randomisation_spearman": "random_rho"}
+
+
 def _format(report: dict) -> str:
-    cols = ("pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc", "randomisation_spearman",
-            "stability_ssim", "stability_spearman", "cost_vs_forward")
+    cols = ("pointing_game", "energy_pointing_game", "deletion_auc", "deletion_auc_random_map", "insertion_auc",
+            "randomisation_spearman", "stability_ssim", "stability_spearman", "cost_vs_forward")
     lines = [f"explain-eval: {report['model']} on {report['data']} ({report['n_images']} images, phantom metrics)",
-             "method".ljust(22) + " ".join(c[:12].rjust(12) for c in cols)]
+             "method".ljust(22) + " ".join(_SHORT.get(c, c[:12]).rjust(12) for c in cols)]
     for meth, r in report["methods"].items():
         vals = [r.get(c) for c in cols]
         lines.append(meth.ljust(22) + " ".join(("-" if v is None else f"{v:.3f}").rjust(12) for v in vals))

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import RetinaInputError
 from . import trust
-from .evaluate import ND_MODALITIES, _mean, median_time_ratio, pick_round_robin
+from .evaluate import ND_MODALITIES, _mean, median_time_ratio, pick_round_robin, random_order_reference
 
 log = logging.getLogger(__name__)
 
@@ -429,10 +429,11 @@ def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rn
     model's empty map gives rho 0 (the map vanished)."""
     classes = list(m.cfg.classes)
     per: dict[str, list] = {k: [] for k in ("pg", "pg_tie", "chance", "epg", "area", "slice", "slice_base", "del",
-                                            "ins", "rho", "r_empty", "sec", "correct", "maps", "labels", "empty")}
+                                            "ins", "del_rand", "ins_rand", "rho", "r_empty", "sec", "correct", "maps",
+                                            "labels", "empty")}
     stab = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
     n_stab = 0
-    for s in samples:
+    for i, s in enumerate(samples):
         mt = _meta_tensor(m, s)
         t0 = time.perf_counter()
         p, hm = volume_map(m, m.net, s.volume, mt, method)
@@ -459,6 +460,10 @@ def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rn
             di = volume_deletion_insertion(_volume_predict(m, mt), s.volume, hm, steps)
             per["del"].append(di["deletion_auc"])
             per["ins"].append(di["insertion_auc"])
+            dr = volume_deletion_insertion(_volume_predict(m, mt), s.volume, trust.random_map(hm.shape, seed + i),
+                                           steps)
+            per["del_rand"].append(dr["deletion_auc"])
+            per["ins_rand"].append(dr["insertion_auc"])
         if rnet is not None:
             rm = volume_map(m, rnet, s.volume, mt, method)[1]
             per["r_empty"].append(_empty(rm))
@@ -487,6 +492,7 @@ def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rn
         "n_faithfulness_images": len(per["del"]),
         "deletion_auc": _mean(per["del"]),
         "insertion_auc": _mean(per["ins"]),
+        **random_order_reference(per["del"], per["del_rand"], per["ins_rand"]),
         "n_randomisation_images": len(per["rho"]),
         "randomisation_spearman": _mean(per["rho"]),
         "randomisation_abs_spearman": _mean([abs(r) for r in per["rho"]]),

@@ -163,6 +163,29 @@ def _auc(y: np.ndarray) -> float:
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0)
 
 
+RANDOM_MAP_CELL_2D = 16   # px per cell of the random reference map: a 128 px input gets 8 x 8 cells, 320 px 20 x 20
+RANDOM_MAP_CELL_3D = 8    # voxels per cell along each axis: a 32 x 64 x 64 volume gets 4 x 8 x 8 cells
+
+
+def random_map(shape: Sequence[int], seed: int, cell: int | None = None) -> np.ndarray:
+    """The faithfulness reference: uniform noise on a coarse grid (one cell per `cell` px / voxels per axis, the
+    grain of a Grad-CAM map at output stride 16 in 2-D, 8 in 3-D), upsampled (bi/trilinear) to `shape`, float32 in
+    [0, 1]. Its deletion AUC is what ordering the pixels by chance gives; a map is faithful only when deleting in
+    its order lowers the score faster (a lower deletion AUC). Coarse rather than per-pixel noise, so both orders
+    delete blobs of a similar size, not blobs against salt-and-pepper."""
+    from scipy.ndimage import zoom
+
+    shape = tuple(int(v) for v in shape)
+    c = cell or (RANDOM_MAP_CELL_2D if len(shape) == 2 else RANDOM_MAP_CELL_3D)
+    grid = tuple(max(1, int(math.ceil(v / c))) for v in shape)
+    noise = np.random.default_rng(seed).random(grid).astype(np.float32)
+    out = zoom(noise, [t / g for t, g in zip(shape, grid)], order=1, mode="nearest", grid_mode=True)
+    out = out[tuple(slice(0, v) for v in shape)]
+    if out.shape != shape:                        # zoom rounds; pad the last row / column if it came out short
+        out = np.pad(out, [(0, t - o) for t, o in zip(shape, out.shape)], mode="edge")
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def deletion_insertion_auc(predict_fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray, heatmap: np.ndarray,
                            target: int, steps: int = 16, baseline: str = "blur", batch_size: int = 34,
                            return_curves: bool = False) -> dict:

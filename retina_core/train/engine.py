@@ -56,7 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     patience: int = 4                 # epochs without improvement before stopping
-    monitor: str = "auc_macro"        # validation metric that picks the best epoch
+    monitor: str = "auc_macro"        # what picks the best epoch (MONITORS): a validation metric, or val_loss
     seed: int = 0
     num_workers: int = 0              # decoded images are cached in memory, so workers rarely pay off on CPU
     augment: bool = True
@@ -256,7 +256,8 @@ def _param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
 def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     net.eval()
     out, ys = [], []
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch[0], batch[1]
         out.append(net(x.to(device)).float().cpu())
         ys.append(y)
     if not out:
@@ -264,7 +265,24 @@ def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device) -> 
     return torch.cat(out).numpy(), torch.cat(ys).numpy()
 
 
+# What can pick the best epoch (and drive early stopping): a validation metric (higher is better), or "val_loss", the
+# whole training objective on the validation split - classification loss plus, when they are on, the healthy-CAM
+# penalty and the lesion-CAM guidance on validation images (their masks) - lower is better. Unlike AUC, which on an
+# easy (phantom) set reaches 1.0 in an epoch or two and then keeps the first such epoch, the loss goes on falling
+# while the map converges onto the lesions.
+MONITORS = ("auc_macro", "accuracy", "kappa_quadratic", "f1_macro", "val_loss")
+
+
+def check_monitor(monitor: str) -> None:
+    if monitor not in MONITORS:
+        raise RetinaInputError(f"Unknown --monitor {monitor!r}; choose one of: {', '.join(MONITORS)}.")
+
+
 def _score(metrics: dict, monitor: str) -> float:
+    """The tracked score, higher is better: the metric, or minus the validation loss (monitor val_loss). A metric
+    that is undefined on this validation split (AUC with one class absent) falls back to accuracy."""
+    if monitor == "val_loss":
+        return -float(metrics["val_loss"])
     v = metrics.get(monitor)
     return float(v) if v is not None else float(metrics["accuracy"])
 
@@ -293,6 +311,7 @@ def train(model_name: str, data: str | Path, out: str | Path, config: TrainConfi
     the same summary plus `replica_digest` (sha256 of their final weights), then, when started by torchrun, exit.
     """
     cfg_t = resolve_recipe(model_name, config or TrainConfig())
+    check_monitor(cfg_t.monitor)
     ctx = distributed.setup()
     try:
         if cfg_t.repeats > 1:
@@ -345,11 +364,14 @@ class EpochTracker:
             self.best_epoch, self.best_score = epoch, score
         self.history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                              "val_accuracy": metrics["accuracy"] if metrics else None, "val_score": score,
-                             "seconds": round(seconds, 1), **(extra or {})})
+                             "seconds": round(seconds, 1),
+                             **({"val_loss": metrics["val_loss"]} if metrics and "val_loss" in metrics else {}),
+                             **(extra or {})})
         if main:
             h = self.history[-1]
+            shown = -score if self.cfg_t.monitor == "val_loss" else score
             print(f"epoch {epoch + 1}/{self.cfg_t.epochs} loss {h['train_loss']:.4f} val {self.cfg_t.monitor} "
-                  f"{score:.4f} acc {metrics['accuracy']:.4f}{' *' if improved else ''} ({h['seconds']}s)",
+                  f"{shown:.4f} acc {metrics['accuracy']:.4f}{' *' if improved else ''} ({h['seconds']}s)",
                   file=sys.stderr, flush=True)
         return improved
 
@@ -563,6 +585,28 @@ class LesionCamGuidance(_ClassEvidence):
         return self.weight * torch.stack(terms).mean()
 
 
+def validation_loss(net: nn.Module, loader: DataLoader, device: torch.device, cfg_t: TrainConfig,
+                    cam_penalty: HealthyCamPenalty | None = None, guide: LesionCamGuidance | None = None) -> float:
+    """The training objective on a held-out split (`--monitor val_loss`), image-weighted mean over batches:
+    cross-entropy with the run's label smoothing, plus the healthy-CAM penalty and the lesion-CAM guidance when they
+    are on (the loader then carries the split's lesion masks). Eval mode (no augmentation, running BN statistics);
+    gradients are enabled only because the CAM terms read activations of grad-enabled forwards; nothing steps."""
+    net.eval()
+    total, n = 0.0, 0
+    with torch.enable_grad():
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg_t.label_smoothing)
+            if cam_penalty is not None:
+                loss = loss + cam_penalty(y == cam_penalty.healthy)
+            if guide is not None:
+                loss = loss + guide(batch[2].to(device), y, logits)
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+    return total / max(n, 1)
+
+
 def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> dict:
     seed_everything(cfg_t.seed)
     out = Path(out)
@@ -584,9 +628,10 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
             raise RetinaInputError("--lesion-cam-guidance cannot be combined with --mixup: a mixed image's lesions "
                                    "belong to two eyes.")
         guide = LesionCamGuidance(net, cfg, cfg_t.lesion_cam_guidance)
+    masked = ("train", "val") if cfg_t.monitor == "val_loss" else ("train",)   # val masks: the val loss's guidance
     sets = {k: CachedImages(splits.get(k, []), cfg.classes, cfg, augment=(k == "train" and cfg_t.augment),
                             aug_strength=cfg_t.aug_strength,
-                            mask_root=index.root if (guide is not None and k == "train") else None)
+                            mask_root=index.root if (guide is not None and k in masked) else None)
             for k in ("train", "val", "test")}
     if guide is not None:
         n_masked = int((sets["train"].masks.flatten(1).amax(1) > 0).sum())
@@ -607,6 +652,7 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         train_loader = DataLoader(sets["train"], batch_size=cfg_t.batch_size, sampler=shard,
                                   num_workers=cfg_t.num_workers, drop_last=len(shard) > cfg_t.batch_size)
     eval_loaders = {k: DataLoader(sets[k], batch_size=64) for k in ("val", "test")}
+    val_loss_loader = DataLoader(sets["val"], batch_size=16)   # small: this pass keeps activations for the CAM terms
 
     cam_penalty = HealthyCamPenalty(net, cfg, cfg_t.healthy_cam_penalty) if cfg_t.healthy_cam_penalty else None
     steps_per_epoch = len(train_loader)
@@ -689,6 +735,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
             logits, ys = predict_logits(net, eval_loaders["val"], device)
             m = classification_metrics(ys, torch.softmax(torch.from_numpy(logits), 1).numpy(), list(cfg.classes),
                                        ordinal=cfg.ordinal)
+            if cfg_t.monitor == "val_loss":
+                m["val_loss"] = validation_loss(net, val_loss_loader, device, cfg_t, cam_penalty, guide)
             score = _score(m, cfg_t.monitor)
         score = distributed.broadcast(score, ctx)
         if not per_step:

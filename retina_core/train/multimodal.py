@@ -276,6 +276,9 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     def evaluate():
         z, y = logits_of(sets["val"])
         m = classification_metrics(y, torch.softmax(torch.from_numpy(z), 1).numpy(), list(FUSION_CLASSES))
+        if cfg_t.monitor == "val_loss":   # the head's training loss on the validation pairs
+            m["val_loss"] = float(F.cross_entropy(torch.from_numpy(z), torch.from_numpy(y),
+                                                  label_smoothing=cfg_t.label_smoothing))
         return m, _score(m, cfg_t.monitor)
 
     best_epoch, history = _fit(net.head, sets["train"], step, evaluate, cfg_t, ctx, out)
@@ -453,11 +456,15 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
     guided = bool(cfg_t.lesion_cam_guidance)
-    sets, raw, masks = {}, {}, None
+    sets, raw, masks, val_masks = {}, {}, None, None
     for k in ("train", "val", "test"):
         rs = splits.get(k, [])
-        if guided and k == "train":
-            vols, masks = decode_volumes(rs, cfg, mask_root=index.root)
+        if guided and (k == "train" or (k == "val" and cfg_t.monitor == "val_loss")):
+            vols, mk = decode_volumes(rs, cfg, mask_root=index.root)
+            if k == "train":
+                masks = mk
+            else:
+                val_masks = mk      # the guidance term of the validation loss
         else:
             vols = decode_volumes(rs, cfg)
         raw[k] = (vols, metadata_matrix(rs, net.meta_features),
@@ -499,9 +506,27 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
              for i in range(0, len(ys), 16)]
         return (torch.cat(z)[:, 0].numpy() if z else np.zeros(0, np.float32)), ys.numpy()
 
+    def validation_loss() -> float:
+        """The training objective on the validation volumes (`--monitor val_loss`): focal loss, plus the lesion-CAM
+        guidance on those with masks. Eval mode; gradients on only for the guidance's Grad-CAM, nothing steps."""
+        net.eval()
+        vols, metas, ys = raw["val"]
+        total = 0.0
+        with torch.enable_grad():
+            for i in range(0, len(ys), 8):
+                x, meta, y = vols[i:i + 8].float().to(device), metas[i:i + 8].to(device), ys[i:i + 8].to(device)
+                logits = net(x, meta).squeeze(1)
+                loss = focal(logits, y.float())
+                if guide is not None:
+                    loss = loss + guide(logits, val_masks[i:i + 8].to(device), y)
+                total += float(loss.detach()) * len(y)
+        return total / max(len(ys), 1)
+
     def evaluate():
         z, y = logits_of("val")
         m = classification_metrics(y, 1.0 / (1.0 + np.exp(-z)), list(VOLUME_CLASSES))
+        if cfg_t.monitor == "val_loss":
+            m["val_loss"] = validation_loss()
         return m, _score(m, cfg_t.monitor)
 
     try:
