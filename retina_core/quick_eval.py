@@ -167,7 +167,8 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                      "passes_randomisation": passes_randomisation(r),
                      "randomisation_empty_fraction": r.get("randomisation_empty_fraction"),
                      **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward",
-                                              "pointing_game_by_label", "n_lesion_images_by_label")},
+                                              "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
+                                              "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided}
     return out
 
@@ -218,10 +219,19 @@ def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
     rho, pg = evidence.get("randomisation_abs_spearman"), evidence.get("pointing_game")
     where = f" (`{evidence['source']}`, {evidence.get('n_images')} phantoms)"
     pointing = f"; it hit a phantom lesion {pg:.0%} of the time" if pg is not None else ""
+    d, dr = evidence.get("deletion_auc"), evidence.get("deletion_auc_random_map")
     if evidence.get("passes_randomisation") is False:
         return (f"{method} **failed the sanity check** on this model: its map barely changes when the model's "
                 f"weights are randomised (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT}), so it shows the image's "
                 f"structure more than what the model learnt{pointing}{where}. Compare it, do not rely on it.", True)
+    if evidence.get("faithful_vs_random") is False:
+        return (f"{method} **is no more faithful than chance** on this model: removing what its map marks lowers "
+                f"the model's score no faster than removing random regions (deletion AUC {d:.2f} against {dr:.2f} "
+                f"for a random map){pointing}{where}. The map may look right without being what the model used.",
+                True)
+    if evidence.get("faithful_vs_random") and d is not None and dr is not None:
+        pointing += (f"; removing what it marks lowers the score faster than removing random regions (deletion AUC "
+                     f"{d:.2f} against {dr:.2f})")
     inconclusive = rho is not None and evidence.get("passes_randomisation") is None
     if pg is not None and pg < LOCALISATION_WARN:
         sanity = ("sanity check not run" if rho is None else "sanity check inconclusive: the randomised model's "

@@ -286,3 +286,10 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
     entry = read_manifest()["fundus_dr_effnet_b0"]          # the bundled grader was trained with guidance
     bundled = method_trust("fundus_dr_effnet_b0", entry["sha256"])
     assert bundled and bundled["gradcam"]["lesion_guided"] is True
+    # faithfulness against a random map: a map that deletes no faster than chance is a warning whatever it points at
+    sharp = {**ev["gradcam"], "deletion_auc": 0.72, "deletion_auc_random_map": 0.67, "faithful_vs_random": False}
+    note, warn = trust_note(sharp, "gradcam")
+    assert warn and "no more faithful than chance" in note and "0.72 against 0.67" in note
+    note, warn = trust_note({**sharp, "deletion_auc": 0.23, "deletion_auc_random_map": 0.74,
+                             "faithful_vs_random": True}, "gradcam")
+    assert not warn and "faster than removing random regions (deletion AUC 0.23 against 0.74)" in note

@@ -210,6 +210,8 @@ def test_fusion_report_per_modality(fusion_report):
         if r[f"empty_map_fraction_{mod}"] < 1:
             assert r[f"randomisation_abs_spearman_{mod}"] is not None
             assert _in01(r[f"deletion_auc_{mod}"]) and _in01(r[f"insertion_auc_{mod}"])
+            assert _in01(r[f"deletion_auc_random_map_{mod}"]) and r[f"faithful_vs_random_{mod}"] == (
+                r[f"deletion_auc_{mod}"] < r[f"deletion_auc_random_map_{mod}"])
     assert r["n_lesion_images"] == 4
     pooled = (2 * r["pointing_game_fundus"] + 2 * r["pointing_game_oct"]) / 4
     assert r["pointing_game"] == pytest.approx(pooled)

@@ -341,3 +341,47 @@ def test_volume_monitor_val_loss_includes_the_validation_guidance(tmp_path, caps
                                                                output_stride=8, monitor="val_loss"))
     first = json.loads((plain / "history.json").read_text())["history"][0]["val_loss"]
     assert np.isfinite(first) and first < losses[0]
+
+
+def test_volume_attention_mining_masks_what_the_map_marks_and_trains(tmp_path):
+    """GAIN's attention mining: the marked voxels are swapped for a blur through a soft mask, P(disease) of what is
+    left is the loss; it back-propagates into the map (double backward) and runs in train() with or without masks."""
+    from retina_core.train.multimodal import VolumeAttentionMining, VolumeLesionCamGuidance
+
+    net = _tiny_volume_net().eval()              # eval: no dropout, so the hand computation sees the same net
+    x = torch.rand(2, 1, 16, 32, 32)
+    meta = torch.zeros(2, len(net.meta_features))
+    guide = VolumeLesionCamGuidance(net, "net.layer4", 0.0)
+    logits = net(x, meta)
+    cam = guide.cam(logits, torch.tensor([True, True]))
+    mining = VolumeAttentionMining(2.0)
+    loss = mining(net, x, meta, cam)
+    # by hand: the same soft mask and the same blur
+    c = torch.relu(cam)
+    c = c / (c.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-6)
+    t = torch.sigmoid(10 * (torch.nn.functional.interpolate(c[:, None], size=(16, 32, 32), mode="trilinear",
+                                                             align_corners=False) - 0.5))
+    x_am = x * (1 - t) + torch.nn.functional.avg_pool3d(x, 5, 1, 2, count_include_pad=False) * t
+    with torch.no_grad():
+        expected = 2.0 * torch.sigmoid(net(x_am, meta)[:, 0]).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(t.detach().max()) > 0.9 and float(t.detach().min()) < 0.1  # the mask marks part of the volume
+    loss.backward()
+    head = [p for n, p in net.named_parameters() if "layer4" in n and p.grad is not None]
+    assert head and any(float(p.grad.abs().sum()) > 0 for p in head)
+    guide.close()
+
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
+    for extra in ({}, {"lesion_cam_guidance": 0.5}):
+        out = tmp_path / f"am{len(extra)}"
+        train("oct_volume_fusion3d_tiny", data, out, TrainConfig(epochs=1, batch_size=4, image_size=32,
+                                                                 output_stride=8, attention_mining=0.5,
+                                                                 monitor="val_loss", **extra))
+        h = json.loads((out / "history.json").read_text())["history"][0]
+        assert h["attention_mining_loss"] > 0 and np.isfinite(h["val_loss"])
+        assert ("lesion_cam_loss" in h) == bool(extra)
+        assert "attention mining 0.5 (GAIN)" in json.loads((out / "manifest.json").read_text())[
+            "oct_volume_fusion3d_tiny"]["loss"]
+    with pytest.raises(rc.RetinaInputError, match="--attention-mining is not implemented"):
+        train("oct_resnet18", data, tmp_path / "r", TrainConfig(epochs=1, attention_mining=0.5))

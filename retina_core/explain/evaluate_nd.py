@@ -590,11 +590,12 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
     if method not in FUSION_METHODS:
         raise RetinaInputError(f"Unknown method {method!r} for {m.name}; choose from {', '.join(FUSION_METHODS)}.")
     classes = list(m.cfg.classes)
-    keys = ("pg", "pg_tie", "chance", "epg", "area", "del", "ins", "rho", "r_empty", "maps", "empty")
+    keys = ("pg", "pg_tie", "chance", "epg", "area", "del", "ins", "del_rand", "ins_rand", "rho", "r_empty", "maps",
+            "empty")
     per = {mod: {k: [] for k in keys} for mod in MODALITIES}
     stab = {mod: {k: {"ssim": [], "spearman": []} for k in stability_kinds} for mod in MODALITIES}
     sec, correct, labels = [], [], []
-    for s in samples:
+    for i, s in enumerate(samples):
         imgs = {"fundus": s.fundus, "oct": s.oct}
         masks = {"fundus": s.fundus_mask, "oct": s.oct_mask}
         t0 = time.perf_counter()
@@ -621,9 +622,14 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
             if empty:
                 continue
             if steps:
-                di = trust.deletion_insertion_auc(_pair_predict(m, mod, other), imgs[mod], hm, k, steps=steps)
+                predict = _pair_predict(m, mod, other)
+                di = trust.deletion_insertion_auc(predict, imgs[mod], hm, k, steps=steps)
                 P["del"].append(di["deletion_auc"])
                 P["ins"].append(di["insertion_auc"])
+                dr = trust.deletion_insertion_auc(predict, imgs[mod], trust.random_map(hm.shape, seed + i), k,
+                                                  steps=steps)
+                P["del_rand"].append(dr["deletion_auc"])
+                P["ins_rand"].append(dr["insertion_auc"])
             if rmaps is not None:
                 P["r_empty"].append(_empty(rmaps[mod]))
                 P["rho"].append(0.0 if _empty(rmaps[mod]) else trust.spearman(hm, rmaps[mod]))
@@ -645,7 +651,7 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
         _, cf, co = modality_cams(m.net, a, b)
         grids = {"fundus": list(cf.shape[1:]), "oct": list(co.shape[1:])}
     res: dict = {"n_images": len(samples)}
-    pooled = {k: [] for k in ("pg", "pg_tie", "epg", "del", "ins")}
+    pooled = {k: [] for k in ("pg", "pg_tie", "epg", "del", "ins", "del_rand", "ins_rand")}
     worst = None
     for mod in MODALITIES:
         P = per[mod]
@@ -663,6 +669,7 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
             f"empty_map_fraction_{mod}": _mean([float(e) for e in P["empty"]]),
             f"deletion_auc_{mod}": _mean(P["del"]),
             f"insertion_auc_{mod}": _mean(P["ins"]),
+            **{f"{k}_{mod}": v for k, v in random_order_reference(P["del"], P["del_rand"], P["ins_rand"]).items()},
             f"randomisation_spearman_{mod}": _mean(P["rho"]),
             f"randomisation_abs_spearman_{mod}": abs_rho,
             f"randomisation_empty_fraction_{mod}": _mean([float(e) for e in P["r_empty"]]),
@@ -682,6 +689,7 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
         "energy_pointing_game": _mean(pooled["epg"]),
         "deletion_auc": _mean(pooled["del"]),
         "insertion_auc": _mean(pooled["ins"]),
+        **random_order_reference(pooled["del"], pooled["del_rand"], pooled["ins_rand"]),
         # a map must pass the sanity check in both modalities: the overall rho is the worse modality's
         "randomisation_modality": worst,
         "randomisation_spearman": res.get(f"randomisation_spearman_{worst}") if worst else None,

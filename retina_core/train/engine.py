@@ -84,6 +84,7 @@ class TrainConfig:
     global_pool: str | None = None    # timm CNNs: avg (default) | max | avgmax: how the last feature map is pooled
     healthy_cam_penalty: float = 0.0  # CNNs: weight of the flat-evidence penalty on healthy images (HealthyCamPenalty)
     lesion_cam_guidance: float = 0.0  # CNNs + lesion masks on disk: weight of the map-on-lesion loss (LesionCamGuidance)
+    attention_mining: float = 0.0     # volume models: weight of GAIN's attention-mining loss (VolumeAttentionMining)
 
 
 def seed_everything(seed: int) -> None:
@@ -613,6 +614,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
     main = ctx is None or ctx.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    if cfg_t.attention_mining:
+        raise RetinaInputError(f"--attention-mining is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
     cfg: ModelCfg = net.cfg
     index, splits = _splits(data, cfg.classes, cfg_t.seed)
