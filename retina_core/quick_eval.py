@@ -229,16 +229,18 @@ def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
                 f"the model's score no faster than removing random regions (deletion AUC {d:.2f} against {dr:.2f} "
                 f"for a random map){pointing}{where}. The map may look right without being what the model used.",
                 True)
+    faithful = ""
     if evidence.get("faithful_vs_random") and d is not None and dr is not None:
-        pointing += (f"; removing what it marks lowers the score faster than removing random regions (deletion AUC "
-                     f"{d:.2f} against {dr:.2f})")
+        faithful = (f"; removing what it marks lowers the score faster than removing random regions (deletion AUC "
+                    f"{d:.2f} against {dr:.2f})")
+        pointing += faithful
     inconclusive = rho is not None and evidence.get("passes_randomisation") is None
     if pg is not None and pg < LOCALISATION_WARN:
         sanity = ("sanity check not run" if rho is None else "sanity check inconclusive: the randomised model's "
                   "maps were mostly empty" if inconclusive else f"it passed the sanity check (mean |rho| {rho:.2f})")
         return (f"{method} **rarely points at a lesion** on this model: its peak fell on a phantom lesion only "
-                f"{pg:.0%} of the time ({sanity}){where}. Read it as a coarse region the model weighed, not as a "
-                f"lesion finder.{_guided_caveat(evidence)}", True)
+                f"{pg:.0%} of the time ({sanity}{faithful}){where}. Read it as a coarse region the model weighed, "
+                f"not as a lesion finder.{_guided_caveat(evidence)}", True)
     if rho is None or inconclusive:
         what = "inconclusive (the randomised model's maps were mostly empty)" if inconclusive else "not run"
         return f"{method}: sanity check {what}{pointing}{where}.", False

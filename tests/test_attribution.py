@@ -293,3 +293,6 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
     note, warn = trust_note({**sharp, "deletion_auc": 0.23, "deletion_auc_random_map": 0.74,
                              "faithful_vs_random": True}, "gradcam")
     assert not warn and "faster than removing random regions (deletion AUC 0.23 against 0.74)" in note
+    coarse, warn = trust_note({**sharp, "pointing_game": 0.42, "faithful_vs_random": True, "deletion_auc": 0.41,
+                               "deletion_auc_random_map": 0.80}, "gradcam")
+    assert warn and "rarely points at a lesion" in coarse and "(deletion AUC 0.41 against 0.80)" in coarse
