@@ -185,8 +185,10 @@ def _mean_dicts(ds: list[dict]) -> dict | None:
 
 
 def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int = 16,
-                    stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0) -> dict:
-    """All metrics of one method on prepared samples (see `explain_eval`)."""
+                    stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0,
+                    reference: dict | None = None) -> dict:
+    """All metrics of one method on prepared samples (see `explain_eval`). `reference`: a dict shared by the
+    methods of one run, caching the random-map deletion curves (the same for every method)."""
     predict = make_predict_fn(m)
     rm = None
     if rnet is not None:
@@ -219,7 +221,8 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         per["del"].append(di["deletion_auc"])
         per["ins"].append(di["insertion_auc"])
         # the same curves in a random order (trust.random_map, seeded per image: the same for every method)
-        dr = trust.deletion_insertion_auc(predict, s.image, trust.random_map(hm.shape, seed + i), tgt, steps=steps)
+        dr = cached(reference, (i, tgt), lambda: trust.deletion_insertion_auc(
+            predict, s.image, trust.random_map(hm.shape, seed + i), tgt, steps=steps))
         per["del_rand"].append(dr["deletion_auc"])
         per["ins_rand"].append(dr["insertion_auc"])
         if rm is not None:
@@ -315,6 +318,15 @@ def median_time_ratio(forward, heat, repeats: int) -> float:
         t2 = time.perf_counter()
         ratios.append((t2 - t1) / max(t1 - t0, 1e-9))
     return float(np.median(ratios))
+
+
+def cached(cache: dict | None, key, compute):
+    """compute(), remembered in `cache` under `key` (no cache: computed every time)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def random_order_reference(dels: list, dels_rand: list, ins_rand: list) -> dict:
@@ -426,11 +438,11 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     rnet = None
     if randomisation:
         rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval()
-    results = {}
+    results, reference = {}, {}
     for meth in methods:
         t0 = time.perf_counter()
         results[meth] = evaluate_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
-                                        seed=seed)
+                                        seed=seed, reference=reference)
         results[meth]["wall_seconds"] = round(time.perf_counter() - t0, 2)
         results[meth]["cost_vs_forward"] = cost_vs_forward(m, samples[0].image, meth)
         log.info("explain-eval %s done in %.1fs", meth, results[meth]["wall_seconds"])

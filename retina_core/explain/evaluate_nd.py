@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import RetinaInputError
 from . import trust
-from .evaluate import ND_MODALITIES, _mean, median_time_ratio, pick_round_robin, random_order_reference
+from .evaluate import ND_MODALITIES, _mean, cached, median_time_ratio, pick_round_robin, random_order_reference
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def _by_label(labels: list, flags: list) -> dict:
 
 def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rnet=None, steps: int = 16,
                            stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0,
-                           tolerance_px: int | None = None) -> dict:
+                           tolerance_px: int | None = None, reference: dict | None = None) -> dict:
     """All metrics of one method on volume samples (see the module docstring). Samples whose map is empty (no
     disease evidence: normal volumes, mostly) count as misses in the pointing games and are left out of the
     faithfulness, randomisation, stability and consistency checks (there is nothing to check); a randomised
@@ -457,11 +457,13 @@ def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rn
         if empty:
             continue
         if steps and p >= 0.5:
-            di = volume_deletion_insertion(_volume_predict(m, mt), s.volume, hm, steps)
+            predict = _volume_predict(m, mt)
+            di = volume_deletion_insertion(predict, s.volume, hm, steps)
             per["del"].append(di["deletion_auc"])
             per["ins"].append(di["insertion_auc"])
-            dr = volume_deletion_insertion(_volume_predict(m, mt), s.volume, trust.random_map(hm.shape, seed + i),
-                                           steps)
+            # the random-map reference is the same for every method (`reference`: cached across them)
+            dr = cached(reference, i, lambda: volume_deletion_insertion(
+                predict, s.volume, trust.random_map(hm.shape, seed + i), steps))
             per["del_rand"].append(dr["deletion_auc"])
             per["ins_rand"].append(dr["insertion_auc"])
         if rnet is not None:
@@ -769,12 +771,12 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     if len(samples) < n:
         notes.append(f"Only {len(samples)} samples available (asked for {n}).")
     rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval() if randomisation else None
-    results = {}
+    results, reference = {}, {}
     for meth in methods:
         t0 = time.perf_counter()
         if modality == "oct_volume":
             r = evaluate_volume_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
-                                       seed=seed)
+                                       seed=seed, reference=reference)
             r["cost_vs_forward"] = volume_cost_vs_forward(m, samples[0], meth)
         else:
             r = evaluate_fusion_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
