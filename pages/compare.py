@@ -100,7 +100,8 @@ else:
              caption=f"What the fusion model used in the fundus photograph (for '{fr.target}')")
     c2.image(overlay(images["oct"].pixels, fr.oct_map, alpha), width="stretch",
              caption=f"What the fusion model used in the OCT B-scan (for '{fr.target}')")
-    ui.show_trust_note(FUSION, fusion.sha256, "gradcam")
+    ui.show_trust_note(FUSION, fusion.sha256, "gradcam", where=c1, modality="fundus")
+    ui.show_trust_note(FUSION, fusion.sha256, "gradcam", where=c2, modality="oct")
 
 if readings:
     st.subheader("Agreement")

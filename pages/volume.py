@@ -1,10 +1,12 @@
 """Volume viewer: an OCT volume's B-scans with a slice slider, the en-face projection, the 3D model's result with
-the patient's clinical values as inputs, and per-slice heatmaps."""
+the patient's clinical values as inputs, how much the suggestion rests on the image versus each clinical value
+(exact Shapley values), and per-slice heatmaps."""
 import numpy as np
 import streamlit as st
 
-from retina_core import ui
+from retina_core import figures, ui
 from retina_core.errors import RetinaInputError
+from retina_core.explain.inputs import input_shapley
 from retina_core.explain.overlay import overlay
 from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
                                 slice_rgb)
@@ -100,6 +102,19 @@ with st.container(border=True):
         if float(result.maps.max()) <= 1e-6:
             st.caption("The 3D heatmap is empty: no region of the volume raised the disease score.")
         ui.show_trust_note(model_name, model.sha256, "gradcam")
+        with st.expander("What the suggestion rests on: the image or the clinical values", expanded=True):
+            ia = ui.memo("volume_inputs", key, lambda: input_shapley(model, vol, meta, eye), limit=8)
+            st.plotly_chart(figures.input_attribution_bars(ia.values, {"image": "OCT volume", **names}),
+                            width="stretch", key="vol_inputs_fig")
+            img_share = ia.shares()["image"]
+            st.caption(f"Exact Shapley values over the inputs: how far each moves P(disease) from a reference with "
+                       f"the volume blurred and no clinical values (P {ia.p_reference:.0%}); they add up to the "
+                       f"suggestion's P {ia.p:.0%}. The volume alone gives P {ia.p_image_only:.0%}, the clinical "
+                       f"values alone P {ia.p_metadata_only:.0%}. A value not recorded counts zero.")
+            if img_share < 0.5 and abs(ia.p - ia.p_reference) > 0.1:
+                st.warning(f"This suggestion rests mostly on the clinical values ({1 - img_share:.0%} of the "
+                           "evidence), not on the image: the heatmap shows only the image's part.",
+                           icon=":material/warning:")
     per_slice = st.toggle("Also run the B-scan model on every slice", False, key="vol_2d",
                           help="The OCT B-scan model reads each slice on its own: per-slice probabilities and maps.")
     if per_slice:

@@ -90,3 +90,15 @@ def stability_fig(rows: list[dict]) -> go.Figure:
                     x=[r["method"] for r in rows], y=[r.get(key) for r in rows], marker_color=PALETTE[i])
     return _layout(fig, 320, title="Heatmap stability under perturbation (1 = unchanged)", barmode="group",
                    yaxis=dict(range=[0, 1]))
+
+
+def input_attribution_bars(values: dict[str, float], labels: dict | None = None) -> go.Figure:
+    """Horizontal bars of Shapley values (probability points) per input: towards disease (orange) or away (blue)."""
+    names = list(values)[::-1]
+    v = [values[n] for n in names]
+    fig = go.Figure(go.Bar(x=v, y=[(labels or {}).get(n, n) for n in names], orientation="h",
+                           marker_color=[PALETTE[1] if x > 0 else PALETTE[0] for x in v],
+                           hovertemplate="%{y}: %{x:+.1%}<extra></extra>"))
+    fig = _layout(fig, 60 + 28 * len(names), showlegend=False,
+                  xaxis=dict(tickformat="+.0%", title="change in P(disease) (Shapley value)", zeroline=True))
+    return fig.update_layout(margin=dict(l=10, r=10, t=10, b=40))

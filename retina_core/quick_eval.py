@@ -170,7 +170,31 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided}
+        by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
+                  if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
+        if by_mod:
+            out[meth]["by_modality"] = by_mod
     return out
+
+
+PAIR_MODALITIES = ("fundus", "oct")     # the two inputs of the fusion model; its report suffixes figures by them
+_MODALITY_KEYS = ("pointing_game", "n_lesion_images", "energy_pointing_game", "deletion_auc",
+                  "deletion_auc_random_map", "faithful_vs_random", "randomisation_abs_spearman",
+                  "randomisation_empty_fraction")
+
+
+def modality_evidence(evidence: dict | None, modality: str) -> dict | None:
+    """The figures of one input's map of a two-input (fusion) model, from `method_trust` evidence, in the shape
+    `trust_note` reads; None when the report has no per-modality figures. The map of one input can pass while the
+    other fails (the bundled fusion model's OCT map deletes no faster than a random map)."""
+    from .explain.evaluate import passes_randomisation
+
+    mod = ((evidence or {}).get("by_modality") or {}).get(modality)
+    if not mod:
+        return None
+    ev = {**mod, "passes_randomisation": passes_randomisation(mod)}
+    ev.update({k: evidence.get(k) for k in ("n_images", "source", "lesion_guided")})
+    return ev
 
 
 def _lesion_guided(model_name: str, weights_sha256: str | None) -> bool:
@@ -184,6 +208,7 @@ def _lesion_guided(model_name: str, weights_sha256: str | None) -> bool:
     return bool((entry.get("config") or {}).get("lesion_cam_guidance"))
 
 
+WEAK_INPUT_DELETION = 0.9   # deletion AUCs (map and random) at or above this: the input hardly moves the score
 LOCALISATION_WARN = 0.5   # a pointing game below this (on phantoms) makes the trust note a warning
 
 
@@ -195,10 +220,20 @@ def class_localisation(evidence: dict | None, label: str | None) -> tuple[float,
     return (float(pg), int(n or 0)) if pg is not None else None
 
 
-def trust_note(evidence: dict | None, method: str, label: str | None = None) -> tuple[str, bool]:
+def trust_note(evidence: dict | None, method: str, label: str | None = None, modality: str | None = None
+               ) -> tuple[str, bool]:
     """One sentence on how far `method`'s maps can be trusted on this model, and whether it is a warning.
     `label`: the suggested class; when the map localised poorly on phantoms of that class (below LOCALISATION_WARN,
-    from at least 3 lesion images) the note is a warning about that class even if the overall figure is good."""
+    from at least 3 lesion images) the note is a warning about that class even if the overall figure is good.
+    `modality`: for a two-input model, the note on that input's map alone (`modality_evidence`)."""
+    if modality is not None:
+        ev = modality_evidence(evidence, modality)
+        note, warn = _trust_note(ev, f"{method} on the {modality.replace('oct', 'OCT')} image")
+        d, dr = (ev or {}).get("deletion_auc"), (ev or {}).get("deletion_auc_random_map")
+        if d is not None and dr is not None and min(d, dr) >= WEAK_INPUT_DELETION:
+            note += (f" Removing most of this image barely moves the model's score (deletion AUC {min(d, dr):.2f} "
+                     "or more): on phantoms its suggestion rests mainly on the other image.")
+        return note, warn
     note, warn = _trust_note(evidence, method)
     per_class = class_localisation(evidence, label)
     if not warn and per_class and per_class[1] >= 3 and per_class[0] < LOCALISATION_WARN:

@@ -153,18 +153,20 @@ def method_evidence(model_name: str, weights_sha256: str) -> dict[str, dict]:
     return memo("method_trust", (model_name, weights_sha256), lambda: method_trust(model_name, weights_sha256))
 
 
-def method_trust_note(model_name: str, weights_sha256: str, method: str, label: str | None = None
-                      ) -> tuple[str, bool]:
-    """How far `method`'s maps can be trusted on this model (for the suggested class `label`, when given): a
-    sentence and whether it is a warning (failed sanity check, or a map that rarely points at a lesion)."""
+def method_trust_note(model_name: str, weights_sha256: str, method: str, label: str | None = None,
+                      modality: str | None = None) -> tuple[str, bool]:
+    """How far `method`'s maps can be trusted on this model (for the suggested class `label`, when given; for one
+    input's map of a two-input model when `modality` is given): a sentence and whether it is a warning (failed
+    sanity check, no more faithful than chance, or a map that rarely points at a lesion)."""
     from .quick_eval import trust_note
 
-    return trust_note(method_evidence(model_name, weights_sha256).get(method), method, label)
+    return trust_note(method_evidence(model_name, weights_sha256).get(method), method, label, modality)
 
 
-def show_trust_note(model_name: str, weights_sha256: str, method: str, where=None, label: str | None = None) -> None:
+def show_trust_note(model_name: str, weights_sha256: str, method: str, where=None, label: str | None = None,
+                    modality: str | None = None) -> None:
     """`method_trust_note` under a map: a caption, or a warning when the map failed a check."""
-    note, warn = method_trust_note(model_name, weights_sha256, method, label)
+    note, warn = method_trust_note(model_name, weights_sha256, method, label, modality)
     where = where or st
     (where.warning if warn else where.caption)(note, **({"icon": ":material/warning:"} if warn else {}))
 

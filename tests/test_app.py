@@ -207,6 +207,12 @@ def test_volume_viewer_slider_and_metadata():
     assert labels["3D model suggestion"] in ("normal", "disease")
     assert at.number_input(key="vol_age").value is not None            # phantom metadata prefilled
     assert any("rarely points at a lesion" in w.value for w in at.warning)   # the bundled 3-D map's measured trust
+    # what the suggestion rests on: exact Shapley values over the volume and the clinical values, adding up
+    (ia,) = at.session_state["_memo"]["volume_inputs"].values()
+    assert sum(ia.values.values()) == pytest.approx(ia.p - ia.p_reference, abs=1e-6)
+    (vr,) = at.session_state["_memo"]["volume3d"].values()
+    assert ia.p == pytest.approx(vr.p_disease, abs=1e-5)
+    assert any("Exact Shapley values over the inputs" in c.value for c in at.caption)
     memo = at.session_state["_memo"]["volume3d"]
     ids = {k: id(v) for k, v in memo.items()}
     at.slider(key="vol_slice").set_value(3).run()                        # slider: nothing recomputed
@@ -215,6 +221,7 @@ def test_volume_viewer_slider_and_metadata():
     assert any(c.startswith("B-scan 3 of") for c in _captions(at))
     at.number_input(key="vol_age").set_value(80.0).run()                 # another age: a new result
     assert not at.exception and len(at.session_state["_memo"]["volume3d"]) == 2
+    assert len(at.session_state["_memo"]["volume_inputs"]) == 2
     at.toggle(key="vol_2d").set_value(True).run()                        # the B-scan model on every slice
     assert not at.exception and len(at.session_state["_memo"]["volume2d"]) == 1
 
@@ -229,7 +236,10 @@ def test_compare_page_pair_with_fusion_and_agreement():
     caps = " ".join(_captions(at))
     assert "fusion model used in the fundus" in caps and "fusion model used in the OCT" in caps
     assert "agree" in " ".join(str(x.value) for x in list(at.success) + list(at.warning))
-    assert any("explain_eval_fundus_oct_fusion.json" in c.value for c in at.caption)   # measured trust of the maps
+    # measured trust of each map on its own: the bundled report finds the fundus map faithful, the OCT map not
+    assert any("on the fundus image passed" in c.value and "explain_eval_fundus_oct_fusion.json" in c.value
+               for c in at.caption)
+    assert any("on the OCT image **is no more faithful than chance**" in w.value for w in at.warning)
     assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 3        # fundus, OCT, fusion rows
 
 

@@ -159,6 +159,15 @@ def test_volume_report_keys_ranges_and_ranking(volume_report):
                                                                              < r["deletion_auc_random_map"]))
         assert r["cost_vs_forward"] > 0 and r["seconds_per_image"] > 0
         assert passes_randomisation(r) in (True, False)
+        # the pointing game over the image-led suggestions: a subset of the lesion volumes
+        assert 0 <= r["n_lesion_images_image_led"] <= r["n_lesion_images"]
+        assert (r["pointing_game_image_led"] is None) == (r["n_lesion_images_image_led"] == 0)
+    # which inputs the suggestions rest on (Shapley over the image and the clinical values)
+    ins = rep["inputs"]
+    assert _in01(ins["image_led_fraction"])
+    for lab, row in ins["by_label"].items():
+        assert row["n_called_disease"] >= 1 and set(row["mean_share"]) >= {"image", "hba1c"}
+        assert sum(row["mean_share"].values()) == pytest.approx(1.0, abs=1e-6) or sum(row["mean_share"].values()) == 0
     assert [d["method"] for d in rep["ranking"]] == [d["method"] for d in rank_methods(rep["methods"])]
     assert all(d["mean_rank"] is not None for d in rep["ranking"])
     json.dumps(rep)                                           # JSON-ready
@@ -243,6 +252,27 @@ def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path, monkeypa
     assert set(ev) == {"gradcam"}
     assert ev["gradcam"]["randomisation_abs_spearman"] == rep["methods"]["gradcam"]["randomisation_abs_spearman"]
     assert ev["gradcam"]["pointing_game"] == rep["methods"]["gradcam"]["pointing_game"]
+    # each input's map has its own figures and its own note
+    for mod in ("fundus", "oct"):
+        sub = qe.modality_evidence(ev["gradcam"], mod)
+        assert sub["deletion_auc"] == rep["methods"]["gradcam"][f"deletion_auc_{mod}"]
+        assert sub["faithful_vs_random"] == rep["methods"]["gradcam"][f"faithful_vs_random_{mod}"]
+        assert sub["source"] == p.name
+    bad = json.loads(json.dumps(ev["gradcam"]))
+    bad["by_modality"]["oct"].update(faithful_vs_random=False, deletion_auc=0.9, deletion_auc_random_map=0.8,
+                                     randomisation_abs_spearman=0.1, randomisation_empty_fraction=0.0)
+    bad["by_modality"]["fundus"].update(faithful_vs_random=True, deletion_auc=0.3, deletion_auc_random_map=0.8,
+                                        randomisation_abs_spearman=0.1, randomisation_empty_fraction=0.0,
+                                        pointing_game=1.0)
+    note, warn = qe.trust_note(bad, "gradcam", modality="oct")
+    assert warn and "gradcam on the OCT image **is no more faithful than chance**" in note and "0.90 against 0.80" in note
+    assert "rests mainly on the other image" not in note
+    bad["by_modality"]["oct"].update(deletion_auc=0.97, deletion_auc_random_map=0.95)
+    assert "barely moves the model's score (deletion AUC 0.95 or more)" in qe.trust_note(bad, "gradcam",
+                                                                                          modality="oct")[0]
+    note, warn = qe.trust_note(bad, "gradcam", modality="fundus")
+    assert not warn and "on the fundus image passed" in note and "0.30 against 0.80" in note
+    assert qe.modality_evidence({"pointing_game": 1.0}, "oct") is None
 
 
 # ------------------------------------------------------------------------------------------------ bad input

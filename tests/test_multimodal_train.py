@@ -355,7 +355,7 @@ def test_volume_attention_mining_masks_what_the_map_marks_and_trains(tmp_path):
     logits = net(x, meta)
     cam = guide.cam(logits, torch.tensor([True, True]))
     mining = VolumeAttentionMining(2.0)
-    loss = mining(net, x, meta, cam)
+    loss = mining(net, x, meta, cam, logits[:, 0])
     # by hand: the same soft mask and the same blur
     c = torch.relu(cam)
     c = c / (c.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-6)
@@ -363,12 +363,17 @@ def test_volume_attention_mining_masks_what_the_map_marks_and_trains(tmp_path):
                                                              align_corners=False) - 0.5))
     x_am = x * (1 - t) + torch.nn.functional.avg_pool3d(x, 5, 1, 2, count_include_pad=False) * t
     with torch.no_grad():
-        expected = 2.0 * torch.sigmoid(net(x_am, meta)[:, 0]).mean()
+        expected = 2.0 * torch.sigmoid(net(x_am, meta)[:, 0] - logits[:, 0]).mean()
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     assert float(t.detach().max()) > 0.9 and float(t.detach().min()) < 0.1  # the mask marks part of the volume
     loss.backward()
     head = [p for n, p in net.named_parameters() if "layer4" in n and p.grad is not None]
     assert head and any(float(p.grad.abs().sum()) > 0 for p in head)
+    with torch.no_grad():    # relative to the volume's own score: moving the output bias leaves the term as it was
+        fc = [mod for mod in net.modules() if isinstance(mod, torch.nn.Linear)][-1]
+        fc.bias += 3.0
+        shifted = mining(net, x, meta, cam.detach(), net(x, meta)[:, 0])
+    assert float(shifted) == pytest.approx(float(expected), rel=1e-4)
     guide.close()
 
     data = tmp_path / "vol"

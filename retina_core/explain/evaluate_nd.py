@@ -422,15 +422,17 @@ def _by_label(labels: list, flags: list) -> dict:
 
 def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rnet=None, steps: int = 16,
                            stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0,
-                           tolerance_px: int | None = None, reference: dict | None = None) -> dict:
+                           tolerance_px: int | None = None, reference: dict | None = None,
+                           image_led: Sequence[bool] | None = None) -> dict:
     """All metrics of one method on volume samples (see the module docstring). Samples whose map is empty (no
     disease evidence: normal volumes, mostly) count as misses in the pointing games and are left out of the
     faithfulness, randomisation, stability and consistency checks (there is nothing to check); a randomised
-    model's empty map gives rho 0 (the map vanished)."""
+    model's empty map gives rho 0 (the map vanished). `image_led` (per sample, from `volume_input_summary`):
+    the pointing game is also reported over the lesion volumes called disease mainly on the image's evidence."""
     classes = list(m.cfg.classes)
     per: dict[str, list] = {k: [] for k in ("pg", "pg_tie", "chance", "epg", "area", "slice", "slice_base", "del",
                                             "ins", "del_rand", "ins_rand", "rho", "r_empty", "sec", "correct", "maps",
-                                            "labels", "empty")}
+                                            "labels", "empty", "pg_led")}
     stab = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
     n_stab = 0
     for i, s in enumerate(samples):
@@ -448,6 +450,8 @@ def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rn
             per["maps"].append((hm, label))
         if s.mask is not None and s.mask.any():
             per["pg"].append(float(trust.pointing_game_3d(hm, s.mask, tolerance_px)))
+            if image_led is not None and image_led[i]:
+                per["pg_led"].append(per["pg"][-1])
             per["pg_tie"].append(trust.pointing_game_3d_tiebreak(hm, s.mask, tolerance_px))
             per["chance"].append(trust.pointing_game_3d_chance(s.mask, tolerance_px))
             per["epg"].append(trust.energy_pointing_game_3d(hm, s.mask))
@@ -510,7 +514,35 @@ def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rn
     }
     if flags and len(flags) == len(per["correct"]):
         res["accuracy"] = float(np.mean(flags))
+    if image_led is not None:
+        res["pointing_game_image_led"] = _mean(per["pg_led"])
+        res["n_lesion_images_image_led"] = len(per["pg_led"])
     return res
+
+
+IMAGE_LED_SHARE = 0.5    # a suggestion rests mainly on the image when the image holds at least this share
+
+
+def volume_input_summary(m: _Net, samples: list[VolumeSample]) -> dict:
+    """Exact Shapley values of P(disease) over the image and the clinical values (`explain.inputs`) per sample,
+    summarised: {"image_led": [bool per sample: called disease and the image's share >= IMAGE_LED_SHARE],
+    "by_label": {label: {n, mean share per input, p_image_only, p_metadata_only}} over the volumes called disease}.
+    The 3-D map can only show the image's part: where a suggestion rests on HbA1c, no map can point at a lesion."""
+    from .inputs import input_shapley
+
+    led, rows = [], {}
+    for s in samples:
+        a = input_shapley(m, s.volume, s.meta, s.eye)
+        sh = a.shares()
+        called = a.p >= 0.5
+        led.append(bool(called and sh["image"] >= IMAGE_LED_SHARE))
+        if called:
+            rows.setdefault(s.label or "unlabelled", []).append((sh, a.p_image_only, a.p_metadata_only))
+    by_label = {lab: {"n_called_disease": len(v),
+                      "mean_share": {k: float(np.mean([sh[k] for sh, _, _ in v])) for k in v[0][0]},
+                      "p_image_only": float(np.mean([x for _, x, _ in v])),
+                      "p_metadata_only": float(np.mean([x for _, _, x in v]))} for lab, v in rows.items()}
+    return {"image_led": led, "by_label": by_label}
 
 
 def volume_map_grid(m: _Net, s: VolumeSample) -> list[int]:
@@ -772,11 +804,12 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
         notes.append(f"Only {len(samples)} samples available (asked for {n}).")
     rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval() if randomisation else None
     results, reference = {}, {}
+    inputs = volume_input_summary(m, samples) if modality == "oct_volume" else None
     for meth in methods:
         t0 = time.perf_counter()
         if modality == "oct_volume":
             r = evaluate_volume_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
-                                       seed=seed, reference=reference)
+                                       seed=seed, reference=reference, image_led=inputs["image_led"])
             r["cost_vs_forward"] = volume_cost_vs_forward(m, samples[0], meth)
         else:
             r = evaluate_fusion_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
@@ -831,10 +864,20 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
         ]
         settings_extra = {"deletion_baseline": "blur"}
     ranking = rank_methods(results)
+    extra = {}
+    if inputs is not None:
+        extra["inputs"] = {"image_led_fraction": _mean([float(x) for x in inputs["image_led"]]),
+                           "by_label": inputs["by_label"]}
+        notes.append("inputs: exact Shapley values of P(disease) over the image (the volume against its 3-D blur) "
+                     "and each clinical value (given against not recorded), shares |value| / sum, averaged over "
+                     "the volumes called disease. pointing_game_image_led is the pointing game over the lesion "
+                     f"volumes called disease with the image holding >= {IMAGE_LED_SHARE:.0%} of the evidence: a "
+                     "suggestion that rests on clinical values (HbA1c, on the diabetic phantoms) has no image "
+                     "location to point at.")
     return _clean({"model": m.name, "weights_sha256": m.sha256, "modality": modality, "data": source,
                    "split": used_split, "n_images": len(samples), "eval_size": eval_size, "metric_kind": "phantom",
                    "methods": results, "ranking": ranking, "recommended_default": recommend_default(results, ranking),
-                   "notes": notes,
+                   **extra, "notes": notes,
                    "settings": {"steps": steps, "stability_kinds": list(stability_kinds),
                                 "randomisation": randomisation, "seed": seed, "noise_sigma": NOISE_SIGMA,
                                 "brightness": BRIGHTNESS, **settings_extra}})
@@ -845,12 +888,16 @@ def format_lines(report: dict) -> list[str]:
     lines = []
     for meth, r in report.get("methods", {}).items():
         if report.get("modality") == "oct_volume":
-            keys = ("pointing_game_tiebreak", "pointing_game_chance", "energy_baseline_mask_area", "slice_hit_rate",
-                    "slice_hit_baseline", "empty_map_fraction", "randomisation_empty_fraction")
+            keys = ("pointing_game_tiebreak", "pointing_game_chance", "pointing_game_image_led",
+                    "energy_baseline_mask_area", "slice_hit_rate", "slice_hit_baseline", "empty_map_fraction",
+                    "randomisation_empty_fraction")
         else:
             keys = tuple(f"{k}_{mod}" for k in ("pointing_game", "pointing_game_chance", "energy_pointing_game",
                                                   "randomisation_spearman", "deletion_auc", "insertion_auc",
                                                   "empty_map_fraction") for mod in MODALITIES)
         vals = ", ".join(f"{k} {'-' if r.get(k) is None else format(r[k], '.3f')}" for k in keys)
         lines.append(f"  {meth}: {vals}")
+    for lab, row in ((report.get("inputs") or {}).get("by_label") or {}).items():
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in sorted(row["mean_share"].items(), key=lambda kv: -kv[1])[:4])
+        lines.append(f"  inputs of the {row['n_called_disease']} '{lab}' volumes called disease: {shares}")
     return lines
