@@ -104,17 +104,27 @@ with st.container(border=True):
         ui.show_trust_note(model_name, model.sha256, "gradcam")
         with st.expander("What the suggestion rests on: the image or the clinical values", expanded=True):
             ia = ui.memo("volume_inputs", key, lambda: input_shapley(model, vol, meta, eye), limit=8)
-            st.plotly_chart(figures.input_attribution_bars(ia.values, {"image": "OCT volume", **names}),
-                            width="stretch", key="vol_inputs_fig")
-            img_share = ia.shares()["image"]
-            st.caption(f"Exact Shapley values over the inputs: how far each moves P(disease) from a reference with "
-                       f"the volume blurred and no clinical values (P {ia.p_reference:.0%}); they add up to the "
-                       f"suggestion's P {ia.p:.0%}. The volume alone gives P {ia.p_image_only:.0%}, the clinical "
-                       f"values alone P {ia.p_metadata_only:.0%}. A value not recorded counts zero.")
-            if img_share < 0.5 and abs(ia.p - ia.p_reference) > 0.1:
-                st.warning(f"This suggestion rests mostly on the clinical values ({1 - img_share:.0%} of the "
-                           "evidence), not on the image: the heatmap shows only the image's part.",
-                           icon=":material/warning:")
+            if abs(ia.p - ia.p_reference) < 0.01:
+                st.caption(f"Nothing to attribute: with every input P(disease) is {ia.p:.0%}, the same as with the "
+                           "volume blurred and no clinical values. Neither the image nor the clinical values move "
+                           "the score.")
+            else:
+                st.plotly_chart(figures.input_attribution_bars(ia.values, {"image": "OCT volume", **names,
+                                                                           "sex": "Sex", "eye": "Eye"}),
+                                width="stretch", key="vol_inputs_fig")
+                st.caption(f"Exact Shapley values over the inputs: how far each moves P(disease) from a reference "
+                           f"with the volume blurred and no clinical values (P {ia.p_reference:.0%}); they add up to "
+                           f"the suggestion's P {ia.p:.0%}. The volume alone gives P {ia.p_image_only:.0%}, the "
+                           f"clinical values alone P {ia.p_metadata_only:.0%}. A value not recorded counts zero.")
+                called, image_call = ia.p >= 0.5, ia.p_image_only >= 0.5
+                if called != image_call:
+                    st.warning(f"The volume alone would not give this suggestion (P {ia.p_image_only:.0%} without "
+                               f"the clinical values): it rests on the clinical values "
+                               f"({1 - ia.shares()['image']:.0%} of the evidence), and the heatmap shows only the "
+                               "image's part.", icon=":material/warning:")
+                elif ia.shares()["image"] < 0.5:
+                    st.caption(f"The clinical values carry most of the evidence ({1 - ia.shares()['image']:.0%}), "
+                               "but the volume alone gives the same suggestion.")
     per_slice = st.toggle("Also run the B-scan model on every slice", False, key="vol_2d",
                           help="The OCT B-scan model reads each slice on its own: per-slice probabilities and maps.")
     if per_slice:

@@ -374,6 +374,11 @@ def test_volume_attention_mining_masks_what_the_map_marks_and_trains(tmp_path):
         fc.bias += 3.0
         shifted = mining(net, x, meta, cam.detach(), net(x, meta)[:, 0])
     assert float(shifted) == pytest.approx(float(expected), rel=1e-4)
+    # ... and in the gradient: the output bias gets none from this term
+    net.zero_grad()
+    logits = net(x, meta)
+    mining(net, x, meta, guide.cam(logits, torch.tensor([True, True])), logits[:, 0]).backward()
+    assert float(fc.bias.grad.abs().max()) < 1e-6
     guide.close()
 
     data = tmp_path / "vol"

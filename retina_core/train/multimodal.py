@@ -469,15 +469,16 @@ class VolumeAttentionMining:
                  z_ref: torch.Tensor) -> torch.Tensor:
         """x [b, 1, D, H, W] and meta [b, M] of the diseased rows, cam [b, d, h, w] their differentiable Grad-CAM
         (before the ReLU), z_ref [b] their disease logits on the whole volume. Returns W x mean
-        sigmoid(z_masked - z_ref): the masked volume's score relative to the unmasked one (z_ref is not
-        differentiated through), so the term cannot be lowered by moving the output bias."""
+        sigmoid(z_masked - z_ref): the masked volume's score relative to the unmasked one. Both are differentiated
+        through, so the output bias cancels in the value and in the gradient: the term cannot be lowered by moving
+        every disease score down (detaching z_ref would leave the bias a gradient)."""
         c = torch.relu(cam)
         c = c / (c.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-6)
         c = F.interpolate(c[:, None], size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
         t = torch.sigmoid(self.omega * (c - self.sigma))
         x_am = x * (1 - t) + self.blur(x).detach() * t
         z = net(x_am, meta).reshape(len(x), -1)[:, 0]
-        return self.weight * torch.sigmoid(z.float() - z_ref.detach().float().reshape(-1)).mean()
+        return self.weight * torch.sigmoid(z.float() - z_ref.float().reshape(-1)).mean()
 
 
 def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
