@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from retina_core.errors import RetinaInputError
-from retina_core.explain.inputs import input_shapley, shapley_from_coalitions
+from retina_core.explain import input_shapley
+from retina_core.explain.inputs import shapley_from_coalitions
 from retina_core.models import create_model, get_cfg
 
 VOLUME = "oct_volume_fusion3d_tiny"

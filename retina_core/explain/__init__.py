@@ -18,7 +18,7 @@ _EXPORTS = {
     "pointing_game": "trust", "energy_pointing_game": "trust", "deletion_insertion_auc": "trust",
     "randomisation_check": "trust", "stability_under_perturbation": "trust", "class_consistency": "trust",
     "centre_attention_vs_confidence": "trust", "correct_vs_misclassified": "trust",
-    "explain_eval": "evaluate",
+    "explain_eval": "evaluate", "input_shapley": "inputs",
 }
 __all__ = sorted(_EXPORTS)
 
