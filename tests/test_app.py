@@ -224,6 +224,15 @@ def test_volume_viewer_slider_and_metadata():
     assert len(at.session_state["_memo"]["volume_inputs"]) == 2
     at.toggle(key="vol_2d").set_value(True).run()                        # the B-scan model on every slice
     assert not at.exception and len(at.session_state["_memo"]["volume2d"]) == 1
+    # a normal volume: when no input moves the score there is nothing to chart, and the page says so
+    at.selectbox(key="vol_sample").set_value("Volume phantom: normal").run()
+    assert not at.exception
+    ia = list(at.session_state["_memo"]["volume_inputs"].values())[-1]
+    caps = " ".join(c.value for c in at.caption)
+    if abs(ia.p - ia.p_reference) < 0.01:
+        assert "Nothing to attribute" in caps and "Exact Shapley values" not in caps
+    else:
+        assert "Exact Shapley values" in caps and "Nothing to attribute" not in caps
 
 
 def test_compare_page_pair_with_fusion_and_agreement():
