@@ -70,7 +70,7 @@ def input_shapley(model, volume: np.ndarray, meta: dict, eye: str | None = None)
 
     net = model if hasattr(model, "meta_features") else getattr(model, "net", model)   # bare net or LoadedModel
     cfg = getattr(model, "cfg", None) or getattr(net, "cfg", None)
-    if cfg is None or getattr(cfg, "modality", "") != "oct_volume" or not hasattr(net, "forward_features"):
+    if cfg is None or getattr(cfg, "modality", "") != "oct_volume" or not hasattr(net, "fuse"):
         raise RetinaInputError("Input attribution is for the OCT volume + clinical values models (oct_volume).")
     vol = np.asarray(volume, np.float32)
     if vol.ndim != 3:
@@ -86,8 +86,7 @@ def input_shapley(model, volume: np.ndarray, meta: dict, eye: str | None = None)
     m = torch.from_numpy(encode_metadata(meta or {}, eye, feats))[None].to(device)
     given = [i for i, f in enumerate(feats) if torch.isfinite(m[0, i])]
     x = torch.cat([preprocess_volume(vol, cfg, device), preprocess_volume(volume_blur(vol), cfg, device)])
-    img = net.image_proj(net.net(x))                    # [2, E]: the volume, its blur
-    image_only = net.fusion == "image_only"
+    img = net.embed_image(x)                            # [2, E]: the volume, its blur
     players = [IMAGE] + [feats[i] for i in given]
     masks = list(itertools.product((False, True), repeat=len(players)))
     metas = m.repeat(len(masks), 1)
@@ -95,12 +94,7 @@ def input_shapley(model, volume: np.ndarray, meta: dict, eye: str | None = None)
         for j, i in enumerate(given):
             if not mask[j + 1]:
                 metas[r, i] = float("nan")             # "not recorded": standardised to the training mean
-    im = img[[0 if mask[0] else 1 for mask in masks]]
-    if image_only:
-        f = im
-    else:
-        mm = net.meta_mlp(net.standardise(metas, len(masks), im))
-        f = torch.cat([im, mm], 1) if net.fusion == "concat" else (im + mm if net.fusion == "add" else im * mm)
+    f = net.fuse(img[[0 if mask[0] else 1 for mask in masks]], metas)
     p = torch.sigmoid(net.forward_head(f).float()[:, 0] / t).cpu().numpy()
     table = dict(zip(masks, p))
     phi = shapley_from_coalitions(lambda mask: table[mask], len(players))

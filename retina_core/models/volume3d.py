@@ -128,14 +128,21 @@ class VolumeFusion3D(nn.Module):
         z = (meta.to(like.dtype) - self.meta_mean.to(like.dtype)) / self.meta_std.to(like.dtype)
         return torch.nan_to_num(z, nan=0.0).clamp(-6, 6)
 
-    def forward_features(self, volume: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        img = self.image_proj(self.net(volume))
+    def embed_image(self, volume: torch.Tensor) -> torch.Tensor:
+        """The image branch alone: [B, 1, D, H, W] -> [B, 512]."""
+        return self.image_proj(self.net(volume))
+
+    def fuse(self, img: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        """Image embeddings [B, 512] + raw metadata [B, M] (NaN = not recorded) -> the classifier's input."""
         if self.fusion == "image_only":
             return img
-        m = self.meta_mlp(self.standardise(meta, volume.shape[0], img))
+        m = self.meta_mlp(self.standardise(meta, img.shape[0], img))
         if self.fusion == "concat":
             return torch.cat([img, m], dim=1)
         return img + m if self.fusion == "add" else img * m
+
+    def forward_features(self, volume: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fuse(self.embed_image(volume), meta)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.classifier(feats)

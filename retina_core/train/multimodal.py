@@ -447,8 +447,8 @@ class VolumeAttentionMining:
     z(whole volume)) is added to the loss. Unlike GAIN's W x P(disease | what is left), the term is relative to the
     volume's own score: the absolute form was lowered most cheaply by moving the output bias down, which cost
     accuracy at the 0.5 threshold (0.78-0.91 on the phantom test split, docs/explanations.md) and which no
-    temperature can undo for a one-logit model. The map is trained to cover what the decision rests on, so deleting in its order lowers
-    P(disease) fast: it ties the map to the prediction, which lesion guidance alone does not (the stride-4 runs of
+    temperature can undo for a one-logit model. The map is trained to cover what the decision rests on, so
+    deleting in its order lowers P(disease) fast: it ties the map to the prediction, which lesion guidance alone does not (the stride-4 runs of
     docs/explanations.md pointed at lesions no more faithfully than a random map). Works with or without lesion
     masks; with `--lesion-cam-guidance` both act on the same map. Costs one more forward and backward per batch.
     The clinical values are kept as they are: the model is pushed to call a volume whose marked region is gone
