@@ -139,38 +139,47 @@ def test_volume_model_trains_with_focal_loss_and_metadata(tmp_path, capsys):
                  "--weights-dir", str(out)]) != 0
 
 
-def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloaded_as_such(tmp_path, capsys):
-    from retina_core.models.volume3d import dilate_last_stages
-
-    kw = dict(create_model("oct_volume_fusion3d_tiny").cfg.builder_kwargs)
+def _layer4_grids(kw: dict, option: str, values) -> dict:
+    """{value: layer4 grid (D, H, W)} of the tiny volume model at 32^3 built with kw + {option: value}; each loads the
+    plain model's tensors (strides and dilations change, weight shapes do not)."""
     plain = create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32), builder_kwargs=kw)
     grids = {}
-    for os_ in (32, 16, 8, 4):
-        net = create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32),
-                           builder_kwargs={**kw, "output_stride": os_})
-        net.load_state_dict(plain.state_dict())                 # same tensors: undilated weights fine-tune as is
+    for v in values:
+        net = create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32), builder_kwargs={**kw, option: v})
+        net.load_state_dict(plain.state_dict())
         net.eval()
         store = {}
         net.net.layer4.register_forward_hook(lambda m, i, o: store.update(shape=tuple(o.shape[2:])))
         with torch.no_grad():
-            net(torch.zeros(1, 1, 32, 32, 32))
-        grids[os_] = store["shape"]
+            net(torch.rand(1, 1, 32, 32, 32))
+        grids[v] = store["shape"]
+    return grids
+
+
+def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloaded_as_such(tmp_path, capsys):
+    from retina_core.models.volume3d import dilate_last_stages
+
+    kw = dict(create_model("oct_volume_fusion3d_tiny").cfg.builder_kwargs)
+    grids = _layer4_grids(kw, "output_stride", (32, 16, 8, 4))
     assert grids == {32: (1, 1, 1), 16: (2, 2, 2), 8: (4, 4, 4), 4: (8, 8, 8)}
     with pytest.raises(ValueError, match="output_stride"):
         dilate_last_stages(create_model("oct_volume_fusion3d_tiny").net, 12, stem_stride=4)
 
-    # trained dilated, recorded in the manifest, rebuilt dilated: re-evaluation reproduces the held-out ECE
+    # trained dilated (and with a finer stride across slices), recorded in the manifest, rebuilt as such:
+    # re-evaluation reproduces the held-out ECE
     data = tmp_path / "vol"
     write_dataset("oct-volume", n=16, seed=5, out=data, size=32)
     out = tmp_path / "run"
     assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(out),
                  "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--fusion", "image_only",
-                 "--output-stride", "8", "--json"]) == 0
+                 "--output-stride", "8", "--slice-stride", "2", "--json"]) == 0
     capsys.readouterr()
     entry = json.loads((out / "manifest.json").read_text())["oct_volume_fusion3d_tiny"]
-    assert entry["builder_kwargs"] == {"output_stride": 8}
+    assert entry["builder_kwargs"] == {"output_stride": 8, "slice_stride": 2}
     m = load_multimodal("oct_volume_fusion3d_tiny", weights_dir=out, device="cpu")
     assert m.net.net.layer4[0].conv2.dilation == (4, 4, 4) and m.net.net.layer4[0].conv1.stride == (1, 1, 1)
+    assert m.net.net.layer2[0].conv1.stride == (1, 2, 2) and m.net.net.maxpool.stride == (1, 2, 2)
+    assert m.net.net.conv1.stride == (2, 2, 2)
     split = "test" if entry["splits"].get("test") else "val"
     assert main(["evaluate", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--weights-dir", str(out),
                  "--split", split, "--json"]) == 0
@@ -181,6 +190,24 @@ def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloade
     assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(tmp_path / "r2"),
                  "--epochs", "1", "--global-pool", "max"]) != 0
     assert "--global-pool" in capsys.readouterr().err
+
+
+def test_volume_slice_stride_keeps_slices_apart_and_is_refused_for_2d_models(tmp_path, capsys):
+    from retina_core.models.volume3d import keep_slices
+
+    kw = {**create_model("oct_volume_fusion3d_tiny").cfg.builder_kwargs, "output_stride": 8}
+    grids = _layer4_grids(kw, "slice_stride", (8, 4, 2, 1))
+    # finer across slices only; in-plane the grid stays at output stride 8
+    assert grids == {8: (4, 4, 4), 4: (8, 4, 4), 2: (16, 4, 4), 1: (32, 4, 4)}
+    with pytest.raises(ValueError, match="slice_stride"):
+        keep_slices(create_model("oct_volume_fusion3d_tiny", builder_kwargs=kw).net, 3)
+
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=4, seed=6, out=data, size=32)
+    # a 2-D model has no slices: refused with the flag named
+    assert main(["train", "--model", "oct_resnet18", "--data", str(data), "--out", str(tmp_path / "r2"),
+                 "--epochs", "1", "--slice-stride", "2"]) != 0
+    assert "--slice-stride" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ lesion-CAM guidance
@@ -294,6 +321,32 @@ def test_volume_lesion_cam_guidance_can_be_followed_and_masks_move_with_augmenta
     small = volume_lesion_mask(data, rel, (32, 32, 32), (32, 8, 8))
     full = volume_lesion_mask(data, rel, (32, 32, 32), (32, 32, 32))
     assert small.shape == (32, 8, 8) and small.any() and torch.equal(full, masks[0])
+
+
+def test_volume_meta_dropout_hides_clinical_values_only_in_training_and_is_refused_elsewhere(tmp_path, capsys):
+    from retina_core.train.multimodal import VolumeSet
+
+    n = 400
+    vols, metas, ys = torch.zeros(n, 1, 2, 4, 4), torch.arange(n * 6, dtype=torch.float32).view(n, 6), torch.ones(n)
+    torch.manual_seed(0)
+    hidden = torch.stack([torch.isnan(VolumeSet(vols, metas, ys, augment=True, strength=1.0, meta_dropout=0.5)[i][1])
+                          for i in range(n)])
+    whole = hidden.all(1).float().mean()
+    assert 0.40 < whole < 0.62                                      # whole record hidden with p (+ p/2 ^ 6 by chance)
+    part = hidden[~hidden.all(1)].float().mean()
+    assert 0.15 < part < 0.35                                       # otherwise each value with p / 2
+    # without the option (and so for validation and test sets) the record is left as it is
+    assert all(torch.equal(VolumeSet(vols, metas, ys, augment=True, strength=1.0)[i][1], metas[i]) for i in range(8))
+    # values that are kept are the recorded ones
+    got = torch.stack([VolumeSet(vols, metas, ys, True, 1.0, meta_dropout=0.5)[i][1] for i in range(n)])
+    assert torch.equal(got[~got.isnan()], metas[~got.isnan()])
+
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
+    for bad in (["--meta-dropout", "1.5"], ["--meta-dropout", "-0.1"]):
+        assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out",
+                     str(tmp_path / "r"), "--epochs", "1", *bad]) != 0
+        assert "--meta-dropout" in capsys.readouterr().err
 
 
 def test_volume_training_with_lesion_cam_guidance_and_the_refusals(tmp_path, capsys):

@@ -86,6 +86,40 @@ def dilate_last_stages(net: nn.Module, output_stride: int, stem_stride: int) -> 
     return dilation
 
 
+def keep_slices(net: nn.Module, slice_stride: int) -> int:
+    """Stride less across slices than in-plane, as OCT volumes are sampled: B-scans lie several times further apart
+    than the pixels within one (about 190 um against 50-95 um here), so an isotropic 3D ResNet merges slices long
+    before it merges pixels and its Grad-CAM can only point at a group of slices (8 slices per cell at stride 8).
+    From the last strided module back (layer4, layer3, layer2 first blocks, then the max pool, then the first conv)
+    each loses its stride across slices (stride (1, s, s)) until the total stride across slices is `slice_stride`.
+    In-plane strides, dilations and weight shapes are unchanged, so checkpoints load either way; compute grows with
+    the finer grid. Call after `dilate_last_stages`. Returns the total stride across slices."""
+    strided = []                                             # (module, attribute holder) in forward order
+    if net.conv1.stride[0] > 1:
+        strided.append([net.conv1])
+    if not getattr(net, "no_max_pool", False) and isinstance(net.maxpool, nn.MaxPool3d):
+        strided.append([net.maxpool])
+    for name in ("layer2", "layer3", "layer4"):
+        block = getattr(net, name)[0]
+        if block.conv1.stride[0] > 1:
+            strided.append([block.conv1] + ([block.downsample[0]] if block.downsample is not None else []))
+    total = 1
+    for mods in strided:
+        s = mods[0].stride
+        total *= int(s[0] if isinstance(s, tuple) else s)
+    allowed = [total >> k for k in range(len(strided) + 1)]
+    if slice_stride not in allowed:
+        raise ValueError(f"slice_stride must be one of {allowed} (the stride across slices before), got {slice_stride}")
+    for mods in reversed(strided):
+        if total == slice_stride:
+            break
+        for mod in mods:
+            s = mod.stride if isinstance(mod.stride, tuple) else (mod.stride,) * 3
+            mod.stride = (1, int(s[1]), int(s[2]))
+        total //= 2
+    return total
+
+
 class VolumeFusion3D(nn.Module):
     """forward(volume, meta=None) -> logit [B, 1]; forward_features -> fused [B, classifier_in];
     forward_head -> logit. meta: raw metadata [B, M] (NaN = missing), standardised inside; None = all missing."""
@@ -101,6 +135,8 @@ class VolumeFusion3D(nn.Module):
                                  int(kw.get("conv1_stride", 1)))
         if kw.get("output_stride"):
             dilate_last_stages(self.net, int(kw["output_stride"]), stem_stride=2 * int(kw.get("conv1_stride", 1)))
+        if kw.get("slice_stride"):
+            keep_slices(self.net, int(kw["slice_stride"]))
         feat = int(self.net.in_planes)   # channels after layer4 (x block expansion)
         self.image_proj = nn.Sequential(nn.Linear(feat, EMBED_DIM), nn.ReLU(inplace=True))
         m, hidden = len(self.meta_features), int(kw.get("meta_hidden", 128))

@@ -81,10 +81,12 @@ class TrainConfig:
     encoders_dir: str | None = None   # fundus_oct_fusion: comma-separated folders holding the encoders' weights
     fusion: str | None = None         # volume models: concat | add | multiply | image_only
     output_stride: int | None = None  # CNNs: 16 dilates the last stage (finer Grad-CAM grid, more compute)
+    slice_stride: int | None = None   # volume models: total stride across slices (< in-plane: finer Grad-CAM in depth)
     global_pool: str | None = None    # timm CNNs: avg (default) | max | avgmax: how the last feature map is pooled
     healthy_cam_penalty: float = 0.0  # CNNs: weight of the flat-evidence penalty on healthy images (HealthyCamPenalty)
     lesion_cam_guidance: float = 0.0  # CNNs + lesion masks on disk: weight of the map-on-lesion loss (LesionCamGuidance)
     attention_mining: float = 0.0     # volume models: weight of GAIN's attention-mining loss (VolumeAttentionMining)
+    meta_dropout: float = 0.0         # volume models: P(a training volume's clinical record is hidden; VolumeSet)
 
 
 def seed_everything(seed: int) -> None:
@@ -383,6 +385,8 @@ def architecture_kwargs(cfg_t: TrainConfig) -> dict:
     kw = {}
     if cfg_t.output_stride:
         kw["output_stride"] = cfg_t.output_stride
+    if cfg_t.slice_stride:
+        kw["slice_stride"] = cfg_t.slice_stride
     if cfg_t.global_pool:
         kw["global_pool"] = cfg_t.global_pool
     return kw
@@ -614,8 +618,10 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
     main = ctx is None or ctx.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    if cfg_t.attention_mining:
-        raise RetinaInputError(f"--attention-mining is not implemented for {model_name} (the OCT volume models only).")
+    for flag, val in (("--attention-mining", cfg_t.attention_mining), ("--slice-stride", cfg_t.slice_stride),
+                      ("--meta-dropout", cfg_t.meta_dropout)):
+        if val:
+            raise RetinaInputError(f"{flag} is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
     cfg: ModelCfg = net.cfg
     index, splits = _splits(data, cfg.classes, cfg_t.seed)

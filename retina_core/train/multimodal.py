@@ -57,8 +57,12 @@ def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: 
                                "models' 3D ResNet; --global-pool: timm CNNs).")
     if cfg_t.healthy_cam_penalty:
         raise RetinaInputError(f"--healthy-cam-penalty is not implemented for {model_name} (2-D timm CNNs only).")
-    if cfg_t.attention_mining and modality != "oct_volume":
-        raise RetinaInputError(f"--attention-mining is not implemented for {model_name} (the OCT volume models only).")
+    for flag, val in (("--attention-mining", cfg_t.attention_mining), ("--slice-stride", cfg_t.slice_stride),
+                      ("--meta-dropout", cfg_t.meta_dropout)):
+        if val and modality != "oct_volume":
+            raise RetinaInputError(f"{flag} is not implemented for {model_name} (the OCT volume models only).")
+    if not 0.0 <= cfg_t.meta_dropout < 1.0:
+        raise RetinaInputError(f"--meta-dropout is a probability in [0, 1), got {cfg_t.meta_dropout:g}.")
     if cfg_t.lesion_cam_guidance and modality != "oct_volume":
         raise RetinaInputError(f"--lesion-cam-guidance is not implemented for {model_name} (2-D timm CNNs and the "
                                "OCT volume models only).")
@@ -300,12 +304,14 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
 class VolumeSet(Dataset):
     """(volume [1, D, H, W] normalised, metadata [M] raw with NaN, label) with optional augmentation. With `masks`
     (bool [N, D, H, W], union lesion masks at the input size) each item also carries its mask, moved by the same
-    flip and shift as the volume: (volume, metadata, label, mask)."""
+    flip and shift as the volume: (volume, metadata, label, mask). `meta_dropout` p (training only): the whole
+    clinical record is hidden (read as not recorded) with probability p, otherwise each value with probability p / 2,
+    so the image branch must carry the evidence on its own, as it must for a volume uploaded without its record."""
 
     def __init__(self, vols: torch.Tensor, metas: torch.Tensor, ys: torch.Tensor, augment: bool, strength: float,
-                 masks: torch.Tensor | None = None):
+                 masks: torch.Tensor | None = None, meta_dropout: float = 0.0):
         self.vols, self.metas, self.ys, self.augment, self.strength = vols, metas, ys, augment, strength
-        self.masks = masks
+        self.masks, self.meta_dropout = masks, float(meta_dropout)
 
     def __len__(self) -> int:
         return len(self.ys)
@@ -322,7 +328,12 @@ class VolumeSet(Dataset):
             dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
             x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
             m = torch.roll(m, shifts=(dy, dx), dims=(-2, -1)) if m is not None else None
-        return (x, self.metas[i], self.ys[i]) if m is None else (x, self.metas[i], self.ys[i], m)
+        meta = self.metas[i]
+        if self.meta_dropout > 0:
+            p = self.meta_dropout
+            hide = torch.ones(len(meta), dtype=torch.bool) if torch.rand(()) < p else torch.rand(len(meta)) < p / 2
+            meta = meta.masked_fill(hide, float("nan"))
+        return (x, meta, self.ys[i]) if m is None else (x, meta, self.ys[i], m)
 
 
 def _volume_records(data):
@@ -521,7 +532,8 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
         raw[k] = (vols, metadata_matrix(rs, net.meta_features),
                   torch.tensor([cls[r.label] for r in rs], dtype=torch.long))
         sets[k] = VolumeSet(*raw[k], augment=(k == "train" and cfg_t.augment), strength=cfg_t.aug_strength,
-                            masks=masks if k == "train" else None)
+                            masks=masks if k == "train" else None,
+                            meta_dropout=cfg_t.meta_dropout if k == "train" else 0.0)
     log.info("decoded %s volumes in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
     guide = None
     if guided:
