@@ -6,13 +6,15 @@ app's behaviour, not the models' accuracy), in a temporary folder named by RETIN
 """
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
 
 
 @contextlib.contextmanager
@@ -206,7 +208,13 @@ def test_volume_viewer_slider_and_metadata():
     labels = {m.label: m.value for m in at.metric}
     assert labels["3D model suggestion"] in ("normal", "disease")
     assert at.number_input(key="vol_age").value is not None            # phantom metadata prefilled
-    assert any("rarely points at a lesion" in w.value for w in at.warning)   # the bundled 3-D map's measured trust
+    # the bundled 3-D map's measured trust, from its explain-eval report in docs/: a caption, as it passed
+    report = json.loads((ROOT / "docs" / "explain_eval_oct_volume_fusion3d_tiny.json").read_text())
+    gc = report["methods"]["gradcam"]
+    note = [c.value for c in at.caption if "passed the sanity check" in c.value]
+    assert len(note) == 1 and f"hit a phantom lesion {gc['pointing_game']:.0%} of the time" in note[0]
+    assert f"deletion AUC {gc['deletion_auc']:.2f} against {gc['deletion_auc_random_map']:.2f}" in note[0]
+    assert not any("rarely points" in w.value or "no more faithful" in w.value for w in at.warning)
     # what the suggestion rests on: exact Shapley values over the volume and the clinical values, adding up
     (ia,) = at.session_state["_memo"]["volume_inputs"].values()
     assert sum(ia.values.values()) == pytest.approx(ia.p - ia.p_reference, abs=1e-6)

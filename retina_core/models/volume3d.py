@@ -263,9 +263,11 @@ register_model(ModelCfg(
     builder_kwargs={"resnet": "resnet10", "widen_factor": 0.25, "conv1_stride": 2, "fusion": "concat",
                     "meta_hidden": 128, "classifier_hidden": 256, "dropout": 0.3},
     card=("Demo variant for CPU: 3D ResNet-10 at quarter width (16-32-64-128 channels, stride-2 first conv), "
-          "32 x 64 x 64 input, the same 512-d branches, fusion and classifier. " + _DESIGN + "The bundled demo "
-          "weights run with the last two stages dilated (`train --output-stride 8`: a 4 x 8 x 8 Grad-CAM grid) and "
-          "were trained with lesion-mask guidance (`train --lesion-cam-guidance 1`: on diseased phantoms with a "
-          "lesion mask, the 3D Grad-CAM was trained to peak on a lesion), so their maps were taught where lesions "
-          "are. " + _PHANTOM_NOTE),
+          "32 x 64 x 64 input by default, the same 512-d branches, fusion and classifier. " + _DESIGN + "The "
+          "bundled demo weights take 32 x 128 x 128 volumes and run with the last two stages dilated and less "
+          "stride across slices than in-plane (`train --output-stride 8 --slice-stride 2`: a 16 x 16 x 16 Grad-CAM "
+          "grid, two B-scans per cell). They were trained with lesion-mask guidance (`train --lesion-cam-guidance "
+          "1`: on diseased phantoms with a lesion mask, the 3D Grad-CAM was trained to peak on a lesion), so their "
+          "maps were taught where lesions are, and with the clinical record hidden on half the training volumes "
+          "(`train --meta-dropout 0.5`), so the volume carries evidence on its own. " + _PHANTOM_NOTE),
 ), VolumeFusion3D)
