@@ -185,6 +185,13 @@ def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloade
                  "--split", split, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["ece"] == pytest.approx(entry["heldout_metrics"]["ece"], abs=1e-4)
+    # --split all scores every volume (a data set the model never saw); an unknown split is named, not a traceback
+    assert main(["evaluate", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--weights-dir", str(out),
+                 "--split", "all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 16
+    assert main(["evaluate", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--weights-dir", str(out),
+                 "--split", "tset"]) != 0
+    assert "Unknown split 'tset'" in capsys.readouterr().err
 
     # options that do not apply to a model are refused, not silently dropped
     assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(tmp_path / "r2"),

@@ -40,7 +40,7 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
     """(records of `split` whose label the model knows, y [N] class indices, the data set index).
 
     Multi-input models train on normal vs disease, so their labels are mapped before the patient-level split,
-    exactly as in training: the test split is the one the model never saw."""
+    exactly as in training: the test split is the one the model never saw. split "all": every record."""
     from ..io.datasets import load_dataset, patient_split
     from ..models.multimodal import binary_label
 
@@ -54,7 +54,12 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
     records = index.records
     if model.cfg.modality in MULTI_INPUT:
         records = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in records]
-    records = patient_split(records, seed=seed).get(split, [])
+    if split != "all":           # "all": every record, for a data set the model never saw (as explain-eval)
+        parts = patient_split(records, seed=seed)
+        if split not in parts and split not in ("train", "val", "test"):
+            raise RetinaInputError(f"Unknown split {split!r} for {data}: use one of "
+                                   f"{', '.join(sorted(parts))}, or 'all' for a data set the model never saw.")
+        records = parts.get(split, [])
     records = [r for r in records if r.label in classes]
     if not records:
         raise RetinaInputError(f"The {split!r} split of {data} has no sample of the classes of model {model.name}: "
