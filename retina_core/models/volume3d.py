@@ -94,7 +94,11 @@ def keep_slices(net: nn.Module, slice_stride: int) -> int:
     each loses its stride across slices (stride (1, s, s)) until the total stride across slices is `slice_stride`.
     In-plane strides, dilations and weight shapes are unchanged, so checkpoints load either way; compute grows with
     the finer grid. Call after `dilate_last_stages`. Returns the total stride across slices."""
-    strided = []                                             # (module, attribute holder) in forward order
+    def stride3(mod) -> tuple[int, int, int]:
+        s = mod.stride
+        return tuple(int(v) for v in s) if isinstance(s, tuple) else (int(s),) * 3
+
+    strided = []                     # in forward order: the modules whose stride changes together (conv + shortcut)
     if net.conv1.stride[0] > 1:
         strided.append([net.conv1])
     if not getattr(net, "no_max_pool", False) and isinstance(net.maxpool, nn.MaxPool3d):
@@ -103,10 +107,7 @@ def keep_slices(net: nn.Module, slice_stride: int) -> int:
         block = getattr(net, name)[0]
         if block.conv1.stride[0] > 1:
             strided.append([block.conv1] + ([block.downsample[0]] if block.downsample is not None else []))
-    total = 1
-    for mods in strided:
-        s = mods[0].stride
-        total *= int(s[0] if isinstance(s, tuple) else s)
+    total = math.prod(stride3(mods[0])[0] for mods in strided)
     allowed = [total >> k for k in range(len(strided) + 1)]
     if slice_stride not in allowed:
         raise ValueError(f"slice_stride must be one of {allowed} (the stride across slices before), got {slice_stride}")
@@ -114,8 +115,7 @@ def keep_slices(net: nn.Module, slice_stride: int) -> int:
         if total == slice_stride:
             break
         for mod in mods:
-            s = mod.stride if isinstance(mod.stride, tuple) else (mod.stride,) * 3
-            mod.stride = (1, int(s[1]), int(s[2]))
+            mod.stride = (1, *stride3(mod)[1:])
         total //= 2
     return total
 

@@ -89,6 +89,14 @@ class TrainConfig:
     meta_dropout: float = 0.0         # volume models: P(a training volume's clinical record is hidden; VolumeSet)
 
 
+VOLUME_ONLY_OPTIONS = ("attention_mining", "slice_stride", "meta_dropout")   # TrainConfig fields of the volume models
+
+
+def volume_only_options(cfg_t: TrainConfig) -> list[str]:
+    """The volume-model options set in `cfg_t`, as their CLI flags (refused for every other model)."""
+    return [f"--{k.replace('_', '-')}" for k in VOLUME_ONLY_OPTIONS if getattr(cfg_t, k)]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -618,10 +626,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
     main = ctx is None or ctx.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    for flag, val in (("--attention-mining", cfg_t.attention_mining), ("--slice-stride", cfg_t.slice_stride),
-                      ("--meta-dropout", cfg_t.meta_dropout)):
-        if val:
-            raise RetinaInputError(f"{flag} is not implemented for {model_name} (the OCT volume models only).")
+    if flags := volume_only_options(cfg_t):
+        raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
     cfg: ModelCfg = net.cfg
     index, splits = _splits(data, cfg.classes, cfg_t.seed)

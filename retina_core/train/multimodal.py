@@ -42,7 +42,7 @@ from ..models.registry import create_model, get_cfg
 from ..models.volume3d import VOLUME_CLASSES, encode_metadata, preprocess_volume
 from . import distributed
 from .engine import (EpochTracker, TrainConfig, _score, _write_outputs, architecture_kwargs, make_optimizer,
-                     make_scheduler, seed_everything)
+                     make_scheduler, seed_everything, volume_only_options)
 from .losses import FocalLoss
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,8 @@ def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: 
                                "models' 3D ResNet; --global-pool: timm CNNs).")
     if cfg_t.healthy_cam_penalty:
         raise RetinaInputError(f"--healthy-cam-penalty is not implemented for {model_name} (2-D timm CNNs only).")
-    for flag, val in (("--attention-mining", cfg_t.attention_mining), ("--slice-stride", cfg_t.slice_stride),
-                      ("--meta-dropout", cfg_t.meta_dropout)):
-        if val and modality != "oct_volume":
-            raise RetinaInputError(f"{flag} is not implemented for {model_name} (the OCT volume models only).")
+    if modality != "oct_volume" and (flags := volume_only_options(cfg_t)):
+        raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     if not 0.0 <= cfg_t.meta_dropout < 1.0:
         raise RetinaInputError(f"--meta-dropout is a probability in [0, 1), got {cfg_t.meta_dropout:g}.")
     if cfg_t.lesion_cam_guidance and modality != "oct_volume":
