@@ -169,7 +169,8 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                      **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward",
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
-                     "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided}
+                     "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided,
+                     "unused_lesions": unused_lesions(rep.get("counterfactual"))}
         by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
                   if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
         if by_mod:
@@ -208,6 +209,7 @@ def _lesion_guided(model_name: str, weights_sha256: str | None) -> bool:
     return bool((entry.get("config") or {}).get("lesion_cam_guidance"))
 
 
+UNUSED_LESION_DROP = 0.05  # counterfactual phantoms: a class whose masked lesions, left out, lower P less than this
 WEAK_INPUT_DELETION = 0.9   # deletion AUCs (map and random) at or above this: the input hardly moves the score
 LOCALISATION_WARN = 0.5   # a pointing game below this (on phantoms) makes the trust note a warning
 
@@ -218,6 +220,34 @@ def class_localisation(evidence: dict | None, label: str | None) -> tuple[float,
     pg = ((evidence or {}).get("pointing_game_by_label") or {}).get(label) if label else None
     n = ((evidence or {}).get("n_lesion_images_by_label") or {}).get(label) if label else None
     return (float(pg), int(n or 0)) if pg is not None else None
+
+
+def unused_lesions(counterfactual: dict | None) -> list[dict]:
+    """From an explain-eval report's `counterfactual` section (`explain.counterfactual`): the phantom classes whose
+    masked lesions (cysts, foci, exudates) the model does not use: left out of the same eyes, they lowered
+    P(disease) by less than UNUSED_LESION_DROP, with the clinical record and without it. Each item: class, n, and
+    how much leaving out the retinal swelling lowered P without the record (None when those eyes had none)."""
+    out = []
+    for cls, s in ((counterfactual or {}).get("per_class") or {}).items():
+        e = s.get("without_ellipsoids") or {}
+        if e.get("n", 0) >= 3 and max(e["drop"], e["drop_no_record"]) < UNUSED_LESION_DROP:
+            t = s.get("without_thickening") or {}
+            out.append({"class": cls, "n": e["n"], "swelling_drop_no_record": t.get("drop_no_record")})
+    return out
+
+
+def _counterfactual_caveat(evidence: dict | None) -> str:
+    items = (evidence or {}).get("unused_lesions") or []
+    if not items:
+        return ""
+    names = " and ".join(f"{i['class']} ({i['n']})" for i in items)
+    swell = [f"{i['class']} {i['swelling_drop_no_record']:.2f}" for i in items
+             if i.get("swelling_drop_no_record") is not None]
+    used = (" Its map shows what it does use, such as the retinal swelling (leaving the swelling out lowered "
+            f"P(disease) without the record by {', '.join(swell)})." if swell else "")
+    return (f" Counterfactual phantoms: the {names} eyes, re-rendered without their cysts and hyper-reflective foci, "
+            f"kept the same P(disease), so this model does not use those lesions and its map will not point at them."
+            + used)
 
 
 def trust_note(evidence: dict | None, method: str, label: str | None = None, modality: str | None = None
@@ -241,7 +271,7 @@ def trust_note(evidence: dict | None, method: str, label: str | None = None, mod
                 f"that class its peak fell on a lesion only {per_class[0]:.0%} of the time (all lesion classes: "
                 f"{evidence['pointing_game']:.0%}). For this suggestion read the map as a coarse region, or choose "
                 f"Integrated Gradients (slower, pixel-level) as the heatmap method. " + note, True)
-    return note, warn
+    return note + _counterfactual_caveat(evidence), warn
 
 
 def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:

@@ -296,3 +296,29 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
     coarse, warn = trust_note({**sharp, "pointing_game": 0.42, "faithful_vs_random": True, "deletion_auc": 0.41,
                                "deletion_auc_random_map": 0.80}, "gradcam")
     assert warn and "rarely points at a lesion" in coarse and "(deletion AUC 0.41 against 0.80)" in coarse
+
+
+def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(tmp_path):
+    import json
+
+    from retina_core.quick_eval import method_trust, trust_note, unused_lesions
+
+    def cls(n, drop, drop0, swell0=None):
+        out = {"n": n, "original": {"n": n}, "without_ellipsoids": {"n": n, "drop": drop, "drop_no_record": drop0}}
+        out["without_thickening"] = None if swell0 is None else {"n": n, "drop": 0.1, "drop_no_record": swell0}
+        return out
+
+    cf = {"per_class": {"DR": cls(18, 0.001, -0.002, 0.11), "DME": cls(13, 0.0, 0.01, 0.63),
+                        "MH": cls(23, 0.0, 0.30),           # used without the record: not listed
+                        "CNV": cls(2, 0.0, 0.0),            # too few eyes to say
+                        "AMD": {"n": 15, "without_ellipsoids": None}}}
+    assert [u["class"] for u in unused_lesions(cf)] == ["DR", "DME"] and unused_lesions(None) == []
+    report = {"model": "m", "weights_sha256": "abc", "n_images": 10, "counterfactual": cf,
+              "methods": {"gradcam": {"randomisation_abs_spearman": 0.1, "pointing_game": 0.8}}}
+    (tmp_path / "explain_eval_m.json").write_text(json.dumps(report))
+    ev = method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]
+    note, warn = trust_note(ev, "gradcam")
+    assert not warn and "the DR (18) and DME (13) eyes" in note and "does not use those lesions" in note
+    assert "DR 0.11, DME 0.63" in note and "MH" not in note
+    plain = trust_note({**ev, "unused_lesions": []}, "gradcam")[0]
+    assert "Counterfactual" not in plain

@@ -322,7 +322,7 @@ def test_cli_volume_model_with_bundled_weights(volume_dir, paired_dir, capsys):
     if VOLUME not in read_manifest(weights_dir()):
         pytest.skip("no bundled weights for the volume model")
     code = main(["explain-eval", "--model", VOLUME, "--data", str(volume_dir), "--n", "4", "--split", "all",
-                 "--steps", "4", "--json"])
+                 "--steps", "4", "--counterfactual", "--json"])
     out = capsys.readouterr().out
     assert code == 0
     rep = json.loads(out)
@@ -331,6 +331,9 @@ def test_cli_volume_model_with_bundled_weights(volume_dir, paired_dir, capsys):
     assert rep["weights_sha256"] == read_manifest(weights_dir())[VOLUME]["sha256"]
     assert r["n_lesion_images"] >= 1 and _in01(r["pointing_game"]) and _in01(r["slice_hit_baseline"])
     assert "randomisation_abs_spearman" in r and r["cost_vs_forward"] > 0
+    cf = rep["counterfactual"]                      # the same draw of volumes, its diseased ones re-rendered
+    assert cf["split"] == "all" and r["n_lesion_images"] <= cf["n_volumes"] <= 4
+    assert all(_in01(s["original"]["p_disease"]) for s in cf["per_class"].values())
     code = main(["explain-eval", "--model", VOLUME, "--data", str(paired_dir), "--n", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "reads OCT volumes" in err and "Traceback" not in err
@@ -346,3 +349,79 @@ def test_fusion_pools_both_modalities_for_the_overall_scores(tiny_fusion_net, pa
     monkeypatch.setattr(trust, "pointing_game", lambda hm, mask, *a, **k: id(mask) in fundus_masks)
     r = nd.evaluate_fusion_method(m, samples, "gradcam", steps=0, stability_kinds=())
     assert r["pointing_game_fundus"] == 1.0 and r["pointing_game_oct"] == 0.0 and r["pointing_game"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ counterfactuals
+def test_counterfactual_phantoms_leave_out_only_what_they_name():
+    from retina_core.phantoms import oct_volume
+
+    a = oct_volume("DR", 0, 16, 64, 64)
+    b = oct_volume("DR", 0, 16, 64, 64, without=("ellipsoids",))
+    c = oct_volume("DR", 0, 16, 64, 64, without=("thickening",))
+    assert a.masks["foci"].any() and not b.masks          # the foci (the DR eye's only masked lesion) are gone
+    changed = a.image != b.image
+    under_foci = a.masks["foci"].any(axis=1)[:, None, :]  # A-scans (slice, x) through a focus
+    assert changed.any() and not (changed & ~under_foci).any()   # nothing else of the eye moved
+    # no swelling: a thinner centre, the same foci A-scans (their depth follows the layers)
+    assert c.meta["cst_um"] < a.meta["cst_um"] - 10
+    assert np.array_equal(c.masks["foci"].any(axis=1), a.masks["foci"].any(axis=1))
+    assert np.array_equal(oct_volume("DR", 0, 16, 64, 64).image, a.image)   # re-rendering is exact
+    with pytest.raises(ValueError, match="unknown part 'vessels'"):
+        oct_volume("DR", 0, 16, 64, 64, without=("vessels",))
+
+
+def test_counterfactual_report_compares_the_same_eyes(tiny_volume_net, volume_dir, monkeypatch):
+    """With a stand-in P(disease) = mean intensity of the volume, every figure can be recomputed from the phantoms."""
+    import csv
+
+    from retina_core.explain import counterfactual as cf
+    from retina_core.explain.evaluate_nd import _resize_volume
+    from retina_core.phantoms import oct_volume
+
+    monkeypatch.setattr(cf, "volume_map", lambda m, net, x, meta_t, method: (float(x.mean()), x / x.max()))
+    monkeypatch.setattr(cf, "_volume_predict", lambda m, meta_t: (lambda v: [float(v.mean()) * 0.5]))
+    rep = cf.volume_lesion_reliance(tiny_volume_net, volume_dir, split="all")
+    rows = [r for r in csv.DictReader(open(volume_dir / "phantom_meta.csv")) if r["oct_class"] != "NORMAL"]
+    assert rep["n_volumes"] == len(rows) == sum(s["n"] for s in rep["per_class"].values())
+
+    def p(r, without=()):
+        v = oct_volume(r["oct_class"], int(r["seed"]), 32, 32, 32, without=without).image
+        return float(_resize_volume(v, (16, 32, 32)).mean())
+
+    for cls, s in rep["per_class"].items():
+        mine = [r for r in rows if r["oct_class"] == cls]
+        assert s["original"]["p_disease"] == pytest.approx(np.mean([p(r) for r in mine]), abs=1e-6)
+        assert s["original"]["p_disease_no_record"] == pytest.approx(s["original"]["p_disease"] * 0.5, abs=1e-6)
+        for name, without in (("without_ellipsoids", ("ellipsoids",)), ("without_thickening", ("thickening",))):
+            drops = [p(r) - p(r, without) for r in mine if p(r, without) != p(r)]
+            if not drops:
+                assert s[name] is None              # nothing of that kind in these eyes
+            else:
+                assert s[name]["n"] == len(drops) and s[name]["drop"] == pytest.approx(np.mean(drops), abs=1e-6)
+    assert "\n".join(cf.format_lines(rep)).count("\n") == len(rep["per_class"]) + 2
+
+
+def test_counterfactual_refuses_what_it_cannot_re_render(tiny_volume_net, volume_dir, tmp_path, capsys):
+    import csv
+    import shutil
+
+    import nibabel as nib
+
+    from retina_core.cli import main
+    from retina_core.explain.counterfactual import volume_lesion_reliance
+
+    bare = tmp_path / "bare"
+    shutil.copytree(volume_dir, bare)
+    (bare / "phantom_meta.csv").unlink()
+    with pytest.raises(RetinaInputError, match="no phantom_meta.csv"):
+        volume_lesion_reliance(tiny_volume_net, bare)
+    edited = tmp_path / "edited"                           # one diseased volume no longer what its seed draws
+    shutil.copytree(volume_dir, edited)
+    row = next(r for r in csv.DictReader(open(edited / "phantom_meta.csv")) if r["oct_class"] != "NORMAL")
+    img = nib.load(edited / row["path"])
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32)[::-1].copy(), img.affine), edited / row["path"])
+    with pytest.raises(RetinaInputError, match="does not re-render from its seed"):
+        volume_lesion_reliance(tiny_volume_net, edited)
+    code = main(["explain-eval", "--model", "oct_resnet18", "--data", str(volume_dir), "--counterfactual"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--counterfactual" in err and "Traceback" not in err

@@ -172,11 +172,12 @@ def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloade
     out = tmp_path / "run"
     assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(out),
                  "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--fusion", "image_only",
-                 "--output-stride", "8", "--slice-stride", "2", "--json"]) == 0
+                 "--output-stride", "8", "--slice-stride", "2", "--global-pool", "avgmax", "--json"]) == 0
     capsys.readouterr()
     entry = json.loads((out / "manifest.json").read_text())["oct_volume_fusion3d_tiny"]
-    assert entry["builder_kwargs"] == {"output_stride": 8, "slice_stride": 2}
+    assert entry["builder_kwargs"] == {"output_stride": 8, "slice_stride": 2, "global_pool": "avgmax"}
     m = load_multimodal("oct_volume_fusion3d_tiny", weights_dir=out, device="cpu")
+    assert m.net.net.avgpool.pool_type == "avgmax"
     assert m.net.net.layer4[0].conv2.dilation == (4, 4, 4) and m.net.net.layer4[0].conv1.stride == (1, 1, 1)
     assert m.net.net.layer2[0].conv1.stride == (1, 2, 2) and m.net.net.maxpool.stride == (1, 2, 2)
     assert m.net.net.conv1.stride == (2, 2, 2)
@@ -193,10 +194,31 @@ def test_volume_output_stride_dilates_the_last_stages_and_is_trained_and_reloade
                  "--split", "tset"]) != 0
     assert "Unknown split 'tset'" in capsys.readouterr().err
 
-    # options that do not apply to a model are refused, not silently dropped
+    # a pooling the volume model does not have is refused by name, not silently dropped
     assert main(["train", "--model", "oct_volume_fusion3d_tiny", "--data", str(data), "--out", str(tmp_path / "r2"),
-                 "--epochs", "1", "--global-pool", "max"]) != 0
-    assert "--global-pool" in capsys.readouterr().err
+                 "--epochs", "1", "--global-pool", "median"]) != 0
+    assert "--global-pool must be one of avg, max, avgmax" in capsys.readouterr().err
+
+
+def test_volume_global_pool_avg_is_monais_pooling_and_max_lets_one_cell_carry_the_evidence():
+    torch.manual_seed(0)
+    a = torch.rand(2, 8, 4, 5, 6)
+    nets = {p: create_model("oct_volume_fusion3d_tiny", input_size=(1, 16, 32, 32),
+                            builder_kwargs={**create_model("oct_volume_fusion3d_tiny").cfg.builder_kwargs,
+                                            "global_pool": p}) for p in ("avg", "max", "avgmax")}
+    pool = {p: n.net.avgpool for p, n in nets.items()}
+    assert torch.allclose(pool["avg"](a), torch.nn.AdaptiveAvgPool3d(1)(a), atol=1e-6)
+    assert torch.allclose(pool["max"](a), torch.nn.AdaptiveMaxPool3d(1)(a))
+    assert torch.allclose(pool["avgmax"](a), 0.5 * (pool["avg"](a) + pool["max"](a)))
+    # one hot cell in an empty map: the mean dilutes it by the number of cells, the max keeps it whole
+    spot = torch.zeros(1, 1, 8, 8, 8)
+    spot[0, 0, 3, 4, 5] = 1.0
+    assert pool["avg"](spot).item() == pytest.approx(1 / 512) and pool["max"](spot).item() == 1.0
+    # parameter-free: one set of weights loads into every pooling, and the default is unchanged
+    assert set(nets["avg"].state_dict()) == set(nets["avgmax"].state_dict())
+    assert create_model("oct_volume_fusion3d_tiny").net.avgpool.pool_type == "avg"
+    with pytest.raises(ValueError, match="global_pool"):
+        create_model("oct_volume_fusion3d_tiny", builder_kwargs={"global_pool": "median"})
 
 
 def test_volume_slice_stride_keeps_slices_apart_and_is_refused_for_2d_models(tmp_path, capsys):

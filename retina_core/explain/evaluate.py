@@ -538,6 +538,9 @@ def cmd_explain_eval(args) -> int:
 
     if args.set_default:                     # refused before the evaluation runs, not after it
         _refuse_default_for_nd(args.model, modality_of(args.model))
+    if args.counterfactual and modality_of(args.model) != "oct_volume":
+        raise RetinaInputError(f"--counterfactual re-renders phantom OCT volumes: it applies to the OCT volume models, "
+                               f"not to {args.model}.")
     split = getattr(args, "split", "test")
     report = explain_eval(args.model, args.data, methods=args.methods, n=args.n, weights_dir=args.weights_dir,
                           seed=args.seed, steps=args.steps,
@@ -545,10 +548,19 @@ def cmd_explain_eval(args) -> int:
                           randomisation=not args.no_randomisation, split=None if split == "all" else split)
     if args.set_default:
         report["default_written_to"] = str(set_default(args.model, report, args.weights_dir))
+    if args.counterfactual:
+        from .counterfactual import volume_lesion_reliance
+
+        report["counterfactual"] = volume_lesion_reliance(args.model, args.data, n=args.n, split=split,
+                                                          seed=args.seed, weights_dir=args.weights_dir)
     if args.json:
         print(json.dumps(report))
     else:
         print(_format(report))
+        if args.counterfactual:
+            from .counterfactual import format_lines
+
+            print("\n".join(format_lines(report["counterfactual"])))
         if args.set_default:
             print(f"default method of {args.model} set to {report['recommended_default']['method']} in "
                   f"{report['default_written_to']}")
@@ -577,6 +589,10 @@ def add_cli(subparsers) -> None:
                    help="volume / fusion models only: which part of the patient-level split training used to draw "
                         "from (default test, held out; 'all' for a data set the model never saw). 2-D models use "
                         "every image of --data")
+    p.add_argument("--counterfactual", action="store_true",
+                   help="OCT volume models on phantom volume sets: re-render each diseased eye from its seed without "
+                        "its cysts/foci/exudates and without its diffuse thickening, and report how P(disease) "
+                        "changes per class (does the model use the lesions its map is scored against?)")
     p.add_argument("--set-default", action="store_true",
                    help="write the recommended default method and its evidence into the model's manifest entry")
     p.add_argument("--json", action="store_true")

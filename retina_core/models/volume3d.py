@@ -120,6 +120,31 @@ def keep_slices(net: nn.Module, slice_stride: int) -> int:
     return total
 
 
+POOL_TYPES = ("avg", "max", "avgmax")
+
+
+class VolumePool(nn.Module):
+    """How the 3D ResNet's last feature map becomes one vector: "avg" (MONAI's AdaptiveAvgPool3d(1), the default),
+    "max", or "avgmax" (the mean of both, as timm's `global_pool="avgmax"`). Average pooling dilutes a lesion a few
+    voxels across (a diabetic-retinopathy focus) over the whole volume; the max path lets one strongly responding
+    cell carry evidence. Parameter-free, so weights trained with one pooling load with another (`train --init`)."""
+
+    def __init__(self, pool_type: str = "avg"):
+        super().__init__()
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {pool_type!r}")
+        self.pool_type = pool_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "avg":
+            return x.mean(dim=(2, 3, 4), keepdim=True)
+        mx = x.amax(dim=(2, 3, 4), keepdim=True)
+        return mx if self.pool_type == "max" else 0.5 * (x.mean(dim=(2, 3, 4), keepdim=True) + mx)
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type!r}"
+
+
 class VolumeFusion3D(nn.Module):
     """forward(volume, meta=None) -> logit [B, 1]; forward_features -> fused [B, classifier_in];
     forward_head -> logit. meta: raw metadata [B, M] (NaN = missing), standardised inside; None = all missing."""
@@ -137,6 +162,8 @@ class VolumeFusion3D(nn.Module):
             dilate_last_stages(self.net, int(kw["output_stride"]), stem_stride=2 * int(kw.get("conv1_stride", 1)))
         if kw.get("slice_stride"):
             keep_slices(self.net, int(kw["slice_stride"]))
+        self.global_pool = kw.get("global_pool", "avg")
+        self.net.avgpool = VolumePool(self.global_pool)
         feat = int(self.net.in_planes)   # channels after layer4 (x block expansion)
         self.image_proj = nn.Sequential(nn.Linear(feat, EMBED_DIM), nn.ReLU(inplace=True))
         m, hidden = len(self.meta_features), int(kw.get("meta_hidden", 128))

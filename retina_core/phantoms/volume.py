@@ -36,13 +36,34 @@ def clinical_values(oct_class: str, age: int, cst_um: float, rng: np.random.Gene
             "hba1c": round(float(np.clip(hba1c, 4.3, 13.0)), 1)}
 
 
+# what `oct_volume(without=...)` can leave out of an eye (counterfactual phantoms, explain.counterfactual)
+WITHOUT = ("ellipsoids", "thickening")
+_NEURAL_LAYERS = ("RNFL", "GCL", "IPL", "INL", "OPL", "ONL")
+
+
+def leave_out(e: dict, without) -> dict:
+    """The eye `e` (from `sample_eye`) without some of its disease: "ellipsoids" drops the ellipsoidal lesions
+    (intraretinal cysts, hyper-reflective foci, hard exudates; all drawn into the lesion masks), "thickening" the
+    diffuse swelling of the neural retina (Gaussian thickness added to RNFL..ONL; no mask marks it). Everything
+    else (anatomy, other lesions, speckle) is drawn from the same random streams, so the eye is otherwise the same."""
+    bad = [w for w in without if w not in WITHOUT]
+    if bad:
+        raise ValueError(f"without: unknown part {bad[0]!r}; choose from {', '.join(WITHOUT)}")
+    if "ellipsoids" in without:
+        e["ell"] = []
+    if "thickening" in without:
+        e["add"] = [a for a in e["add"] if not (a[0] in _NEURAL_LAYERS and a[2][0] == "gauss")]
+    return e
+
+
 def oct_volume(label, seed: int, n_slices: int = 32, height: int = 128, width: int = 128, *,
-               patient: dict | None = None) -> Phantom:
+               patient: dict | None = None, without: tuple[str, ...] = ()) -> Phantom:
     """OCT cube through the macula: float32 [D,H,W] in [0,1], fovea in the middle slice (index D//2).
 
     label: "normal", "disease" (a random OCT8 disease class, stored in meta["oct_class"]) or an OCT8 class.
     Lesions live in 3D (en-face mm x depth), so they are consistent across neighbouring slices. Slices are spaced
-    evenly over a square scan (6 mm x ~6 mm).
+    evenly over a square scan (6 mm x ~6 mm). `without` (see `leave_out`) re-renders the same eye with part of its
+    disease removed: a counterfactual that tells whether a model uses that part.
     """
     D, H, W = int(n_slices), int(height), int(width)
     if not (1 <= D <= 512 and 16 <= H <= 2048 and 16 <= W <= 2048):
@@ -50,7 +71,7 @@ def oct_volume(label, seed: int, n_slices: int = 32, height: int = 128, width: i
     r_anat, r_geo, r_les, r_noise, r_pat, r_cls, r_clin = streams(seed, 7, tag=31)
     label, oct_class = _volume_class(label, r_cls)
     pat = merge_patient(sample_patient(r_pat, _FAMILY[oct_class]), patient)
-    e = sample_eye(oct_class, r_anat, r_les, pat["eye"], y_spread=1.0)
+    e = leave_out(sample_eye(oct_class, r_anat, r_les, pat["eye"], y_spread=1.0), tuple(without))
     geo = sample_geometry(r_geo, W, H)
     spacing = geo["span_mm"] / D
     vol = np.empty((D, H, W), np.float32)

@@ -39,7 +39,7 @@ from ..evaluate.metrics import classification_metrics
 from ..models.loading import LoadedModel, default_device, preprocess_image
 from ..models.multimodal import FUSION_CLASSES, binary_label
 from ..models.registry import create_model, get_cfg
-from ..models.volume3d import VOLUME_CLASSES, encode_metadata, preprocess_volume
+from ..models.volume3d import POOL_TYPES, VOLUME_CLASSES, encode_metadata, preprocess_volume
 from . import distributed
 from .engine import (EpochTracker, TrainConfig, _score, _write_outputs, architecture_kwargs, make_optimizer,
                      make_scheduler, seed_everything, volume_only_options)
@@ -51,10 +51,13 @@ log = logging.getLogger(__name__)
 def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: str | None = None,
                      ctx=None) -> dict:
     modality = get_cfg(model_name).modality
-    if cfg_t.global_pool or (cfg_t.output_stride and modality != "oct_volume"):
+    if modality != "oct_volume" and (cfg_t.global_pool or cfg_t.output_stride):
         opt = "--global-pool" if cfg_t.global_pool else "--output-stride"
-        raise RetinaInputError(f"{opt} does not apply to {model_name} (--output-stride: 2-D CNNs and the volume "
-                               "models' 3D ResNet; --global-pool: timm CNNs).")
+        raise RetinaInputError(f"{opt} does not apply to {model_name} (2-D CNNs and the volume models' 3D ResNet "
+                               "only).")
+    if cfg_t.global_pool and cfg_t.global_pool not in POOL_TYPES:
+        raise RetinaInputError(f"--global-pool must be one of {', '.join(POOL_TYPES)} for {model_name}, got "
+                               f"{cfg_t.global_pool!r}.")
     if cfg_t.healthy_cam_penalty:
         raise RetinaInputError(f"--healthy-cam-penalty is not implemented for {model_name} (2-D timm CNNs only).")
     if modality != "oct_volume" and (flags := volume_only_options(cfg_t)):
