@@ -210,6 +210,7 @@ def _lesion_guided(model_name: str, weights_sha256: str | None) -> bool:
 
 
 UNUSED_LESION_DROP = 0.05  # counterfactual phantoms: a class whose masked lesions, left out, lower P less than this
+POINTING_TARGET = 0.8      # the pointing game a default map should reach on lesion-bearing phantoms
 WEAK_INPUT_DELETION = 0.9   # deletion AUCs (map and random) at or above this: the input hardly moves the score
 LOCALISATION_WARN = 0.5   # a pointing game below this (on phantoms) makes the trust note a warning
 
@@ -223,16 +224,19 @@ def class_localisation(evidence: dict | None, label: str | None) -> tuple[float,
 
 
 def unused_lesions(counterfactual: dict | None) -> list[dict]:
-    """From an explain-eval report's `counterfactual` section (`explain.counterfactual`): the phantom classes whose
-    masked lesions (cysts, foci, exudates) the model does not use: left out of the same eyes, they lowered
-    P(disease) by less than UNUSED_LESION_DROP, with the clinical record and without it. Each item: class, n, and
-    how much leaving out the retinal swelling lowered P without the record (None when those eyes had none)."""
+    """From an explain-eval report's `counterfactual` section (`explain.counterfactual`): the phantom classes where
+    the map often misses the lesion masks (pointing game below POINTING_TARGET) and the model does not use the
+    masked cysts and foci: left out of the same eyes, they lowered P(disease) by less than UNUSED_LESION_DROP, with
+    the clinical record and without it. Each item: class, n, pointing_game, and how much leaving out the retinal
+    swelling lowered P without the record (None when those eyes had none)."""
     out = []
     for cls, s in ((counterfactual or {}).get("per_class") or {}).items():
-        e = s.get("without_ellipsoids") or {}
-        if e.get("n", 0) >= 3 and max(e["drop"], e["drop_no_record"]) < UNUSED_LESION_DROP:
+        e, pg = s.get("without_ellipsoids") or {}, s.get("pointing_game")
+        if (e.get("n", 0) >= 3 and max(e["drop"], e["drop_no_record"]) < UNUSED_LESION_DROP
+                and pg is not None and pg < POINTING_TARGET):
             t = s.get("without_thickening") or {}
-            out.append({"class": cls, "n": e["n"], "swelling_drop_no_record": t.get("drop_no_record")})
+            out.append({"class": cls, "n": e["n"], "pointing_game": pg,
+                        "swelling_drop_no_record": t.get("drop_no_record")})
     return out
 
 
@@ -240,14 +244,14 @@ def _counterfactual_caveat(evidence: dict | None) -> str:
     items = (evidence or {}).get("unused_lesions") or []
     if not items:
         return ""
-    names = " and ".join(f"{i['class']} ({i['n']})" for i in items)
+    names = " and ".join(f"{i['class']} ({i['n']}, pointing game {i['pointing_game']:.2f})" for i in items)
     swell = [f"{i['class']} {i['swelling_drop_no_record']:.2f}" for i in items
              if i.get("swelling_drop_no_record") is not None]
-    used = (" Its map shows what it does use, such as the retinal swelling (leaving the swelling out lowered "
+    used = (" The map shows what it does use, such as the retinal swelling (leaving the swelling out lowered "
             f"P(disease) without the record by {', '.join(swell)})." if swell else "")
-    return (f" Counterfactual phantoms: the {names} eyes, re-rendered without their cysts and hyper-reflective foci, "
-            f"kept the same P(disease), so this model does not use those lesions and its map will not point at them."
-            + used)
+    return (f" Where the map misses the phantom lesions, on {names} eyes, counterfactual phantoms show why: "
+            "re-rendered without their cysts and hyper-reflective foci, those eyes kept the same P(disease), so this "
+            "model does not use those lesions." + used)
 
 
 def trust_note(evidence: dict | None, method: str, label: str | None = None, modality: str | None = None

@@ -215,6 +215,12 @@ def test_volume_viewer_slider_and_metadata():
     assert len(note) == 1 and f"hit a phantom lesion {gc['pointing_game']:.0%} of the time" in note[0]
     assert f"deletion AUC {gc['deletion_auc']:.2f} against {gc['deletion_auc_random_map']:.2f}" in note[0]
     assert not any("rarely points" in w.value or "no more faithful" in w.value for w in at.warning)
+    # the report's counterfactual phantoms: classes whose masked lesions the model does not use are named
+    from retina_core.quick_eval import unused_lesions
+
+    for u in unused_lesions(report.get("counterfactual")):
+        assert f"{u['class']} ({u['n']}, pointing game {u['pointing_game']:.2f})" in note[0]
+    assert ("does not use those lesions" in note[0]) == bool(unused_lesions(report.get("counterfactual")))
     # what the suggestion rests on: exact Shapley values over the volume and the clinical values, adding up
     (ia,) = at.session_state["_memo"]["volume_inputs"].values()
     assert sum(ia.values.values()) == pytest.approx(ia.p - ia.p_reference, abs=1e-6)

@@ -303,14 +303,16 @@ def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(
 
     from retina_core.quick_eval import method_trust, trust_note, unused_lesions
 
-    def cls(n, drop, drop0, swell0=None):
-        out = {"n": n, "original": {"n": n}, "without_ellipsoids": {"n": n, "drop": drop, "drop_no_record": drop0}}
+    def cls(n, drop, drop0, swell0=None, pg=0.0):
+        out = {"n": n, "pointing_game": pg, "original": {"n": n},
+               "without_ellipsoids": {"n": n, "drop": drop, "drop_no_record": drop0}}
         out["without_thickening"] = None if swell0 is None else {"n": n, "drop": 0.1, "drop_no_record": swell0}
         return out
 
-    cf = {"per_class": {"DR": cls(18, 0.001, -0.002, 0.11), "DME": cls(13, 0.0, 0.01, 0.63),
+    cf = {"per_class": {"DR": cls(18, 0.001, -0.002, 0.11), "DME": cls(13, 0.0, 0.01, 0.63, pg=0.53),
                         "MH": cls(23, 0.0, 0.30),           # used without the record: not listed
-                        "CNV": cls(2, 0.0, 0.0),            # too few eyes to say
+                        "CNV": cls(30, 0.0, 0.0, pg=1.0),   # cysts unused, but the map finds the CNV: not listed
+                        "CSR": cls(2, 0.0, 0.0),            # too few eyes to say
                         "AMD": {"n": 15, "without_ellipsoids": None}}}
     assert [u["class"] for u in unused_lesions(cf)] == ["DR", "DME"] and unused_lesions(None) == []
     report = {"model": "m", "weights_sha256": "abc", "n_images": 10, "counterfactual": cf,
@@ -318,7 +320,8 @@ def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(
     (tmp_path / "explain_eval_m.json").write_text(json.dumps(report))
     ev = method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]
     note, warn = trust_note(ev, "gradcam")
-    assert not warn and "the DR (18) and DME (13) eyes" in note and "does not use those lesions" in note
+    assert not warn and "on DR (18, pointing game 0.00) and DME (13, pointing game 0.53) eyes" in note
+    assert "does not use those lesions" in note
     assert "DR 0.11, DME 0.63" in note and "MH" not in note
     plain = trust_note({**ev, "unused_lesions": []}, "gradcam")[0]
     assert "Counterfactual" not in plain
