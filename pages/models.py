@@ -77,6 +77,15 @@ else:
                     f"phantoms, `{p.name}`)")
         st.plotly_chart(figures.stability_fig(rows), width="stretch", key="eval_stab")
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        if o.get("counterfactual"):
+            from retina_core.explain.counterfactual import table_rows
+
+            cf = o["counterfactual"]
+            st.markdown(f"**Does the model use the lesions its map is scored against?** Counterfactual phantoms: "
+                        f"{cf['n_volumes']} diseased eyes re-rendered without their cysts and foci, and without "
+                        f"their retinal swelling (`explain-eval --counterfactual`)")
+            st.dataframe(pd.DataFrame(table_rows(cf)).round(2), hide_index=True, width="stretch", key="eval_cf")
+            st.caption(cf["note"] + " None: those eyes have no such lesion.")
     else:
         st.caption(f"No saved explanation evaluation of {name}. Stability plots appear here after "
                    f"`python -m retina_core explain-eval --model {name} --data PATH --methods gradcam,gradcam++ "

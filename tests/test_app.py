@@ -381,6 +381,14 @@ def test_models_page_shows_cards_and_phantom_provenance():
     assert not at.exception
     assert len(at.get("plotly_chart")) >= 3                             # confusion matrix, ROC, reliability
     assert {m.label for m in at.metric} >= {"Accuracy", "Macro AUC", "ECE"}
+    # the volume model's saved report carries counterfactual phantoms: shown as a table, one row per class
+    at.selectbox(key="eval_model").set_value("oct_volume_fusion3d_tiny").run()
+    assert not at.exception
+    report = json.loads((ROOT / "docs" / "explain_eval_oct_volume_fusion3d_tiny.json").read_text())
+    if report.get("counterfactual"):
+        (cf,) = [d for d in at.dataframe if "eyes" in d.value.columns]
+        assert list(cf.value["class"]) == list(report["counterfactual"]["per_class"])
+        assert any("Counterfactual phantoms" in m.value for m in at.markdown)
 
 
 def test_pages_degrade_when_a_model_has_no_weights(tmp_path):

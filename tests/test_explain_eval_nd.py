@@ -399,6 +399,12 @@ def test_counterfactual_report_compares_the_same_eyes(tiny_volume_net, volume_di
             else:
                 assert s[name]["n"] == len(drops) and s[name]["drop"] == pytest.approx(np.mean(drops), abs=1e-6)
     assert "\n".join(cf.format_lines(rep)).count("\n") == len(rep["per_class"]) + 2
+    rows = cf.table_rows(rep)                       # the app's table: one row per class, the same figures
+    assert [r["class"] for r in rows] == list(rep["per_class"])
+    for r in rows:
+        s = rep["per_class"][r["class"]]
+        assert r["P original"] == s["original"]["p_disease"]
+        assert r["drop no cysts/foci, no record"] == (s["without_ellipsoids"] or {}).get("drop_no_record")
 
 
 def test_counterfactual_refuses_what_it_cannot_re_render(tiny_volume_net, volume_dir, tmp_path, capsys):

@@ -131,6 +131,22 @@ def _summarise(items: list[dict]) -> dict:
     return res
 
 
+def table_rows(rep: dict) -> list[dict]:
+    """One row per phantom class of `volume_lesion_reliance` (the app's table): eyes, pointing game, mean P(disease)
+    with / without the record for the originals and each variant, and the paired drop (None: no such lesion)."""
+    rows = []
+    for c, s in rep["per_class"].items():
+        row = {"class": c, "eyes": s["n"], "pointing game": s["pointing_game"],
+               "P original": s["original"]["p_disease"], "P original, no record": s["original"]["p_disease_no_record"]}
+        for name, what in (("without_ellipsoids", "no cysts/foci"), ("without_thickening", "no swelling")):
+            v = s.get(name)
+            row[f"P {what}"] = v["p_disease"] if v else None
+            row[f"P {what}, no record"] = v["p_disease_no_record"] if v else None
+            row[f"drop {what}, no record"] = v["drop_no_record"] if v else None
+        rows.append(row)
+    return rows
+
+
 def format_lines(rep: dict) -> list[str]:
     """A readable table of `volume_lesion_reliance`."""
     lines = [f"Counterfactual phantoms ({rep['n_volumes']} diseased volumes, {rep['data']}, split {rep['split']}): "
