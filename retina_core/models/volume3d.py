@@ -296,5 +296,9 @@ register_model(ModelCfg(
           "grid, two B-scans per cell). They were trained with lesion-mask guidance (`train --lesion-cam-guidance "
           "1`: on diseased phantoms with a lesion mask, the 3D Grad-CAM was trained to peak on a lesion), so their "
           "maps were taught where lesions are, and with the clinical record hidden on half the training volumes "
-          "(`train --meta-dropout 0.5`), so the volume carries evidence on its own. " + _PHANTOM_NOTE),
+          "(`train --meta-dropout 0.5`), so the volume carries evidence on its own. Counterfactual phantoms "
+          "(`explain-eval --counterfactual`) show that they do not use the DR phantoms' hyper-reflective foci "
+          "(1-2 px specks at 128 px, below the speckle) or the DME phantoms' cysts: DME calls rest on the retinal "
+          "swelling and DR calls mostly on HbA1c, so their maps point at the swollen macula, not at those "
+          "lesions. " + _PHANTOM_NOTE),
 ), VolumeFusion3D)
