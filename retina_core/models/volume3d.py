@@ -298,7 +298,7 @@ register_model(ModelCfg(
           "maps were taught where lesions are, and with the clinical record hidden on half the training volumes "
           "(`train --meta-dropout 0.5`), so the volume carries evidence on its own. Counterfactual phantoms "
           "(`explain-eval --counterfactual`) show that they do not use the DR phantoms' hyper-reflective foci "
-          "(1-2 px specks at 128 px, below the speckle) or the DME phantoms' cysts: DME calls rest on the retinal "
+          "(1-2 px specks at 128 px) or the DME phantoms' cysts: DME calls rest on the retinal "
           "swelling and DR calls mostly on HbA1c, so their maps point at the swollen macula, not at those "
           "lesions. " + _PHANTOM_NOTE),
 ), VolumeFusion3D)
