@@ -159,6 +159,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
         return {}
     path, rep = max(reports, key=lambda po: po[0].stat().st_mtime)
     guided = _lesion_guided(model_name, rep.get("weights_sha256"))
+    unused = unused_lesions(rep.get("counterfactual"))      # of the model, the same for every method
     out = {}
     for meth, r in rep["methods"].items():
         if not isinstance(r, dict):
@@ -170,7 +171,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided,
-                     "unused_lesions": unused_lesions(rep.get("counterfactual"))}
+                     "unused_lesions": unused}
         by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
                   if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
         if by_mod:

@@ -27,8 +27,8 @@ import torch
 
 from ..errors import RetinaInputError
 from . import trust
-from .evaluate_nd import (_records, _resize_mask_3d, _resize_volume, _resolve, _volume_predict, pick_round_robin,
-                          volume_map)
+from .evaluate_nd import (_records, _resize_mask_3d, _resize_volume, _resolve, _union, _volume_predict,
+                          meta_tensor_of, pick_round_robin, volume_map)
 
 VARIANTS = {"original": (), "without_ellipsoids": ("ellipsoids",), "without_thickening": ("thickening",)}
 MATCH_TOLERANCE = 0.02   # max |stored - re-rendered| (intensity in [0, 1]); NIfTI storage rounds a little
@@ -55,7 +55,6 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
     the pointing game of the model's 3-D Grad-CAM on the originals. n: volumes drawn round-robin over the labels
     (None: all); split as in explain-eval ("all" for a set the model never saw)."""
     from ..io.decode import read_image
-    from ..models.volume3d import META_FEATURES, encode_metadata
     from ..phantoms.volume import oct_volume
 
     m = _resolve(model, weights_dir)
@@ -66,7 +65,6 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
     recs, used = _records(m, root, split)
     rows = _phantom_rows(root)
     size = tuple(m.cfg.input_size[1:])
-    feats = getattr(m.net, "meta_features", None) or META_FEATURES
     tol = trust.default_tolerance(size[1:])
     per: dict[str, list[dict]] = defaultdict(list)
     picked = pick_round_robin(recs, len(recs) if n is None else int(n), seed)
@@ -78,7 +76,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
         if cls == "NORMAL":
             continue
         stored = np.asarray(read_image(r.path).pixels, np.float32)
-        meta_t = torch.from_numpy(encode_metadata(r.meta, r.eye, feats))[None].to(m.device)
+        meta_t = meta_tensor_of(m, r.meta, r.eye)
         no_record = torch.full_like(meta_t, float("nan"))
         out: dict = {}
         original = None
@@ -91,7 +89,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
                     raise RetinaInputError(f"{Path(r.path).name} does not re-render from its seed (max difference "
                                            f"{err:.3f}): the set was made by another version of the phantom "
                                            "generator, so no counterfactual can be drawn from it.")
-                original, mask = v, np.logical_or.reduce(list(vol.masks.values())) if vol.masks else None
+                original, mask = v, _union(vol.masks, v.shape)
             elif np.array_equal(v, original):
                 out[name] = None                     # nothing of that kind in this eye
                 continue
@@ -99,7 +97,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
             p, hm = volume_map(m, m.net, x, meta_t, "gradcam")
             p0 = float(_volume_predict(m, no_record)(x[None])[0])
             out[name] = {"p": float(p), "p_no_record": p0}
-            if name == "original" and mask is not None and mask.any():
+            if name == "original" and mask.any():
                 out["pointing_game"] = float(trust.pointing_game_3d(hm, _resize_mask_3d(mask, size), tol))
         per[cls].append(out)
     if not per:

@@ -303,10 +303,15 @@ def _auc(y) -> float:
 
 # ------------------------------------------------------------------------------------------------ volumes
 def _meta_tensor(m: _Net, s: VolumeSample) -> torch.Tensor:
+    return meta_tensor_of(m, s.meta, s.eye)
+
+
+def meta_tensor_of(m: _Net, meta: dict, eye: str | None) -> torch.Tensor:
+    """The clinical record as the volume model reads it: [1, M] raw values (NaN = not recorded)."""
     from ..models.volume3d import META_FEATURES, encode_metadata
 
     feats = getattr(m.net, "meta_features", None) or META_FEATURES
-    return torch.from_numpy(encode_metadata(s.meta, s.eye, feats))[None].to(m.device)
+    return torch.from_numpy(encode_metadata(meta, eye, feats))[None].to(m.device)
 
 
 def _prep_volumes(m: _Net, vols: np.ndarray) -> torch.Tensor:
