@@ -160,6 +160,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     path, rep = max(reports, key=lambda po: po[0].stat().st_mtime)
     guided = _lesion_guided(model_name, rep.get("weights_sha256"))
     unused = unused_lesions(rep.get("counterfactual"))      # of the model, the same for every method
+    reliance = lesion_reliance_by_class(rep.get("counterfactual"))
     out = {}
     for meth, r in rep["methods"].items():
         if not isinstance(r, dict):
@@ -171,7 +172,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided,
-                     "unused_lesions": unused}
+                     "unused_lesions": unused, "lesion_reliance": reliance}
         by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
                   if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
         if by_mod:
@@ -227,18 +228,60 @@ def class_localisation(evidence: dict | None, label: str | None) -> tuple[float,
 def unused_lesions(counterfactual: dict | None) -> list[dict]:
     """From an explain-eval report's `counterfactual` section (`explain.counterfactual`): the phantom classes where
     the map often misses the lesion masks (pointing game below POINTING_TARGET) and the model does not use the
-    masked cysts and foci: left out of the same eyes, they lowered P(disease) by less than UNUSED_LESION_DROP, with
-    the clinical record and without it. Each item: class, n, pointing_game, and how much leaving out the retinal
-    swelling lowered P without the record (None when those eyes had none)."""
+    masked lesions: left out of the same eyes, they lowered the class's probability by less than
+    UNUSED_LESION_DROP (volumes: with the clinical record and without it). The variant is every masked lesion
+    ("without_masked"; reports before it had only the cysts, foci and exudates, "without_ellipsoids"). Each item:
+    class, n, pointing_game, how much leaving out the retinal swelling lowered the probability, and how much leaving
+    out the masked lesions lowers it once the swelling is gone too (a cue the model falls back on; None when not
+    measured); without the record for volumes."""
     out = []
     for cls, s in ((counterfactual or {}).get("per_class") or {}).items():
-        e, pg = s.get("without_ellipsoids") or {}, s.get("pointing_game")
-        if (e.get("n", 0) >= 3 and max(e["drop"], e["drop_no_record"]) < UNUSED_LESION_DROP
+        e, pg = s.get("without_masked") or s.get("without_ellipsoids") or {}, s.get("pointing_game")
+        drops = [d for d in (e.get("drop"), e.get("drop_no_record")) if d is not None]
+        if (e.get("n", 0) >= 3 and drops and max(drops) < UNUSED_LESION_DROP
                 and pg is not None and pg < POINTING_TARGET):
-            t = s.get("without_thickening") or {}
+            t, both = s.get("without_thickening") or {}, s.get("without_masked_and_thickening") or {}
+            rec = "_no_record" if "p_disease_no_record" in t else ""
+            masked_without_swelling = (t[f"p_disease{rec}"] - both[f"p_disease{rec}"]
+                                       if t.get(f"p_disease{rec}") is not None
+                                       and both.get(f"p_disease{rec}") is not None else None)
             out.append({"class": cls, "n": e["n"], "pointing_game": pg,
-                        "swelling_drop_no_record": t.get("drop_no_record")})
+                        "swelling_drop_no_record": t.get("drop_no_record", t.get("drop")),
+                        "lesion_drop_without_swelling": masked_without_swelling})
     return out
+
+
+def lesion_reliance_by_class(counterfactual: dict | None) -> dict[str, dict]:
+    """Per phantom class of an explain-eval report's `counterfactual` section: {n, p (original), p_without (the same
+    eyes without the lesions their masks mark), called_without, p_healthy_without (None when the model has no
+    healthy class), healthy_class}; without the clinical record for volume models. Reports before the masked
+    variant give the cysts/foci one."""
+    out = {}
+    for cls, s in ((counterfactual or {}).get("per_class") or {}).items():
+        e, o = s.get("without_masked") or s.get("without_ellipsoids"), s.get("original")
+        if not e or not o:
+            continue
+        rec = "_no_record" if "p_disease_no_record" in o else ""
+        if o.get(f"p_disease{rec}") is None or e.get(f"p_disease{rec}") is None:
+            continue
+        out[cls] = {"n": e["n"], "p": o[f"p_disease{rec}"], "p_without": e[f"p_disease{rec}"],
+                    "called_without": e[f"called{rec}"], "p_healthy_without": e.get("p_healthy"),
+                    "healthy_class": counterfactual.get("healthy_class")}
+    return out
+
+
+def _reliance_sentence(evidence: dict | None, label: str | None) -> str:
+    r = ((evidence or {}).get("lesion_reliance") or {}).get(label) if label else None
+    if not r or r["n"] < 3:
+        return ""
+    healthy = (f", P({r['healthy_class']}) {r['p_healthy_without']:.2f}" if r.get("p_healthy_without") is not None
+               else "")
+    verdict = ("the model uses those lesions" if r["called_without"] == 0 else
+               "the model uses those lesions only in part" if r["p"] - r["p_without"] >= UNUSED_LESION_DROP else
+               "the model does not use those lesions")
+    return (f" Counterfactual phantoms: {r['n']} '{label}' eyes re-rendered without the lesions their masks mark "
+            f"went from P({label}) {r['p']:.2f} to {r['p_without']:.2f} ({r['called_without']} still called "
+            f"'{label}'{healthy}): {verdict}.")
 
 
 def _counterfactual_caveat(evidence: dict | None) -> str:
@@ -249,10 +292,15 @@ def _counterfactual_caveat(evidence: dict | None) -> str:
     swell = [f"{i['class']} {i['swelling_drop_no_record']:.2f}" for i in items
              if i.get("swelling_drop_no_record") is not None]
     used = (" The map shows what it does use, such as the retinal swelling (leaving the swelling out lowered "
-            f"P(disease) without the record by {', '.join(swell)})." if swell else "")
+            f"the probability by {', '.join(swell)})." if swell else "")
+    backup = [f"{i['class']} {i['lesion_drop_without_swelling']:.2f}" for i in items
+              if (i.get("lesion_drop_without_swelling") or 0) >= UNUSED_LESION_DROP]
+    verdict = ("so while the swelling is there this model does not need those lesions (with the swelling also left "
+               f"out, leaving them out lowers the probability by {', '.join(backup)})" if backup else
+               "so this model does not use those lesions")
     return (f" Where the map misses the phantom lesions, on {names} eyes, counterfactual phantoms show why: "
-            "re-rendered without their cysts and hyper-reflective foci, those eyes kept the same P(disease), so this "
-            "model does not use those lesions." + used)
+            f"re-rendered without the lesions their masks mark, those eyes kept the same probability, {verdict}."
+            + used)
 
 
 def trust_note(evidence: dict | None, method: str, label: str | None = None, modality: str | None = None
@@ -275,8 +323,9 @@ def trust_note(evidence: dict | None, method: str, label: str | None = None, mod
         return (f"{method} **rarely points at the lesions of '{label}'** on this model: on {per_class[1]} phantoms of "
                 f"that class its peak fell on a lesion only {per_class[0]:.0%} of the time (all lesion classes: "
                 f"{evidence['pointing_game']:.0%}). For this suggestion read the map as a coarse region, or choose "
-                f"Integrated Gradients (slower, pixel-level) as the heatmap method. " + note, True)
-    return note + _counterfactual_caveat(evidence), warn
+                f"Integrated Gradients (slower, pixel-level) as the heatmap method. " + note
+                + _reliance_sentence(evidence, label), True)
+    return note + _counterfactual_caveat(evidence) + _reliance_sentence(evidence, label), warn
 
 
 def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:

@@ -220,7 +220,7 @@ def test_volume_viewer_slider_and_metadata():
 
     for u in unused_lesions(report.get("counterfactual")):
         assert f"{u['class']} ({u['n']}, pointing game {u['pointing_game']:.2f})" in note[0]
-    assert ("does not use those lesions" in note[0]) == bool(unused_lesions(report.get("counterfactual")))
+    assert ("counterfactual phantoms show why" in note[0]) == bool(unused_lesions(report.get("counterfactual")))
     # what the suggestion rests on: exact Shapley values over the volume and the clinical values, adding up
     (ia,) = at.session_state["_memo"]["volume_inputs"].values()
     assert sum(ia.values.values()) == pytest.approx(ia.p - ia.p_reference, abs=1e-6)

@@ -323,5 +323,38 @@ def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(
     assert not warn and "on DR (18, pointing game 0.00) and DME (13, pointing game 0.53) eyes" in note
     assert "does not use those lesions" in note
     assert "DR 0.11, DME 0.63" in note and "MH" not in note
+    # a cue the model falls back on: with the swelling gone too, leaving the lesions out lowers P
+    backup = [{**u, "lesion_drop_without_swelling": 0.2 if u["class"] == "DME" else 0.0} for u in ev["unused_lesions"]]
+    fallback = trust_note({**ev, "unused_lesions": backup}, "gradcam")[0]
+    assert "does not need those lesions" in fallback and "lowers the probability by DME 0.20)" in fallback
     plain = trust_note({**ev, "unused_lesions": []}, "gradcam")[0]
     assert "Counterfactual" not in plain
+
+
+def test_trust_note_reports_what_leaving_the_suggested_class_lesions_out_did(tmp_path):
+    """2-D counterfactual phantoms (masked lesions left out; no clinical record): the note under a suggestion says
+    how P(suggested class) moved on phantoms of that class, with a verdict that follows the figures."""
+    import json
+
+    from retina_core.quick_eval import method_trust, trust_note, unused_lesions
+
+    def cls(n, p, p_without, called_without, p_healthy, pg=1.0):
+        return {"n": n, "pointing_game": pg, "original": {"n": n, "p_disease": p, "called": n},
+                "without_masked": {"n": n, "p_disease": p_without, "called": called_without, "drop": p - p_without,
+                                   "p_healthy": p_healthy}}
+
+    cf = {"modality": "fundus", "healthy_class": "No DR", "variants": ["original", "without_masked"],
+          "per_class": {"Moderate": cls(12, 0.84, 0.0, 0, 0.98), "Severe": cls(12, 0.9, 0.7, 9, 0.1),
+                        "Mild": cls(12, 0.6, 0.59, 12, 0.3, pg=0.4), "PDR": cls(2, 0.9, 0.0, 0, 0.9)}}
+    assert [u["class"] for u in unused_lesions(cf)] == ["Mild"]     # the map misses and the lesions are unused
+    report = {"model": "m2", "weights_sha256": "abc", "n_images": 10, "counterfactual": cf,
+              "methods": {"gradcam": {"randomisation_abs_spearman": 0.1, "pointing_game": 0.9}}}
+    (tmp_path / "explain_eval_m2.json").write_text(json.dumps(report))
+    ev = method_trust("m2", "abc", roots=(str(tmp_path),))["gradcam"]
+    used = trust_note(ev, "gradcam", label="Moderate")[0]
+    assert ("12 'Moderate' eyes re-rendered without the lesions their masks mark went from P(Moderate) 0.84 to 0.00 "
+            "(0 still called 'Moderate', P(No DR) 0.98): the model uses those lesions.") in used
+    assert "only in part" in trust_note(ev, "gradcam", label="Severe")[0]
+    assert "the model does not use those lesions" in trust_note(ev, "gradcam", label="Mild")[0]
+    assert "Counterfactual phantoms:" not in trust_note(ev, "gradcam", label="PDR")[0]      # 2 eyes: too few
+    assert "Counterfactual phantoms:" not in trust_note(ev, "gradcam")[0]                   # no suggestion named

@@ -392,7 +392,8 @@ def test_counterfactual_report_compares_the_same_eyes(tiny_volume_net, volume_di
         mine = [r for r in rows if r["oct_class"] == cls]
         assert s["original"]["p_disease"] == pytest.approx(np.mean([p(r) for r in mine]), abs=1e-6)
         assert s["original"]["p_disease_no_record"] == pytest.approx(s["original"]["p_disease"] * 0.5, abs=1e-6)
-        for name, without in (("without_ellipsoids", ("ellipsoids",)), ("without_thickening", ("thickening",))):
+        for name, without in (("without_masked", ("masked",)), ("without_ellipsoids", ("ellipsoids",)),
+                              ("without_thickening", ("thickening",))):
             drops = [p(r) - p(r, without) for r in mine if p(r, without) != p(r)]
             if not drops:
                 assert s[name] is None              # nothing of that kind in these eyes
@@ -428,6 +429,6 @@ def test_counterfactual_refuses_what_it_cannot_re_render(tiny_volume_net, volume
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32)[::-1].copy(), img.affine), edited / row["path"])
     with pytest.raises(RetinaInputError, match="does not re-render from its seed"):
         volume_lesion_reliance(tiny_volume_net, edited)
-    code = main(["explain-eval", "--model", "oct_resnet18", "--data", str(volume_dir), "--counterfactual"])
+    code = main(["explain-eval", "--model", "fundus_oct_fusion", "--data", str(volume_dir), "--counterfactual"])
     err = capsys.readouterr().err
     assert code == 2 and "--counterfactual" in err and "Traceback" not in err

@@ -1,24 +1,40 @@
 """Counterfactual phantoms: does the model use the lesions its map is asked to point at?
 
 The pointing game scores a map against the lesion masks. It presumes the model's decision rests on those lesions.
-On phantoms that can be checked directly: each held-out volume is re-rendered from its seed as the same eye with
-part of its disease left out (`phantoms.volume.leave_out`), and P(disease) is compared:
+On phantoms that can be checked directly: each held-out diseased eye is re-rendered from its seeds as the same eye
+with part of its disease left out (`phantoms.oct.leave_out`), and the model's probability for the eye's class is
+compared on the same eyes:
 
+- "without_masked": no lesion that any mask marks (the union the pointing game scores against): cysts, foci,
+  exudates, subretinal fluid, drusen and pigment-epithelium detachments, subretinal hyper-reflective material,
+  geographic atrophy, a macular hole;
 - "without_ellipsoids": no intraretinal cysts, hyper-reflective foci or hard exudates (the masked lesions of the
-  DR and DME phantoms, and the cysts around a macular hole);
+  DR phantoms, most of the DME phantoms', and the cysts around a macular hole);
 - "without_thickening": no diffuse swelling of the neural retina (drawn by the DR, DME, CNV and MH phantoms; no
   mask marks it).
+- "without_masked_and_thickening": neither. Two cues can each suffice (a macular hole phantom is called from its
+  hole or from its swollen edges alike): leaving one out then changes nothing although the model reads it when the
+  other is gone, so "not needed while the other is there" is not "not used". The pair of variants tells them apart.
 
-If leaving the masked lesions out does not lower P(disease), the model does not use them, and a map that pointed at
-them would not be faithful to it. Each figure is reported with the clinical record as given and with no record (the
-app's common case: a NIfTI uploaded alone). The record is the original eye's in every variant (its central subfield
-thickness included), so the no-record figures are the clean comparison of the images. Only phantom volume sets can be re-rendered: the data set must carry
-`phantom_meta.csv` (as `data phantoms --kind oct-volume` writes), and every re-rendered original must match the
-stored volume, or the data set is refused (made by another version of the generator).
+If leaving the masked lesions out does not lower the probability, the model does not use them, and a map that
+pointed at them would not be faithful to it. Two kinds of model:
+
+- OCT volume models (`volume_lesion_reliance`): P(disease) with the clinical record as given and with none (the
+  app's common case: a NIfTI uploaded alone). The record is the original eye's in every variant (its central
+  subfield thickness included), so the no-record figures are the clean comparison of the images.
+- 2-D OCT B-scan classifiers (`bscan_lesion_reliance`): the calibrated probability of the B-scan's own class, and
+  whether it is still the top class; the map is the model's default method, for the predicted class, at the
+  model's input size (as `explain-eval` scores it).
+
+Only phantom sets can be re-rendered: the set must carry `phantom_meta.csv` (as `data phantoms --kind oct-volume`,
+`oct-kermany` or `oct-c8` write; B-scans also need its `patient_seed` column, written since 2026-11-25), and every
+re-rendered original must match the stored image (B-scans after the same JPEG encoding), or the set is refused
+(made by another version of the generator).
 """
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,43 +43,78 @@ import torch
 
 from ..errors import RetinaInputError
 from . import trust
+from .attribution import default_method, explain_batch, resolve_model, to_pixels
+from .evaluate import Sample, _resize_sample
 from .evaluate_nd import (_records, _resize_mask_3d, _resize_volume, _resolve, _union, _volume_predict,
                           meta_tensor_of, pick_round_robin, volume_map)
 
-VARIANTS = {"original": (), "without_ellipsoids": ("ellipsoids",), "without_thickening": ("thickening",)}
+VARIANTS = {"original": (), "without_masked": ("masked",), "without_ellipsoids": ("ellipsoids",),
+            "without_thickening": ("thickening",), "without_masked_and_thickening": ("masked", "thickening")}
 MATCH_TOLERANCE = 0.02   # max |stored - re-rendered| (intensity in [0, 1]); NIfTI storage rounds a little
+JPEG_QUALITY = {"oct": 92, "fundus": 90}   # what `data phantoms` writes JPEGs with (phantoms.dataset)
+HEALTHY = ("normal", "no dr")             # a model's healthy class, lower case
+_KINDS = {"oct_volume": "oct-volume", "oct": "oct-kermany", "fundus": "fundus-dr"}
 
 
-def _phantom_rows(root: Path) -> dict[str, dict]:
+def _phantom_rows(root: Path, modality: str) -> dict[str, dict]:
+    """phantom_meta.csv rows by file name (volumes) or by path relative to the set (B-scans)."""
     path = root / "phantom_meta.csv"
+    kind = _KINDS[modality]
     if not path.is_file():
-        raise RetinaInputError(f"{root} has no phantom_meta.csv: counterfactuals re-render phantom volumes from their "
-                               "seeds, so they need a set made with `python -m retina_core data phantoms --kind "
-                               "oct-volume`.")
+        raise RetinaInputError(f"{root} has no phantom_meta.csv: counterfactuals re-render phantoms from their "
+                               f"seeds, so they need a set made with `python -m retina_core data phantoms --kind "
+                               f"{kind}`.")
     with path.open(newline="") as fh:
-        rows = {Path(r.get("path", "")).name: r for r in csv.DictReader(fh)}
-    if not rows or not {"seed", "oct_class"} <= set(next(iter(rows.values()))):
-        raise RetinaInputError(f"{path} has no seed / oct_class columns: it was not written by `data phantoms --kind "
-                               "oct-volume`.")
-    return rows
+        rows = list(csv.DictReader(fh))
+    need = {"oct_volume": {"seed", "oct_class"}, "oct": {"seed", "patient_seed", "label"}}.get(modality,
+                                                                                         {"seed", "label"})
+    if not rows or not need <= set(rows[0]) or (modality == "oct" and not rows[0].get("patient_seed")):
+        raise RetinaInputError(f"{path} has no {' / '.join(sorted(need))} columns: it was not written by a "
+                               f"current `data phantoms --kind {kind}` (B-scan sets need the patient_seed column, "
+                               "written since 2026-11-25; make the set again with the same command).")
+    key = (lambda r: Path(r.get("path", "")).name) if modality == "oct_volume" else (lambda r: r.get("path", ""))
+    return {key(r): r for r in rows}
+
+
+def _refuse_mismatch(name: str, err: float) -> None:
+    if err > MATCH_TOLERANCE:
+        raise RetinaInputError(f"{name} does not re-render from its seed (max difference {err:.3f}): the set was "
+                               "made by another version of the phantom generator, so no counterfactual can be drawn "
+                               "from it.")
+
+
+def lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
+                    weights_dir=None) -> dict:
+    """Counterfactual phantoms for an OCT volume model (`volume_lesion_reliance`) or a 2-D OCT B-scan or colour
+    fundus classifier (`image_lesion_reliance`); other models (the two-input fusion model) are refused."""
+    from .evaluate_nd import modality_of
+
+    modality = modality_of(model)
+    if modality == "oct_volume":
+        return volume_lesion_reliance(model, data_path, n=n, split=split, seed=seed, weights_dir=weights_dir)
+    if modality in ("oct", "fundus"):
+        return image_lesion_reliance(model, data_path, n=n, seed=seed, weights_dir=weights_dir)
+    name = model if isinstance(model, str) else getattr(getattr(model, "cfg", None), "name", type(model).__name__)
+    raise RetinaInputError(f"Counterfactual phantoms are implemented for OCT B-scan, colour fundus and OCT volume "
+                           f"models; {name} is a {modality} model.")
 
 
 def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
                            weights_dir=None) -> dict:
     """Per disease class of a phantom volume set: how P(disease) changes when the same eyes are re-rendered without
-    their ellipsoidal lesions or without their diffuse thickening, with and without the clinical record, next to
-    the pointing game of the model's 3-D Grad-CAM on the originals. n: volumes drawn round-robin over the labels
-    (None: all); split as in explain-eval ("all" for a set the model never saw)."""
+    their masked lesions, their ellipsoidal lesions or their diffuse thickening, with and without the clinical
+    record, next to the pointing game of the model's 3-D Grad-CAM on the originals. n: volumes drawn round-robin
+    over the labels (None: all); split as in explain-eval ("all" for a set the model never saw)."""
     from ..io.decode import read_image
     from ..phantoms.volume import oct_volume
 
     m = _resolve(model, weights_dir)
     if m.cfg.modality != "oct_volume":
-        raise RetinaInputError(f"Counterfactual phantoms are implemented for the OCT volume models; {m.name} is a "
+        raise RetinaInputError(f"volume_lesion_reliance needs an OCT volume model; {m.name} is a "
                                f"{m.cfg.modality} model.")
     root = Path(data_path).expanduser()
     recs, used = _records(m, root, split)
-    rows = _phantom_rows(root)
+    rows = _phantom_rows(root, "oct_volume")
     size = tuple(m.cfg.input_size[1:])
     tol = trust.default_tolerance(size[1:])
     per: dict[str, list[dict]] = defaultdict(list)
@@ -84,11 +135,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
             vol = oct_volume(cls, int(row["seed"]), *stored.shape, without=without)
             v = vol.image.astype(np.float32)
             if name == "original":
-                err = float(np.abs(v - stored).max())
-                if err > MATCH_TOLERANCE:
-                    raise RetinaInputError(f"{Path(r.path).name} does not re-render from its seed (max difference "
-                                           f"{err:.3f}): the set was made by another version of the phantom "
-                                           "generator, so no counterfactual can be drawn from it.")
+                _refuse_mismatch(Path(r.path).name, float(np.abs(v - stored).max()))
                 original, mask = v, _union(vol.masks, v.shape)
             elif np.array_equal(v, original):
                 out[name] = None                     # nothing of that kind in this eye
@@ -96,67 +143,212 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
             x = _resize_volume(v, size)
             p, hm = volume_map(m, m.net, x, meta_t, "gradcam")
             p0 = float(_volume_predict(m, no_record)(x[None])[0])
-            out[name] = {"p": float(p), "p_no_record": p0}
+            out[name] = {"p": float(p), "called": bool(p >= 0.5), "p_no_record": p0, "called_no_record": p0 >= 0.5}
             if name == "original" and mask.any():
                 out["pointing_game"] = float(trust.pointing_game_3d(hm, _resize_mask_3d(mask, size), tol))
         per[cls].append(out)
     if not per:
         raise RetinaInputError(f"No diseased volume among the {len(picked)} drawn from {data_path} ({used}).")
-    return {"data": str(data_path), "split": used, "n_volumes": sum(len(v) for v in per.values()),
+    return {"data": str(data_path), "split": used, "modality": "oct_volume", "method": "gradcam",
+            "n_volumes": sum(len(v) for v in per.values()),
             "per_class": {c: _summarise(v) for c, v in sorted(per.items())},
             "note": ("P(disease) of the same phantom eyes re-rendered without part of their disease (means over the "
                      "class; with the record as given and with none). A lesion the model uses lowers P when it is "
                      "left out; where it does not, a map pointing at it would not be faithful to the model.")}
 
 
-def _summarise(items: list[dict]) -> dict:
+def _jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    im = Image.open(buf)
+    return np.asarray(im.convert("L") if img.ndim == 2 else im.convert("RGB"))
+
+
+def _render_2d(modality: str, row: dict, w: int, h: int, without: tuple[str, ...]) -> tuple[np.ndarray, dict]:
+    """(uint8 image as `data phantoms` wrote it before encoding, masks) of the phantom a phantom_meta.csv row
+    describes, with `without` left out."""
+    ps = int(row["patient_seed"]) if row.get("patient_seed") else None
+    if modality == "oct":
+        from ..phantoms.oct import oct_phantom
+
+        ph = oct_phantom(row["label"], int(row["seed"]), w, h, patient_seed=ps,
+                         patient={"patient_id": row.get("patient_id")}, without=without)
+    else:
+        from ..phantoms.fundus import fundus_phantom
+
+        ph = fundus_phantom(row["label"], int(row["seed"]), w, patient_seed=ps,
+                            patient={"eye": row["eye"]} if row.get("eye") else None, without=without)
+    return ph.image, ph.masks
+
+
+def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0, weights_dir=None,
+                          method: str | None = None) -> dict:
+    """Per disease class of a phantom image set: how the calibrated probability of each image's own class changes
+    when the same eye is re-rendered without part of its disease, next to the pointing game of the model's default
+    map (`method`) on the originals, at the model's input size. OCT B-scans (`data phantoms --kind oct-kermany` or
+    `oct-c8`): without the masked lesions, the ellipsoidal ones, the swelling. Colour fundus (`--kind fundus-dr` or
+    `fundus-4class`; DR and AMD eyes): without the masked lesions. The draw is explain-eval's (n images round-robin
+    over the model's classes, `seed`); images of the healthy class, of a class the model does not have, or of
+    glaucoma (whose marked 'lesion' is the cup) are skipped. Each image also reports P(healthy class) when the model
+    has one: removing every lesion should move it there."""
+    from ..io.datasets import lesion_mask_dir, load_dataset
+    from ..io.decode import read_image
+
+    if isinstance(model, str):
+        from ..models import load_model
+
+        model = load_model(model, weights_dir=weights_dir)
+    m = resolve_model(model)
+    modality = m.cfg.modality
+    if modality not in ("oct", "fundus"):
+        raise RetinaInputError(f"image_lesion_reliance needs an OCT B-scan or colour fundus model; {m.cfg.name} is "
+                               f"a {modality} model.")
+    variants = VARIANTS if modality == "oct" else {k: VARIANTS[k] for k in ("original", "without_masked")}
+    method = method or default_method(m)
+    classes = list(m.classes)
+    healthy = next((c for c in classes if c.lower() in HEALTHY), None)
+    root = Path(data_path).expanduser()
+    if not root.exists():
+        raise RetinaInputError(f"Data folder {data_path} does not exist.")
+    rows = _phantom_rows(root, modality)
+    recs = [r for r in load_dataset(root).records if r.label in classes]
+    if not recs:
+        raise RetinaInputError(f"{data_path} has no image of the classes of {m.cfg.name}: {', '.join(classes)}.")
+    size = tuple(m.cfg.input_size[1:])
+    picked = pick_round_robin(recs, len(recs) if n is None else int(n), seed)
+    per: dict[str, list[dict]] = defaultdict(list)
+    for r in picked:
+        _, rel = lesion_mask_dir(root, Path(r.path))
+        row = rows.get(rel or "")
+        if row is None:
+            raise RetinaInputError(f"{rel or r.path} is not in {root / 'phantom_meta.csv'}.")
+        cls = r.label
+        if cls == healthy or row["label"] == "glaucoma":
+            continue
+        stored = np.asarray(read_image(r.path).pixels)
+        if modality == "oct" and stored.ndim == 3:
+            stored = stored[..., 0]
+        h, w = stored.shape[:2]
+        quality = JPEG_QUALITY[modality] if Path(r.path).suffix.lower() in (".jpg", ".jpeg") else None
+        out: dict = {}
+        original = mask = None
+        for name, without in variants.items():
+            raw, masks = _render_2d(modality, row, w, h, without)
+            img = _jpeg_round_trip(raw, quality) if quality else raw
+            if name == "original":
+                _refuse_mismatch(rel, float(np.abs(img.astype(np.float32) - stored).max()) / 255.0)
+                original = raw
+                ms = [np.asarray(v, bool) for v in masks.values()]
+                mask = np.logical_or.reduce(ms) if ms else None
+            elif np.array_equal(raw, original):
+                out[name] = None                     # nothing of that kind in this eye
+                continue
+            s = _resize_sample(Sample(to_pixels(img), cls, mask if name == "original" else None, modality), size)
+            maps, probs, idx = explain_batch(m, s.image[None], method)
+            k = classes.index(cls)
+            out[name] = {"p": float(probs[0, k]), "called": int(np.argmax(probs[0])) == k}
+            if healthy is not None:
+                out[name]["p_healthy"] = float(probs[0, classes.index(healthy)])
+            if name == "original" and s.mask is not None and s.mask.any():
+                out["pointing_game"] = float(trust.pointing_game(maps[0], s.mask))
+        per[cls].append(out)
+    if not per:
+        raise RetinaInputError(f"No diseased image among the {len(picked)} drawn from {data_path}.")
+    what = "B-scan" if modality == "oct" else "photograph"
+    return {"data": str(data_path), "split": "all", "modality": modality, "method": method,
+            "variants": list(variants), "healthy_class": healthy,
+            "n_volumes": sum(len(v) for v in per.values()),
+            "per_class": {c: _summarise(per[c], variants) for c in classes if c in per},
+            "note": (f"Probability of each {what}'s own class for the same phantom eyes re-rendered without part "
+                     "of their disease (means over the class; 'called': still the top class). A lesion the model "
+                     "uses lowers it when it is left out; where it does not, a map pointing at it would not be "
+                     "faithful to the model.")}
+
+
+def _summarise(items: list[dict], variants=VARIANTS) -> dict:
     res: dict = {"n": len(items)}
     pg = [o["pointing_game"] for o in items if "pointing_game" in o]
     res["pointing_game"] = float(np.mean(pg)) if pg else None
-    for name in VARIANTS:
+    for name in variants:
         got = [o[name] for o in items if o.get(name)]
-        res[name] = None if not got else {
-            "n": len(got),
-            "p_disease": float(np.mean([g["p"] for g in got])),
-            "called": int(sum(g["p"] >= 0.5 for g in got)),
-            "p_disease_no_record": float(np.mean([g["p_no_record"] for g in got])),
-            "called_no_record": int(sum(g["p_no_record"] >= 0.5 for g in got)),
-        }
-        if name != "original" and got:               # the change on the same eyes, not two different means
+        if not got:
+            res[name] = None
+            continue
+        res[name] = {"n": len(got), "p_disease": float(np.mean([g["p"] for g in got])),
+                     "called": int(sum(g["called"] for g in got))}
+        record = "p_no_record" in got[0]
+        if "p_healthy" in got[0]:
+            res[name]["p_healthy"] = float(np.mean([g["p_healthy"] for g in got]))
+        if record:
+            res[name]["p_disease_no_record"] = float(np.mean([g["p_no_record"] for g in got]))
+            res[name]["called_no_record"] = int(sum(g["called_no_record"] for g in got))
+        if name != "original":                      # the change on the same eyes, not two different means
             pairs = [(o["original"], o[name]) for o in items if o.get(name)]
             res[name]["drop"] = float(np.mean([a["p"] - b["p"] for a, b in pairs]))
-            res[name]["drop_no_record"] = float(np.mean([a["p_no_record"] - b["p_no_record"] for a, b in pairs]))
+            if record:
+                res[name]["drop_no_record"] = float(np.mean([a["p_no_record"] - b["p_no_record"] for a, b in pairs]))
     return res
 
 
+_WHAT = {"without_masked": "no masked lesions", "without_ellipsoids": "no cysts/foci",
+         "without_thickening": "no swelling", "without_masked_and_thickening": "no lesions, no swelling"}
+
+
+def _variants(rep: dict) -> list[str]:
+    return [v for v in rep.get("variants", VARIANTS) if v != "original"]
+
+
 def table_rows(rep: dict) -> list[dict]:
-    """One row per phantom class of `volume_lesion_reliance` (the app's table): eyes, pointing game, mean P(disease)
-    with / without the record for the originals and each variant, and the paired drop (None: no such lesion)."""
+    """One row per phantom class of a lesion-reliance report (the app's table): eyes, pointing game, the mean
+    probability of the class for the originals and each variant (volumes: also without the record), and the
+    paired drop (None: no such lesion)."""
     rows = []
     for c, s in rep["per_class"].items():
-        row = {"class": c, "eyes": s["n"], "pointing game": s["pointing_game"],
-               "P original": s["original"]["p_disease"], "P original, no record": s["original"]["p_disease_no_record"]}
-        for name, what in (("without_ellipsoids", "no cysts/foci"), ("without_thickening", "no swelling")):
-            v = s.get(name)
+        record = "p_disease_no_record" in (s["original"] or {})
+        row = {"class": c, "eyes": s["n"], "pointing game": s["pointing_game"], "P original": s["original"]["p_disease"]}
+        if record:
+            row["P original, no record"] = s["original"]["p_disease_no_record"]
+        for name in _variants(rep):
+            v, what = s.get(name), _WHAT[name]
             row[f"P {what}"] = v["p_disease"] if v else None
-            row[f"P {what}, no record"] = v["p_disease_no_record"] if v else None
-            row[f"drop {what}, no record"] = v["drop_no_record"] if v else None
+            if record:
+                row[f"P {what}, no record"] = v["p_disease_no_record"] if v else None
+                row[f"drop {what}, no record"] = v["drop_no_record"] if v else None
+            else:
+                row[f"drop {what}"] = v["drop"] if v else None
+        if rep.get("healthy_class") and s.get("without_masked"):
+            row[f"P {rep['healthy_class']}, no masked lesions"] = s["without_masked"].get("p_healthy")
         rows.append(row)
     return rows
 
 
 def format_lines(rep: dict) -> list[str]:
-    """A readable table of `volume_lesion_reliance`."""
-    lines = [f"Counterfactual phantoms ({rep['n_volumes']} diseased volumes, {rep['data']}, split {rep['split']}): "
-             "mean P(disease) with record / without record",
-             f"{'class':8s} {'n':>3s} {'PG':>5s}  {'original':>13s}  {'no ellipsoids':>13s}  {'no thickening':>13s}"]
+    """A readable table of a lesion-reliance report."""
+    volume = rep.get("modality", "oct_volume") == "oct_volume"
+    what = ("mean P(disease) with record / without record" if volume else
+            "mean P(own class), called (still the top class) / eyes")
+    names = _variants(rep)
+    kind = {"oct_volume": "volumes", "oct": "B-scans", "fundus": "photographs"}.get(rep.get("modality"), "images")
+    lines = [f"Counterfactual phantoms ({rep['n_volumes']} diseased {kind}, {rep['data']}, split {rep['split']}): "
+             f"{what}", f"{'class':16s} {'n':>3s} {'PG':>5s}  {'original':>13s}  "
+             + "  ".join(f"{_WHAT[v]:>17s}" for v in names)]
 
     def cell(v):
-        return f"{v['p_disease']:.2f} / {v['p_disease_no_record']:.2f}" if v else "-"
+        if not v:
+            return "-"
+        return (f"{v['p_disease']:.2f} / {v['p_disease_no_record']:.2f}" if "p_disease_no_record" in v
+                else f"{v['p_disease']:.2f}, {v['called']}/{v['n']}")
 
     for c, s in rep["per_class"].items():
         pg = "-" if s["pointing_game"] is None else f"{s['pointing_game']:.2f}"
-        lines.append(f"{c:8s} {s['n']:3d} {pg:>5s}  {cell(s['original']):>13s}  {cell(s['without_ellipsoids']):>13s}  "
-                     f"{cell(s['without_thickening']):>13s}")
+        lines.append(f"{c:16s} {s['n']:3d} {pg:>5s}  {cell(s['original']):>13s}  "
+                     + "  ".join(f"{cell(s.get(v)):>17s}" for v in names))
+    if rep.get("healthy_class"):
+        lines.append(f"P({rep['healthy_class']}) without the masked lesions: " + ", ".join(
+            f"{c} {s['without_masked']['p_healthy']:.2f}" for c, s in rep["per_class"].items()
+            if s.get("without_masked") and "p_healthy" in s["without_masked"]))
     lines.append(rep["note"])
     return lines

@@ -538,9 +538,10 @@ def cmd_explain_eval(args) -> int:
 
     if args.set_default:                     # refused before the evaluation runs, not after it
         _refuse_default_for_nd(args.model, modality_of(args.model))
-    if args.counterfactual and modality_of(args.model) != "oct_volume":
-        raise RetinaInputError(f"--counterfactual re-renders phantom OCT volumes: it applies to the OCT volume models, "
-                               f"not to {args.model}.")
+    if args.counterfactual and modality_of(args.model) not in ("oct_volume", "oct"):
+        raise RetinaInputError(f"--counterfactual re-renders phantom OCT B-scans and volumes: it applies to the OCT "
+                               f"models, not to {args.model} (the fundus phantoms cannot yet be re-rendered without "
+                               "their lesions).")
     split = getattr(args, "split", "test")
     report = explain_eval(args.model, args.data, methods=args.methods, n=args.n, weights_dir=args.weights_dir,
                           seed=args.seed, steps=args.steps,
@@ -549,10 +550,10 @@ def cmd_explain_eval(args) -> int:
     if args.set_default:
         report["default_written_to"] = str(set_default(args.model, report, args.weights_dir))
     if args.counterfactual:
-        from .counterfactual import volume_lesion_reliance
+        from .counterfactual import lesion_reliance
 
-        report["counterfactual"] = volume_lesion_reliance(args.model, args.data, n=args.n, split=split,
-                                                          seed=args.seed, weights_dir=args.weights_dir)
+        report["counterfactual"] = lesion_reliance(args.model, args.data, n=args.n, split=split, seed=args.seed,
+                                                   weights_dir=args.weights_dir)
     if args.json:
         print(json.dumps(report))
     else:
@@ -590,9 +591,10 @@ def add_cli(subparsers) -> None:
                         "from (default test, held out; 'all' for a data set the model never saw). 2-D models use "
                         "every image of --data")
     p.add_argument("--counterfactual", action="store_true",
-                   help="OCT volume models on phantom volume sets: re-render each diseased eye from its seed without "
-                        "its cysts/foci/exudates and without its diffuse thickening, and report how P(disease) "
-                        "changes per class (does the model use the lesions its map is scored against?)")
+                   help="OCT B-scan and volume models on phantom OCT sets: re-render each diseased eye from its seeds "
+                        "without its masked lesions, without its cysts/foci/exudates and without its diffuse "
+                        "thickening, and report how the probability of its class changes per class (does the model "
+                        "use the lesions its map is scored against?)")
     p.add_argument("--set-default", action="store_true",
                    help="write the recommended default method and its evidence into the model's manifest entry")
     p.add_argument("--json", action="store_true")

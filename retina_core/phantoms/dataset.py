@@ -28,8 +28,8 @@ LAYOUTS = {
 }
 KERMANY_ROOT = "OCT2017 "  # Kaggle's top folder name ends in a space
 IEEE_CAT_TO_NAME = {"1": "cataract", "2": "diabetic_retinopathy", "3": "glaucoma", "4": "normal"}
-META_COLUMNS = ["path", "label", "patient_id", "eye", "age", "sex", "seed", "modality", "width", "height",
-                "fovea_x", "fovea_y", "disc_x", "disc_y", "disc_radius", "dr_grade", "oct_class", "masks"]
+META_COLUMNS = ["path", "label", "patient_id", "eye", "age", "sex", "seed", "patient_seed", "modality", "width",
+                "height", "fovea_x", "fovea_y", "disc_x", "disc_y", "disc_radius", "dr_grade", "oct_class", "masks"]
 
 
 def _img_seed(seed: int, i: int) -> int:
@@ -101,7 +101,8 @@ class _Writer:
         m = ph.meta
         shp = ph.image.shape
         row = {"path": rel, "label": ph.label, "patient_id": m.get("patient_id"), "eye": m.get("eye"),
-               "age": m.get("age"), "sex": m.get("sex"), "seed": m.get("seed"), "modality": ph.modality,
+               "age": m.get("age"), "sex": m.get("sex"), "seed": m.get("seed"),
+               "patient_seed": m.get("patient_seed"), "modality": ph.modality,
                "width": shp[-1] if ph.modality != "fundus" else shp[1],
                "height": shp[-2] if ph.modality != "fundus" else shp[0],
                "dr_grade": m.get("dr_grade", ""), "oct_class": m.get("oct_class", ""),

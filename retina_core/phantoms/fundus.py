@@ -8,6 +8,7 @@ camera look whatever the label; only the lesions change.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -553,10 +554,23 @@ def _amd_lesions(cv, rng, ctx):
 # --------------------------------------------------------------------------------------------------- main
 
 def fundus_phantom(label, seed: int, size: int = 512, *, patient_seed: int | None = None,
-                   eye: str | None = None, patient: dict | None = None) -> Phantom:
+                   eye: str | None = None, patient: dict | None = None, without: tuple[str, ...] = ()) -> Phantom:
     """Colour fundus phantom. label: a DR grade name (DR_GRADES), "normal", "glaucoma", "cataract", "amd" or
-    "diabetic_retinopathy" (a random grade 1-4, stored in meta["dr_grade"])."""
+    "diabetic_retinopathy" (a random grade 1-4, stored in meta["dr_grade"]).
+
+    without=("masked",) re-renders the same eye without the lesions its masks mark (a counterfactual for
+    explanation checks): the DR lesions (microaneurysms, haemorrhages, exudates, cotton-wool spots, venous beading,
+    IRMA, new vessels) or the AMD ones (drusen, pigment, atrophy). Their random draws are still made, on a scratch
+    canvas, so the anatomy, vessels and camera are exactly the original eye's. Glaucoma's marked 'lesion' is its
+    cup, part of the disc, so it is refused there."""
     label = canonical_fundus_label(label)
+    without = tuple(without)
+    if any(w != "masked" for w in without):
+        raise ValueError(f"without: unknown part {next(w for w in without if w != 'masked')!r}; fundus phantoms "
+                         "can leave out 'masked'")
+    if without and label == "glaucoma":
+        raise ValueError("without=('masked',): a glaucoma phantom's masked 'lesion' is its optic cup, which cannot "
+                         "be left out of the disc")
     size = int(size)
     if not 32 <= size <= 4096:
         raise ValueError("size must be in [32, 4096]")
@@ -688,7 +702,10 @@ def fundus_phantom(label, seed: int, size: int = 512, *, patient_seed: int | Non
             grade = DR_GRADES.index(label)
         else:  # "diabetic_retinopathy" (4-class data set): mostly visible DR
             grade = int(r_les.choice([1, 2, 3, 4], p=[0.1, 0.4, 0.3, 0.2]))
-        beads, extra = _dr_lesions(cv, r_les, ctx, grade, vessels)  # red/white lesions drawn under vessels
+        if without:         # the same draws on a scratch canvas and copied vessels (beading widens them in place)
+            _dr_lesions(_Canvas(cv.img.copy()), r_les, ctx, grade, copy.deepcopy(vessels))
+        else:
+            beads, extra = _dr_lesions(cv, r_les, ctx, grade, vessels)  # red/white lesions drawn under vessels
 
     def _c(v):  # thin vessels show less contrast
         return float(np.clip(0.35 + 0.65 * float(v["w"][0]) / (3.0 * s512), 0.35, 1.0))
@@ -722,7 +739,7 @@ def fundus_phantom(label, seed: int, size: int = 512, *, patient_seed: int | Non
         cv.counts["venous_beading"] = len(beads)
 
     if label == "amd":
-        _amd_lesions(cv, r_les, ctx)
+        _amd_lesions(_Canvas(img.copy()) if without else cv, r_les, ctx)
         img = cv.img
 
     # ---- camera: optional cataract haze, blur, exposure, noise, field of view

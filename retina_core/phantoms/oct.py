@@ -228,6 +228,40 @@ def sample_eye(label: str, rng_anat: np.random.Generator, rng_les: np.random.Gen
     return e
 
 
+# what `oct_phantom(without=...)` and `oct_volume(without=...)` can leave out of an eye (counterfactual phantoms,
+# explain.counterfactual)
+WITHOUT = ("ellipsoids", "thickening", "masked")
+_NEURAL_LAYERS = ("RNFL", "GCL", "IPL", "INL", "OPL", "ONL")
+_MASKED_LAYERS = ("SRF", "SUBRPE", "SHRM")   # lesion layers drawn into masks (fluid, drusen / PED, CNV)
+
+
+def leave_out(e: dict, without) -> dict:
+    """The eye `e` (from `sample_eye`) without some of its disease:
+
+    - "ellipsoids": the ellipsoidal lesions (intraretinal cysts, hyper-reflective foci, hard exudates; all masked);
+    - "thickening": the diffuse swelling of the neural retina (Gaussian thickness added to RNFL..ONL; no mask marks it);
+    - "masked": every lesion drawn into a lesion mask: the ellipsoids, subretinal fluid, drusen and pigment-epithelium
+      detachments, subretinal hyper-reflective material, geographic atrophy and a macular hole (with its
+      operculum). What is left is the eye's unmasked disease (swelling, a thick choroid) and its anatomy.
+
+    Everything else (anatomy, other lesions, speckle) is drawn from the same random streams, so the eye is otherwise
+    the same."""
+    bad = [w for w in without if w not in WITHOUT]
+    if bad:
+        raise ValueError(f"without: unknown part {bad[0]!r}; choose from {', '.join(WITHOUT)}")
+    if "ellipsoids" in without or "masked" in without:
+        e["ell"] = []
+    if "thickening" in without:
+        e["add"] = [a for a in e["add"] if not (a[0] in _NEURAL_LAYERS and a[2][0] == "gauss")]
+    if "masked" in without:
+        e["add"] = [a for a in e["add"] if a[0] not in _MASKED_LAYERS]
+        ga = e["ga"]
+        e["mult"] = [m for m in e["mult"] if m[2] not in ga]
+        e["ga"], e["hole"] = [], None
+        e.pop("operculum", None)
+    return e
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 
 def _thickness(e: dict, X: np.ndarray, Y: np.ndarray) -> dict[str, np.ndarray]:
@@ -526,8 +560,10 @@ def compress(I: np.ndarray, T: np.ndarray, geo: dict, rng: np.random.Generator) 
 
 
 def oct_phantom(label, seed: int, width: int = 512, height: int = 496, *, patient_seed: int | None = None,
-                eye: str | None = None, patient: dict | None = None) -> Phantom:
-    """One macular OCT B-scan through the fovea. label in OCT8 (CNV, DME, DRUSEN, NORMAL are the OCT4 subset)."""
+                eye: str | None = None, patient: dict | None = None, without: tuple[str, ...] = ()) -> Phantom:
+    """One macular OCT B-scan through the fovea. label in OCT8 (CNV, DME, DRUSEN, NORMAL are the OCT4 subset).
+    `without` (see `leave_out`) re-renders the same B-scan with part of its disease removed (a counterfactual);
+    meta["patient_seed"] records `patient_seed`, which with `seed` is all a re-render needs."""
     label = canonical_oct_label(label)
     W, H = int(width), int(height)
     if not (32 <= W <= 4096 and 32 <= H <= 4096):
@@ -536,14 +572,15 @@ def oct_phantom(label, seed: int, width: int = 512, height: int = 496, *, patien
     if patient_seed is not None:
         r_pat, r_anat = streams(patient_seed, 2, tag=22)
     patient = merge_patient(sample_patient(r_pat, _FAMILY[label], eye), patient)
-    e = sample_eye(label, r_anat, r_les, patient["eye"], y_spread=0.15)
+    e = leave_out(sample_eye(label, r_anat, r_les, patient["eye"], y_spread=0.15), tuple(without))
     geo = sample_geometry(r_geo, W, H)
     I, T, masks, info = render_bscan(e, geo, 0.0, W, H, r_noise)
     img = compress(I, T, geo, r_noise)
     out = (img * 255 + 0.5).astype(np.uint8)
     fovea_x = float((geo["fovea_x_mm"] + geo["span_mm"] / 2) / geo["span_mm"] * W)
     jf = int(np.clip(fovea_x, 0, W - 1))
-    meta = {"seed": int(seed), **patient, "fovea_x": fovea_x, "width": W, "height": H,
+    meta = {"seed": int(seed), "patient_seed": None if patient_seed is None else int(patient_seed), **patient,
+            "fovea_x": fovea_x, "width": W, "height": H,
             "ilm_y_fovea": float(info["ilm"][jf]), "rpe_y_fovea": float(info["rpe"][jf]),
             "bm_y_fovea": float(info["bm"][jf]),
             "span_mm": geo["span_mm"], "central_thickness_um": info["central_thickness_um"],

@@ -7,8 +7,8 @@ import numpy as np
 from ..labels import OCT8
 from ._common import Phantom, merge_patient, sample_patient, streams, to_jsonable
 from .fundus import fundus_phantom
-from .oct import (_FAMILY, canonical_oct_label, compress, oct_phantom, render_bscan, sample_eye, sample_geometry,
-                  slice_textures)
+from .oct import (_FAMILY, WITHOUT, canonical_oct_label, compress, leave_out, oct_phantom, render_bscan,  # noqa: F401
+                  sample_eye, sample_geometry, slice_textures)
 
 VOLUME_LABELS = ("normal", "disease") + tuple(OCT8)
 DISEASE_CLASSES = tuple(c for c in OCT8 if c != "NORMAL")
@@ -34,26 +34,6 @@ def clinical_values(oct_class: str, age: int, cst_um: float, rng: np.random.Gene
     hba1c = rng.normal(_HBA1C.get(oct_class, 5.7), 0.8)
     return {"va_logmar": round(float(np.clip(va, -0.2, 2.0)), 2), "cst_um": round(float(cst_um), 1),
             "hba1c": round(float(np.clip(hba1c, 4.3, 13.0)), 1)}
-
-
-# what `oct_volume(without=...)` can leave out of an eye (counterfactual phantoms, explain.counterfactual)
-WITHOUT = ("ellipsoids", "thickening")
-_NEURAL_LAYERS = ("RNFL", "GCL", "IPL", "INL", "OPL", "ONL")
-
-
-def leave_out(e: dict, without) -> dict:
-    """The eye `e` (from `sample_eye`) without some of its disease: "ellipsoids" drops the ellipsoidal lesions
-    (intraretinal cysts, hyper-reflective foci, hard exudates; all drawn into the lesion masks), "thickening" the
-    diffuse swelling of the neural retina (Gaussian thickness added to RNFL..ONL; no mask marks it). Everything
-    else (anatomy, other lesions, speckle) is drawn from the same random streams, so the eye is otherwise the same."""
-    bad = [w for w in without if w not in WITHOUT]
-    if bad:
-        raise ValueError(f"without: unknown part {bad[0]!r}; choose from {', '.join(WITHOUT)}")
-    if "ellipsoids" in without:
-        e["ell"] = []
-    if "thickening" in without:
-        e["add"] = [a for a in e["add"] if not (a[0] in _NEURAL_LAYERS and a[2][0] == "gauss")]
-    return e
 
 
 def oct_volume(label, seed: int, n_slices: int = 32, height: int = 128, width: int = 128, *,
