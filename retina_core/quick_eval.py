@@ -254,7 +254,8 @@ def unused_lesions(counterfactual: dict | None) -> list[dict]:
 def lesion_reliance_by_class(counterfactual: dict | None) -> dict[str, dict]:
     """Per phantom class of an explain-eval report's `counterfactual` section: {n, p (original), p_without (the same
     eyes without the lesions their masks mark), called_without, p_healthy_without (None when the model has no
-    healthy class), healthy_class}; without the clinical record for volume models. Reports before the masked
+    healthy class), healthy_class, p_without_swelling (OCT: the same eyes without their retinal swelling, when
+    every one has some)}; without the clinical record for volume models. Reports before the masked
     variant give the cysts/foci one."""
     out = {}
     for cls, s in ((counterfactual or {}).get("per_class") or {}).items():
@@ -264,9 +265,11 @@ def lesion_reliance_by_class(counterfactual: dict | None) -> dict[str, dict]:
         rec = "_no_record" if "p_disease_no_record" in o else ""
         if o.get(f"p_disease{rec}") is None or e.get(f"p_disease{rec}") is None:
             continue
+        t = s.get("without_thickening") or {}
         out[cls] = {"n": e["n"], "p": o[f"p_disease{rec}"], "p_without": e[f"p_disease{rec}"],
                     "called_without": e[f"called{rec}"], "p_healthy_without": e.get("p_healthy"),
-                    "healthy_class": counterfactual.get("healthy_class")}
+                    "healthy_class": counterfactual.get("healthy_class"),
+                    "p_without_swelling": t.get(f"p_disease{rec}") if t.get("n") == e["n"] else None}
     return out
 
 
@@ -279,6 +282,9 @@ def _reliance_sentence(evidence: dict | None, label: str | None) -> str:
     verdict = ("the model uses those lesions" if r["called_without"] == 0 else
                "the model uses those lesions only in part" if r["p"] - r["p_without"] >= UNUSED_LESION_DROP else
                "the model does not use those lesions")
+    if r["called_without"] and r.get("p_without_swelling") is not None:
+        verdict += (f" (without the retinal swelling around them, which no mask marks, P({label}) was "
+                    f"{r['p_without_swelling']:.2f})")
     return (f" Counterfactual phantoms: {r['n']} '{label}' eyes re-rendered without the lesions their masks mark "
             f"went from P({label}) {r['p']:.2f} to {r['p_without']:.2f} ({r['called_without']} still called "
             f"'{label}'{healthy}): {verdict}.")
@@ -293,13 +299,17 @@ def _counterfactual_caveat(evidence: dict | None) -> str:
              if i.get("swelling_drop_no_record") is not None]
     used = (" The map shows what it does use, such as the retinal swelling (leaving the swelling out lowered "
             f"the probability by {', '.join(swell)})." if swell else "")
-    backup = [f"{i['class']} {i['lesion_drop_without_swelling']:.2f}" for i in items
-              if (i.get("lesion_drop_without_swelling") or 0) >= UNUSED_LESION_DROP]
-    verdict = ("so while the swelling is there this model does not need those lesions (with the swelling also left "
-               f"out, leaving them out lowers the probability by {', '.join(backup)})" if backup else
-               "so this model does not use those lesions")
+    fallback = [i for i in items if (i.get("lesion_drop_without_swelling") or 0) >= UNUSED_LESION_DROP]
+    unused = [i["class"] for i in items if i not in fallback]
+    if not fallback:
+        verdict = "so this model does not use those lesions"
+    else:
+        verdict = "; ".join(
+            f"on {i['class']} eyes this model does not need them while the swelling is there (with the swelling also "
+            f"left out, leaving them out lowers the probability by {i['lesion_drop_without_swelling']:.2f})"
+            for i in fallback) + (f"; on {' and '.join(unused)} eyes it does not use them" if unused else "")
     return (f" Where the map misses the phantom lesions, on {names} eyes, counterfactual phantoms show why: "
-            f"re-rendered without the lesions their masks mark, those eyes kept the same probability, {verdict}."
+            f"re-rendered without the lesions their masks mark, those eyes kept the same probability: {verdict}."
             + used)
 
 

@@ -326,7 +326,8 @@ def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(
     # a cue the model falls back on: with the swelling gone too, leaving the lesions out lowers P
     backup = [{**u, "lesion_drop_without_swelling": 0.2 if u["class"] == "DME" else 0.0} for u in ev["unused_lesions"]]
     fallback = trust_note({**ev, "unused_lesions": backup}, "gradcam")[0]
-    assert "does not need those lesions" in fallback and "lowers the probability by DME 0.20)" in fallback
+    assert ("on DME eyes this model does not need them while the swelling is there (with the swelling also left out, "
+            "leaving them out lowers the probability by 0.20); on DR eyes it does not use them") in fallback
     plain = trust_note({**ev, "unused_lesions": []}, "gradcam")[0]
     assert "Counterfactual" not in plain
 
@@ -336,7 +337,7 @@ def test_trust_note_reports_what_leaving_the_suggested_class_lesions_out_did(tmp
     how P(suggested class) moved on phantoms of that class, with a verdict that follows the figures."""
     import json
 
-    from retina_core.quick_eval import method_trust, trust_note, unused_lesions
+    from retina_core.quick_eval import lesion_reliance_by_class, method_trust, trust_note, unused_lesions
 
     def cls(n, p, p_without, called_without, p_healthy, pg=1.0):
         return {"n": n, "pointing_game": pg, "original": {"n": n, "p_disease": p, "called": n},
@@ -355,6 +356,11 @@ def test_trust_note_reports_what_leaving_the_suggested_class_lesions_out_did(tmp
     assert ("12 'Moderate' eyes re-rendered without the lesions their masks mark went from P(Moderate) 0.84 to 0.00 "
             "(0 still called 'Moderate', P(No DR) 0.98): the model uses those lesions.") in used
     assert "only in part" in trust_note(ev, "gradcam", label="Severe")[0]
+    # OCT: the swelling left out too (every eye had some): said where the lesions explain only part of the call
+    swell = {**cf["per_class"]["Severe"], "without_thickening": {"n": 12, "p_disease": 0.39, "called": 7}}
+    ev2 = {**ev, "lesion_reliance": lesion_reliance_by_class({**cf, "per_class": {"Severe": swell}})}
+    assert ("only in part (without the retinal swelling around them, which no mask marks, P(Severe) was 0.39)"
+            in trust_note(ev2, "gradcam", label="Severe")[0])
     assert "the model does not use those lesions" in trust_note(ev, "gradcam", label="Mild")[0]
     assert "Counterfactual phantoms:" not in trust_note(ev, "gradcam", label="PDR")[0]      # 2 eyes: too few
     assert "Counterfactual phantoms:" not in trust_note(ev, "gradcam")[0]                   # no suggestion named

@@ -299,6 +299,7 @@ register_model(ModelCfg(
           "(`train --meta-dropout 0.5`), so the volume carries evidence on its own. Counterfactual phantoms "
           "(`explain-eval --counterfactual`) show that they do not use the DR phantoms' hyper-reflective foci "
           "(1-2 px specks at 128 px) or the DME phantoms' cysts: DME calls rest on the retinal "
-          "swelling and DR calls mostly on HbA1c, so their maps point at the swollen macula, not at those "
-          "lesions. " + _PHANTOM_NOTE),
+          "swelling (and, where it is absent, on subretinal fluid) and DR calls mostly on HbA1c, so their maps "
+          "point at the swollen macula, not at those lesions. On AMD, CNV, CSR, drusen and MH eyes the lesions "
+          "the maps point at are what the calls rest on (left out, P(disease) falls). " + _PHANTOM_NOTE),
 ), VolumeFusion3D)
