@@ -81,11 +81,11 @@ else:
             from retina_core.explain.counterfactual import table_rows
 
             cf = o["counterfactual"]
-            parts = ("without the lesions their masks mark, without their cysts and foci alone, and without their "
-                     "retinal swelling" if "without_thickening" in cf.get("variants", ["without_thickening"])
-                     else "without the lesions their masks mark")
+            from retina_core.explain.counterfactual import describe_variants
+
             st.markdown(f"**Does the model use the lesions its map is scored against?** Counterfactual phantoms: "
-                        f"{cf['n_volumes']} diseased eyes re-rendered {parts} (`explain-eval --counterfactual`)")
+                        f"{cf['n_volumes']} diseased eyes re-rendered {describe_variants(cf)} (`explain-eval "
+                        f"--counterfactual`)")
             st.dataframe(pd.DataFrame(table_rows(cf)).round(2), hide_index=True, width="stretch", key="eval_cf")
             st.caption(cf["note"] + " None: those eyes have no such lesion.")
     else:

@@ -172,7 +172,8 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided,
-                     "unused_lesions": unused, "lesion_reliance": reliance}
+                     "unused_lesions": unused, "lesion_reliance": reliance,
+                     "faithful_alone": (rep.get("counterfactual") or {}).get("faithful_alone")}
         by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
                   if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
         if by_mod:
@@ -197,6 +198,7 @@ def modality_evidence(evidence: dict | None, modality: str) -> dict | None:
         return None
     ev = {**mod, "passes_randomisation": passes_randomisation(mod)}
     ev.update({k: evidence.get(k) for k in ("n_images", "source", "lesion_guided")})
+    ev["alone"] = (evidence.get("faithful_alone") or {}).get(modality)
     return ev
 
 
@@ -321,11 +323,31 @@ def trust_note(evidence: dict | None, method: str, label: str | None = None, mod
     `modality`: for a two-input model, the note on that input's map alone (`modality_evidence`)."""
     if modality is not None:
         ev = modality_evidence(evidence, modality)
-        note, warn = _trust_note(ev, f"{method} on the {modality.replace('oct', 'OCT')} image")
+        a = (ev or {}).get("alone")
+        if a and a.get("n", 0) < 3:
+            a = None
+        # the plain deletion test holds the other image as it is; when that image's lesions already decide the
+        # output, it cannot tell a faithful map from a random one. The counterfactual test where this image
+        # carries the call then decides whether to warn.
+        saturated = bool(a and a["faithful_vs_random"] and ev.get("faithful_vs_random") is False)
+        note, warn = _trust_note({**ev, "faithful_vs_random": None} if saturated else ev,
+                                 f"{method} on the {modality.replace('oct', 'OCT')} image")
         d, dr = (ev or {}).get("deletion_auc"), (ev or {}).get("deletion_auc_random_map")
-        if d is not None and dr is not None and min(d, dr) >= WEAK_INPUT_DELETION:
+        if saturated:
+            note += (f" With the other image as it is, removing parts of this one moves the score no more than "
+                     f"removing random regions (deletion AUC {d:.2f} against {dr:.2f}): the other image's lesions "
+                     "already decide the output on most phantom pairs.")
+        elif d is not None and dr is not None and min(d, dr) >= WEAK_INPUT_DELETION:
             note += (f" Removing most of this image barely moves the model's score (deletion AUC {min(d, dr):.2f} "
                      "or more): on phantoms its suggestion rests mainly on the other image.")
+        if a:
+            other = "fundus photograph" if modality == "oct" else "OCT B-scan"
+            verdict = ("this map is faithful when this image decides" if a["faithful_vs_random"] else
+                       "even then this map is no more faithful than chance")
+            note += (f" Where this image carries the call ({a['n']} phantom pairs re-rendered without the "
+                     f"{other}'s lesions), removing what the map marks lowers the score "
+                     f"{'faster than' if a['faithful_vs_random'] else 'no faster than'} removing random regions "
+                     f"(deletion AUC {a['deletion_auc']:.2f} against {a['deletion_auc_random_map']:.2f}): {verdict}.")
         return note, warn
     note, warn = _trust_note(evidence, method)
     per_class = class_localisation(evidence, label)

@@ -272,6 +272,20 @@ def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path, monkeypa
                                                                                           modality="oct")[0]
     note, warn = qe.trust_note(bad, "gradcam", modality="fundus")
     assert not warn and "on the fundus image passed" in note and "0.30 against 0.80" in note
+    # counterfactual pairs: where the OCT carries the call (fundus lesions gone), is its map faithful then?
+    bad["faithful_alone"] = {"oct": {"n": 20, "deletion_auc": 0.41, "deletion_auc_random_map": 0.66,
+                                     "faithful_vs_random": True}, "fundus": None}
+    bad["by_modality"]["oct"]["pointing_game"] = 0.75       # (the tiny random net's own figure may be anything)
+    note, warn = qe.trust_note(bad, "gradcam", modality="oct")
+    assert ("Where this image carries the call (20 phantom pairs re-rendered without the fundus photograph's "
+            "lesions), removing what the map marks lowers the score faster than removing random regions (deletion "
+            "AUC 0.41 against 0.66): this map is faithful when this image decides.") in note
+    # ...so the plain test's "no better than chance" (the fundus decides first) is explained, not a warning
+    assert not warn and "no more faithful than chance" not in note and "already decide the output" in note
+    bad["faithful_alone"]["oct"].update(faithful_vs_random=False, deletion_auc=0.7)
+    note, warn = qe.trust_note(bad, "gradcam", modality="oct")
+    assert warn and "**is no more faithful than chance**" in note and "even then this map is no more faithful" in note
+    assert "carries the call" not in qe.trust_note(bad, "gradcam", modality="fundus")[0]
     assert qe.modality_evidence({"pointing_game": 1.0}, "oct") is None
 
 
@@ -431,4 +445,60 @@ def test_counterfactual_refuses_what_it_cannot_re_render(tiny_volume_net, volume
         volume_lesion_reliance(tiny_volume_net, edited)
     code = main(["explain-eval", "--model", "fundus_oct_fusion", "--data", str(volume_dir), "--counterfactual"])
     err = capsys.readouterr().err
-    assert code == 2 and "--counterfactual" in err and "Traceback" not in err
+    assert code == 2 and "reads fundus + OCT pairs" in err and "Traceback" not in err
+
+
+def test_pair_counterfactual_leaves_out_each_input_s_lesions(tiny_fusion_net, monkeypatch, tmp_path):
+    """Fusion model: the same eye with the fundus photograph's, the OCT B-scan's or both images' lesions left out.
+    A stand-in P(disease) = 0.5 + 0.25 x mean fundus + 0.25 x mean OCT intensity lets every figure be recomputed."""
+    import csv
+
+    from retina_core.explain import counterfactual as cf
+    from retina_core.explain import evaluate_nd as nd
+    from retina_core.phantoms import write_dataset
+    from retina_core.phantoms.fundus import fundus_phantom
+    from retina_core.phantoms.oct import oct_phantom
+
+    root = tmp_path / "pairs"
+    write_dataset("paired", n=8, seed=5, out=root, size=64)
+
+    def fake_maps(m, net, f, o, target=None):
+        p = 0.5 + 0.25 * f.mean() / 255.0 + 0.25 * o.mean() / 255.0     # above 0.5: every variant is called
+        return np.array([1 - p, p]), 1, {"fundus": f.mean(-1) / 255.0, "oct": o.mean(-1) / 255.0}
+
+    monkeypatch.setattr(nd, "pair_maps", fake_maps)
+    rep = cf.pair_lesion_reliance(tiny_fusion_net, root, split="all")
+    rows = {r["path"]: r for r in csv.DictReader(open(root / "phantom_meta.csv"))}
+    pairs = [r for r in csv.DictReader(open(root / "pairs.csv")) if r["label"] == "disease"]
+    assert rep["modality"] == "fundus+oct" and rep["n_volumes"] == len(pairs) > 0
+    m = nd._resolve(tiny_fusion_net)
+
+    def p(pair, wf=(), wo=()):
+        out = []
+        for mod, without, size in (("fundus", wf, m.net.fundus_cfg.input_size[1:]),
+                                   ("oct", wo, m.net.oct_cfg.input_size[1:])):
+            row = rows[pair[mod]]
+            f_cls, o_cls = cf._pair_row_classes(rows[pair["fundus"]])
+            pat = {"patient_id": row["patient_id"], "eye": row["eye"], "age": int(row["age"]), "sex": row["sex"]}
+            img = (fundus_phantom(f_cls, int(row["seed"]), 64, patient=pat, without=without).image if mod == "fundus"
+                   else oct_phantom(o_cls, int(row["seed"]), 64, 64, patient=pat, without=without).image)
+            out.append(nd._resize_2d(cf.to_pixels(img), None, tuple(size))[0].mean() / 255.0)
+        return 0.5 + 0.25 * out[0] + 0.25 * out[1]
+
+    everyone = [(pair, p(pair)) for pair in pairs]
+    assert sum(s["original"]["p_disease"] * s["n"] for s in rep["per_class"].values()) == pytest.approx(
+        sum(v for _, v in everyone), abs=1e-6)
+    both = [v - p(pair, ("masked",), ("masked",)) for pair, v in everyone]
+    assert sum(s["without_both_lesions"]["drop"] * s["without_both_lesions"]["n"] for s in rep["per_class"].values()
+               if s["without_both_lesions"]) == pytest.approx(sum(both), abs=1e-6)
+    for s in rep["per_class"].values():               # each input's map scored on its own lesions
+        assert _in01(s.get("pointing_game_fundus")) and s["pointing_game"] is None
+    # each map scored where its input carries the call (the other's lesions gone; the tiny net's own predictions)
+    for mod, variant in (("oct", "without_fundus_lesions"), ("fundus", "without_oct_lesions")):
+        a = rep["faithful_alone"][mod]
+        n_changed = sum(s[variant]["n"] for s in rep["per_class"].values() if s[variant])
+        assert a["n"] == n_changed and _in01(a["deletion_auc"]) and _in01(a["deletion_auc_random_map"])
+        assert a["faithful_vs_random"] == (a["deletion_auc"] < a["deletion_auc_random_map"])
+    table = cf.table_rows(rep)
+    assert all("pointing game fundus" in t and "P no OCT lesions" in t for t in table)
+    assert "with the OCT B-scan's lesions left out" in cf.describe_variants(rep)

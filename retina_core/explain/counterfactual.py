@@ -45,7 +45,7 @@ from ..errors import RetinaInputError
 from . import trust
 from .attribution import default_method, explain_batch, resolve_model, to_pixels
 from .evaluate import Sample, _resize_sample
-from .evaluate_nd import (_records, _resize_mask_3d, _resize_volume, _resolve, _union, _volume_predict,
+from .evaluate_nd import (_records, _resize_2d, _resize_mask_3d, _resize_volume, _resolve, _union, _volume_predict,
                           meta_tensor_of, pick_round_robin, volume_map)
 
 VARIANTS = {"original": (), "without_masked": ("masked",), "without_ellipsoids": ("ellipsoids",),
@@ -53,7 +53,9 @@ VARIANTS = {"original": (), "without_masked": ("masked",), "without_ellipsoids":
 MATCH_TOLERANCE = 0.02   # max |stored - re-rendered| (intensity in [0, 1]); NIfTI storage rounds a little
 JPEG_QUALITY = {"oct": 92, "fundus": 90}   # what `data phantoms` writes JPEGs with (phantoms.dataset)
 HEALTHY = ("normal", "no dr")             # a model's healthy class, lower case
-_KINDS = {"oct_volume": "oct-volume", "oct": "oct-kermany", "fundus": "fundus-dr"}
+_KINDS = {"oct_volume": "oct-volume", "oct": "oct-kermany", "fundus": "fundus-dr", "fundus+oct": "paired"}
+PAIR_VARIANTS = {"original": ((), ()), "without_fundus_lesions": (("masked",), ()),
+                 "without_oct_lesions": ((), ("masked",)), "without_both_lesions": (("masked",), ("masked",))}
 
 
 def _phantom_rows(root: Path, modality: str) -> dict[str, dict]:
@@ -66,8 +68,9 @@ def _phantom_rows(root: Path, modality: str) -> dict[str, dict]:
                                f"{kind}`.")
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    need = {"oct_volume": {"seed", "oct_class"}, "oct": {"seed", "patient_seed", "label"}}.get(modality,
-                                                                                         {"seed", "label"})
+    need = {"oct_volume": {"seed", "oct_class"}, "oct": {"seed", "patient_seed", "label"},
+            "fundus+oct": {"seed", "oct_class", "dr_grade", "eye", "age", "sex", "patient_id"}}.get(modality,
+                                                                                              {"seed", "label"})
     if not rows or not need <= set(rows[0]) or (modality == "oct" and not rows[0].get("patient_seed")):
         raise RetinaInputError(f"{path} has no {' / '.join(sorted(need))} columns: it was not written by a "
                                f"current `data phantoms --kind {kind}` (B-scan sets need the patient_seed column, "
@@ -85,8 +88,8 @@ def _refuse_mismatch(name: str, err: float) -> None:
 
 def lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
                     weights_dir=None) -> dict:
-    """Counterfactual phantoms for an OCT volume model (`volume_lesion_reliance`) or a 2-D OCT B-scan or colour
-    fundus classifier (`image_lesion_reliance`); other models (the two-input fusion model) are refused."""
+    """Counterfactual phantoms for an OCT volume model (`volume_lesion_reliance`), a 2-D OCT B-scan or colour
+    fundus classifier (`image_lesion_reliance`) or the fundus + OCT fusion model (`pair_lesion_reliance`)."""
     from .evaluate_nd import modality_of
 
     modality = modality_of(model)
@@ -94,9 +97,11 @@ def lesion_reliance(model, data_path, n: int | None = None, split: str | None = 
         return volume_lesion_reliance(model, data_path, n=n, split=split, seed=seed, weights_dir=weights_dir)
     if modality in ("oct", "fundus"):
         return image_lesion_reliance(model, data_path, n=n, seed=seed, weights_dir=weights_dir)
+    if modality == "fundus+oct":
+        return pair_lesion_reliance(model, data_path, n=n, split=split, seed=seed, weights_dir=weights_dir)
     name = model if isinstance(model, str) else getattr(getattr(model, "cfg", None), "name", type(model).__name__)
-    raise RetinaInputError(f"Counterfactual phantoms are implemented for OCT B-scan, colour fundus and OCT volume "
-                           f"models; {name} is a {modality} model.")
+    raise RetinaInputError(f"Counterfactual phantoms are implemented for OCT B-scan, colour fundus, fundus + OCT and "
+                           f"OCT volume models; {name} is a {modality!r} model.")
 
 
 def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
@@ -149,7 +154,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
         per[cls].append(out)
     if not per:
         raise RetinaInputError(f"No diseased volume among the {len(picked)} drawn from {data_path} ({used}).")
-    return {"data": str(data_path), "split": used, "modality": "oct_volume", "method": "gradcam",
+    return {"data": str(data_path), "split": used, "modality": "oct_volume", "method": "gradcam", "variants": list(VARIANTS),
             "n_volumes": sum(len(v) for v in per.values()),
             "per_class": {c: _summarise(v) for c, v in sorted(per.items())},
             "note": ("P(disease) of the same phantom eyes re-rendered without part of their disease (means over the "
@@ -268,10 +273,127 @@ def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0,
                      "faithful to the model.")}
 
 
+def _pair_row_classes(frow: dict) -> tuple[str, str]:
+    """(fundus class, OCT class) of a pair from its fundus phantom_meta.csv row (`phantoms.volume.paired_phantoms`:
+    a DR grade with DME / DR, or AMD with AMD / drusen / CNV, or No DR with NORMAL)."""
+    from ..labels import DR_GRADES
+
+    o_cls = frow["oct_class"]
+    if frow.get("dr_grade") not in (None, ""):
+        return DR_GRADES[int(frow["dr_grade"])], o_cls
+    return ("amd" if o_cls in ("AMD", "DRUSEN", "CNV") else "No DR"), o_cls
+
+
+def _alone(per: dict, mod: str) -> dict | None:
+    """Pooled deletion AUC of one input's map against a random map's, on the pairs still called disease once the
+    other input's lesions are gone (that input then carries the call)."""
+    got = [o[f"{mod}_alone"] for items in per.values() for o in items if o.get(f"{mod}_alone")]
+    if not got:
+        return None
+    d = float(np.mean([g["deletion_auc"] for g in got]))
+    dr = float(np.mean([g["deletion_auc_random_map"] for g in got]))
+    return {"n": len(got), "deletion_auc": d, "deletion_auc_random_map": dr, "faithful_vs_random": d < dr}
+
+
+def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
+                         weights_dir=None, steps: int = 16) -> dict:
+    """Per disease class of a phantom pair set (`data phantoms --kind paired`): how the fusion model's P(disease)
+    changes when the same eye's fundus photograph, OCT B-scan or both are re-rendered without the lesions their
+    masks mark, next to the pointing game of each input's Grad-CAM on the originals. Which input's lesions does the
+    two-input model use? Classes are named by the OCT class and the fundus one ("DME, fundus Moderate" is pooled
+    as "DME + fundus DR").
+
+    `faithful_alone`: with the fundus held fixed, deleting from the OCT can hardly move a fusion output that the
+    fundus lesions already decide, so the OCT map's plain deletion AUC cannot show whether it is faithful. Here
+    each input's map is scored where that input carries the call: on the pairs still called disease once the other
+    image's lesions are gone, the deletion AUC of its map (`steps` steps; 0 skips it) against a random map's
+    (`trust.random_map`)."""
+    from ..io.decode import read_image
+    from ..phantoms.fundus import fundus_phantom
+    from ..phantoms.oct import oct_phantom
+    from .evaluate_nd import _pair_predict, pair_maps
+
+    m = _resolve(model, weights_dir)
+    if m.cfg.modality != "fundus+oct":
+        raise RetinaInputError(f"pair_lesion_reliance needs the fundus + OCT fusion model; {m.name} is a "
+                               f"{m.cfg.modality} model.")
+    root = Path(data_path).expanduser()
+    recs, used = _records(m, root, split)
+    rows = _phantom_rows(root, "fundus+oct")
+    classes = list(m.cfg.classes)
+    k = classes.index("disease")
+    per: dict[str, list[dict]] = defaultdict(list)
+    picked = pick_round_robin(recs, len(recs) if n is None else int(n), seed)
+    for r in picked:
+        if r.label != "disease":
+            continue
+        paths = {"fundus": Path(r.path), "oct": Path(r.meta["oct"])}
+        rel = {mod: p.relative_to(root).as_posix() for mod, p in paths.items()}
+        if any(v not in rows for v in rel.values()):
+            raise RetinaInputError(f"{rel['fundus']} or its OCT partner is not in {root / 'phantom_meta.csv'}.")
+        f_cls, o_cls = _pair_row_classes(rows[rel["fundus"]])
+        stored = {mod: to_pixels(read_image(p).pixels) for mod, p in paths.items()}
+        out: dict = {}
+        base = None
+        for name, (wf, wo) in PAIR_VARIANTS.items():
+            imgs, masks = {}, {}
+            for mod, without in (("fundus", wf), ("oct", wo)):
+                row = rows[rel[mod]]
+                pat = {"patient_id": row["patient_id"], "eye": row["eye"], "age": int(row["age"]), "sex": row["sex"]}
+                h, w = stored[mod].shape[:2]
+                ph = (fundus_phantom(f_cls, int(row["seed"]), w, patient=pat, without=without) if mod == "fundus"
+                      else oct_phantom(o_cls, int(row["seed"]), w, h, patient=pat, without=without))
+                imgs[mod], masks[mod] = to_pixels(ph.image), ph.masks
+            if name == "original":
+                for mod in imgs:
+                    _refuse_mismatch(rel[mod], float(np.abs(imgs[mod].astype(np.float32)
+                                                            - stored[mod].astype(np.float32)).max()) / 255.0)
+                base = imgs
+            elif all(np.array_equal(imgs[mod], base[mod]) for mod in imgs):
+                out[name] = None
+                continue
+            f, fm = _resize_2d(imgs["fundus"], _union(masks["fundus"], imgs["fundus"].shape[:2]),
+                               tuple(m.net.fundus_cfg.input_size[1:]))
+            o, om = _resize_2d(imgs["oct"], _union(masks["oct"], imgs["oct"].shape[:2]),
+                               tuple(m.net.oct_cfg.input_size[1:]))
+            probs, _, maps = pair_maps(m, m.net, f, o)
+            p = float(probs[k])
+            out[name] = {"p": p, "called": int(np.argmax(probs)) == k}
+            if name == "original":
+                for mod, hm, mk in (("fundus", maps["fundus"], fm), ("oct", maps["oct"], om)):
+                    if mk is not None and mk.any():
+                        out[f"pointing_game_{mod}"] = float(trust.pointing_game(hm, mk))
+            alone = {"without_fundus_lesions": "oct", "without_oct_lesions": "fundus"}.get(name)
+            if alone and steps and out[name]["called"]:
+                # the other image's lesions gone, this one carries the call: is its map faithful to it then?
+                img, other = (o, f) if alone == "oct" else (f, o)
+                predict = _pair_predict(m, alone, other)
+                d = trust.deletion_insertion_auc(predict, img, maps[alone], k, steps=steps)["deletion_auc"]
+                dr = trust.deletion_insertion_auc(predict, img, trust.random_map(maps[alone].shape, seed + len(per)),
+                                                  k, steps=steps)["deletion_auc"]
+                out[f"{alone}_alone"] = {"deletion_auc": float(d), "deletion_auc_random_map": float(dr)}
+        fam = "DR" if f_cls not in ("amd", "No DR") else f_cls.upper()
+        per[f"{o_cls} + fundus {fam}"].append(out)
+    if not per:
+        raise RetinaInputError(f"No diseased pair among the {len(picked)} drawn from {data_path} ({used}).")
+    return {"data": str(data_path), "split": used, "modality": "fundus+oct", "method": "gradcam",
+            "variants": list(PAIR_VARIANTS), "n_volumes": sum(len(v) for v in per.values()),
+            "per_class": {c: _summarise(v, PAIR_VARIANTS) for c, v in sorted(per.items())},
+            "faithful_alone": {mod: _alone(per, mod) for mod in ("fundus", "oct")},
+            "note": ("P(disease) of the same phantom eyes with the fundus photograph, the OCT B-scan or both "
+                     "re-rendered without the lesions their masks mark (means over the class; 'called': still "
+                     "called disease). Leaving out the lesions of the input the model reads lowers it; an input "
+                     "whose lesions change nothing is not what the suggestion rests on, whatever its map shows.")}
+
+
 def _summarise(items: list[dict], variants=VARIANTS) -> dict:
     res: dict = {"n": len(items)}
     pg = [o["pointing_game"] for o in items if "pointing_game" in o]
     res["pointing_game"] = float(np.mean(pg)) if pg else None
+    for mod in ("fundus", "oct"):                   # the fusion model: one map per input
+        pg = [o[f"pointing_game_{mod}"] for o in items if f"pointing_game_{mod}" in o]
+        if pg:
+            res[f"pointing_game_{mod}"] = float(np.mean(pg))
     for name in variants:
         got = [o[name] for o in items if o.get(name)]
         if not got:
@@ -294,7 +416,21 @@ def _summarise(items: list[dict], variants=VARIANTS) -> dict:
 
 
 _WHAT = {"without_masked": "no masked lesions", "without_ellipsoids": "no cysts/foci",
-         "without_thickening": "no swelling", "without_masked_and_thickening": "no lesions, no swelling"}
+         "without_thickening": "no swelling", "without_masked_and_thickening": "no lesions, no swelling",
+         "without_fundus_lesions": "no fundus lesions", "without_oct_lesions": "no OCT lesions",
+         "without_both_lesions": "no lesions in either"}
+_DESCRIBE = {"without_masked": "without the lesions their masks mark", "without_ellipsoids": "without their cysts "
+             "and foci alone", "without_thickening": "without their retinal swelling",
+             "without_masked_and_thickening": "without both", "without_fundus_lesions": "with the fundus "
+             "photograph's lesions left out", "without_oct_lesions": "with the OCT B-scan's lesions left out",
+             "without_both_lesions": "with both left out"}
+
+
+def describe_variants(rep: dict) -> str:
+    """How the report's eyes were re-rendered, in words (the app's heading)."""
+    parts = [_DESCRIBE[v] for v in _variants(rep)]
+    return ", ".join(parts[:-1]) + (", and " if len(parts) > 2 else " and ") + parts[-1] if len(parts) > 1 \
+        else parts[0]
 
 
 def _variants(rep: dict) -> list[str]:
@@ -308,7 +444,13 @@ def table_rows(rep: dict) -> list[dict]:
     rows = []
     for c, s in rep["per_class"].items():
         record = "p_disease_no_record" in (s["original"] or {})
-        row = {"class": c, "eyes": s["n"], "pointing game": s["pointing_game"], "P original": s["original"]["p_disease"]}
+        row = {"class": c, "eyes": s["n"]}
+        if "pointing_game_fundus" in s or "pointing_game_oct" in s:
+            row.update({"pointing game fundus": s.get("pointing_game_fundus"),
+                        "pointing game OCT": s.get("pointing_game_oct")})
+        else:
+            row["pointing game"] = s["pointing_game"]
+        row["P original"] = s["original"]["p_disease"]
         if record:
             row["P original, no record"] = s["original"]["p_disease_no_record"]
         for name in _variants(rep):
@@ -329,11 +471,13 @@ def format_lines(rep: dict) -> list[str]:
     """A readable table of a lesion-reliance report."""
     volume = rep.get("modality", "oct_volume") == "oct_volume"
     what = ("mean P(disease) with record / without record" if volume else
+            "mean P(disease), called / pairs" if rep.get("modality") == "fundus+oct" else
             "mean P(own class), called (still the top class) / eyes")
     names = _variants(rep)
-    kind = {"oct_volume": "volumes", "oct": "B-scans", "fundus": "photographs"}.get(rep.get("modality"), "images")
+    kind = {"oct_volume": "volumes", "oct": "B-scans", "fundus": "photographs",
+            "fundus+oct": "pairs (PG: fundus/OCT)"}.get(rep.get("modality"), "images")
     lines = [f"Counterfactual phantoms ({rep['n_volumes']} diseased {kind}, {rep['data']}, split {rep['split']}): "
-             f"{what}", f"{'class':16s} {'n':>3s} {'PG':>5s}  {'original':>13s}  "
+             f"{what}", f"{'class':20s} {'n':>3s} {'PG':>5s}  {'original':>13s}  "
              + "  ".join(f"{_WHAT[v]:>17s}" for v in names)]
 
     def cell(v):
@@ -343,9 +487,16 @@ def format_lines(rep: dict) -> list[str]:
                 else f"{v['p_disease']:.2f}, {v['called']}/{v['n']}")
 
     for c, s in rep["per_class"].items():
-        pg = "-" if s["pointing_game"] is None else f"{s['pointing_game']:.2f}"
-        lines.append(f"{c:16s} {s['n']:3d} {pg:>5s}  {cell(s['original']):>13s}  "
+        pgs = [s.get(k) for k in ("pointing_game_fundus", "pointing_game_oct")]
+        pg = ("/".join("-" if v is None else f"{v:.2f}" for v in pgs) if any(v is not None for v in pgs) else
+              "-" if s["pointing_game"] is None else f"{s['pointing_game']:.2f}")
+        lines.append(f"{c:20s} {s['n']:3d} {pg:>5s}  {cell(s['original']):>13s}  "
                      + "  ".join(f"{cell(s.get(v)):>17s}" for v in names))
+    for mod, a in (rep.get("faithful_alone") or {}).items():
+        if a:
+            lines.append(f"{mod} map where the {mod} image carries the call (the other image's lesions left out, "
+                         f"{a['n']} pairs): deletion AUC {a['deletion_auc']:.3f} against {a['deletion_auc_random_map']:.3f} "
+                         f"for a random map ({'faithful' if a['faithful_vs_random'] else 'no more faithful than chance'})")
     if rep.get("healthy_class"):
         lines.append(f"P({rep['healthy_class']}) without the masked lesions: " + ", ".join(
             f"{c} {s['without_masked']['p_healthy']:.2f}" for c, s in rep["per_class"].items()

@@ -538,10 +538,9 @@ def cmd_explain_eval(args) -> int:
 
     if args.set_default:                     # refused before the evaluation runs, not after it
         _refuse_default_for_nd(args.model, modality_of(args.model))
-    if args.counterfactual and modality_of(args.model) not in ("oct_volume", "oct"):
-        raise RetinaInputError(f"--counterfactual re-renders phantom OCT B-scans and volumes: it applies to the OCT "
-                               f"models, not to {args.model} (the fundus phantoms cannot yet be re-rendered without "
-                               "their lesions).")
+    if args.counterfactual and modality_of(args.model) not in ("oct_volume", "oct", "fundus", "fundus+oct"):
+        raise RetinaInputError(f"--counterfactual re-renders phantom eyes without their lesions: it applies to the OCT, "
+                               f"fundus, fundus + OCT and OCT volume models, not to {args.model}.")
     split = getattr(args, "split", "test")
     report = explain_eval(args.model, args.data, methods=args.methods, n=args.n, weights_dir=args.weights_dir,
                           seed=args.seed, steps=args.steps,
@@ -591,10 +590,11 @@ def add_cli(subparsers) -> None:
                         "from (default test, held out; 'all' for a data set the model never saw). 2-D models use "
                         "every image of --data")
     p.add_argument("--counterfactual", action="store_true",
-                   help="OCT B-scan and volume models on phantom OCT sets: re-render each diseased eye from its seeds "
-                        "without its masked lesions, without its cysts/foci/exudates and without its diffuse "
-                        "thickening, and report how the probability of its class changes per class (does the model "
-                        "use the lesions its map is scored against?)")
+                   help="on phantom sets: re-render each diseased eye from its seeds without the lesions its masks "
+                        "mark (OCT also without its cysts/foci alone, its diffuse thickening and both; pairs "
+                        "without the fundus, the OCT or both images' lesions) and report per class how the "
+                        "probability of its class changes (does the model use the lesions its map is scored "
+                        "against?)")
     p.add_argument("--set-default", action="store_true",
                    help="write the recommended default method and its evidence into the model's manifest entry")
     p.add_argument("--json", action="store_true")
