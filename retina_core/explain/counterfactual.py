@@ -104,6 +104,16 @@ def lesion_reliance(model, data_path, n: int | None = None, split: str | None = 
                            f"OCT volume models; {name} is a {modality!r} model.")
 
 
+def _nd_setup(model, weights_dir, data_path, split, modality: str, what: str):
+    """(model, data root, records of `split`, split used, phantom_meta rows) for a volume or pair model."""
+    m = _resolve(model, weights_dir)
+    if m.cfg.modality != modality:
+        raise RetinaInputError(f"This counterfactual needs {what}; {m.name} is a {m.cfg.modality} model.")
+    root = Path(data_path).expanduser()
+    recs, used = _records(m, root, split)
+    return m, root, recs, used, _phantom_rows(root, modality)
+
+
 def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
                            weights_dir=None) -> dict:
     """Per disease class of a phantom volume set: how P(disease) changes when the same eyes are re-rendered without
@@ -113,13 +123,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
     from ..io.decode import read_image
     from ..phantoms.volume import oct_volume
 
-    m = _resolve(model, weights_dir)
-    if m.cfg.modality != "oct_volume":
-        raise RetinaInputError(f"volume_lesion_reliance needs an OCT volume model; {m.name} is a "
-                               f"{m.cfg.modality} model.")
-    root = Path(data_path).expanduser()
-    recs, used = _records(m, root, split)
-    rows = _phantom_rows(root, "oct_volume")
+    m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, "oct_volume", "an OCT volume model")
     size = tuple(m.cfg.input_size[1:])
     tol = trust.default_tolerance(size[1:])
     per: dict[str, list[dict]] = defaultdict(list)
@@ -313,13 +317,8 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
     from ..phantoms.oct import oct_phantom
     from .evaluate_nd import _pair_predict, pair_maps
 
-    m = _resolve(model, weights_dir)
-    if m.cfg.modality != "fundus+oct":
-        raise RetinaInputError(f"pair_lesion_reliance needs the fundus + OCT fusion model; {m.name} is a "
-                               f"{m.cfg.modality} model.")
-    root = Path(data_path).expanduser()
-    recs, used = _records(m, root, split)
-    rows = _phantom_rows(root, "fundus+oct")
+    m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, "fundus+oct",
+                                          "the fundus + OCT fusion model")
     classes = list(m.cfg.classes)
     k = classes.index("disease")
     per: dict[str, list[dict]] = defaultdict(list)
