@@ -296,7 +296,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 # ------------------------------------------------------------------------------------------- shared, non-patient
 PAIRED_SAMPLES = {  # label -> (seed, disease)
-    "Paired phantom 1: diabetic eye (fundus + OCT)": (5, True),
+    "Paired phantom 1: diabetic eye (fundus + OCT)": (3, True),
     "Paired phantom 2: healthy eye (fundus + OCT)": (6, False),
     "Paired phantom 3: macular degeneration (fundus + OCT)": (8, True),
 }
