@@ -484,8 +484,8 @@ def _format(report: dict) -> str:
     for meth, r in report["methods"].items():
         vals = [r.get(c) for c in cols]
         lines.append(meth.ljust(22) + " ".join(("-" if v is None else f"{v:.3f}").rjust(12) for v in vals))
-    lines.append("ranking: " + ", ".join(f"{d['method']} ({d['mean_rank']:.2f})" for d in report["ranking"]
-                                         if d["mean_rank"] is not None))
+    ranked = [f"{d['method']} ({d['mean_rank']:.2f})" for d in report["ranking"] if d["mean_rank"] is not None]
+    lines.append("ranking: " + (", ".join(ranked) if ranked else "one method only (nothing to rank it against)"))
     rec = report.get("recommended_default") or {}
     lines.append(f"recommended default: {rec.get('method')} ({rec.get('rule', 'no method passes')})")
     for meth, why in (rec.get("passed_over") or {}).items():
