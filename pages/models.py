@@ -78,11 +78,9 @@ else:
         st.plotly_chart(figures.stability_fig(rows), width="stretch", key="eval_stab")
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         if o.get("counterfactual"):
-            from retina_core.explain.counterfactual import table_rows
+            from retina_core.explain.counterfactual import describe_variants, table_rows
 
             cf = o["counterfactual"]
-            from retina_core.explain.counterfactual import describe_variants
-
             st.markdown(f"**Does the model use the lesions its map is scored against?** Counterfactual phantoms: "
                         f"{cf['n_volumes']} diseased eyes re-rendered {describe_variants(cf)} (`explain-eval "
                         f"--counterfactual`)")

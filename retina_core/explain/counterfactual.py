@@ -17,19 +17,21 @@ compared on the same eyes:
   other is gone, so "not needed while the other is there" is not "not used". The pair of variants tells them apart.
 
 If leaving the masked lesions out does not lower the probability, the model does not use them, and a map that
-pointed at them would not be faithful to it. Two kinds of model:
+pointed at them would not be faithful to it. `lesion_reliance` picks by the model:
 
 - OCT volume models (`volume_lesion_reliance`): P(disease) with the clinical record as given and with none (the
   app's common case: a NIfTI uploaded alone). The record is the original eye's in every variant (its central
   subfield thickness included), so the no-record figures are the clean comparison of the images.
-- 2-D OCT B-scan classifiers (`bscan_lesion_reliance`): the calibrated probability of the B-scan's own class, and
-  whether it is still the top class; the map is the model's default method, for the predicted class, at the
-  model's input size (as `explain-eval` scores it).
+- 2-D OCT B-scan and colour fundus classifiers (`image_lesion_reliance`): the calibrated probability of the
+  image's own class, whether it is still the top class, and P(healthy class); the map is the model's default
+  method, for the predicted class, at the model's input size (as `explain-eval` scores it). Fundus eyes have only
+  the "without_masked" variant (`fundus_phantom(without=("masked",))`).
+- The fundus + OCT fusion model (`pair_lesion_reliance`): each image's lesions left out, and each input's map scored
+  by deletion where that input carries the call (`faithful_alone`).
 
-Only phantom sets can be re-rendered: the set must carry `phantom_meta.csv` (as `data phantoms --kind oct-volume`,
-`oct-kermany` or `oct-c8` write; B-scans also need its `patient_seed` column, written since 2026-11-25), and every
-re-rendered original must match the stored image (B-scans after the same JPEG encoding), or the set is refused
-(made by another version of the generator).
+Only phantom sets can be re-rendered: the set must carry `phantom_meta.csv` (as `data phantoms` writes; B-scans
+also need its `patient_seed` column, written since 2026-11-25), and every re-rendered original must match the stored
+image (JPEGs after the same encoding), or the set is refused (made by another version of the generator).
 """
 from __future__ import annotations
 
@@ -158,8 +160,8 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
         per[cls].append(out)
     if not per:
         raise RetinaInputError(f"No diseased volume among the {len(picked)} drawn from {data_path} ({used}).")
-    return {"data": str(data_path), "split": used, "modality": "oct_volume", "method": "gradcam", "variants": list(VARIANTS),
-            "n_volumes": sum(len(v) for v in per.values()),
+    return {"data": str(data_path), "split": used, "modality": "oct_volume", "method": "gradcam",
+            "variants": list(VARIANTS), "n_volumes": sum(len(v) for v in per.values()),
             "per_class": {c: _summarise(v) for c, v in sorted(per.items())},
             "note": ("P(disease) of the same phantom eyes re-rendered without part of their disease (means over the "
                      "class; with the record as given and with none). A lesion the model uses lowers P when it is "
@@ -334,15 +336,22 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
         stored = {mod: to_pixels(read_image(p).pixels) for mod, p in paths.items()}
         out: dict = {}
         base = None
-        for name, (wf, wo) in PAIR_VARIANTS.items():
-            imgs, masks = {}, {}
-            for mod, without in (("fundus", wf), ("oct", wo)):
+        rendered: dict = {}                         # (modality, without) -> (pixels, masks): each drawn once
+
+        def render(mod, without):
+            if (mod, without) not in rendered:
                 row = rows[rel[mod]]
                 pat = {"patient_id": row["patient_id"], "eye": row["eye"], "age": int(row["age"]), "sex": row["sex"]}
                 h, w = stored[mod].shape[:2]
                 ph = (fundus_phantom(f_cls, int(row["seed"]), w, patient=pat, without=without) if mod == "fundus"
                       else oct_phantom(o_cls, int(row["seed"]), w, h, patient=pat, without=without))
-                imgs[mod], masks[mod] = to_pixels(ph.image), ph.masks
+                rendered[mod, without] = (to_pixels(ph.image), ph.masks)
+            return rendered[mod, without]
+
+        for name, (wf, wo) in PAIR_VARIANTS.items():
+            imgs, masks = {}, {}
+            for mod, without in (("fundus", wf), ("oct", wo)):
+                imgs[mod], masks[mod] = render(mod, without)
             if name == "original":
                 for mod in imgs:
                     _refuse_mismatch(rel[mod], float(np.abs(imgs[mod].astype(np.float32)
@@ -493,9 +502,10 @@ def format_lines(rep: dict) -> list[str]:
                      + "  ".join(f"{cell(s.get(v)):>17s}" for v in names))
     for mod, a in (rep.get("faithful_alone") or {}).items():
         if a:
+            verdict = "faithful" if a["faithful_vs_random"] else "no more faithful than chance"
             lines.append(f"{mod} map where the {mod} image carries the call (the other image's lesions left out, "
-                         f"{a['n']} pairs): deletion AUC {a['deletion_auc']:.3f} against {a['deletion_auc_random_map']:.3f} "
-                         f"for a random map ({'faithful' if a['faithful_vs_random'] else 'no more faithful than chance'})")
+                         f"{a['n']} pairs): deletion AUC {a['deletion_auc']:.3f} against "
+                         f"{a['deletion_auc_random_map']:.3f} for a random map ({verdict})")
     if rep.get("healthy_class"):
         lines.append(f"P({rep['healthy_class']}) without the masked lesions: " + ", ".join(
             f"{c} {s['without_masked']['p_healthy']:.2f}" for c, s in rep["per_class"].items()
