@@ -338,8 +338,12 @@ def trust_note(evidence: dict | None, method: str, label: str | None = None, mod
                      f"removing random regions (deletion AUC {d:.2f} against {dr:.2f}): the other image's lesions "
                      "already decide the output on most phantom pairs.")
         elif d is not None and dr is not None and min(d, dr) >= WEAK_INPUT_DELETION:
+            # with counterfactual pairs at hand, say what they show (either image's lesions usually suffice)
+            # rather than guess that the other image decides
+            why = ("with the other image as it is, its lesions already decide the output on most phantom pairs"
+                   if a else "on phantoms its suggestion rests mainly on the other image")
             note += (f" Removing most of this image barely moves the model's score (deletion AUC {min(d, dr):.2f} "
-                     "or more): on phantoms its suggestion rests mainly on the other image.")
+                     f"or more): {why}.")
         if a:
             other = "fundus photograph" if modality == "oct" else "OCT B-scan"
             verdict = ("this map is faithful when this image decides" if a["faithful_vs_random"] else

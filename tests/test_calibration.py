@@ -37,8 +37,13 @@ def test_torch_input_and_single_logit():
 def test_temperature_is_bounded():
     z = np.array([[5.0, -5.0], [5.0, -5.0]])
     assert fit_temperature(z, np.array([1, 1])) == pytest.approx(20.0)
-    # always right: NLL keeps falling as T -> 0 but flattens out; the fit sharpens and stays within bounds
-    assert 0.05 <= fit_temperature(z, np.array([0, 0])) < 1.0
+    # always right: the NLL keeps falling as T -> 0 (no optimum); rather than run to the bound, the fit leaves T = 1
+    assert fit_temperature(z, np.array([0, 0])) == 1.0
+    small = np.array([[0.2, 0.1, 0.0], [0.0, 0.3, 0.1], [0.1, 0.0, 0.25]])
+    assert fit_temperature(small, np.array([0, 1, 2])) == 1.0
+    # one row wrong: an interior optimum exists again, and an under-confident model is sharpened (T < 1)
+    y = np.array([0, 1, 2, 0])
+    assert 0.05 < fit_temperature(np.vstack([small, [0.0, 0.3, 0.1]]) * 10, y) != 1.0
 
 
 def test_ece_by_hand():

@@ -286,6 +286,15 @@ def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path, monkeypa
     note, warn = qe.trust_note(bad, "gradcam", modality="oct")
     assert warn and "**is no more faithful than chance**" in note and "even then this map is no more faithful" in note
     assert "carries the call" not in qe.trust_note(bad, "gradcam", modality="fundus")[0]
+    # a saturated input with counterfactual pairs: the note says the other image's lesions decide first, and does
+    # not claim the suggestion rests on the other image
+    bad["by_modality"]["fundus"].update(deletion_auc=0.91, deletion_auc_random_map=0.97)
+    bad["faithful_alone"]["fundus"] = {"n": 12, "deletion_auc": 0.38, "deletion_auc_random_map": 0.95,
+                                       "faithful_vs_random": True}
+    note, warn = qe.trust_note(bad, "gradcam", modality="fundus")
+    assert not warn and "barely moves the model's score (deletion AUC 0.91 or more)" in note
+    assert "its lesions already decide the output" in note and "rests mainly on the other image" not in note
+    assert "this map is faithful when this image decides" in note
     assert qe.modality_evidence({"pointing_game": 1.0}, "oct") is None
 
 

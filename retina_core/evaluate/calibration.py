@@ -77,6 +77,10 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (T_MIN, T_MAX)
         raise ValueError(f"need as many labels as logits rows (got {len(y)} labels, {len(z)} rows)")
     if y.min() < 0 or y.max() >= z.shape[1]:
         raise ValueError(f"labels must lie in [0, {z.shape[1]})")
+    if bool((z.argmax(1) == y).all()) and bool((np.sort(z, axis=1)[:, -1] > np.sort(z, axis=1)[:, -2]).all()):
+        # every row already right: the NLL falls monotonically as T -> 0, so the fit has no optimum and would run to
+        # the lower bound, turning every later prediction into a certainty. There is no evidence to rescale: T = 1.
+        return 1.0
     lo, hi = math.log(bounds[0]), math.log(bounds[1])
     res = minimize(_nll_and_grad, x0=np.array([0.0]), args=(z, y), jac=True,
                    method="L-BFGS-B", bounds=[(lo, hi)], options={"ftol": 1e-12, "gtol": 1e-9})

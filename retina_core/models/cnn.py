@@ -74,6 +74,11 @@ register_model(ModelCfg(
           "were trained at 128 px with output stride 16 (`--output-stride 16`: `layer4` dilated instead of "
           "strided, recorded in the manifest), so the Grad-CAM grid is 8x8 instead of 4x4: on held-out phantoms "
           "this lifted Grad-CAM's pointing game from ~0.66 to ~0.81 at the same cost relative to a forward. "
+          "Then 3 epochs with lesion-mask guidance (`--lesion-cam-guidance 0.02 --healthy-cam-penalty 0.02`, the "
+          "phantom lesion masks of the training images), as for the fundus grader: the label-only map often "
+          "peaked on the retina lifted over a druse rather than on the druse; over 600 held-out lesion B-scans "
+          "the pointing game rose from 0.81 (drusen 0.58-0.78) to 0.96 (each class >= 0.92), with the map still "
+          "about twice as faithful as a random one (deletion AUC 0.34-0.37 against 0.66-0.68). "
           "Referable: CNV and DME (urgent / soon); drusen: monitor. "
           + _PHANTOM_NOTE),
 ), TimmClassifier)
