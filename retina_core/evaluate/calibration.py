@@ -77,8 +77,11 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (T_MIN, T_MAX)
         raise ValueError(f"need as many labels as logits rows (got {len(y)} labels, {len(z)} rows)")
     if y.min() < 0 or y.max() >= z.shape[1]:
         raise ValueError(f"labels must lie in [0, {z.shape[1]})")
-    if bool((z.argmax(1) == y).all()) and bool((np.sort(z, axis=1)[:, -1] > np.sort(z, axis=1)[:, -2]).all()):
-        # every row already right: the NLL falls monotonically as T -> 0, so the fit has no optimum and would run to
+    rows = np.arange(len(y))
+    others = z.copy()
+    others[rows, y] = -np.inf
+    if bool((z[rows, y] > others.max(axis=1)).all()):
+        # every row already right (its class strictly on top): the NLL falls monotonically as T -> 0, so the fit has no optimum and would run to
         # the lower bound, turning every later prediction into a certainty. There is no evidence to rescale: T = 1.
         return 1.0
     lo, hi = math.log(bounds[0]), math.log(bounds[1])

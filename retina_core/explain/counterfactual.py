@@ -437,8 +437,9 @@ _DESCRIBE = {"without_masked": "without the lesions their masks mark", "without_
 def describe_variants(rep: dict) -> str:
     """How the report's eyes were re-rendered, in words (the app's heading)."""
     parts = [_DESCRIBE[v] for v in _variants(rep)]
-    return ", ".join(parts[:-1]) + (", and " if len(parts) > 2 else " and ") + parts[-1] if len(parts) > 1 \
-        else parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + (", and " if len(parts) > 2 else " and ") + parts[-1]
 
 
 def _variants(rep: dict) -> list[str]:
