@@ -477,3 +477,74 @@ def test_volume_attention_mining_masks_what_the_map_marks_and_trains(tmp_path):
             "oct_volume_fusion3d_tiny"]["loss"]
     with pytest.raises(rc.RetinaInputError, match="--attention-mining is not implemented"):
         train("oct_resnet18", data, tmp_path / "r", TrainConfig(epochs=1, attention_mining=0.5))
+
+
+# ------------------------------------------------------------------------------------------------ dense lesion read-out
+def test_volume_lesion_head_reads_out_cells_and_starts_from_the_weights_it_was_given():
+    import math
+
+    import torch.nn.functional as F
+
+    from retina_core.train.multimodal import lesion_seg_loss
+
+    plain = _tiny_volume_net(seed=1).eval()
+    kw = {**plain.cfg.builder_kwargs, "lesion_head": True}
+    net = create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32), builder_kwargs=kw).eval()
+    # weights trained without the head load into it and give the same outputs (its projection starts at zero)
+    missing, unexpected = net.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["lesion_proj.bias", "lesion_proj.weight", "net.avgpool.head.bias",
+                               "net.avgpool.head.weight"] and not unexpected
+    x, meta = torch.randn(2, 1, 32, 32, 32), torch.full((2, 6), float("nan"))
+    with torch.no_grad():
+        assert torch.allclose(net(x, meta), plain(x, meta), atol=1e-5)
+        s = net.lesion_logits()
+        assert s.shape == (2, 4, 4, 4)
+        # the evidence is the log-mean-exp of the cell logits: raising one cell raises it
+        out = net.net(x)
+        assert out.shape == (2, net.net.in_planes + 1)
+        assert torch.allclose(out[:, -1], torch.logsumexp(s.flatten(1), 1) - math.log(64), atol=1e-5)
+
+    # loss: class-balanced BCE on the grid cells; normal volumes count as lesion-free, unmarked diseased ones are left out
+    logits = torch.full((3, 4, 4, 4), -2.0)
+    logits[0, 1, 2, 3] = 3.0
+    masks = torch.zeros(3, 32, 32, 32, dtype=torch.bool)
+    masks[0, 9:11, 17:19, 25:27] = True           # inside cell (1, 2, 3) of the 4 x 4 x 4 grid
+    y = torch.tensor([1, 0, 1])                    # volume 2: diseased, no mask -> not used
+    got = lesion_seg_loss(logits, masks, y, weight=2.0)
+    pos = F.binary_cross_entropy_with_logits(torch.tensor(3.0), torch.tensor(1.0))
+    neg = F.binary_cross_entropy_with_logits(torch.tensor(-2.0), torch.tensor(0.0))
+    assert got.item() == pytest.approx(2.0 * 0.5 * (pos + neg).item(), rel=1e-5)
+    # a better read-out has a lower loss; only normal / unmarked volumes -> the negative term alone, or nothing
+    better = logits.clone()
+    better[0, 1, 2, 3] = 6.0
+    assert lesion_seg_loss(better, masks, y, 2.0) < got
+    assert lesion_seg_loss(logits[1:2], masks[1:2], y[1:2], 1.0).item() == pytest.approx(neg.item(), rel=1e-5)
+    assert lesion_seg_loss(logits[2:], masks[2:], y[2:], 1.0).item() == 0.0
+
+
+def test_volume_training_with_the_lesion_read_out_learns_it_and_reloads(tmp_path, capsys):
+    data = tmp_path / "vol"
+    write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
+    out = tmp_path / "seg"
+    train("oct_volume_fusion3d_tiny", data, out, TrainConfig(epochs=2, batch_size=4, image_size=32, output_stride=8,
+                                                             lesion_seg=1.0, monitor="val_loss"))
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert len(history) == 2 and all(h["lesion_seg_loss"] > 0 and np.isfinite(h["val_loss"]) for h in history)
+    entry = json.loads((out / "manifest.json").read_text())["oct_volume_fusion3d_tiny"]
+    assert entry["builder_kwargs"]["lesion_head"] is True and "dense lesion read-out 1" in entry["loss"]
+    m = load_multimodal("oct_volume_fusion3d_tiny", weights_dir=out, device="cpu")
+    assert m.net.lesion_head and m.net.lesion_proj.weight.abs().sum() > 0     # the evidence was learnt into use
+    from retina_core.volume import run_volume_model
+
+    vol = rc.read_image(sorted((data / "volumes").glob("*.nii.gz"))[0]).pixels
+    r = run_volume_model(m, vol, {"age": 70, "hba1c": 6.0})
+    assert r.maps.shape == vol.shape and 0.0 <= r.p_disease <= 1.0 and 0.5 < r.maps.max() <= 1.0
+
+    # refusals: no masks at all, and 2-D models
+    import shutil
+    shutil.rmtree(data / "masks")
+    with pytest.raises(rc.RetinaInputError, match="--lesion-seg needs lesion masks"):
+        train("oct_volume_fusion3d_tiny", data, tmp_path / "r1", TrainConfig(epochs=1, image_size=32, lesion_seg=1.0))
+    assert main(["train", "--model", "oct_resnet18", "--data", str(data), "--out", str(tmp_path / "r2"),
+                 "--epochs", "1", "--lesion-seg", "1"]) != 0
+    assert "--lesion-seg" in capsys.readouterr().err

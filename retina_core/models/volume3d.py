@@ -145,6 +145,31 @@ class VolumePool(nn.Module):
         return f"pool_type={self.pool_type!r}"
 
 
+class LesionEvidencePool(nn.Module):
+    """The global pool plus a dense lesion read-out (`train --lesion-seg W`): a 1x1x1 convolution maps each cell of
+    the last feature map to a lesion logit s(p) (trained against the lesion masks pooled to the grid), and the
+    volume's lesion evidence is their log-mean-exp, e = log mean_p exp(s(p)), a smooth maximum: one cell holding a
+    lesion raises it, a volume without any keeps it low. Returns [B, C + 1, 1, 1, 1] (the pooled features, then e),
+    so MONAI's forward flattens both; `last_logits` keeps s [B, d, h, w] of the latest forward for the training loss.
+
+    Why: on the phantoms the layer4 features of a model trained on labels alone already separate cells holding a
+    cyst from the rest (a linear read-out reaches a held-out cell AUC of 0.996), but average pooling dilutes a few
+    cells among 4096 and the swelling around them already decides, so the call never used them and a faithful map
+    could not point at them. With e in the image embedding the decision can rest on the lesions themselves."""
+
+    def __init__(self, pool: nn.Module, channels: int):
+        super().__init__()
+        self.pool = pool
+        self.head = nn.Conv3d(channels, 1, kernel_size=1)
+        self.last_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.head(x)[:, 0]                                        # [B, d, h, w]
+        self.last_logits = s
+        e = torch.logsumexp(s.flatten(1).float(), dim=1) - math.log(s[0].numel())
+        return torch.cat([self.pool(x), e.to(x.dtype).view(-1, 1, 1, 1, 1)], dim=1)
+
+
 class VolumeFusion3D(nn.Module):
     """forward(volume, meta=None) -> logit [B, 1]; forward_features -> fused [B, classifier_in];
     forward_head -> logit. meta: raw metadata [B, M] (NaN = missing), standardised inside; None = all missing."""
@@ -163,9 +188,17 @@ class VolumeFusion3D(nn.Module):
         if kw.get("slice_stride"):
             keep_slices(self.net, int(kw["slice_stride"]))
         self.global_pool = kw.get("global_pool", "avg")
-        self.net.avgpool = VolumePool(self.global_pool)
         feat = int(self.net.in_planes)   # channels after layer4 (x block expansion)
+        self.lesion_head = bool(kw.get("lesion_head", False))
+        self.net.avgpool = (LesionEvidencePool(VolumePool(self.global_pool), feat) if self.lesion_head
+                            else VolumePool(self.global_pool))
         self.image_proj = nn.Sequential(nn.Linear(feat, EMBED_DIM), nn.ReLU(inplace=True))
+        if self.lesion_head:
+            # e enters the image embedding beside the pooled features; zero at first, so weights trained without
+            # the head load (`train --init`) and start from the same outputs
+            self.lesion_proj = nn.Linear(1, EMBED_DIM)
+            nn.init.zeros_(self.lesion_proj.weight)
+            nn.init.zeros_(self.lesion_proj.bias)
         m, hidden = len(self.meta_features), int(kw.get("meta_hidden", 128))
         if self.fusion != "image_only":
             self.meta_mlp = nn.Sequential(nn.Linear(m, hidden), nn.ReLU(inplace=True),
@@ -193,7 +226,14 @@ class VolumeFusion3D(nn.Module):
 
     def embed_image(self, volume: torch.Tensor) -> torch.Tensor:
         """The image branch alone: [B, 1, D, H, W] -> [B, 512]."""
-        return self.image_proj(self.net(volume))
+        if not self.lesion_head:
+            return self.image_proj(self.net(volume))
+        out = self.net(volume)                                   # [B, C + 1]: pooled features, lesion evidence
+        return self.image_proj[1](self.image_proj[0](out[:, :-1]) + self.lesion_proj(out[:, -1:]))
+
+    def lesion_logits(self) -> torch.Tensor | None:
+        """s [B, d, h, w]: the per-cell lesion logits of the latest forward (models built with `lesion_head`)."""
+        return self.net.avgpool.last_logits if self.lesion_head else None
 
     def fuse(self, img: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
         """Image embeddings [B, 512] + raw metadata [B, M] (NaN = not recorded) -> the classifier's input."""

@@ -87,9 +87,10 @@ class TrainConfig:
     lesion_cam_guidance: float = 0.0  # CNNs + lesion masks on disk: weight of the map-on-lesion loss (LesionCamGuidance)
     attention_mining: float = 0.0     # volume models: weight of GAIN's attention-mining loss (VolumeAttentionMining)
     meta_dropout: float = 0.0         # volume models: P(a training volume's clinical record is hidden; VolumeSet)
+    lesion_seg: float = 0.0           # volume models: weight of the dense lesion read-out's loss (LesionEvidencePool)
 
 
-VOLUME_ONLY_OPTIONS = ("attention_mining", "slice_stride", "meta_dropout")   # TrainConfig fields of the volume models
+VOLUME_ONLY_OPTIONS = ("attention_mining", "slice_stride", "meta_dropout", "lesion_seg")   # TrainConfig fields of the volume models
 
 
 def volume_only_options(cfg_t: TrainConfig) -> list[str]:
@@ -397,6 +398,8 @@ def architecture_kwargs(cfg_t: TrainConfig) -> dict:
         kw["slice_stride"] = cfg_t.slice_stride
     if cfg_t.global_pool:
         kw["global_pool"] = cfg_t.global_pool
+    if cfg_t.lesion_seg:
+        kw["lesion_head"] = True
     return kw
 
 

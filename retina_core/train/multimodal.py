@@ -493,6 +493,23 @@ class VolumeAttentionMining:
         return self.weight * torch.sigmoid(z.float() - z_ref.float().reshape(-1)).mean()
 
 
+def lesion_seg_loss(logits: torch.Tensor, masks: torch.Tensor, y: torch.Tensor, weight: float,
+                    disease: int = 1) -> torch.Tensor:
+    """The dense lesion read-out's loss (`--lesion-seg W`): logits s [B, d, h, w] of `LesionEvidencePool`, masks
+    [B, D, H, W] at the input size (a cell is positive when it holds any lesion voxel: adaptive max pooling), y [B].
+    Normal volumes count as lesion-free everywhere; diseased volumes with an empty mask (lesions not marked) are left
+    out. Class-balanced binary cross-entropy: W x (mean over lesion cells + mean over the other cells) / 2, so a
+    few lesion cells among thousands still weigh half."""
+    rows = (y != disease) | (masks.flatten(1) != 0).any(1)
+    if not bool(rows.any()):
+        return logits.new_zeros(()).float()
+    s = logits[rows].float()
+    cells = F.adaptive_max_pool3d(masks[rows][:, None].float(), tuple(s.shape[1:]))[:, 0] > 0
+    bce = F.binary_cross_entropy_with_logits(s, cells.float(), reduction="none")
+    neg = bce[~cells].mean()
+    return weight * (0.5 * (bce[cells].mean() + neg) if bool(cells.any()) else neg)
+
+
 def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
     seed_everything(cfg_t.seed)
     out = Path(out)
@@ -519,10 +536,11 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
     guided = bool(cfg_t.lesion_cam_guidance)
+    seg = float(cfg_t.lesion_seg or 0.0)
     sets, raw, masks, val_masks = {}, {}, None, None
     for k in ("train", "val", "test"):
         rs = splits.get(k, [])
-        if guided and (k == "train" or (k == "val" and cfg_t.monitor == "val_loss")):
+        if (guided or seg) and (k == "train" or (k == "val" and cfg_t.monitor == "val_loss")):
             vols, mk = decode_volumes(rs, cfg, mask_root=index.root)
             if k == "train":
                 masks = mk
@@ -536,6 +554,9 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
                             masks=masks if k == "train" else None,
                             meta_dropout=cfg_t.meta_dropout if k == "train" else 0.0)
     log.info("decoded %s volumes in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
+    if seg and not bool((masks.flatten(1) != 0).any()):
+        raise RetinaInputError("--lesion-seg needs lesion masks: none of the training volumes has a non-empty mask "
+                               "under masks/<volume path without .nii.gz>/*.nii.gz.")
     guide = None
     if guided:
         n_masked = int((((masks.flatten(1) != 0).any(1)) & (raw["train"][2] == cls["disease"])).sum()) \
@@ -573,13 +594,20 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
             terms["lesion_cam_loss"] = guide.loss_from_cam(cam, masks[rows])
         return terms
 
+    def dense_terms(model, y, masks) -> dict:
+        """The dense lesion read-out's loss on the latest forward (`--lesion-seg`)."""
+        return {"lesion_seg_loss": lesion_seg_loss(model.lesion_logits(), masks, y, seg, cls["disease"])} if seg else {}
+
     def step(model, batch):
         x, meta, y = (b.to(device) for b in batch[:3])
         logits = model(x, meta).squeeze(1)
         loss = focal(logits, y.float())
-        if guide is None:
+        if guide is None and not seg:
             return loss
-        terms = map_terms(model, x, meta, y, logits, batch[3].to(device) if len(batch) > 3 else None)
+        mk = batch[3].to(device) if len(batch) > 3 else None
+        terms = dense_terms(model, y, mk)           # before map_terms: attention mining runs another forward
+        if guide is not None:
+            terms.update(map_terms(model, x, meta, y, logits, mk))
         return loss + sum(terms.values()), {k: float(v.detach()) for k, v in terms.items()}
 
     @torch.no_grad()
@@ -601,8 +629,10 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
                 x, meta, y = vols[i:i + 8].float().to(device), metas[i:i + 8].to(device), ys[i:i + 8].to(device)
                 logits = net(x, meta).squeeze(1)
                 loss = focal(logits, y.float())
+                vm = val_masks[i:i + 8].to(device) if val_masks is not None else None
+                if seg:
+                    loss = loss + sum(dense_terms(net, y, vm).values())
                 if guide is not None:
-                    vm = val_masks[i:i + 8].to(device) if val_masks is not None else None
                     loss = loss + sum(map_terms(net, x, meta, y, logits, vm).values())
                 total += float(loss.detach()) * len(y)
         return total / max(len(ys), 1)
@@ -624,7 +654,9 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
                      + (f" + lesion-CAM guidance {cfg_t.lesion_cam_guidance:g} on {cfg.target_layer}"
                         if cfg_t.lesion_cam_guidance else "")
                      + (f" + attention mining {cfg_t.attention_mining:g} (GAIN) on {cfg.target_layer}"
-                        if mining is not None else "")}
+                        if mining is not None else "")
+                     + (f" + dense lesion read-out {seg:g} (class-balanced BCE on the lesion masks' grid cells)"
+                        if seg else "")}
     return _finish(net, None, cfg, model_name, out, cfg_t, index, splits, data, data_note, logits_of("val"),
                    logits_of("test") if len(raw["test"][2]) else None, history, best_epoch, extra, ctx,
                    VOLUME_CLASSES)
