@@ -152,10 +152,13 @@ class LesionEvidencePool(nn.Module):
     lesion raises it, a volume without any keeps it low. Returns [B, C + 1, 1, 1, 1] (the pooled features, then e),
     so MONAI's forward flattens both; `last_logits` keeps s [B, d, h, w] of the latest forward for the training loss.
 
-    Why: on the phantoms the layer4 features of a model trained on labels alone already separate cells holding a
-    cyst from the rest (a linear read-out reaches a held-out cell AUC of 0.996), but average pooling dilutes a few
-    cells among 4096 and the swelling around them already decides, so the call never used them and a faithful map
-    could not point at them. With e in the image embedding the decision can rest on the lesions themselves."""
+    Why: the layer4 features of a model trained on labels alone already tell cells holding a cyst from lesion-free
+    cells near them (a linear read-out on the bundled weights: held-out cell AUC 0.87), but average pooling dilutes a
+    few cells among 4096 and the swelling around them already decides, so the call never used them and a faithful
+    map could not point at them. With e in the image embedding the decision can rest on the lesions themselves.
+    Measured on the phantoms (docs/explanations.md, section 5): the read-out learns cysts, fluid, CNV, holes, drusen
+    and atrophy, not diabetic-retinopathy foci, and the bundled recipe with it did not localise better, so the
+    bundled weights do not use it."""
 
     def __init__(self, pool: nn.Module, channels: int):
         super().__init__()
@@ -338,7 +341,9 @@ register_model(ModelCfg(
           "maps were taught where lesions are, and with the clinical record hidden on half the training volumes "
           "(`train --meta-dropout 0.5`), so the volume carries evidence on its own. Counterfactual phantoms "
           "(`explain-eval --counterfactual`) show that they do not use the DR phantoms' hyper-reflective foci "
-          "(1-2 px specks at 128 px) or the DME phantoms' cysts: DME calls rest on the retinal "
+          "(1-2 px specks at 128 px; a dense lesion read-out trained on the masks cannot tell a focus cell from "
+          "its neighbours, so at this input size the network does not see them) or the DME phantoms' cysts "
+          "(which its features do see): DME calls rest on the retinal "
           "swelling (and, where it is absent, on subretinal fluid) and DR calls mostly on HbA1c, so their maps "
           "point at the swollen macula, not at those lesions. On AMD, CNV, CSR, drusen and MH eyes the lesions "
           "the maps point at are what the calls rest on (left out, P(disease) falls). " + _PHANTOM_NOTE),
