@@ -504,7 +504,8 @@ def test_volume_lesion_head_reads_out_cells_and_starts_from_the_weights_it_was_g
         assert out.shape == (2, net.net.in_planes + 1)
         assert torch.allclose(out[:, -1], torch.logsumexp(s.flatten(1), 1) - math.log(64), atol=1e-5)
 
-    # loss: class-balanced BCE on the grid cells; normal volumes count as lesion-free, unmarked diseased ones are left out
+    # loss: class-balanced BCE on the grid cells; normal volumes count as lesion-free, unmarked diseased ones are
+    # left out
     logits = torch.full((3, 4, 4, 4), -2.0)
     logits[0, 1, 2, 3] = 3.0
     masks = torch.zeros(3, 32, 32, 32, dtype=torch.bool)

@@ -90,7 +90,8 @@ class TrainConfig:
     lesion_seg: float = 0.0           # volume models: weight of the dense lesion read-out's loss (LesionEvidencePool)
 
 
-VOLUME_ONLY_OPTIONS = ("attention_mining", "slice_stride", "meta_dropout", "lesion_seg")   # TrainConfig fields of the volume models
+# TrainConfig fields of the volume models
+VOLUME_ONLY_OPTIONS = ("attention_mining", "slice_stride", "meta_dropout", "lesion_seg")
 
 
 def volume_only_options(cfg_t: TrainConfig) -> list[str]:

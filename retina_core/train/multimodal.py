@@ -536,7 +536,7 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
     guided = bool(cfg_t.lesion_cam_guidance)
-    seg = float(cfg_t.lesion_seg or 0.0)
+    seg = float(cfg_t.lesion_seg)
     sets, raw, masks, val_masks = {}, {}, None, None
     for k in ("train", "val", "test"):
         rs = splits.get(k, [])
@@ -596,7 +596,9 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
 
     def dense_terms(model, y, masks) -> dict:
         """The dense lesion read-out's loss on the latest forward (`--lesion-seg`)."""
-        return {"lesion_seg_loss": lesion_seg_loss(model.lesion_logits(), masks, y, seg, cls["disease"])} if seg else {}
+        if not seg:
+            return {}
+        return {"lesion_seg_loss": lesion_seg_loss(model.lesion_logits(), masks, y, seg, cls["disease"])}
 
     def step(model, batch):
         x, meta, y = (b.to(device) for b in batch[:3])
