@@ -71,16 +71,17 @@ else:
     saved = saved_evaluations(name)
     stab = [(p, o) for p, o in saved if isinstance(o.get("methods"), dict)]
     if stab:
-        p, o = stab[-1]
-        rows = stability_table(o)
-        st.markdown(f"**Explanation stability and faithfulness** (saved `explain-eval` of {o.get('n_images')} "
-                    f"phantoms, `{p.name}`)")
-        st.plotly_chart(figures.stability_fig(rows), width="stretch", key="eval_stab")
-        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        if o.get("counterfactual"):
+        for j, (p, o) in enumerate(stab):     # e.g. a large run of the default method, a smaller one of many
+            rows = stability_table(o)
+            st.markdown(f"**Explanation stability and faithfulness** (saved `explain-eval` of {o.get('n_images')} "
+                        f"phantoms, `{p.name}`)")
+            st.plotly_chart(figures.stability_fig(rows), width="stretch", key=f"eval_stab_{j}")
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=f"eval_stab_table_{j}")
+        with_cf = [o for _, o in stab if o.get("counterfactual")]
+        if with_cf:
             from retina_core.explain.counterfactual import describe_variants, table_rows
 
-            cf = o["counterfactual"]
+            cf = with_cf[-1]["counterfactual"]
             st.markdown(f"**Does the model use the lesions its map is scored against?** Counterfactual phantoms: "
                         f"{cf['n_volumes']} diseased eyes re-rendered {describe_variants(cf)} (`explain-eval "
                         f"--counterfactual`)")

@@ -62,10 +62,16 @@ def cmd_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     model = get_model(args.model) if args.model else None
     failures = 0
+    record_values = parse_record(args.record) if args.record else {}
     for path in args.images:
         record: dict = {"file": path}
         try:
-            a = analyze(read_image(path), model, method=args.method, modality=args.modality)
+            img = read_image(path)
+            if img.kind == "volume":
+                record.update(predict_volume(img, args.model, args.method, record_values, args.eye, out))
+                failures += _report_volume(path, record, args.json)
+                continue
+            a = analyze(img, model, method=args.method, modality=args.modality)
             record.update(a.to_dict())
             if out and a.heatmap is not None:
                 # Outputs are named by content hash, never by the input name (which may carry patient data).
@@ -89,6 +95,90 @@ def cmd_predict(args) -> int:
             print(f"{path}: {record['modality']} -> {record['label']} ({p:.1%}) by {record['model']}; "
                   f"{record['suggestion']}" + (f"; heatmap {record['heatmap']}" if "heatmap" in record else ""))
     return 1 if failures else 0
+
+
+VOLUME_MODEL = "oct_volume_fusion3d_tiny"
+
+
+def parse_record(text: str) -> dict:
+    """'age=70,sex=F,hba1c=8.4' -> the volume model's clinical record ({field: value}); unknown fields and values
+    that are not numbers are refused with a clear message."""
+    from .volume import META_FIELDS
+
+    out: dict = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise RetinaInputError(f"--record item {item!r} is not field=value (e.g. age=70,sex=F,hba1c=8.4).")
+        if key == "sex":
+            if value.upper() not in ("F", "M"):
+                raise RetinaInputError("--record sex must be F or M.")
+            out["sex"] = value.upper()
+        elif key in META_FIELDS:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise RetinaInputError(f"--record {key} must be a number, got {value!r}.") from None
+        else:
+            raise RetinaInputError(f"--record field {key!r} unknown; the volume model reads "
+                                   f"{', '.join(list(META_FIELDS) + ['sex'])}.")
+    return out
+
+
+def predict_volume(img, model_name: str | None, method: str | None, record: dict, eye: str | None,
+                   out: Path | None) -> dict:
+    """The OCT volume model on one decoded volume: P(disease), label and the 3-D heatmap of `method` (default:
+    the model's), with the slice where the map is strongest; with `out`, the map as .npy [D, H, W] and overlays of
+    that slice and of the en-face projection, named by content hash."""
+    import numpy as np
+    from PIL import Image
+
+    from .analysis import get_model
+    from .explain.attribution import default_method
+    from .explain.overlay import overlay
+    from .explain.volume_methods import VOLUME_METHODS, explain_volume
+    from .models import get_cfg
+    from .volume import en_face, map_en_face, run_volume_model, slice_rgb
+
+    name = model_name or VOLUME_MODEL
+    if get_cfg(name).modality != "oct_volume":
+        raise RetinaInputError(f"This is an OCT volume and {name} reads single images; use an OCT volume model "
+                               f"(e.g. --model {VOLUME_MODEL}) or leave --model out.")
+    model = get_model(name)
+    method = method or default_method(model)
+    if method not in VOLUME_METHODS:
+        raise RetinaInputError(f"{method} does not apply to OCT volumes; choose from {', '.join(VOLUME_METHODS)}.")
+    vol = img.pixels
+    eye = eye or img.laterality
+    res = run_volume_model(model, vol, record, eye)
+    maps = res.maps if method == "gradcam" else explain_volume(model, vol, method, meta=record, eye=eye)
+    peak = int(np.argmax(maps.reshape(len(maps), -1).sum(1)))
+    rec = {"modality": "oct_volume", "model": res.model, "weights_sha256": res.weights_sha256,
+           "label": res.label, "p_disease": round(res.p_disease, 4), "referable": res.referable,
+           "record_used": res.metadata_used, "method": method, "shape": list(vol.shape),
+           "peak_slice": peak, "heatmap_empty": bool(float(maps.max()) <= 1e-6), "content_hash": img.content_hash,
+           "suggestion": "refer to an eye specialist" if res.referable else "not referable by this model"}
+    if out:
+        stem = img.content_hash[:16]          # never the input name, which may carry patient data
+        np.save(out / f"{stem}_heatmap.npy", maps.astype(np.float32))
+        Image.fromarray(overlay(slice_rgb(vol, peak), maps[peak])).save(out / f"{stem}_slice{peak}_overlay.png")
+        ef = en_face(vol)
+        Image.fromarray(overlay(np.repeat(ef[..., None], 3, axis=2), map_en_face(maps, ef.shape[0]))).save(
+            out / f"{stem}_en_face_overlay.png")
+        rec.update(heatmap=str(out / f"{stem}_heatmap.npy"), overlay=str(out / f"{stem}_slice{peak}_overlay.png"),
+                   en_face_overlay=str(out / f"{stem}_en_face_overlay.png"))
+    return rec
+
+
+def _report_volume(path: str, record: dict, as_json: bool) -> int:
+    if as_json:
+        _print_json(record)
+    else:
+        print(f"{path}: oct_volume -> {record['label']} (P(disease) {record['p_disease']:.1%}) by {record['model']}; "
+              f"{record['method']} map strongest on B-scan {record['peak_slice']} of {record['shape'][0]}"
+              + (f"; heatmap {record['heatmap']}" if "heatmap" in record else ""))
+    return 0
 
 
 # ---------------------------------------------------------------- data
@@ -197,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, choices=ALL_METHODS,
                    help="heatmap method (default: the model's, chosen by explain-eval evidence)")
     p.add_argument("--modality", choices=["fundus", "oct"], help="override the detected modality")
+    p.add_argument("--record", help="OCT volumes: the clinical record the volume model reads, e.g. "
+                                    "age=70,sex=F,va_logmar=0.3,cst_um=420,hba1c=8.4 (fields left out count as not "
+                                    "recorded: the training mean is used)")
+    p.add_argument("--eye", choices=["OD", "OS"], help="OCT volumes: the eye (default: from the file, if stated)")
     p.add_argument("--out", help="folder for heatmap/overlay PNGs (named by content hash)")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.set_defaults(func=cmd_predict)

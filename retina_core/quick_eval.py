@@ -147,9 +147,12 @@ def stability_table(explain_eval_report: dict) -> list[dict]:
 
 def method_trust(model_name: str, weights_sha256: str | None = None, roots=("docs", "weights", "artifacts")
                  ) -> dict[str, dict]:
-    """Per explanation method, what the newest saved `explain-eval` of `model_name` measured (only a report of
+    """Per explanation method, what the saved `explain-eval` reports of `model_name` measured (only reports of
     these weights when `weights_sha256` is given): {method: {randomisation_abs_spearman, passes_randomisation,
-    pointing_game, energy_pointing_game, cost_vs_forward, n_images, source}}. Empty when nothing is saved."""
+    pointing_game, energy_pointing_game, cost_vs_forward, n_images, source}}. Each method's figures come from the
+    report that measured it on the most images (ties: the newest), so a small run of many methods does not
+    replace a large run of one; what belongs to the model, not the method (counterfactual lesion use), comes
+    from the newest report that has it. Empty when nothing is saved."""
     from .explain.evaluate import passes_randomisation
 
     reports = [(p, o) for p, o in saved_evaluations(model_name, roots)
@@ -157,14 +160,19 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                                                           or o.get("weights_sha256") == weights_sha256)]
     if not reports:
         return {}
-    path, rep = max(reports, key=lambda po: po[0].stat().st_mtime)
-    guided = _lesion_guided(model_name, rep.get("weights_sha256"))
-    unused = unused_lesions(rep.get("counterfactual"))      # of the model, the same for every method
-    reliance = lesion_reliance_by_class(rep.get("counterfactual"))
+    reports.sort(key=lambda po: po[0].stat().st_mtime)
+    with_cf = [o.get("counterfactual") for _, o in reports if o.get("counterfactual")]
+    counterfactual = with_cf[-1] if with_cf else None
+    guided = _lesion_guided(model_name, reports[-1][1].get("weights_sha256"))
+    unused = unused_lesions(counterfactual)      # of the model, the same for every method
+    reliance = lesion_reliance_by_class(counterfactual)
+    best: dict[str, tuple] = {}
+    for path, rep in reports:                    # oldest first: a later report of as many images wins
+        for meth, r in rep["methods"].items():
+            if isinstance(r, dict) and (meth not in best or (rep.get("n_images") or 0) >= best[meth][0]):
+                best[meth] = (rep.get("n_images") or 0, path, rep, r)
     out = {}
-    for meth, r in rep["methods"].items():
-        if not isinstance(r, dict):
-            continue
+    for meth, (_, path, rep, r) in best.items():
         out[meth] = {"randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
                      "passes_randomisation": passes_randomisation(r),
                      "randomisation_empty_fraction": r.get("randomisation_empty_fraction"),
@@ -173,7 +181,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                                               "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided,
                      "unused_lesions": unused, "lesion_reliance": reliance,
-                     "faithful_alone": (rep.get("counterfactual") or {}).get("faithful_alone")}
+                     "faithful_alone": (counterfactual or {}).get("faithful_alone")}
         by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
                   if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
         if by_mod:

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -238,6 +239,11 @@ def test_volume_viewer_slider_and_metadata():
     assert len(at.session_state["_memo"]["volume_inputs"]) == 2
     at.toggle(key="vol_2d").set_value(True).run()                        # the B-scan model on every slice
     assert not at.exception and len(at.session_state["_memo"]["volume2d"]) == 1
+    at.selectbox(key="vol_method").set_value("hirescam").run()           # another 3-D method, computed once
+    assert not at.exception and len(at.session_state["_memo"]["volume_map"]) == 1
+    assert any("3D hirescam of" in c for c in _captions(at))
+    (hm,) = at.session_state["_memo"]["volume_map"].values()
+    assert hm.shape == vr.maps.shape and hm.dtype == np.float32 and 0 <= hm.min() and hm.max() <= 1
     # a normal volume: when no input moves the score there is nothing to chart, and the page says so
     at.selectbox(key="vol_sample").set_value("Volume phantom: normal").run()
     assert not at.exception

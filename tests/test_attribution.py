@@ -235,6 +235,32 @@ def test_explain_eval_set_default_records_the_choice_and_analyze_uses_it(tmp_pat
         assert "default_method" not in entry
 
 
+def test_method_trust_keeps_each_method_from_its_largest_report(tmp_path):
+    """A later, smaller run of many methods adds the methods it measured; it does not replace the figures of a
+    larger run of the default method, nor the counterfactual (model-level) evidence that run has."""
+    import json
+    import os
+
+    from retina_core.quick_eval import method_trust
+
+    big = {"model": "m", "weights_sha256": "abc", "n_images": 240,
+           "methods": {"gradcam": {"randomisation_abs_spearman": 0.04, "pointing_game": 0.81}},
+           "counterfactual": {"per_class": {}, "faithful_alone": {"n": 3}}}
+    small = {"model": "m", "weights_sha256": "abc", "n_images": 48,
+             "methods": {"gradcam": {"randomisation_abs_spearman": 0.1, "pointing_game": 0.7},
+                         "layercam": {"randomisation_abs_spearman": 0.6, "pointing_game": 0.75}}}
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    os.utime(tmp_path / "big.json", (1, 1))                  # the big report is the older one
+    ev = method_trust("m", "abc", roots=(str(tmp_path),))
+    assert ev["gradcam"]["pointing_game"] == 0.81 and ev["gradcam"]["source"] == "big.json"
+    assert ev["layercam"]["pointing_game"] == 0.75 and ev["layercam"]["source"] == "small.json"
+    assert not ev["layercam"]["passes_randomisation"]
+    assert ev["layercam"]["faithful_alone"] == {"n": 3}       # model-level evidence, from the report that has it
+    (tmp_path / "again.json").write_text(json.dumps({**small, "n_images": 240}))   # a re-run as large: it wins
+    assert method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]["source"] == "again.json"
+
+
 def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
     import json
 

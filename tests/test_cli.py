@@ -45,3 +45,35 @@ def test_module_entry_point_runs_as_a_user_would(oct_png):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "oct_resnet18" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_predict_reads_an_oct_volume_with_its_record_and_any_3d_method(tmp_path, capsys):
+    import nibabel as nib
+
+    from retina_core.phantoms import oct_volume
+
+    ph = oct_volume("CNV", seed=21, n_slices=32, height=128, width=128)
+    src = tmp_path / "Doe_Jane_1950_OD.nii.gz"                    # a name that must not reach any output
+    nib.save(nib.Nifti1Image(ph.image, np.eye(4)), str(src))
+    out = tmp_path / "maps"
+    assert main(["predict", str(src), "--record", "age=71,sex=F,hba1c=6.1", "--method", "hirescam",
+                 "--out", str(out), "--json"]) == 0
+    (rec,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rec["modality"] == "oct_volume" and rec["model"] == "oct_volume_fusion3d_tiny"
+    assert rec["method"] == "hirescam" and rec["label"] in ("normal", "disease") and 0 <= rec["p_disease"] <= 1
+    used = rec["record_used"]
+    assert used["age"] == 71 and used["sex"] == "F" and used["cst_um"] is None
+    assert used["eye"] == "OD"                                    # laterality from the file name
+    maps = np.load(rec["heatmap"])
+    assert maps.shape == ph.image.shape and maps.dtype == np.float32 and 0 <= maps.min() and maps.max() <= 1
+    assert rec["peak_slice"] == int(np.argmax(maps.sum(axis=(1, 2))))
+    assert ph.masks["cnv"][rec["peak_slice"]].any()               # the strongest B-scan holds the CNV
+    for f in (rec["heatmap"], rec["overlay"], rec["en_face_overlay"]):
+        assert "Doe" not in f and "1950" not in f
+    # bad input: a clear message and a non-zero exit, never a traceback
+    assert main(["predict", str(src), "--method", "vit_relevance"]) == 1
+    assert "does not apply to OCT volumes" in capsys.readouterr().out
+    assert main(["predict", str(src), "--model", "oct_resnet18"]) == 1
+    assert "reads single images" in capsys.readouterr().out
+    assert main(["predict", str(src), "--record", "weight=80"]) == 2
+    assert "unknown" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from retina_core.errors import RetinaInputError
-from test_explain_eval_nd import one_thread  # noqa: F401  (module-scoped, autouse: one torch thread here too)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")     # one torch thread here too (conftest)
 
 
 @pytest.fixture(scope="module")

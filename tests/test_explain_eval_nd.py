@@ -16,21 +16,7 @@ VOLUME = "oct_volume_fusion3d_tiny"
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here: on a busy 2-core machine two threads made each small forward ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_volume_net():
-    """A random-init volume model whose 3-D Grad-CAM has 2 x 4 x 4 cells (stride-1 stem, layer3) at 16 x 32 x 32."""
-    torch.manual_seed(0)
-    kw = {**get_cfg(VOLUME).builder_kwargs, "conv1_stride": 1}
-    return create_model(VOLUME, input_size=(1, 16, 32, 32), target_layer="net.layer3", builder_kwargs=kw).eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -129,19 +115,23 @@ def test_pointing_game_3d_ties_energy_slice_hit_and_chance():
 # ------------------------------------------------------------------------------------------------ volumes
 @pytest.fixture(scope="module")
 def volume_report(tiny_volume_net, volume_phantoms):
-    return explain_eval(tiny_volume_net, phantoms=volume_phantoms, methods="gradcam,gradcam-reference", n=3,
+    from retina_core.explain.volume_methods import VOLUME_METHODS
+
+    return explain_eval(tiny_volume_net, phantoms=volume_phantoms, methods=",".join(VOLUME_METHODS), n=3,
                         steps=4, stability_kinds=("noise", "shift"))
 
 
 @pytest.fixture(scope="module")
 def fusion_report(tiny_fusion_net, pair_phantoms):
-    return explain_eval(tiny_fusion_net, phantoms=pair_phantoms, n=3, steps=4, stability_kinds=("noise",))
+    return explain_eval(tiny_fusion_net, phantoms=pair_phantoms, methods="gradcam,integrated_gradients", n=3,
+                        steps=4, stability_kinds=("noise",))
 
 
 def test_volume_report_keys_ranges_and_ranking(volume_report):
     rep = volume_report
     assert rep["modality"] == "oct_volume" and rep["n_images"] == 3 and rep["eval_size"] == [16, 32, 32]
-    assert set(rep["methods"]) == {"gradcam", "gradcam-reference"}
+    assert set(rep["methods"]) == {"gradcam", "gradcam-reference", "gradcam++", "hirescam", "xgradcam", "layercam",
+                                   "eigencam", "scorecam", "integrated_gradients"}
     for meth, r in rep["methods"].items():
         assert r["n_lesion_images"] == 2 and r["map_grid"] == [2, 4, 4]
         for k in ("pointing_game", "pointing_game_tiebreak", "pointing_game_chance", "energy_pointing_game",
@@ -228,6 +218,9 @@ def test_fusion_report_per_modality(fusion_report):
     assert r["randomisation_abs_spearman"] == pytest.approx(worst)
     assert not any("share" in k for k in r)                  # no per-modality share of attribution is invented
     assert any("normalised separately" in n for n in rep["notes"])
+    ig = rep["methods"]["integrated_gradients"]                # IG on both inputs, scored the same way
+    assert ig["n_lesion_images"] == 4 and _in01(ig["pointing_game"]) and ig["cost_vs_forward"] > 0
+    assert [d["method"] for d in rep["ranking"]] and {d["method"] for d in rep["ranking"]} <= set(rep["methods"])
     json.dumps(rep)
 
 
@@ -249,7 +242,7 @@ def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path, monkeypa
     p.write_text(json.dumps(rep))
     monkeypatch.setattr(qe, "saved_evaluations", lambda name, roots=None: [(p, json.loads(p.read_text()))])
     ev = qe.method_trust(rep["model"])
-    assert set(ev) == {"gradcam"}
+    assert set(ev) == {"gradcam", "integrated_gradients"}
     assert ev["gradcam"]["randomisation_abs_spearman"] == rep["methods"]["gradcam"]["randomisation_abs_spearman"]
     assert ev["gradcam"]["pointing_game"] == rep["methods"]["gradcam"]["pointing_game"]
     # each input's map has its own figures and its own note
@@ -311,9 +304,9 @@ def test_wrong_data_and_methods_give_clear_errors(tiny_volume_net, tiny_fusion_n
         explain_eval(tiny_volume_net, phantoms=pair_phantoms, n=2)
     with pytest.raises(RetinaInputError, match="phantom pairs"):
         explain_eval(tiny_fusion_net, phantoms=volume_phantoms, n=2)
-    with pytest.raises(RetinaInputError, match="gradcam, gradcam-reference only"):
-        explain_eval(tiny_volume_net, phantoms=volume_phantoms, methods="gradcam++", n=2)
-    with pytest.raises(RetinaInputError, match="gradcam only"):
+    with pytest.raises(RetinaInputError, match="gradcam, gradcam-reference, gradcam\\+\\+, .* only"):
+        explain_eval(tiny_volume_net, phantoms=volume_phantoms, methods="vit_relevance", n=2)
+    with pytest.raises(RetinaInputError, match="gradcam, integrated_gradients only"):
         explain_eval(tiny_fusion_net, phantoms=pair_phantoms, methods="gradcam-reference", n=2)
     with pytest.raises(RetinaInputError, match="split"):
         explain_eval(tiny_volume_net, volume_dir, n=2, split="holdout")

@@ -10,7 +10,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "explain": "attribution", "explain_batch": "attribution", "available_methods": "attribution",
-    "default_method": "attribution",
+    "default_method": "attribution", "explain_pair": "attribution", "explain_volume": "volume_methods",
     "ALL_METHODS": "attribution", "VIT_METHODS": "attribution", "make_predict_fn": "attribution",
     "centre_lr_shares": "zones", "etdrs_zone_scores": "zones", "etdrs_grid_mask": "zones",
     "optic_disc_zone": "zones", "oct_zone_scores": "zones", "locate_fovea_and_disc": "zones",
@@ -30,8 +30,8 @@ def __getattr__(name):
 
 
 class _CallableModule(types.ModuleType):
-    def __call__(self, model, image, method=None, target=None):
-        return import_module(f"{__name__}.attribution").explain(model, image, method, target)
+    def __call__(self, model, image, method=None, target=None, **kwargs):
+        return import_module(f"{__name__}.attribution").explain(model, image, method, target, **kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -106,9 +106,22 @@ def is_vit(model) -> bool:
     return isinstance(net, nn.Module) and find_vit(net) is not None
 
 
+def _modality(model) -> str:
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+    return getattr(cfg, "modality", "") or ""
+
+
 def available_methods(model) -> tuple[str, ...]:
     """Methods that apply to this model: the ViT-only ones only for ViTs, multiscale_gradcam where the cfg names a
-    finer stage (`fine_layer`)."""
+    finer stage (`fine_layer`); an OCT volume model gets `volume_methods.VOLUME_METHODS`, the fundus + OCT fusion
+    model Grad-CAM and IG (one map per input)."""
+    modality = _modality(model)
+    if modality == "oct_volume":
+        from .volume_methods import VOLUME_METHODS
+        return VOLUME_METHODS
+    if modality == "fundus+oct":
+        from .evaluate_nd import FUSION_METHODS
+        return FUSION_METHODS
     if is_vit(model):
         return tuple(m for m in ALL_METHODS if m != "multiscale_gradcam")
     cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
@@ -447,14 +460,54 @@ def explain_batch(model, images, method: str | None = None,
     return maps.astype(np.float32), probs, idx
 
 
-def explain(model, image, method: str | None = None, target=None) -> np.ndarray:
+def explain(model, image, method: str | None = None, target=None, *, meta: dict | None = None,
+            eye: str | None = None):
     """Heatmap of `method` for one image: float32 [H, W] in [0, 1] at the size of the image shown.
 
     model: a LoadedModel or an nn.Module (with `.cfg`, or a bare timm network). image: uint8 [H, W, 3] (or [H, W])
     or a RetinalImage. method: see the module docstring (None: the model's `default_method`). target: class index
     or name to explain (default: the predicted class).
+
+    An OCT volume model (`oct_volume_fusion3d*`) takes a volume [D, H, W] (float in [0, 1] or uint8, or a
+    RetinalImage of kind "volume") and returns float32 [D, H, W], one heatmap per B-scan; `meta` is the clinical
+    record it reads ({age, sex, va_logmar, cst_um, hba1c}, missing values become the training means), `eye` "OD" /
+    "OS"; target "disease" (default) or "normal" (`volume_methods.explain_volume`). The fundus + OCT fusion model
+    takes a pair (fundus, oct) or {"fundus": ..., "oct": ...} and returns {"fundus": [H, W], "oct": [H', W']}, one
+    map per input at its own size.
     """
+    modality = _modality(model)
+    if modality == "oct_volume":
+        from .volume_methods import explain_volume
+        return explain_volume(model, image, method, target, meta=meta, eye=eye)
+    if modality == "fundus+oct":
+        return explain_pair(model, image, method, target)
     return explain_batch(model, to_pixels(image)[None], method, target)[0][0]
+
+
+def explain_pair(model, pair, method: str | None = None, target=None) -> dict[str, np.ndarray]:
+    """Per-modality heatmaps of the fundus + OCT fusion model: {"fundus": float32 [H, W], "oct": float32 [H', W']}
+    in [0, 1], each at its image's size. pair: (fundus, oct) or {"fundus": ..., "oct": ...}; each uint8 RGB,
+    greyscale or a RetinalImage. target: class index or name (default: the predicted class)."""
+    from ..errors import RetinaInputError
+    from .evaluate_nd import FUSION_METHODS, _resolve, pair_maps
+
+    if isinstance(pair, dict):
+        if set(pair) != {"fundus", "oct"}:
+            raise RetinaInputError("The fusion model needs {'fundus': image, 'oct': image}.")
+        f, o = pair["fundus"], pair["oct"]
+    elif isinstance(pair, (tuple, list)) and len(pair) == 2:
+        f, o = pair
+    else:
+        raise RetinaInputError("The fusion model explains a pair: (fundus photograph, OCT B-scan).")
+    method = method or default_method(model)
+    if method not in FUSION_METHODS:
+        raise RetinaInputError(f"Unknown method {method!r} for the fundus + OCT model; choose from "
+                               f"{', '.join(FUSION_METHODS)}.")
+    m = _resolve(model)
+    idx = None if target is None else _target_indices(target, tuple(m.cfg.classes),
+                                                       torch.zeros(1, dtype=torch.long))[0]
+    with eval_mode(m.net):
+        return pair_maps(m, m.net, to_pixels(f), to_pixels(o), idx, method)[2]
 
 
 def make_predict_fn(model, batch_size: int = 32):

@@ -1,5 +1,5 @@
-"""explain-eval for the models whose input is not one 2-D image: the OCT volume model (`oct_volume`, 3-D Grad-CAM
-per-slice maps) and the fundus + OCT fusion model (`fundus+oct`, one Grad-CAM per modality).
+"""explain-eval for the models whose input is not one 2-D image: the OCT volume model (`oct_volume`, 3-D per-slice
+maps) and the fundus + OCT fusion model (`fundus+oct`, one map per modality).
 
 `explain.evaluate.explain_eval` dispatches here on the model's modality; the report has the 2-D report's shape
 (`methods` -> {method: metrics}, `ranking`, `recommended_default`, `notes`), so `rank_methods`,
@@ -10,10 +10,10 @@ Volumes (maps [D, H, W] of the disease logit at the model's input size):
   energy_pointing_game (3-D), slice_hit_rate (the slice with the largest summed map contains a lesion; chance
   level in slice_hit_baseline), deletion / insertion AUC on P(disease) (voxels blurred / restored in map order;
   volumes the model calls disease), the model-randomisation rho, stability (SSIM / Spearman of the maps under
-  Gaussian noise, brightness and an in-plane shift), cost_vs_forward. Methods: "gradcam" (the single-pass 3-D
-  Grad-CAM the app uses, `models.volume3d.volume_cam`) and "gradcam-reference" (pytorch-grad-cam's GradCAM on the
-  same layer: a cross-check of the same method, not a different explanation).
-Fusion (maps of the predicted class per image, at each encoder's input size):
+  Gaussian noise, brightness and an in-plane shift), cost_vs_forward. Methods (`volume_methods.VOLUME_METHODS`):
+  "gradcam" (the single-pass 3-D Grad-CAM the app uses), the pytorch-grad-cam family on the same layer
+  ("gradcam-reference" is its GradCAM: a cross-check of the same method), a trilinear Score-CAM and captum IG.
+Fusion (maps of the predicted class per image, at each encoder's input size; "gradcam" or "integrated_gradients"):
   per modality (`_fundus`, `_oct`) pointing game, energy pointing game, deletion / insertion (one image edited,
   the other fixed), randomisation rho and stability; overall values pool both modalities. The maps of the two
   modalities are min-max normalised separately, so no per-modality share of the attribution is reported.
@@ -34,11 +34,11 @@ from torch import nn
 from ..errors import RetinaInputError
 from . import trust
 from .evaluate import ND_MODALITIES, _mean, cached, median_time_ratio, pick_round_robin, random_order_reference
+from .volume_methods import VOLUME_METHODS  # every CAM-family method, a 3-D Score-CAM and IG
 
 log = logging.getLogger(__name__)
 
-VOLUME_METHODS = ("gradcam", "gradcam-reference")
-FUSION_METHODS = ("gradcam",)
+FUSION_METHODS = ("gradcam", "integrated_gradients")
 MODALITIES = ("fundus", "oct")
 NOISE_SIGMA, BRIGHTNESS = 0.03, 1.15     # as the 2-D stability check (intensities in [0, 1])
 
@@ -326,21 +326,12 @@ def _target_layer(m: _Net) -> str:
 
 def volume_map(m: _Net, net: nn.Module, vol: np.ndarray, meta_t: torch.Tensor, method: str
                ) -> tuple[float, np.ndarray]:
-    """(P(disease), map float32 [D, H, W] in [0, 1] of the disease logit) of one volume at the input size."""
-    from ..models.volume3d import _WithMeta, volume_cam
+    """(P(disease), map float32 [D, H, W] in [0, 1] of the disease logit) of one volume at the input size
+    (`volume_methods.volume_attribution`)."""
+    from .volume_methods import volume_attribution
 
-    x = _prep_volumes(m, vol[None])
-    if method == "gradcam":
-        logits, maps = volume_cam(net, x, meta_t, _target_layer(m))
-    elif method == "gradcam-reference":
-        from .cam import cam_with_library
-
-        maps = cam_with_library(_WithMeta(net, meta_t), x, "net." + _target_layer(m), "gradcam-reference", [0])
-        with torch.no_grad():
-            logits = net(x, meta_t)
-    else:
-        raise RetinaInputError(f"Unknown method {method!r} for a volume model; choose from "
-                               f"{', '.join(VOLUME_METHODS)}.")
+    logits, maps = volume_attribution(net, _prep_volumes(m, vol[None]), meta_t, method, _target_layer(m),
+                                      mean=m.cfg.mean[0], std=m.cfg.std[0])
     p = float(torch.sigmoid(logits.float()[0, 0] / m.temperature))
     return p, np.asarray(maps[0], np.float32)
 
@@ -580,18 +571,56 @@ def _pair_tensors(m: _Net, f: np.ndarray, o: np.ndarray):
     return (preprocess_image(f, m.net.fundus_cfg, m.device), preprocess_image(o, m.net.oct_cfg, m.device))
 
 
-def pair_maps(m: _Net, net: nn.Module, f: np.ndarray, o: np.ndarray, target: int | None = None
-              ) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+def pair_maps(m: _Net, net: nn.Module, f: np.ndarray, o: np.ndarray, target: int | None = None,
+              method: str = "gradcam") -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
     """(calibrated probabilities [K], explained class, {"fundus": map, "oct": map}) of one pair; each map float32
-    in [0, 1] at its image's size, normalised on its own (`models.multimodal.modality_cams`)."""
-    from ..models.multimodal import modality_cams
+    in [0, 1] at its image's size, normalised on its own. "gradcam": one forward and one backward for both
+    encoders' target layers (`models.multimodal.modality_cams`); "integrated_gradients": captum IG on both inputs
+    at once from black images, each attribution post-processed as for single images."""
     from .cam import normalise_map
 
+    if method not in FUSION_METHODS:
+        raise RetinaInputError(f"Unknown method {method!r} for a fundus + OCT model; choose from "
+                               f"{', '.join(FUSION_METHODS)}.")
     a, b = _pair_tensors(m, f, o)
-    logits, cf, co = modality_cams(net, a, b, None if target is None else [int(target)])
+    if method == "gradcam":
+        from ..models.multimodal import modality_cams
+
+        logits, cf, co = modality_cams(net, a, b, None if target is None else [int(target)])
+        probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
+        k = int(np.argmax(probs)) if target is None else int(target)
+        return probs, k, {"fundus": normalise_map(cf[0], f.shape[:2]), "oct": normalise_map(co[0], o.shape[:2])}
+    from .attribution import _postprocess_ig
+
+    with torch.no_grad():
+        logits = net(a, b)
     probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
     k = int(np.argmax(probs)) if target is None else int(target)
-    return probs, k, {"fundus": normalise_map(cf[0], f.shape[:2]), "oct": normalise_map(co[0], o.shape[:2])}
+    fa, oa = pair_integrated_gradients(net, a, b, k, m.net.fundus_cfg, m.net.oct_cfg)
+    return probs, k, {"fundus": _postprocess_ig(fa[0], f.shape[:2]), "oct": _postprocess_ig(oa[0], o.shape[:2])}
+
+
+def pair_integrated_gradients(net: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int, f_cfg, o_cfg,
+                              n_steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """captum IntegratedGradients of class k on both inputs of a fusion net from black images (each normalised
+    as its encoder's input): signed attributions summed over channels, ([B, h, w], [B, h', w'])."""
+    from captum.attr import IntegratedGradients
+
+    def black(x, cfg):
+        mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return ((torch.zeros_like(x) - mean) / std).detach()
+
+    was = net.training
+    net.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            fa, oa = IntegratedGradients(net).attribute(
+                (a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)),
+                baselines=(black(a, f_cfg), black(b, o_cfg)), target=int(k), n_steps=n_steps, internal_batch_size=8)
+    finally:
+        net.train(was)
+    return fa.detach().sum(1).float().cpu().numpy(), oa.detach().sum(1).float().cpu().numpy()
 
 
 def _pair_predict(m: _Net, modality: str, other: np.ndarray, batch_size: int = 34):
@@ -638,12 +667,12 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
         imgs = {"fundus": s.fundus, "oct": s.oct}
         masks = {"fundus": s.fundus_mask, "oct": s.oct_mask}
         t0 = time.perf_counter()
-        probs, k, maps = pair_maps(m, m.net, s.fundus, s.oct)
+        probs, k, maps = pair_maps(m, m.net, s.fundus, s.oct, method=method)
         sec.append(time.perf_counter() - t0)
         correct.append(None if s.label not in classes else classes.index(s.label) == k)
         label = s.label if s.label is not None else classes[k]
         labels.append(label)
-        rmaps = pair_maps(m, rnet, s.fundus, s.oct, target=k)[2] if rnet is not None else None
+        rmaps = pair_maps(m, rnet, s.fundus, s.oct, target=k, method=method)[2] if rnet is not None else None
         for mod in MODALITIES:
             hm, mask, P = maps[mod], masks[mod], per[mod]
             other = imgs["oct" if mod == "fundus" else "fundus"]
@@ -675,7 +704,7 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
             if stability_kinds:
                 def explain_fn(im, mod=mod):
                     pair = (im, s.oct) if mod == "fundus" else (s.fundus, im)
-                    return pair_maps(m, m.net, *pair, target=k)[2][mod]
+                    return pair_maps(m, m.net, *pair, target=k, method=method)[2][mod]
 
                 st = trust.stability_under_perturbation(explain_fn, imgs[mod], kinds=stability_kinds, seed=seed,
                                                         reference=hm)
@@ -746,14 +775,15 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
     return res
 
 
-def fusion_cost_vs_forward(m: _Net, s: PairSample, repeats: int = 9) -> float:
+def fusion_cost_vs_forward(m: _Net, s: PairSample, method: str = "gradcam", repeats: int = 9) -> float:
     a, b = _pair_tensors(m, s.fundus, s.oct)
 
     def forward():
         with torch.inference_mode():
             m.net(a, b)
 
-    return median_time_ratio(forward, lambda: pair_maps(m, m.net, s.fundus, s.oct), repeats)
+    return median_time_ratio(forward, lambda: pair_maps(m, m.net, s.fundus, s.oct, method=method),
+                             repeats if method == "gradcam" else 3)
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -819,7 +849,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
         else:
             r = evaluate_fusion_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
                                        seed=seed)
-            r["cost_vs_forward"] = fusion_cost_vs_forward(m, samples[0])
+            r["cost_vs_forward"] = fusion_cost_vs_forward(m, samples[0], meth)
         r["wall_seconds"] = round(time.perf_counter() - t0, 2)
         results[meth] = r
         log.info("explain-eval %s %s done in %.1fs", m.name, meth, r["wall_seconds"])
@@ -834,9 +864,12 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
             f"cells (depth x height x width) for a {size[0]} x {size[1]} x {size[2]} input"
             + (": one cell across depth, so every slice gets the same map and slice_hit_rate carries no slice "
                "information (at best it equals slice_hit_baseline)." if grid[0] == 1 else "."),
-            "Volume model: the only explanation is 3-D Grad-CAM ('gradcam', the single pass the app uses, on "
-            f"{_target_layer(m)}); 'gradcam-reference' is pytorch-grad-cam's GradCAM on the same layer, a "
-            "cross-check of the same method.",
+            "Volume model: 'gradcam' is the single-pass 3-D Grad-CAM on "
+            f"{_target_layer(m)} (the app's default); 'gradcam-reference', 'gradcam++', 'hirescam', 'xgradcam', "
+            "'layercam' and 'eigencam' are pytorch-grad-cam on the same layer (its maps are resized to the input "
+            "with a cubic spline, not trilinearly); 'scorecam' is pytorch-grad-cam's Score-CAM with trilinear "
+            "upsampling (`volume_methods.ScoreCAM3D`); 'integrated_gradients' is captum IG from a black volume "
+            "with the record fixed (`volume_methods`).",
             "Maps explain the disease logit (one-logit model) for every volume; deletion / insertion AUC are on "
             "P(disease), over the volumes the model calls disease (n_faithfulness_images).",
             "An empty map (Grad-CAM's ReLU left nothing: no disease evidence, mostly normal volumes; "
@@ -856,16 +889,19 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
         eval_size = {"fundus": list(m.net.fundus_cfg.input_size[1:]), "oct": list(m.net.oct_cfg.input_size[1:])}
         r0 = next(iter(results.values()))
         notes += [
-            "Fusion model: one Grad-CAM per modality (`modality_cams`, fundus at "
+            "Fusion model: 'gradcam' is one Grad-CAM per modality (`modality_cams`, fundus at "
             f"{m.net.fundus_encoder.cfg.target_layer}, a {r0.get('map_grid_fundus')} grid; OCT at "
-            f"{m.net.oct_encoder.cfg.target_layer}, a {r0.get('map_grid_oct')} grid), for the predicted class.",
+            f"{m.net.oct_encoder.cfg.target_layer}, a {r0.get('map_grid_oct')} grid), for the predicted class; "
+            "'integrated_gradients' is captum IG on both inputs at once from black images "
+            "(`pair_integrated_gradients`).",
             "The two maps are min-max normalised separately, so no per-modality share of the attribution is "
             "reported: the maps say where within each image, not which image mattered more.",
             "pointing_game / energy_pointing_game pool the lesion-bearing images of both modalities; "
             "randomisation_abs_spearman is the worse modality's mean |rho| (a map must pass in both); deletion / "
             "insertion edit one image with the other fixed.",
-            "An empty map (nothing left after Grad-CAM's ReLU) misses in the pointing games and is left out of the "
-            "other checks; where the randomised model's map is empty, rho is 0 (the map vanished).",
+            "An empty map (nothing left after Grad-CAM's ReLU or IG's positive part) misses in the pointing games "
+            "and is left out of the other checks; where the randomised model's map is empty, rho is 0 (the map "
+            "vanished).",
         ]
         settings_extra = {"deletion_baseline": "blur"}
     ranking = rank_methods(results)
