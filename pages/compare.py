@@ -6,6 +6,7 @@ import streamlit as st
 from retina_core import ui
 from retina_core.compare import agreement, run_fusion
 from retina_core.errors import RetinaInputError
+from retina_core.explain.attribution import explain_pair
 from retina_core.explain.overlay import overlay
 
 ui.require_navigation()
@@ -96,12 +97,23 @@ else:
     c0.metric("Fusion suggestion", fr.label, f"P(disease) {fr.p_disease:.0%}", delta_color="off",
               delta_arrow="off")
     (c0.error if fr.referable else c0.success)("Refer" if fr.referable else "Not referable")
-    c1.image(overlay(images["fundus"].pixels, fr.fundus_map, alpha), width="stretch",
-             caption=f"What the fusion model used in the fundus photograph (for '{fr.target}')")
-    c2.image(overlay(images["oct"].pixels, fr.oct_map, alpha), width="stretch",
-             caption=f"What the fusion model used in the OCT B-scan (for '{fr.target}')")
-    ui.show_trust_note(FUSION, fusion.sha256, "gradcam", where=c1, modality="fundus")
-    ui.show_trust_note(FUSION, fusion.sha256, "gradcam", where=c2, modality="oct")
+    fmethod = c0.radio("Maps", ["gradcam", "integrated_gradients"], key="cmp_fusion_method",
+                       format_func={"gradcam": "Grad-CAM (same pass)",
+                                    "integrated_gradients": "Integrated Gradients (slower)"}.get,
+                       help="One map per input. Grad-CAM comes from the pass that gives the suggestion; Integrated "
+                            "Gradients (captum, both inputs from black images) costs 32 more passes.")
+    fmaps = {"fundus": fr.fundus_map, "oct": fr.oct_map}
+    if fmethod != "gradcam":
+        with st.spinner("Computing Integrated Gradients on both images..."):
+            fmaps = ui.memo("fusion_maps", key + (fmethod,), lambda: explain_pair(
+                fusion, (images["fundus"].pixels, images["oct"].pixels), fmethod, fr.target))
+    name = "Grad-CAM" if fmethod == "gradcam" else "Integrated Gradients"
+    c1.image(overlay(images["fundus"].pixels, fmaps["fundus"], alpha), width="stretch",
+             caption=f"What the fusion model used in the fundus photograph ({name} for '{fr.target}')")
+    c2.image(overlay(images["oct"].pixels, fmaps["oct"], alpha), width="stretch",
+             caption=f"What the fusion model used in the OCT B-scan ({name} for '{fr.target}')")
+    ui.show_trust_note(FUSION, fusion.sha256, fmethod, where=c1, modality="fundus")
+    ui.show_trust_note(FUSION, fusion.sha256, fmethod, where=c2, modality="oct")
 
 if readings:
     st.subheader("Agreement")

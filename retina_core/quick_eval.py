@@ -151,8 +151,9 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     these weights when `weights_sha256` is given): {method: {randomisation_abs_spearman, passes_randomisation,
     pointing_game, energy_pointing_game, cost_vs_forward, n_images, source}}. Each method's figures come from the
     report that measured it on the most images (ties: the newest), so a small run of many methods does not
-    replace a large run of one; what belongs to the model, not the method (counterfactual lesion use), comes
-    from the newest report that has it. Empty when nothing is saved."""
+    replace a large run of one. The counterfactual section comes from the newest report that has it: what the
+    model uses (lesion_reliance) goes with every method; its per-class pointing game and per-input faithfulness
+    (unused_lesions, faithful_alone) only with the method it was measured with. Empty when nothing is saved."""
     from .explain.evaluate import passes_randomisation
 
     reports = [(p, o) for p, o in saved_evaluations(model_name, roots)
@@ -164,8 +165,9 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     with_cf = [o.get("counterfactual") for _, o in reports if o.get("counterfactual")]
     counterfactual = with_cf[-1] if with_cf else None
     guided = _lesion_guided(model_name, reports[-1][1].get("weights_sha256"))
-    unused = unused_lesions(counterfactual)      # of the model, the same for every method
-    reliance = lesion_reliance_by_class(counterfactual)
+    unused = unused_lesions(counterfactual)      # with the per-class pointing game of the method it ran with
+    cf_method = (counterfactual or {}).get("method", "gradcam")
+    reliance = lesion_reliance_by_class(counterfactual)      # of the model: the same for every method
     best: dict[str, tuple] = {}
     for path, rep in reports:                    # oldest first: a later report of as many images wins
         for meth, r in rep["methods"].items():
@@ -180,8 +182,8 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided,
-                     "unused_lesions": unused, "lesion_reliance": reliance,
-                     "faithful_alone": (counterfactual or {}).get("faithful_alone")}
+                     "unused_lesions": unused if meth == cf_method else [], "lesion_reliance": reliance,
+                     "faithful_alone": (counterfactual or {}).get("faithful_alone") if meth == cf_method else None}
         by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
                   if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
         if by_mod:

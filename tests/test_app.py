@@ -283,6 +283,12 @@ def test_compare_page_pair_with_fusion_and_agreement():
                for c in at.caption)
     assert not any("no more faithful than chance" in w.value for w in at.warning)
     assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 3        # fundus, OCT, fusion rows
+    # the fusion maps by Integrated Gradients instead: one map per image, computed once
+    at.radio(key="cmp_fusion_method").set_value("integrated_gradients").run()
+    assert not at.exception
+    (maps,) = at.session_state["_memo"]["fusion_maps"].values()
+    assert set(maps) == {"fundus", "oct"} and all(0 <= m.min() and m.max() <= 1 for m in maps.values())
+    assert "Integrated Gradients for" in " ".join(_captions(at))
 
 
 def test_zones_page_methods_plots_and_stability():
