@@ -150,9 +150,9 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     """Per explanation method, what the saved `explain-eval` reports of `model_name` measured (only reports of
     these weights when `weights_sha256` is given): {method: {randomisation_abs_spearman, passes_randomisation,
     pointing_game, energy_pointing_game, cost_vs_forward, n_images, source}}. Each method's figures come from the
-    report that measured it on the most images (ties: the newest), so a small run of many methods does not
-    replace a large run of one. The counterfactual section comes from the newest report that has it: what the
-    model uses (lesion_reliance) goes with every method; its per-class pointing game and per-input faithfulness
+    report that measured it on the most images (ties: the one with counterfactual phantoms, then the newest), so a
+    small run of many methods does not replace a large run of one. The counterfactual section comes from the
+    newest report that has it: what the model uses (lesion_reliance) goes with every method; its per-class pointing game and per-input faithfulness
     (unused_lesions, faithful_alone) only with the method it was measured with. Empty when nothing is saved."""
     from .explain.evaluate import passes_randomisation
 
@@ -171,8 +171,11 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     best: dict[str, tuple] = {}
     for path, rep in reports:                    # oldest first: a later report of as many images wins
         for meth, r in rep["methods"].items():
-            if isinstance(r, dict) and (meth not in best or (rep.get("n_images") or 0) >= best[meth][0]):
-                best[meth] = (rep.get("n_images") or 0, path, rep, r)
+            # more images first; at equal size a report with counterfactual phantoms (the fuller evidence), then
+            # the newer one (mtimes are arbitrary in a fresh clone, so size and content decide first)
+            rank = (rep.get("n_images") or 0, bool(rep.get("counterfactual")))
+            if isinstance(r, dict) and (meth not in best or rank >= best[meth][0]):
+                best[meth] = (rank, path, rep, r)
     out = {}
     for meth, (_, path, rep, r) in best.items():
         out[meth] = {"randomisation_abs_spearman": r.get("randomisation_abs_spearman"),

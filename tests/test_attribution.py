@@ -258,7 +258,10 @@ def test_method_trust_keeps_each_method_from_its_largest_report(tmp_path):
     assert not ev["layercam"]["passes_randomisation"]
     # the counterfactual's per-input faithfulness was measured with Grad-CAM maps: it goes with gradcam only
     assert ev["gradcam"]["faithful_alone"] == {"n": 3} and ev["layercam"]["faithful_alone"] is None
-    (tmp_path / "again.json").write_text(json.dumps({**small, "n_images": 240}))   # a re-run as large: it wins
+    # as many images but no counterfactual phantoms: the fuller report keeps gradcam (whatever the file times)
+    (tmp_path / "same_size.json").write_text(json.dumps({**small, "n_images": 240}))
+    assert method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]["source"] == "big.json"
+    (tmp_path / "again.json").write_text(json.dumps(big))                       # a re-run as full: the newer wins
     assert method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]["source"] == "again.json"
 
 
