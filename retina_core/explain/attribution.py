@@ -367,15 +367,22 @@ def _vit_library_cam(net: nn.Module, vit: nn.Module, x: torch.Tensor, layer: str
 
 
 # ------------------------------------------------------------------------------------------------------ IG
+def black_baseline(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """IG's baseline for a normalised input x [B, C, *spatial]: pixel intensity 0, normalised like x with the
+    per-channel `mean` / `std` ((0 - mean) / std), not a zero tensor (mid-grey after normalisation)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(shape)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(shape)
+    return ((torch.zeros_like(x) - m) / s).detach()
+
+
 def integrated_gradients(net: nn.Module, x: torch.Tensor, targets: list[int], cfg,
                          n_steps: int = IG_STEPS, internal_batch_size: int = IG_INTERNAL_BATCH) -> np.ndarray:
     """captum IntegratedGradients from a black image (pixel intensity 0, normalised like the input).
     Returns the signed attribution summed over channels, float32 [B, h, w] at the model input size."""
     from captum.attr import IntegratedGradients
 
-    mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    baseline = ((torch.zeros_like(x) - mean) / std).detach()
+    baseline = black_baseline(x, cfg.mean, cfg.std)
     ig = IntegratedGradients(net)
     with torch.inference_mode(False), torch.enable_grad():
         attr = ig.attribute(x.detach().clone().requires_grad_(True), baselines=baseline, target=list(targets),
@@ -489,7 +496,7 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
     in [0, 1], each at its image's size. pair: (fundus, oct) or {"fundus": ..., "oct": ...}; each uint8 RGB,
     greyscale or a RetinalImage. target: class index or name (default: the predicted class)."""
     from ..errors import RetinaInputError
-    from .evaluate_nd import FUSION_METHODS, _resolve, pair_maps
+    from .evaluate_nd import _resolve, pair_maps
 
     if isinstance(pair, dict):
         if set(pair) != {"fundus", "oct"}:
@@ -500,9 +507,6 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
     else:
         raise RetinaInputError("The fusion model explains a pair: (fundus photograph, OCT B-scan).")
     method = method or default_method(model)
-    if method not in FUSION_METHODS:
-        raise RetinaInputError(f"Unknown method {method!r} for the fundus + OCT model; choose from "
-                               f"{', '.join(FUSION_METHODS)}.")
     m = _resolve(model)
     idx = None if target is None else _target_indices(target, tuple(m.cfg.classes),
                                                        torch.zeros(1, dtype=torch.long))[0]

@@ -578,7 +578,8 @@ def add_cli(subparsers) -> None:
                                                  "--kind oct-volume for volume models, --kind paired for the fusion "
                                                  "model)")
     p.add_argument("--methods", default="gradcam", help="comma-separated, e.g. gradcam,gradcam++,integrated_gradients "
-                                                        "(volume models: the CAM family, scorecam and integrated_gradients; fusion: gradcam, integrated_gradients)")
+                                                        "(volume models: the CAM family, scorecam and "
+                                                        "integrated_gradients; fusion: gradcam, integrated_gradients)")
     p.add_argument("--n", type=int, default=16, help="number of images (spread over the classes)")
     p.add_argument("--weights-dir", default=None)
     p.add_argument("--steps", type=int, default=16, help="deletion / insertion steps")

@@ -606,10 +606,7 @@ def pair_integrated_gradients(net: nn.Module, a: torch.Tensor, b: torch.Tensor, 
     as its encoder's input): signed attributions summed over channels, ([B, h, w], [B, h', w'])."""
     from captum.attr import IntegratedGradients
 
-    def black(x, cfg):
-        mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return ((torch.zeros_like(x) - mean) / std).detach()
+    from .attribution import black_baseline
 
     was = net.training
     net.eval()
@@ -617,7 +614,8 @@ def pair_integrated_gradients(net: nn.Module, a: torch.Tensor, b: torch.Tensor, 
         with torch.inference_mode(False), torch.enable_grad():
             fa, oa = IntegratedGradients(net).attribute(
                 (a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)),
-                baselines=(black(a, f_cfg), black(b, o_cfg)), target=int(k), n_steps=n_steps, internal_batch_size=8)
+                baselines=(black_baseline(a, f_cfg.mean, f_cfg.std), black_baseline(b, o_cfg.mean, o_cfg.std)),
+                target=int(k), n_steps=n_steps, internal_batch_size=8)
     finally:
         net.train(was)
     return fa.detach().sum(1).float().cpu().numpy(), oa.detach().sum(1).float().cpu().numpy()
@@ -866,9 +864,9 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
                "information (at best it equals slice_hit_baseline)." if grid[0] == 1 else "."),
             "Volume model: 'gradcam' is the single-pass 3-D Grad-CAM on "
             f"{_target_layer(m)} (the app's default); 'gradcam-reference', 'gradcam++', 'hirescam', 'xgradcam', "
-            "'layercam' and 'eigencam' are pytorch-grad-cam on the same layer (its maps are resized to the input "
-            "with a cubic spline, not trilinearly); 'scorecam' is pytorch-grad-cam's Score-CAM with trilinear "
-            "upsampling (`volume_methods.ScoreCAM3D`); 'integrated_gradients' is captum IG from a black volume "
+            "'layercam' and 'eigencam' are pytorch-grad-cam's weightings on the same layer, upsampled trilinearly as "
+            "the single pass is; 'scorecam' is pytorch-grad-cam's Score-CAM with trilinear upsampling "
+            "(`volume_methods.ScoreCAM3D`); 'integrated_gradients' is captum IG from a black volume "
             "with the record fixed (`volume_methods`).",
             "Maps explain the disease logit (one-logit model) for every volume; deletion / insertion AUC are on "
             "P(disease), over the volumes the model calls disease (n_faithfulness_images).",

@@ -111,12 +111,11 @@ def _library_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: st
     [B, d, h, w] on `layer`'s grid (relu'd, not scaled). The library computes each method's weighting and
     combination (`get_cam_image`); the caller resizes, trilinearly like the single pass, because the library's
     own 3-D resize is a cubic spline that overshoots between the cells of a coarse grid."""
-    import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cls = {"gradcam-reference": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "hirescam": pgc.HiResCAM,
-           "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM,
-           "scorecam": _score_cam_3d_class()}[method]
+    from .cam import _pgc_methods
+
+    cls = _score_cam_3d_class() if method == "scorecam" else _pgc_methods()[method]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:                      # the library back-propagates to the input through the whole net
         p.requires_grad_(True)
@@ -144,7 +143,9 @@ def _ig_volume(model: nn.Module, x: torch.Tensor, mean: float, std: float) -> np
     """Signed IG attribution [B, D, H, W] from a black volume (intensity 0, normalised like the input)."""
     from captum.attr import IntegratedGradients
 
-    baseline = torch.full_like(x, (0.0 - mean) / std)
+    from .attribution import black_baseline
+
+    baseline = black_baseline(x, (mean,), (std,))
     with torch.inference_mode(False), torch.enable_grad():
         attr = IntegratedGradients(model).attribute(x.detach().clone().requires_grad_(True), baselines=baseline,
                                                     target=0, n_steps=VOLUME_IG_STEPS,

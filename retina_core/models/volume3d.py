@@ -278,15 +278,10 @@ class _WithMeta(nn.Module):
 def volume_cam(net: VolumeFusion3D, x: torch.Tensor, meta: torch.Tensor | None = None,
                target_layer: str = "net.layer4") -> tuple[torch.Tensor, np.ndarray]:
     """3D Grad-CAM for the disease logit: (logits [B, 1], maps float32 [B, D, H, W] in [0, 1] at the input size).
-    Slice i of a map is the per-slice heatmap of B-scan i."""
-    from ..explain.cam import gradcam_single_pass
+    Slice i of a map is the per-slice heatmap of B-scan i (the single pass of `explain.volume_methods`)."""
+    from ..explain.volume_methods import volume_attribution
 
-    logits, cams = gradcam_single_pass(_WithMeta(net, meta), x, "net." + target_layer, [0] * x.shape[0])
-    c = torch.from_numpy(cams)[:, None]
-    c = F.interpolate(c, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)[:, 0].numpy()
-    lo = c.reshape(len(c), -1).min(1)[:, None, None, None]
-    hi = c.reshape(len(c), -1).max(1)[:, None, None, None]
-    return logits, ((c - lo) / (hi - lo + 1e-7)).astype(np.float32)
+    return volume_attribution(net, x, meta, "gradcam", target_layer)
 
 
 _PHANTOM_NOTE = ("Demo weights were trained on this project's synthetic retinal phantoms, not on patient images. "
