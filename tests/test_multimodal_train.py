@@ -523,6 +523,44 @@ def test_volume_lesion_head_reads_out_cells_and_starts_from_the_weights_it_was_g
     assert lesion_seg_loss(logits[2:], masks[2:], y[2:], 1.0).item() == 0.0
 
 
+def test_volume_read_out_only_image_branch_its_grad_cam_is_the_read_out():
+    """`lesion_head="only"` (`train --lesion-only`): the image says only how much lesion the read-out finds, so
+    the disease logit's Grad-CAM on layer4 is the read-out itself, ReLU(s(p) - b) up to scale: alpha_k =
+    y'(e) w_k / N for every channel k (the log-mean-exp's softmax weights sum to 1)."""
+    import torch.nn.functional as F
+
+    from retina_core.models.volume3d import volume_cam
+
+    kw = {**_tiny_volume_net().cfg.builder_kwargs, "lesion_head": "only"}
+    torch.manual_seed(3)
+    net = create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32), builder_kwargs=kw).eval()
+    assert net.lesion_only and net.lesion_proj.weight.abs().sum() > 0     # not a dead (zero) start
+    x, meta = torch.randn(1, 1, 32, 32, 32), torch.full((1, 6), float("nan"))
+    with torch.no_grad():
+        before = net(x, meta)
+        net.image_proj[0].weight.mul_(5.0)        # the pooled features do not reach the decision
+        assert torch.allclose(net(x, meta), before)
+    # make the logit rise with the evidence (flip the last layer if it falls), so the map is the read-out
+    def slope() -> float:
+        e = net.net(x)[:, -1:].detach().requires_grad_(True)
+        y = net.forward_head(net.fuse(net.image_proj[1](net.lesion_proj(e)), meta))
+        return torch.autograd.grad(y.sum(), e)[0].item()
+
+    if slope() < 0:
+        with torch.no_grad():
+            net.classifier[-1].weight.neg_()
+    assert slope() > 0
+    _, maps = volume_cam(net, x, meta)
+    s = net.lesion_logits()[0]                    # [4, 4, 4]
+    head = net.net.avgpool.head
+    grid = torch.relu(s - head.bias.detach()[0])[None, None]
+    want = F.interpolate(grid, size=(32, 32, 32), mode="trilinear", align_corners=False)[0, 0].detach().numpy()
+    want = want / want.max()
+    assert np.corrcoef(maps[0].ravel(), want.ravel())[0, 1] > 0.999
+    with pytest.raises(ValueError, match="lesion_head"):
+        create_model("oct_volume_fusion3d_tiny", input_size=(1, 32, 32, 32), builder_kwargs={**kw, "lesion_head": 2})
+
+
 def test_volume_training_with_the_lesion_read_out_learns_it_and_reloads(tmp_path, capsys):
     data = tmp_path / "vol"
     write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
@@ -549,3 +587,5 @@ def test_volume_training_with_the_lesion_read_out_learns_it_and_reloads(tmp_path
     assert main(["train", "--model", "oct_resnet18", "--data", str(data), "--out", str(tmp_path / "r2"),
                  "--epochs", "1", "--lesion-seg", "1"]) != 0
     assert "--lesion-seg" in capsys.readouterr().err
+    with pytest.raises(rc.RetinaInputError, match="--lesion-only .* needs the read-out trained"):
+        train("oct_volume_fusion3d_tiny", data, tmp_path / "r3", TrainConfig(epochs=1, image_size=32, lesion_only=True))

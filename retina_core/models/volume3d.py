@@ -192,7 +192,11 @@ class VolumeFusion3D(nn.Module):
             keep_slices(self.net, int(kw["slice_stride"]))
         self.global_pool = kw.get("global_pool", "avg")
         feat = int(self.net.in_planes)   # channels after layer4 (x block expansion)
-        self.lesion_head = bool(kw.get("lesion_head", False))
+        lh = kw.get("lesion_head", False)
+        if lh not in (False, True, "only"):
+            raise ValueError(f"lesion_head must be False, True or 'only', got {lh!r}")
+        self.lesion_head = bool(lh)
+        self.lesion_only = lh == "only"   # the image branch is the read-out's evidence alone (`train --lesion-only`)
         self.net.avgpool = (LesionEvidencePool(VolumePool(self.global_pool), feat) if self.lesion_head
                             else VolumePool(self.global_pool))
         self.image_proj = nn.Sequential(nn.Linear(feat, EMBED_DIM), nn.ReLU(inplace=True))
@@ -200,8 +204,9 @@ class VolumeFusion3D(nn.Module):
             # e enters the image embedding beside the pooled features; zero at first, so weights trained without
             # the head load (`train --init`) and start from the same outputs
             self.lesion_proj = nn.Linear(1, EMBED_DIM)
-            nn.init.zeros_(self.lesion_proj.weight)
-            nn.init.zeros_(self.lesion_proj.bias)
+            if not self.lesion_only:     # alone, a zero start would sit at the ReLU's kink with no gradient
+                nn.init.zeros_(self.lesion_proj.weight)
+                nn.init.zeros_(self.lesion_proj.bias)
         m, hidden = len(self.meta_features), int(kw.get("meta_hidden", 128))
         if self.fusion != "image_only":
             self.meta_mlp = nn.Sequential(nn.Linear(m, hidden), nn.ReLU(inplace=True),
@@ -232,6 +237,8 @@ class VolumeFusion3D(nn.Module):
         if not self.lesion_head:
             return self.image_proj(self.net(volume))
         out = self.net(volume)                                   # [B, C + 1]: pooled features, lesion evidence
+        if self.lesion_only:       # the pooled features are not used: the image says only where lesions are
+            return self.image_proj[1](self.lesion_proj(out[:, -1:]))
         return self.image_proj[1](self.image_proj[0](out[:, :-1]) + self.lesion_proj(out[:, -1:]))
 
     def lesion_logits(self) -> torch.Tensor | None:

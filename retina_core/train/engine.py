@@ -88,10 +88,11 @@ class TrainConfig:
     attention_mining: float = 0.0     # volume models: weight of GAIN's attention-mining loss (VolumeAttentionMining)
     meta_dropout: float = 0.0         # volume models: P(a training volume's clinical record is hidden; VolumeSet)
     lesion_seg: float = 0.0           # volume models: weight of the dense lesion read-out's loss (LesionEvidencePool)
+    lesion_only: bool = False         # volume models + --lesion-seg: the image branch is the read-out's evidence alone
 
 
 # TrainConfig fields of the volume models
-VOLUME_ONLY_OPTIONS = ("attention_mining", "slice_stride", "meta_dropout", "lesion_seg")
+VOLUME_ONLY_OPTIONS = ("attention_mining", "slice_stride", "meta_dropout", "lesion_seg", "lesion_only")
 
 
 def volume_only_options(cfg_t: TrainConfig) -> list[str]:
@@ -400,7 +401,7 @@ def architecture_kwargs(cfg_t: TrainConfig) -> dict:
     if cfg_t.global_pool:
         kw["global_pool"] = cfg_t.global_pool
     if cfg_t.lesion_seg:
-        kw["lesion_head"] = True
+        kw["lesion_head"] = "only" if cfg_t.lesion_only else True
     return kw
 
 

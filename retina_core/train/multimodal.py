@@ -64,6 +64,9 @@ def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: 
         raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     if not 0.0 <= cfg_t.meta_dropout < 1.0:
         raise RetinaInputError(f"--meta-dropout is a probability in [0, 1), got {cfg_t.meta_dropout:g}.")
+    if cfg_t.lesion_only and not cfg_t.lesion_seg:
+        raise RetinaInputError("--lesion-only makes the image branch the dense lesion read-out's evidence alone; it "
+                               "needs the read-out trained: add --lesion-seg W (e.g. 1).")
     if cfg_t.lesion_cam_guidance and modality != "oct_volume":
         raise RetinaInputError(f"--lesion-cam-guidance is not implemented for {model_name} (2-D timm CNNs and the "
                                "OCT volume models only).")
