@@ -142,3 +142,46 @@ def classification_metrics(y_true, probs, class_names, ordinal: bool = False, n_
         "per_class": per_class,
         "notes": notes,
     }
+
+
+BOOTSTRAP_KEYS = ("accuracy", "auc_macro", "sensitivity_macro", "specificity_macro", "f1_macro")
+
+
+def _point(y: np.ndarray, p: np.ndarray, n_cls: int) -> dict[str, float | None]:
+    pred = p.argmax(axis=1)
+    cm = confusion_matrix(y, pred, labels=list(range(n_cls)))
+    sens, spec = sensitivity_specificity(cm)
+    aucs = per_class_auc(y, p)
+    return {"accuracy": float((pred == y).mean()), "auc_macro": aucs[1] if n_cls == 2 else _mean(aucs),
+            "sensitivity_macro": _mean(sens), "specificity_macro": _mean(spec),
+            "f1_macro": _num(f1_score(y, pred, labels=list(range(n_cls)), average="macro", zero_division=0))}
+
+
+def bootstrap_ci(y_true, probs, class_names, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 groups=None) -> dict:
+    """Percentile bootstrap intervals of the headline metrics: ``{metric: [low, high]}`` plus ``n_boot`` and
+    ``level``. With ``groups`` (e.g. patient ids, one per sample) whole groups are resampled, so several images of
+    one eye do not narrow the interval. Resamples where a metric is undefined (one class only) are left out of
+    that metric's interval."""
+    names = [str(c) for c in class_names]
+    y, p = _check(y_true, probs, names)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(y))]
+    else:
+        g = np.asarray(groups).reshape(-1)
+        if len(g) != len(y):
+            raise RetinaInputError(f"{len(g)} groups for {len(y)} samples: they must match one to one.")
+        _, inv = np.unique(g.astype(str), return_inverse=True)
+        members = [np.flatnonzero(inv == k) for k in range(inv.max() + 1)]
+    draws: dict[str, list[float]] = {k: [] for k in BOOTSTRAP_KEYS}
+    for _ in range(int(n_boot)):
+        pick = rng.integers(0, len(members), len(members))
+        idx = np.concatenate([members[k] for k in pick])
+        for k, v in _point(y[idx], p[idx], len(names)).items():
+            if v is not None:
+                draws[k].append(v)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {k: ([round(float(np.percentile(v, lo)), 4), round(float(np.percentile(v, hi)), 4)] if len(v) >= 20
+               else None) for k, v in draws.items()}
+    return {**out, "n_boot": int(n_boot), "level": level, "resampled": "patients" if groups is not None else "images"}

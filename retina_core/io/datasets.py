@@ -8,6 +8,8 @@
 
 Layouts (``detect_layout`` tries them in this order, the specific ones before the generic "folders"):
 
+- ``labels``   ``labels.csv`` (file, label, optionally patient_id, eye, split, other columns; or file +
+  ``mask_<lesion>`` columns for a lesion set such as IDRiD), the layout of ``../shared/realdata/*``
 - ``kermany``  ``OCT2017 /{train,val,test}/{CNV,DME,DRUSEN,NORMAL}/CLASS-<patient>-<n>.jpeg`` (also the Mendeley
   original ``OCT2017`` or ``CellData/OCT`` with train/test only)
 - ``octc8``    ``RetinalOCT_Dataset/RetinalOCT_Dataset/{train,val,test}/{AMD,CNV,CSR,DME,DR,DRUSEN,MH,NORMAL}/``
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..errors import RetinaInputError
-from ..labels import DR_GRADES, FUNDUS4, OCT4, OCT8
+from ..labels import DME2, DR_GRADES, FUNDUS4, OCT4, OCT8
 
 try:  # torch is a hard dependency of the package, but keep `data inspect` usable without it
     import torch
@@ -49,7 +51,7 @@ except ImportError:  # pragma: no cover - torch is always installed in the proje
 
 __all__ = [
     "Record", "DatasetIndex", "LAYOUTS", "IMAGE_EXTENSIONS", "detect_layout", "load_dataset", "patient_split",
-    "inspect_dataset", "ImageDataset",
+    "inspect_dataset", "ImageDataset", "record_lesion_masks", "pair_records", "write_pairs",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm"})
@@ -411,6 +413,21 @@ def _probe_odir(path: Path) -> Path | None:
     return sheet_only
 
 
+def _labels_csv_ok(d: Path) -> bool:
+    cols = _csv_header(d / "labels.csv") if (d / "labels.csv").is_file() else []
+    return bool(_find_col(cols, "file", "path", "filename")) and (
+        bool(_find_col(cols, "label")) or any(c.lower().startswith("mask_") for c in cols))
+
+
+def _probe_labels(path: Path) -> Path | None:
+    if path.is_file() and path.name.lower() == "labels.csv":
+        path = path.parent
+    for c in _candidates(path):
+        if _labels_csv_ok(c):
+            return c
+    return None
+
+
 def _probe_volumes(path: Path) -> Path | None:
     for c in _candidates(path):
         if (c / "metadata.csv").is_file() and _walk_files(c, _is_volume):
@@ -444,6 +461,9 @@ def _probe_folders(path: Path) -> Path | None:
 
 
 LAYOUTS: dict[str, tuple[Callable[[Path], Path | None], str]] = {
+    "labels": (_probe_labels, "labels.csv with columns file,label (paths relative to the csv) and optionally "
+                              "patient_id, eye, split and other columns; or file + mask_<lesion> columns (a lesion "
+                              "set such as IDRiD's segmentation part)"),
     "kermany": (_probe_kermany, "OCT2017 /{train,val,test}/{CNV,DME,DRUSEN,NORMAL}/CLASS-patient-n.jpeg "
                                 "(or the Mendeley original OCT2017 or CellData/OCT with train/test only)"),
     "octc8": (_probe_octc8, "RetinalOCT_Dataset/RetinalOCT_Dataset/{train,val,test}/"
@@ -777,13 +797,55 @@ def _load_paired(root: Path, w: list[str]) -> tuple[list[Record], list[str]]:
     return recs, _ordered_classes(r.label for r in recs)
 
 
+LESION_SET_LABEL = "lesions"   # the label of a lesion set's images (labels.csv without a label column)
+
+
+def _load_labels(root: Path, w: list[str]) -> tuple[list[Record], list[str]]:
+    """``labels.csv`` (file, label[, patient_id, eye, split, ...]); a row's ``mask_<lesion>`` columns become
+    ``meta["masks"][<lesion>]`` (absolute paths). Without a patient id column the id and eye are parsed from the
+    file name (``1034_left.jpg`` -> patient 1034, OS), so both eyes of one person stay in one split."""
+    rows = _read_csv(root / "labels.csv")
+    cols = list(rows[0].keys()) if rows else _csv_header(root / "labels.csv")
+    c_file, c_label = _find_col(cols, "file", "path", "filename"), _find_col(cols, "label")
+    c_pid, c_eye = _find_col(cols, "patient_id", "patient"), _find_col(cols, "eye", "laterality")
+    c_split = _find_col(cols, "split")
+    mask_cols = [c for c in cols if c.lower().startswith("mask_")]
+    skip = {c_file, c_label, c_pid, c_eye, c_split, *mask_cols}
+    recs, missing = [], []
+    for i, r in enumerate(rows, start=2):
+        rel = str(r.get(c_file) or "").strip()
+        f = root / rel
+        if not rel or not f.is_file():
+            missing.append(rel or f"line {i}")
+            continue
+        label = _label_str(r.get(c_label)) if c_label else LESION_SET_LABEL
+        if not label:
+            w.append(f"labels.csv line {i}: no label; skipped.")
+            continue
+        pid, eye = _parse_name(f.stem)
+        if c_pid and _label_str(r.get(c_pid)):
+            pid = _label_str(r.get(c_pid))
+        if c_eye:
+            eye = _parse_eye(r.get(c_eye)) or eye
+        meta = {c: _number(r.get(c)) for c in cols if c not in skip}
+        masks = {c[len("mask_"):]: str(root / str(r[c]).strip()) for c in mask_cols if str(r.get(c) or "").strip()}
+        if masks:
+            meta["masks"] = masks
+        recs.append(Record(path=f, label=label, split=_split_name(str(r.get(c_split) or "")) if c_split else None,
+                           patient_id=pid, eye=eye, meta=meta))
+    if missing:
+        w.append(f"labels.csv: {len(missing)} file(s) not found (e.g. {', '.join(missing[:3])}); skipped.")
+    known = next((c for c in (OCT8, OCT4, FUNDUS4, DR_GRADES, DME2) if {r.label for r in recs} <= set(c)), ())
+    return recs, _ordered_classes((r.label for r in recs), known)
+
+
 def _load_folders(root: Path, w: list[str]) -> tuple[list[Record], list[str]]:
     recs = _load_split_class_tree(root, warnings=w)
     known = next((c for c in (OCT8, OCT4, FUNDUS4, DR_GRADES) if {r.label for r in recs} <= set(c)), ())
     return recs, _ordered_classes((r.label for r in recs), known)
 
 
-_LOADERS = {"kermany": _load_kermany, "octc8": _load_octc8, "ieee4": _load_ieee4, "kaggle4": _load_kaggle4,
+_LOADERS = {"labels": _load_labels, "kermany": _load_kermany, "octc8": _load_octc8, "ieee4": _load_ieee4, "kaggle4": _load_kaggle4,
             "aptos": _load_aptos, "odir": _load_odir, "volumes": _load_volumes, "paired": _load_paired,
             "folders": _load_folders}
 
@@ -1032,6 +1094,71 @@ def lesion_mask_dir(root: str | Path, path: str | Path) -> tuple[Path | None, st
         if d.is_dir() or (base / "phantom_meta.csv").exists():
             return d, rel.as_posix()
     return None, None
+
+
+def record_lesion_masks(rec: Record, shape: tuple[int, int] | None = None,
+                        kinds: Iterable[str] | None = None) -> dict[str, "np.ndarray"]:
+    """A lesion-set record's masks (``meta["masks"]``, e.g. IDRiD's MA/HE/EX/SE/OD) as bool arrays, each resized
+    (nearest) to ``shape`` (H, W) when given; ``kinds`` keeps only those lesion codes."""
+    import numpy as np
+    from PIL import Image
+
+    out = {}
+    for kind, path in (rec.meta.get("masks") or {}).items():
+        if kinds is not None and kind not in kinds:
+            continue
+        with Image.open(path) as im:
+            m = im.convert("L")
+            if shape is not None and m.size != (shape[1], shape[0]):
+                m = m.resize((shape[1], shape[0]), Image.NEAREST)
+            out[kind] = np.asarray(m) > 127
+    return out
+
+
+def pair_records(fundus: Sequence[Record], oct_: Sequence[Record]) -> list[dict]:
+    """True fundus + OCT pairs of the same eye: records joined on (patient_id, eye) with the same label. Within an
+    eye the i-th photograph goes with the i-th B-scan (cycling over the shorter list), so every image is used.
+    Returns rows ``{patient_id, eye, label, fundus, oct}`` (paths as Path); eyes whose labels differ are skipped."""
+    def by_eye(recs):
+        d: dict[tuple, list[Record]] = defaultdict(list)
+        for r in recs:
+            if r.patient_id and r.eye:
+                d[(r.patient_id, r.eye)].append(r)
+        return d
+
+    f_eyes, o_eyes = by_eye(fundus), by_eye(oct_)
+    rows = []
+    for key in sorted(set(f_eyes) & set(o_eyes)):
+        fs, os_ = sorted(f_eyes[key], key=lambda r: str(r.path)), sorted(o_eyes[key], key=lambda r: str(r.path))
+        labels = {r.label for r in fs} | {r.label for r in os_}
+        if len(labels) != 1:
+            continue
+        label = labels.pop()
+        for i in range(max(len(fs), len(os_))):
+            rows.append({"patient_id": key[0], "eye": key[1], "label": label,
+                         "fundus": fs[i % len(fs)].path, "oct": os_[i % len(os_)].path})
+    return rows
+
+
+def write_pairs(fundus_data, oct_data, out) -> dict:
+    """Write ``<out>/pairs.csv`` (the ``paired`` layout) joining two labelled sets by patient and eye (e.g. the
+    Mexico fundus and OCT sets). Only paths are written (relative to ``out``): no image is copied."""
+    f_idx, o_idx = load_dataset(fundus_data), load_dataset(oct_data)
+    rows = pair_records(f_idx.records, o_idx.records)
+    if not rows:
+        raise RetinaInputError(f"No eye appears in both {str(fundus_data)!r} and {str(oct_data)!r} with the same "
+                               f"label. Expected two labelled sets with patient_id and eye columns.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "pairs.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["patient_id", "eye", "fundus", "oct", "label"])
+        for r in rows:
+            wr.writerow([r["patient_id"], r["eye"], os.path.relpath(r["fundus"], out), os.path.relpath(r["oct"], out),
+                         r["label"]])
+    eyes = {(r["patient_id"], r["eye"]) for r in rows}
+    return {"out": str(out / "pairs.csv"), "pairs": len(rows), "eyes": len(eyes),
+            "patients": len({p for p, _ in eyes}), "labels": dict(Counter(r["label"] for r in rows))}
 
 
 def lesion_mask(root: str | Path, path: str | Path, shape: tuple[int, int]):

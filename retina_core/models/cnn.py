@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from ..labels import DR_GRADES, OCT4
+from ..labels import DME2, DR_GRADES, OCT4
 from .registry import ModelCfg, register_model
 
 
@@ -81,4 +81,43 @@ register_model(ModelCfg(
           "about twice as faithful as a random one (deletion AUC 0.34-0.37 against 0.66-0.68). "
           "Referable: CNV and DME (urgent / soon); drusen: monitor. "
           + _PHANTOM_NOTE),
+), TimmClassifier)
+
+_REAL_NOTE = ("Trained on real public images (the manifest names the set, its licence, the patient-level split and "
+              "the held-out metrics with 95% bootstrap intervals; docs/real_data.md). One clinical source: figures "
+              "on other cameras and populations will differ. Research software, not a medical device.")
+
+register_model(ModelCfg(
+    name="oct_dme_resnet18",
+    arch="resnet18",
+    modality="oct",
+    classes=DME2,
+    task="OCT B-scan: diabetic macular oedema (DME) present or not",
+    input_size=(3, 224, 224),
+    weights="oct_dme_resnet18.safetensors",
+    target_layer="net.layer4",
+    fine_layer="net.layer3",
+    referable=("DME",),
+    card=("ResNet-18 (timm `resnet18`) answering DME yes/no on a macular OCT B-scan, trained on the real Mexico "
+          "OCT set (Hughes-Cano et al.; macular B-scans, DME / no DME by retinal specialists). Input: the B-scan "
+          "resized to 224x224 (greyscale replicated to 3 channels), ImageNet normalisation; Grad-CAM target "
+          "`layer4`. Started from the phantom-trained `oct_resnet18` trunk (`--init`), the CPU's stand-in for "
+          "pre-training. " + _REAL_NOTE),
+), TimmClassifier)
+
+register_model(ModelCfg(
+    name="fundus_dme_resnet18",
+    arch="resnet18",
+    modality="fundus",
+    classes=DME2,
+    task="Colour fundus photograph: diabetic macular oedema (DME) present or not",
+    input_size=(3, 224, 224),
+    weights="fundus_dme_resnet18.safetensors",
+    target_layer="net.layer4",
+    fine_layer="net.layer3",
+    referable=("DME",),
+    card=("ResNet-18 (timm `resnet18`) answering DME yes/no on a colour fundus photograph (the photograph-based "
+          "DME screening of hard exudates near the macula), trained on the real Mexico fundus set (Hughes-Cano "
+          "et al.; DME / no DME by retinal specialists). Input: 224x224 RGB, ImageNet normalisation; Grad-CAM "
+          "target `layer4`. " + _REAL_NOTE),
 ), TimmClassifier)

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import RetinaInputError
 from ..evaluate.calibration import fit_temperature
-from ..evaluate.metrics import classification_metrics
+from ..evaluate.metrics import bootstrap_ci, classification_metrics
+from ..io.realsets import real_set_of, split_hashes
 from ..models.loading import MANIFEST, default_device, sha256_file
 from ..models.registry import ModelCfg, create_model, get_cfg
 from . import distributed
@@ -89,6 +90,7 @@ class TrainConfig:
     meta_dropout: float = 0.0         # volume models: P(a training volume's clinical record is hidden; VolumeSet)
     lesion_seg: float = 0.0           # volume models: weight of the dense lesion read-out's loss (LesionEvidencePool)
     lesion_only: bool = False         # volume models + --lesion-seg: the image branch is the read-out's evidence alone
+    split_fractions: str = "0.8,0.1,0.1"   # train,val,test shares of the patient-level split (sets with no split)
 
 
 # TrainConfig fields of the volume models
@@ -301,7 +303,21 @@ def _score(metrics: dict, monitor: str) -> float:
     return float(v) if v is not None else float(metrics["accuracy"])
 
 
-def _splits(data: str | Path, classes: tuple[str, ...], seed: int):
+def parse_fractions(text: str | None) -> tuple[float, float, float]:
+    """``"0.6,0.2,0.2"`` -> (0.6, 0.2, 0.2); None -> the default (0.8, 0.1, 0.1)."""
+    if not text:
+        return (0.8, 0.1, 0.1)
+    try:
+        fr = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        fr = ()
+    if len(fr) != 3:
+        raise RetinaInputError(f"--split-fractions {text!r} is invalid. Expected three numbers train,val,test "
+                               f"that add up to 1, e.g. 0.6,0.2,0.2.")
+    return fr
+
+
+def _splits(data: str | Path, classes: tuple[str, ...], seed: int, fractions: str | None = None):
     from ..io.datasets import load_dataset, patient_split
 
     index = load_dataset(data)
@@ -309,7 +325,7 @@ def _splits(data: str | Path, classes: tuple[str, ...], seed: int):
     if unknown:
         raise RetinaInputError(f"The data set has classes this model does not know: {', '.join(unknown)}. "
                                f"Expected a subset of: {', '.join(classes)}.")
-    splits = patient_split(index.records, seed=seed)
+    splits = patient_split(index.records, fractions=parse_fractions(fractions), seed=seed)
     if not splits.get("val"):
         # e.g. Mendeley's Kermany (train/test only): carve a validation split from train, keep test untouched.
         carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
@@ -635,7 +651,7 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
     cfg: ModelCfg = net.cfg
-    index, splits = _splits(data, cfg.classes, cfg_t.seed)
+    index, splits = _splits(data, cfg.classes, cfg_t.seed, cfg_t.split_fractions)
     device = ctx.device if ctx else default_device()
     net.to(device)
     if device.type == "cuda":
@@ -797,6 +813,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         test_logits, test_y = predict_logits(net, eval_loaders["test"], device)
         result["test"] = classification_metrics(test_y, _softmax(test_logits, temperature), list(cfg.classes),
                                                 ordinal=cfg.ordinal)
+        result["ci95"] = bootstrap_ci(test_y, _softmax(test_logits, temperature), list(cfg.classes),
+                                      groups=[r.patient_id or str(r.path) for r in splits["test"]])
     extra = net.training_report() if hasattr(net, "training_report") else {}
     out_result = _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_note, temperature,
                                 result, history, best_epoch, extra=extra)
@@ -872,18 +890,28 @@ def _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_n
              for k, v in (state if state is not None else net.state_dict()).items()}
     wfile = out / f"{model_name}.safetensors"
     save_file(state, str(wfile), metadata={"model": model_name, "arch": cfg.arch})
+    split_summary, split_lists = split_hashes(splits)
+    (out / "splits.json").write_text(json.dumps({"model": model_name, "splits": split_summary,
+                                                 "files_sha256": split_lists}, indent=1) + "\n")
     phantom = _is_phantom(Path(data))
+    real = None if phantom else real_set_of(data)
     entry = {
         "file": wfile.name, "sha256": sha256_file(wfile), "arch": cfg.arch, "modality": cfg.modality,
         "classes": list(cfg.classes), "input_size": list(cfg.input_size), "temperature": round(temperature, 4),
         "dtype": "float16" if cfg_t.fp16_weights else "float32",
         "command": "python -m retina_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if Path(sys.argv[0]).name in ("__main__.py", "retina-core", "cli.py") else None,
-        "data": data_note or (f"synthetic phantoms ({index.layout} layout)" if phantom else f"{index.layout}: {data}"),
+        "data": data_note or (f"synthetic phantoms ({index.layout} layout)" if phantom else
+                              f"real: {real['name']}" if real else f"{index.layout}: {data}"),
         "trained_on_phantoms": phantom,
+        **({"real_data": {k: real[k] for k in ("name", "title", "licence", "attribution", "caveats")}}
+           if real else {}),
         "splits": {k: len(v) for k, v in splits.items()},
+        "split_sha256": split_summary,
         "metric_kind": "phantom" if phantom else "held-out",
+        "heldout_split": "test" if result.get("test") else "val",
         "heldout_metrics": _brief(result.get("test") or result["val"]),
+        **({"heldout_ci95": result["ci95"]} if result.get("ci95") else {}),
         "best_epoch": best_epoch + 1, "epochs_run": len(history),
         "config": asdict(cfg_t), "date": _dt.date.today().isoformat(), "torch": torch.__version__,
         **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}),

@@ -151,10 +151,11 @@ def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_n
     return res
 
 
-def _split(records, seed: int):
+def _split(records, seed: int, fractions: str | None = None):
     from ..io.datasets import patient_split
+    from .engine import parse_fractions
 
-    splits = patient_split(records, seed=seed)
+    splits = patient_split(records, fractions=parse_fractions(fractions), seed=seed)
     if not splits.get("val"):
         carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
         splits = {"train": carved["train"], "val": carved["val"], "test": splits.get("test", [])}
@@ -214,7 +215,8 @@ def _fusion_sources(data, cfg_t: TrainConfig):
 
     index = load_dataset(data)
     if index.layout == "paired":
-        splits = _split([replace(r, label=binary_label(r.label)) for r in index.records], cfg_t.seed)
+        splits = _split([replace(r, label=binary_label(r.label)) for r in index.records], cfg_t.seed,
+                        cfg_t.split_fractions)
         per = {k: ([r.path for r in v], [Path(r.meta["oct"]) for r in v], [r.label for r in v])
                for k, v in splits.items()}
         return index, splits, per, None, "true pairs"
@@ -535,7 +537,7 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     cfg = net.cfg
     device = ctx.device if ctx else default_device()
     index, recs = _volume_records(data)
-    splits = _split(recs, cfg_t.seed)
+    splits = _split(recs, cfg_t.seed, cfg_t.split_fractions)
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
     guided = bool(cfg_t.lesion_cam_guidance)
