@@ -61,6 +61,9 @@ def assess_quality(img: RetinalImage, modality: str | None = None) -> Quality:
     """Detect the modality (or take the user's `modality` override) and grade the image's quality."""
     if modality is not None and modality not in MODALITIES:
         raise RetinaInputError(f"Unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}.")
+    refused = _header_refusal(img)  # what the file says comes before what the pixels look like
+    if refused is not None:
+        return refused
     if img.kind == "volume":
         return _assess_volume(img, modality)
     rgb = np.asarray(img.pixels)
@@ -97,6 +100,18 @@ def assess_quality(img: RetinalImage, modality: str | None = None) -> Quality:
         subs, why = oct_gradability(work, of, g)
     features = {**{f"fundus_{k}": v for k, v in ff.items()}, **{f"oct_{k}": v for k, v in of.items()}}
     return _finish(chosen, scores, subs, reasons + why, features)
+
+
+def _header_refusal(img: RetinalImage) -> Quality | None:
+    """The "not a retinal image" verdict when the file's header names a non-ophthalmic modality (`meta["header"]`,
+    recorded by the decoder: e.g. DICOM Modality US), for images and volumes alike, whatever the pixels or the
+    user's modality override; None when the header is ophthalmic, silent or absent (the pixels decide)."""
+    header = (img.meta or {}).get("header") or {}
+    if header.get("ophthalmic") is not False:
+        return None
+    reason = header.get("reason") or f"the {header.get('format', 'file')} header names a non-ophthalmic modality"
+    return Quality("not_retinal", {m: 0.0 for m in MODALITIES}, False, 0.0, [reason], NOT_RETINAL,
+                   {"header_not_ophthalmic": 1.0})
 
 
 def _finish(modality: str, scores: dict, subs: dict[str, float], reasons: list[str], features: dict) -> Quality:

@@ -21,7 +21,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import RetinalImage, laterality_from_name, read_image
+from retina_core.io.decode import RetinalImage, laterality_from_name, read_image, sniff_format
 
 PHI = ("DOE^JOHN", "DOE", "JOHN", "PID-12345", "19450317", "St Elsewhere Eye Clinic", "HOUSE^GREGORY", "ACC-998877")
 
@@ -359,7 +359,20 @@ def test_dicom_with_patient_data_decodes_without_leaking(caplog):
     for secret in PHI:
         assert secret not in haystack, secret
     assert set(img.meta) <= {"width", "height", "frames", "bits", "bits_allocated", "samples_per_pixel",
-                             "photometric", "transfer_syntax", "modality", "frame"}
+                             "photometric", "transfer_syntax", "modality", "frame", "header"}
+    assert img.meta["header"] == {"format": "DICOM", "modality": "OP", "modality_name": "ophthalmic photography",
+                                  "sop_class": "Ophthalmic Photography 8 Bit Image Storage", "ophthalmic": True,
+                                  "reason": None}
+
+
+def test_dicom_with_a_tiff_preamble_is_sniffed_as_dicom():
+    """A DICOM preamble may hold a TIFF header (dual-format files, pydicom's CT_small.dcm): DICM at 128 wins."""
+    data = dicom_bytes(np.zeros((64, 64), np.uint8) + 100, modality="US", phi=False)
+    dual = b"II*\x00" + data[4:]
+    assert sniff_format(dual) == "dicom"
+    img = read_image(dual)
+    assert img.source_format == "dicom" and img.meta["header"]["modality"] == "US"
+    assert img.meta["header"]["ophthalmic"] is False
 
 
 def test_truncated_dicom():

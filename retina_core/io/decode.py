@@ -55,6 +55,9 @@ class RetinalImage:
     laterality: "OD" | "OS" | None, from DICOM (Image)Laterality or a file name with _left/_right, OD/OS.
     spacing: mm per pixel (row, col) or per voxel (slice, row, col) where known.
     meta: non-identifying technical facts only (width, height, frames, bits, photometric, transfer syntax, ...).
+          meta["header"], where the format's header names a modality (DICOM): what it says, non-identifying
+          ({"format", "modality", "modality_name", "sop_class", "ophthalmic": True | False | None, "reason"});
+          the quality gate refuses an image whose header says ophthalmic False, before looking at its pixels.
     """
 
     pixels: np.ndarray
@@ -212,6 +215,8 @@ def sniff_format(data: bytes) -> str:
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
+    if data[128:132] == b"DICM":
+        return "dicom"  # before TIFF: a DICOM preamble may be a TIFF header (dual-format files, pydicom's CT_small)
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
     if head.startswith(b"BM") and len(data) >= 26:

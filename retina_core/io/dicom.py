@@ -2,10 +2,11 @@
 
 Only an allow-list of technical tags is ever read into Python values we keep: image geometry (Rows, Columns,
 NumberOfFrames, Bits*, SamplesPerPixel, PhotometricInterpretation, PixelRepresentation), pixel transforms
-(RescaleSlope/Intercept, WindowCenter/Width), Modality / SOPClassUID (only mapped to "fundus" | "oct", never
-stored), laterality and pixel spacing. Names, IDs, dates, institutions, physicians, accession numbers and UIDs are
-never copied. pydicom's own warnings and log records can quote element values, so both are silenced for the
-read and the "pydicom" logger gets a filter that drops record text.
+(RescaleSlope/Intercept, WindowCenter/Width), Modality / SOPClassUID (mapped to "fundus" | "oct" and to the
+header summary `meta["header"]`: the Modality code only when it is a DICOM defined term, the SOP class only by its
+standard name; see `header_summary`), laterality and pixel spacing. Names, IDs, dates, institutions, physicians,
+accession numbers and instance UIDs are never copied. pydicom's own warnings and log records can quote element
+values, so both are silenced for the read and the "pydicom" logger gets a filter that drops record text.
 
     img = read_image("scan.dcm")     # Modality OP -> modality_hint "fundus", OPT -> "oct"; multi-frame -> volume
 """
@@ -108,8 +109,9 @@ def decode_dicom(data: bytes, *, content_hash: str, max_pixels: int, frame: int 
         spacing = _spacing(header, volume=want_volume)
         meta = {"width": geom["cols"], "height": geom["rows"], "frames": frames, "bits": geom["bits_stored"],
                 "bits_allocated": geom["bits_allocated"], "samples_per_pixel": geom["samples"],
-                "photometric": geom["photometric"], "transfer_syntax": _ts_name(ts_uid),
-                "modality": _safe_str(header, "Modality", allowed=("OP", "OPT", "OT", "SC", "XC", "OCT"))}
+                "photometric": geom["photometric"], "transfer_syntax": _ts_name(ts_uid)}
+        meta["header"] = header_summary(header)
+        meta["modality"] = meta["header"]["modality"]
         del header
 
         try:
@@ -257,6 +259,95 @@ def _modality_hint(ds: Any) -> str | None:
     if sop in _SOP_OCT:
         return "oct"
     return None
+
+
+# Modality (0008,0060) defined terms (DICOM PS3.3 C.7.3.1.1.1; retired terms still met in archives) -> plain name.
+# Ophthalmic ones: the pixel gate judges the image. Generic captures (OT, SC, XC) say nothing about the body part:
+# the pixel gate judges too. Any other defined term names a non-ophthalmic modality: "not a retinal image".
+_OPHTHALMIC_MODALITIES = {
+    "OP": "ophthalmic photography", "OPT": "ophthalmic tomography", "OPTENF": "ophthalmic tomography en face",
+    "OPTBSV": "ophthalmic tomography B-scan volume analysis", "OPM": "ophthalmic mapping",
+    "OPV": "ophthalmic visual field", "OAM": "ophthalmic axial measurements", "AR": "autorefraction",
+    "KER": "keratometry", "LEN": "lensometry", "SRF": "subjective refraction", "VA": "visual acuity",
+    "IOL": "intraocular lens data", "FA": "fluorescein angiography (retired term)", "FS": "fundoscopy (retired term)",
+}
+_GENERIC_MODALITIES = {"OT": "other", "SC": "secondary capture (retired term)", "XC": "external-camera photography"}
+_OTHER_MODALITIES = {
+    "ASMT": "content assessment results", "AU": "audio", "BDUS": "bone densitometry (ultrasound)",
+    "BI": "biomagnetic imaging", "BMD": "bone densitometry (X-ray)", "CFM": "confocal microscopy",
+    "CR": "computed radiography", "CT": "computed tomography", "CTPROTOCOL": "CT protocol",
+    "DG": "diaphanography", "DMS": "dermoscopy", "DOC": "document", "DX": "digital radiography",
+    "ECG": "electrocardiography", "EEG": "electroencephalography", "EMG": "electromyography",
+    "EOG": "electrooculography", "EPS": "cardiac electrophysiology", "ES": "endoscopy", "FID": "fiducials",
+    "GM": "general microscopy", "HC": "hard copy", "HD": "hemodynamic waveform", "IO": "intra-oral radiography",
+    "IVOCT": "intravascular optical coherence tomography", "IVUS": "intravascular ultrasound",
+    "KO": "key object selection", "LS": "laser surface scan", "MG": "mammography", "MR": "magnetic resonance",
+    "M3D": "model for 3D manufacturing", "NM": "nuclear medicine",
+    "OCT": "optical coherence tomography, non-ophthalmic by the DICOM standard; retinal OCT is OPT",
+    "OSS": "optical surface scan", "PA": "photoacoustic", "PLAN": "plan", "POS": "position sensor",
+    "PR": "presentation state", "PT": "positron emission tomography", "PX": "panoramic X-ray",
+    "REG": "registration", "RESP": "respiratory waveform", "RF": "radio fluoroscopy",
+    "RG": "radiographic imaging", "RTDOSE": "radiotherapy dose", "RTIMAGE": "radiotherapy image",
+    "RTINTENT": "radiotherapy intent", "RTPLAN": "radiotherapy plan", "RTRAD": "radiotherapy radiation",
+    "RTRECORD": "radiotherapy treatment record", "RTSEGANN": "radiotherapy segment annotation",
+    "RTSTRUCT": "radiotherapy structure set", "RWV": "real world value map", "SEG": "segmentation",
+    "SM": "slide microscopy", "SMR": "stereometric relationship", "SR": "structured report",
+    "STAIN": "automated slide stainer", "TEXTUREMAP": "texture map", "TG": "thermography", "US": "ultrasound",
+    "XA": "X-ray angiography", "XAPROTOCOL": "XA protocol", "AS": "angioscopy (retired term)",
+    "CD": "color flow Doppler (retired term)", "CF": "cinefluorography (retired term)",
+    "CP": "colposcopy (retired term)", "CS": "cystoscopy (retired term)", "DD": "duplex Doppler (retired term)",
+    "DF": "digital fluoroscopy (retired term)", "DM": "digital microscopy (retired term)",
+    "DS": "digital subtraction angiography (retired term)", "EC": "echocardiography (retired term)",
+    "LP": "laparoscopy (retired term)", "MA": "magnetic resonance angiography (retired term)",
+    "MS": "magnetic resonance spectroscopy (retired term)", "ST": "single-photon emission CT (retired term)",
+    "VF": "videofluorography (retired term)",
+}
+# SOP classes: ophthalmic image and measurement objects (PS3.4), and general captures whose pixels decide.
+_SOP_OPHTHALMIC_PREFIXES = tuple(f"1.2.840.10008.5.1.4.1.1.{n}." for n in ("77.1.5", "78", "79", "80", "81", "82"))
+_SOP_GENERIC = ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.1", "1.2.840.10008.5.1.4.1.1.7.2",
+                "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4",  # (multi-frame) secondary capture
+                "1.2.840.10008.5.1.4.1.1.77.1.4", "1.2.840.10008.5.1.4.1.1.77.1.4.1")  # VL / video photographic
+
+
+def header_summary(ds: Any) -> dict:
+    """What the header says about the kind of scan, non-identifying: recorded as `RetinalImage.meta["header"]`.
+
+    {"format": "DICOM", "modality": "US" | None, "modality_name": "ultrasound" | None,
+     "sop_class": "Ultrasound Image Storage" | None, "ophthalmic": True | False | None, "reason": str | None}
+    modality: the Modality code only when it is a DICOM defined term (never free text). sop_class: the standard
+    name of the SOP Class UID (file meta as fallback); private or unknown UIDs are not kept. ophthalmic: True when
+    a tag names an ophthalmic modality or class, False when one names a non-ophthalmic one (`reason` says which
+    tag and what it says; the quality gate refuses on it), None when the header says nothing either way (generic
+    capture, missing or unknown values: the pixels decide). Modality OCT is "non-ophthalmic OCT" in the standard,
+    but is accepted with an ophthalmic SOP class (a mislabelled ophthalmic tomography object).
+    """
+    from pydicom.uid import UID
+    modality = _safe_str(ds, "Modality", allowed=(*_OPHTHALMIC_MODALITIES, *_GENERIC_MODALITIES, *_OTHER_MODALITIES))
+    names = {**_OPHTHALMIC_MODALITIES, **_GENERIC_MODALITIES, **_OTHER_MODALITIES}
+    sop_uid = ""
+    for source, keyword in ((ds, "SOPClassUID"), (getattr(ds, "file_meta", None), "MediaStorageSOPClassUID")):
+        try:
+            sop_uid = str(source.get(keyword, "") or "").strip() if source is not None else ""
+        except Exception:  # noqa: BLE001 - a malformed UID is treated as missing
+            sop_uid = ""
+        if sop_uid:
+            break
+    uid = UID(sop_uid) if sop_uid else None
+    sop_name = uid.name if uid is not None and uid.keyword and uid.type == "SOP Class" else None
+    sop_ophthalmic = bool(sop_name) and sop_uid.startswith(_SOP_OPHTHALMIC_PREFIXES)
+    reason = None
+    if modality in _OTHER_MODALITIES and not (modality == "OCT" and sop_ophthalmic):
+        reason = f"DICOM Modality is {modality} ({names[modality]}), not an ophthalmic modality"
+    elif sop_name and not sop_ophthalmic and sop_uid not in _SOP_GENERIC:
+        reason = f"DICOM SOP Class is {sop_name}, not an ophthalmic or photographic image class"
+    if reason:
+        ophthalmic = False
+    elif modality in _OPHTHALMIC_MODALITIES or sop_ophthalmic:
+        ophthalmic = True
+    else:
+        ophthalmic = None
+    return {"format": "DICOM", "modality": modality, "modality_name": names.get(modality) if modality else None,
+            "sop_class": sop_name, "ophthalmic": ophthalmic, "reason": reason}
 
 
 def _laterality(ds: Any) -> str | None:
