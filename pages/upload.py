@@ -68,7 +68,8 @@ for i, (name, data) in enumerate(inputs, start=1):
                 st.page_link("pages/volume.py", label="Open it in the volume viewer", icon=":material/arrow_forward:")
                 continue
             with st.spinner("Analysing..."):
-                a = ui.analysis_for(img, model, method, modality)
+                found = ui.analyses_for(img, model, method, modality)
+            a, others = found[0], [o for o in found[1:] if o.has_result]
         except RetinaInputError as exc:
             st.subheader(f"Image {i}")
             st.error(str(exc), icon=":material/error:")
@@ -89,6 +90,7 @@ for i, (name, data) in enumerate(inputs, start=1):
             st.image(img.pixels, caption="The image as read", width=420)
             continue
         (st.error if a.referable else st.success)(a.suggestion)
+        ui.trained_on_caption(a)
         left, right = st.columns(2)
         left.image(img.pixels, caption="Original", width="stretch")
         shown = overlay(img.pixels, a.heatmap, alpha)
@@ -113,6 +115,22 @@ for i, (name, data) in enumerate(inputs, start=1):
             st.caption(" ".join(notes))
         st.caption(f"Model `{a.model}` · weights sha256 `{a.weights_sha256[:16]}` · image hash "
                    f"`{a.content_hash[:16]}`")
+        if others:
+            st.markdown(f"**Every other reading of this {a.modality.replace('_', ' ')}** "
+                        f"({len(others)} more model{'s' if len(others) > 1 else ''})")
+        for k, o in enumerate(others):
+            report_items.append(ReportItem(o, eye, f"Image {i}"))
+            p = o.probabilities[o.label]
+            with st.expander(f"{o.model}: {o.label} ({p:.0%}) · {'refer' if o.referable else 'not referable'} · "
+                             f"{'real images' if not o.trained_on.startswith('synthetic') else 'phantoms only'}",
+                             icon=":material/error:" if o.referable else ":material/check_circle:"):
+                st.markdown(o.suggestion)
+                ui.trained_on_caption(o)
+                ol, orr = st.columns(2)
+                ol.image(overlay(img.pixels, o.heatmap, alpha), width="stretch",
+                         caption=f"{o.method} heatmap for '{o.target}'")
+                ui.show_trust_note(o.model, o.weights_sha256, o.method, ol, label=o.target)
+                orr.plotly_chart(ui.probability_chart(o), width="stretch", key=f"probs_{i}_{k}")
 
 if report_items:
     st.subheader("Report")

@@ -6,7 +6,7 @@ Research software, not a medical device. Public API:
 method None is the model's default heatmap method (Grad-CAM unless `explain-eval --set-default` chose another).
 """
 from . import explain
-from .analysis import DEFAULT_MODELS, Analysis, analyze, get_model
+from .analysis import DEFAULT_MODELS, Analysis, analyze, analyze_all, get_model
 from .errors import RetinaInputError
 from .io.decode import RetinalImage, read_image
 from .models import create_model, list_models, load_model
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 DISCLAIMER = ("Research software, not a medical device. Suggestions are not a diagnosis; bundled demo models were "
               "trained on synthetic phantoms, and their metrics are phantom metrics, not clinical accuracy.")
 
-__all__ = ["Analysis", "DEFAULT_MODELS", "DISCLAIMER", "RetinaInputError", "RetinalImage", "analyze",
+__all__ = ["Analysis", "DEFAULT_MODELS", "DISCLAIMER", "RetinaInputError", "RetinalImage", "analyze", "analyze_all",
            "create_model", "explain", "get_model", "list_models", "load_model", "read_image"]

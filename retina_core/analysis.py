@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,11 +17,55 @@ import numpy as np
 from .errors import RetinaInputError
 from .explain.attribution import ALL_METHODS, available_methods, default_method, explain_batch
 from .io.decode import RetinalImage, read_image
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, read_manifest
+from .models.loading import trained_on
 from .quality import Quality, assess_quality
 
+# Every model that reads a modality, in the order suggestions are shown: models trained on real images first, then
+# phantom-only models for the tasks that have no real data here (five DR grades; CNV and drusen on OCT).
+MODELS_BY_MODALITY = {
+    "fundus": ("fundus_dme_resnet18", "fundus_resnet18_head", "fundus_dr_effnet_b0"),
+    "oct": ("oct_dme_resnet18", "oct_resnet18"),
+}
+
+
+# Where no real-data model is installed, the phantom model the app has always read the modality with comes first.
+PHANTOM_DEFAULTS = {"fundus": "fundus_dr_effnet_b0", "oct": "oct_resnet18"}
+
+
+def installed_models(modality: str) -> list[str]:
+    """The models of `modality` whose weights are installed (a manifest entry in the weights folder): those whose
+    manifest says they were trained on a real set first (in MODELS_BY_MODALITY's order), then the phantom-only
+    ones, the modality's phantom default first."""
+    manifest = read_manifest()
+    names = [n for n in MODELS_BY_MODALITY.get(modality, ()) if n in manifest]
+    order = {n: i for i, n in enumerate(MODELS_BY_MODALITY.get(modality, ()))}
+    return sorted(names, key=lambda n: (not manifest[n].get("real_data"), n != PHANTOM_DEFAULTS.get(modality),
+                                        order[n]))
+
+
+class _DefaultModels(Mapping):
+    """``{modality: model}``: the first installed model of MODELS_BY_MODALITY (a real-data model where one is
+    installed), read from the weights folder at each lookup, so RETINA_WEIGHTS_DIR and newly installed weights
+    count. Falls back to the first registered model of the modality when none is installed."""
+
+    def __getitem__(self, modality: str) -> str:
+        if modality not in MODELS_BY_MODALITY:
+            raise KeyError(modality)
+        return next(iter(installed_models(modality)), PHANTOM_DEFAULTS[modality])
+
+    def __iter__(self):
+        return iter(MODELS_BY_MODALITY)
+
+    def __len__(self) -> int:
+        return len(MODELS_BY_MODALITY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
 # The model used when the caller names none, per detected modality.
-DEFAULT_MODELS = {"fundus": "fundus_dr_effnet_b0", "oct": "oct_resnet18"}
+DEFAULT_MODELS = _DefaultModels()
 NO_RESULT = "No result: retake or refer"
 LOW_CONFIDENCE = 0.5   # below this top-class probability the suggestion says so
 
@@ -71,6 +116,7 @@ class Analysis:
     laterality: str | None
     image: np.ndarray = field(repr=False)     # uint8 [H, W, 3], the image as shown to the user
     notes: list[str] = field(default_factory=list)
+    trained_on: str | None = None             # what the model was trained on ("real: <set>, n, held-out AUC" / phantoms)
 
     @property
     def has_result(self) -> bool:
@@ -81,7 +127,8 @@ class Analysis:
         q = self.quality
         return {"modality": self.modality, "label": self.label, "probabilities": self.probabilities,
                 "referable": self.referable, "suggestion": self.suggestion, "model": self.model,
-                "weights_sha256": self.weights_sha256, "method": self.method, "target": self.target,
+                "weights_sha256": self.weights_sha256, "trained_on": self.trained_on, "method": self.method,
+                "target": self.target,
                 "quality": {"verdict": q.verdict, "gradable": q.gradable, "score": round(float(q.score), 4),
                             "reasons": list(q.reasons)},
                 "laterality": self.laterality, "content_hash": self.content_hash, "notes": list(self.notes)}
@@ -92,7 +139,8 @@ def _no_result(img: RetinalImage, q: Quality, modality: str, method: str, why: l
     return Analysis(modality=modality, quality=q, probabilities={}, label=None, heatmap=None,
                     model=model.name if model else None, weights_sha256=model.sha256 if model else None,
                     method=method, target=None, referable=None, suggestion=NO_RESULT,
-                    content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=why)
+                    content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=why,
+                    trained_on=model.trained_on if model else None)
 
 
 def _target_index(target: str | int | None, classes: tuple[str, ...], predicted: int) -> int:
@@ -125,14 +173,39 @@ def analyze(image, model: LoadedModel | str | None = None, method: str | None = 
     Ungradable or non-retinal images, and images of a modality the model does not read, give an Analysis with
     no result (label None, suggestion "No result: retake or refer") and the reasons in `notes`.
     """
+    img, q = _gated(image, method, modality)
+    return _read(img, q, model, method, target)
+
+
+def analyze_all(image, method: str | None = None, modality: str | None = None) -> list[Analysis]:
+    """Every suggestion the image's modality supports: the quality gate once, then each installed model of
+    MODELS_BY_MODALITY (real-data models first, e.g. a fundus photograph gets DME, the 4-class reading and the
+    phantom-only DR grade). An image with no result gives one Analysis saying why. `method` applies to every model
+    that offers it; the others use their default."""
+    img, q = _gated(image, method, modality)
+    names = installed_models(q.modality) if q.modality in MODELS_BY_MODALITY else []
+    if not names or q.modality == "not_retinal" or not q.gradable:
+        return [_read(img, q, None, method, None)]
+    out = []
+    for name in names:
+        m = get_model(name)
+        out.append(_read(img, q, m, method if method is None or method in available_methods(m) else None, None))
+    return out
+
+
+def _gated(image, method: str | None, modality: str | None) -> tuple[RetinalImage, Quality]:
     img = image if isinstance(image, RetinalImage) else read_image(image)
     if img.kind != "image":
         raise RetinaInputError("This is an OCT volume; this step reads single images (fundus photographs or "
                                "OCT B-scans). Open it in the volume viewer, or export one B-scan.")
     if method is not None and method not in ALL_METHODS:
         raise RetinaInputError(f"Unknown heatmap method {method!r}; choose one of {', '.join(ALL_METHODS)}.")
+    return img, assess_quality(img, modality=modality)
+
+
+def _read(img: RetinalImage, q: Quality, model, method: str | None, target) -> Analysis:
+    """One gated image read by one model (the model of the modality by default)."""
     asked = method or "default"
-    q = assess_quality(img, modality=modality)
     if q.modality == "not_retinal":
         return _no_result(img, q, q.modality, asked, [q.verdict, *q.reasons])
     if model is None:
@@ -171,7 +244,8 @@ def analyze(image, model: LoadedModel | str | None = None, method: str | None = 
     result = Analysis(modality=q.modality, quality=q, probabilities={c: float(p) for c, p in zip(classes, probs)},
                       label=label, heatmap=heatmap, model=model.name, weights_sha256=model.sha256, method=method,
                       target=classes[t_idx], referable=referable, suggestion=suggestion,
-                      content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=notes)
+                      content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=notes,
+                      trained_on=model.trained_on)
     audit(result)
     return result
 

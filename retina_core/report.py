@@ -26,6 +26,7 @@ from . import DISCLAIMER, __version__
 from .analysis import Analysis
 from .explain.overlay import overlay
 from .models import read_manifest
+from .models.loading import trained_on
 
 EYES = {"OD": "Right eye (OD)", "OS": "Left eye (OS)", None: "Eye not specified"}
 A4 = (8.27, 11.69)   # inches, portrait
@@ -56,8 +57,9 @@ def model_provenance(names) -> dict:
     out = {}
     for n in sorted({n for n in names if n}):
         e = manifest.get(n, {})
-        out[n] = {"weights_sha256": e.get("sha256"), "trained_on": e.get("data"), "date": e.get("date"),
-                  "temperature": e.get("temperature"), "metric_kind": e.get("metric_kind")}
+        out[n] = {"weights_sha256": e.get("sha256"), "trained_on": trained_on(e), "data": e.get("data"),
+                  "date": e.get("date"), "temperature": e.get("temperature"), "metric_kind": e.get("metric_kind"),
+                  **({"real_data": e["real_data"]} if e.get("real_data") else {})}
     return out
 
 
@@ -170,6 +172,7 @@ def _image_page(fig: Figure, it: ReportItem, index: int) -> None:
     lines = [
         f"Suggestion: {a.suggestion}",
         f"Model {a.model or '-'} · weights sha256 {(a.weights_sha256 or '-')[:16]} · method {a.method}",
+        f"Model trained on: {a.trained_on or 'unknown'}",
         f"Quality: {'gradable' if q.gradable else 'ungradable'} (score {q.score:.2f}) - {q.verdict}",
     ]
     lines += [f"  - {r}" for r in q.reasons]

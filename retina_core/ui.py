@@ -17,7 +17,7 @@ import streamlit as st
 from PIL import Image
 
 from . import DISCLAIMER
-from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, analyze, get_model
+from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, analyze, analyze_all, get_model
 from .errors import RetinaInputError
 from .io.decode import RetinalImage, read_image
 from .models import get_cfg, list_models, read_manifest
@@ -199,10 +199,36 @@ def analysis_for(img: RetinalImage, model: str | None, method: str | None, modal
     return cache[key]
 
 
+def analyses_for(img: RetinalImage, model: str | None, method: str | None, modality: str | None) -> list[Analysis]:
+    """Every suggestion for one image (`analyze_all`: each installed model of its modality, real-data models
+    first), or the chosen model's alone; memoised per session like `analysis_for`."""
+    if model:
+        return [analysis_for(img, model, method, modality)]
+    cache = st.session_state.setdefault("_analyses", {})
+    key = (img.content_hash, "all", method or "default", modality)
+    if key not in cache:
+        while len(cache) >= ANALYSIS_LIMIT:
+            cache.pop(next(iter(cache)))
+        cache[key] = analyze_all(img, method=method, modality=modality)
+    return cache[key]
+
+
 # ------------------------------------------------------------------------------------------- common widgets
 def disclaimer() -> None:
     """The statement every page carries, with what the loaded weights were trained on."""
     st.warning(DISCLAIMER, icon=":material/science:")
+
+
+def trained_on_caption(a: Analysis, where=None) -> None:
+    """What the model behind a suggestion was trained on, next to it: real set, size and held-out figure, or a
+    visible 'synthetic phantoms only' for the tasks with no real data here."""
+    where = where or st
+    text = a.trained_on or "unknown training data"
+    if text.startswith("synthetic"):
+        where.caption(f":material/science: `{a.model}` was trained on **{text}**: no real images exist here for "
+                      f"this task, so treat this reading as a demonstration.")
+    else:
+        where.caption(f":material/verified: `{a.model}` trained on {text}.")
 
 
 def weights_caption(model_names: list[str] | None = None) -> None:
