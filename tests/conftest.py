@@ -52,3 +52,20 @@ def tiny_volume_net():
     name = "oct_volume_fusion3d_tiny"
     kw = {**get_cfg(name).builder_kwargs, "conv1_stride": 1}
     return create_model(name, input_size=(1, 16, 32, 32), target_layer="net.layer3", builder_kwargs=kw).eval()
+
+
+@pytest.fixture(scope="session")
+def realdata():
+    """The real public sets (../shared/realdata, or $RETINA_REALDATA). Absent: the test skips with the reason, unless
+    RETINA_REQUIRE_REALDATA=1 (set by .ci/run), where their absence is a failure."""
+    import os
+
+    from retina_core.io.realsets import realdata_root
+
+    root = realdata_root()
+    if root is None:
+        msg = "real data absent: ../shared/realdata (or $RETINA_REALDATA) not found"
+        if os.environ.get("RETINA_REQUIRE_REALDATA") == "1":
+            pytest.fail(msg + "; CI requires it (RETINA_REQUIRE_REALDATA=1)")
+        pytest.skip(msg)
+    return root

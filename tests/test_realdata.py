@@ -1,0 +1,116 @@
+"""The real public sets of ../shared/realdata: loading, patient-level splits, true pairs, provenance, intervals, and
+one prediction per installed real-data model. Images are read in place; nothing derived from them is written to
+the repository (pairs.csv and split hashes go to tmp_path)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from retina_core.evaluate.metrics import bootstrap_ci, classification_metrics
+from retina_core.io.datasets import load_dataset, patient_split, record_lesion_masks, write_pairs
+from retina_core.io.realsets import REAL_SETS, real_set_of, split_hashes
+from retina_core.models.loading import trained_on
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("name", ["mexico_fundus_dme_dr", "mexico_oct_dme", "eye_disease_4class"])
+def test_labelled_sets_load_as_they_lie(realdata, name):
+    idx = load_dataset(realdata / name)
+    rows = _rows(realdata / name / "labels.csv")
+    assert idx.layout == "labels" and len(idx.records) == len(rows)
+    assert sorted(idx.classes) == sorted({r["label"] for r in rows})
+    # Mexico: the patient_id column; 4-class: the number of <number>_left/_right names (other names: one patient each)
+    assert all(r.patient_id for r in idx.records if r.path.stem.endswith(("_left", "_right")) or "mexico" in name)
+    assert {r.eye for r in idx.records} <= {"OD", "OS", None}
+    if name.startswith("mexico"):
+        assert idx.classes == ["noDME", "DME"] and all(r.eye for r in idx.records)
+        assert {r.meta["dr_grade"] for r in idx.records} >= {0, "NPDR", "PDR", "unknown"}
+    assert real_set_of(realdata / name)["name"] == name
+
+
+def test_patient_level_split_keeps_each_patient_in_one_split(realdata):
+    idx = load_dataset(realdata / "eye_disease_4class")
+    parts = patient_split(idx.records, fractions=(0.7, 0.15, 0.15), seed=0)
+    where = {}
+    for split, recs in parts.items():
+        for r in recs:
+            assert where.setdefault(r.patient_id or str(r.path), split) == split
+    assert sum(len(v) for v in parts.values()) == len(idx.records)
+    for split in ("train", "val", "test"):   # stratified: every class in every split, near its share
+        counts = {c: sum(r.label == c for r in parts[split]) for c in idx.classes}
+        assert min(counts.values()) > 0.15 * len(parts[split])
+    again = patient_split(idx.records, fractions=(0.7, 0.15, 0.15), seed=0)
+    assert [str(r.path) for r in again["test"]] == [str(r.path) for r in parts["test"]]   # seeded
+
+
+def test_split_hashes_name_the_exact_files_without_their_names(realdata, tmp_path):
+    idx = load_dataset(realdata / "mexico_oct_dme")
+    parts = patient_split(idx.records[:40], seed=0)
+    summary, lists = split_hashes(parts)
+    assert {k: v["n"] for k, v in summary.items()} == {k: len(v) for k, v in parts.items()}
+    text = json.dumps(lists)
+    assert not any(r.path.stem in text for r in idx.records[:40])       # content hashes, never file names
+    moved = dict(parts, test=parts["test"][1:])
+    assert split_hashes(moved)[0]["test"]["sha256"] != summary["test"]["sha256"]
+
+
+def test_true_pairs_join_the_two_mexico_sets_by_patient_and_eye(realdata, tmp_path):
+    info = write_pairs(realdata / "mexico_fundus_dme_dr", realdata / "mexico_oct_dme", tmp_path)
+    assert info["eyes"] > 250 and info["pairs"] >= info["eyes"]
+    idx = load_dataset(tmp_path)
+    assert idx.layout == "paired" and set(idx.classes) == {"DME", "noDME"}
+    for r in idx.records[:50]:
+        f, o = r.path.stem.split("_"), r.meta["oct"].rsplit("/", 1)[-1].split("_")
+        assert f[0] == o[0] == r.patient_id and f[1] == o[1]    # <patient>_<OD|OI>_f_n / _o_n: same eye
+    assert real_set_of(tmp_path)["name"] == "mexico_fundus_dme_dr + mexico_oct_dme"
+
+
+def test_lesion_set_carries_its_masks(realdata):
+    idx = load_dataset(realdata / "idrid_lesions")
+    assert len(idx.records) == 10 and idx.classes == ["lesions"]
+    masks = record_lesion_masks(idx.records[0], shape=(142, 214))
+    assert {"MA", "HE", "EX", "OD"} <= set(masks) and all(m.shape == (142, 214) for m in masks.values())
+    assert 0 < masks["OD"].mean() < 0.1
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_widens_with_groups():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(y * 0.35 + rng.random(200) * 0.65, 0, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    point = classification_metrics(y, probs, ["noDME", "DME"])
+    ci = bootstrap_ci(y, probs, ["noDME", "DME"], n_boot=300)
+    assert ci["auc_macro"][0] < point["auc_macro"] < ci["auc_macro"][1]
+    assert ci["accuracy"][0] < point["accuracy"] < ci["accuracy"][1]
+    grouped = bootstrap_ci(y, probs, ["noDME", "DME"], n_boot=300, groups=np.arange(200) // 10)
+    assert grouped["resampled"] == "patients"
+    assert grouped["auc_macro"][1] - grouped["auc_macro"][0] > 0
+
+
+def test_trained_on_says_real_or_phantoms():
+    real = {"real_data": {"name": "mexico_oct_dme", "title": REAL_SETS["mexico_oct_dme"]["title"]},
+            "splits": {"train": 536}, "heldout_metrics": {"n": 180, "auc_macro": 0.9312},
+            "heldout_ci95": {"auc_macro": [0.88, 0.97]}}
+    assert trained_on(real) == ("real: Mexico OCT (DME), 536 training images; held-out AUC 0.93 "
+                                "(95% CI 0.88-0.97), n = 180")
+    assert trained_on({"trained_on_phantoms": True}).startswith("synthetic phantoms only")
+
+
+def test_each_installed_real_data_model_reads_a_real_image_of_its_set(realdata):
+    import retina_core as rc
+    from retina_core.models import read_manifest
+
+    real = {n: e for n, e in read_manifest().items() if e.get("real_data")}
+    if not real:
+        pytest.skip("no real-data weights installed in weights/")
+    for name, entry in real.items():
+        set_name = entry["real_data"]["name"].split(" + ")[0]
+        rec = load_dataset(realdata / set_name).records[0]
+        a = rc.analyze(rc.read_image(rec.path), name)
+        assert list(a.probabilities) == entry["classes"], name
+        assert a.trained_on.startswith("real: ") and a.heatmap is not None
