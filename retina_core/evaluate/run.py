@@ -43,7 +43,7 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
     exactly as in training: the test split is the one the model never saw. split "all": every record."""
     from ..io.datasets import load_dataset, patient_split
     from ..models.multimodal import binary_label
-    from ..train.engine import parse_fractions
+    from ..train.engine import split_patients
 
     index = load_dataset(data)
     needs = {"fundus+oct": "paired", "oct_volume": "volumes"}.get(model.cfg.modality)
@@ -56,8 +56,8 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
     if model.cfg.modality in MULTI_INPUT:
         records = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in records]
     if split != "all":           # "all": every record, for a data set the model never saw (as explain-eval)
-        fractions = parse_fractions((model.entry.get("config") or {}).get("split_fractions"))
-        parts = patient_split(records, fractions=fractions, seed=seed)   # the split the weights were trained on
+        conf = model.entry.get("config") or {}   # the split the weights were trained on
+        parts = split_patients(records, seed, conf.get("split_fractions"), conf.get("split_by"))
         if split not in parts and split not in ("train", "val", "test"):
             raise RetinaInputError(f"Unknown split {split!r} for {data}: use one of "
                                    f"{', '.join(sorted(parts))}, or 'all' for a data set the model never saw.")

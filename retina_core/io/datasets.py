@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - torch is always installed in the proje
 
 __all__ = [
     "Record", "DatasetIndex", "LAYOUTS", "IMAGE_EXTENSIONS", "detect_layout", "load_dataset", "patient_split",
-    "inspect_dataset", "ImageDataset", "record_lesion_masks", "pair_records", "write_pairs",
+    "inspect_dataset", "ImageDataset", "record_lesion_masks", "hash_split", "pair_records", "write_pairs",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm"})
@@ -998,6 +998,26 @@ def patient_split(records: Sequence[Record], fractions: Sequence[float] = (0.8, 
             out[assign[key]].append(i)
     return {s: [replace(records[i], split=s, meta=dict(records[i].meta)) for i in sorted(idx)]
             for s, idx in out.items()}
+
+
+def hash_split(records: Sequence[Record], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+               ) -> dict[str, list[Record]]:
+    """Patient-level split by a keyed hash of each patient id: a patient's split depends only on (seed, id), so
+    two sets of the same patients (the Mexico fundus and OCT sets) split alike and a fundus + OCT pair's test
+    patients are unseen by both single-modality models. Not stratified (use it where patients are many);
+    records without a patient id count as their own patient. Returns copies with ``split`` set."""
+    import hashlib
+
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
+        raise RetinaInputError(f"Split fractions {tuple(fractions)} are invalid. Expected three non-negative "
+                               f"numbers (train, val, test) that add up to 1.")
+    out: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    for r in records:
+        u = int.from_bytes(hashlib.sha256(f"{seed}:{_group_key(r)}".encode()).digest()[:8], "big") / 2.0 ** 64
+        s = "train" if u < fr[0] else "val" if u < fr[0] + fr[1] else "test"
+        out[s].append(replace(r, split=s, meta=dict(r.meta)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- inspection

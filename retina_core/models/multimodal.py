@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..errors import RetinaInputError
+from ..labels import DME2
 from .registry import ModelCfg, create_model, register_model
 
 log = logging.getLogger(__name__)
@@ -210,4 +211,24 @@ register_model(ModelCfg(
           "refused if the installed encoders differ. Per-modality Grad-CAM: `models.multimodal.modality_cams`. "
           "Demo weights were trained on this project's synthetic retinal phantoms, not on patient images; their "
           "metrics are phantom metrics and say nothing about clinical accuracy."),
+), FundusOctFusion)
+
+register_model(ModelCfg(
+    name="fundus_oct_dme_fusion",
+    arch="resnet18+resnet18->mlp",
+    modality="fundus+oct",
+    classes=DME2,
+    task="Fundus photograph + OCT B-scan of one eye: diabetic macular oedema (DME) present or not",
+    input_size=(3, 224, 224),
+    weights="fundus_oct_dme_fusion.safetensors",
+    target_layer="fundus_encoder.net.layer4",
+    referable=("DME",),
+    builder_kwargs={"fundus_encoder": "fundus_dme_resnet18", "oct_encoder": "oct_dme_resnet18", "hidden": 128,
+                    "dropout": 0.3},
+    card=("The same fusion design on the real-data DME encoders: `fundus_dme_resnet18` (512-d) and "
+          "`oct_dme_resnet18` (512-d) frozen, embeddings concatenated into an MLP head (128, ReLU, dropout 0.3, "
+          "noDME / DME). Trained and tested on TRUE pairs: the Mexico fundus photograph and OCT B-scan of the same "
+          "eye (`python -m retina_core data pair`), split by a keyed hash of the patient id (`--split-by "
+          "patient_hash`), the same split the two encoders were trained with, so test eyes are unseen by all "
+          "three. docs/real_data.md says whether it beats the better single modality."),
 ), FundusOctFusion)

@@ -91,6 +91,7 @@ class TrainConfig:
     lesion_seg: float = 0.0           # volume models: weight of the dense lesion read-out's loss (LesionEvidencePool)
     lesion_only: bool = False         # volume models + --lesion-seg: the image branch is the read-out's evidence alone
     split_fractions: str = "0.8,0.1,0.1"   # train,val,test shares of the patient-level split (sets with no split)
+    split_by: str = "stratified"      # stratified (by label) | patient_hash (same patients -> same split in any set)
 
 
 # TrainConfig fields of the volume models
@@ -317,7 +318,26 @@ def parse_fractions(text: str | None) -> tuple[float, float, float]:
     return fr
 
 
-def _splits(data: str | Path, classes: tuple[str, ...], seed: int, fractions: str | None = None):
+SPLIT_METHODS = ("stratified", "patient_hash")
+
+
+def split_patients(records, seed: int, fractions: str | None = None, method: str | None = None) -> dict:
+    """The patient-level split of a set with none on disk: stratified by label (`patient_split`, the default), or
+    by a keyed hash of the patient id (`hash_split`), which puts a patient in the same split in every set, e.g. the
+    Mexico fundus and OCT sets and their true pairs. Sets with train/val/test folders keep them."""
+    from ..io.datasets import hash_split, patient_split
+
+    method = method or "stratified"
+    if method not in SPLIT_METHODS:
+        raise RetinaInputError(f"--split-by {method!r} unknown; choose one of {', '.join(SPLIT_METHODS)}.")
+    fr = parse_fractions(fractions)
+    if method == "patient_hash" and not (records and all(r.split for r in records)):
+        return hash_split(records, fractions=fr, seed=seed)
+    return patient_split(records, fractions=fr, seed=seed)
+
+
+def _splits(data: str | Path, classes: tuple[str, ...], seed: int, fractions: str | None = None,
+            method: str | None = None):
     from ..io.datasets import load_dataset, patient_split
 
     index = load_dataset(data)
@@ -325,7 +345,7 @@ def _splits(data: str | Path, classes: tuple[str, ...], seed: int, fractions: st
     if unknown:
         raise RetinaInputError(f"The data set has classes this model does not know: {', '.join(unknown)}. "
                                f"Expected a subset of: {', '.join(classes)}.")
-    splits = patient_split(index.records, fractions=parse_fractions(fractions), seed=seed)
+    splits = split_patients(index.records, seed, fractions, method)
     if not splits.get("val"):
         # e.g. Mendeley's Kermany (train/test only): carve a validation split from train, keep test untouched.
         carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
@@ -651,7 +671,7 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
     cfg: ModelCfg = net.cfg
-    index, splits = _splits(data, cfg.classes, cfg_t.seed, cfg_t.split_fractions)
+    index, splits = _splits(data, cfg.classes, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
     device = ctx.device if ctx else default_device()
     net.to(device)
     if device.type == "cuda":

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import RetinaInputError
 from ..evaluate.calibration import apply_temperature, fit_temperature
-from ..evaluate.metrics import classification_metrics
+from ..evaluate.metrics import bootstrap_ci, classification_metrics
 from ..models.loading import LoadedModel, default_device, preprocess_image
 from ..models.multimodal import FUSION_CLASSES, binary_label
 from ..models.registry import create_model, get_cfg
@@ -143,6 +143,10 @@ def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_n
     if test_pair is not None and len(test_pair[1]):
         result["test"] = classification_metrics(test_pair[1], apply_temperature(test_pair[0], temperature),
                                                 list(classes))
+        test_recs = splits.get("test") or []
+        groups = [r.patient_id or str(r.path) for r in test_recs] if len(test_recs) == len(test_pair[1]) else None
+        result["ci95"] = bootstrap_ci(test_pair[1], apply_temperature(test_pair[0], temperature), list(classes),
+                                      groups=groups)
     res = _write_outputs(net, cfg, model_name, Path(out), cfg_t, index, splits, data, data_note, temperature, result,
                          history, best_epoch, extra=extra, state=state)
     if ctx is not None:
@@ -151,11 +155,11 @@ def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_n
     return res
 
 
-def _split(records, seed: int, fractions: str | None = None):
+def _split(records, seed: int, fractions: str | None = None, method: str | None = None):
     from ..io.datasets import patient_split
-    from .engine import parse_fractions
+    from .engine import split_patients
 
-    splits = patient_split(records, fractions=parse_fractions(fractions), seed=seed)
+    splits = split_patients(records, seed, fractions, method)
     if not splits.get("val"):
         carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
         splits = {"train": carved["train"], "val": carved["val"], "test": splits.get("test", [])}
@@ -209,14 +213,15 @@ class VirtualPairs(Dataset):
         return TensorDataset(self.f_emb[self.fi], self.o_emb[self.oi], self.f_y[self.fi])
 
 
-def _fusion_sources(data, cfg_t: TrainConfig):
-    """(index, splits, {split: (fundus paths, oct paths or None, labels)}, oct index or None, pairing)."""
+def _fusion_sources(data, cfg_t: TrainConfig, classes=FUSION_CLASSES):
+    """(index, splits, {split: (fundus paths, oct paths or None, labels)}, oct index or None, pairing). Labels
+    that are among `classes` are kept (e.g. DME / noDME); others map to normal vs disease (`binary_label`)."""
     from ..io.datasets import load_dataset
 
     index = load_dataset(data)
     if index.layout == "paired":
-        splits = _split([replace(r, label=binary_label(r.label)) for r in index.records], cfg_t.seed,
-                        cfg_t.split_fractions)
+        splits = _split([replace(r, label=r.label if r.label in classes else binary_label(r.label))
+                         for r in index.records], cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
         per = {k: ([r.path for r in v], [Path(r.meta["oct"]) for r in v], [r.label for r in v])
                for k, v in splits.items()}
         return index, splits, per, None, "true pairs"
@@ -248,8 +253,9 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     net.cfg = replace(net.cfg, input_size=tuple(net.fundus_cfg.input_size))
     device = ctx.device if ctx else default_device()
     net.to(device).eval()
-    index, splits, per, oct_index, pairing = _fusion_sources(data, cfg_t)
-    cls = {c: i for i, c in enumerate(FUSION_CLASSES)}
+    classes = tuple(net.cfg.classes)
+    index, splits, per, oct_index, pairing = _fusion_sources(data, cfg_t, classes)
+    cls = {c: i for i, c in enumerate(classes)}
 
     t0 = time.time()
     sets = {}
@@ -287,7 +293,7 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
 
     def evaluate():
         z, y = logits_of(sets["val"])
-        m = classification_metrics(y, torch.softmax(torch.from_numpy(z), 1).numpy(), list(FUSION_CLASSES))
+        m = classification_metrics(y, torch.softmax(torch.from_numpy(z), 1).numpy(), list(classes))
         if cfg_t.monitor == "val_loss":   # the head's training loss on the validation pairs
             m["val_loss"] = float(F.cross_entropy(torch.from_numpy(z), torch.from_numpy(y),
                                                   label_smoothing=cfg_t.label_smoothing))
@@ -303,7 +309,7 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     extra = {"encoders": net.encoder_info(), "pairing": pairing, "head_only": True}
     return _finish(net, net.head_state_dict(), net.cfg, model_name, out, cfg_t, index, splits, data, note,
                    logits_of(sets["val"]), logits_of(sets["test"]) if "test" in sets else None, history,
-                   best_epoch, extra, ctx, FUSION_CLASSES)
+                   best_epoch, extra, ctx, classes)
 
 
 # ------------------------------------------------------------------------------------------------ volumes
@@ -537,7 +543,7 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     cfg = net.cfg
     device = ctx.device if ctx else default_device()
     index, recs = _volume_records(data)
-    splits = _split(recs, cfg_t.seed, cfg_t.split_fractions)
+    splits = _split(recs, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
     guided = bool(cfg_t.lesion_cam_guidance)
