@@ -7,6 +7,10 @@ zone summaries (centre share vs confidence, correct vs misclassified) and second
 Images are evaluated at the model's input size (the model sees nothing finer), masks and landmarks scaled with them.
 The OCT volume model and the fundus + OCT fusion model are evaluated by `explain.evaluate_nd` (3-D and per-modality
 metrics in the same report shape); `explain_eval` dispatches on the model's modality.
+Real lesion sets (records with per-lesion masks in `meta["masks"]`, e.g. IDRiD) also get the `real_lesions` block
+(pointing game at 0 px and 1% of the width, energy and deletion against chance, per lesion type) and the optic-disc
+finder's error against the OD masks (`explain.real_lesions`); they are evaluated at the model's input side with the
+photograph's aspect ratio kept.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import RetinaInputError
-from . import trust, zones
+from . import real_lesions, trust, zones
 from .attribution import (IG_METHODS, VIT_METHODS, available_methods, explain, explain_batch, make_predict_fn,
                           resolve_model, to_pixels)
 
@@ -43,12 +47,14 @@ class Sample:
     modality: str = ""
     landmarks: dict = field(default_factory=dict)   # fovea_xy, disc_xy, disc_radius, eye (fundus); fovea_x, span_mm
     name: str = ""
+    masks: dict = field(default_factory=dict)       # real lesion sets: {lesion code: bool [H, W]} (MA, HE, EX, SE, OD)
+    fov: np.ndarray | None = None                   # real lesion sets: bool [H, W] field of view (chance baselines)
 
 
 # ------------------------------------------------------------------------------------------------ samples
 def _resize_sample(s: Sample, size: tuple[int, int] | None) -> Sample:
     if size is None or s.image.shape[:2] == tuple(size):
-        return s
+        return replace(s, fov=zones.field_of_view(s.image)) if s.masks and s.fov is None else s
     h0, w0 = s.image.shape[:2]
     h, w = size
     img = cv2.resize(s.image, (w, h), interpolation=cv2.INTER_AREA if h < h0 else cv2.INTER_LINEAR)
@@ -68,7 +74,12 @@ def _resize_sample(s: Sample, size: tuple[int, int] | None) -> Sample:
         lm["disc_radius"] = lm["disc_radius"] * (sx + sy) / 2
     if "fovea_x" in lm:
         lm["fovea_x"] = lm["fovea_x"] * sx
-    return Sample(img, s.label, mask, s.modality, lm, s.name)
+    masks, fov = {}, None
+    if s.masks:       # real lesions: "any" pooling keeps microaneurysms of a few pixels; the union follows the parts
+        masks = {k: real_lesions.resize_mask_any(v, (h, w)) for k, v in s.masks.items()}
+        mask = real_lesions.dr_union(masks)
+        fov = zones.field_of_view(img)
+    return Sample(img, s.label, mask, s.modality, lm, s.name, masks, fov)
 
 
 def samples_from_phantoms(phantoms: Sequence) -> list[Sample]:
@@ -130,7 +141,7 @@ def pick_round_robin(records, n: int, seed: int) -> list:
 def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None, seed: int = 0) -> list[Sample]:
     """Up to n images of a data set folder (any layout `load_dataset` reads), spread evenly over its classes,
     with the union of their lesion masks from `masks/` and landmarks from `phantom_meta.csv` when present."""
-    from ..io.datasets import lesion_mask, lesion_mask_dir, load_dataset
+    from ..io.datasets import lesion_mask, lesion_mask_dir, load_dataset, record_lesion_masks
     from ..io.decode import read_image
 
     root = Path(data_path).expanduser()
@@ -149,11 +160,15 @@ def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None
             continue
         pixels = to_pixels(img.pixels)
         _, rel = lesion_mask_dir(root, Path(r.path))
-        mask = lesion_mask(root, r.path, pixels.shape[:2])
+        # a lesion set's {code: mask path} (phantom_meta.csv rows name their lesion kinds in a "masks" string)
+        masks = record_lesion_masks(r, pixels.shape[:2]) if isinstance(r.meta.get("masks"), dict) else {}
+        mask = real_lesions.dr_union(masks) if masks else lesion_mask(root, r.path, pixels.shape[:2])
+        if masks and mask is None:
+            mask = np.zeros(pixels.shape[:2], bool)        # annotated, no DR lesion (e.g. only the optic disc)
         row = meta_rows.get(rel or "", {})
         modality, lm = _landmarks_from_row(row)
         out.append(Sample(pixels, r.label, mask, modality or ("oct" if img.grayscale else "fundus"), lm, rel or
-                          str(r.path)))
+                          str(r.path), masks))
     return out
 
 
@@ -186,9 +201,10 @@ def _mean_dicts(ds: list[dict]) -> dict | None:
 
 def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int = 16,
                     stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0,
-                    reference: dict | None = None) -> dict:
+                    reference: dict | None = None, target=None) -> dict:
     """All metrics of one method on prepared samples (see `explain_eval`). `reference`: a dict shared by the
-    methods of one run, caching the random-map deletion curves (the same for every method)."""
+    methods of one run, caching the random-map deletion curves (the same for every method). target: the class
+    (index or name) every map explains; None: each image's predicted class."""
     predict = make_predict_fn(m)
     rm = None
     if rnet is not None:
@@ -196,13 +212,15 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         rm.net = rnet
     classes = list(m.classes)
     per: dict[str, list] = {k: [] for k in ("pg", "epg", "area", "del", "ins", "del_rand", "ins_rand", "rho", "sec",
-                                            "conf", "correct", "centre", "maps", "labels", "zones", "pg_label")}
+                                            "conf", "correct", "centre", "maps", "labels", "zones", "pg_label",
+                                            "real", "real_i", "tgt")}
     stab: dict[str, dict[str, list]] = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
     for i, s in enumerate(samples):
         t0 = time.perf_counter()
-        maps, probs, idx = explain_batch(m, s.image[None], method)
+        maps, probs, idx = explain_batch(m, s.image[None], method, target)
         per["sec"].append(time.perf_counter() - t0)
         hm, tgt = maps[0], idx[0]
+        per["tgt"].append(int(tgt))
         per["maps"].append(hm)
         per["labels"].append(s.label if s.label is not None else classes[tgt])
         per["conf"].append(float(probs[0, tgt]))
@@ -225,6 +243,9 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             predict, s.image, trust.random_map(hm.shape, seed + i), tgt, steps=steps))
         per["del_rand"].append(dr["deletion_auc"])
         per["ins_rand"].append(dr["insertion_auc"])
+        if s.masks:
+            per["real"].append(real_lesions.image_scores(hm, s.masks, s.fov, trust.random_map(hm.shape, seed + i)))
+            per["real_i"].append(len(per["del"]) - 1)
         if rm is not None:
             per["rho"].append(trust.spearman(hm, explain(rm, s.image, method, tgt)))
         if stability_kinds:
@@ -271,6 +292,11 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
     if len(flags) == len(per["correct"]) and flags:
         res["correct_vs_misclassified"] = trust.correct_vs_misclassified(per["centre"], flags)
         res["accuracy"] = float(np.mean(flags))
+    if per["real"]:
+        ri = per["real_i"]
+        res["real_lesions"] = real_lesions.summarise(
+            per["real"], [samples[i].name for i in ri], [classes[per["tgt"][i]] for i in ri],
+            [per["conf"][i] for i in ri], [per["del"][i] for i in ri], [per["del_rand"][i] for i in ri])
     return res
 
 
@@ -384,7 +410,8 @@ def rank_methods(results: dict[str, dict]) -> list[dict]:
 def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam",), n: int = 16,
                  weights_dir=None, phantoms: Sequence | None = None, seed: int = 0, steps: int = 16,
                  stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), randomisation: bool = True,
-                 eval_size: tuple[int, int] | str | None = "model", split: str | None = "test") -> dict:
+                 eval_size: tuple[int, int] | str | None = "model", split: str | None = "test",
+                 target=None) -> dict:
     """Run every explanation method over phantom images and report, per method, localisation (pointing game,
     energy pointing game), faithfulness (deletion / insertion AUC), the model-randomisation rho, stability
     (SSIM / Spearman per perturbation), class consistency, zone summaries and seconds per image; then rank them.
@@ -393,7 +420,9 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     an nn.Module (e.g. a random-init tiny net for tests). Images: `data_path` (a folder written by
     `retina_core.phantoms.write_dataset`, or any data set `load_dataset` reads; masks from `masks/`) or in-memory
     `phantoms`. eval_size "model" evaluates at the model's input size (faster; the model sees nothing finer),
-    None at the images' own size, or an explicit (H, W).
+    None at the images' own size, or an explicit (H, W); real lesion-set photographs keep their aspect ratio under
+    "model" (the longer side at the model's input side). target: the class (name or index) every map explains
+    (e.g. "diabetic_retinopathy"); None: each image's predicted class.
 
     Volume (`oct_volume`) and fusion (`fundus+oct`) models go to `evaluate_nd.explain_eval_nd`: samples from the
     `split` ("test" by default: the held-out part of the patient-level split training used; "all") of a volumes /
@@ -431,7 +460,18 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
         raise RetinaInputError("explain_eval needs data_path or phantoms.")
     if not samples:
         raise RetinaInputError("No images to evaluate.")
+    if target is not None and not (isinstance(target, (int, np.integer)) and 0 <= int(target) < len(m.classes)) \
+            and target not in m.classes:
+        raise RetinaInputError(f"Unknown target class {target!r} for {m.cfg.name}; choose from "
+                               f"{', '.join(m.classes)}.")
     size = tuple(m.cfg.input_size[1:]) if eval_size == "model" else (tuple(eval_size) if eval_size else None)
+    disc = _disc_errors(samples)          # on the full photographs, as the app's zones see an upload
+    if any(s.masks for s in samples):
+        if eval_size == "model":
+            size = real_lesions.keep_aspect(samples[0].image.shape[:2], max(size))
+        notes.append(f"real lesion masks: maps of the {target or 'predicted'} class; pointing game at 0 px and "
+                     f"{real_lesions.TOLERANCE_FRACTION:.0%} of the width (real_lesions), chance = (dilated) lesion "
+                     f"area / field of view; the top-level pointing_game keeps the phantom tolerance (15 px at 224).")
     samples = [_resize_sample(s, size) for s in samples]
     if not any(s.mask is not None and s.mask.any() for s in samples):
         notes.append("No lesion masks found: pointing-game metrics are empty.")
@@ -442,19 +482,41 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     for meth in methods:
         t0 = time.perf_counter()
         results[meth] = evaluate_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
-                                        seed=seed, reference=reference)
+                                        seed=seed, reference=reference, target=target)
         results[meth]["wall_seconds"] = round(time.perf_counter() - t0, 2)
         results[meth]["cost_vs_forward"] = cost_vs_forward(m, samples[0].image, meth)
         log.info("explain-eval %s done in %.1fs", meth, results[meth]["wall_seconds"])
     if any(meth in IG_METHODS for meth in methods):
         notes.append("integrated_gradients: 32 steps from a black image; its time includes all steps.")
     ranking = rank_methods(results)
-    return _clean({"model": getattr(model, "name", m.cfg.name), "weights_sha256": getattr(model, "sha256", None),
-            "data": source, "n_images": len(samples), "eval_size": list(size) if size else None,
-            "metric_kind": "phantom", "methods": results, "ranking": ranking,
-            "recommended_default": recommend_default(results, ranking), "notes": notes,
-            "settings": {"steps": steps, "stability_kinds": list(stability_kinds), "randomisation": randomisation,
-                         "seed": seed, "deletion_baseline": "blur", "noise_sigma": 0.03, "brightness": 1.15}})
+    report = {"model": getattr(model, "name", m.cfg.name), "weights_sha256": getattr(model, "sha256", None),
+              "data": source, "n_images": len(samples), "eval_size": list(size) if size else None,
+              "metric_kind": "real_lesions" if any(s.masks for s in samples) else "phantom",
+              "target": target, "methods": results, "ranking": ranking,
+              "recommended_default": recommend_default(results, ranking), "notes": notes,
+              "settings": {"steps": steps, "stability_kinds": list(stability_kinds), "randomisation": randomisation,
+                           "seed": seed, "deletion_baseline": "blur", "noise_sigma": 0.03, "brightness": 1.15}}
+    if disc is not None:
+        report["optic_disc_detection"] = disc
+    return _clean(report)
+
+
+def _disc_errors(samples: list[Sample]) -> dict | None:
+    """The optic-disc finder against the samples' OD masks (full photographs); the landmarks it found become the
+    samples' landmarks (ETDRS / disc zone summaries, as in the app). None when no sample has an OD mask."""
+    rows, names = [], []
+    for s in samples:
+        od = s.masks.get("OD")
+        if od is None or not od.any():
+            continue
+        r = real_lesions.disc_error(s.image, od)
+        lm = r.pop("landmarks")
+        if not s.landmarks:
+            s.landmarks = {"fovea_xy": lm["fovea_xy"], "disc_xy": lm["disc_xy"], "disc_radius": lm["disc_radius"],
+                           "eye": lm["laterality"]}
+        rows.append(r)
+        names.append(s.name)
+    return real_lesions.summarise_disc_errors(rows, names) if rows else None
 
 
 def _clean(obj):
@@ -479,7 +541,8 @@ _SHORT = {"deletion_auc_random_map": "del_rand_map", "randomisation_spearman": "
 def _format(report: dict) -> str:
     cols = ("pointing_game", "energy_pointing_game", "deletion_auc", "deletion_auc_random_map", "insertion_auc",
             "randomisation_spearman", "stability_ssim", "stability_spearman", "cost_vs_forward")
-    lines = [f"explain-eval: {report['model']} on {report['data']} ({report['n_images']} images, phantom metrics)",
+    kind = report.get("metric_kind", "phantom")
+    lines = [f"explain-eval: {report['model']} on {report['data']} ({report['n_images']} images, {kind} metrics)",
              "method".ljust(22) + " ".join(_SHORT.get(c, c[:12]).rjust(12) for c in cols)]
     for meth, r in report["methods"].items():
         vals = [r.get(c) for c in cols]
@@ -494,8 +557,38 @@ def _format(report: dict) -> str:
         from .evaluate_nd import format_lines
 
         lines += format_lines(report)
+    lines += _real_lesion_lines(report)
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
+
+
+def _real_lesion_lines(report: dict) -> list[str]:
+    """Text lines of the real-lesion block (pointing game, energy, deletion against chance) and the disc error."""
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = []
+    for meth, r in report["methods"].items():
+        rl = r.get("real_lesions")
+        if not rl:
+            continue
+        lines.append(f"real lesions, {meth} (target {report.get('target') or 'predicted class'}; tolerance "
+                     f"{rl['tolerance_px']} px = {rl['tolerance_rule']}):")
+        lines.append("  region       n   PG 0px (chance)   PG tol (chance)   energy (area, random map)")
+        for key, d in [("any DR", rl.get("lesions")), *rl["by_lesion"].items(), ("OD", rl.get("optic_disc"))]:
+            if d:
+                lines.append(f"  {key:<8} {d['n_images']:>4}   {f(d['pointing_game_0px'])} "
+                             f"({f(d['pointing_game_0px_chance'])})   {f(d['pointing_game_tol'])} "
+                             f"({f(d['pointing_game_tol_chance'])})   "
+                             f"{f(d['energy_share'])} ({f(d['area_share_image'])}, {f(d['energy_share_random_map'])})")
+        lines.append(f"  deletion: mean probability drop {f(rl['deletion_drop'])} in the map's order vs "
+                     f"{f(rl['deletion_drop_random_map'])} in a random order (p target {f(rl['p_target'])})")
+    od = report.get("optic_disc_detection")
+    if od and od.get("n_images"):
+        lines.append(f"optic-disc finder vs OD masks ({od['n_images']} photographs): error mean {od['mean_dd']:.3f}, "
+                     f"median {od['median_dd']:.3f}, max {od['max_dd']:.3f} disc diameters (target <= "
+                     f"{od['target_dd']})")
+    return lines
 
 
 def set_default(model_name: str, report: dict, weights_dir=None) -> Path:
@@ -517,7 +610,7 @@ def set_default(model_name: str, report: dict, weights_dir=None) -> Path:
     manifest[model_name]["default_method"] = rec["method"]
     manifest[model_name]["default_method_evidence"] = {
         "data": report["data"], "n_images": report["n_images"], "n_lesion_images": r.get("n_lesion_images"),
-        "metric_kind": "phantom", "rule": rec["rule"], "mean_rank": rec["mean_rank"],
+        "metric_kind": report.get("metric_kind", "phantom"), "rule": rec["rule"], "mean_rank": rec["mean_rank"],
         "pointing_game": r.get("pointing_game"), "energy_pointing_game": r.get("energy_pointing_game"),
         "insertion_auc": r.get("insertion_auc"), "randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
         "cost_vs_forward": r.get("cost_vs_forward"), "ranking": [d["method"] for d in report["ranking"]],
@@ -545,7 +638,8 @@ def cmd_explain_eval(args) -> int:
     report = explain_eval(args.model, args.data, methods=args.methods, n=args.n, weights_dir=args.weights_dir,
                           seed=args.seed, steps=args.steps,
                           stability_kinds=tuple(k for k in args.stability.split(",") if k),
-                          randomisation=not args.no_randomisation, split=None if split == "all" else split)
+                          randomisation=not args.no_randomisation, split=None if split == "all" else split,
+                          target=getattr(args, "target", None))
     if args.set_default:
         report["default_written_to"] = str(set_default(args.model, report, args.weights_dir))
     if args.counterfactual:
@@ -596,6 +690,10 @@ def add_cli(subparsers) -> None:
                         "without the fundus, the OCT or both images' lesions) and report per class how the "
                         "probability of its class changes (does the model use the lesions its map is scored "
                         "against?)")
+    p.add_argument("--target", default=None,
+                   help="2-D models: the class every map explains (e.g. diabetic_retinopathy, DME); default each "
+                        "image's predicted class. On a lesion set (e.g. ../shared/realdata/idrid_lesions) the maps "
+                        "are scored against its real masks")
     p.add_argument("--set-default", action="store_true",
                    help="write the recommended default method and its evidence into the model's manifest entry")
     p.add_argument("--json", action="store_true")

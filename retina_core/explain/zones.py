@@ -187,6 +187,14 @@ def _fov_mask(rgb: np.ndarray) -> np.ndarray:
     return fov
 
 
+def field_of_view(image_rgb) -> np.ndarray:
+    """bool [H, W]: the field of view of a colour fundus photograph (the black rim around it excluded)."""
+    rgb = np.asarray(getattr(image_rgb, "pixels", image_rgb))
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    return _fov_mask(rgb[..., :3])
+
+
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.5, float(sigma)))
 
@@ -212,7 +220,8 @@ def locate_fovea_and_disc(image_rgb, meta: Mapping | None = None) -> dict:
     - fovea for each candidate: the darkest smoothed spot 2-3.3 disc diameters from it toward the image centre,
       within +-25 degrees of the horizontal;
     - the candidate with the best blob contrast + 0.5 x fovea contrast + a prior for macula-centred photographs
-      (disc near the horizontal midline, 0.4-0.9 FOV radii off-centre) wins; its bright core gives centre and radius;
+      (disc near the horizontal midline, 0.4-0.9 FOV radii off-centre) wins; a matched filter for a bright disc of
+      the expected size against its surrounding ring gives the centre, its bright region the radius;
     - laterality: "OD" when the disc is right of the fovea (as photographed), else "OS".
     confidence in [0, 1] combines the disc's and the fovea's contrast to their surroundings; below ~0.3 treat the
     landmarks as unreliable (ask the user to place them).
@@ -279,23 +288,17 @@ def locate_fovea_and_disc(image_rgb, meta: Mapping | None = None) -> dict:
             best = (total, x0, y0, dz, fov_xy, fz)
     _, disc_x, disc_y, disc_contrast, (fov_x, fov_y), fovea_contrast = best
 
-    # disc outline around the candidate at a fine scale: the centroid of its bright core (above 60% of the local
-    # peak) refines the centre; the region above 40% gives the equivalent radius, kept within 0.6-1.4x the expected
+    # centre: a matched filter for the whole disc (see `_disc_centre`); radius: the region above 40% of the local
+    # peak of the fine-scale bright image around it, its equivalent radius kept within 0.6-1.4x the expected
+    disc_x, disc_y = _disc_centre(closed, fov, disc_x, disc_y, r_exp, xx, yy)
     fine = _masked_blur(closed, fov, 0.25 * r_exp) - bg
     near = (np.hypot(xx - disc_x, yy - disc_y) <= 1.2 * r_exp) & fov
     py, px = np.unravel_index(int(np.argmax(np.where(near, fine, -np.inf))), fine.shape)
     peak = float(fine[py, px])
     r_disc = r_exp
-    for frac in (0.6, 0.4):
-        n, lab = cv2.connectedComponents(((fine > frac * peak) & near).astype(np.uint8), connectivity=8)
-        if lab[py, px] == 0:
-            continue
-        reg = lab == lab[py, px]
-        if frac == 0.6:
-            ys_, xs_ = np.nonzero(reg)
-            disc_x, disc_y = float(xs_.mean()), float(ys_.mean())
-        else:
-            r_disc = float(np.clip(math.sqrt(reg.sum() / math.pi), 0.6 * r_exp, 1.4 * r_exp))
+    n, lab = cv2.connectedComponents(((fine > 0.4 * peak) & near).astype(np.uint8), connectivity=8)
+    if lab[py, px] != 0:
+        r_disc = float(np.clip(math.sqrt((lab == lab[py, px]).sum() / math.pi), 0.6 * r_exp, 1.4 * r_exp))
     conf = float(np.clip(0.5 * min(1.0, disc_contrast / 4.0) + 0.5 * min(1.0, max(0.0, fovea_contrast) / 2.0),
                          0.0, 1.0))
     lat = "OD" if disc_x > fov_x else "OS"
@@ -303,6 +306,35 @@ def locate_fovea_and_disc(image_rgb, meta: Mapping | None = None) -> dict:
     fov_y = float(np.clip(fov_y, 0, small.shape[0] - 1))
     return {"fovea_xy": (fov_x / s, fov_y / s), "disc_xy": (disc_x / s, disc_y / s), "disc_radius": r_disc / s,
             "laterality": lat, "method": "heuristic", "confidence": round(conf, 3)}
+
+
+def _disc_mean(img: np.ndarray, fov: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of `img` over the FOV pixels within `radius` of every pixel, and their count (for FOV-masked means)."""
+    r = int(math.ceil(radius))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    k = (np.hypot(xx, yy) <= radius).astype(np.float32)
+    m = fov.astype(np.float32)
+    return (cv2.filter2D(img.astype(np.float32) * m, -1, k, borderType=cv2.BORDER_CONSTANT),
+            cv2.filter2D(m, -1, k, borderType=cv2.BORDER_CONSTANT))
+
+
+def _disc_centre(closed, fov, x0, y0, r_exp, xx, yy, ring: float = 1.6, search: float = 0.8):
+    """Disc centre near a candidate (x0, y0): where a disc of the expected radius is brightest against the ring
+    around it (mean of the vessel-free image inside the circle minus the mean from 1 to `ring` radii, FOV pixels
+    only), searched within `search` x r_exp of the candidate.
+
+    Why a matched filter: the brightest part of a real disc is its pale cup and temporal rim, so a bright-core
+    centroid sits off-centre toward the fovea (0.15 disc diameters on average, up to 0.30, on the 10 IDRiD
+    photographs); the filter weighs the whole disc and brought that to 0.05 (max 0.14) with the expected radius and
+    these round constants, not tuned (docs/real_data.md)."""
+    s_in, n_in = _disc_mean(closed, fov, r_exp)
+    s_out, n_out = _disc_mean(closed, fov, ring * r_exp)
+    contrast = s_in / np.maximum(n_in, 1e-3) - (s_out - s_in) / np.maximum(n_out - n_in, 1e-3)
+    where = (np.hypot(xx - x0, yy - y0) <= search * r_exp) & fov
+    if not where.any():
+        return float(x0), float(y0)
+    y, x = np.unravel_index(int(np.argmax(np.where(where, contrast, -np.inf))), contrast.shape)
+    return float(x), float(y)
 
 
 def _fovea_near(dark, fov, xx, yy, disc_x, disc_y, cx, dd, spread):
