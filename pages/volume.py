@@ -5,11 +5,13 @@ import numpy as np
 import streamlit as st
 
 from retina_core import figures, ui
+from retina_core.analysis import NO_RESULT
 from retina_core.errors import RetinaInputError
 from retina_core.explain.attribution import default_method
 from retina_core.explain.inputs import input_shapley
 from retina_core.explain.overlay import overlay
 from retina_core.explain.volume_methods import VOLUME_METHODS, explain_volume
+from retina_core.quality import assess_quality
 from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
                                 slice_rgb)
 
@@ -47,6 +49,10 @@ try:
     if img is not None:
         if img.kind != "volume":
             raise RetinaInputError("This file holds a single image, not a volume: open it in Upload & diagnose.")
+        q = assess_quality(img)   # the one gate, before any model
+        if q.modality == "not_retinal" or not q.gradable:
+            st.error(f"**{NO_RESULT}.** {q.verdict}. " + " ".join(q.reasons), icon=":material/block:")
+            st.stop()
         vol, eye0 = img.pixels, img.laterality
 except RetinaInputError as exc:
     st.error(str(exc), icon=":material/error:")
