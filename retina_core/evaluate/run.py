@@ -14,7 +14,7 @@ import torch
 
 from ..errors import RetinaInputError
 from ..models.loading import LoadedModel, load_model
-from .metrics import classification_metrics
+from .metrics import bootstrap_ci, classification_metrics
 
 MULTI_INPUT = ("fundus+oct", "oct_volume")
 
@@ -99,4 +99,6 @@ def evaluate(model_name: str, data: str | Path, split: str = "test", weights_dir
     return {"model": model_name, "weights_sha256": model.sha256, "data": str(data), "layout": index.layout,
             "split": split, "n": int(len(y)), "metric_kind": "phantom" if is_phantom(index, data)
             else "as measured on this data", "temperature": model.temperature, "trained_on": model.entry.get("data"),
-            "metrics": classification_metrics(y, probs, list(model.cfg.classes), ordinal=model.cfg.ordinal)}
+            "metrics": classification_metrics(y, probs, list(model.cfg.classes), ordinal=model.cfg.ordinal),
+            "ci95": bootstrap_ci(y, probs, list(model.cfg.classes),
+                                 groups=[r.patient_id or str(r.path) for r in records])}
