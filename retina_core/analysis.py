@@ -24,7 +24,7 @@ from .quality import Quality, assess_quality
 # Every model that reads a modality, in the order suggestions are shown: models trained on real images first, then
 # phantom-only models for the tasks that have no real data here (five DR grades; CNV and drusen on OCT).
 MODELS_BY_MODALITY = {
-    "fundus": ("fundus_dme_resnet18", "fundus_resnet18_head", "fundus_dr_effnet_b0"),
+    "fundus": ("fundus_dme_resnet10t", "fundus_resnet18_head", "fundus_dr_effnet_b0"),
     "oct": ("oct_dme_resnet18", "oct_resnet18"),
 }
 

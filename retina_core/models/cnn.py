@@ -106,18 +106,19 @@ register_model(ModelCfg(
 ), TimmClassifier)
 
 register_model(ModelCfg(
-    name="fundus_dme_resnet18",
-    arch="resnet18",
+    name="fundus_dme_resnet10t",
+    arch="resnet10t",
     modality="fundus",
     classes=DME2,
     task="Colour fundus photograph: diabetic macular oedema (DME) present or not",
     input_size=(3, 224, 224),
-    weights="fundus_dme_resnet18.safetensors",
+    weights="fundus_dme_resnet10t.safetensors",
     target_layer="net.layer4",
     fine_layer="net.layer3",
     referable=("DME",),
-    card=("ResNet-18 (timm `resnet18`) answering DME yes/no on a colour fundus photograph (the photograph-based "
-          "DME screening of hard exudates near the macula), trained on the real Mexico fundus set (Hughes-Cano "
-          "et al.; DME / no DME by retinal specialists). Input: 224x224 RGB, ImageNet normalisation; Grad-CAM "
-          "target `layer4`. " + _REAL_NOTE),
+    card=("ResNet-10-T (timm `resnet10t`: a ResNet-D-style deep stem, 4.9M parameters, so the bundle stays under "
+          "its 100 MB budget) answering DME yes/no on a colour fundus photograph (the photograph-based DME "
+          "screening of hard exudates near the macula), trained from scratch on the real Mexico fundus set "
+          "(Hughes-Cano et al.; DME / no DME by retinal specialists). Input: RGB, ImageNet normalisation, at the "
+          "size the manifest records; Grad-CAM target `layer4`. " + _REAL_NOTE),
 ), TimmClassifier)

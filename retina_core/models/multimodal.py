@@ -215,7 +215,7 @@ register_model(ModelCfg(
 
 register_model(ModelCfg(
     name="fundus_oct_dme_fusion",
-    arch="resnet18+resnet18->mlp",
+    arch="resnet10t+resnet18->mlp",
     modality="fundus+oct",
     classes=DME2,
     task="Fundus photograph + OCT B-scan of one eye: diabetic macular oedema (DME) present or not",
@@ -223,9 +223,9 @@ register_model(ModelCfg(
     weights="fundus_oct_dme_fusion.safetensors",
     target_layer="fundus_encoder.net.layer4",
     referable=("DME",),
-    builder_kwargs={"fundus_encoder": "fundus_dme_resnet18", "oct_encoder": "oct_dme_resnet18", "hidden": 128,
+    builder_kwargs={"fundus_encoder": "fundus_dme_resnet10t", "oct_encoder": "oct_dme_resnet18", "hidden": 128,
                     "dropout": 0.3},
-    card=("The same fusion design on the real-data DME encoders: `fundus_dme_resnet18` (512-d) and "
+    card=("The same fusion design on the real-data DME encoders: `fundus_dme_resnet10t` (512-d) and "
           "`oct_dme_resnet18` (512-d) frozen, embeddings concatenated into an MLP head (128, ReLU, dropout 0.3, "
           "noDME / DME). Trained and tested on TRUE pairs: the Mexico fundus photograph and OCT B-scan of the same "
           "eye (`python -m retina_core data pair`), split by a keyed hash of the patient id (`--split-by "
