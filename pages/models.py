@@ -5,6 +5,7 @@ import streamlit as st
 
 from retina_core import figures, ui
 from retina_core.models import get_cfg, list_models, read_manifest
+from retina_core.models.loading import trained_on
 from retina_core.quick_eval import saved_evaluations, stability_table
 
 ui.require_navigation()
@@ -20,17 +21,23 @@ overview = []
 for name in list_models():
     cfg, e = get_cfg(name), manifest.get(name, {})
     hm = e.get("heldout_metrics", {})
+    ci = (e.get("heldout_ci95") or {}).get("auc_macro")
     overview.append({"model": name, "reads": cfg.modality.replace("_", " "),
                      "status": "loaded" if status.get(name) is None else "not available",
-                     "trained on": e.get("data", "-") if e else "-",
-                     "held-out accuracy": hm.get("accuracy", float("nan")), "metric kind": e.get("metric_kind", "-"),
+                     "trained on": trained_on(e) if e else "-",
+                     "held-out accuracy": hm.get("accuracy", float("nan")),
+                     "held-out AUC": hm.get("auc_macro", float("nan")),
+                     "AUC 95% CI": f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-", "metric kind": e.get("metric_kind", "-"),
                      "temperature": e.get("temperature", float("nan"))})
 df = pd.DataFrame(overview)
 st.dataframe(df, hide_index=True, width="stretch", height=38 + 35 * len(df),
              column_config={"held-out accuracy": st.column_config.NumberColumn(format="%.2f"),
+                            "held-out AUC": st.column_config.NumberColumn(format="%.2f"),
                             "temperature": st.column_config.NumberColumn(format="%.2f")})
-st.caption("Accuracy is measured on held-out synthetic phantoms for the bundled demo weights: it says whether a "
-           "model learned the phantoms, not how it performs on patients.")
+st.caption("Models trained on real public images are scored on a held-out, patient-level test split of their set "
+           "(95% bootstrap intervals over patients; docs/real_data.md). Phantom-only models are scored on held-out "
+           "synthetic phantoms: that says whether they learned the phantoms, not how they perform on patients. "
+           "Neither is clinical accuracy.")
 
 st.subheader("Evaluation")
 loaded = [n for n in list_models() if status.get(n) is None]
@@ -110,10 +117,20 @@ for name in list_models():
         st.caption("Classes: " + ", ".join(cfg.classes))
         if entry:
             kind = entry.get("metric_kind", "held-out")
-            st.markdown(f"**Trained on:** {entry.get('data')}  \n**Held-out {kind} metrics** "
+            st.markdown(f"**Trained on:** {trained_on(entry)}  \n**Held-out {kind} metrics** "
                         f"(n = {entry.get('heldout_metrics', {}).get('n')}; not clinical accuracy):")
             metrics = {k: v for k, v in entry.get("heldout_metrics", {}).items() if k != "n"}
             if metrics:
-                st.dataframe(pd.DataFrame([metrics]), hide_index=True)
+                ci = entry.get("heldout_ci95") or {}
+                rows = [metrics] + ([{k: f"{ci[k][0]:.3f}-{ci[k][1]:.3f}" if ci.get(k) else "" for k in metrics}]
+                                    if ci else [])
+                st.dataframe(pd.DataFrame(rows, index=["estimate", "95% CI"][:len(rows)]))
+            real = entry.get("real_data")
+            if real:
+                st.markdown(f"**Data set:** {real.get('title')}. **Source and attribution:** {real.get('attribution')}."
+                            f"  \n**Licence:** {real.get('licence')}.  \n**Caveats:** {real.get('caveats')}.")
+                hashes = entry.get("split_sha256") or {}
+                st.caption("Patient-level split, file lists recorded as content hashes: " + ", ".join(
+                    f"{k} n = {v['n']} `{v['sha256'][:12]}`" for k, v in hashes.items()))
             st.caption(f"Weights `{entry['file']}` ({entry.get('dtype')}), sha256 `{entry['sha256']}`; "
                        f"trained {entry.get('date')} with `{entry.get('command')}`")

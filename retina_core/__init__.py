@@ -12,8 +12,9 @@ from .io.decode import RetinalImage, read_image
 from .models import create_model, list_models, load_model
 
 __version__ = "0.1.0"
-DISCLAIMER = ("Research software, not a medical device. Suggestions are not a diagnosis; bundled demo models were "
-              "trained on synthetic phantoms, and their metrics are phantom metrics, not clinical accuracy.")
+DISCLAIMER = ("Research software, not a medical device. Suggestions are not a diagnosis. Some bundled models were "
+              "trained on small real public image sets (each result names its set and held-out figure), the others "
+              "on synthetic phantoms only; no figure here is clinical accuracy.")
 
 __all__ = ["Analysis", "DEFAULT_MODELS", "DISCLAIMER", "RetinaInputError", "RetinalImage", "analyze", "analyze_all",
            "create_model", "explain", "get_model", "list_models", "load_model", "read_image"]

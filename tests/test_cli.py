@@ -6,7 +6,9 @@ import sys
 import numpy as np
 from PIL import Image
 
+from retina_core.analysis import DEFAULT_MODELS, PHANTOM_DEFAULTS, installed_models
 from retina_core.cli import main
+from retina_core.models import read_manifest
 
 
 def test_models_lists_registry_with_weights(capsys):
@@ -22,13 +24,30 @@ def test_predict_json_and_heatmaps(tmp_path, fundus_png, oct_png, capsys):
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["file"] for r in recs] == [str(fundus_png), str(oct_png)]
     assert [r["modality"] for r in recs] == ["fundus", "oct"]
-    assert [r["model"] for r in recs] == ["fundus_dr_effnet_b0", "oct_resnet18"]
+    # the default model of each modality first (a real-data model where one is installed), then every other one
+    assert [r["model"] for r in recs] == [DEFAULT_MODELS["fundus"], DEFAULT_MODELS["oct"]]
+    manifest = read_manifest()
     for r in recs:
-        assert abs(sum(r["probabilities"].values()) - 1) < 1e-6 and r["label"] in r["probabilities"]
-        heat = np.asarray(Image.open(r["heatmap"]))
-        src = np.asarray(Image.open(r["file"]))
-        assert heat.shape[:2] == src.shape[:2]
-        assert fundus_png.stem not in r["heatmap"]   # outputs are named by content hash only
+        found = [r, *r.get("other_suggestions", [])]
+        assert [f["model"] for f in found] == installed_models(r["modality"])
+        assert [bool(manifest[f["model"]].get("real_data")) for f in found] == \
+            sorted((bool(manifest[f["model"]].get("real_data")) for f in found), reverse=True)
+        for f in found:
+            assert abs(sum(f["probabilities"].values()) - 1) < 1e-6 and f["label"] in f["probabilities"]
+            assert f["trained_on"].startswith(("real: ", "synthetic phantoms only"))
+            heat = np.asarray(Image.open(f["heatmap"]))
+            src = np.asarray(Image.open(r["file"]))
+            assert heat.shape[:2] == src.shape[:2]
+            assert fundus_png.stem not in f["heatmap"]   # outputs are named by content hash only
+
+
+def test_real_data_models_come_first_where_installed():
+    manifest = read_manifest()
+    for modality in ("fundus", "oct"):
+        names = installed_models(modality)
+        real = [n for n in names if manifest[n].get("real_data")]
+        assert names[:len(real)] == real
+        assert DEFAULT_MODELS[modality] == (real[0] if real else PHANTOM_DEFAULTS[modality])
 
 
 def test_predict_reports_bad_files_and_continues(tmp_path, oct_png, capsys):
