@@ -21,6 +21,7 @@ from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, analyze, analyze_
 from .errors import RetinaInputError
 from .io.decode import RetinalImage, read_image
 from .models import get_cfg, list_models, read_manifest
+from .models.loading import trained_on
 
 T = TypeVar("T")
 
@@ -238,10 +239,7 @@ def weights_caption(model_names: list[str] | None = None) -> None:
     for name in model_names or sorted(manifest):
         e = manifest.get(name)
         if e and status.get(name) is None:
-            acc = e.get("heldout_metrics", {}).get("accuracy")
-            kind = e.get("metric_kind", "held-out")
-            score = f"; {kind} accuracy {acc:.2f}" if isinstance(acc, (int, float)) else ""
-            st.caption(f"`{name}` weights `{e['sha256'][:12]}` trained on {e.get('data', 'unknown data')}{score}.")
+            st.caption(f"`{name}` weights `{e['sha256'][:12]}` trained on {trained_on(e)}.")
 
 
 def sidebar_weights() -> None:
