@@ -254,6 +254,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_gate_eval(args) -> int:
+    """The quality and modality gate over folders of real images (evaluate/gate.py)."""
+    from .evaluate.gate import contact_sheet, evaluate_set, format_report, resolve_sets
+
+    if args.limit is not None and args.limit < 1:
+        raise RetinaInputError("--limit must be at least 1.")
+    sets = resolve_sets(args.data)
+    results = []
+    for d in sets:
+        progress = None if args.json or not sys.stderr.isatty() else (
+            lambda i, n, name=d.name: print(f"\r{name}: {i}/{n}", end="" if i < n else "\n", file=sys.stderr))
+        results.append(evaluate_set(d, expect=args.expect, limit=args.limit, progress=progress))
+    shown = contact_sheet(results, args.contact_sheet) if args.contact_sheet else None
+    if args.json:
+        for r in results:
+            _print_json(r)
+    else:
+        print(format_report(results))
+    if args.contact_sheet:
+        print(f"contact sheet: {shown} refused images in {args.contact_sheet} (patient images: do not commit)",
+              file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from .train.engine import TrainConfig
@@ -353,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   "cached_rerun,zones_rerun,cold_start,concurrent_sessions (the last two drive chromium)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("gate-eval", help="the quality and modality gate over folders of real images, per set")
+    p.add_argument("data", nargs="+", help="data set folders (labels.csv 'file' column, else every image), a "
+                                           "folder of such sets, or set names under $RETINA_REALDATA")
+    p.add_argument("--expect", choices=["fundus", "oct"],
+                   help="the modality every set holds (default: guessed from each set's name or labels)")
+    p.add_argument("--limit", type=int, default=None, help="at most N images per set, evenly spaced")
+    p.add_argument("--contact-sheet", default=None,
+                   help="write a PNG grid of the refused images with their reasons here (patient images: keep local)")
+    p.add_argument("--json", action="store_true", help="one JSON object per set, refused files included")
+    p.set_defaults(func=cmd_gate_eval)
 
     from .explain.evaluate import add_cli as add_explain_eval_cli
     add_explain_eval_cli(sub)
