@@ -40,10 +40,14 @@ def test_image_scores_hit_chance_energy_and_tolerance():
     assert s["HE"]["energy"] == pytest.approx(50 / 51)
     assert s["any"]["area_image"] == pytest.approx(101 / 4000)
     assert 0 < s["any"]["energy_random_map"] < 0.1
+    plateau = np.zeros(shape, np.float32)
+    plateau[5, 25:35] = 1.0                                  # ten tied maxima, five of them on the haemorrhage
+    tied = rl.image_scores(plateau, {"HE": he}, fov, rand)
+    assert tied["HE"]["pg_0px"] == pytest.approx(0.5) and tied["peak_share"] == pytest.approx(10 / 4000)
 
 
 def test_summary_deletion_drop_and_p_value():
-    rows = [{"tolerance_px": 2, "any": {"pg_0px": h, "pg_tol": h, "chance_0px": 0.1, "chance_tol": 0.2,
+    rows = [{"tolerance_px": 2, "peak_share": 0.001, "any": {"pg_0px": h, "pg_tol": h, "chance_0px": 0.1, "chance_tol": 0.2,
                                         "energy": 0.3, "area_image": 0.1, "area_fov": 0.15,
                                         "energy_random_map": 0.1}} for h in (1.0, 1.0, 0.0, 1.0)]
     out = rl.summarise(rows, ["a/IDRiD_01.jpg"] * 4, ["DR"] * 4, [0.9] * 4, [0.5, 0.4, 0.6, 0.5], [0.8] * 4)
@@ -72,7 +76,7 @@ def test_explain_eval_on_idrid_photographs():
     assert rep["eval_size"] == [64, 96]                      # the model's 96 px side, the photographs' 3:2 aspect
     r = rep["methods"]["gradcam"]["real_lesions"]
     les = r["lesions"]
-    assert les["n_images"] == 2 and les["pointing_game_0px"] in (0.0, 0.5, 1.0)
+    assert les["n_images"] == 2 and 0 <= les["pointing_game_0px"] <= les["pointing_game_tol"] <= 1
     assert 0 < les["pointing_game_0px_chance"] <= les["pointing_game_tol_chance"] < 1
     assert les["area_share_image"] < les["area_share_fov"] < 1           # the black rim is not retina
     assert 0 <= les["energy_share"] <= 1 and 0 < les["energy_share_random_map"] < 1

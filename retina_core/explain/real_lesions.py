@@ -5,7 +5,9 @@ per-lesion masks:
 
 Per heatmap (the model's target class, on the photograph at the evaluation size):
 - pointing game: is the map's peak inside a DR lesion (MA, HE, EX, SE; any of them, and per type), at 0 px and
-  with a tolerance of 1% of the image width (`TOLERANCE_FRACTION`; the mask dilated by that many pixels);
+  with a tolerance of 1% of the image width (`TOLERANCE_FRACTION`; the mask dilated by that many pixels); ties
+  broken at random (the share of the map's maximal pixels inside: Integrated Gradients maps are clipped at their
+  99.5th percentile, a plateau of 0.5% of the pixels that the any-pixel rule would count generously);
   chance: where a random point of the field of view lands, (dilated) lesion area inside the FOV / FOV area;
 - energy pointing game: the share of the map's energy inside the lesions, against the lesion area share of the image
   (a flat map's score) and the share of the same coarse random map the deletion reference uses;
@@ -72,7 +74,7 @@ def _dilate(mask: np.ndarray, tol: int) -> np.ndarray:
 def _region_scores(hm, mask, fov, rand, tol) -> dict:
     hits, chances = {}, {}
     for key, t in (("0px", 0), ("tol", tol)):
-        hits[key] = float(trust.pointing_game(hm, mask, tolerance_px=t))
+        hits[key] = trust.pointing_game_3d_tiebreak(hm[None], mask[None], tolerance_px=t)   # one slice
         chances[key] = float((_dilate(mask, t) & fov).sum() / max(1, fov.sum()))
     return {"pg_0px": hits["0px"], "pg_tol": hits["tol"], "chance_0px": chances["0px"], "chance_tol": chances["tol"],
             "energy": trust.energy_pointing_game(hm, mask), "area_image": float(mask.mean()),
@@ -84,11 +86,12 @@ def image_scores(heatmap: np.ndarray, masks: Mapping[str, np.ndarray], fov: np.n
                  random_heatmap: np.ndarray) -> dict:
     """Scores of one map against one photograph's masks (all at the map's size): {"tolerance_px", "any": {...},
     per lesion code present and non-empty: {...}, "OD": {...} when given}; each {...} holds pg_0px / pg_tol (1.0
-    hit, 0.0 miss), chance_0px / chance_tol, energy, area_image, area_fov, energy_random_map."""
+    hit, 0.0 miss; with tied maxima the share of them inside), chance_0px / chance_tol, energy, area_image, area_fov,
+    energy_random_map; peak_share: the share of pixels at the map's maximum."""
     hm = np.asarray(heatmap, np.float32)
     fov = np.ones(hm.shape, bool) if fov is None else np.asarray(fov, bool)
     tol = tolerance_px(hm.shape)
-    out: dict = {"tolerance_px": tol}
+    out: dict = {"tolerance_px": tol, "peak_share": float((hm >= hm.max()).mean()) if hm.size else 0.0}
     union = dr_union(masks)
     if union is not None and union.any():
         out["any"] = _region_scores(hm, union, fov, random_heatmap, tol)
@@ -106,13 +109,13 @@ def _mean(xs) -> float | None:
 
 def p_value_vs_chance(hits: Sequence[float], chances: Sequence[float]) -> float | None:
     """One-sided P(at least this many hits) when image i is hit with its own chance (a Poisson-binomial tail):
-    how often random points would do as well as the map."""
+    how often random points would do as well as the map. Tie-broken (fractional) hits are summed and rounded down."""
     if not hits:
         return None
     dist = np.array([1.0])
     for p in chances:
         dist = np.convolve(dist, [1.0 - p, p])
-    return float(dist[int(round(sum(hits))):].sum())
+    return float(dist[int(math.floor(sum(hits) + 1e-9)):].sum())
 
 
 def _summarise_region(rows: list[dict]) -> dict:
@@ -152,6 +155,7 @@ def summarise(per_image: list[dict], names: Sequence[str], targets: Sequence[str
                        "area_share_image": a.get("area_image")})
     tols = sorted({r["tolerance_px"] for r in per_image})
     return {"tolerance_px": tols[0] if len(tols) == 1 else tols,
+            "peak_share": _mean([r["peak_share"] for r in per_image]),
             "tolerance_rule": f"{TOLERANCE_FRACTION:.0%} of the image width at the evaluation size",
             "lesions": regions.get("any"),
             "by_lesion": {k: v for k, v in regions.items() if k in DR_LESIONS},
