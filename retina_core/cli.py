@@ -53,7 +53,7 @@ def cmd_predict(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .analysis import analyze, get_model
+    from .analysis import analyze, analyze_all, get_model
     from .explain.overlay import heatmap_to_rgb, overlay
     from .io.decode import read_image
 
@@ -71,16 +71,25 @@ def cmd_predict(args) -> int:
                 record.update(predict_volume(img, args.model, args.method, record_values, args.eye, out))
                 failures += _report_volume(path, record, args.json)
                 continue
-            a = analyze(img, model, method=args.method, modality=args.modality)
-            record.update(a.to_dict())
-            if out and a.heatmap is not None:
-                # Outputs are named by content hash, never by the input name (which may carry patient data).
-                stem = a.content_hash[:16]
-                Image.fromarray(heatmap_to_rgb(a.heatmap)).save(out / f"{stem}_heatmap.png")
-                Image.fromarray(overlay(a.image, a.heatmap)).save(out / f"{stem}_overlay.png")
-                np.save(out / f"{stem}_heatmap.npy", a.heatmap)
-                record["heatmap"] = str(out / f"{stem}_heatmap.png")
-                record["overlay"] = str(out / f"{stem}_overlay.png")
+            # --model: that model alone; else every installed model of the modality, the default one first
+            found = [analyze(img, model, method=args.method, modality=args.modality)] if model else \
+                analyze_all(img, method=args.method, modality=args.modality)
+            for k, a in enumerate(found):
+                entry = a.to_dict()
+                if out and a.heatmap is not None:
+                    # Outputs are named by content hash (and model), never by the input name (patient data).
+                    stem = a.content_hash[:16] + ("" if k == 0 else f"_{a.model}")
+                    Image.fromarray(heatmap_to_rgb(a.heatmap)).save(out / f"{stem}_heatmap.png")
+                    Image.fromarray(overlay(a.image, a.heatmap)).save(out / f"{stem}_overlay.png")
+                    np.save(out / f"{stem}_heatmap.npy", a.heatmap)
+                    entry["heatmap"] = str(out / f"{stem}_heatmap.png")
+                    entry["overlay"] = str(out / f"{stem}_overlay.png")
+                if k == 0:
+                    record.update(entry)
+                else:
+                    for key in ("quality", "laterality", "content_hash", "modality"):
+                        entry.pop(key, None)
+                    record.setdefault("other_suggestions", []).append(entry)
         except RetinaInputError as exc:
             failures += 1
             record["error"] = str(exc)
@@ -91,9 +100,11 @@ def cmd_predict(args) -> int:
         elif record["label"] is None:
             print(f"{path}: {record['suggestion']} ({'; '.join(record['notes'])})")
         else:
-            p = record["probabilities"][record["label"]]
-            print(f"{path}: {record['modality']} -> {record['label']} ({p:.1%}) by {record['model']}; "
-                  f"{record['suggestion']}" + (f"; heatmap {record['heatmap']}" if "heatmap" in record else ""))
+            for k, r in enumerate([record, *record.get("other_suggestions", [])]):
+                p = r["probabilities"][r["label"]]
+                head = f"{path}: {record['modality']} ->" if k == 0 else "    also:"
+                print(f"{head} {r['label']} ({p:.1%}) by {r['model']} [trained on {r['trained_on']}]; "
+                      f"{r['suggestion']}" + (f"; heatmap {r['heatmap']}" if "heatmap" in r else ""))
     return 1 if failures else 0
 
 
@@ -134,13 +145,19 @@ def predict_volume(img, model_name: str | None, method: str | None, record: dict
     import numpy as np
     from PIL import Image
 
-    from .analysis import get_model
+    from .analysis import NO_RESULT, get_model
     from .explain.attribution import default_method
     from .explain.overlay import overlay
     from .explain.volume_methods import VOLUME_METHODS, explain_volume
     from .models import get_cfg
+    from .quality import assess_quality
     from .volume import en_face, map_en_face, run_volume_model, slice_rgb
 
+    q = assess_quality(img)   # the one gate, before any model: a non-OCT or ungradable volume gets no result
+    if q.modality == "not_retinal" or not q.gradable:
+        return {"modality": q.modality, "label": None, "suggestion": NO_RESULT, "model": None,
+                "quality": {"verdict": q.verdict, "gradable": q.gradable, "score": round(float(q.score), 4),
+                            "reasons": list(q.reasons)}, "notes": [q.verdict, *q.reasons]}
     name = model_name or VOLUME_MODEL
     if get_cfg(name).modality != "oct_volume":
         raise RetinaInputError(f"This is an OCT volume and {name} reads single images; use an OCT volume model "
@@ -174,6 +191,8 @@ def predict_volume(img, model_name: str | None, method: str | None, record: dict
 def _report_volume(path: str, record: dict, as_json: bool) -> int:
     if as_json:
         _print_json(record)
+    elif record["label"] is None:
+        print(f"{path}: {record['suggestion']} ({'; '.join(record['notes'])})")
     else:
         print(f"{path}: oct_volume -> {record['label']} (P(disease) {record['p_disease']:.1%}) by {record['model']}; "
               f"{record['method']} map strongest on B-scan {record['peak_slice']} of {record['shape'][0]}"
@@ -205,6 +224,14 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_data_pair(args) -> int:
+    from .io.datasets import write_pairs
+
+    summary = write_pairs(args.fundus, args.oct, args.out)
+    _print_json(summary) if args.json else print(json.dumps(summary, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------- train / evaluate
 def cmd_train(args) -> int:
     import shutil
@@ -231,6 +258,10 @@ def cmd_evaluate(args) -> int:
 
     report = evaluate(args.model, args.data, split=args.split, weights_dir=args.weights_dir,
                       encoders_dir=args.encoders_dir)
+    if args.plots:
+        from .evaluate.plots import write_eval_plots
+
+        report["plots"] = [str(p) for p in write_eval_plots(report, args.plots)]
     _print_json(report) if args.json else print(json.dumps(report, indent=2))
     return 0
 
@@ -331,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_phantoms)
+    p = data.add_parser("pair", help="true fundus + OCT pairs of the same eyes (joined by patient id and eye) "
+                                     "as a pairs.csv; no image is copied")
+    p.add_argument("fundus", help="a labelled fundus set, e.g. ../shared/realdata/mexico_fundus_dme_dr")
+    p.add_argument("oct", help="a labelled OCT set of the same patients, e.g. ../shared/realdata/mexico_oct_dme")
+    p.add_argument("--out", required=True, help="folder for pairs.csv (paths relative to it)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_pair)
+
     p = data.add_parser("inspect", help="detected layout, splits, classes and counts of a data set folder")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -352,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--weights-dir", default=None, help="a folder written by `train` (default: bundled weights)")
     p.add_argument("--encoders-dir", default=None, help="fundus_oct_fusion: folder(s) with the encoders' weights")
+    p.add_argument("--plots", default=None, help="folder for the confusion matrix and reliability diagram (PNG)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
