@@ -186,10 +186,17 @@ def analyze_all(image, method: str | None = None, modality: str | None = None) -
     names = installed_models(q.modality) if q.modality in MODELS_BY_MODALITY else []
     if not names or q.modality == "not_retinal" or not q.gradable:
         return [_read(img, q, None, method, None)]
+    models = [get_model(n) for n in names]
+    if method is not None and not any(method in available_methods(m) for m in models):
+        raise RetinaInputError(f"Method {method!r} does not apply to {', '.join(names)}; choose one of "
+                               f"{', '.join(available_methods(models[0]))}.")
     out = []
-    for name in names:
-        m = get_model(name)
-        out.append(_read(img, q, m, method if method is None or method in available_methods(m) else None, None))
+    for m in models:
+        fits = method is None or method in available_methods(m)
+        a = _read(img, q, m, method if fits else None, None)
+        if not fits and a.has_result:
+            a.notes.append(f"{method} does not apply to {m.name}; its default map ({a.method}) is shown.")
+        out.append(a)
     return out
 
 

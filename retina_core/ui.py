@@ -210,7 +210,10 @@ def analyses_for(img: RetinalImage, model: str | None, method: str | None, modal
     if key not in cache:
         while len(cache) >= ANALYSIS_LIMIT:
             cache.pop(next(iter(cache)))
-        cache[key] = analyze_all(img, method=method, modality=modality)
+        found = cache[key] = analyze_all(img, method=method, modality=modality)
+        resolved = {a.method for a in found if a.label is not None}
+        if method is None and len(resolved) == 1:   # choosing that method by name later reuses these
+            cache.setdefault((img.content_hash, "all", resolved.pop(), modality), found)
     return cache[key]
 
 

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from retina_core.analysis import DEFAULT_MODELS, installed_models
+from retina_core.models import get_cfg
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 
@@ -99,9 +102,13 @@ def test_upload_phantom_shows_prediction_and_heatmap(app, oct_png):
     assert "Image 1" in text and "oct" in text
     labels = {m.label: m.value for m in app.metric}
     assert labels["Modality"] == "oct" and labels["Quality"] == "gradable"
-    assert labels["Suggestion"] in ("CNV", "DME", "DRUSEN", "NORMAL")
+    assert labels["Suggestion"] in get_cfg(DEFAULT_MODELS["oct"]).classes     # the default (real-data) OCT model
     assert any("heatmap" in c for c in [c.value for c in app.caption]) or "heatmap" in text
-    assert len(app.get("plotly_chart")) == 1
+    # every installed OCT model reads the scan: the default in full, each other one in an expander with its chart
+    others = installed_models("oct")[1:]
+    assert len(app.get("plotly_chart")) == 1 + len(others)
+    assert [e.label.split(":")[0] for e in app.expander if e.label.split(":")[0] in others] == others
+    assert any("trained on" in c.value for c in app.caption)
     assert {"dl_1", "report_pdf", "report_json"} <= {d.key for d in app.get("download_button")}
     # No laterality in the file name: the page asks for the eye.
     assert any(s.label.startswith("Eye") for s in app.selectbox)

@@ -142,9 +142,11 @@ def test_batch_benchmark_runs_every_configuration():
     (figures are recorded in docs/benchmarks.md, never asserted here)."""
     from retina_core.bench import bench_batch_throughput, format_markdown
 
+    from retina_core.analysis import DEFAULT_MODELS
+
     r = bench_batch_throughput(n_images=4, batch_size=2, repeats=1)
-    assert set(r["models"]) == {"oct_resnet18", "fundus_dr_effnet_b0"}
+    assert set(r["models"]) == {DEFAULT_MODELS["oct"], DEFAULT_MODELS["fundus"]}
     for m in r["models"].values():
         assert set(m["ratio"]) == {"floor", "default", "workers_2", "heatmaps"}
         assert all(v > 0 for v in m["img_per_s"].values())
-    assert "| oct_resnet18 |" in format_markdown({"batch_throughput": r})
+    assert f"| {DEFAULT_MODELS['oct']} |" in format_markdown({"batch_throughput": r})
