@@ -33,6 +33,7 @@ def test_image_scores_hit_chance_energy_and_tolerance():
     rand = rl.trust.random_map(shape, 0)
     s = rl.image_scores(hm, {"MA": ma, "HE": he, "OD": np.zeros(shape, bool)}, fov, rand)
     assert s["tolerance_px"] == 1 and "OD" not in s          # an empty mask is not scored
+    assert s["energy_outside_fov"] == 0.0 and s["area_outside_fov"] == pytest.approx(0.2)
     assert s["MA"]["pg_0px"] == 0.0 and s["MA"]["pg_tol"] == 1.0     # missed at 0 px, hit within 1 px
     assert s["any"]["pg_tol"] == 1.0 and s["HE"]["pg_0px"] == 0.0
     assert s["any"]["chance_0px"] == pytest.approx(101 / 3200)          # lesion area / FOV area
@@ -47,7 +48,7 @@ def test_image_scores_hit_chance_energy_and_tolerance():
 
 
 def test_summary_deletion_drop_and_p_value():
-    rows = [{"tolerance_px": 2, "peak_share": 0.001, "any": {"pg_0px": h, "pg_tol": h, "chance_0px": 0.1, "chance_tol": 0.2,
+    rows = [{"tolerance_px": 2, "peak_share": 0.001, "energy_outside_fov": 0.0, "area_outside_fov": 0.3, "any": {"pg_0px": h, "pg_tol": h, "chance_0px": 0.1, "chance_tol": 0.2,
                                         "energy": 0.3, "area_image": 0.1, "area_fov": 0.15,
                                         "energy_random_map": 0.1}} for h in (1.0, 1.0, 0.0, 1.0)]
     out = rl.summarise(rows, ["a/IDRiD_01.jpg"] * 4, ["DR"] * 4, [0.9] * 4, [0.5, 0.4, 0.6, 0.5], [0.8] * 4)

@@ -583,6 +583,8 @@ def _real_lesion_lines(report: dict) -> list[str]:
                              f"{f(d['energy_share'])} ({f(d['area_share_image'])}, {f(d['energy_share_random_map'])})")
         lines.append(f"  deletion: mean probability drop {f(rl['deletion_drop'])} in the map's order vs "
                      f"{f(rl['deletion_drop_random_map'])} in a random order (p target {f(rl['p_target'])})")
+        lines.append(f"  map energy outside the field of view {f(rl.get('energy_outside_fov'))} (its area "
+                     f"{f(rl.get('area_outside_fov'))})")
     od = report.get("optic_disc_detection")
     if od and od.get("n_images"):
         lines.append(f"optic-disc finder vs OD masks ({od['n_images']} photographs): error mean {od['mean_dd']:.3f}, "

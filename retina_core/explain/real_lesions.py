@@ -87,11 +87,13 @@ def image_scores(heatmap: np.ndarray, masks: Mapping[str, np.ndarray], fov: np.n
     """Scores of one map against one photograph's masks (all at the map's size): {"tolerance_px", "any": {...},
     per lesion code present and non-empty: {...}, "OD": {...} when given}; each {...} holds pg_0px / pg_tol (1.0
     hit, 0.0 miss; with tied maxima the share of them inside), chance_0px / chance_tol, energy, area_image, area_fov,
-    energy_random_map; peak_share: the share of pixels at the map's maximum."""
+    energy_random_map; peak_share: the share of pixels at the map's maximum; energy_outside_fov: the map's share on
+    the black surround (a map there points at the frame, not the retina) and area_outside_fov its area share."""
     hm = np.asarray(heatmap, np.float32)
     fov = np.ones(hm.shape, bool) if fov is None else np.asarray(fov, bool)
     tol = tolerance_px(hm.shape)
-    out: dict = {"tolerance_px": tol, "peak_share": float((hm >= hm.max()).mean()) if hm.size else 0.0}
+    out: dict = {"tolerance_px": tol, "peak_share": float((hm >= hm.max()).mean()) if hm.size else 0.0,
+                 "energy_outside_fov": trust.energy_pointing_game(hm, ~fov), "area_outside_fov": float((~fov).mean())}
     union = dr_union(masks)
     if union is not None and union.any():
         out["any"] = _region_scores(hm, union, fov, random_heatmap, tol)
@@ -156,6 +158,8 @@ def summarise(per_image: list[dict], names: Sequence[str], targets: Sequence[str
     tols = sorted({r["tolerance_px"] for r in per_image})
     return {"tolerance_px": tols[0] if len(tols) == 1 else tols,
             "peak_share": _mean([r["peak_share"] for r in per_image]),
+            "energy_outside_fov": _mean([r["energy_outside_fov"] for r in per_image]),
+            "area_outside_fov": _mean([r["area_outside_fov"] for r in per_image]),
             "tolerance_rule": f"{TOLERANCE_FRACTION:.0%} of the image width at the evaluation size",
             "lesions": regions.get("any"),
             "by_lesion": {k: v for k, v in regions.items() if k in DR_LESIONS},
