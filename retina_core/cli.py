@@ -232,6 +232,22 @@ def cmd_data_pair(args) -> int:
     return 0
 
 
+def cmd_data_confounds(args) -> int:
+    from .evaluate.confounds import acquisition_confounds
+
+    rep = acquisition_confounds(args.path, args.positive, modality=args.modality, split=args.split, seed=args.seed,
+                                fractions=args.split_fractions, split_by=args.split_by)
+    if args.json:
+        _print_json(rep)
+        return 0
+    print(f"{rep['data']} ({rep['split']}, n = {rep['n']}, {rep['n_positive']} {rep['positive']}): AUC of each "
+          f"global image statistic for {rep['positive']} vs the rest")
+    for name, v in rep["statistics"].items():
+        print(f"  {name:<22} {v['auc']:.3f} ({'higher' if v['higher_in_positive'] else 'lower'} in {rep['positive']})")
+    print(f"  all five (logistic, 5-fold) {rep['all_five_logistic_cv_auc']:.3f}")
+    return 0
+
+
 # ---------------------------------------------------------------- train / evaluate
 def cmd_train(args) -> int:
     import shutil
@@ -369,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for pairs.csv (paths relative to it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_pair)
+
+    p = data.add_parser("confounds", help="shortcut check: AUC of global image statistics (no network) for one "
+                                          "label vs the rest, on a patient-level split")
+    p.add_argument("path")
+    p.add_argument("--positive", required=True, help="the label tested against the rest, e.g. DME")
+    p.add_argument("--modality", choices=["fundus", "oct"], default=None, help="default: from the set")
+    p.add_argument("--split", default="test", help="train | val | test | all (default test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-fractions", default=None, help="as for train (default 0.8,0.1,0.1)")
+    p.add_argument("--split-by", default=None, help="as for train: stratified | patient_hash")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_confounds)
 
     p = data.add_parser("inspect", help="detected layout, splits, classes and counts of a data set folder")
     p.add_argument("path")

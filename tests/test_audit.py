@@ -70,6 +70,6 @@ def test_analyze_writes_the_audit_log_without_patient_data(tmp_path, monkeypatch
     monkeypatch.setenv("RETINA_AUDIT_LOG", str(log))
     a = rc.analyze(rc.read_image(oct_png))
     entry = json.loads(log.read_text().splitlines()[-1])
-    assert entry["content_hash"] == a.content_hash and entry["model"] == "oct_resnet18"
+    assert entry["content_hash"] == a.content_hash and entry["model"] == rc.DEFAULT_MODELS["oct"] == a.model
     assert entry["weights_sha256"] == a.weights_sha256 and entry["outputs"]["label"] == a.label
     assert oct_png.name not in log.read_text()

@@ -114,3 +114,15 @@ def test_each_installed_real_data_model_reads_a_real_image_of_its_set(realdata):
         a = rc.analyze(rc.read_image(rec.path), name)
         assert list(a.probabilities) == entry["classes"], name
         assert a.trained_on.startswith("real: ") and a.heatmap is not None
+
+
+def test_confound_check_finds_the_fundus_camera_shortcut(realdata):
+    """The shortcut that kept the fundus DME model out of the bundle: the field's share of the frame alone separates
+    the Mexico DME photographs (docs/real_data.md)."""
+    from retina_core.evaluate.confounds import acquisition_confounds
+
+    rep = acquisition_confounds(realdata / "mexico_fundus_dme_dr", "DME", split="test", fractions="0.6,0.2,0.2",
+                                split_by="patient_hash")
+    assert rep["n"] == 241 and rep["modality"] == "fundus"
+    assert rep["statistics"]["field-of-view share"]["auc"] > 0.95
+    assert not rep["statistics"]["field-of-view share"]["higher_in_positive"]
