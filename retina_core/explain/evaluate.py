@@ -213,7 +213,7 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
     classes = list(m.classes)
     per: dict[str, list] = {k: [] for k in ("pg", "epg", "area", "del", "ins", "del_rand", "ins_rand", "rho", "sec",
                                             "conf", "correct", "centre", "maps", "labels", "zones", "pg_label",
-                                            "real", "real_i", "tgt")}
+                                            "real", "real_i", "tgt", "rand_empty")}
     stab: dict[str, dict[str, list]] = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
     for i, s in enumerate(samples):
         t0 = time.perf_counter()
@@ -230,8 +230,15 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             per["correct"].append(classes.index(s.label) == int(np.argmax(probs[0])))
         else:
             per["correct"].append(None)
+        real = None
+        if s.masks:
+            real = real_lesions.image_scores(hm, s.masks, s.fov, trust.random_map(hm.shape, seed + i))
+            per["real"].append(real)
+            per["real_i"].append(i)
         if s.mask is not None and s.mask.any():
-            per["pg"].append(float(trust.pointing_game(hm, s.mask)))
+            # real lesions: the report's one pointing game, at its stated tolerance with ties broken at random
+            per["pg"].append(real["any"]["pg_tol"] if real and "any" in real else
+                             float(trust.pointing_game(hm, s.mask)))
             per["pg_label"].append(per["labels"][-1])
             per["epg"].append(trust.energy_pointing_game(hm, s.mask))
             per["area"].append(float(s.mask.mean()))
@@ -243,11 +250,10 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             predict, s.image, trust.random_map(hm.shape, seed + i), tgt, steps=steps))
         per["del_rand"].append(dr["deletion_auc"])
         per["ins_rand"].append(dr["insertion_auc"])
-        if s.masks:
-            per["real"].append(real_lesions.image_scores(hm, s.masks, s.fov, trust.random_map(hm.shape, seed + i)))
-            per["real_i"].append(len(per["del"]) - 1)
         if rm is not None:
-            per["rho"].append(trust.spearman(hm, explain(rm, s.image, method, tgt)))
+            rmap = explain(rm, s.image, method, tgt)
+            per["rho"].append(trust.spearman(hm, rmap))
+            per["rand_empty"].append(float(not np.any(rmap > 0)))   # rho 0 by convention: inconclusive
         if stability_kinds:
             st = trust.stability_under_perturbation(lambda im: explain(m, im, method, tgt), s.image,
                                                     kinds=stability_kinds, seed=seed, reference=hm)
@@ -281,6 +287,7 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         "randomisation_spearman": _mean(per["rho"]),
         "randomisation_abs_spearman": _mean([abs(r) for r in per["rho"]]),
         "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in per["rho"]]),
+        "randomisation_empty_fraction": _mean(per["rand_empty"]),
         "stability": stability,
         "stability_ssim": _mean([v["ssim"] for v in stability.values()]),
         "stability_spearman": _mean([v["spearman"] for v in stability.values()]),
@@ -470,8 +477,9 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
         if eval_size == "model":
             size = real_lesions.keep_aspect(samples[0].image.shape[:2], max(size))
         notes.append(f"real lesion masks: maps of the {target or 'predicted'} class; pointing game at 0 px and "
-                     f"{real_lesions.TOLERANCE_FRACTION:.0%} of the width (real_lesions), chance = (dilated) lesion "
-                     f"area / field of view; the top-level pointing_game keeps the phantom tolerance (15 px at 224).")
+                     f"{real_lesions.TOLERANCE_FRACTION:.0%} of the width with ties broken at random (real_lesions; "
+                     f"the top-level pointing_game is the {real_lesions.TOLERANCE_FRACTION:.0%} one), chance = "
+                     f"(dilated) lesion area / field of view.")
     samples = [_resize_sample(s, size) for s in samples]
     if not any(s.mask is not None and s.mask.any() for s in samples):
         notes.append("No lesion masks found: pointing-game metrics are empty.")
