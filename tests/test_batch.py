@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from retina_core.analysis import DEFAULT_MODELS
 from retina_core.batch import list_inputs, run_batch
 from retina_core.cli import main
 from tests.conftest import png_bytes
@@ -53,7 +54,7 @@ def test_local_batch_rows_errors_heatmaps_and_resume(archive, tmp_path):
         probs = json.loads(r["probabilities"])
         assert abs(sum(probs.values()) - 1) < 1e-4 and r["label"] in probs
         assert len(r["content_hash"]) == 64 and (tmp_path / "maps").joinpath(r["heatmap"].split("/")[-1]).exists()
-    assert rows[str(archive / "c_fundus.png")]["model"] == "fundus_dr_effnet_b0"
+    assert rows[str(archive / "c_fundus.png")]["model"] == DEFAULT_MODELS["fundus"]
     # the written map is the app's Grad-CAM of the predicted class, as 8-bit grey at the image's size
     import numpy as np
     from PIL import Image

@@ -24,7 +24,7 @@ def test_two_process_ddp_replicas_agree_and_rank0_writes(tmp_path):
     entry = json.loads((out / "manifest.json").read_text())["fundus_resnet18_head"]
     assert results[0]["sha256"] == results[1]["sha256"] == entry["sha256"]
     assert sorted(p.name for p in out.iterdir()) == ["fundus_resnet18_head.safetensors", "history.json", "last.pt",
-                                                     "manifest.json"]
+                                                     "manifest.json", "splits.json"]   # rank 0 alone writes
     # the replicas trained: their weights are not the seed-0 initialisation
     torch.manual_seed(0)
     init = create_model("fundus_resnet18_head", input_size=(3, 32, 32))

@@ -110,8 +110,10 @@ def test_each_installed_real_data_model_reads_a_real_image_of_its_set(realdata):
         pytest.skip("no real-data weights installed in weights/")
     for name, entry in real.items():
         set_name = entry["real_data"]["name"].split(" + ")[0]
-        rec = load_dataset(realdata / set_name).records[0]
-        a = rc.analyze(rc.read_image(rec.path), name)
+        for rec in load_dataset(realdata / set_name).records[:20]:   # the first that the gate passes
+            a = rc.analyze(rc.read_image(rec.path), name)
+            if a.has_result:
+                break
         assert list(a.probabilities) == entry["classes"], name
         assert a.trained_on.startswith("real: ") and a.heatmap is not None
 
