@@ -156,9 +156,14 @@ def method_trust(model_name: str, weights_sha256: str | None = None, roots=("doc
     (unused_lesions, faithful_alone) only with the method it was measured with. Empty when nothing is saved."""
     from .explain.evaluate import passes_randomisation
 
+    from .io.realsets import real_set_of
+
+    # The notes' wording is that of the phantom reports (phantom lesions, deletion AUC); reports on real lesion sets
+    # (IDRiD) score deletion as a probability drop and are read in docs/real_data.md, not quoted under a map yet.
     reports = [(p, o) for p, o in saved_evaluations(model_name, roots)
                if isinstance(o.get("methods"), dict) and (weights_sha256 is None
-                                                          or o.get("weights_sha256") == weights_sha256)]
+                                                          or o.get("weights_sha256") == weights_sha256)
+               and not real_set_of(str(o.get("data") or "."))]
     if not reports:
         return {}
     reports.sort(key=lambda po: po[0].stat().st_mtime)
