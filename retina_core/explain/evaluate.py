@@ -680,7 +680,8 @@ def add_cli(subparsers) -> None:
                                                   "metrics")
     p.add_argument("--data", required=True, help="data set folder with masks/ (e.g. written by `data phantoms`; "
                                                  "--kind oct-volume for volume models, --kind paired for the fusion "
-                                                 "model)")
+                                                 "model), or a real lesion set (../shared/realdata/idrid_lesions: "
+                                                 "scored against its MA/HE/EX/SE masks, disc finder vs OD masks)")
     p.add_argument("--methods", default="gradcam", help="comma-separated, e.g. gradcam,gradcam++,integrated_gradients "
                                                         "(volume models: the CAM family, scorecam and "
                                                         "integrated_gradients; fusion: gradcam, integrated_gradients)")
