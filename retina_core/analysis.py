@@ -18,7 +18,6 @@ from .errors import RetinaInputError
 from .explain.attribution import ALL_METHODS, available_methods, default_method, explain_batch
 from .io.decode import RetinalImage, read_image
 from .models import LoadedModel, load_model, read_manifest
-from .models.loading import trained_on
 from .quality import Quality, assess_quality
 
 # Every model that reads a modality, in the order suggestions are shown: models trained on real images first, then

@@ -41,7 +41,7 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
 
     Multi-input models train on normal vs disease, so their labels are mapped before the patient-level split,
     exactly as in training: the test split is the one the model never saw. split "all": every record."""
-    from ..io.datasets import load_dataset, patient_split
+    from ..io.datasets import load_dataset
     from ..models.multimodal import binary_label
     from ..train.engine import split_patients
 
