@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .analysis import DEFAULT_MODELS, get_model, suggestion_for
 from .errors import RetinaInputError
 from .explain.cam import gradcam_single_pass, normalise_map
+from .models.framing import FieldBox, fov_box, map_to_image, uses_fov
 from .models.loading import inference_cfg, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Prepared:
     row: dict
     tensor: torch.Tensor | None = None    # [C, h, w] normalised, when a model should read it
     size: tuple[int, int] | None = None   # H, W of the image as decoded (for the heatmap)
+    box: FieldBox | None = None           # the field-of-view box the tensor was framed on (fov-framed models)
 
 
 def prepare(path: str, model_override: str | None = None) -> Prepared:
@@ -92,8 +94,9 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
             row.update(label="no result", error=f"{q.modality} image, model {name} reads {cfg.modality}")
             return Prepared(path, row)
         row["model"] = name
-        x = preprocess_image(img.pixels, cfg)[0]
-        return Prepared(path, row, x, img.pixels.shape[:2])
+        box = fov_box(img.pixels, tuple(cfg.input_size[1:])) if uses_fov(cfg) else None
+        x = preprocess_image(img.pixels, cfg, boxes=None if box is None else [box])[0]
+        return Prepared(path, row, x, img.pixels.shape[:2], box)
     except RetinaInputError as exc:
         row["error"] = str(exc)
         return Prepared(path, row)
@@ -149,7 +152,8 @@ def infer(items: list[Prepared], heatmaps: Path | None, runtime: str = "torch") 
                          referable=suggestion_for(label, model)[0],
                          probabilities=json.dumps({c: round(float(v), 6) for c, v in zip(model.cfg.classes, p)}))
             if cam is not None:
-                g.row["heatmap"] = str(write_heatmap(normalise_map(cam, g.size),
+                hm = normalise_map(cam, g.size) if g.box is None else map_to_image(cam, g.box, g.size)
+                g.row["heatmap"] = str(write_heatmap(hm,
                                                      heatmaps / f"{g.row['content_hash'][:16]}_heatmap.png"))
     return [it.row for it in items]
 

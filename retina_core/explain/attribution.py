@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.framing import fov_boxes, map_to_image, uses_fov
 from .cam import (CAM_METHODS, cam_with_library, capture_as_leaf, get_module, gradcam_single_pass,
                   multiscale_gradcam_single_pass, normalise_map)
 
@@ -71,9 +72,10 @@ class _Model:
     def classes(self) -> tuple[str, ...]:
         return tuple(self.cfg.classes)
 
-    def preprocess(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> float32 [B, C, h, w] (resize to cfg.input_size, normalise with cfg.mean/std)."""
-        return preprocess_batch(batch_uint8, self.cfg, self.device)
+    def preprocess(self, batch_uint8: np.ndarray, boxes: list | None = None) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> float32 [B, C, h, w] (framed and resized to cfg.input_size, normalised with
+        cfg.mean/std; `boxes`: the images' field-of-view boxes when the cfg frames them)."""
+        return preprocess_batch(batch_uint8, self.cfg, self.device, boxes)
 
 
 def _default_cfg(net: nn.Module, vit: nn.Module | None):
@@ -141,11 +143,12 @@ def default_method(model) -> str:
     return "gradcam"
 
 
-def preprocess_batch(batch_uint8: np.ndarray, cfg, device: torch.device | str = "cpu") -> torch.Tensor:
+def preprocess_batch(batch_uint8: np.ndarray, cfg, device: torch.device | str = "cpu",
+                     boxes: list | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, C, h, w]: `models.loading.preprocess_image`, the one preprocessing."""
     from ..models.loading import preprocess_image
 
-    return preprocess_image(batch_uint8, cfg, device)
+    return preprocess_image(batch_uint8, cfg, device, boxes)
 
 
 def to_pixels(image) -> np.ndarray:
@@ -457,10 +460,13 @@ def explain_batch(model, images, method: str | None = None,
     batch = np.stack([to_pixels(i) for i in images]) if not isinstance(images, np.ndarray) or images.ndim != 4 \
         else images
     h, w = batch.shape[1:3]
-    x = m.preprocess(batch)
+    boxes = fov_boxes(batch, tuple(m.cfg.input_size[1:])) if uses_fov(m.cfg) else None
+    x = m.preprocess(batch, boxes)
     raw, logits, idx = attribute(m, x, method, target)
     if method in IG_METHODS:
-        maps = np.stack([_postprocess_ig(r, (h, w)) for r in raw])
+        raw = [_postprocess_ig(r, r.shape[-2:]) for r in raw]
+    if boxes is not None:            # the map covers each image's field-of-view box: put it back in place
+        maps = np.stack([map_to_image(r, b, (h, w)) for r, b in zip(raw, boxes)])
     else:
         maps = np.stack([normalise_map(r, (h, w)) for r in raw])
     probs = torch.softmax(logits.float() / m.temperature, dim=1).cpu().numpy()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import RetinaInputError
+from .framing import fov_boxes, frame_tensor, uses_fov
 from .registry import ModelCfg, create_model, get_cfg
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | str = "cpu") -> torch.Tensor:
+def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | str = "cpu",
+                     boxes: list | None = None) -> torch.Tensor:
     """uint8 [H, W, 3] (or a batch [B, H, W, 3]) RGB -> float32 [B, C, h, w] resized to cfg.input_size and
     normalised with cfg.mean/std. Training, inference and every explainer call this, so what a model saw in
-    training is what it sees in the app."""
+    training is what it sees in the app. A cfg with framing "fov" cuts each image to its field of view first
+    (`models.framing`; `boxes`: the images' `fov_box`es when the caller already has them)."""
     a = np.asarray(pixels)
     if a.ndim == 3:
         a = a[None]
@@ -62,7 +65,10 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
         raise ValueError(f"expected uint8 [H, W, 3] or [B, H, W, 3], got {a.dtype} {a.shape}")
     c, h, w = cfg.input_size
     x = torch.tensor(a, device=device).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-2:] != (h, w):
+    if uses_fov(cfg):
+        boxes = boxes if boxes is not None else fov_boxes(a, (h, w))
+        x = torch.stack([frame_tensor(xi, b, (h, w)) for xi, b in zip(x, boxes)])
+    elif x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
@@ -70,9 +76,11 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
 
 
 def _with_entry(cfg: ModelCfg, entry: dict) -> ModelCfg:
-    # The manifest records the input size the weights were trained at (demo weights use a smaller one on CPU).
+    # The manifest records the input size the weights were trained at (demo weights use a smaller one on CPU) and
+    # their framing (weights without one were trained on stretched frames).
     size = tuple(entry.get("input_size") or cfg.input_size)
-    return cfg if size == cfg.input_size else replace(cfg, input_size=size)
+    framing = entry.get("framing") or "stretch"
+    return cfg if (size, framing) == (cfg.input_size, cfg.framing) else replace(cfg, input_size=size, framing=framing)
 
 
 def inference_cfg(name: str, weights_dir: str | os.PathLike | None = None) -> ModelCfg:
@@ -202,7 +210,7 @@ def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: 
     if entry.get("fusion"):           # the volume model's fusion mode is part of what the weights were trained as
         kw["fusion"] = entry["fusion"]
     kw.update(builder_overrides)
-    net = create_model(name, input_size=cfg.input_size, builder_kwargs=kw)
+    net = create_model(name, input_size=cfg.input_size, framing=cfg.framing, builder_kwargs=kw)
     cfg = net.cfg
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     missing, unexpected = net.load_state_dict(state, strict=False)

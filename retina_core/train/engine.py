@@ -39,6 +39,7 @@ from ..errors import RetinaInputError
 from ..evaluate.calibration import fit_temperature
 from ..evaluate.metrics import bootstrap_ci, classification_metrics
 from ..io.realsets import real_set_of, split_hashes
+from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, uses_fov
 from ..models.loading import MANIFEST, default_device, sha256_file
 from ..models.registry import ModelCfg, create_model, get_cfg
 from . import distributed
@@ -92,6 +93,7 @@ class TrainConfig:
     lesion_only: bool = False         # volume models + --lesion-seg: the image branch is the read-out's evidence alone
     split_fractions: str = "0.8,0.1,0.1"   # train,val,test shares of the patient-level split (sets with no split)
     split_by: str = "stratified"      # stratified (by label) | patient_hash (same patients -> same split in any set)
+    framing: str = "auto"             # fundus: fov (field of view centred, letterboxed; auto) | stretch (whole frame)
 
 
 # TrainConfig fields of the volume models
@@ -206,18 +208,19 @@ class CachedImages(Dataset):
         self.cfg, self.augment, self.aug_strength = cfg, augment, aug_strength
         self.labels = torch.tensor([classes.index(r.label) for r in records])
         imgs, masks = [], []
+        framed = uses_fov(cfg)
         for r in records:
             pixels = read_image(r.path).pixels
             x = torch.tensor(pixels).permute(2, 0, 1)[None].float()
-            x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-            imgs.append(x.round().clamp(0, 255).to(torch.uint8)[0])
+            # the frame as preprocess_image shapes it: around the field of view (fov framing) or stretched
+            box = fov_box(pixels, (h, w)) if framed else FieldBox(0.0, 0.0, float(pixels.shape[1]),
+                                                                   float(pixels.shape[0]))
+            imgs.append(frame_tensor(x[0], box, (h, w)).round().clamp(0, 255).to(torch.uint8))
             if mask_root is not None:
                 m = lesion_mask(mask_root, r.path, pixels.shape[:2])
-                m = torch.zeros(1, 1, h, w) if m is None else torch.from_numpy(m)[None, None].float()
-                # a lesion pixel anywhere in an input pixel's footprint marks it (tiny lesions survive downsizing)
-                masks.append(F.adaptive_max_pool2d(m, (h, w))[0, 0].to(torch.uint8)
-                             if m.shape[-2] >= h and m.shape[-1] >= w else
-                             F.interpolate(m, size=(h, w), mode="nearest")[0, 0].to(torch.uint8))
+                m = torch.zeros(1, h, w) if m is None else \
+                    frame_tensor(torch.from_numpy(m)[None].float(), box, (h, w), mode="max")
+                masks.append(m[0].to(torch.uint8))
         self.images = torch.stack(imgs) if imgs else torch.empty(0, 3, h, w, dtype=torch.uint8)
         self.masks = (torch.stack(masks) if masks else torch.empty(0, h, w, dtype=torch.uint8)) \
             if mask_root is not None else None
@@ -441,12 +444,27 @@ def architecture_kwargs(cfg_t: TrainConfig) -> dict:
     return kw
 
 
+def resolve_framing(framing: str, modality: str) -> str:
+    """TrainConfig.framing -> the cfg's: "auto" frames fundus photographs around their field of view
+    (`models.framing`) and stretches everything else."""
+    if framing == "auto":
+        return "fov" if modality == "fundus" else "stretch"
+    if framing not in FRAMINGS:
+        raise RetinaInputError(f"Unknown framing {framing!r}; choose auto, {' or '.join(FRAMINGS)}.")
+    if framing == "fov" and modality != "fundus":
+        raise RetinaInputError("--framing fov applies to fundus photographs only.")
+    return framing
+
+
 def build_for_training(model_name: str, cfg_t: TrainConfig) -> nn.Module:
     """create_model with the TrainConfig's input size and drop-path overrides, then `--init` weights if given."""
     base = get_cfg(model_name)
     overrides = {}
     if cfg_t.image_size:
         overrides["input_size"] = (base.input_size[0], *([cfg_t.image_size] * (len(base.input_size) - 1)))
+    framing = resolve_framing(cfg_t.framing, base.modality)
+    if framing != base.framing:
+        overrides["framing"] = framing
     kw = dict(base.builder_kwargs)
     if cfg_t.drop_path is not None:
         kw["drop_path_rate"] = cfg_t.drop_path
@@ -918,6 +936,7 @@ def _write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_n
     entry = {
         "file": wfile.name, "sha256": sha256_file(wfile), "arch": cfg.arch, "modality": cfg.modality,
         "classes": list(cfg.classes), "input_size": list(cfg.input_size), "temperature": round(temperature, 4),
+        **({"framing": cfg.framing} if cfg.framing != "stretch" else {}),
         "dtype": "float16" if cfg_t.fp16_weights else "float32",
         "command": "python -m retina_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if Path(sys.argv[0]).name in ("__main__.py", "retina-core", "cli.py") else None,

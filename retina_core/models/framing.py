@@ -1,0 +1,128 @@
+"""How a fundus photograph is framed before a model sees it: the field of view, centred and letterboxed.
+
+Cameras frame the same retina differently: IDRiD's 4288x2848 frames cut the circular field at top and bottom, the
+4-class set's square crops fill the frame, the Mexico clinic's photographs leave wide black margins. Stretching each
+frame to the model's square input squeezes some retinas into ovals and leaves others round, so a model can learn
+the camera instead of the eye (measured: the 4-class model's P(DR) on IDRiD photographs was 0.005 squeezed and
+0.93-1.00 letterboxed). With `framing="fov"` every fundus image is cut to a box of the input's aspect around the
+bright field of view, padded with black where the box leaves the frame, then resized: a round field stays round
+and fills the input the same way whatever the camera.
+
+    box = fov_box(pixels, (224, 224))              # FieldBox(x0, y0, w, h) in image pixels, may leave the frame
+    x = frame_tensor(t, box, (224, 224))           # [C, H, W] float -> [C, 224, 224], black outside the frame
+    hm = map_to_image(cam, box, pixels.shape[:2])  # a model-space map back onto the photograph
+
+Training (`train.engine.CachedImages`), inference (`models.loading.preprocess_image`) and heatmaps
+(`explain.attribution.explain_batch`) use these three functions, so the geometry a model was trained with is the
+one it is served with. The manifest records each model's framing; weights without it were trained stretched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FRAMINGS = ("stretch", "fov")
+_LEVEL = 20          # uint8: brighter than this (any channel) is inside the field; camera black is 0-15
+_MIN_SHARE = 0.02    # a row or column belongs to the field when this share of it is bright (burnt-in text is not)
+
+
+@dataclass(frozen=True)
+class FieldBox:
+    """A box in image pixel coordinates (x0, y0 its top-left corner; it may extend past the frame)."""
+
+    x0: float
+    y0: float
+    w: float
+    h: float
+
+
+def uses_fov(cfg) -> bool:
+    """Whether images for this cfg are framed around their field of view (fundus models trained that way)."""
+    return getattr(cfg, "framing", "stretch") == "fov" and getattr(cfg, "modality", None) == "fundus"
+
+
+def fov_box(pixels: np.ndarray, out_hw: tuple[int, int]) -> FieldBox:
+    """The box of aspect out_hw (h, w) centred on the bright field of view of a uint8 [H, W, 3] (or [H, W]) image,
+    just large enough to hold it. A frame without a dark border (a crop that fills the frame, a phantom whose
+    field reaches the edges) gives the whole frame, letterboxed to the aspect."""
+    a = np.asarray(pixels)
+    H, W = a.shape[:2]
+    step = max(1, max(H, W) // 512)
+    g = a[::step, ::step]
+    g = g.max(axis=2) if g.ndim == 3 else g
+    bright = g > _LEVEL
+    rows = np.flatnonzero(bright.mean(axis=1) > _MIN_SHARE)
+    cols = np.flatnonzero(bright.mean(axis=0) > _MIN_SHARE)
+    if rows.size == 0 or cols.size == 0:
+        y0, y1, x0, x1 = 0.0, float(H), 0.0, float(W)
+    else:
+        y0, y1 = rows[0] * step, min(H, (rows[-1] + 1) * step)
+        x0, x1 = cols[0] * step, min(W, (cols[-1] + 1) * step)
+    oh, ow = out_hw
+    bw, bh = float(x1 - x0), float(y1 - y0)
+    w = max(bw, bh * ow / oh)
+    h = w * oh / ow
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    return FieldBox(float(cx - w / 2.0), float(cy - h / 2.0), float(w), float(h))
+
+
+def fov_boxes(batch: np.ndarray, out_hw: tuple[int, int]) -> list[FieldBox]:
+    return [fov_box(p, out_hw) for p in batch]
+
+
+def frame_tensor(x: torch.Tensor, box: FieldBox, out_hw: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """[C, H, W] float -> [C, h, w]: the part of `box` inside the frame resized onto its place in a black canvas.
+    mode "area" (images: antialiased bilinear), "max" (masks: a lesion pixel anywhere in an output pixel's
+    footprint marks it, so tiny lesions survive downsizing) or "nearest"."""
+    C, H, W = x.shape
+    oh, ow = out_hw
+    sx, sy = ow / box.w, oh / box.h
+    ix0, iy0 = max(0, int(np.floor(box.x0))), max(0, int(np.floor(box.y0)))
+    ix1, iy1 = min(W, int(np.ceil(box.x0 + box.w))), min(H, int(np.ceil(box.y0 + box.h)))
+    ox0, oy0 = max(0, int(round((ix0 - box.x0) * sx))), max(0, int(round((iy0 - box.y0) * sy)))
+    ox1, oy1 = min(ow, int(round((ix1 - box.x0) * sx))), min(oh, int(round((iy1 - box.y0) * sy)))
+    out = torch.zeros((C, oh, ow), dtype=x.dtype, device=x.device)
+    if ix1 <= ix0 or iy1 <= iy0 or ox1 <= ox0 or oy1 <= oy0:
+        return out
+    part = x[None, :, iy0:iy1, ix0:ix1]
+    size = (oy1 - oy0, ox1 - ox0)
+    if tuple(part.shape[-2:]) != size:
+        if mode == "max" and part.shape[-2] >= size[0] and part.shape[-1] >= size[1]:
+            part = F.adaptive_max_pool2d(part, size)
+        elif mode in ("max", "nearest"):
+            part = F.interpolate(part, size=size, mode="nearest")
+        else:
+            part = F.interpolate(part, size=size, mode="bilinear", antialias=True, align_corners=False)
+    out[:, oy0:oy1, ox0:ox1] = part[0]
+    return out
+
+
+def frame_pixels(pixels: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, FieldBox]:
+    """uint8 [H, W, 3] -> (uint8 [h, w, 3] framed around the field of view, its box). For people and tests: the
+    input a framed model sees, before normalisation."""
+    box = fov_box(pixels, out_hw)
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()
+    out = frame_tensor(t, box, out_hw).round().clamp(0, 255).to(torch.uint8)
+    return out.permute(1, 2, 0).numpy(), box
+
+
+def map_to_image(cam: np.ndarray, box: FieldBox, out_hw: tuple[int, int]) -> np.ndarray:
+    """A map over a framed input (any resolution [h, w], covering `box`) -> float32 [H, W] in [0, 1] on the
+    image: min-max, bilinear, min-max (as `explain.cam.normalise_map`), zero where the box held no image."""
+    cam = np.maximum(np.asarray(cam, np.float32), 0)
+    cam = cam - cam.min()
+    cam = cam / (1e-7 + cam.max())
+    h, w = cam.shape
+    H, W = out_hw
+    sx, sy = w / box.w, h / box.h
+    # image pixel centre (x + 0.5) -> map coordinate u with pixel centres at u + 0.5
+    M = np.array([[sx, 0.0, (0.5 - box.x0) * sx - 0.5], [0.0, sy, (0.5 - box.y0) * sy - 0.5]], np.float32)
+    out = cv2.warpAffine(cam, M, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    out = out - out.min()
+    out = out / (1e-7 + out.max())
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
