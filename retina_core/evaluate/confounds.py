@@ -30,11 +30,18 @@ STATISTICS = {
 }
 
 
-def image_statistics(path, modality: str) -> list[float]:
-    """The five global statistics of one image file (see STATISTICS)."""
+def image_statistics(path, modality: str, framing: str = "stretch") -> list[float]:
+    """The five global statistics of one image file (see STATISTICS). framing "fov": of the image as a model with
+    fov framing sees it (`models.framing`: the field of view cut out, centred and letterboxed), so a field-share
+    shortcut that framing removes no longer counts."""
     with Image.open(path) as im:
-        im.draft("RGB", (160, 160))
-        a = np.asarray(im.convert("RGB").resize((160, 160)), float)
+        im.draft("RGB", (320, 320) if framing == "fov" else (160, 160))
+        rgb = im.convert("RGB")
+        if framing == "fov" and modality == "fundus":
+            from ..models.framing import frame_pixels
+            a = frame_pixels(np.asarray(rgb), (160, 160))[0].astype(float)
+        else:
+            a = np.asarray(rgb.resize((160, 160)), float)
     g = a.mean(2)
     if modality == "oct":
         rows = g.mean(1)
@@ -48,7 +55,7 @@ def image_statistics(path, modality: str) -> list[float]:
 
 
 def acquisition_confounds(data, positive: str, modality: str | None = None, split: str = "test", seed: int = 0,
-                          fractions: str | None = None, split_by: str | None = None) -> dict:
+                          fractions: str | None = None, split_by: str | None = None, framing: str = "stretch") -> dict:
     """AUC of each global statistic (and of all five together) for `positive` vs the rest on `split` of `data`
     (the same patient-level split `train` makes with these settings; "all" for every image)."""
     from ..io.datasets import load_dataset
@@ -66,7 +73,7 @@ def acquisition_confounds(data, positive: str, modality: str | None = None, spli
         from ..io.realsets import real_set_of
         real = real_set_of(data)
         modality = real["modality"] if real and real["modality"] in STATISTICS else "fundus"
-    f = np.array([image_statistics(r.path, modality) for r in records], float)
+    f = np.array([image_statistics(r.path, modality, framing) for r in records], float)
     out = {}
     for i, name in enumerate(STATISTICS[modality]):
         auc = float(roc_auc_score(y, f[:, i]))
@@ -75,4 +82,4 @@ def acquisition_confounds(data, positive: str, modality: str | None = None, spli
     folds = StratifiedKFold(n_splits=min(5, int(y.sum()), int(len(y) - y.sum())), shuffle=True, random_state=seed)
     p = cross_val_predict(LogisticRegression(max_iter=1000), z, y, cv=folds, method="predict_proba")[:, 1]
     return {"data": str(data), "split": split, "n": int(len(y)), "positive": positive, "n_positive": int(y.sum()),
-            "modality": modality, "statistics": out, "all_five_logistic_cv_auc": round(float(roc_auc_score(y, p)), 4)}
+            "modality": modality, "framing": framing, "statistics": out, "all_five_logistic_cv_auc": round(float(roc_auc_score(y, p)), 4)}

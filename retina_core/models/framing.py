@@ -6,7 +6,8 @@ frame to the model's square input squeezes some retinas into ovals and leaves ot
 the camera instead of the eye (measured: the 4-class model's P(DR) on IDRiD photographs was 0.005 squeezed and
 0.93-1.00 letterboxed). With `framing="fov"` every fundus image is cut to a box of the input's aspect around the
 bright field of view, padded with black where the box leaves the frame, then resized: a round field stays round
-and fills the input the same way whatever the camera.
+and fills the input the same way whatever the camera. Only the round field inscribed in the box is kept: a camera
+that crops the retina to a square and one that leaves black corners then look alike.
 
     box = fov_box(pixels, (224, 224))              # FieldBox(x0, y0, w, h) in image pixels, may leave the frame
     x = frame_tensor(t, box, (224, 224))           # [C, H, W] float -> [C, 224, 224], black outside the frame
@@ -74,10 +75,13 @@ def fov_boxes(batch: np.ndarray, out_hw: tuple[int, int]) -> list[FieldBox]:
     return [fov_box(p, out_hw) for p in batch]
 
 
-def frame_tensor(x: torch.Tensor, box: FieldBox, out_hw: tuple[int, int], mode: str = "area") -> torch.Tensor:
+def frame_tensor(x: torch.Tensor, box: FieldBox, out_hw: tuple[int, int], mode: str = "area",
+                 round_mask: bool = True) -> torch.Tensor:
     """[C, H, W] float -> [C, h, w]: the part of `box` inside the frame resized onto its place in a black canvas.
     mode "area" (images: antialiased bilinear), "max" (masks: a lesion pixel anywhere in an output pixel's
-    footprint marks it, so tiny lesions survive downsizing) or "nearest"."""
+    footprint marks it, so tiny lesions survive downsizing) or "nearest". Only the round field inscribed in the
+    box is kept (`round_field`), for images and masks alike (round_mask False: the whole box, e.g. a stretched
+    frame)."""
     C, H, W = x.shape
     oh, ow = out_hw
     sx, sy = ow / box.w, oh / box.h
@@ -98,7 +102,17 @@ def frame_tensor(x: torch.Tensor, box: FieldBox, out_hw: tuple[int, int], mode: 
         else:
             part = F.interpolate(part, size=size, mode="bilinear", antialias=True, align_corners=False)
     out[:, oy0:oy1, ox0:ox1] = part[0]
-    return out
+    return out * round_field((oh, ow), x.device, out.dtype) if round_mask else out
+
+
+def round_field(out_hw: tuple[int, int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """[h, w] 1 inside the ellipse inscribed in the canvas, 0 outside. Framed inputs keep only this round field:
+    a camera that crops the field to a square (retina into the corners) and one that leaves a round field on black
+    then give the same shape of input, so the field's outline cannot stand in for the camera."""
+    oh, ow = out_hw
+    yy = (torch.arange(oh, device=device, dtype=torch.float32) + 0.5) / oh * 2 - 1
+    xx = (torch.arange(ow, device=device, dtype=torch.float32) + 0.5) / ow * 2 - 1
+    return ((yy[:, None] ** 2 + xx[None, :] ** 2) <= 1.0).to(dtype)
 
 
 def frame_pixels(pixels: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, FieldBox]:
@@ -122,7 +136,10 @@ def map_to_image(cam: np.ndarray, box: FieldBox, out_hw: tuple[int, int]) -> np.
     # image pixel centre (x + 0.5) -> map coordinate u with pixel centres at u + 0.5
     M = np.array([[sx, 0.0, (0.5 - box.x0) * sx - 0.5], [0.0, sy, (0.5 - box.y0) * sy - 0.5]], np.float32)
     out = cv2.warpAffine(cam, M, (W, H), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+                         borderMode=cv2.BORDER_REPLICATE)          # edges as cv2.resize treats them
+    xs, ys = np.arange(W) + 0.5, np.arange(H) + 0.5
+    out[(ys < box.y0) | (ys > box.y0 + box.h), :] = 0               # nothing outside the box the model saw
+    out[:, (xs < box.x0) | (xs > box.x0 + box.w)] = 0
     out = out - out.min()
     out = out / (1e-7 + out.max())
     return np.clip(out, 0.0, 1.0).astype(np.float32)

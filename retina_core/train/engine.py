@@ -215,11 +215,11 @@ class CachedImages(Dataset):
             # the frame as preprocess_image shapes it: around the field of view (fov framing) or stretched
             box = fov_box(pixels, (h, w)) if framed else FieldBox(0.0, 0.0, float(pixels.shape[1]),
                                                                    float(pixels.shape[0]))
-            imgs.append(frame_tensor(x[0], box, (h, w)).round().clamp(0, 255).to(torch.uint8))
+            imgs.append(frame_tensor(x[0], box, (h, w), round_mask=framed).round().clamp(0, 255).to(torch.uint8))
             if mask_root is not None:
                 m = lesion_mask(mask_root, r.path, pixels.shape[:2])
                 m = torch.zeros(1, h, w) if m is None else \
-                    frame_tensor(torch.from_numpy(m)[None].float(), box, (h, w), mode="max")
+                    frame_tensor(torch.from_numpy(m)[None].float(), box, (h, w), mode="max", round_mask=framed)
                 masks.append(m[0].to(torch.uint8))
         self.images = torch.stack(imgs) if imgs else torch.empty(0, 3, h, w, dtype=torch.uint8)
         self.masks = (torch.stack(masks) if masks else torch.empty(0, h, w, dtype=torch.uint8)) \
