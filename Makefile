@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	# Topcon .fda/.fds layouts; --no-deps: it asks for opencv-python, which would replace opencv-python-headless
+	$(PY) -m pip install -q --no-deps "oct-converter>=0.7,<0.8"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -10,6 +10,10 @@ pages = {
         st.Page("pages/upload.py", title="Upload & diagnose", icon=":material/upload_file:", default=True),
         st.Page("pages/batch.py", title="Batch screening", icon=":material/table_view:"),
     ],
+    "Clinic": [
+        st.Page("pages/worklist.py", title="Worklist", icon=":material/assignment:"),
+        st.Page("pages/case.py", title="Case review", icon=":material/rate_review:"),
+    ],
     "Explore one eye": [
         st.Page("pages/compare.py", title="Compare modalities", icon=":material/compare:"),
         st.Page("pages/zones.py", title="Attention zones", icon=":material/grid_on:"),

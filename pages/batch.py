@@ -3,6 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from retina_core import ui
+from retina_core.io.decode import IMAGE_EXTENSIONS
 from retina_core.screening import COLUMNS, screen_uploads
 
 ui.require_navigation()
@@ -16,7 +17,7 @@ st.markdown("Upload many fundus photographs and OCT B-scans at once. Each gets t
             "reason, and nothing stops the batch.")
 
 uploads = st.file_uploader("Images to screen (PNG, JPEG, TIFF, BMP, DICOM)", accept_multiple_files=True,
-                           type=["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm"], key="batch_upload")
+                           type=list(IMAGE_EXTENSIONS), key="batch_upload")
 if not uploads:
     st.info("Select several files (Ctrl/Shift-click) or drag a set of images here, then press **Screen**. "
             "The results table and a CSV download appear below.", icon=":material/arrow_upward:")

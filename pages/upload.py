@@ -3,7 +3,9 @@ import streamlit as st
 
 from retina_core import ui
 from retina_core.analysis import NO_RESULT
+from retina_core.clinic import ui as clinic_ui
 from retina_core.errors import RetinaInputError
+from retina_core.io.decode import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
 from retina_core.explain.attribution import ALL_METHODS, VIT_METHODS
 from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
 from retina_core.report import EYES, ReportItem, report_json, report_pdf, split_by_eye
@@ -40,8 +42,8 @@ with st.sidebar:
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
 
 uploads = st.file_uploader("Fundus photographs or OCT B-scans (PNG, JPEG, TIFF, BMP, DICOM); OCT volumes (NIfTI, "
-                           "multi-frame DICOM) open in the volume viewer",
-                           type=["png", "jpg", "jpeg", "tif", "tiff", "bmp", "dcm", "nii", "gz"],
+                           "multi-frame DICOM, Heidelberg .vol/.e2e, Topcon .fda/.fds) open in the volume viewer",
+                           type=sorted(set(IMAGE_EXTENSIONS + VOLUME_EXTENSIONS)),
                            accept_multiple_files=True, key="upload")
 sample = st.selectbox("... or try a bundled sample (a synthetic phantom, no patient data)",
                       ["(none)"] + list(ui.SAMPLES), key="sample")
@@ -56,6 +58,7 @@ if not inputs:
     st.stop()
 
 report_items: list[ReportItem] = []
+to_save = []     # (bytes, image, readings, eye) for the optional 'Save to worklist'
 for i, (name, data) in enumerate(inputs, start=1):
     with st.container(border=True):
         try:
@@ -80,6 +83,7 @@ for i, (name, data) in enumerate(inputs, start=1):
         with eye_col:
             eye = ui.eye_of(img, key=f"eye_{img.content_hash[:16]}")
         report_items.append(ReportItem(a, eye, f"Image {i}"))
+        to_save.append((data, img, found, eye))
         c1, c2, c3 = st.columns(3)
         c1.metric("Modality", a.modality.replace("_", " "))
         c2.metric("Quality", "gradable" if a.quality.gradable else "ungradable", f"score {a.quality.score:.2f}",
@@ -150,4 +154,5 @@ if report_items:
                             file_name=f"retina_report_{eye or 'eye'}.pdf", mime="application/pdf",
                             key=f"report_pdf_{eye or 'unspecified'}", on_click="ignore")
 
+clinic_ui.save_to_worklist(to_save)
 ui.weights_caption(sorted({it.analysis.model for it in report_items if it.analysis.model}) or None)

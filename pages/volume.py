@@ -7,6 +7,7 @@ import streamlit as st
 from retina_core import figures, ui
 from retina_core.analysis import NO_RESULT
 from retina_core.errors import RetinaInputError
+from retina_core.io.decode import VOLUME_EXTENSIONS
 from retina_core.explain.attribution import default_method
 from retina_core.explain.inputs import input_shapley
 from retina_core.explain.overlay import overlay
@@ -25,7 +26,8 @@ METHOD_LABELS = {DEFAULT_LABEL: DEFAULT_LABEL} | {
 st.title("Volume viewer")
 ui.disclaimer()
 
-up = st.file_uploader("OCT volume (NIfTI .nii / .nii.gz, or multi-frame DICOM)", type=["nii", "gz", "dcm"],
+up = st.file_uploader("OCT volume (NIfTI .nii / .nii.gz, multi-frame DICOM, TIFF stack, Heidelberg .vol / .e2e, "
+                      "Topcon .fda / .fds)", type=list(VOLUME_EXTENSIONS),
                       key="vol_upload")
 sample = st.selectbox("... or a bundled volume (a synthetic phantom, no patient data)",
                       ["(none)"] + list(ui.VOLUME_SAMPLES), key="vol_sample")

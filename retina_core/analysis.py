@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import RetinaInputError
 from .explain.attribution import ALL_METHODS, available_methods, default_method, explain_batch
-from .io.decode import RetinalImage, read_image
+from .io.decode import SCREEN_SIDE, RetinalImage, read_image
 from .models import LoadedModel, load_model, read_manifest
 from .quality import Quality, assess_quality
 
@@ -200,7 +200,7 @@ def analyze_all(image, method: str | None = None, modality: str | None = None) -
 
 
 def _gated(image, method: str | None, modality: str | None) -> tuple[RetinalImage, Quality]:
-    img = image if isinstance(image, RetinalImage) else read_image(image)
+    img = image if isinstance(image, RetinalImage) else read_image(image, max_side=SCREEN_SIDE)
     if img.kind != "image":
         raise RetinaInputError("This is an OCT volume; this step reads single images (fundus photographs or "
                                "OCT B-scans). Open it in the volume viewer, or export one B-scan.")

@@ -73,13 +73,13 @@ class Prepared:
 
 def prepare(path: str, model_override: str | None = None) -> Prepared:
     """Decode + quality gate + preprocess one file; errors become a row, never an exception."""
-    from .io.decode import read_image
+    from .io.decode import SCREEN_SIDE, read_image
     from .quality import assess_quality
 
     row = {c: "" for c in COLUMNS}
     row["file"] = path
     try:
-        img = read_image(path)
+        img = read_image(path, max_side=SCREEN_SIDE)
         row["content_hash"] = img.content_hash
         if img.kind != "image":
             raise RetinaInputError("OCT volume: batch screening reads single images.")

@@ -55,7 +55,7 @@ def cmd_predict(args) -> int:
 
     from .analysis import analyze, analyze_all, get_model
     from .explain.overlay import heatmap_to_rgb, overlay
-    from .io.decode import read_image
+    from .io.decode import SCREEN_SIDE, read_image
 
     out = Path(args.out) if args.out else None
     if out:
@@ -66,7 +66,7 @@ def cmd_predict(args) -> int:
     for path in args.images:
         record: dict = {"file": path}
         try:
-            img = read_image(path)
+            img = read_image(path, max_side=SCREEN_SIDE)
             if img.kind == "volume":
                 record.update(predict_volume(img, args.model, args.method, record_values, args.eye, out))
                 failures += _report_volume(path, record, args.json)
@@ -236,7 +236,7 @@ def cmd_data_confounds(args) -> int:
     from .evaluate.confounds import acquisition_confounds
 
     rep = acquisition_confounds(args.path, args.positive, modality=args.modality, split=args.split, seed=args.seed,
-                                fractions=args.split_fractions, split_by=args.split_by)
+                                fractions=args.split_fractions, split_by=args.split_by, framing=args.framing)
     if args.json:
         _print_json(rep)
         return 0
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-fractions", default=None, help="as for train (default 0.8,0.1,0.1)")
     p.add_argument("--split-by", default=None, help="as for train: stratified | patient_hash")
+    p.add_argument("--framing", choices=["stretch", "fov"], default="stretch",
+                   help="fov: statistics of the image as a fov-framed model sees it (field of view cut out)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_confounds)
 
@@ -441,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="performance ratios against same-process baselines (medians)")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--only", help="comma-separated parts: heatmap_overhead,batch_throughput,matmul_efficiency,"
+    p.add_argument("--only", help="comma-separated parts: heatmap_overhead,batch_throughput,real_size,matmul_efficiency,"
                                   "cached_rerun,zones_rerun,cold_start,concurrent_sessions (the last two drive chromium)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -461,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_eval_cli(sub)
     from .evaluate.ensemble_cli import add_cli as add_ensemble_cli
     add_ensemble_cli(sub)
+    from .clinic.cli import add_cli as add_clinic_cli
+    add_clinic_cli(sub)
     return parser
 
 

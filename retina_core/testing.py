@@ -100,3 +100,35 @@ def _n_params(name: str) -> int:
     except Exception:
         return 0
     return sum(p.numel() for p in net.parameters())
+
+
+def mutated(seed: bytes, edits, cut, header: int) -> bytes:
+    """A fuzzed copy of `seed`: each (position, value) edit lands in the first `header` bytes for odd positions
+    (where sizes and offsets live) or anywhere for even ones; then the file is cut at `cut` when given."""
+    data = bytearray(seed)
+    for pos, val in edits:
+        data[pos % min(len(data), header if pos % 2 else len(data))] = val
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    return bytes(data)
+
+
+def read_within_memory(data: bytes, max_pixels: int, secrets=()):
+    """`read_image(data)` under tracemalloc: (the image or None when it raised RetinaInputError, peak bytes).
+    Only RetinaInputError may escape the decoder, and its message must quote none of `secrets`."""
+    import tracemalloc
+
+    from .errors import RetinaInputError
+    from .io.decode import read_image
+
+    tracemalloc.start()
+    try:
+        img = read_image(data, max_pixels=max_pixels)
+    except RetinaInputError as exc:
+        img = None
+        leaked = [s for s in secrets if s in str(exc)]
+        assert not leaked, f"error message quotes {leaked}"
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return img, peak

@@ -549,3 +549,36 @@ def test_fuzz_mutated_files_only_raise_input_errors(kind, edits, cut):
         assert img.pixels.dtype == np.float32 and img.pixels.ndim == 3
         assert np.isfinite(img.pixels).all() and img.pixels.min() >= 0 and img.pixels.max() <= 1
     assert "DOE" not in repr(img)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fuzz: NIfTI (.nii, .nii.gz) and multi-frame DICOM volumes; only RetinaInputError, and memory stays bounded
+# --------------------------------------------------------------------------------------------------------------
+
+_VOLUME_SEEDS = {
+    "nifti-gz": nifti_bytes(np.random.default_rng(4).random((3, 40, 40)).astype(np.float32),
+                            zooms=(0.1, 0.01, 0.01), gz=True),
+    "nifti-int16": nifti_bytes((np.random.default_rng(5).random((4, 40, 48)) * 1000).astype(np.int16)),
+    "dicom-multiframe": dicom_bytes(np.stack([gradient_rgb(40, 48)[..., 0]] * 3), modality="OPT", frames=3,
+                                    extra={"SliceThickness": 0.05}),
+    "dicom-multiframe-16bit": dicom_bytes(np.linspace(0, 4095, 3 * 40 * 48).reshape(3, 40, 48).astype(np.uint16),
+                                          modality="OPT", frames=3),
+}
+VOLUME_FUZZ_PEAK_BYTES = 48 * 2**20  # a few float copies of the 2-megapixel bound below; a bomb would take far more
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(sorted(_VOLUME_SEEDS)),
+       edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+       cut=st.one_of(st.none(), st.integers(0, 10**6)))
+def test_fuzz_volume_files_only_raise_input_errors_within_memory(kind, edits, cut):
+    from retina_core.testing import mutated, read_within_memory
+
+    # edits biased towards the headers (NIfTI: 348 bytes; DICOM: meta and dataset elements)
+    img, peak = read_within_memory(mutated(_VOLUME_SEEDS[kind], edits, cut, 700), 2_000_000, PHI)
+    assert peak < VOLUME_FUZZ_PEAK_BYTES, peak
+    if img is not None:
+        assert isinstance(img, RetinalImage) and np.isfinite(img.pixels.astype(np.float32)).all()
+        if img.kind == "volume":
+            assert img.pixels.dtype == np.float32 and img.pixels.min() >= 0 and img.pixels.max() <= 1
+        assert "DOE" not in repr(img)

@@ -36,10 +36,13 @@ log = logging.getLogger(__name__)
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
-SUPPORTED = "PNG, JPEG, TIFF, BMP, WebP, DICOM, NIfTI"
+SUPPORTED = "PNG, JPEG, TIFF, BMP, WebP, DICOM, NIfTI, Heidelberg .vol / .e2e, Topcon .fda / .fds"
 MIN_SIDE = 32          # px; smaller than this cannot hold a gradable retina
 MAX_ASPECT = 8.0       # long side / short side; beyond this it is a strip or a banner, not a scan
 MAX_FRAMES = 4096      # frames in one multi-frame file, a bound on header walking work
+# File-picker filters for the app's upload widgets (what a browser offers; the decoder still sniffs the bytes)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "webp", "dcm")
+VOLUME_EXTENSIONS = ("nii", "gz", "dcm", "tif", "tiff", "vol", "e2e", "sdb", "edb", "fda", "fds", "img")
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,7 +51,8 @@ class RetinalImage:
 
     pixels: 2-D image -> uint8 [H, W, 3] RGB (greyscale replicated to 3 channels);
             volume   -> float32 [D, H, W] in [0, 1] (D = slices / B-scans).
-    kind: "image" | "volume".  source_format: "png" | "jpeg" | "tiff" | "bmp" | "webp" | "gif" | "dicom" | "nifti".
+    kind: "image" | "volume".  source_format: "png" | "jpeg" | "tiff" | "bmp" | "webp" | "gif" | "dicom" | "nifti"
+          | "heidelberg-vol" | "heidelberg-e2e" | "topcon-fda" | "topcon-fds" (OCT exports: io/scanners.py).
     content_hash: sha256 hex of the input bytes (as uploaded; compressed bytes for .nii.gz).
     grayscale: the source had one channel, or three identical ones (typical OCT).
     modality_hint: "fundus" | "oct" | None, from DICOM Modality (OP/OPT) or SOP class when present.
@@ -90,13 +94,17 @@ class RetinalImage:
 # --------------------------------------------------------------------------------------------------------------
 
 def read_image(src: Source, *, max_bytes: int = 200 * 2**20, max_pixels: int = 80_000_000,
-               frame: int | None = None, name: str | None = None) -> RetinalImage:
+               frame: int | None = None, name: str | None = None, max_side: int | None = None) -> RetinalImage:
     """Decode a path, bytes or binary file-like into a `RetinalImage`, or raise `RetinaInputError`.
 
     max_bytes: refuse inputs larger than this (checked before reading). max_pixels: refuse images whose
     header announces more pixels (width * height * frames for volumes). frame: for multi-frame files, the
     0-based frame to return as a 2-D image; -1 returns all frames as a volume. Defaults: TIFF/GIF -> frame 0,
     multi-frame DICOM and NIfTI -> volume. name: file name (for laterality) when `src` has none.
+    max_side: a 2-D image comes back with its long side at most this many pixels (spacing scaled to match,
+    meta["decoded_scale"] the factor); JPEGs are decoded directly at a reduced scale (DCT scaling), so a
+    12-megapixel photograph costs a fraction of a full decode. The app reads uploads at `SCREEN_SIDE`, which
+    is more than any model input and the screen need; research code reads full size (the default None).
     """
     data, name = _read_bytes(src, max_bytes, name)
     content_hash = hashlib.sha256(data).hexdigest()
@@ -105,12 +113,18 @@ def read_image(src: Source, *, max_bytes: int = 200 * 2**20, max_pixels: int = 8
         if fmt == "dicom":
             from retina_core.io.dicom import decode_dicom
             img = decode_dicom(data, content_hash=content_hash, max_pixels=max_pixels, frame=frame)
+        elif fmt.startswith(("heidelberg", "topcon")):
+            from retina_core.io.scanners import decode_scanner
+            img = decode_scanner(data, fmt, content_hash=content_hash, max_pixels=max_pixels, frame=frame)
         elif fmt in ("nifti", "nifti-gz"):
             from retina_core.io.nifti import decode_nifti
             img = decode_nifti(data, content_hash=content_hash, max_pixels=max_pixels, max_bytes=max_bytes,
                                frame=frame, gzipped=(fmt == "nifti-gz"))
         else:
-            img = _decode_pillow(data, fmt, content_hash=content_hash, max_pixels=max_pixels, frame=frame)
+            img = _decode_pillow(data, fmt, content_hash=content_hash, max_pixels=max_pixels, frame=frame,
+                                 max_side=max_side)
+        if max_side and img.kind == "image" and max(img.pixels.shape[:2]) > max_side:
+            img = downscale(img, max_side)
     except RetinaInputError:
         raise
     except MemoryError:
@@ -118,7 +132,8 @@ def read_image(src: Source, *, max_bytes: int = 200 * 2**20, max_pixels: int = 8
         raise RetinaInputError(f"This {_pretty(fmt)} file is too large to decode on this machine. "
                                "Export a smaller version (fewer frames or lower resolution) and try again.") from None
     except Exception as exc:  # noqa: BLE001 - every decoder failure must become a clinician-readable message
-        log_internal_error(exc, fmt, content_hash, include_message=(fmt != "dicom"))
+        log_internal_error(exc, fmt, content_hash,  # DICOM and scanner messages may quote patient fields
+                           include_message=not fmt.startswith(("dicom", "heidelberg", "topcon")))
         raise RetinaInputError(f"This {_pretty(fmt)} file could not be decoded; it may be damaged or use a "
                                "variant this app does not support. Re-export it (e.g. as PNG) and try again.") from None
     if img.laterality is None and name:
@@ -209,7 +224,8 @@ def _basename(n: Any) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 
 def sniff_format(data: bytes) -> str:
-    """Format from magic bytes: png, jpeg, tiff, bmp, webp, gif, dicom, nifti, nifti-gz; else RetinaInputError."""
+    """Format from magic bytes: png, jpeg, tiff, bmp, webp, gif, dicom, nifti, nifti-gz, heidelberg-vol,
+    heidelberg-e2e, topcon; else RetinaInputError."""
     head = data[:16]
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
@@ -227,6 +243,10 @@ def sniff_format(data: bytes) -> str:
         return "gif"
     if data[128:132] == b"DICM" or _looks_like_bare_dicom(data):
         return "dicom"
+    from retina_core.io.scanners import sniff_scanner  # OCT device exports (raises for recognised, unsupported ones)
+    scanner = sniff_scanner(data)
+    if scanner:
+        return scanner
     nifti = _nifti_kind(data)
     if nifti == "nifti":
         return "nifti"
@@ -309,7 +329,9 @@ def _is_text(sample: bytes) -> bool:
 
 def _pretty(fmt: str) -> str:
     return {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "bmp": "BMP", "webp": "WebP", "gif": "GIF",
-            "dicom": "DICOM", "nifti": "NIfTI", "nifti-gz": "NIfTI"}.get(fmt, fmt.upper())
+            "dicom": "DICOM", "nifti": "NIfTI", "nifti-gz": "NIfTI", "heidelberg-vol": "Heidelberg .vol",
+            "heidelberg-e2e": "Heidelberg .e2e", "topcon": "Topcon", "topcon-fda": "Topcon .fda",
+            "topcon-fds": "Topcon .fds"}.get(fmt, fmt.upper())
 
 
 def check_dimensions(width: int, height: int, frames: int, max_pixels: int, fmt: str) -> None:
@@ -433,7 +455,29 @@ _SINGLE_CHANNEL = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N",
 _HIGH_DEPTH = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
-def _decode_pillow(data: bytes, fmt: str, *, content_hash: str, max_pixels: int, frame: int | None) -> RetinalImage:
+def downscale(img: RetinalImage, max_side: int) -> RetinalImage:
+    """A 2-D image with its long side brought down to `max_side` (area interpolation), spacing scaled to match;
+    meta["decoded_scale"] says by how much the pixels shown differ from the file's."""
+    import cv2
+
+    h, w = img.pixels.shape[:2]
+    s = max_side / max(h, w)
+    if s >= 1:
+        return img
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    # area averaging where pixels merge (no aliasing); a mild reduction (after JPEG DCT scaling) is bilinear
+    pixels = cv2.resize(img.pixels, size, interpolation=cv2.INTER_AREA if s < 0.5 else cv2.INTER_LINEAR)
+    scale = (pixels.shape[0] / h, pixels.shape[1] / w)
+    meta = {**img.meta, "decoded_scale": round(float(img.meta.get("decoded_scale", 1.0)) * scale[1], 6)}
+    spacing = tuple(float(sp) / sc for sp, sc in zip(img.spacing, scale)) if img.spacing else img.spacing
+    return _replace(img, pixels=pixels, meta=meta, spacing=spacing)
+
+
+SCREEN_SIDE = 1024   # px: the long side uploads are read at (more than any model input; the screen shows less)
+
+
+def _decode_pillow(data: bytes, fmt: str, *, content_hash: str, max_pixels: int, frame: int | None,
+                   max_side: int | None = None) -> RetinalImage:
     from PIL import Image
 
     truncated_msg = (f"This {_pretty(fmt)} file is incomplete (truncated or damaged); part of the image is "
@@ -473,10 +517,18 @@ def _decode_pillow(data: bytes, fmt: str, *, content_hash: str, max_pixels: int,
                                            f"{n_frames} frame(s) (0 to {n_frames - 1}).")
                 if index:
                     im.seek(index)
+                if fmt == "jpeg" and max_side and max(width, height) > max_side:
+                    # DCT scaling: decode at 1/2, 1/4 or 1/8 scale, never below max_side on the long side
+                    s = max_side / max(width, height)
+                    im.draft(im.mode, (max(1, int(np.ceil(width * s))), max(1, int(np.ceil(height * s)))))
                 _full_load(im)  # raises on truncated data
                 oriented = _exif_transpose(im, meta)
                 if oriented.size != im.size:
                     meta["width"], meta["height"] = oriented.size
+                if im.size != (width, height):               # decoded at a reduced scale
+                    meta["decoded_scale"] = round(im.size[0] / width, 6)
+                    if oriented.size != im.size:            # a quarter turn: the file's size, turned
+                        meta["width"], meta["height"] = height, width
                 rgb, single = _pil_to_rgb(oriented)
             except RetinaInputError:
                 raise

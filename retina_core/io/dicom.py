@@ -96,7 +96,10 @@ def decode_dicom(data: bytes, *, content_hash: str, max_pixels: int, frame: int 
             raise RetinaInputError("This DICOM file contains no image (it may be a report, a measurement or a "
                                    "structured document). Export the image series instead.")
         frames = geom["frames"]
-        want_volume = frame == -1 or (frame is None and frames > 1)
+        modality_hint = _modality_hint(header)
+        # Multi-frame photography (OP: stereo pairs, angiography series) is a set of photographs, not a stack of
+        # B-scans: frame 0 by default, like TIFF / GIF; `frame` picks another, -1 still asks for every frame.
+        want_volume = frame == -1 or (frame is None and frames > 1 and modality_hint != "fundus")
         # Decoding materialises every frame, so the whole file is bounded, whatever frame was asked for.
         check_dimensions(geom["cols"], geom["rows"], frames, max_pixels, "dicom")
         if geom["bits_allocated"] not in (1, 8, 16, 32) or geom["samples"] not in (1, 3):
@@ -104,7 +107,6 @@ def decode_dicom(data: bytes, *, content_hash: str, max_pixels: int, frame: int 
                                    f"{geom['samples']} channel(s), which this app does not read. "
                                    "Export it as 8- or 16-bit greyscale or RGB.")
         _check_decoder(ts_uid)
-        modality_hint = _modality_hint(header)
         laterality = _laterality(header)
         spacing = _spacing(header, volume=want_volume)
         meta = {"width": geom["cols"], "height": geom["rows"], "frames": frames, "bits": geom["bits_stored"],
@@ -386,14 +388,17 @@ def _spacing(ds: Any, volume: bool) -> tuple[float, ...] | None:
             slice_mm = _floats(ds.get(keyword), 1)
             if slice_mm:
                 break
-    try:
-        measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    # enhanced multi-frame (Ophthalmic Tomography): Pixel Measures in the shared functional groups or, where the
+    # device writes them per frame, in the first frame's
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            measures = getattr(ds, groups)[0].PixelMeasuresSequence[0]
+        except Exception:  # noqa: BLE001 - not an enhanced multi-frame object, or no Pixel Measures there
+            continue
         pixel = pixel or (_floats(measures.get("PixelSpacing", None), 2) if "PixelSpacing" in measures else None)
         for keyword in ("SpacingBetweenSlices", "SliceThickness"):
             if not slice_mm and keyword in measures:
                 slice_mm = _floats(measures.get(keyword), 1)
-    except Exception:  # noqa: BLE001 - not an enhanced multi-frame object
-        pass
     if pixel is None:
         return None
     if volume:

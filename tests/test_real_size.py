@@ -1,0 +1,73 @@
+"""Real-size photographs: decoded at the scale the models and the screen need, analysed, and kept small."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retina_core.bench import kept_bytes
+from retina_core.io.decode import SCREEN_SIDE, read_image
+
+
+def _jpeg(h: int, w: int, seed: int = 0, exif_rotate: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = np.zeros((h, w, 3), np.uint8)
+    field = (xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (0.45 * h) ** 2
+    img[field] = (160, 80, 30)
+    img = np.clip(img.astype(int) + rng.integers(-8, 8, img.shape), 0, 255).astype(np.uint8)
+    im = Image.fromarray(img)
+    buf = io.BytesIO()
+    if exif_rotate:
+        exif = Image.Exif()
+        exif[0x0112] = 6                                  # rotate 90 degrees on display
+        im.save(buf, format="JPEG", quality=90, exif=exif)
+    else:
+        im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_large_jpeg_decoded_at_reduced_scale_same_hash_and_header():
+    data = _jpeg(2400, 3600)
+    full, small = read_image(data), read_image(data, max_side=SCREEN_SIDE)
+    assert full.pixels.shape == (2400, 3600, 3)
+    assert max(small.pixels.shape[:2]) == SCREEN_SIDE and small.pixels.shape[0] == round(2400 * SCREEN_SIDE / 3600)
+    assert small.content_hash == full.content_hash
+    assert (small.meta["width"], small.meta["height"]) == (3600, 2400)       # the file's size, as before
+    assert small.meta["decoded_scale"] == pytest.approx(SCREEN_SIDE / 3600, rel=0.01)
+    # the same picture: the reduced decode matches the full one brought down to the same size
+    import cv2
+    ref = cv2.resize(full.pixels, small.pixels.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(ref.astype(int) - small.pixels.astype(int)).mean() < 4
+
+
+def test_small_images_and_volumes_untouched_exif_turn_kept():
+    data = _jpeg(600, 800)
+    assert read_image(data, max_side=SCREEN_SIDE).pixels.shape == (600, 800, 3)
+    turned = read_image(_jpeg(1600, 2400, exif_rotate=True), max_side=SCREEN_SIDE)
+    assert turned.pixels.shape[:2] == (SCREEN_SIDE, round(1600 * SCREEN_SIDE / 2400))   # portrait after the turn
+    assert (turned.meta["width"], turned.meta["height"]) == (1600, 2400)
+    png = io.BytesIO()
+    Image.fromarray(np.full((1500, 3000), 90, np.uint8)).save(png, format="PNG")
+    img = read_image(png.getvalue(), max_side=SCREEN_SIDE)
+    assert img.pixels.shape == (512, 1024, 3) and img.meta["decoded_scale"] == pytest.approx(1024 / 3000, rel=0.01)
+
+
+def test_truncated_large_jpeg_still_refused():
+    from retina_core.errors import RetinaInputError
+
+    data = _jpeg(2400, 3600)
+    with pytest.raises(RetinaInputError, match="incomplete|damaged"):
+        read_image(data[: len(data) // 2], max_side=SCREEN_SIDE)
+
+
+def test_analysis_of_a_12_megapixel_photograph_keeps_little(tmp_path):
+    """analyze(bytes) of a 4288 x 2848 photograph: a result, a heatmap the size of the image shown, and at most
+    8 MB of arrays kept (the full-size image alone is 35 MB)."""
+    from retina_core.analysis import analyze
+    from retina_core.bench import _real_size_inputs
+
+    data = _real_size_inputs(tmp_path)["fundus"][0].read_bytes()
+    a = analyze(data)
+    assert a.has_result and a.image.shape[:2] == a.heatmap.shape and max(a.image.shape[:2]) <= SCREEN_SIDE
+    assert kept_bytes(a) <= 8 * 2**20
