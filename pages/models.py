@@ -6,7 +6,7 @@ import streamlit as st
 from retina_core import figures, ui
 from retina_core.models import get_cfg, list_models, read_manifest
 from retina_core.models.loading import trained_on
-from retina_core.quick_eval import saved_evaluations, stability_table
+from retina_core.quick_eval import evidence_kind, evidence_reports, stability_table
 
 ui.require_navigation()
 
@@ -75,30 +75,32 @@ else:
     else:
         st.caption("Press the button to generate fresh phantoms of every class and score the model on them "
                    "(seconds for the small demo models). The result is cached for every session.")
-    saved = saved_evaluations(name)
-    stab = [(p, o) for p, o in saved if isinstance(o.get("methods"), dict)]
+    stab = evidence_reports(name, model.sha256)    # weights/evidence: real lesion sets first, then phantoms
     if stab:
-        for j, (p, o) in enumerate(stab):     # e.g. a large run of the default method, a smaller one of many
+        for j, (p, o) in enumerate(stab):     # one file per set; each method from its largest run
             rows = stability_table(o)
-            st.markdown(f"**Explanation stability and faithfulness** (saved `explain-eval` of {o.get('n_images')} "
-                        f"phantoms, `{p.name}`)")
+            ev = o.get("evidence") or {}
+            what = (f"real photographs of {ev.get('set_title') or ev.get('set')}" if evidence_kind(o) == "real"
+                    else "synthetic phantoms")
+            st.markdown(f"**Explanation stability and faithfulness** (`explain-eval` evidence kept with these "
+                        f"weights: {o.get('n_images')} {what}, `{p.name}`)")
             st.plotly_chart(figures.stability_fig(rows), width="stretch", key=f"eval_stab_{j}")
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=f"eval_stab_table_{j}")
         with_cf = [o for _, o in stab if o.get("counterfactual")]
         if with_cf:
             from retina_core.explain.counterfactual import describe_variants, table_rows
 
-            cf = with_cf[-1]["counterfactual"]
+            cf = with_cf[0]["counterfactual"]
             st.markdown(f"**Does the model use the lesions its map is scored against?** Counterfactual phantoms: "
                         f"{cf['n_volumes']} diseased eyes re-rendered {describe_variants(cf)} (`explain-eval "
                         f"--counterfactual`)")
             st.dataframe(pd.DataFrame(table_rows(cf)).round(2), hide_index=True, width="stretch", key="eval_cf")
             st.caption(cf["note"] + " None: those eyes have no such lesion.")
     else:
-        st.caption(f"No saved explanation evaluation of {name}. Stability plots appear here after "
-                   f"`python -m retina_core explain-eval --model {name} --data PATH --methods gradcam,gradcam++ "
-                   f"--json > docs/explain_eval_{name}.json`; the Attention zones page shows stability on one "
-                   "image.")
+        st.caption(f"No explanation evaluation is kept with these weights of {name}. Stability plots (and the "
+                   f"trust notes under its heatmaps) appear after `python -m retina_core explain-eval --model {name} "
+                   f"--data PATH --methods gradcam,gradcam++`, which keeps its report in the weights' evidence/ "
+                   "folder; the Attention zones page shows stability on one image.")
 
 st.subheader("Model cards")
 for name in list_models():

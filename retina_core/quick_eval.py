@@ -1,5 +1,5 @@
-"""A small evaluation on fresh phantoms, computed on demand for the Models & evaluation page, and saved
-evaluations read back.
+"""A small evaluation on fresh phantoms, computed on demand for the Models & evaluation page; the explain-eval
+evidence kept with the weights (`<weights dir>/evidence/`) read back, and the trust notes worded from it.
 
     >>> r = evaluate_on_phantoms(load_model("oct_resnet18"), n_per_class=6)
     >>> r["metrics"]["confusion_matrix"], r["roc"]["CNV"]["auc"], r["metrics"]["reliability_bins"]
@@ -122,16 +122,10 @@ def saved_reports(keep, roots=("docs", "weights", "artifacts"), base=None, limit
     return found
 
 
-def saved_evaluations(model_name: str, roots=("docs", "weights", "artifacts")) -> list[tuple[Path, dict]]:
-    """JSON evaluations of `model_name` saved in the project (`evaluate --json`, `explain-eval --json`, a training
-    run's history.json copied next to the weights): [(path, parsed)] whose "model" is `model_name`."""
-    return saved_reports(lambda obj: obj.get("model") == model_name, roots)
-
-
 def stability_table(explain_eval_report: dict) -> list[dict]:
     """Rows {method, stability_ssim, stability_spearman, pointing_game, deletion_auc, insertion_auc,
-    randomisation_abs_spearman, passes_sanity_check, cost_vs_forward, seconds_per_image} of an explain-eval report
-    (`python -m retina_core explain-eval ... --json`)."""
+    randomisation_abs_spearman, passes_sanity_check, cost_vs_forward, seconds_per_image, n_images} of an
+    explain-eval report or evidence file (a method's own n_images where runs were merged)."""
     from .explain.evaluate import passes_randomisation
 
     rows = []
@@ -141,57 +135,124 @@ def stability_table(explain_eval_report: dict) -> list[dict]:
                                                                   "pointing_game", "deletion_auc",
                                                                   "insertion_auc", "randomisation_abs_spearman")},
                          "passes_sanity_check": passes_randomisation(r),
-                         **{k: r.get(k) for k in ("cost_vs_forward", "seconds_per_image")}})
+                         **{k: r.get(k) for k in ("cost_vs_forward", "seconds_per_image")},
+                         "n_images": r.get("n_images", explain_eval_report.get("n_images"))})
     return rows
 
 
-def method_trust(model_name: str, weights_sha256: str | None = None, roots=("docs", "weights", "artifacts")
-                 ) -> dict[str, dict]:
-    """Per explanation method, what the saved `explain-eval` reports of `model_name` measured (only reports of
-    these weights when `weights_sha256` is given): {method: {randomisation_abs_spearman, passes_randomisation,
-    pointing_game, energy_pointing_game, cost_vs_forward, n_images, source}}. Each method's figures come from the
-    report that measured it on the most images (ties: the one with counterfactual phantoms, then the newest), so a
-    small run of many methods does not replace a large run of one. The counterfactual section comes from the
-    newest report that has it: what the model uses (lesion_reliance) goes with every method; its per-class pointing game and per-input faithfulness
-    (unused_lesions, faithful_alone) only with the method it was measured with. Empty when nothing is saved."""
+def evidence_kind(report: dict) -> str:
+    """"real" or "phantom": what an evidence file was measured on (its `evidence` block, written by explain-eval;
+    else what explain-eval would tag it: a real set's folder or a real lesion-mask report is real)."""
+    from .explain.evaluate import evidence_tag
+
+    return (report.get("evidence") or {}).get("kind") or evidence_tag(report)[1]
+
+
+def evidence_reports(model_name: str, weights_sha256: str | None = None, weights_dir=None
+                     ) -> list[tuple[Path, dict]]:
+    """The explain-eval evidence kept with the weights: `<weights dir>/evidence/*.json` (written by `explain-eval`,
+    `explain.evaluate.write_evidence`) whose model is `model_name` and whose weights_sha256 is `weights_sha256`
+    (default: the sha256 the weights dir's manifest lists for the model). Nothing else is read: docs/ is for people.
+    Ordered real evidence first, then more images, then the file name (never file times). [(path, report)]."""
+    from .explain.evaluate import evidence_dir
+    from .models.loading import read_manifest
+
+    if weights_sha256 is None:
+        weights_sha256 = (read_manifest(weights_dir).get(model_name) or {}).get("sha256")
+    folder = evidence_dir(weights_dir)
+    if not weights_sha256 or not folder.is_dir():
+        return []
+    found = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            obj = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if (isinstance(obj, dict) and obj.get("model") == model_name and obj.get("weights_sha256") == weights_sha256
+                and isinstance(obj.get("methods"), dict)):
+            found.append((p, obj))
+    found.sort(key=lambda po: (evidence_kind(po[1]) != "real", -(po[1].get("n_images") or 0), po[0].name))
+    return found
+
+
+def _best_per_method(reports: list[tuple[Path, dict]], usable=lambda r: True) -> dict[str, tuple]:
+    """{method: (path, report, figures)} from the report that measured the method on the most images (ties: the one
+    with counterfactual phantoms, the fuller evidence; then the file name)."""
+    best: dict[str, tuple] = {}
+    for path, rep in reports:
+        for meth, r in rep["methods"].items():
+            if not isinstance(r, dict) or not usable(r):
+                continue
+            rank = (-(r.get("n_images") or rep.get("n_images") or 0), not rep.get("counterfactual"), path.name)
+            if meth not in best or rank < best[meth][0]:
+                best[meth] = (rank, path, rep, r)
+    return {m: v[1:] for m, v in best.items()}
+
+
+def _real_figures(path: Path, rep: dict, r: dict) -> dict:
+    """What a note quotes from a method's figures on a real lesion set (the `real_lesions` block of
+    `explain.real_lesions.summarise`, keys as it writes them)."""
+    from .explain.evaluate import evidence_tag, passes_randomisation
+
+    rl, ev = r["real_lesions"], rep.get("evidence") or {}
+    if not ev.get("tag"):            # a report copied in by hand: what explain-eval would have tagged it
+        tag, _, title = evidence_tag(rep)
+        ev = {"set": tag, "set_title": title}
+    les = rl.get("lesions") or {}
+    return {"set": ev.get("set") or ev.get("tag"), "set_title": ev.get("set_title"),
+            "n_images": les.get("n_images") or r.get("n_images") or rep.get("n_images"),
+            "target": r.get("target", rep.get("target")),
+            **{k: les.get(k) for k in ("pointing_game_tol", "pointing_game_tol_chance", "pointing_game_tol_p_value",
+                                       "pointing_game_0px", "pointing_game_0px_chance")},
+            **{k: rl.get(k) for k in ("deletion_drop", "deletion_drop_random_map", "p_target",
+                                      "energy_outside_fov", "area_outside_fov", "tolerance_rule")},
+            "randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
+            "passes_randomisation": passes_randomisation(r), "source": path.name}
+
+
+def method_trust(model_name: str, weights_sha256: str | None = None, weights_dir=None) -> dict[str, dict]:
+    """Per explanation method, what the explain-eval evidence kept with these weights measured
+    (`evidence_reports`: `<weights dir>/evidence/`, default the bundled weights; weights_sha256 default the
+    manifest's): {method: {randomisation_abs_spearman, passes_randomisation, pointing_game, energy_pointing_game,
+    cost_vs_forward, deletion figures, n_images, source, kind, ..., real}}. The top-level figures are the phantom
+    evidence (None where the method was measured on real images only); `real` holds the figures on a real lesion
+    set (`_real_figures`) when there are any, else None. Each comes from the file that measured the method on the
+    most images (ties: the one with counterfactual phantoms, then the file name), so a small run of many methods
+    does not replace a large run of one. The counterfactual section (phantoms) comes from the phantom evidence with
+    the most eyes: what the model uses (lesion_reliance) goes with every method; its per-class pointing game and
+    per-input faithfulness (unused_lesions, faithful_alone) only with the method it was measured with. Empty when
+    nothing is kept."""
     from .explain.evaluate import passes_randomisation
 
-    from .io.realsets import real_set_of
-
-    # The notes' wording is that of the phantom reports (phantom lesions, deletion AUC); reports on real lesion sets
-    # (IDRiD) score deletion as a probability drop and are read in docs/real_data.md, not quoted under a map yet.
-    reports = [(p, o) for p, o in saved_evaluations(model_name, roots)
-               if isinstance(o.get("methods"), dict) and (weights_sha256 is None
-                                                          or o.get("weights_sha256") == weights_sha256)
-               and not real_set_of(str(o.get("data") or "."))]
+    reports = evidence_reports(model_name, weights_sha256, weights_dir)
     if not reports:
         return {}
-    reports.sort(key=lambda po: po[0].stat().st_mtime)
-    with_cf = [o.get("counterfactual") for _, o in reports if o.get("counterfactual")]
-    counterfactual = with_cf[-1] if with_cf else None
-    guided = _lesion_guided(model_name, reports[-1][1].get("weights_sha256"))
+    phantom = [(p, o) for p, o in reports if evidence_kind(o) == "phantom"]
+    real = [(p, o) for p, o in reports if evidence_kind(o) == "real"]
+    cfs = sorted(((-(o["counterfactual"].get("n_volumes") or 0), p.name, o["counterfactual"])
+                  for p, o in phantom if isinstance(o.get("counterfactual"), dict)), key=lambda t: t[:2])
+    counterfactual = cfs[0][2] if cfs else None
+    guided = _lesion_guided(model_name, reports[0][1].get("weights_sha256"), weights_dir)
     unused = unused_lesions(counterfactual)      # with the per-class pointing game of the method it ran with
     cf_method = (counterfactual or {}).get("method", "gradcam")
     reliance = lesion_reliance_by_class(counterfactual)      # of the model: the same for every method
-    best: dict[str, tuple] = {}
-    for path, rep in reports:                    # oldest first: a later report of as many images wins
-        for meth, r in rep["methods"].items():
-            # more images first; at equal size a report with counterfactual phantoms (the fuller evidence), then
-            # the newer one (mtimes are arbitrary in a fresh clone, so size and content decide first)
-            rank = (rep.get("n_images") or 0, bool(rep.get("counterfactual")))
-            if isinstance(r, dict) and (meth not in best or rank >= best[meth][0]):
-                best[meth] = (rank, path, rep, r)
+    best = _best_per_method(phantom)
+    best_real = _best_per_method(real, lambda r: isinstance(r.get("real_lesions"), dict))
     out = {}
-    for meth, (_, path, rep, r) in best.items():
+    for meth in [*best, *(m for m in best_real if m not in best)]:
+        path, rep, r = best.get(meth) or (None, {}, {})
         out[meth] = {"randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
-                     "passes_randomisation": passes_randomisation(r),
+                     "passes_randomisation": passes_randomisation(r) if r else None,
                      "randomisation_empty_fraction": r.get("randomisation_empty_fraction"),
                      **{k: r.get(k) for k in ("pointing_game", "energy_pointing_game", "cost_vs_forward",
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
-                     "n_images": rep.get("n_images"), "source": path.name, "lesion_guided": guided,
-                     "unused_lesions": unused if meth == cf_method else [], "lesion_reliance": reliance,
-                     "faithful_alone": (counterfactual or {}).get("faithful_alone") if meth == cf_method else None}
+                     "n_images": (r.get("n_images") or rep.get("n_images")) if r else None,
+                     "source": path.name if path else None, "kind": "phantom" if r else None,
+                     "lesion_guided": guided,
+                     "unused_lesions": unused if meth == cf_method and r else [], "lesion_reliance": reliance,
+                     "faithful_alone": (counterfactual or {}).get("faithful_alone") if meth == cf_method else None,
+                     "real": _real_figures(*best_real[meth]) if meth in best_real else None}
         by_mod = {mod: {k: r.get(f"{k}_{mod}") for k in _MODALITY_KEYS} for mod in PAIR_MODALITIES
                   if any(r.get(f"{k}_{mod}") is not None for k in _MODALITY_KEYS)}
         if by_mod:
@@ -220,12 +281,12 @@ def modality_evidence(evidence: dict | None, modality: str) -> dict | None:
     return ev
 
 
-def _lesion_guided(model_name: str, weights_sha256: str | None) -> bool:
+def _lesion_guided(model_name: str, weights_sha256: str | None, weights_dir=None) -> bool:
     """Whether the installed weights of `model_name` (when they are the report's) were trained with lesion-mask
     guidance (`train --lesion-cam-guidance`): their maps were taught where lesions are."""
     from .models.loading import read_manifest
 
-    entry = read_manifest().get(model_name) or {}
+    entry = read_manifest(weights_dir).get(model_name) or {}
     if weights_sha256 and entry.get("sha256") != weights_sha256:
         return False
     return bool((entry.get("config") or {}).get("lesion_cam_guidance"))
@@ -386,11 +447,13 @@ def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
     """`trust_note` without the per-class check."""
     from .explain.evaluate import RANDOMISATION_LIMIT
 
-    if not evidence:
+    if not evidence or (not evidence.get("real") and evidence.get("kind", "phantom") is None):
         return (f"{method}: not evaluated on this model yet (`python -m retina_core explain-eval`): no measured "
                 "evidence of how far its map can be trusted.", False)
+    if evidence.get("real"):
+        return _real_trust_note(evidence["real"], evidence, method)
     rho, pg = evidence.get("randomisation_abs_spearman"), evidence.get("pointing_game")
-    where = f" (`{evidence['source']}`, {evidence.get('n_images')} phantoms)"
+    where = f" (measured on synthetic phantoms only: {evidence.get('n_images')} phantoms, `{evidence['source']}`)"
     pointing = f"; it hit a phantom lesion {pg:.0%} of the time" if pg is not None else ""
     d, dr = evidence.get("deletion_auc"), evidence.get("deletion_auc_random_map")
     if evidence.get("passes_randomisation") is False:
@@ -425,13 +488,100 @@ def _guided_caveat(evidence: dict) -> str:
     if not evidence.get("lesion_guided") or evidence.get("pointing_game") is None:
         return ""
     return (" These weights were trained with lesion masks (lesion-mask guidance), so their maps were taught where "
-            "phantom lesions are: the figure shows how well that carries over to new phantoms, not real photographs.")
+            "phantom lesions are: the figure shows how well that carries over to new phantoms, not to photographs "
+            "of patients.")
+
+
+REAL_SET_SHORT = {"idrid_lesions": "IDRiD"}     # how a note names a real lesion set (else its title, else its tag)
+REAL_P_VALUE = 0.05       # a real pointing game above chance with a p-value at or above this is "not shown"
+OUTSIDE_FOV_WARN = 0.5    # a map with this share of its energy outside the field of view marks the frame
+
+
+def _f2(x: float) -> str:
+    """Two decimals, without a negative zero."""
+    t = f"{x:.2f}"
+    return "0.00" if t == "-0.00" else t
+
+
+def _real_trust_note(real: dict, phantom: dict, method: str) -> tuple[str, bool]:
+    """The note when the method was measured on a real lesion set (IDRiD): where its peak fell against a random
+    point of the field of view, what deleting in its order did to the probability against a random order, and the
+    randomisation check (on these photographs, and on synthetic phantoms when that was measured too). A warning when
+    the map fails the check, deletes no faster than random regions, finds lesions no better than chance (or is not
+    shown to), or puts most of its energy outside the field of view."""
+    from .explain.evaluate import RANDOMISATION_LIMIT
+
+    name = (REAL_SET_SHORT.get(real.get("set") or "") or (real.get("set_title") or "").split(" (")[0]
+            or real.get("set") or "lesion-set")
+    target = real.get("target")
+    p_name = f"P({target})" if target else "P(predicted class)"
+    maps = f" (maps of '{target}')" if target else ""
+    n = real.get("n_images")
+    pg, ch, pv = (real.get(k) for k in ("pointing_game_tol", "pointing_game_tol_chance", "pointing_game_tol_p_value"))
+    d, dr, pt = real.get("deletion_drop"), real.get("deletion_drop_random_map"), real.get("p_target")
+    out_fov, out_area = real.get("energy_outside_fov"), real.get("area_outside_fov")
+    facts = []
+    if pg is not None:
+        chance = f"a random point in the field of view: {ch:.0%}" if ch is not None else "chance not measured"
+        pval = f", p = {pv:.2f}" if pv is not None else ""
+        facts.append(f"its peak fell on a marked lesion {pg:.0%} of the time ({chance}{pval})")
+    if d is not None and dr is not None:
+        frm = f", {pt:.2f} on average," if pt is not None else ""
+        moves = f"lowers {p_name}{frm} by {_f2(d)}" if d > -0.005 else f"raises {p_name}{frm} by {_f2(-d)}"
+        rand = _f2(dr) if dr > -0.005 else f"a rise of {_f2(-dr)}"
+        facts.append(f"deleting what it marks {moves} against {rand} for random regions")
+    if out_fov is not None and out_fov >= OUTSIDE_FOV_WARN:
+        facts.append(f"{out_fov:.0%} of its map lies outside the field of view (the black frame, "
+                     f"{out_area or 0:.0%} of the image)")
+    where = f" (`{real['source']}`)"
+    checks = [(lab, ev.get("randomisation_abs_spearman"), ev.get("passes_randomisation"))
+              for lab, ev in (("on these photographs", real), ("on synthetic phantoms", phantom or {}))
+              if ev.get("randomisation_abs_spearman") is not None]
+    failed = [f"{rho:.2f} {lab}" for lab, rho, ok in checks if ok is False]
+    passed = [f"{rho:.2f} {lab}" for lab, rho, ok in checks if ok]
+    if failed:
+        sanity = (f" Its map barely changes when the model's weights are randomised (mean |rho| {', '.join(failed)}; "
+                  f"the limit is {RANDOMISATION_LIMIT}): it shows the image's structure more than what the model "
+                  f"learnt.")
+    elif passed:
+        sanity = (f" It passed the sanity check (its map changes when the weights are randomised: mean |rho| "
+                  f"{', '.join(passed)}).")
+    elif checks:
+        sanity = " Sanity check inconclusive (the randomised model's maps were mostly empty)."
+    else:
+        sanity = " Sanity check not run."
+    problems = []
+    if failed:
+        problems.append(("failed the sanity check", "Compare it, do not rely on it."))
+    if d is not None and dr is not None and d <= dr:
+        problems.append(("is no more faithful than chance on real photographs",
+                         "The map may look right without being what the model used."))
+    if pg is not None and ch is not None and pg <= ch:
+        problems.append(("is no better than chance at finding real lesions",
+                         "Read it as a coarse region the model weighed, not as a lesion finder."))
+    elif pg is not None and pv is not None and pv >= REAL_P_VALUE:
+        problems.append(("is not shown to find real lesions better than chance",
+                         "Read it as a coarse region the model weighed, not as a lesion finder."))
+    if out_fov is not None and out_fov >= OUTSIDE_FOV_WARN:
+        problems.append(("marks the frame more than the retina", "It does not show lesions."))
+    body = "; ".join(facts)
+    if problems:
+        head = " and ".join(f"**{p}**" for p, _ in problems[:2])
+        advice = " ".join(dict.fromkeys(a for _, a in problems))
+        return (f"{method} {head} on this model: on {n} real {name} photographs{maps} {body}{where}.{sanity} "
+                f"{advice}", True)
+    return f"{method} on {n} real {name} photographs{maps}: {body}{where}.{sanity}", False
 
 
 def trust_badge(evidence: dict | None) -> str:
-    """A few words for a map's caption: the sanity check's verdict on this model, from `method_trust`."""
-    if not evidence or evidence.get("passes_randomisation") is None:
+    """A few words for a map's caption: the sanity check's verdict on this model, from `method_trust` (measured on
+    real photographs when it was, else on phantoms; a failure on either is a failure)."""
+    checks = [ev for ev in ((evidence or {}).get("real"), evidence)
+              if ev and ev.get("passes_randomisation") is not None]
+    if not checks:
         return "not evaluated"
-    rho = evidence["randomisation_abs_spearman"]
-    return (f"sanity check passed (|rho| {rho:.2f})" if evidence["passes_randomisation"]
-            else f"FAILED sanity check (|rho| {rho:.2f}): compare, do not rely")
+    ev = next((c for c in checks if c["passes_randomisation"] is False), checks[0])
+    rho = ev["randomisation_abs_spearman"]
+    where = " on real photographs" if ev is (evidence or {}).get("real") else ""
+    return (f"sanity check passed{where} (|rho| {rho:.2f})" if ev["passes_randomisation"]
+            else f"FAILED sanity check{where} (|rho| {rho:.2f}): compare, do not rely")

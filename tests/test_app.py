@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,12 @@ def use_test_weights(directory, names=None):
 
 @pytest.fixture(scope="module", autouse=True)
 def weights(tmp_path_factory):
+    import shutil
+
     with use_test_weights(tmp_path_factory.mktemp("app_weights")) as d:
+        # the bundled weights linked there keep their explain-eval evidence (the trust notes read nothing else)
+        if (ROOT / "weights" / "evidence").is_dir():
+            shutil.copytree(ROOT / "weights" / "evidence", d / "evidence", dirs_exist_ok=True)
         yield d
 
 
@@ -215,11 +221,17 @@ def test_volume_viewer_slider_and_metadata():
     labels = {m.label: m.value for m in at.metric}
     assert labels["3D model suggestion"] in ("normal", "disease")
     assert at.number_input(key="vol_age").value is not None            # phantom metadata prefilled
-    # the bundled 3-D map's measured trust, from its explain-eval report in docs/: a caption, as it passed
-    report = json.loads((ROOT / "docs" / "explain_eval_oct_volume_fusion3d_tiny.json").read_text())
+    # the bundled 3-D map's measured trust, from the explain-eval evidence kept with its weights: a caption, as it
+    # passed (measured on synthetic phantoms only)
+    from retina_core.models import read_manifest
+
+    sha = read_manifest(ROOT / "weights")["oct_volume_fusion3d_tiny"]["sha256"]
+    report = json.loads((ROOT / "weights" / "evidence" / f"oct_volume_fusion3d_tiny-{sha[:12]}-phantoms.json")
+                        .read_text())
     gc = report["methods"]["gradcam"]
     note = [c.value for c in at.caption if "passed the sanity check" in c.value]
     assert len(note) == 1 and f"hit a phantom lesion {gc['pointing_game']:.0%} of the time" in note[0]
+    assert "measured on synthetic phantoms only" in note[0] and not re.search(r"\breal\b", note[0])
     assert f"deletion AUC {gc['deletion_auc']:.2f} against {gc['deletion_auc_random_map']:.2f}" in note[0]
     assert not any("rarely points" in w.value or "no more faithful" in w.value for w in at.warning)
     # the report's counterfactual phantoms: classes whose masked lesions the model does not use are named
@@ -283,7 +295,7 @@ def test_compare_page_pair_with_fusion_and_agreement():
     assert "agree" in " ".join(str(x.value) for x in list(at.success) + list(at.warning))
     # measured trust of each map on its own: the bundled report finds the fundus map faithful; the OCT map no better
     # than chance with the fundus as it is, but faithful where the OCT carries the call (counterfactual pairs)
-    assert any("on the fundus image passed" in c.value and "explain_eval_fundus_oct_fusion.json" in c.value
+    assert any("on the fundus image passed" in c.value and "-phantoms.json`" in c.value
                for c in at.caption)
     assert any("on the OCT image" in c.value and "this map is faithful when this image decides" in c.value
                for c in at.caption)
@@ -412,10 +424,16 @@ def test_models_page_shows_cards_and_phantom_provenance():
     assert not at.exception
     assert len(at.get("plotly_chart")) >= 3                             # confusion matrix, ROC, reliability
     assert {m.label for m in at.metric} >= {"Accuracy", "Macro AUC", "ECE"}
-    # the volume model's saved report carries counterfactual phantoms: shown as a table, one row per class
+    # the volume model's evidence carries counterfactual phantoms: shown as a table, one row per class
     at.selectbox(key="eval_model").set_value("oct_volume_fusion3d_tiny").run()
     assert not at.exception
-    report = json.loads((ROOT / "docs" / "explain_eval_oct_volume_fusion3d_tiny.json").read_text())
+    from retina_core.models import read_manifest
+
+    sha = read_manifest(ROOT / "weights")["oct_volume_fusion3d_tiny"]["sha256"]
+    name = f"oct_volume_fusion3d_tiny-{sha[:12]}-phantoms.json"
+    report = json.loads((ROOT / "weights" / "evidence" / name).read_text())
+    assert any("Explanation stability" in m.value and name in m.value and "synthetic phantoms" in m.value
+               for m in at.markdown)
     if report.get("counterfactual"):
         (cf,) = [d for d in at.dataframe if "eyes" in d.value.columns]
         assert list(cf.value["class"]) == list(report["counterfactual"]["per_class"])

@@ -235,10 +235,19 @@ def test_explain_eval_set_default_records_the_choice_and_analyze_uses_it(tmp_pat
         assert "default_method" not in entry
 
 
-def test_method_trust_keeps_each_method_from_its_largest_report(tmp_path):
-    """A later, smaller run of many methods adds the methods it measured; it does not replace the figures of a
-    larger run of the default method, nor the counterfactual (model-level) evidence that run has."""
+def _evidence(weights_dir, name, report):
+    """An explain-eval evidence file in `weights_dir`/evidence (where explain-eval keeps it)."""
     import json
+
+    (weights_dir / "evidence").mkdir(parents=True, exist_ok=True)
+    (weights_dir / "evidence" / name).write_text(json.dumps(report))
+    return weights_dir / "evidence" / name
+
+
+def test_method_trust_keeps_each_method_from_its_largest_report(tmp_path):
+    """A smaller evidence file of many methods adds the methods it measured; it does not replace the figures of a
+    larger one of the default method, nor the counterfactual (model-level) evidence that one has. File times never
+    decide."""
     import os
 
     from retina_core.quick_eval import method_trust
@@ -249,41 +258,42 @@ def test_method_trust_keeps_each_method_from_its_largest_report(tmp_path):
     small = {"model": "m", "weights_sha256": "abc", "n_images": 48,
              "methods": {"gradcam": {"randomisation_abs_spearman": 0.1, "pointing_game": 0.7},
                          "layercam": {"randomisation_abs_spearman": 0.6, "pointing_game": 0.75}}}
-    (tmp_path / "big.json").write_text(json.dumps(big))
-    (tmp_path / "small.json").write_text(json.dumps(small))
-    os.utime(tmp_path / "big.json", (1, 1))                  # the big report is the older one
-    ev = method_trust("m", "abc", roots=(str(tmp_path),))
+    _evidence(tmp_path, "big.json", big)
+    _evidence(tmp_path, "small.json", small)
+    os.utime(tmp_path / "evidence" / "big.json", (1, 1))                  # the big report is the older one
+    ev = method_trust("m", "abc", weights_dir=tmp_path)
     assert ev["gradcam"]["pointing_game"] == 0.81 and ev["gradcam"]["source"] == "big.json"
     assert ev["layercam"]["pointing_game"] == 0.75 and ev["layercam"]["source"] == "small.json"
     assert not ev["layercam"]["passes_randomisation"]
     # the counterfactual's per-input faithfulness was measured with Grad-CAM maps: it goes with gradcam only
     assert ev["gradcam"]["faithful_alone"] == {"n": 3} and ev["layercam"]["faithful_alone"] is None
     # as many images but no counterfactual phantoms: the fuller report keeps gradcam (whatever the file times)
-    (tmp_path / "same_size.json").write_text(json.dumps({**small, "n_images": 240}))
-    assert method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]["source"] == "big.json"
-    (tmp_path / "again.json").write_text(json.dumps(big))                       # a re-run as full: the newer wins
-    assert method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]["source"] == "again.json"
+    _evidence(tmp_path, "same_size.json", {**small, "n_images": 240})
+    assert method_trust("m", "abc", weights_dir=tmp_path)["gradcam"]["source"] == "big.json"
+    _evidence(tmp_path, "again.json", big)          # as full: the file name breaks the tie, not which is newer
+    assert method_trust("m", "abc", weights_dir=tmp_path)["gradcam"]["source"] == "again.json"
+    os.utime(tmp_path / "evidence" / "again.json", (1, 1))
+    os.utime(tmp_path / "evidence" / "big.json", (10 ** 9, 10 ** 9))
+    assert method_trust("m", "abc", weights_dir=tmp_path)["gradcam"]["source"] == "again.json"
 
 
-def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
-    import json
-
+def test_method_trust_reads_the_evidence_of_these_weights(tmp_path):
     from retina_core.quick_eval import method_trust, trust_note
 
     report = {"model": "m", "weights_sha256": "abc", "n_images": 10,
               "methods": {"gradcam": {"randomisation_abs_spearman": 0.3, "pointing_game": 0.9},
                           "layercam": {"randomisation_abs_spearman": 0.7, "pointing_game": 0.8}}}
-    (tmp_path / "explain_eval_m.json").write_text(json.dumps(report))
-    (tmp_path / "other_weights.json").write_text(json.dumps({**report, "weights_sha256": "old", "methods": {
-        "gradcam": {"randomisation_abs_spearman": 0.9}}}))
-    ev = method_trust("m", "abc", roots=(str(tmp_path),))
+    _evidence(tmp_path, "explain_eval_m.json", report)
+    _evidence(tmp_path, "other_weights.json", {**report, "weights_sha256": "old", "methods": {
+        "gradcam": {"randomisation_abs_spearman": 0.9}}})
+    ev = method_trust("m", "abc", weights_dir=tmp_path)
     assert ev["gradcam"]["passes_randomisation"] and not ev["layercam"]["passes_randomisation"]
     assert ev["gradcam"]["source"] == "explain_eval_m.json"
     ok, warn_ok = trust_note(ev["gradcam"], "gradcam")
     bad, warn_bad = trust_note(ev["layercam"], "layercam")
     assert not warn_ok and "passed the sanity check" in ok and "90%" in ok
     assert warn_bad and "failed the sanity check" in bad and "0.70" in bad
-    assert method_trust("m", "unknown", roots=(str(tmp_path),)) == {}
+    assert method_trust("m", "unknown", weights_dir=tmp_path) == {}
     assert "not evaluated" in trust_note(None, "scorecam")[0]
     coarse, warn_coarse = trust_note({**ev["gradcam"], "pointing_game": 0.25}, "gradcam")
     assert warn_coarse and "rarely points at a lesion" in coarse and "25%" in coarse and "0.30" in coarse
@@ -329,8 +339,6 @@ def test_method_trust_reads_the_newest_report_of_these_weights(tmp_path):
 
 
 def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(tmp_path):
-    import json
-
     from retina_core.quick_eval import method_trust, trust_note, unused_lesions
 
     def cls(n, drop, drop0, swell0=None, pg=0.0):
@@ -347,8 +355,8 @@ def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(
     assert [u["class"] for u in unused_lesions(cf)] == ["DR", "DME"] and unused_lesions(None) == []
     report = {"model": "m", "weights_sha256": "abc", "n_images": 10, "counterfactual": cf,
               "methods": {"gradcam": {"randomisation_abs_spearman": 0.1, "pointing_game": 0.8}}}
-    (tmp_path / "explain_eval_m.json").write_text(json.dumps(report))
-    ev = method_trust("m", "abc", roots=(str(tmp_path),))["gradcam"]
+    _evidence(tmp_path, "explain_eval_m.json", report)
+    ev = method_trust("m", "abc", weights_dir=tmp_path)["gradcam"]
     note, warn = trust_note(ev, "gradcam")
     assert not warn and "on DR (18, pointing game 0.00) and DME (13, pointing game 0.53) eyes" in note
     assert "does not use those lesions" in note
@@ -365,8 +373,6 @@ def test_trust_note_names_the_lesions_a_counterfactual_showed_the_model_ignores(
 def test_trust_note_reports_what_leaving_the_suggested_class_lesions_out_did(tmp_path):
     """2-D counterfactual phantoms (masked lesions left out; no clinical record): the note under a suggestion says
     how P(suggested class) moved on phantoms of that class, with a verdict that follows the figures."""
-    import json
-
     from retina_core.quick_eval import lesion_reliance_by_class, method_trust, trust_note, unused_lesions
 
     def cls(n, p, p_without, called_without, p_healthy, pg=1.0):
@@ -380,8 +386,8 @@ def test_trust_note_reports_what_leaving_the_suggested_class_lesions_out_did(tmp
     assert [u["class"] for u in unused_lesions(cf)] == ["Mild"]     # the map misses and the lesions are unused
     report = {"model": "m2", "weights_sha256": "abc", "n_images": 10, "counterfactual": cf,
               "methods": {"gradcam": {"randomisation_abs_spearman": 0.1, "pointing_game": 0.9}}}
-    (tmp_path / "explain_eval_m2.json").write_text(json.dumps(report))
-    ev = method_trust("m2", "abc", roots=(str(tmp_path),))["gradcam"]
+    _evidence(tmp_path, "explain_eval_m2.json", report)
+    ev = method_trust("m2", "abc", weights_dir=tmp_path)["gradcam"]
     used = trust_note(ev, "gradcam", label="Moderate")[0]
     assert ("12 'Moderate' eyes re-rendered without the lesions their masks mark went from P(Moderate) 0.84 to 0.00 "
             "(0 still called 'Moderate', P(No DR) 0.98): the model uses those lesions.") in used

@@ -234,14 +234,14 @@ def test_fusion_fixed_partner_predictions_match_the_full_forward(tiny_fusion_net
     assert np.allclose(nd._pair_predict(m, "oct", s.fundus)(s.oct[None])[0], probs, atol=1e-5)
 
 
-def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path, monkeypatch):
+def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path):
     import retina_core.quick_eval as qe
 
-    rep = fusion_report
-    p = tmp_path / "ee_fusion.json"
+    rep = {**fusion_report, "weights_sha256": "abc"}      # kept as evidence with (stand-in) weights
+    (tmp_path / "evidence").mkdir()
+    p = tmp_path / "evidence" / "ee_fusion.json"
     p.write_text(json.dumps(rep))
-    monkeypatch.setattr(qe, "saved_evaluations", lambda name, roots=None: [(p, json.loads(p.read_text()))])
-    ev = qe.method_trust(rep["model"])
+    ev = qe.method_trust(rep["model"], "abc", weights_dir=tmp_path)
     assert set(ev) == {"gradcam", "integrated_gradients"}
     assert ev["gradcam"]["randomisation_abs_spearman"] == rep["methods"]["gradcam"]["randomisation_abs_spearman"]
     assert ev["gradcam"]["pointing_game"] == rep["methods"]["gradcam"]["pointing_game"]
@@ -338,12 +338,13 @@ def test_cli_volume_model_with_bundled_weights(volume_dir, paired_dir, capsys):
     if VOLUME not in read_manifest(weights_dir()):
         pytest.skip("no bundled weights for the volume model")
     code = main(["explain-eval", "--model", VOLUME, "--data", str(volume_dir), "--n", "4", "--split", "all",
-                 "--steps", "4", "--counterfactual", "--json"])
+                 "--steps", "4", "--counterfactual", "--no-evidence", "--json"])   # never into the repo's weights/
     out = capsys.readouterr().out
     assert code == 0
     rep = json.loads(out)
     r = rep["methods"]["gradcam"]
     assert rep["model"] == VOLUME and rep["n_images"] == 4 and rep["split"] == "all"
+    assert "evidence_written_to" not in rep                # --no-evidence: the bundled evidence is left alone
     assert rep["weights_sha256"] == read_manifest(weights_dir())[VOLUME]["sha256"]
     assert r["n_lesion_images"] >= 1 and _in01(r["pointing_game"]) and _in01(r["slice_hit_baseline"])
     assert "randomisation_abs_spearman" in r and r["cost_vs_forward"] > 0

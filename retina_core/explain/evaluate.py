@@ -636,6 +636,120 @@ def _refuse_default_for_nd(model_name: str, modality: str | None) -> None:
                                f"default method to set.")
 
 
+# ------------------------------------------------------------------------------------------------ evidence
+EVIDENCE_DIR = "evidence"     # <weights dir>/evidence/<model>-<sha256[:12]>-<tag>.json: what the trust notes quote
+_RUN_ONLY = ("default_written_to", "evidence_written_to")   # keys of a printed report that are not evidence
+
+
+def evidence_dir(weights_dir=None) -> Path:
+    """Where the explain-eval evidence of the weights in `weights_dir` (default: the bundled folder) is kept."""
+    from ..models.loading import weights_dir as bundled
+
+    return Path(weights_dir or bundled()) / EVIDENCE_DIR
+
+
+def evidence_tag(report: dict) -> tuple[str, str, str | None]:
+    """(tag, kind, set title) of what a report was measured on: a real set's name ("idrid_lesions", from
+    `io.realsets.real_set_of`) and kind "real", or "phantoms" and kind "phantom". A lesion-mask set outside the
+    known real sets is real too, tagged by its folder name."""
+    import re
+
+    from ..io.realsets import real_set_of
+
+    data = str(report.get("data") or "")
+    real = real_set_of(data) if data and "in-memory" not in data else None
+    if real:
+        tag, title = real["name"], real.get("title")
+    elif report.get("metric_kind") == "real_lesions":
+        tag, title = Path(data).name or "real", Path(data).name
+    else:
+        return "phantoms", "phantom", None
+    return re.sub(r"[^A-Za-z0-9_.-]+", "+", tag).strip("+") or "real", "real", title
+
+
+def _without_per_image_rows(obj):
+    """The report without its per-image rows (the `images` lists of real_lesions and optic_disc_detection): the
+    notes read the summaries only, and weights/ stays small."""
+    if isinstance(obj, dict):
+        return {k: _without_per_image_rows(v) for k, v in obj.items() if not (k == "images" and isinstance(v, list))}
+    if isinstance(obj, list):
+        return [_without_per_image_rows(v) for v in obj]
+    return obj
+
+
+def evidence_record(report: dict) -> dict:
+    """An explain-eval report as evidence: per-image rows dropped, each method's figures labelled with the run they
+    come from (n_images, data, target, metric_kind), and an `evidence` block (tag, kind, set, the runs merged)."""
+    import datetime as dt
+
+    tag, kind, title = evidence_tag(report)
+    rec = _without_per_image_rows({k: v for k, v in report.items() if k not in _RUN_ONLY})
+    run = {k: report.get(k) for k in ("data", "n_images", "metric_kind", "target")}
+    for r in (rec.get("methods") or {}).values():
+        if isinstance(r, dict):
+            r.setdefault("n_images", report.get("n_images"))
+            r.update({k: v for k, v in run.items() if k != "n_images"})
+    run.update(methods=sorted(rec.get("methods") or {}), counterfactual=bool(report.get("counterfactual")),
+               date=dt.date.today().isoformat())
+    rec["evidence"] = {"tag": tag, "kind": kind, "set": None if kind == "phantom" else tag, "set_title": title,
+                       "runs": [run]}
+    return rec
+
+
+def merge_evidence(old: dict | None, new: dict) -> dict:
+    """Evidence of the same weights and set: each method keeps the figures of the run that measured it on the
+    most images (at equal size the new run's), so a small run of many methods adds methods without replacing a
+    large run of one. The counterfactual section likewise (most eyes, else the new one); the report-level fields
+    follow the larger run."""
+    if not old or old.get("weights_sha256") != new.get("weights_sha256"):
+        return new
+
+    def n(r):
+        return (r or {}).get("n_images") or 0
+
+    larger_new = n(new) >= n(old)
+    out = dict(new if larger_new else old)
+    methods = dict(old.get("methods") or {})
+    for meth, r in (new.get("methods") or {}).items():
+        if meth not in methods or n(r) >= n(methods[meth]):
+            methods[meth] = r
+    out["methods"] = methods
+    cf_old, cf_new = old.get("counterfactual"), new.get("counterfactual")
+    if cf_old or cf_new:
+        out["counterfactual"] = (cf_new if cf_new and (not cf_old or (cf_new.get("n_volumes") or 0)
+                                                        >= (cf_old.get("n_volumes") or 0)) else cf_old)
+    runs = [*((old.get("evidence") or {}).get("runs") or []), *((new.get("evidence") or {}).get("runs") or [])]
+    out["evidence"] = {**(new.get("evidence") or {}), "runs": [r for i, r in enumerate(runs) if r not in runs[:i]]}
+    return out
+
+
+def write_evidence(report: dict, weights_dir=None) -> Path | None:
+    """Keep `report` as evidence next to the weights it measured: `<weights dir>/evidence/<model>-<sha256[:12]>-
+    <tag>.json` (tag: "phantoms" or the real set's name), merged with what that file already holds
+    (`merge_evidence`). Only when the weights dir's manifest lists these weights (the bundled folder, or a training
+    run's folder via --weights-dir); None otherwise. The app's trust notes read these files and nothing else."""
+    from ..models.loading import read_manifest
+
+    model, sha = report.get("model"), report.get("weights_sha256")
+    entry = (read_manifest(weights_dir).get(model) or {}) if model else {}
+    if not sha or entry.get("sha256") != sha or not isinstance(report.get("methods"), dict):
+        return None
+    rec = evidence_record(report)
+    folder = evidence_dir(weights_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model}-{sha[:12]}-{rec['evidence']['tag']}.json"
+    old = None
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(merge_evidence(old, rec), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def cmd_explain_eval(args) -> int:
     from .evaluate_nd import modality_of
 
@@ -657,6 +771,10 @@ def cmd_explain_eval(args) -> int:
 
         report["counterfactual"] = lesion_reliance(args.model, args.data, n=args.n, split=split, seed=args.seed,
                                                    weights_dir=args.weights_dir)
+    if not getattr(args, "no_evidence", False):
+        written = write_evidence(report, args.weights_dir)
+        if written is not None:
+            report["evidence_written_to"] = str(written)
     if args.json:
         print(json.dumps(report))
     else:
@@ -668,6 +786,8 @@ def cmd_explain_eval(args) -> int:
         if args.set_default:
             print(f"default method of {args.model} set to {report['recommended_default']['method']} in "
                   f"{report['default_written_to']}")
+        if report.get("evidence_written_to"):
+            print(f"evidence for the app's trust notes: {report['evidence_written_to']}")
     return 0
 
 
@@ -707,5 +827,9 @@ def add_cli(subparsers) -> None:
                         "are scored against its real masks")
     p.add_argument("--set-default", action="store_true",
                    help="write the recommended default method and its evidence into the model's manifest entry")
+    p.add_argument("--no-evidence", action="store_true",
+                   help="do not keep the report as evidence next to the weights (by default it is merged into "
+                        "<weights dir>/evidence/<model>-<sha256[:12]>-<phantoms|real set>.json, the only thing the "
+                        "app's trust notes read)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain_eval)
