@@ -172,8 +172,7 @@ def analyze(image, model: LoadedModel | str | None = None, method: str | None = 
     Ungradable or non-retinal images, and images of a modality the model does not read, give an Analysis with
     no result (label None, suggestion "No result: retake or refer") and the reasons in `notes`.
     """
-    img, q = _gated(image, method, modality)
-    return _read(img, q, model, method, target)
+    return run_reading(plan_analysis(image, model, method, target, modality))
 
 
 def analyze_all(image, method: str | None = None, modality: str | None = None) -> list[Analysis]:
@@ -181,10 +180,39 @@ def analyze_all(image, method: str | None = None, modality: str | None = None) -
     MODELS_BY_MODALITY (real-data models first, e.g. a fundus photograph gets DME, the 4-class reading and the
     phantom-only DR grade). An image with no result gives one Analysis saying why. `method` applies to every model
     that offers it; the others use their default."""
+    return [run_reading(p) for p in plan_all(image, method, modality)]
+
+
+@dataclass
+class Reading:
+    """A gated image planned for one model's forward: what `analyze` / `analyze_all` have decided before any model
+    runs (`plan_analysis`, `plan_all`). `run_reading` runs it alone; a server runs several readings of the same
+    model, method and image size as one `explain_batch` and hands each its slice (`retina_core.serving`)."""
+
+    img: RetinalImage
+    quality: Quality
+    model: LoadedModel
+    method: str                               # resolved: one of available_methods(model)
+    target: str | int | None
+    note: str | None = None                   # appended to the result's notes
+
+
+def plan_analysis(image, model: LoadedModel | str | None = None, method: str | None = None,
+                  target: str | int | None = None, modality: str | None = None) -> Analysis | Reading:
+    """`analyze` up to the forward: the decoded, gated image and the model and method that will read it, or the
+    no-result Analysis when none will (ungradable, not retinal, wrong modality). Raises RetinaInputError as
+    `analyze` does."""
+    img, q = _gated(image, method, modality)
+    return _plan(img, q, model, method, target)
+
+
+def plan_all(image, method: str | None = None, modality: str | None = None) -> list[Analysis | Reading]:
+    """`analyze_all` up to the forwards: one Reading per installed model of the image's modality, or one
+    no-result Analysis saying why none applies."""
     img, q = _gated(image, method, modality)
     names = installed_models(q.modality) if q.modality in MODELS_BY_MODALITY else []
     if not names or q.modality == "not_retinal" or not q.gradable:
-        return [_read(img, q, None, method, None)]
+        return [_plan(img, q, None, method, None)]
     models = [get_model(n) for n in names]
     if method is not None and not any(method in available_methods(m) for m in models):
         raise RetinaInputError(f"Method {method!r} does not apply to {', '.join(names)}; choose one of "
@@ -192,11 +220,19 @@ def analyze_all(image, method: str | None = None, modality: str | None = None) -
     out = []
     for m in models:
         fits = method is None or method in available_methods(m)
-        a = _read(img, q, m, method if fits else None, None)
-        if not fits and a.has_result:
-            a.notes.append(f"{method} does not apply to {m.name}; its default map ({a.method}) is shown.")
-        out.append(a)
+        p = _plan(img, q, m, method if fits else None, None)
+        if not fits and isinstance(p, Reading):
+            p.note = f"{method} does not apply to {m.name}; its default map ({p.method}) is shown."
+        out.append(p)
     return out
+
+
+def run_reading(plan: Analysis | Reading) -> Analysis:
+    """One planned reading run alone (a no-result Analysis passes through)."""
+    if isinstance(plan, Analysis):
+        return plan
+    maps, probs_b, idx = explain_batch(plan.model, plan.img.pixels[None], plan.method, plan.target)
+    return finish_reading(plan, maps[0], probs_b[0], int(idx[0]))
 
 
 def _gated(image, method: str | None, modality: str | None) -> tuple[RetinalImage, Quality]:
@@ -209,8 +245,8 @@ def _gated(image, method: str | None, modality: str | None) -> tuple[RetinalImag
     return img, assess_quality(img, modality=modality)
 
 
-def _read(img: RetinalImage, q: Quality, model, method: str | None, target) -> Analysis:
-    """One gated image read by one model (the model of the modality by default)."""
+def _plan(img: RetinalImage, q: Quality, model, method: str | None, target) -> Analysis | Reading:
+    """One gated image planned for one model (the model of the modality by default), or why it gets no result."""
     asked = method or "default"
     if q.modality == "not_retinal":
         return _no_result(img, q, q.modality, asked, [q.verdict, *q.reasons])
@@ -234,19 +270,28 @@ def _read(img: RetinalImage, q: Quality, model, method: str | None, target) -> A
                                f"{', '.join(available_methods(model))}.")
     if target is not None:
         _target_index(target, classes, 0)   # a clear message for an unknown class, before any work
+    return Reading(img, q, model, method, target)
+
+
+def finish_reading(plan: Reading, heatmap: np.ndarray, probabilities: np.ndarray, target_index: int) -> Analysis:
+    """The forward's output for one planned reading -> its Analysis (label, suggestion, notes; audited).
+    heatmap: float32 [H, W] in [0, 1] at the image's size; probabilities: calibrated [K]; target_index: the class
+    the heatmap explains (`explain_batch`'s outputs for this image)."""
+    img, q, model, method = plan.img, plan.quality, plan.model, plan.method
+    classes = model.cfg.classes
     # One forward gives the prediction and (for Grad-CAM) the heatmap; other methods reuse that forward's logits.
-    maps, probs_b, idx = explain_batch(model, img.pixels[None], method, target)
-    heatmap = maps[0]
-    probs = probs_b[0].astype(np.float64)
+    probs = np.asarray(probabilities).astype(np.float64)
     probs = probs / probs.sum()
     pred = int(np.argmax(probs))
-    t_idx = int(idx[0])
+    t_idx = int(target_index)
     label = classes[pred]
     referable, suggestion = suggestion_for(label, model)
     notes = [] if heatmap.max() > 0 else ["The heatmap is empty: no region raised the explained class's score."]
     if probs[pred] < LOW_CONFIDENCE:
         notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
         suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."
+    if plan.note:
+        notes.append(plan.note)
     result = Analysis(modality=q.modality, quality=q, probabilities={c: float(p) for c, p in zip(classes, probs)},
                       label=label, heatmap=heatmap, model=model.name, weights_sha256=model.sha256, method=method,
                       target=classes[t_idx], referable=referable, suggestion=suggestion,

@@ -6,6 +6,7 @@ Figures go to docs/benchmarks.md by hand; they are never asserted by timed unit 
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -376,10 +377,10 @@ def bench_zones_rerun(repeats: int = 5) -> dict:
             "fragment_rerun_ms": round(fragment * 1e3, 1), "target_ms": 50, "meets_target": fragment <= 0.05}
 
 
-def _app(name: str):
+def _app(name: str, **kw):
     def call():
         from . import bench_app
-        return getattr(bench_app, name)()
+        return getattr(bench_app, name)(**kw)
     return call
 
 
@@ -395,7 +396,9 @@ def run(repeats: int = 15, only: list[str] | None = None) -> dict:
              "cached_rerun": bench_cached_rerun,
              "zones_rerun": bench_zones_rerun,
              "cold_start": _app("bench_cold_start"),
-             "concurrent_sessions": _app("bench_concurrent_sessions")}
+             # RETINA_BENCH_SESSIONS: how many browser sessions at once (default 8; fewer on a shared machine)
+             "concurrent_sessions": _app("bench_concurrent_sessions",
+                                         n=int(os.environ.get("RETINA_BENCH_SESSIONS", "8")))}
     for name, fn in parts.items():
         if not only or name in only:
             out[name] = fn()
@@ -460,7 +463,11 @@ def format_markdown(result: dict) -> str:
     if "concurrent_sessions" in result:
         c = result["concurrent_sessions"]
         rows.append(f"Concurrent sessions: {c}" if "skipped" in c else
-                    f"{c['sessions']} concurrent sessions: latency p50 {c['latency_p50_s']} s, p95 "
+                    f"{c['sessions']} concurrent sessions: {c['completed']} finished with a result, errors "
+                    f"{c['errors']}; wall {c['wall_s']} s vs {c['back_to_back_s']} s for the same analyses back to "
+                    f"back in one process (**{c['wall_vs_back_to_back']}x**, target <= 1.0) and "
+                    f"{c['one_at_a_time_in_browser_s']} s one at a time in one browser session "
+                    f"({c['wall_vs_one_at_a_time']}x); latency p50 {c['latency_p50_s']} s, p95 "
                     f"{c['latency_p95_s']} s (one session alone {c['alone_latency_s']} s); server memory "
-                    f"+{c['rss_per_extra_session_mb']} MB per extra session (target <= 40 MB).")
+                    f"+{c['rss_per_session_mb']} MB per session (target <= 40 MB); disturbers {c['disturbers']}.")
     return "\n".join(rows)

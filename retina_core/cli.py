@@ -304,6 +304,7 @@ def cmd_bench(args) -> int:
 def cmd_gate_eval(args) -> int:
     """The quality and modality gate over folders of real images (evaluate/gate.py)."""
     from .evaluate.gate import contact_sheet, evaluate_set, format_report, resolve_sets
+    from .io.decode import SCREEN_SIDE
 
     if args.limit is not None and args.limit < 1:
         raise RetinaInputError("--limit must be at least 1.")
@@ -312,7 +313,8 @@ def cmd_gate_eval(args) -> int:
     for d in sets:
         progress = None if args.json or not sys.stderr.isatty() else (
             lambda i, n, name=d.name: print(f"\r{name}: {i}/{n}", end="" if i < n else "\n", file=sys.stderr))
-        results.append(evaluate_set(d, expect=args.expect, limit=args.limit, progress=progress))
+        results.append(evaluate_set(d, expect=args.expect, limit=args.limit, progress=progress,
+                                    max_side=None if args.full_size else SCREEN_SIDE))
     shown = contact_sheet(results, args.contact_sheet) if args.contact_sheet else None
     if args.json:
         for r in results:
@@ -456,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N images per set, evenly spaced")
     p.add_argument("--contact-sheet", default=None,
                    help="write a PNG grid of the refused images with their reasons here (patient images: keep local)")
+    p.add_argument("--full-size", action="store_true",
+                   help="read every image at full size (default: as the app reads uploads, long side 1024 px)")
     p.add_argument("--json", action="store_true", help="one JSON object per set, refused files included")
     p.set_defaults(func=cmd_gate_eval)
 

@@ -17,10 +17,10 @@ import streamlit as st
 from PIL import Image
 
 from . import DISCLAIMER
-from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, analyze, analyze_all, get_model
+from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, get_model
 from .errors import RetinaInputError
-from .io.decode import RetinalImage, read_image
-from .models import get_cfg, list_models, read_manifest
+from .io.decode import SCREEN_SIDE, RetinalImage, read_image
+from .models import list_models, read_manifest
 from .models.loading import trained_on
 
 T = TypeVar("T")
@@ -148,7 +148,8 @@ def memo(kind: str, key: Hashable, compute: Callable[[], T], limit: int = 16) ->
 
 
 def method_evidence(model_name: str, weights_sha256: str) -> dict[str, dict]:
-    """What the newest saved explain-eval of these weights measured per method (read once per session)."""
+    """What the explain-eval evidence kept with these weights (`<weights dir>/evidence/`, real lesion sets first)
+    measured per method (read once per session; nothing under docs/ is read)."""
     from .quick_eval import method_trust
 
     return memo("method_trust", (model_name, weights_sha256), lambda: method_trust(model_name, weights_sha256))
@@ -158,7 +159,8 @@ def method_trust_note(model_name: str, weights_sha256: str, method: str, label: 
                       modality: str | None = None) -> tuple[str, bool]:
     """How far `method`'s maps can be trusted on this model (for the suggested class `label`, when given; for one
     input's map of a two-input model when `modality` is given): a sentence and whether it is a warning (failed
-    sanity check, no more faithful than chance, or a map that rarely points at a lesion)."""
+    sanity check, no more faithful than chance, or a map that rarely points at a lesion, or on real lesions no better
+    than chance). Evidence measured on real photographs is worded as such and comes first."""
     from .quick_eval import trust_note
 
     return trust_note(method_evidence(model_name, weights_sha256).get(method), method, label, modality)
@@ -179,21 +181,54 @@ def decode_upload(data: bytes, name: str | None) -> RetinalImage:
     if key not in cache:
         if len(cache) >= ANALYSIS_LIMIT:
             cache.pop(next(iter(cache)))
-        cache[key] = read_image(data, name=name)
+        cache[key] = read_image(data, name=name, max_side=SCREEN_SIDE)
     return cache[key]
+
+
+def _service():
+    """The server's one inference service (`retina_core.serving`): every session's forwards go through its
+    bounded queue and one worker, batched; a full queue is a ServerBusyError (a RetinaInputError: pages show it)."""
+    from .serving import get_service
+
+    return get_service()
+
+
+def _service_model(model: str | None):
+    """The model for the service: in-process, the shared copy (`cached_model`, which records load failures for
+    the status table); through Ray Serve, its name (the replicas load their own)."""
+    if not model:
+        return None
+    return cached_model(model) if _service().backend == "local" else model
+
+
+def _session_stopped():
+    """A check the service polls while this session waits: true once Streamlit asked this script run to stop for
+    good (the browser tab closed, the session shut down). A rerun request does not count: the result is still
+    wanted then. Reads a Streamlit-internal field; None (never stopped) where it is missing."""
+    try:
+        from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+        requests = getattr(get_script_run_ctx(), "script_requests", None)
+    except Exception:
+        return None
+    if requests is None or not hasattr(requests, "_state"):
+        return None
+    return lambda: getattr(requests._state, "value", None) == "STOP"
 
 
 def analysis_for(img: RetinalImage, model: str | None, method: str | None, modality: str | None) -> Analysis:
     """Analyse once per (content hash, model, method, modality) in this session; reruns reuse the result.
 
-    method None is the model's default; the result is also filed under the method it resolved to, so choosing
-    that method by name later reuses it."""
+    The forward runs in the server's shared inference service (`retina_core.serving`), batched with other
+    sessions' requests. method None is the model's default; the result is also filed under the method it
+    resolved to, so choosing that method by name later reuses it."""
     cache = st.session_state.setdefault("_analyses", {})
     key = (img.content_hash, model, method or "default", modality)
     if key not in cache:
         while len(cache) >= ANALYSIS_LIMIT:
             cache.pop(next(iter(cache)))
-        a = analyze(img, cached_model(model) if model else None, method=method, modality=modality)
+        a = _service().analyze(img, _service_model(model), method=method, modality=modality,
+                               cancelled=_session_stopped())
         cache[key] = a
         if method is None and a.label is not None:
             cache.setdefault((img.content_hash, model, a.method, modality), a)
@@ -210,7 +245,8 @@ def analyses_for(img: RetinalImage, model: str | None, method: str | None, modal
     if key not in cache:
         while len(cache) >= ANALYSIS_LIMIT:
             cache.pop(next(iter(cache)))
-        found = cache[key] = analyze_all(img, method=method, modality=modality)
+        found = cache[key] = _service().analyze_all(img, method=method, modality=modality,
+                                                    cancelled=_session_stopped())
         resolved = {a.method for a in found if a.label is not None}
         if method is None and len(resolved) == 1:   # choosing that method by name later reuses these
             cache.setdefault((img.content_hash, "all", resolved.pop(), modality), found)

@@ -22,3 +22,62 @@ def test_two_sessions_never_see_each_others_results(oct_png, fundus_png):
     assert len(hashes1) == len(hashes2) == 1 and hashes1.isdisjoint(hashes2)
     text2 = "\n".join(str(e.value) for e in [*second.markdown, *second.caption, *second.subheader])
     assert oct_png.name not in text2 and next(iter(hashes1))[:16] not in text2
+
+
+def test_a_busy_server_says_retry_and_a_failed_upload_leaves_other_sessions_alone(oct_png, monkeypatch):
+    """A full queue shows "busy, retry" like any input error (no traceback); a session whose upload is broken
+    fails alone while another session is served; once the queue has room again the same upload succeeds."""
+    from retina_core import serving
+    from retina_core.errors import ServerBusyError
+
+    real = serving.get_service()
+
+    class Full:                       # what a full queue answers: refused at once
+        backend = "local"
+
+        def analyze(self, *a, **kw):
+            raise ServerBusyError(serving.BUSY)
+
+        analyze_all = analyze
+
+    monkeypatch.setattr(serving, "_SERVICE", Full())
+    busy = AppTest.from_file(APP, default_timeout=240)
+    busy.run()
+    busy.file_uploader(key="upload").set_value((oct_png.name, oct_png.read_bytes(), "image/png")).run()
+    assert not busy.exception
+    assert [e.value for e in busy.error] == [serving.BUSY]
+    assert not busy.session_state["_analyses"]          # nothing cached: a retry analyses again
+    monkeypatch.setattr(serving, "_SERVICE", real)
+    broken, fine = AppTest.from_file(APP, default_timeout=240), AppTest.from_file(APP, default_timeout=240)
+    broken.run()
+    fine.run()
+    broken.file_uploader(key="upload").set_value(("scan.png", b"\x89PNG\r\n\x1a\n truncated", "image/png")).run()
+    fine.file_uploader(key="upload").set_value((oct_png.name, oct_png.read_bytes(), "image/png")).run()
+    busy.run()                                          # the retry, now that the queue has room
+    assert not broken.exception and not fine.exception and not busy.exception
+    assert len(broken.error) == 1 and "Traceback" not in broken.error[0].value
+    assert {m.label: m.value for m in fine.metric}["Modality"] == "oct"
+    assert {m.label: m.value for m in busy.metric}["Modality"] == "oct" and not busy.error
+
+
+def test_a_closed_session_is_seen_by_the_service_while_it_waits(monkeypatch):
+    """`ui._session_stopped` (polled while a session waits for the service) turns true on Streamlit's STOP request
+    (tab closed, session shut down), not on a rerun request (the result is still wanted then)."""
+    from types import SimpleNamespace
+
+    from streamlit.runtime.scriptrunner_utils import script_run_context
+    from streamlit.runtime.scriptrunner_utils.script_requests import RerunData, ScriptRequests
+
+    from retina_core import ui
+
+    requests = ScriptRequests()
+    monkeypatch.setattr(script_run_context, "get_script_run_ctx",
+                        lambda *a, **k: SimpleNamespace(script_requests=requests))
+    stopped = ui._session_stopped()
+    assert stopped() is False
+    requests.request_rerun(RerunData())
+    assert stopped() is False
+    requests.request_stop()
+    assert stopped() is True
+    monkeypatch.setattr(script_run_context, "get_script_run_ctx", lambda *a, **k: None)
+    assert ui._session_stopped() is None            # outside a script run: nothing to poll

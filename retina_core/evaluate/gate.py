@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import RetinaInputError
 from ..io.datasets import IMAGE_EXTENSIONS
-from ..io.decode import read_image
+from ..io.decode import SCREEN_SIDE, read_image
 from ..quality import GRADABLE, assess_quality
 
 EXPECTABLE = ("fundus", "oct")
@@ -118,10 +118,11 @@ def _sample(rows: list[dict], limit: int | None) -> list[dict]:
     return [rows[int(i * step)] for i in range(limit)]
 
 
-def assess_file(path: Path, expected: str) -> dict:
-    """One image through `read_image` and `assess_quality`: modality, verdict, gradable, score, reasons."""
+def assess_file(path: Path, expected: str, max_side: int | None = SCREEN_SIDE) -> dict:
+    """One image through `read_image` and `assess_quality`: modality, verdict, gradable, score, reasons. Read as
+    the app, `predict` and batch read it (long side at most SCREEN_SIDE; max_side None: full size)."""
     try:
-        q = assess_quality(read_image(path))
+        q = assess_quality(read_image(path, max_side=max_side))
     except RetinaInputError as exc:
         return {"modality": "error", "verdict": "error", "gradable": False, "score": 0.0,
                 "reasons": [f"could not be read: {exc}"], "modality_ok": False}
@@ -144,7 +145,7 @@ def summarise(records: list[dict]) -> dict:
 
 
 def evaluate_set(set_dir: str | Path, expect: str | None = None, limit: int | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: Callable[[int, int], None] | None = None, max_side: int | None = SCREEN_SIDE) -> dict:
     """Run the gate on every image of one set (or `limit` evenly spaced ones).
 
     Returns {"set", "path", "expected", **summarise(all), "halves": {"fit": ..., "heldout": ...}, "refused_files":
@@ -159,12 +160,13 @@ def evaluate_set(set_dir: str | Path, expect: str | None = None, limit: int | No
     expected = expect or guess_expected(set_dir, rows)
     records = []
     for i, row in enumerate(rows):
-        rec = {"file": row["file"], "half": half_of(row), **assess_file(set_dir / row["file"], expected)}
+        rec = {"file": row["file"], "half": half_of(row), **assess_file(set_dir / row["file"], expected, max_side)}
         records.append(rec)
         if progress:
             progress(i + 1, len(rows))
     keep = ("file", "half", "modality", "verdict", "score", "reasons")
-    return {"set": set_dir.name, "path": str(set_dir), "expected": expected, **summarise(records),
+    return {"set": set_dir.name, "path": str(set_dir), "expected": expected, "read_at": max_side or "full size",
+            **summarise(records),
             "halves": {h: summarise([r for r in records if r["half"] == h]) for h in ("fit", "heldout")},
             "refused_files": [{k: r[k] for k in keep} for r in records if not r["gradable"]],
             "wrong_modality_files": [{k: r[k] for k in keep} for r in records if not r["modality_ok"]]}

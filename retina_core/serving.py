@@ -1,0 +1,526 @@
+"""One inference service per server process, shared by every app session: a bounded queue, one worker thread that
+runs the models, micro-batches of concurrent requests, bounded threads, and a clear "busy, retry" when full.
+
+    >>> svc = get_service()                                   # the process's one service (created on first use)
+    >>> a = svc.analyze(img, "oct_resnet18", method=None, modality=None, timeout=60)   # an Analysis, as `analyze`
+    >>> found = svc.analyze_all(img)                          # as `analyze_all`
+    >>> svc.stats()                                           # queue depth, batch sizes, threads, rejections
+
+Why: sessions that each call `analyze` run their own forward in their own script thread, each with every torch
+thread (OpenMP gives each calling thread its own team): on a 2-core server four sessions ran eight busy threads
+(docs/benchmarks.md: p95 2.14 s at once against 0.21 s alone), and forwards of the one shared model from several
+threads at once can see each other's Grad-CAM hooks (seen here as torch's "differentiated Tensor ... appears to not
+have been used in the graph" with four threads). Here the quality gate and the planning (`analysis.plan_analysis` / `plan_all`) run
+in the caller's thread, and only the forward + heatmap go to the queue: the worker takes the oldest request and
+every queued request with the same model, method, target and image size (waiting up to a few ms for more when
+the queue is short), runs them as one `explain_batch`, and finishes each (`analysis.finish_reading`), so a batched
+result is the one-by-one result (tests/test_serving.py). A batch that raises is rerun one by one, so a bad input
+fails alone. A full queue refuses at once with `ServerBusyError` ("The server is busy; retry in a few seconds"); a
+wait that runs out, or whose session stopped, gives up its place.
+
+`analyze` / `analyze_all` (retina_core.analysis) stay the direct library API for researchers and the CLI; the
+app's pages reach this service through `ui.analysis_for` / `ui.analyses_for`.
+
+Settings (environment, read when the service starts):
+    RETINA_THREADS          torch / OpenCV threads; default "auto": the CPUs this process may use, less those other
+                            processes keep busy (re-measured each second), never more than the CPUs
+    RETINA_QUEUE_SIZE       readings waiting at most (default 64: a few seconds of work) before "busy"
+    RETINA_BATCH_WINDOW_MS  how long an idle worker waits for more requests to batch (default 5 ms)
+    RETINA_MAX_BATCH        images in one batch at most (default 8)
+    RETINA_TIMEOUT_S        how long a caller waits for its result (default 120 s)
+    RETINA_SERVE_ADDRESS    forward to a Ray Serve application instead ("local": start Ray in this process;
+                            "auto" or "ray://host:10001": an existing cluster). Unset (the default): in-process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+from .analysis import Analysis, Reading, finish_reading, plan_all, plan_analysis, run_reading
+from .errors import RetinaInputError, ServerBusyError
+
+log = logging.getLogger(__name__)
+
+BUSY = "The server is busy; retry in a few seconds."
+TIMED_OUT = "The server is busy and this analysis did not finish in time; retry in a few seconds."
+STOPPED = "The analysis was stopped before it finished; run it again."
+POLL_S = 0.1        # how often a waiting caller checks whether its session stopped
+
+
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota where one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(float(quota) / float(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def _env_number(name: str, default: float, cast=int):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        log.warning("ignoring %s=%r (not a number); using %s", name, raw, default)
+        return default
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """threads: torch intra-op and OpenCV threads at most (clamped to `available_cores`); queue_size: readings
+    that may wait; window_ms: how long an idle worker waits for a batch to fill; max_batch: images per batch;
+    timeout_s: how long a caller waits for its result; adaptive: before each batch (at most once a second) the
+    worker runs on the cores other processes leave free, between 1 and `threads` (RETINA_THREADS unset or
+    "auto"; a number fixes it)."""
+
+    threads: int
+    queue_size: int = 64
+    window_ms: float = 5.0
+    max_batch: int = 8
+    timeout_s: float = 120.0
+    adaptive: bool = False          # use fewer threads while other processes keep cores busy (`threads_for`)
+
+    def __post_init__(self):
+        object.__setattr__(self, "threads", max(1, min(int(self.threads), available_cores())))
+        object.__setattr__(self, "queue_size", max(1, int(self.queue_size)))
+        object.__setattr__(self, "max_batch", max(1, int(self.max_batch)))
+        object.__setattr__(self, "window_ms", max(0.0, float(self.window_ms)))
+
+    @classmethod
+    def from_env(cls) -> "ServiceConfig":
+        fixed = os.environ.get("RETINA_THREADS", "auto").strip().lower() not in ("", "auto")
+        return cls(threads=_env_number("RETINA_THREADS", available_cores()) if fixed else available_cores(),
+                   adaptive=not fixed,
+                   queue_size=_env_number("RETINA_QUEUE_SIZE", 64),
+                   window_ms=_env_number("RETINA_BATCH_WINDOW_MS", 5.0, float),
+                   max_batch=_env_number("RETINA_MAX_BATCH", 8),
+                   timeout_s=_env_number("RETINA_TIMEOUT_S", 120.0, float))
+
+
+def bound_threads(n: int) -> dict:
+    """Set the process's native thread pools to n threads: torch intra-op (inherited by threads started later),
+    torch inter-op (lowered to n where it is larger and not yet started) and OpenCV's pool (the quality gate's
+    filters and the heatmap warps). Returns what is in force."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() > n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:
+            pass                              # already started: it can be set once per process, before first use
+    cv2.setNumThreads(n)
+    return {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
+            "opencv": cv2.getNumThreads()}
+
+
+def threads_for(cores: int, others: float) -> int:
+    """Threads that fit on `cores` while other processes keep `others` cores busy (measured): at least one.
+    OpenMP teams wait for their slowest thread, so a thread that has to share its core with another process
+    stalls the whole forward: measured on this project's 2-core machine with a training job running, an
+    `analyze_all` took 2.0-3.7 s on two threads and 0.11-0.15 s on one."""
+    return max(1, min(cores, int(cores - others + 0.5)))
+
+
+class CpuShare:
+    """How many of this process's CPUs other processes kept busy since the last call, in cores (Linux /proc:
+    busy time of the CPUs in our affinity mask minus this process's own CPU time). 0.0 where /proc is missing."""
+
+    def __init__(self):
+        try:
+            self._cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+        except (AttributeError, OSError):
+            self._cpus = None
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._read()
+
+    def _read(self):
+        try:
+            busy = 0
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *vals = line.split()
+                    if name.startswith("cpu") and name != "cpu" and (self._cpus is None or name in self._cpus):
+                        v = [int(x) for x in vals[:8]]
+                        busy += sum(v) - v[3] - v[4]           # all but idle and iowait
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return time.monotonic(), busy, int(fields[11]) + int(fields[12])   # utime + stime
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def others(self) -> float:
+        now, last = self._read(), self._last
+        self._last = now
+        if now is None or last is None or now[0] - last[0] <= 0:
+            return 0.0
+        return max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / self._hz / (now[0] - last[0]))
+
+
+@dataclass
+class _Request:
+    reading: Reading
+    future: Future
+    key: tuple
+    queued_at: float
+
+
+def _batch_key(r: Reading) -> tuple:
+    """Readings that can share one `explain_batch`: the same model object, method, target and image size."""
+    px = r.img.pixels
+    return id(r.model), r.method, r.target, px.shape, str(px.dtype)
+
+
+class InferenceService:
+    """In-process service: callers plan (gate, model, method) in their own thread and queue the forward; one
+    worker thread runs the queue in micro-batches. Thread-safe; one per process (`get_service`)."""
+
+    backend = "local"
+
+    def __init__(self, config: ServiceConfig | None = None):
+        self.config = config or ServiceConfig.from_env()
+        self.threads = bound_threads(self.config.threads)
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._closed = False
+        self._counts: Counter = Counter()
+        self._batch_sizes: Counter = Counter()
+        self._worker_threads: int | None = None
+        self._others: float | None = None           # cores other processes kept busy (adaptive threads)
+        self._worker = threading.Thread(target=self._work, name="retina-inference", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------------------------------- public API
+    def analyze(self, image, model=None, method: str | None = None, modality: str | None = None,
+                target: str | int | None = None, timeout: float | None = None,
+                cancelled: Callable[[], bool] | None = None) -> Analysis:
+        """`analysis.analyze` through the queue: the same Analysis. Raises RetinaInputError as `analyze` does and
+        ServerBusyError when the queue is full, the wait runs past `timeout` (default RETINA_TIMEOUT_S) or
+        `cancelled()` turns true while waiting (the session went away)."""
+        return self._run([plan_analysis(image, model, method, target, modality)], timeout, cancelled)[0]
+
+    def analyze_all(self, image, method: str | None = None, modality: str | None = None,
+                    timeout: float | None = None, cancelled: Callable[[], bool] | None = None) -> list[Analysis]:
+        """`analysis.analyze_all` through the queue (its readings are queued together, or refused together)."""
+        return self._run(plan_all(image, method, modality), timeout, cancelled)
+
+    def stats(self) -> dict:
+        """Counters since start: readings submitted / completed / failed, refused as busy, timed out, stopped;
+        batches run and their sizes; the queue now; the settings and threads in force."""
+        with self._cond:
+            sizes = dict(sorted(self._batch_sizes.items()))
+            n_batches = sum(sizes.values())
+            return {"backend": self.backend, **{k: int(self._counts[k]) for k in
+                                                ("submitted", "completed", "failed", "rejected", "timed_out",
+                                                 "stopped", "batch_retried")},
+                    "batches": n_batches, "batch_sizes": sizes,
+                    "mean_batch": round(sum(k * v for k, v in sizes.items()) / n_batches, 2) if n_batches else 0.0,
+                    "max_batch_seen": max(sizes, default=0), "queued": len(self._pending),
+                    "config": asdict(self.config), "threads": dict(self.threads),
+                    "worker_torch_threads": self._worker_threads,
+                    "other_processes_cores": None if self._others is None else round(self._others, 2)}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; readings still queued fail with ServerBusyError."""
+        with self._cond:
+            self._closed = True
+            left, self._pending = self._pending, []
+            self._cond.notify_all()
+        for r in left:
+            if r.future.set_running_or_notify_cancel():
+                r.future.set_exception(ServerBusyError(BUSY))
+        self._worker.join(timeout)
+
+    # ------------------------------------------------------------------------------------------- callers
+    def _run(self, plans: list, timeout: float | None, cancelled) -> list[Analysis]:
+        readings = [p for p in plans if isinstance(p, Reading)]
+        requests = self._submit(readings) if readings else []
+        done = iter(self._wait(requests, self.config.timeout_s if timeout is None else timeout, cancelled))
+        return [next(done) if isinstance(p, Reading) else p for p in plans]
+
+    def _submit(self, readings: list[Reading]) -> list[_Request]:
+        now = time.monotonic()
+        reqs = [_Request(r, Future(), _batch_key(r), now) for r in readings]
+        with self._cond:
+            if self._closed or len(self._pending) + len(reqs) > self.config.queue_size:
+                self._counts["rejected"] += len(reqs)
+                raise ServerBusyError(BUSY)
+            self._pending.extend(reqs)
+            self._counts["submitted"] += len(reqs)
+            self._cond.notify_all()
+        return reqs
+
+    def _wait(self, reqs: list[_Request], timeout: float, cancelled) -> list[Analysis]:
+        deadline = time.monotonic() + timeout
+        out = []
+        for r in reqs:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._give_up(reqs, "timed_out")
+                    raise ServerBusyError(TIMED_OUT)
+                try:
+                    out.append(r.future.result(timeout=min(left, POLL_S) if cancelled else left))
+                    break
+                except FutureTimeout:
+                    if cancelled is not None and _safe_call(cancelled):
+                        self._give_up(reqs, "stopped")
+                        raise ServerBusyError(STOPPED) from None
+        return out
+
+    def _give_up(self, reqs: list[_Request], why: str) -> None:
+        """A caller stopped waiting: its queued readings leave the queue (those already running finish unseen)."""
+        with self._cond:
+            gone = {id(r) for r in reqs}
+            self._pending = [p for p in self._pending if id(p) not in gone]
+            self._counts[why] += 1
+        for r in reqs:
+            r.future.cancel()
+
+    # ------------------------------------------------------------------------------------------- worker
+    def _work(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.config.threads)      # this thread's OpenMP team: the only one running models
+        self._worker_threads = torch.get_num_threads()
+        share, checked = CpuShare(), time.monotonic()
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if self.config.adaptive and time.monotonic() - checked >= 1.0:
+                self._others = share.others()
+                checked = time.monotonic()
+                n = threads_for(self.config.threads, self._others)
+                if n != self._worker_threads:
+                    torch.set_num_threads(n)
+                    self._worker_threads = n
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:   # never let the worker die: fail this batch, serve the next
+                log.exception("inference batch failed")
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """The oldest queued reading and every queued one with the same key (up to max_batch), after waiting up to
+        window_ms from the oldest one's arrival for more to come."""
+        cfg = self.config
+        with self._cond:
+            while True:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                first = self._pending[0]
+                same = [r for r in self._pending if r.key == first.key][:cfg.max_batch]
+                wait = first.queued_at + cfg.window_ms / 1000.0 - time.monotonic()
+                if len(same) >= cfg.max_batch or wait <= 0:
+                    taken = {id(r) for r in same}
+                    self._pending = [r for r in self._pending if id(r) not in taken]
+                    return same
+                self._cond.wait(wait)
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        with self._cond:
+            self._batch_sizes[len(live)] += 1
+        try:
+            results = run_batch([r.reading for r in live]) if len(live) > 1 else None
+        except Exception:
+            log.warning("a batch of %d failed; running its readings one by one", len(live), exc_info=True)
+            with self._cond:
+                self._counts["batch_retried"] += 1
+            results = None
+        for i, r in enumerate(live):
+            try:
+                a = results[i] if results is not None else run_reading(r.reading)
+            except BaseException as exc:
+                with self._cond:
+                    self._counts["failed"] += 1
+                r.future.set_exception(exc)
+            else:
+                with self._cond:
+                    self._counts["completed"] += 1
+                r.future.set_result(a)
+
+
+def run_batch(readings: list[Reading]) -> list[Analysis]:
+    """Readings of one model, method, target and image size as one `explain_batch`; each finished as alone."""
+    from .explain.attribution import explain_batch
+
+    first = readings[0]
+    pixels = np.stack([r.img.pixels for r in readings])
+    maps, probs, idx = explain_batch(first.model, pixels, first.method, first.target)
+    return [finish_reading(r, maps[i], probs[i], int(idx[i])) for i, r in enumerate(readings)]
+
+
+def _safe_call(fn) -> bool:
+    try:
+        return bool(fn())
+    except Exception:
+        return False
+
+
+# ------------------------------------------------------------------------------------------- Ray Serve
+APP_NAME = "retina"
+
+
+def _model_name(model) -> str | None:
+    return model if model is None or isinstance(model, str) else model.name
+
+
+class RayServeService:
+    """The same API, forwarded to a Ray Serve application whose replicas each hold an `InferenceService`
+    (`application`). address: "local" starts Ray in this process and deploys the application; otherwise Ray's
+    address ("auto", "ray://host:10001"), where the application is deployed if it is not running yet.
+    Images travel decoded (a RetinalImage), models by name."""
+
+    backend = "ray"
+
+    def __init__(self, address: str, config: ServiceConfig | None = None, app_name: str = APP_NAME):
+        import ray
+        from ray import serve
+
+        self.config = config or ServiceConfig.from_env()
+        self.address = address
+        if not ray.is_initialized():
+            if address == "local":
+                ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        try:
+            self._handle = serve.get_app_handle(app_name)
+        except Exception:      # not deployed yet
+            serve.start(proxy_location="Disabled")
+            self._handle = serve.run(application(self.config), name=app_name, route_prefix=None)
+
+    def analyze(self, image, model=None, method=None, modality=None, target=None, timeout=None,
+                cancelled=None) -> Analysis:
+        return self._result(self._handle.analyze.remote(_decoded(image), _model_name(model), method, modality,
+                                                        target), timeout, cancelled)
+
+    def analyze_all(self, image, method=None, modality=None, timeout=None, cancelled=None) -> list[Analysis]:
+        return self._result(self._handle.analyze_all.remote(_decoded(image), method, modality), timeout, cancelled)
+
+    def stats(self) -> dict:
+        return {**self._handle.stats.remote().result(timeout_s=30), "backend": self.backend,
+                "address": self.address}
+
+    def close(self) -> None:
+        pass
+
+    def _result(self, response, timeout, cancelled):
+        from ray.serve.exceptions import BackPressureError
+
+        deadline = time.monotonic() + (self.config.timeout_s if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                response.cancel()
+                raise ServerBusyError(TIMED_OUT)
+            try:
+                return response.result(timeout_s=min(left, POLL_S) if cancelled else left)
+            except TimeoutError:
+                if cancelled is not None and _safe_call(cancelled):
+                    response.cancel()
+                    raise ServerBusyError(STOPPED) from None
+            except BackPressureError:
+                raise ServerBusyError(BUSY) from None
+            except RetinaInputError:
+                raise                  # Ray re-raises the replica's exception as a subclass of its own type
+            except Exception as exc:   # a RayTaskError wrapping the replica's exception
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, RetinaInputError):
+                    raise cause from None
+                raise
+
+
+def _decoded(image):
+    from .io.decode import SCREEN_SIDE, RetinalImage, read_image
+
+    return image if isinstance(image, RetinalImage) else read_image(image, max_side=SCREEN_SIDE)
+
+
+def application(config: ServiceConfig):
+    """The Ray Serve application (one deployment): each replica holds one `InferenceService` (its own queue, worker and batches);
+    Serve's own queue in front of it is bounded by the same queue size (beyond it: BackPressureError, "busy")."""
+    import asyncio
+    import functools
+
+    from ray import serve
+
+    @serve.deployment(name="RetinaInference", max_ongoing_requests=config.queue_size,
+                      max_queued_requests=config.queue_size, ray_actor_options={"num_cpus": 0})
+    class RetinaInference:
+        def __init__(self, settings: dict):
+            self.service = InferenceService(ServiceConfig(**settings))
+
+        async def _call(self, fn, *args):
+            # The replica's event loop stays free while the service batches: each call waits in a thread.
+            return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+        async def analyze(self, image, model, method, modality, target):
+            return await self._call(self.service.analyze, image, model, method, modality, target)
+
+        async def analyze_all(self, image, method, modality):
+            return await self._call(self.service.analyze_all, image, method, modality)
+
+        def stats(self) -> dict:
+            return self.service.stats()
+
+    return RetinaInference.bind(asdict(config))
+
+
+# ------------------------------------------------------------------------------------------- the process's one
+_SERVICE: InferenceService | RayServeService | None = None
+_SERVICE_LOCK = threading.Lock()
+
+
+def get_service() -> InferenceService | RayServeService:
+    """The process's one service, created on first use from the environment: in-process by default, Ray Serve
+    only when RETINA_SERVE_ADDRESS is set."""
+    global _SERVICE
+    with _SERVICE_LOCK:
+        if _SERVICE is None:
+            address = os.environ.get("RETINA_SERVE_ADDRESS", "").strip()
+            if not address:
+                _SERVICE = InferenceService()
+            else:
+                try:
+                    _SERVICE = RayServeService(address)
+                except ImportError as exc:
+                    raise RuntimeError(f"RETINA_SERVE_ADDRESS is set ({address!r}) but Ray Serve cannot be imported "
+                                       f"({exc}); install it with pip install 'ray[serve]', or unset the variable "
+                                       "to serve in-process.") from exc
+        return _SERVICE
+
+
+def reset_service() -> None:
+    """Close the process's service (tests; a changed environment takes effect at the next `get_service`)."""
+    global _SERVICE
+    with _SERVICE_LOCK:
+        svc, _SERVICE = _SERVICE, None
+    if svc is not None:
+        svc.close()

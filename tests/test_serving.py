@@ -1,0 +1,262 @@
+"""The shared inference service (retina_core/serving.py): concurrent sessions get exactly what `analyze` gives,
+in micro-batches, with bounded threads, a bounded queue that says "busy" at once, and failures that stay alone."""
+import os
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import retina_core.explain.attribution as attribution
+from retina_core import analysis, serving
+from retina_core.analysis import analyze, analyze_all, get_model
+from retina_core.errors import RetinaInputError, ServerBusyError
+from retina_core.io.decode import read_image
+from retina_core.serving import BUSY, CpuShare, InferenceService, ServiceConfig, available_cores, threads_for
+
+MODELS = ["oct_resnet18", "oct_dme_resnet18", "fundus_dr_effnet_b0"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")    # two threads on a busy 2-core machine: many times slower
+
+
+@pytest.fixture(scope="module", autouse=True)
+def weights(tmp_path_factory):
+    """Three models (bundled weights where present, random otherwise), in a folder of their own."""
+    from retina_core.testing import write_test_weights
+
+    d = write_test_weights(tmp_path_factory.mktemp("serving_weights"), MODELS)
+    saved = os.environ.get("RETINA_WEIGHTS_DIR")
+    os.environ["RETINA_WEIGHTS_DIR"] = str(d)
+    get_model.cache_clear()
+    yield d
+    if saved is None:
+        os.environ.pop("RETINA_WEIGHTS_DIR", None)
+    else:
+        os.environ["RETINA_WEIGHTS_DIR"] = saved
+    get_model.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Services set the process's thread pools; put them back for the other tests."""
+    before, before_cv = torch.get_num_threads(), cv2.getNumThreads()
+    yield
+    torch.set_num_threads(before)
+    cv2.setNumThreads(before_cv)
+
+
+def _png(array) -> bytes:
+    from retina_core.ui import png_bytes
+
+    return png_bytes(array)
+
+
+@pytest.fixture(scope="module")
+def octs():
+    from retina_core.phantoms import oct_phantom
+
+    return [read_image(_png(oct_phantom(c, seed=s, width=256, height=248).image))
+            for c, s in [("CNV", 1), ("DME", 2), ("NORMAL", 3), ("DRUSEN", 4)]]
+
+
+@pytest.fixture(scope="module")
+def fundus():
+    from retina_core.phantoms import fundus_phantom
+
+    return read_image(_png(fundus_phantom("Moderate", seed=5, size=256).image))
+
+
+@pytest.fixture
+def service():
+    made = []
+
+    def make(**kw):
+        svc = InferenceService(ServiceConfig(**{"threads": 1, **kw}))
+        made.append(svc)
+        return svc
+
+    yield make
+    for svc in made:
+        svc.close()
+
+
+def same(a, b):
+    """Two Analyses agree: every field, probabilities and heatmaps within float tolerance."""
+    assert (a.model, a.label, a.method, a.target, a.referable, a.suggestion, a.notes, a.content_hash) == \
+        (b.model, b.label, b.method, b.target, b.referable, b.suggestion, b.notes, b.content_hash)
+    assert a.probabilities.keys() == b.probabilities.keys()
+    assert max(abs(a.probabilities[c] - b.probabilities[c]) for c in a.probabilities) < 1e-5
+    assert (a.heatmap is None) == (b.heatmap is None)
+    if a.heatmap is not None:
+        assert a.heatmap.shape == b.heatmap.shape and np.abs(a.heatmap - b.heatmap).max() < 1e-4
+
+
+def in_threads(fn, items):
+    """fn(item) for every item, each from its own thread, released together; results (or exceptions) in order."""
+    out = [None] * len(items)
+    go = threading.Barrier(len(items))
+
+    def run(k):
+        go.wait()
+        try:
+            out[k] = fn(items[k])
+        except BaseException as exc:      # noqa: BLE001 - the test inspects it
+            out[k] = exc
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_concurrent_sessions_get_what_analyze_gives_in_micro_batches(service, octs, fundus):
+    svc = service(window_ms=1500, max_batch=4)   # a batch leaves when its 4 OCT images are in (or after 1.5 s)
+    direct = [analyze_all(i) for i in octs] + [analyze_all(fundus)]
+    got = in_threads(svc.analyze_all, [*octs, fundus])
+    for d, g in zip(direct, got):
+        assert not isinstance(g, BaseException), g
+        assert [a.model for a in g] == [a.model for a in d] and all(a.has_result for a in g)
+        for a, b in zip(d, g):
+            same(a, b)
+    s = svc.stats()
+    assert s["completed"] == sum(len(d) for d in direct) and s["failed"] == s["rejected"] == 0
+    assert s["max_batch_seen"] > 1 and s["batches"] < s["completed"], s     # batched, not one by one
+
+
+def test_images_of_other_sizes_and_methods_are_not_mixed(service, octs):
+    small = read_image(_png(octs[0].pixels[::2, ::2]))
+    svc = service(window_ms=1500, max_batch=2)
+    jobs = [(octs[1], "gradcam"), (small, "gradcam"), (octs[2], "gradcam"), (octs[3], "hirescam")]
+    got = in_threads(lambda j: svc.analyze(j[0], "oct_resnet18", method=j[1]), jobs)
+    for (img, method), g in zip(jobs, got):
+        same(analyze(img, "oct_resnet18", method=method), g)
+    assert svc.stats()["batch_sizes"].get(2) == 1      # only the two same-size Grad-CAM requests shared a batch
+
+
+def test_a_full_queue_says_busy_at_once(service, octs):
+    svc = service(queue_size=2, window_ms=30_000)      # the worker waits for a batch to fill: the queue stays full
+    first = []
+    waiting = threading.Thread(target=lambda: first.extend(in_threads(svc.analyze_all, [octs[0]])))
+    waiting.start()                                    # two readings (both OCT models) fill the queue
+    deadline = time.time() + 30
+    while svc.stats()["queued"] < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert svc.stats()["queued"] == 2
+    t0 = time.perf_counter()
+    with pytest.raises(ServerBusyError, match="busy; retry in a few seconds"):
+        svc.analyze(octs[1], "oct_resnet18")
+    assert time.perf_counter() - t0 < 2.0              # the gate runs first; no waiting for the queue
+    assert isinstance(ServerBusyError(BUSY), RetinaInputError)   # pages show it like any input error
+    assert svc.stats()["rejected"] == 1 and svc.stats()["queued"] == 2
+    svc.close()                                        # queued readings fail with "busy" too
+    waiting.join(10)
+    assert not waiting.is_alive() and isinstance(first[0], ServerBusyError)
+
+
+def test_a_timed_out_or_stopped_request_leaves_the_queue(service, octs):
+    svc = service(window_ms=1500)
+    t0 = time.perf_counter()
+    with pytest.raises(ServerBusyError, match="did not finish in time"):
+        svc.analyze(octs[0], "oct_resnet18", timeout=0.2)
+    with pytest.raises(ServerBusyError, match="stopped"):
+        svc.analyze(octs[1], "oct_resnet18", cancelled=lambda: True)
+    assert time.perf_counter() - t0 < 1.5 and svc.stats()["queued"] == 0
+    s = svc.stats()
+    assert s["timed_out"] == 1 and s["stopped"] == 1
+    same(analyze(octs[2], "oct_resnet18"), svc.analyze(octs[2], "oct_resnet18"))   # the next one is served
+    assert svc.stats()["batch_sizes"] == {1: 1}        # the abandoned ones never ran
+
+
+def test_a_bad_input_in_a_batch_fails_alone(service, octs, monkeypatch):
+    bad = octs[3]
+    real = attribution.explain_batch
+
+    def flaky(model, images, method=None, target=None):     # a forward that breaks on one image
+        if any(np.array_equal(im, bad.pixels) for im in images):
+            raise RuntimeError("corrupt input tensor")
+        return real(model, images, method, target)
+
+    monkeypatch.setattr(attribution, "explain_batch", flaky)
+    monkeypatch.setattr(analysis, "explain_batch", flaky)
+    svc = service(window_ms=1500, max_batch=4)
+    got = in_threads(lambda img: svc.analyze(img, "oct_resnet18"), octs)
+    assert isinstance(got[3], RuntimeError)
+    monkeypatch.setattr(analysis, "explain_batch", real)
+    for img, g in zip(octs[:3], got[:3]):
+        same(analyze(img, "oct_resnet18"), g)
+    s = svc.stats()
+    assert s["batch_retried"] >= 1 and s["failed"] == 1 and s["completed"] == 3
+
+
+def test_threads_never_exceed_the_cores(service, monkeypatch, octs):
+    assert ServiceConfig(threads=64).threads == available_cores()
+    monkeypatch.delenv("RETINA_THREADS", raising=False)
+    auto = ServiceConfig.from_env()
+    assert auto.adaptive and auto.threads == available_cores()
+    # adaptive: the cores other processes leave free, at least one (a 2-core machine with a training job: one)
+    assert [threads_for(2, o) for o in (0.0, 0.4, 0.6, 1.0, 1.9, 3.5)] == [2, 2, 1, 1, 1, 1]
+    assert threads_for(8, 2.2) == 6
+    share = CpuShare()
+    sum(i * i for i in range(200_000))                 # our own work is not "other processes"
+    assert 0.0 <= share.others() <= available_cores() + 0.5
+    monkeypatch.setenv("RETINA_THREADS", "1")
+    monkeypatch.setenv("RETINA_QUEUE_SIZE", "5")
+    cfg = ServiceConfig.from_env()
+    assert (cfg.threads, cfg.queue_size, cfg.adaptive) == (1, 5, False)
+    svc = service(threads=cfg.threads)
+    svc.analyze(octs[0], "oct_resnet18")
+    s = svc.stats()
+    assert s["worker_torch_threads"] == 1 and s["threads"]["torch"] == 1 and s["threads"]["opencv"] == 1
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))   # threads started later inherit it
+    t.start()
+    t.join()
+    assert seen == [1]
+
+
+def test_get_service_is_one_local_service_by_default(monkeypatch):
+    monkeypatch.delenv("RETINA_SERVE_ADDRESS", raising=False)
+    serving.reset_service()
+    try:
+        svc = serving.get_service()
+        assert svc is serving.get_service() and svc.backend == "local"
+        assert svc.stats()["config"]["threads"] <= available_cores()
+    finally:
+        serving.reset_service()
+
+
+def _ray_serve_missing() -> str | None:
+    try:
+        import ray.serve  # noqa: F401
+    except Exception as exc:      # ray installed without its [serve] extras, or absent
+        return f"Ray Serve unavailable: {exc}"
+    return None
+
+
+@pytest.mark.skipif(_ray_serve_missing() is not None, reason=str(_ray_serve_missing()))
+def test_ray_serve_local_mode_gives_the_same_results(monkeypatch, octs, fundus):
+    import ray
+    from ray import serve
+
+    monkeypatch.setenv("RETINA_SERVE_ADDRESS", "local")
+    serving.reset_service()
+    try:
+        svc = serving.get_service()
+        assert svc.backend == "ray"
+        got = in_threads(svc.analyze_all, [octs[0], octs[1], fundus])
+        for img, g in zip([octs[0], octs[1], fundus], got):
+            assert not isinstance(g, BaseException), g
+            for a, b in zip(analyze_all(img), g):
+                same(a, b)
+        same(analyze(octs[2], "oct_resnet18"), svc.analyze(octs[2], get_model("oct_resnet18")))
+        with pytest.raises(RetinaInputError, match="Unknown heatmap method"):
+            svc.analyze(octs[2], "oct_resnet18", method="nonsense")
+        s = svc.stats()
+        assert s["backend"] == "ray" and s["completed"] == 6 and s["failed"] == 0   # 2 + 2 + 1 readings, then 1
+    finally:
+        serving.reset_service()
+        serve.shutdown()
+        ray.shutdown()
