@@ -78,6 +78,7 @@ for i, (name, data) in enumerate(inputs, start=1):
             st.error(str(exc), icon=":material/error:")
             continue
         h, w = img.pixels.shape[:2]
+        w, h = img.meta.get("width", w), img.meta.get("height", h)   # the file's size (shown reduced when large)
         head, eye_col = st.columns([3, 1])
         head.subheader(f"Image {i} · {img.source_format.upper()} {w}x{h} · {a.modality.replace('_', ' ')}")
         with eye_col:

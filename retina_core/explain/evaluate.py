@@ -252,7 +252,10 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         per["ins_rand"].append(dr["insertion_auc"])
         if rm is not None:
             rmap = explain(rm, s.image, method, tgt)
-            per["rho"].append(trust.spearman(hm, rmap))
+            # inside the field of view where the set gives one: the black surround (and, for fov-framed models, the
+            # frame outside the box they read, zero in both maps) would otherwise count as agreement
+            inside = s.fov if s.fov is not None and s.fov.shape == hm.shape and s.fov.any() else None
+            per["rho"].append(trust.spearman(hm, rmap) if inside is None else trust.spearman(hm[inside], rmap[inside]))
             per["rand_empty"].append(float(not np.any(rmap > 0)))   # rho 0 by convention: inconclusive
         if stability_kinds:
             st = trust.stability_under_perturbation(lambda im: explain(m, im, method, tgt), s.image,

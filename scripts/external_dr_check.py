@@ -1,0 +1,53 @@
+"""External check of a 4-class fundus model's DR output on photographs from sets it never saw (numbers only).
+
+    python scripts/external_dr_check.py                       # the bundled fundus_resnet18_head
+    python scripts/external_dr_check.py runs/real/some_run    # weights written by `train`
+
+1. Mexico fundus set, no-DME photographs with a DR grade (one acquisition set-up): P(diabetic_retinopathy) for
+   NPDR/PDR against grade 0, AUC with a patient-level bootstrap 95% interval.
+2. IDRiD lesion photographs (every one has DR lesions): how many the model calls DR, and the mean P(DR).
+Photographs are read as the app reads them (long side SCREEN_SIDE) and framed as the weights were trained.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from retina_core.evaluate.metrics import bootstrap_ci
+from retina_core.io.decode import SCREEN_SIDE, read_image
+from retina_core.io.realsets import realdata_root
+from retina_core.models.loading import load_model
+
+
+def main(weights_dir: str | None = None) -> dict:
+    root = realdata_root()
+    m = load_model("fundus_resnet18_head", weights_dir=weights_dir)
+    k = m.cfg.classes.index("diabetic_retinopathy")
+
+    def p_dr(paths) -> np.ndarray:
+        return np.array([float(m.predict_proba(m.preprocess(read_image(p, max_side=SCREEN_SIDE).pixels))[0, k])
+                         for p in paths])
+
+    rows = [r for r in csv.DictReader(open(root / "mexico_fundus_dme_dr" / "labels.csv"))
+            if r["label"] == "noDME" and r["dr_grade"] in ("0", "NPDR", "PDR")]
+    y = np.array([r["dr_grade"] != "0" for r in rows], int)
+    p = p_dr([root / "mexico_fundus_dme_dr" / r["file"] for r in rows])
+    ci = bootstrap_ci(y, np.stack([1 - p, p], 1), ("none", "DR"), groups=[r["patient_id"] for r in rows])
+    idrid = sorted((root / "idrid_lesions").rglob("*.jpg"))
+    pi = p_dr(idrid)
+    return {"model": m.name, "weights_sha256": m.sha256[:12], "framing": m.cfg.framing,
+            "input": list(m.cfg.input_size),
+            "mexico_noDME_dr_vs_none": {"n": int(len(y)), "n_dr": int(y.sum()), "auc": round(roc_auc_score(y, p), 4),
+                                        "auc_ci95": ci.get("auc_macro"),
+                                        "mean_p_dr": {"DR": round(float(p[y == 1].mean()), 3),
+                                                      "no DR": round(float(p[y == 0].mean()), 3)}},
+            "idrid_all_dr": {"n": len(idrid), "called_dr": int((pi > 0.5).sum()),
+                             "mean_p_dr": round(float(pi.mean()), 3)}}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1] if len(sys.argv) > 1 else None), indent=1))
