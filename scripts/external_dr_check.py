@@ -1,7 +1,8 @@
 """External check of a 4-class fundus model's DR output on photographs from sets it never saw (numbers only).
 
-    python scripts/external_dr_check.py                       # the bundled fundus_resnet18_head
-    python scripts/external_dr_check.py runs/real/some_run    # weights written by `train`
+    python scripts/external_dr_check.py                                   # the bundled fundus_resnet18_head
+    python scripts/external_dr_check.py retfound_vit_tiny                 # another bundled 4-class model
+    python scripts/external_dr_check.py fundus_resnet18_head runs/real/x  # weights written by `train`
 
 1. Mexico fundus set, no-DME photographs with a DR grade (one acquisition set-up): P(diabetic_retinopathy) for
    NPDR/PDR against grade 0, AUC with a patient-level bootstrap 95% interval.
@@ -23,9 +24,9 @@ from retina_core.io.realsets import realdata_root
 from retina_core.models.loading import load_model
 
 
-def main(weights_dir: str | None = None) -> dict:
+def main(model: str = "fundus_resnet18_head", weights_dir: str | None = None) -> dict:
     root = realdata_root()
-    m = load_model("fundus_resnet18_head", weights_dir=weights_dir)
+    m = load_model(model, weights_dir=weights_dir)
     k = m.cfg.classes.index("diabetic_retinopathy")
 
     def p_dr(paths) -> np.ndarray:
@@ -50,4 +51,4 @@ def main(weights_dir: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1] if len(sys.argv) > 1 else None), indent=1))
+    print(json.dumps(main(*sys.argv[1:3]), indent=1))
