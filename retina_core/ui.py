@@ -20,7 +20,7 @@ from . import DISCLAIMER
 from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, get_model
 from .errors import RetinaInputError
 from .io.decode import SCREEN_SIDE, RetinalImage, read_image
-from .models import list_models, read_manifest
+from .models import get_cfg, list_models, read_manifest  # noqa: F401  (get_cfg: the pages read ui.get_cfg)
 from .models.loading import trained_on
 
 T = TypeVar("T")
