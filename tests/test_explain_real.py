@@ -71,13 +71,16 @@ def test_masks_keep_tiny_lesions_and_aspect():
 def test_explain_eval_on_idrid_photographs():
     from retina_core.explain.evaluate import explain_eval
     from retina_core.explain.real_lesions import keep_aspect
+    from retina_core.io.datasets import load_dataset
+    from retina_core.io.decode import read_image
     from retina_core.models.loading import inference_cfg
 
     rep = explain_eval("fundus_resnet18_head", _idrid(), methods="gradcam", n=2, steps=4, stability_kinds=(),
                        randomisation=False, target="diabetic_retinopathy")
     assert rep["metric_kind"] == "real_lesions" and rep["target"] == "diabetic_retinopathy"
     side = max(inference_cfg("fundus_resnet18_head").input_size[1:])
-    assert rep["eval_size"] == list(keep_aspect((1424, 2144), side))   # the model's input side, the photographs' aspect
+    first = read_image(load_dataset(_idrid()).records[0].path).pixels.shape[:2]
+    assert rep["eval_size"] == list(keep_aspect(first, side))   # the model's input side, the photographs' aspect
     r = rep["methods"]["gradcam"]["real_lesions"]
     les = r["lesions"]
     assert les["n_images"] == 2 and 0 <= les["pointing_game_0px"] <= les["pointing_game_tol"] <= 1
