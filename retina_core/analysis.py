@@ -229,10 +229,15 @@ def plan_all(image, method: str | None = None, modality: str | None = None) -> l
 
 def run_reading(plan: Analysis | Reading) -> Analysis:
     """One planned reading run alone (a no-result Analysis passes through)."""
-    if isinstance(plan, Analysis):
-        return plan
-    maps, probs_b, idx = explain_batch(plan.model, plan.img.pixels[None], plan.method, plan.target)
-    return finish_reading(plan, maps[0], probs_b[0], int(idx[0]))
+    return plan if isinstance(plan, Analysis) else run_readings([plan])[0]
+
+
+def run_readings(readings: list[Reading]) -> list[Analysis]:
+    """Readings of one model, method, target and image size as one `explain_batch`; each finished as alone."""
+    first = readings[0]
+    pixels = np.stack([r.img.pixels for r in readings])
+    maps, probs, idx = explain_batch(first.model, pixels, first.method, first.target)
+    return [finish_reading(r, maps[i], probs[i], int(idx[i])) for i, r in enumerate(readings)]
 
 
 def _gated(image, method: str | None, modality: str | None) -> tuple[RetinalImage, Quality]:

@@ -43,9 +43,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-import numpy as np
 
-from .analysis import Analysis, Reading, finish_reading, plan_all, plan_analysis, run_reading
+from .analysis import Analysis, Reading, plan_all, plan_analysis, run_reading, run_readings
 from .errors import RetinaInputError, ServerBusyError
 
 log = logging.getLogger(__name__)
@@ -347,7 +346,7 @@ class InferenceService:
         with self._cond:
             self._batch_sizes[len(live)] += 1
         try:
-            results = run_batch([r.reading for r in live]) if len(live) > 1 else None
+            results = run_readings([r.reading for r in live]) if len(live) > 1 else None
         except Exception:
             log.warning("a batch of %d failed; running its readings one by one", len(live), exc_info=True)
             with self._cond:
@@ -364,16 +363,6 @@ class InferenceService:
                 with self._cond:
                     self._counts["completed"] += 1
                 r.future.set_result(a)
-
-
-def run_batch(readings: list[Reading]) -> list[Analysis]:
-    """Readings of one model, method, target and image size as one `explain_batch`; each finished as alone."""
-    from .explain.attribution import explain_batch
-
-    first = readings[0]
-    pixels = np.stack([r.img.pixels for r in readings])
-    maps, probs, idx = explain_batch(first.model, pixels, first.method, first.target)
-    return [finish_reading(r, maps[i], probs[i], int(idx[i])) for i, r in enumerate(readings)]
 
 
 def _safe_call(fn) -> bool:
