@@ -313,6 +313,7 @@ def bench_cached_rerun(repeats: int = 5) -> dict:
     from streamlit.testing.v1 import AppTest
 
     app = Path(__file__).resolve().parents[1] / "app.py"
+    os.environ.setdefault("RETINA_MODE", "demo")     # the pages alone: no sign-in, nothing stored
     at = AppTest.from_file(str(app), default_timeout=300)
     at.run()
     at.selectbox(key="sample").set_value("OCT phantom: choroidal neovascularisation (CNV)").run()
@@ -343,9 +344,10 @@ def bench_zones_rerun(repeats: int = 5) -> dict:
     from streamlit.testing.v1.local_script_runner import LocalScriptRunner
 
     app = Path(__file__).resolve().parents[1] / "app.py"
+    os.environ.setdefault("RETINA_MODE", "demo")     # the pages alone: no sign-in, nothing stored
     at = AppTest.from_file(str(app), default_timeout=300)
     at.run()
-    at.switch_page("pages/zones.py").run()
+    at.switch_page("app_pages/zones.py").run()
     at.selectbox(key="zones_sample").set_value("OCT phantom: choroidal neovascularisation (CNV)").run()
     for t in threading.enumerate():             # the background model loading would compete for the CPU
         if t.name == "retina-warm-up":

@@ -6,10 +6,14 @@ clinician's browser would. They need chromium and Playwright (requirements-dev.t
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 
 from .browser import app_server, chromium_available, choose, launch, rss_mb, wait_idle
+
+# The sessions measure the analysis pages: demo mode (no sign-in, nothing stored), as a demo or kiosk would run.
+BENCH_ENV = {"RETINA_MODE": "demo"}
 
 DISCLAIMER_TEXT = "not a medical device"          # every page carries it: the page has rendered
 RESULT_TEXT = "Calibrated probabilities"          # the upload page shows it with a prediction
@@ -49,7 +53,7 @@ def bench_cold_start(weights_dir=None) -> dict:
         browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         t0 = time.perf_counter()
-        with app_server(weights_dir) as (url, proc):
+        with app_server(weights_dir, env_extra=BENCH_ENV) as (url, proc):
             t_health = time.perf_counter() - t0
             page.goto(url)
             page.get_by_text(DISCLAIMER_TEXT).first.wait_for(timeout=120000)
@@ -127,6 +131,7 @@ def _script_runs(samples: list[str], weights_dir=None) -> dict:
     app = str(Path(__file__).resolve().parents[1] / "app.py")
 
     def opened():
+        os.environ.setdefault("RETINA_MODE", "demo")     # the pages alone: no sign-in, nothing stored
         at = AppTest.from_file(app, default_timeout=300)
         at.run()
         return at
@@ -215,7 +220,7 @@ def bench_concurrent_sessions(n: int = 8, weights_dir=None, disturb: bool = True
     samples = [SAMPLES[i % len(SAMPLES)] for i in range(n)]
     back_to_back = [_analyses_back_to_back(samples, weights_dir)]
     scripts = _script_runs(samples, weights_dir)
-    with sync_playwright() as p, app_server(weights_dir) as (url, proc):
+    with sync_playwright() as p, app_server(weights_dir, env_extra=BENCH_ENV) as (url, proc):
         browser = launch(p)
         warm = browser.new_context().new_page()
         warm.goto(url)

@@ -34,10 +34,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def app_server(weights_dir: str | os.PathLike | None = None, timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+def app_server(weights_dir: str | os.PathLike | None = None, timeout_s: float = 120,
+               env_extra: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """`streamlit run app.py` on 127.0.0.1 and a free port; yields (url, process) once /_stcore/health answers;
-    stopped on exit. weights_dir: RETINA_WEIGHTS_DIR for the server (default: the bundled weights)."""
-    env = dict(os.environ)
+    stopped on exit. weights_dir: RETINA_WEIGHTS_DIR for the server (default: the bundled weights).
+    env_extra: more environment for the server, e.g. RETINA_MODE=demo (no sign-in) or RETINA_DATA_DIR."""
+    env = dict(os.environ) | dict(env_extra or {})
     if weights_dir:
         env["RETINA_WEIGHTS_DIR"] = str(weights_dir)
     port = free_port()

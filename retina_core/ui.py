@@ -415,26 +415,3 @@ def quality_of(img: RetinalImage, modality: str | None = None):
     from .quality import assess_quality
 
     return memo("quality", (img.content_hash, modality), lambda: assess_quality(img, modality=modality), limit=64)
-
-
-def require_navigation() -> None:
-    """Run pages only inside app.py's st.navigation.
-
-    Streamlit treats a `pages/` folder beside the main script as a v1 multipage app until app.py has called
-    st.navigation once in this process; a fresh server whose first visitor opens a page URL directly
-    (e.g. a bookmark of /compare) would otherwise run that page bare, without app.py's sections and settings,
-    and stay in that mode. Switching the flag and rerunning executes app.py, which then opens the same page.
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    if not st.session_state.get(NAV_MARK):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
-NAV_MARK = "_opened_through_app"
-
-
-def mark_navigation() -> None:
-    """Called by app.py before it runs the selected page (see require_navigation)."""
-    st.session_state[NAV_MARK] = True

@@ -9,6 +9,22 @@ from PIL import Image
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_mode_by_default():
+    """Page tests run in demo mode (RETINA_MODE=demo: no sign-in, nothing stored) unless they set a mode: the
+    clinic's tests pick dev with a temporary RETINA_DATA_DIR and sign in, so no test writes ./var."""
+    import os
+
+    if "RETINA_MODE" in os.environ:
+        yield
+        return
+    os.environ["RETINA_MODE"] = "demo"
+    try:
+        yield
+    finally:
+        os.environ.pop("RETINA_MODE", None)
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")

@@ -206,7 +206,7 @@ def test_volume_upload_is_routed_to_the_viewer(app):
     assert any("OCT volume" in i.value for i in app.info)
     assert any(p.proto.page.endswith("volume.py") or "volume" in p.proto.label for p in app.get("page_link"))
     assert app.session_state["volume_input"][0] == "cube.nii"
-    app.switch_page("pages/volume.py").run()
+    app.switch_page("app_pages/volume.py").run()
     assert not app.exception
     assert app.slider(key="vol_slice").max == 11 and app.slider(key="vol_slice").value == 6
     assert "from Upload & diagnose" in _texts(app)
@@ -214,7 +214,7 @@ def test_volume_upload_is_routed_to_the_viewer(app):
 
 # ------------------------------------------------------------------------------------------- other pages
 def test_volume_viewer_slider_and_metadata():
-    at = _page("pages/volume.py")
+    at = _page("app_pages/volume.py")
     assert any("Upload an OCT volume" in i.value for i in at.info)
     at.selectbox(key="vol_sample").set_value("Volume phantom: diabetic macular oedema (DME)").run()
     assert not at.exception
@@ -284,7 +284,7 @@ def test_bundled_paired_samples_are_what_their_names_say():
 
 
 def test_compare_page_pair_with_fusion_and_agreement():
-    at = _page("pages/compare.py")
+    at = _page("app_pages/compare.py")
     assert any("paired phantom" in i.value for i in at.info)
     at.selectbox(key="cmp_pair").set_value("Paired phantom 1: diabetic eye (fundus + OCT)").run()
     assert not at.exception
@@ -310,7 +310,7 @@ def test_compare_page_pair_with_fusion_and_agreement():
 
 
 def test_zones_page_methods_plots_and_stability():
-    at = _page("pages/zones.py")
+    at = _page("app_pages/zones.py")
     at.selectbox(key="zones_sample").set_value("Fundus phantom: moderate diabetic retinopathy").run()
     assert not at.exception
     keys = {c.proto.id for c in at.get("plotly_chart")}
@@ -330,7 +330,7 @@ def test_zones_opacity_slider_recomputes_no_heatmap(monkeypatch):
     import retina_core.attention as attention
     import retina_core.explain.overlay as overlay_module
 
-    at = _page("pages/zones.py")
+    at = _page("app_pages/zones.py")
     at.selectbox(key="zones_sample").set_value("OCT phantom: choroidal neovascularisation (CNV)").run()
     assert not at.exception
     calls = {"explain_methods": 0, "perturbation_views": 0, "overlay": 0}
@@ -374,7 +374,7 @@ def test_ensemble_members_change_the_vote(tmp_path, monkeypatch):
     (tmp_path / "docs" / "ensemble_ablation.json").write_text(json.dumps(saved))
     real = compare.find_ablation_files
     monkeypatch.setattr(compare, "find_ablation_files", lambda: real(base=tmp_path))
-    at = _page("pages/ensemble.py")
+    at = _page("app_pages/ensemble.py")
     group = at.selectbox(key="ens_group")
     assert len(at.multiselect(key="ens_members").value) >= 2, "no group with two members"
     modality = "OCT" if group.value.startswith("oct") else "Fundus"
@@ -396,7 +396,7 @@ def test_ensemble_members_change_the_vote(tmp_path, monkeypatch):
 
 
 def test_batch_page_screens_uploads_into_a_table_and_csv(fundus_png, oct_png):
-    at = _page("pages/batch.py")
+    at = _page("app_pages/batch.py")
     assert any("Screen" in i.value for i in at.info)
     files = [("a.png", fundus_png.read_bytes(), "image/png"), ("b.png", oct_png.read_bytes(), "image/png"),
              ("broken.jpg", b"\xff\xd8\xff\xe0 truncated", "image/jpeg")]
@@ -414,7 +414,7 @@ def test_batch_page_screens_uploads_into_a_table_and_csv(fundus_png, oct_png):
 
 
 def test_models_page_shows_cards_and_phantom_provenance():
-    at = _page("pages/models.py")
+    at = _page("app_pages/models.py")
     text = _texts(at)
     assert "fundus_dr_effnet_b0" in text and "oct_resnet18" in text
     assert "phantom" in text.lower() and "not a medical device" in text
@@ -443,15 +443,15 @@ def test_models_page_shows_cards_and_phantom_provenance():
 def test_pages_degrade_when_a_model_has_no_weights(tmp_path):
     """Only the two bundled CNNs installed: the fusion, 3D and ensemble parts say what is missing and why."""
     with use_test_weights(tmp_path, ["fundus_dr_effnet_b0", "oct_resnet18"]):
-        at = _page("pages/compare.py")
+        at = _page("app_pages/compare.py")
         at.selectbox(key="cmp_pair").set_value("Paired phantom 2: healthy eye (fundus + OCT)").run()
         assert not at.exception
         assert any("fusion model is not available" in i.value and "fundus_oct_fusion" in i.value for i in at.info)
         assert len(at.dataframe) == 1                                  # the two single-modality readings still
-        at.switch_page("pages/volume.py").run()
+        at.switch_page("app_pages/volume.py").run()
         at.selectbox(key="vol_sample").set_value("Volume phantom: normal").run()
         assert not at.exception
         assert any("3D volume model is not available" in i.value for i in at.info)
-        at.switch_page("pages/ensemble.py").run()
+        at.switch_page("app_pages/ensemble.py").run()
         assert not at.exception
         assert any("an ensemble needs at least two" in i.value for i in at.info)

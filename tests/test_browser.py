@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     from retina_core.testing import write_test_weights
 
     weights = write_test_weights(tmp_path_factory.mktemp("browser_weights"))   # bundled + random for the rest
-    with app_server(weights) as (url, _proc):
+    with app_server(weights, env_extra={"RETINA_MODE": "demo"}) as (url, _proc):   # pages only: no sign-in
         yield url
 
 

@@ -1,6 +1,8 @@
 """AppTest of the clinic pages on a temporary SQLite database: the worklist (order, filters, opening a case), the
 case page (visits, stored heatmaps, change since the last visit, review, sign, a new version), the upload page's
-"Save to worklist", and demo mode (nothing stored, clearly marked)."""
+"Save to worklist", demo mode (nothing stored, clearly marked), sign-in (first account, wrong password, lock-out),
+and what each role can open (signed out: only the sign-in page; researcher: de-identified, no review; admin:
+accounts and the audit trail)."""
 import datetime as dt
 import os
 from pathlib import Path
@@ -8,8 +10,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from retina_core.clinic import ClinicConfig, open_clinic, records
-from retina_core.clinic.testing import synthetic_analysis, synthetic_image
+from retina_core.clinic import ClinicConfig, accounts, open_clinic, records
+from retina_core.clinic.testing import TEST_PASSWORD, signed_in_state, synthetic_analysis, synthetic_image
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 P_CNV = {"CNV": 0.7, "DME": 0.1, "DRUSEN": 0.1, "NORMAL": 0.1}
@@ -46,8 +48,12 @@ def env(tmp_path_factory):
         st.cache_data.clear()
 
 
-def _page(path: str, **state) -> AppTest:
+def _page(path: str, clinic=None, user: str = "dr-test", roles=("clinician",), **state) -> AppTest:
+    """`path` opened by a browser session signed in as `user` (an account with `roles`, made on first use), or
+    signed out with clinic=None."""
     at = AppTest.from_file(APP, default_timeout=120)
+    if clinic is not None:
+        state = signed_in_state(clinic, user, roles) | state
     for k, v in state.items():
         at.session_state[k] = v
     at.run()
@@ -72,7 +78,7 @@ def test_worklist_orders_filters_and_opens_a_case(env):
     a = _save(env, "WL-0001", 1, P_NORMAL, dt.date(2026, 2, 1))
     b = _save(env, "WL-0002", 2, P_CNV, dt.date(2026, 1, 1))
     records.save_review(env, a.analysis_ids[0], "agree", reviewer="dr-wl", sign=True)
-    at = _page("pages/worklist.py")
+    at = _page("app_pages/worklist.py", env)
     assert "not a medical device" in _texts(at) and "pseudonyms" in _texts(at)
     table = at.dataframe[0].value
     mine = table[table["Case"].str.startswith("WL-")]
@@ -94,9 +100,9 @@ def test_worklist_orders_filters_and_opens_a_case(env):
 
 
 def test_case_page_shows_visits_change_and_records_signed_versions(env):
-    first = _save(env, "CP-0001", 11, P_NORMAL, dt.date(2026, 1, 5))
+    _save(env, "CP-0001", 11, P_NORMAL, dt.date(2026, 1, 5))
     second = _save(env, "CP-0001", 12, P_CNV, dt.date(2026, 3, 5))
-    at = _page("pages/case.py", clinic_case_id=second.case_id)
+    at = _page("app_pages/case.py", env, user="dr-case", clinic_case_id=second.case_id)
     text = _texts(at)
     assert "Case CP-0001" in text and "Change since the last visit" in text
     assert any("NORMAL -> CNV" in w.value and "now referable" in w.value for w in at.warning)
@@ -108,7 +114,6 @@ def test_case_page_shows_visits_change_and_records_signed_versions(env):
     at.radio(key=f"rv_decision_{aid}").set_value("Corrected grade")
     at.selectbox(key=f"rv_grade_{aid}").select("DME")
     at.text_area(key=f"rv_comment_{aid}").input("subretinal fluid")
-    at.text_input(key=f"rv_reviewer_{aid}").input("dr-case")
     at.checkbox(key=f"rv_sign_{aid}").check()
     at.button(key=f"rv_save_{aid}").click().run()
     assert not at.exception and any("version 1 saved and signed" in s.value for s in at.success)
@@ -117,18 +122,16 @@ def test_case_page_shows_visits_change_and_records_signed_versions(env):
                                                                                           "dr-case")
     assert any("v1: dr-case corrected to **DME**" in c.value for c in at.caption)
     at.radio(key=f"rv_decision_{aid}").set_value("Agree")                # a change: a new version, v1 kept
-    at.text_input(key=f"rv_reviewer_{aid}").input("dr-case")
     at.button(key=f"rv_save_{aid}").click().run()
     assert any("version 2 saved (draft)" in s.value for s in at.success), [s.value for s in at.success]
     (a,) = [x for x in records.case_view(env, second.case_id).analyses() if x.id == aid]
     assert [(r.version, r.decision, r.signed_at is not None) for r in a.reviews] == [(1, "corrected", True),
                                                                                      (2, "agree", False)]
-    at.button(key=f"rv_save_{first.analysis_ids[0]}").click().run()      # no reviewer typed: a clear message
-    assert any("name or staff code" in e.value for e in at.error)
+    assert any("Reviewer: **dr-case** (signed in)" in c.value for c in at.caption)   # no name to type: the account
 
 
 def test_upload_page_saves_readings_to_the_worklist(env, oct_png):
-    at = _page("pages/upload.py")
+    at = _page("app_pages/upload.py", env, user="dr-upload")
     at.file_uploader(key="upload").set_value((oct_png.name, oct_png.read_bytes(), "image/png")).run()
     assert not at.exception and any(e.label == "Save to worklist" for e in at.expander)
     at.text_input(key="save_case_ref").input("John Smith").run()
@@ -136,7 +139,6 @@ def test_upload_page_saves_readings_to_the_worklist(env, oct_png):
     assert any("no spaces" in e.value for e in at.error)
     assert records.find_case(env, "John Smith") is None
     at.text_input(key="save_case_ref").input("UP-0001")
-    at.text_input(key="save_actor").input("dr-upload")
     at.button(key="save_worklist").click().run()
     assert not at.exception and any("Saved to case **UP-0001**" in s.value for s in at.success)
     view = records.case_view(env, records.find_case(env, "UP-0001"))
@@ -149,7 +151,94 @@ def test_upload_page_saves_readings_to_the_worklist(env, oct_png):
 
 def test_demo_mode_stores_nothing_and_says_so(env, monkeypatch):
     monkeypatch.setenv("RETINA_MODE", "demo")
-    at = _page("pages/worklist.py")
+    at = _page("app_pages/worklist.py")
     assert any("Demo mode" in i.value for i in at.info) and not at.dataframe
-    at = _page("pages/case.py")
+    at = _page("app_pages/case.py")
     assert any("Demo mode" in i.value for i in at.info)
+
+
+def test_signed_out_only_the_sign_in_page_is_reachable(env):
+    if not _exists(env, "dr-login"):
+        accounts.create_user(env, "dr-login", TEST_PASSWORD, roles=["clinician"])
+    for path in ("app_pages/worklist.py", "app_pages/case.py", "app_pages/upload.py", "app_pages/accounts.py",
+                 "app_pages/models.py"):
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.run()
+        assert [t.value for t in at.title] == ["Sign in"] and not at.dataframe and not at.file_uploader
+        with pytest.raises(ValueError, match="Could not find a navigation page"):   # not offered to this session
+            at.switch_page(path)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.text_input(key="login_user").input("dr-login")
+    at.text_input(key="login_password").input("wrong password 1")
+    at.button[0].click().run()
+    assert any("Wrong user name or password" in e.value for e in at.error)
+    at.text_input(key="login_user").input("dr-login")
+    at.text_input(key="login_password").input(TEST_PASSWORD)
+    at.button[0].click().run()
+    assert not at.exception and any(t.value == "Upload & diagnose" for t in at.title)
+    assert any("Signed in as" in c.value for c in at.sidebar.caption)
+    at.sidebar.button(key="sign_out").click().run()
+    assert any(t.value == "Sign in" for t in at.title) and any("Signed out" in w.value for w in at.warning)
+    trail = [e["action"] for e in records.audit_trail(env, actor="dr-login")]
+    assert trail[:3] == ["logout", "view.page", "login"] or {"logout", "login", "login.fail"} <= set(trail)
+
+
+def _exists(clinic, name) -> bool:
+    return any(u.username == name for u in accounts.list_users(clinic))
+
+
+def test_a_new_install_asks_for_the_first_account(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETINA_DATA_DIR", str(tmp_path / "fresh"))
+    monkeypatch.delenv("RETINA_MODE", raising=False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert any("create the first account" in i.value for i in at.info)
+    at.text_input(key="first_user").input("boss")
+    at.text_input(key="first_display").input("The Boss")
+    at.text_input(key="first_password").input(TEST_PASSWORD)
+    at.text_input(key="first_again").input(TEST_PASSWORD)
+    at.button[0].click().run()
+    assert not at.exception and any(t.value == "Upload & diagnose" for t in at.title)
+    at.switch_page("app_pages/accounts.py").run()                 # admin + clinician by default
+    assert not at.exception and any(t.value == "Accounts" for t in at.title)
+    monkeypatch.setenv("RETINA_MODE", "production")          # production: the first account comes from the CLI
+    monkeypatch.setenv("RETINA_DATA_DIR", str(tmp_path / "fresh-prod"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert any("clinic user add" in i.value for i in at.info) and not at.text_input
+
+
+def test_researcher_sees_cases_de_identified_and_cannot_review(env):
+    saved = _save(env, "RS-SECRET-1", 31, P_CNV, dt.date(2026, 4, 1))
+    records.save_review(env, saved.analysis_ids[0], "agree", reviewer="dr-x", comment="private note", sign=True)
+    at = _page("app_pages/worklist.py", env, user="res-1", roles=("researcher",))
+    cases = set(at.dataframe[0].value["Case"])
+    assert f"Case #{saved.case_id}" in cases and "RS-SECRET-1" not in cases
+    assert any(b.label.startswith("Export signed labels") for b in at.get("download_button"))
+    at = _page("app_pages/case.py", env, user="res-1", roles=("researcher",), clinic_case_id=saved.case_id)
+    text = _texts(at)
+    assert "RS-SECRET-1" not in text and "private note" not in text and "De-identified view" in text
+    assert not [b for b in at.button if str(b.key).startswith("rv_save")]       # no review form
+    for path in ("app_pages/upload.py", "app_pages/batch.py", "app_pages/accounts.py"):     # not offered
+        with pytest.raises(ValueError, match="Could not find a navigation page"):
+            _page(path, env, user="res-1", roles=("researcher",))
+    views = records.audit_trail(env, actor="res-1", action="view.case")
+    assert views and views[0]["object_id"] == saved.case_id and views[0]["details"]["deidentified"] is True
+
+
+def test_admin_manages_accounts_and_reads_the_audit_trail_a_clinician_cannot(env):
+    for path in ("app_pages/accounts.py", "app_pages/audit_trail.py"):
+        with pytest.raises(ValueError, match="Could not find a navigation page"):
+            _page(path, env, user="dr-noadmin", roles=("clinician",))
+    at = _page("app_pages/accounts.py", env, user="adm-1", roles=("admin",))
+    assert any(t.value == "Accounts" for t in at.title)
+    at.text_input(key="new_user").input("res-new")
+    at.multiselect(key="new_roles").set_value(["researcher"])
+    at.text_input(key="new_password").input(TEST_PASSWORD)
+    next(b for b in at.button if b.label == "Create account").click().run()
+    assert not at.exception and any("res-new created" in s.value for s in at.success)
+    assert accounts.get_user(env, "res-new").roles == ("researcher",)
+    at.switch_page("app_pages/audit_trail.py").run()
+    table = at.dataframe[0].value
+    assert "user.create" in set(table["Action"]) and "adm-1" in set(table["User"])

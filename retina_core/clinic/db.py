@@ -25,7 +25,7 @@ from .config import ClinicConfig, ClinicConfigError, load_config, normalise_url,
 from .store import ContentStore
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-HEAD = "0002_reviews"
+HEAD = "0003_accounts"
 _UPGRADE_LOCK = threading.Lock()
 
 

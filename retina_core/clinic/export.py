@@ -69,8 +69,13 @@ def _rows(clinic: Clinic, model: str | None) -> dict[str, dict[str, dict]]:
     return {m: {k: v[1] for k, v in rows.items()} for m, rows in best.items()}
 
 
-def export_labels(clinic: Clinic, out: str | Path, model: str | None = None, actor: str = "cli") -> ExportSummary:
-    """Write the reviewed images (see the module docstring); returns what was written."""
+def export_labels(clinic: Clinic, out: str | Path, model: str | None = None, actor="cli") -> ExportSummary:
+    """Write the reviewed images (see the module docstring); returns what was written.
+    actor: the signed-in account (`accounts.UserView`, needs the researcher role) or a name (the command line)."""
+    if hasattr(actor, "require"):
+        actor.require("export", "Exporting a labelled data set")
+    else:
+        actor = clean_name(actor, "Exported by")
     out = Path(out)
     found = _rows(clinic, model)
     if model:
@@ -97,6 +102,6 @@ def export_labels(clinic: Clinic, out: str | Path, model: str | None = None, act
              "exported_at": utcnow().isoformat(timespec="seconds")}, indent=2) + "\n")
         folders[m], counts[m] = str(folder), per_label
     with clinic.writing() as s:
-        audit(s, clean_name(actor, "Exported by"), "export.labels", "export", None, models=sorted(counts),
+        audit(s, actor, "export.labels", "export", None, models=sorted(counts),
               images={m: sum(c.values()) for m, c in counts.items()})
     return ExportSummary(folders, counts)

@@ -20,7 +20,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
@@ -51,10 +51,12 @@ def clean_name(text: str | None, what: str = "Reviewer") -> str:
     return name
 
 
-def audit(s: Session, actor: str, action: str, object_type: str, object_id: int | None, **details) -> None:
-    """Append one audit event in the current transaction (details: ids, hashes, labels, counts)."""
-    s.add(AuditEvent(actor=actor, action=action, object_type=object_type, object_id=object_id,
-                     details=json.loads(json.dumps(details, default=str))))
+def audit(s: Session, actor, action: str, object_type: str, object_id: int | None, **details) -> None:
+    """Append one audit event in the current transaction (details: ids, hashes, labels, counts).
+    actor: an `accounts.UserView` (its user name and account id are recorded) or a name (command line, tests)."""
+    name = getattr(actor, "username", actor)
+    s.add(AuditEvent(actor=str(name), action=action, object_type=object_type, object_id=object_id,
+                     user_id=getattr(actor, "id", None), details=json.loads(json.dumps(details, default=str))))
 
 
 def _in_transaction(clinic: Clinic, work: Callable[[Session], T]) -> T:
@@ -93,14 +95,20 @@ class SavedReading:
 
 
 def save_reading(clinic: Clinic, *, case_ref: str | None, eye: str | None, visit_date: dt.date, image,
-                 analyses: Sequence, actor: str | None = None, patient_key: str | None = None) -> SavedReading:
+                 analyses: Sequence, actor: str | None = None, patient_key: str | None = None, user=None,
+                 dicom_refs: dict | None = None) -> SavedReading:
     """Store one image's analyses (`retina_core.analysis.Analysis`, all of one image) under a case, eye and visit.
 
     image: the `RetinalImage` they were computed from (its pixels go to the content store as a metadata-free PNG).
     case_ref: the pseudonymous reference (validated); None with a `patient_key` adds to that patient's latest case.
     patient_key: `privacy.dicom_patient_key(...)` of a DICOM upload, or None. A case already holding another
     patient's key refuses the image (a mixed-up reference). Saving the same image, models and methods at the same
-    visit again adds nothing."""
+    visit again adds nothing.
+    user: the signed-in account (`accounts.UserView`, needs the clinician role); its name replaces `actor`.
+    dicom_refs: the source DICOM's UIDs (`interop.dicom_refs_from_bytes`), kept to file results back to its study."""
+    if user is not None:
+        user.require("save", "Saving readings")
+        actor = user.label
     ref = validate_case_ref(case_ref) if case_ref and case_ref.strip() else None
     if ref is None and not patient_key:
         validate_case_ref(case_ref)          # raises the "type a case reference" message
@@ -131,7 +139,7 @@ def save_reading(clinic: Clinic, *, case_ref: str | None, eye: str | None, visit
             case = Case(ref=ref, patient_key=patient_key)
             s.add(case)
             s.flush()
-            audit(s, actor, "case.create", "case", case.id, linked=bool(patient_key))
+            audit(s, user or actor, "case.create", "case", case.id, linked=bool(patient_key))
         elif patient_key and case.patient_key and case.patient_key != patient_key:
             raise RetinaInputError(f"Case {case.ref} holds another patient's DICOM studies (the PatientID differs). "
                                    "Check the case reference before saving.")
@@ -151,7 +159,7 @@ def save_reading(clinic: Clinic, *, case_ref: str | None, eye: str | None, visit
         if img_row is None:
             img_row = Image(content_hash=image.content_hash, stored_hash=stored_hash,
                             source_format=image.source_format, modality=analyses[0].modality,
-                            width=image.width, height=image.height)
+                            width=image.width, height=image.height, dicom_refs=dicom_refs or None)
             s.add(img_row)
             s.flush()
         if s.get(VisitImage, (visit.id, img_row.id)) is None:
@@ -166,14 +174,15 @@ def save_reading(clinic: Clinic, *, case_ref: str | None, eye: str | None, visit
             rec = AnalysisRecord(visit_id=visit.id, image_id=img_row.id, model=a.model,
                                  weights_sha256=a.weights_sha256, method=a.method, target=a.target, label=a.label,
                                  referable=a.referable, suggestion=a.suggestion, modality=a.modality,
-                                 trained_on=a.trained_on, outputs=out, heatmap_hash=hm, created_by=actor)
+                                 trained_on=a.trained_on, outputs=out, heatmap_hash=hm, created_by=actor,
+                                 created_by_id=getattr(user, "id", None))
             s.add(rec)
             s.flush()
             have[(a.model, a.method)] = rec.id
             ids.append(rec.id)
             new += 1
         case.last_activity_at = utcnow()
-        audit(s, actor, "reading.save", "visit", visit.id, case_id=case.id, image_id=img_row.id,
+        audit(s, user or actor, "reading.save", "visit", visit.id, case_id=case.id, image_id=img_row.id,
               content_hash=image.content_hash, analyses=ids, new=new, models=[a.model for a in analyses])
         linked = ()
         if case.patient_key:
@@ -193,12 +202,18 @@ class ReviewSaved:
     conflict: bool          # someone saved a version after the one this review was based on
 
 
-def save_review(clinic: Clinic, analysis_id: int, decision: str, *, reviewer: str, corrected_label: str | None = None,
-                comment: str = "", sign: bool = False, based_on_version: int | None = None) -> ReviewSaved:
+def save_review(clinic: Clinic, analysis_id: int, decision: str, *, reviewer: str | None = None,
+                corrected_label: str | None = None, comment: str = "", sign: bool = False,
+                based_on_version: int | None = None, user=None) -> ReviewSaved:
     """Add the next version of the review of one analysis (never changes an earlier version).
 
     decision: "agree" | "disagree" | "corrected" (then `corrected_label`, one of the model's classes).
-    sign: signed versions are immutable. based_on_version: the latest version the reviewer saw (None: none)."""
+    sign: signed versions are immutable. based_on_version: the latest version the reviewer saw (None: none).
+    user: the signed-in account (`accounts.UserView`): reviewing needs the clinician role, and so does signing;
+    its name replaces `reviewer` and the review records the account."""
+    if user is not None:
+        user.require("sign" if sign else "review", "Signing a review" if sign else "Reviewing")
+        reviewer = user.label
     if decision not in DECISIONS:
         raise RetinaInputError(f"Decision {decision!r}: choose agree, disagree or corrected.")
     reviewer = clean_name(reviewer)
@@ -221,10 +236,10 @@ def save_review(clinic: Clinic, analysis_id: int, decision: str, *, reviewer: st
         now = utcnow()
         r = Review(analysis_id=a.id, version=latest + 1, based_on_version=based_on_version, decision=decision,
                    corrected_label=corrected_label, comment=comment, reviewer=reviewer, created_at=now,
-                   signed_at=now if sign else None)
+                   signed_at=now if sign else None, reviewer_id=getattr(user, "id", None))
         s.add(r)
         s.flush()
-        audit(s, reviewer, "review.sign" if sign else "review.save", "review", r.id, analysis_id=a.id,
+        audit(s, user or reviewer, "review.sign" if sign else "review.save", "review", r.id, analysis_id=a.id,
               version=r.version, decision=decision, corrected_label=corrected_label)
         _touch(s, s.scalar(select(Eye.case_id).join(Visit).where(Visit.id == a.visit_id)))
         return ReviewSaved(r.id, r.version, sign, conflict=latest != (based_on_version or 0))
@@ -423,6 +438,24 @@ def case_view(clinic: Clinic, case_id: int) -> CaseView:
         return CaseView(case.id, case.ref, case.created_at, case.last_activity_at, tuple(eyes), linked)
 
 
+HIDDEN_COMMENT = "(comment hidden in the de-identified view)"
+
+
+def deidentified(view: CaseView) -> CaseView:
+    """The case as a researcher sees it: no pseudonymous reference (a case number instead), no links to the same
+    patient's other cases, and no free-text comments (they could hold anything a clinician typed)."""
+    def eye(e: EyeView) -> EyeView:
+        return replace(e, visits=tuple(replace(v, images=tuple(replace(i, analyses=tuple(
+            replace(a, reviews=tuple(replace(r, comment=HIDDEN_COMMENT if r.comment else "") for r in a.reviews))
+            for a in i.analyses)) for i in v.images)) for v in e.visits))
+
+    return replace(view, ref=case_number(view.id), linked_refs=(), eyes=tuple(eye(e) for e in view.eyes))
+
+
+def case_number(case_id: int) -> str:
+    return f"Case #{case_id}"
+
+
 def find_case(clinic: Clinic, ref: str) -> int | None:
     with clinic.session() as s:
         return s.scalar(select(Case.id).where(Case.ref == ref.strip()))
@@ -453,9 +486,10 @@ class WorklistRow:
 
 def worklist(clinic: Clinic, *, awaiting_only: bool = False, referable_first: bool = True,
              date_from: dt.date | None = None, date_to: dt.date | None = None, reviewer: str | None = None,
-             limit: int = 500) -> list[WorklistRow]:
+             limit: int = 500, deidentified: bool = False) -> list[WorklistRow]:
     """Cases, newest visit first; `referable_first` puts cases with a referable suggestion at the top.
-    date_from / date_to: keep cases with a visit in that range (inclusive). reviewer: cases they signed."""
+    date_from / date_to: keep cases with a visit in that range (inclusive). reviewer: cases they signed.
+    deidentified: case numbers instead of references, no same-patient counts (the researcher's view)."""
     with clinic.session() as s:
         cases = list(s.scalars(_case_query()))
         keys = Counter(c.patient_key for c in cases if c.patient_key)
@@ -474,10 +508,11 @@ def worklist(clinic: Clinic, *, awaiting_only: bool = False, referable_first: bo
         if awaiting_only and not awaiting:
             continue
         referable = any(bool(a.referable) for e in c.eyes if e.visits for a in e.visits[-1].analyses)
-        rows.append(WorklistRow(c.id, c.ref, tuple(e.laterality for e in c.eyes), max(dates, default=None),
-                                len(dates), len({i.id for e in c.eyes for v in e.visits for i in v.images}),
+        rows.append(WorklistRow(c.id, case_number(c.id) if deidentified else c.ref, tuple(e.laterality for e in c.eyes),
+                                max(dates, default=None), len(dates),
+                                len({i.id for e in c.eyes for v in e.visits for i in v.images}),
                                 referable, awaiting, len(analyses), signers, c.last_activity_at,
-                                keys[c.patient_key] - 1 if c.patient_key else 0))
+                                keys[c.patient_key] - 1 if c.patient_key and not deidentified else 0))
     newest = dt.date.min
     rows.sort(key=lambda r: (r.last_visit or newest, _ts(r.last_activity_at)), reverse=True)
     if referable_first:
@@ -497,9 +532,15 @@ def reviewers(clinic: Clinic) -> list[str]:
         return sorted(set(s.scalars(select(Review.reviewer).where(Review.signed_at.is_not(None)))), key=str.casefold)
 
 
-def audit_trail(clinic: Clinic, limit: int = 200) -> list[dict]:
-    """The newest audit events as dicts (at, actor, action, object_type, object_id, details)."""
+def audit_trail(clinic: Clinic, limit: int = 200, actor: str | None = None, action: str | None = None) -> list[dict]:
+    """The newest audit events as dicts (at, actor, user_id, action, object_type, object_id, details); `actor`
+    (exact) and `action` (a prefix: 'login' matches login, login.fail, login.lock ...) filter."""
+    q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if actor:
+        q = q.where(AuditEvent.actor == actor)
+    if action:
+        q = q.where(AuditEvent.action.startswith(action, autoescape=True))
     with clinic.session() as s:
-        return [{"at": e.at, "actor": e.actor, "action": e.action, "object_type": e.object_type,
-                 "object_id": e.object_id, "details": e.details}
-                for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))]
+        return [{"at": e.at, "actor": e.actor, "user_id": e.user_id, "action": e.action,
+                 "object_type": e.object_type, "object_id": e.object_id, "details": e.details}
+                for e in s.scalars(q)]

@@ -5,9 +5,12 @@
                                              -> analysis (AnalysisRecord: one model's reading of one image)
                                                   -> review (versioned; a signed version is immutable)
     audit_event (who, what, when, object ids; never identifiers)
+    user (local account: roles, argon2id hash, lock-out state; or a single-sign-on subject) -> user_session
 
-No table holds a name, birth date, hospital number or DICOM identifier. `reviewer` and `actor` are free strings
-until accounts exist: a later migration adds a users table and a user id beside them.
+No table holds a patient's name, birth date, hospital number or DICOM identifier. `reviewer`, `created_by` and
+`actor` keep the name shown at the time; `reviewer_id`, `created_by_id` and `user_id` name the account (None for
+rows written before accounts existed, or by the command line). `Image.dicom_refs` keeps only the source DICOM's
+study / series / instance UIDs, so results can be filed back to that study (see docs/result_formats.md).
 """
 from __future__ import annotations
 
@@ -103,6 +106,7 @@ class Image(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    dicom_refs: Mapped[dict[str, str] | None] = mapped_column(JSON)   # study/series/sop uids, sop class uid
 
 
 class VisitImage(Base):
@@ -134,6 +138,7 @@ class AnalysisRecord(Base):
     heatmap_hash: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
 
     visit: Mapped[Visit] = relationship(back_populates="analyses")
     image: Mapped[Image] = relationship()
@@ -158,6 +163,7 @@ class Review(Base):
     corrected_label: Mapped[str | None] = mapped_column(String(64))
     comment: Mapped[str] = mapped_column(Text, default="")
     reviewer: Mapped[str] = mapped_column(String(128))
+    reviewer_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     signed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
@@ -182,6 +188,45 @@ class AuditEvent(Base):
     object_type: Mapped[str] = mapped_column(String(32))
     object_id: Mapped[int | None] = mapped_column(Integer)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    user_id: Mapped[int | None] = mapped_column(Integer, index=True)   # no foreign key: the trail outlives accounts
+
+
+class User(Base):
+    """An account. `roles`: comma-separated subset of clinician, researcher, admin. `password_hash`: argon2id
+    (None for single-sign-on accounts, which sign in through the identity provider only). `failed_logins` and
+    `locked_until`: the lock-out after repeated failures. Accounts are disabled, never deleted (the audit trail and
+    the signed reviews name them)."""
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    roles: Mapped[str] = mapped_column(String(64))
+    password_hash: Mapped[str | None] = mapped_column(String(256))
+    oidc_subject: Mapped[str | None] = mapped_column(String(255), unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    password_changed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class UserSession(Base):
+    """A signed-in browser session: only the sha256 of its random token is stored. It ends at `expires_at`
+    (absolute), after the idle limit since `last_seen_at`, or when `ended_at` is set (sign-out, account disabled)."""
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    method: Mapped[str] = mapped_column(String(16), default="password")     # password | oidc
+
+    user: Mapped[User] = relationship()
 
 
 class ImmutableRecordError(RuntimeError):

@@ -39,3 +39,20 @@ def synthetic_analysis(image: RetinalImage, probabilities: dict[str, float] | No
     return Analysis("oct", q, dict(probabilities), label, heatmap, model, "0" * 64, method, label, referable,
                     suggestion, image.content_hash, image.laterality, image.pixels, [],
                     "synthetic phantoms only (no real images)")
+
+
+TEST_PASSWORD = "test passphrase 1234"     # for test accounts only
+
+
+def signed_in_state(clinic, username: str = "test-clinician", roles: tuple[str, ...] = ("clinician",),
+                    display_name: str = "") -> dict:
+    """Session-state entries of a browser session signed in as `username` (the account is created with
+    TEST_PASSWORD if missing), for `AppTest.session_state`: {"auth_token": ...}."""
+    from . import accounts
+
+    try:
+        accounts.get_user(clinic, username)
+    except Exception:
+        accounts.create_user(clinic, username, TEST_PASSWORD, roles=roles, display_name=display_name)
+    token, _user = accounts.log_in(clinic, username, TEST_PASSWORD)
+    return {"auth_token": token}

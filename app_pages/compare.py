@@ -4,12 +4,11 @@ import pandas as pd
 import streamlit as st
 
 from retina_core import ui
+from retina_core.clinic import auth_ui
 from retina_core.compare import agreement, run_fusion
 from retina_core.errors import RetinaInputError
 from retina_core.explain.attribution import explain_pair
 from retina_core.explain.overlay import overlay
-
-ui.require_navigation()
 
 FUSION = "fundus_oct_fusion"
 
@@ -66,6 +65,8 @@ for col, (kind, model, title) in zip(cols, (("fundus", f_model, "Fundus photogra
             img = ui.decode_upload(inputs[kind][1], inputs[kind][0])
             with st.spinner(f"Reading the {kind} image..."):
                 a = ui.analysis_for(img, model, None, kind)
+                auth_ui.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
+                                   models=[a.model or ""])
         except RetinaInputError as exc:
             st.error(str(exc), icon=":material/error:")
             continue

@@ -8,8 +8,6 @@ from retina_core.models import get_cfg, list_models, read_manifest
 from retina_core.models.loading import trained_on
 from retina_core.quick_eval import evidence_kind, evidence_reports, stability_table
 
-ui.require_navigation()
-
 st.title("Models & evaluation")
 ui.disclaimer()
 

@@ -5,12 +5,11 @@ import pandas as pd
 import streamlit as st
 
 from retina_core import attention, figures, ui
+from retina_core.clinic import auth_ui
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
 from retina_core.explain.zones import ETDRS_ABBREVIATIONS
 from retina_core.quick_eval import trust_badge
-
-ui.require_navigation()
 
 SLOW = {"scorecam", "integrated_gradients", "vit_relevance"}
 DEFAULT_METHODS = ("gradcam", "multiscale_gradcam", "gradcam++", "attention_rollout")
@@ -102,6 +101,8 @@ with st.sidebar:
 
 eye = ui.eye_of(img, key=f"zones_eye_{img.content_hash[:16]}")
 a = ui.analysis_for(img, model_name, None, modality)
+auth_ui.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
+                   models=[a.model or ""])
 if not a.has_result:
     view_settings()          # drawn on every run, so the chosen opacity is kept while there is nothing to show
     st.error(f"No result: {' '.join(a.notes)}", icon=":material/block:")

@@ -1,33 +1,35 @@
 """Case review: each eye's images over visits, the stored suggestions with heatmaps, trust and training notes, the
-change since the last visit, and a versioned review per suggestion (agree / disagree / corrected grade, sign)."""
+change since the last visit, and a versioned review per suggestion (agree / disagree / corrected grade, sign).
+Clinicians review and sign; researchers read the case de-identified, without the review form."""
 import streamlit as st
 
 from retina_core import ui
 from retina_core.analysis import NO_RESULT
-from retina_core.clinic import records
+from retina_core.clinic import auth_ui, records
 from retina_core.clinic import ui as clinic_ui
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
-
-ui.require_navigation()
 
 DECISIONS = {"Agree": "agree", "Disagree": "disagree", "Corrected grade": "corrected"}
 
 st.title("Case review")
 ui.disclaimer()
 clinic = clinic_ui.clinic_or_stop()
+user = auth_ui.require("cases", "Case review")
+deidentified = not user.can("identified")
 
-rows = records.worklist(clinic, referable_first=False)
+rows = records.worklist(clinic, referable_first=False, deidentified=deidentified)
 if not rows:
     st.info("No cases yet. Readings enter the worklist from *Upload & diagnose* (Save to worklist).",
             icon=":material/inbox:")
-    st.page_link("pages/upload.py", label="Upload & diagnose", icon=":material/upload_file:")
+    if user.can("analyze"):
+        st.page_link("app_pages/upload.py", label="Upload & diagnose", icon=":material/upload_file:")
     st.stop()
 by_id = {r.case_id: r for r in rows}
 wanted = st.session_state.get("clinic_case_id")
 with st.sidebar:
     case_id = st.selectbox("Case", list(by_id), index=list(by_id).index(wanted) if wanted in by_id else 0,
-                           format_func=lambda i: f"{by_id[i].ref} · {by_id[i].status}", key="case_pick")
+                           format_func=lambda i: by_id[i].ref, key="case_pick")
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="case_alpha")
 st.session_state["clinic_case_id"] = case_id
 
@@ -36,7 +38,13 @@ if flash:
     (st.warning if flash[0] == "warning" else st.success)(flash[1])
 
 view = records.case_view(clinic, case_id)
-st.subheader(f"Case {view.ref}")
+if deidentified:
+    view = records.deidentified(view)
+auth_ui.audit_view("view.case", "case", case_id, deidentified=deidentified)
+st.subheader(view.ref if deidentified else f"Case {view.ref}")
+if deidentified:
+    st.caption(":material/visibility_off: De-identified view (researcher): no reference, no links to the patient's "
+               "other cases, no comments; reviewing and signing need the clinician role.")
 st.caption(f"Created {view.created_at:%Y-%m-%d %H:%M} UTC · {by_id[case_id].status}"
            + (f" · same patient (keyed DICOM PatientID) as {', '.join(view.linked_refs)}" if view.linked_refs else ""))
 
@@ -49,6 +57,8 @@ def review_block(a, key: str) -> None:
         st.caption(f"v{r.version}: {r.reviewer} {what[r.decision]} · {state}"
                    + (f" · based on v{r.based_on_version}" if r.based_on_version else "")
                    + (f" · \u201c{r.comment}\u201d" if r.comment else ""))
+    if not user.can("review"):
+        return
     classes = list(a.probabilities)
     with st.form(f"review_{key}", border=True):
         options = list(DECISIONS) if classes else ["Agree", "Disagree"]
@@ -56,21 +66,19 @@ def review_block(a, key: str) -> None:
         grade = st.selectbox("Corrected grade (with 'Corrected grade')", classes or ["(no classes)"],
                              key=f"rv_grade_{key}", disabled=not classes)
         comment = st.text_area("Comment (no patient identifiers)", key=f"rv_comment_{key}", max_chars=4000)
-        reviewer = st.text_input("Reviewer (name or staff code)", key=f"rv_reviewer_{key}",
-                                 value=st.session_state.get("clinic_name", ""))
+        st.caption(f"Reviewer: **{user.label}** (signed in)")
         sign = st.checkbox("Sign: a signed review cannot be changed (a later change is a new version)",
-                           key=f"rv_sign_{key}")
+                           key=f"rv_sign_{key}", disabled=not user.can("sign"))
         if st.form_submit_button("Save review", key=f"rv_save_{key}", icon=":material/draw:"):
             latest = a.latest_review
             try:
-                saved = records.save_review(clinic, a.id, DECISIONS[decision], reviewer=reviewer,
+                saved = records.save_review(clinic, a.id, DECISIONS[decision], user=user,
                                             corrected_label=grade if decision == "Corrected grade" else None,
                                             comment=comment, sign=sign,
                                             based_on_version=latest.version if latest else None)
             except RetinaInputError as exc:
                 st.error(str(exc), icon=":material/error:")
                 return
-            st.session_state["clinic_name"] = reviewer.strip()
             msg = f"Review version {saved.version} saved" + (" and signed." if saved.signed else " (draft).")
             if saved.conflict:
                 msg += (" Another reviewer saved a version while you were reviewing: both are kept; see the history "
@@ -99,6 +107,8 @@ def suggestion_block(a, pixels, key: str) -> None:
         right.plotly_chart(ui.probability_bars(a.probabilities, a.label), width="stretch", key=f"probs_{key}")
     st.caption(f"Model `{a.model}` · weights `{(a.weights_sha256 or '')[:12]}` · read {a.created_at:%Y-%m-%d} by "
                f"{a.created_by}" + (f" · quality: {a.quality.get('verdict')}" if a.quality else ""))
+    if user.can("identified"):
+        clinic_ui.result_downloads(clinic, a.id, bool(a.heatmap_hash), user)
     signed = a.signed_review
     st.markdown("**Review**" + (f" · signed: {signed.decision}"
                                 + (f" ({signed.label})" if signed.label else "") if signed else " · awaiting"))

@@ -3,10 +3,9 @@ import pandas as pd
 import streamlit as st
 
 from retina_core import ui
+from retina_core.clinic import auth_ui
 from retina_core.io.decode import IMAGE_EXTENSIONS
 from retina_core.screening import COLUMNS, screen_uploads
-
-ui.require_navigation()
 
 CHUNK = 8   # images per forward batch; the progress bar moves after each
 
@@ -34,6 +33,8 @@ if done is None:
                           progress=lambda k, n: bar.progress(k / n, text=f"Screened {k} of {n} images"))
     bar.progress(1.0, text=f"Screened {len(files)} images")
     st.session_state["_batch"] = {key: done}      # one batch kept per session
+    auth_ui.audit_view("analysis.batch", "batch", None, images=len(done),
+                       content_hashes=[r["content_hash"] for r in done if r.get("content_hash")])
 
 table = pd.DataFrame(done, columns=COLUMNS)
 n_err = int((table["error"] != "").sum())

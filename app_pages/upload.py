@@ -3,14 +3,13 @@ import streamlit as st
 
 from retina_core import ui
 from retina_core.analysis import NO_RESULT
+from retina_core.clinic import auth_ui
 from retina_core.clinic import ui as clinic_ui
 from retina_core.errors import RetinaInputError
 from retina_core.io.decode import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
 from retina_core.explain.attribution import ALL_METHODS, VIT_METHODS
 from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
 from retina_core.report import EYES, ReportItem, report_json, report_pdf, split_by_eye
-
-ui.require_navigation()
 
 MODALITIES = {"Automatic": None, "Fundus photograph": "fundus", "OCT B-scan": "oct"}
 SLOW = ("scorecam", "integrated_gradients")
@@ -68,10 +67,13 @@ for i, (name, data) in enumerate(inputs, start=1):
                 st.session_state["volume_input"] = (name, data)
                 st.info("This file is an OCT volume. The volume viewer shows its slices, an en-face projection "
                         "and the 3D model's result.", icon=":material/view_in_ar:")
-                st.page_link("pages/volume.py", label="Open it in the volume viewer", icon=":material/arrow_forward:")
+                st.page_link("app_pages/volume.py", label="Open it in the volume viewer",
+                             icon=":material/arrow_forward:")
                 continue
             with st.spinner("Analysing..."):
                 found = ui.analyses_for(img, model, method, modality)
+            auth_ui.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
+                               models=sorted({f.model or "" for f in found}))
             a, others = found[0], [o for o in found[1:] if o.has_result]
         except RetinaInputError as exc:
             st.subheader(f"Image {i}")

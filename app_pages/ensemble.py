@@ -4,11 +4,10 @@ import pandas as pd
 import streamlit as st
 
 from retina_core import figures, ui
+from retina_core.clinic import auth_ui
 from retina_core.compare import ablation_rows, ensemble_groups, ensemble_image, find_ablation_files
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
-
-ui.require_navigation()
 
 st.title("Ensemble")
 ui.disclaimer()
@@ -61,6 +60,8 @@ else:
     st.caption(f"Detected modality: **{image_modality}**; group: {group}.")
     with st.spinner("Reading the image with each member..."):
         results = {n: ui.analysis_for(img, n, None, None) for n in members}
+        auth_ui.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
+                           models=sorted(results))
     if not members:
         st.info("Choose at least one member in the sidebar.")
     elif results and not any(a.has_result for a in results.values()):

@@ -1,17 +1,22 @@
-"""Worklist: the stored cases, referable first; filters: awaiting review, visit dates, reviewer. Opens a case."""
+"""Worklist: the stored cases, referable first; filters: awaiting review, visit dates, reviewer. Opens a case.
+Researchers see it de-identified (case numbers, no references) and can export the signed labels as a data set."""
 import pandas as pd
 import streamlit as st
 
 from retina_core import ui
-from retina_core.clinic import records
+from retina_core.clinic import auth_ui, records
 from retina_core.clinic import ui as clinic_ui
-
-ui.require_navigation()
 
 st.title("Worklist")
 ui.disclaimer()
 clinic = clinic_ui.clinic_or_stop()
+user = auth_ui.require("cases", "The worklist")
+deidentified = not user.can("identified")
 clinic_ui.storage_caption(clinic)
+auth_ui.audit_view("view.worklist", "worklist", None, deidentified=deidentified)
+if deidentified:
+    st.caption(":material/visibility_off: De-identified view (researcher): case numbers instead of references, "
+               "no links between a patient's cases, no free-text comments.")
 
 ANYONE = "Anyone"
 f1, f2, f3, f4, f5 = st.columns([1.2, 1.2, 1, 1, 1.4])
@@ -22,11 +27,14 @@ date_to = f4.date_input("Visits to", value=None, key="wl_to")
 reviewer = f5.selectbox("Signed by", [ANYONE] + records.reviewers(clinic), key="wl_reviewer")
 
 rows = records.worklist(clinic, awaiting_only=awaiting, referable_first=referable_first, date_from=date_from,
-                        date_to=date_to, reviewer=None if reviewer == ANYONE else reviewer)
+                        date_to=date_to, reviewer=None if reviewer == ANYONE else reviewer, deidentified=deidentified)
+if user.can("export"):
+    clinic_ui.export_labels_button(clinic, user)
 if not rows:
     st.info("No case matches. Readings enter the worklist from *Upload & diagnose* (Save to worklist)."
             if not records.worklist(clinic, limit=1) else "No case matches these filters.", icon=":material/inbox:")
-    st.page_link("pages/upload.py", label="Upload & diagnose", icon=":material/upload_file:")
+    if user.can("analyze"):
+        st.page_link("app_pages/upload.py", label="Upload & diagnose", icon=":material/upload_file:")
     st.stop()
 
 st.dataframe(pd.DataFrame([{
@@ -43,4 +51,4 @@ pick = st.selectbox("Open a case", list(by_id), key="wl_open",
                                           + (" · refer" if by_id[i].referable else ""))
 if st.button("Open case", key="wl_open_button", type="primary", icon=":material/arrow_forward:"):
     st.session_state["clinic_case_id"] = pick
-    st.switch_page("pages/case.py")
+    st.switch_page("app_pages/case.py")

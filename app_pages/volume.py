@@ -6,6 +6,7 @@ import streamlit as st
 
 from retina_core import figures, ui
 from retina_core.analysis import NO_RESULT
+from retina_core.clinic import auth_ui
 from retina_core.errors import RetinaInputError
 from retina_core.io.decode import VOLUME_EXTENSIONS
 from retina_core.explain.attribution import default_method
@@ -15,8 +16,6 @@ from retina_core.explain.volume_methods import VOLUME_METHODS, explain_volume
 from retina_core.quality import assess_quality
 from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
                                 slice_rgb)
-
-ui.require_navigation()
 
 DEFAULT_LABEL = "Model's default (from explain-eval)"
 SLOW = {"scorecam": "slow: one forward per channel", "integrated_gradients": "slow: 32 forward/backward passes"}
@@ -106,6 +105,7 @@ else:
     key = (content, model_name, tuple(sorted((k, v) for k, v in meta.items())), eye)
     with st.spinner("Running the 3D model..."):
         result = ui.memo("volume3d", key, lambda: run_volume_model(model, vol, meta, eye), limit=8)
+    auth_ui.audit_view("analysis.run", "volume", None, content_hash=content, models=[model_name])
     method = default_method(model) if method_label == DEFAULT_LABEL else method_label
     if method == "gradcam":
         maps = result.maps
