@@ -202,7 +202,7 @@ def test_fusion_encoders_are_frozen_and_their_batchnorm_statistics_do_not_move()
 
 
 def test_fusion_modality_cams():
-    from retina_core.models.multimodal import modality_cams
+    from retina_core.explain.pair_methods import modality_cams
 
     net = _fusion(64).eval()
     logits, cf, co = modality_cams(net, torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))

@@ -122,7 +122,7 @@ def available_methods(model) -> tuple[str, ...]:
         from .volume_methods import VOLUME_METHODS
         return VOLUME_METHODS
     if modality == "fundus+oct":
-        from .evaluate_nd import FUSION_METHODS
+        from .pair_methods import FUSION_METHODS
         return FUSION_METHODS
     if is_vit(model):
         return tuple(m for m in ALL_METHODS if m != "multiscale_gradcam")
@@ -502,7 +502,7 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
     in [0, 1], each at its image's size. pair: (fundus, oct) or {"fundus": ..., "oct": ...}; each uint8 RGB,
     greyscale or a RetinalImage. target: class index or name (default: the predicted class)."""
     from ..errors import RetinaInputError
-    from .evaluate_nd import _resolve, pair_maps
+    from .pair_methods import pair_maps, resolve_net
 
     if isinstance(pair, dict):
         if set(pair) != {"fundus", "oct"}:
@@ -513,7 +513,7 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
     else:
         raise RetinaInputError("The fusion model explains a pair: (fundus photograph, OCT B-scan).")
     method = method or default_method(model)
-    m = _resolve(model)
+    m = resolve_net(model)
     idx = None if target is None else _target_indices(target, tuple(m.cfg.classes),
                                                        torch.zeros(1, dtype=torch.long))[0]
     with eval_mode(m.net):

@@ -236,3 +236,13 @@ def _default_method(model, cfg) -> str:
     entry = getattr(model, "entry", None) or {}
     choice = entry.get("default_method") or getattr(cfg, "default_method", None)
     return choice if choice in VOLUME_METHODS else "gradcam"
+
+
+def volume_blur(vol: np.ndarray) -> np.ndarray:
+    """The deletion / insertion baseline of explain-eval and the image's "absent" state in `inputs.input_shapley`: a 3-D Gaussian blur (sigma max(2, side / 16) in-plane as in 2-D,
+    max(1, D / 16) across slices)."""
+    from scipy.ndimage import gaussian_filter
+
+    d, h, w = vol.shape
+    s = max(2.0, min(h, w) / 16.0)
+    return gaussian_filter(vol.astype(np.float32), sigma=(max(1.0, d / 16.0), s, s), mode="nearest")

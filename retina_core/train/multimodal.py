@@ -388,7 +388,7 @@ def decode_volumes(records, cfg, dtype=torch.float16, mask_root=None):
 def volume_lesion_mask(root, path, shape, size) -> torch.Tensor:
     """bool [*size]: the union lesion mask of volume `path` (evaluate_nd's reader, at the volume's `shape`),
     resized to `size` by adaptive max pooling (any lesion voxel in an output voxel's footprint marks it)."""
-    from ..explain.evaluate_nd import _read_volume_mask
+    from ..audit.evaluate_nd import _read_volume_mask
 
     m = torch.from_numpy(_read_volume_mask(Path(root), Path(path), tuple(shape)).astype(np.float32))
     if tuple(m.shape) != tuple(size):

@@ -44,11 +44,12 @@ import numpy as np
 import torch
 
 from ..errors import RetinaInputError
+from ..explain.attribution import default_method, explain_batch, resolve_model, to_pixels
+from ..explain.pair_methods import resolve_net
 from . import trust
-from .attribution import default_method, explain_batch, resolve_model, to_pixels
 from .evaluate import Sample, _resize_sample
-from .evaluate_nd import (_records, _resize_2d, _resize_mask_3d, _resize_volume, _resolve, _union, _volume_predict,
-                          meta_tensor_of, pick_round_robin, volume_map)
+from .evaluate_nd import (_records, _resize_2d, _resize_mask_3d, _resize_volume, _union, _volume_predict, meta_tensor_of,
+                          pick_round_robin, volume_map)
 
 VARIANTS = {"original": (), "without_masked": ("masked",), "without_ellipsoids": ("ellipsoids",),
             "without_thickening": ("thickening",), "without_masked_and_thickening": ("masked", "thickening")}
@@ -108,7 +109,7 @@ def lesion_reliance(model, data_path, n: int | None = None, split: str | None = 
 
 def _nd_setup(model, weights_dir, data_path, split, modality: str, what: str):
     """(model, data root, records of `split`, split used, phantom_meta rows) for a volume or pair model."""
-    m = _resolve(model, weights_dir)
+    m = resolve_net(model, weights_dir)
     if m.cfg.modality != modality:
         raise RetinaInputError(f"This counterfactual needs {what}; {m.name} is a {m.cfg.modality} model.")
     root = Path(data_path).expanduser()
