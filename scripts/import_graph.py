@@ -29,19 +29,23 @@ PKG = "retina_core"
 # Lower number = lower layer. The first matching prefix (longest first) decides a module's layer.
 LAYERS = {
     "retina_core.errors": 0, "retina_core.labels": 0, "retina_core.runtime": 0, "retina_core.audit_log": 0,
+    "retina_core.about": 0,
     "retina_core.io": 1, "retina_core.phantoms": 1,
     "retina_core.models": 2,
-    "retina_core.volume": 2,  # volume geometry helpers used by models, explain and train
     "retina_core.quality": 3,
     "retina_core.explain": 3,
-    "retina_core.evaluate": 4, "retina_core.train": 4, "retina_core.audit": 4,
-    "retina_core.attention": 4, "retina_core.quick_eval": 4, "retina_core.bench": 4,
-    "retina_core.analysis": 5, "retina_core.batch": 5, "retina_core.compare": 5, "retina_core.screening": 5,
-    "retina_core.report": 5, "retina_core.figures": 5, "retina_core.testing": 5,
-    "retina_core.serving": 6, "retina_core.ui": 6, "retina_core.browser": 6, "retina_core.bench_app": 6,
-    "retina_core.clinic": 6,
-    "retina_core.cli": 7, "retina_core.__main__": 7,
-    "retina_core": 7,  # the package __init__ re-exports the public API from every layer
+    "retina_core.evaluate": 4,
+    "retina_core.train": 5,
+    "retina_core.evaluate.run": 6,  # the `evaluate` command's runner: scores trained models with train's predictors
+    "retina_core.evaluate.ensemble_cli": 6,  # the `ensemble` command, which runs `evaluate.run`
+    "retina_core.audit": 6,
+    "retina_core.attention": 7, "retina_core.quick_eval": 7,
+    "retina_core.analysis": 8, "retina_core.batch": 8, "retina_core.compare": 8, "retina_core.screening": 8,
+    "retina_core.report": 8, "retina_core.figures": 8, "retina_core.testing": 8, "retina_core.volume": 8,
+    "retina_core.serving": 9, "retina_core.ui": 9, "retina_core.browser": 9, "retina_core.bench_app": 9,
+    "retina_core.clinic": 9,
+    "retina_core.cli": 10, "retina_core.__main__": 10, "retina_core.bench": 10,
+    "retina_core": 10,  # the package __init__ re-exports the public API from every layer
 }
 
 

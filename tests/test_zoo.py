@@ -116,7 +116,7 @@ def test_volume_fusion_modes_set_the_classifier_input(mode, expected):
 
 
 def test_volume_gradcam_gives_per_slice_maps():
-    from retina_core.models.volume3d import volume_cam
+    from retina_core.explain.volume_methods import volume_cam
 
     net = _volume().eval()
     logits, maps = volume_cam(net, torch.randn(2, 1, 8, 32, 32), torch.randn(2, 6))

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import RetinaInputError
 from ..explain.pair_methods import FUSION_METHODS, ResolvedNet, pair_maps, pair_tensors, resolve_net
 from ..explain.volume_methods import VOLUME_METHODS, volume_blur  # every CAM-family method, a 3-D Score-CAM and IG
+from ..io.datasets import lesion_mask_files, read_volume_mask, resize_mask_3d, training_splits
 from . import trust
 from .evaluate import ND_MODALITIES, _mean, cached, median_time_ratio, pick_round_robin, random_order_reference
 
@@ -86,20 +87,6 @@ def _resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy().clip(0, 1)
 
 
-def _resize_mask_3d(mask: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a bool [D, H, W] mask; a lesion that vanishes keeps its centre voxel."""
-    import torch.nn.functional as F
-
-    if mask.shape == tuple(size):
-        return mask.astype(bool)
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    out = F.interpolate(t, size=tuple(size), mode="nearest")[0, 0].numpy() > 0.5
-    if mask.any() and not out.any():
-        idx = np.argwhere(mask).mean(0)
-        out[tuple(min(s - 1, int(i * s / s0)) for i, s, s0 in zip(idx, size, mask.shape))] = True
-    return out
-
-
 def _resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
     from .evaluate import Sample, _resize_sample
 
@@ -113,7 +100,6 @@ def _records(m: ResolvedNet, data_path, split: str | None) -> tuple[list, str]:
     patient-level split training used (seed from the manifest entry, else 0). split None / "all": every record."""
     from ..io.datasets import load_dataset
     from ..models.multimodal import binary_label
-    from ..train.multimodal import _split
 
     needs = "volumes" if m.cfg.modality == "oct_volume" else "paired"
     root = Path(data_path).expanduser()
@@ -138,36 +124,13 @@ def _records(m: ResolvedNet, data_path, split: str | None) -> tuple[list, str]:
         raise RetinaInputError(f"Unknown split {split!r}; use train, val, test or all.")
     seed = int((m.entry.get("config") or {}).get("seed", 0) or 0)
     try:
-        chosen = _split(recs, seed).get(split, [])
+        chosen = training_splits(recs, seed).get(split, [])
     except RetinaInputError:
         chosen = []
     if not chosen:
         raise RetinaInputError(f"The {split!r} split of {data_path} is empty ({len(recs)} samples in all); use "
                                f"--split all for a data set the model was not trained on.")
     return chosen, split
-
-
-def _mask_files(root: Path, rel: str, suffix: str) -> list[Path]:
-    stem = rel[: -len(".nii.gz")] if rel.endswith(".nii.gz") else str(Path(rel).with_suffix(""))
-    d = root / "masks" / stem
-    return sorted(d.glob(f"*{suffix}")) if d.is_dir() else []
-
-
-def _read_volume_mask(root: Path, path: Path, shape) -> np.ndarray:
-    import nibabel as nib
-
-    try:
-        rel = path.relative_to(root).as_posix()
-    except ValueError:
-        return np.zeros(shape, bool)
-    parts = []
-    for p in _mask_files(root, rel, ".nii.gz"):
-        a = np.asarray(nib.load(str(p)).dataobj)
-        a = a > (127 if a.max() > 1 else 0)
-        if a.shape != tuple(shape):
-            a = _resize_mask_3d(a, shape)
-        parts.append(a)
-    return np.logical_or.reduce(parts) if parts else np.zeros(shape, bool)
 
 
 def volume_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, split: str | None = "test"
@@ -183,9 +146,9 @@ def volume_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0
         if img.kind != "volume":
             raise RetinaInputError(f"{r.path} is not a volume ({img.kind}).")
         vol = np.asarray(img.pixels, np.float32)
-        mask = _read_volume_mask(root, Path(r.path), vol.shape)
+        mask = read_volume_mask(root, Path(r.path), vol.shape)
         out.append(VolumeSample(_resize_volume(vol, size), dict(r.meta), r.eye, r.label,
-                                _resize_mask_3d(mask, size), Path(r.path).name))
+                                resize_mask_3d(mask, size), Path(r.path).name))
     return out, used
 
 
@@ -209,7 +172,7 @@ def pair_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, 
                 rel = p.relative_to(root).as_posix()
             except ValueError:
                 rel = ""
-            parts = [np.asarray(Image.open(q).convert("L")) > 127 for q in _mask_files(root, rel, ".png")] if rel \
+            parts = [np.asarray(Image.open(q).convert("L")) > 127 for q in lesion_mask_files(root, rel, ".png")] if rel \
                 else []
             parts = [q for q in parts if q.shape == px.shape[:2]]
             imgs.append(px)
@@ -240,7 +203,7 @@ def volume_samples_from_phantoms(m: ResolvedNet, phantoms: Sequence) -> list[Vol
                                    f"{getattr(ph, 'modality', type(ph).__name__)!r} phantom.")
         meta = dict(ph.meta or {})
         out.append(VolumeSample(_resize_volume(vol, size), meta, meta.get("eye"), ph.label,
-                                _resize_mask_3d(_union(ph.masks, vol.shape), size), f"phantom{i}"))
+                                resize_mask_3d(_union(ph.masks, vol.shape), size), f"phantom{i}"))
     return out
 
 

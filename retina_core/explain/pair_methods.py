@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import RetinaInputError
-from ..models.loading import preprocess_image
+from ..models.loading import load_model, preprocess_image
 from ..models.multimodal import FundusOctFusion
-from .attribution import _postprocess_ig, black_baseline
 from .cam import capture_as_leaf, get_module, normalise_map
+from .ig import black_baseline, postprocess_ig
 
 FUSION_METHODS = ("gradcam", "integrated_gradients")
 
@@ -39,8 +39,6 @@ class ResolvedNet:
 def resolve_net(model, weights_dir=None) -> ResolvedNet:
     """A registered model name, LoadedModel or nn.Module with a cfg as a ResolvedNet (the net put in eval mode)."""
     if isinstance(model, str):
-        from ..models import load_model
-
         model = load_model(model, weights_dir=weights_dir)
     net = model if isinstance(model, nn.Module) else getattr(model, "net", None)
     if not isinstance(net, nn.Module):
@@ -100,7 +98,7 @@ def pair_maps(m: ResolvedNet, net: nn.Module, f: np.ndarray, o: np.ndarray, targ
     probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
     k = int(np.argmax(probs)) if target is None else int(target)
     fa, oa = pair_integrated_gradients(net, a, b, k, m.net.fundus_cfg, m.net.oct_cfg)
-    return probs, k, {"fundus": _postprocess_ig(fa[0], f.shape[:2]), "oct": _postprocess_ig(oa[0], o.shape[:2])}
+    return probs, k, {"fundus": postprocess_ig(fa[0], f.shape[:2]), "oct": postprocess_ig(oa[0], o.shape[:2])}
 
 
 def pair_integrated_gradients(net: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int, f_cfg, o_cfg,
