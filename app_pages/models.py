@@ -86,7 +86,7 @@ else:
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=f"eval_stab_table_{j}")
         with_cf = [o for _, o in stab if o.get("counterfactual")]
         if with_cf:
-            from retina_core.explain.counterfactual import describe_variants, table_rows
+            from retina_core.audit.counterfactual import describe_variants, table_rows
 
             cf = with_cf[0]["counterfactual"]
             st.markdown(f"**Does the model use the lesions its map is scored against?** Counterfactual phantoms: "

@@ -6,15 +6,11 @@ Research software, not a medical device. Public API:
 method None is the model's default heatmap method (Grad-CAM unless `explain-eval --set-default` chose another).
 """
 from . import explain
+from .about import DISCLAIMER, __version__  # noqa: F401  (__version__: the package version)
 from .analysis import DEFAULT_MODELS, Analysis, analyze, analyze_all, get_model
 from .errors import RetinaInputError
 from .io.decode import RetinalImage, read_image
 from .models import create_model, list_models, load_model
-
-__version__ = "0.1.0"
-DISCLAIMER = ("Research software, not a medical device. Suggestions are not a diagnosis. Some bundled models were "
-              "trained on small real public image sets (each result names its set and held-out figure), the others "
-              "on synthetic phantoms only; no figure here is clinical accuracy.")
 
 __all__ = ["Analysis", "DEFAULT_MODELS", "DISCLAIMER", "RetinaInputError", "RetinalImage", "analyze", "analyze_all",
            "create_model", "explain", "get_model", "list_models", "load_model", "read_image"]

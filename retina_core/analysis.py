@@ -310,7 +310,7 @@ def audit(a: Analysis) -> None:
     """Append to the JSONL audit log named by RETINA_AUDIT_LOG, if set: hashes and outputs, never patient data."""
     path = os.environ.get("RETINA_AUDIT_LOG")
     if path and a.model:
-        from .audit import AuditLog
+        from .audit_log import AuditLog
 
         AuditLog(path).record(a.content_hash, a.model, a.weights_sha256,
                               {"label": a.label, "probabilities": a.probabilities, "method": a.method,

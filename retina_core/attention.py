@@ -1,6 +1,6 @@
 """Attention zones for one image: several explainers, their zone shares, the ETDRS grid drawn, and stability.
 
-The page-facing layer over `explain.attribution`, `explain.zones` and `explain.trust`:
+The page-facing layer over `explain.attribution`, `explain.zones` and `audit.trust`:
 
     >>> maps = explain_methods(model, pixels, ["gradcam", "integrated_gradients"])   # {method: [H, W] in [0, 1]}
     >>> lm = landmarks(pixels, "fundus")                       # fovea, disc, radius, laterality, confidence
@@ -15,7 +15,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .explain import trust, zones
+from .audit import trust
+from .explain import zones
 from .explain.attribution import available_methods, explain, explain_batch
 
 OCT_SPAN_MM = 6.0     # usual macular B-scan width (Kermany / OCT-C8 style); the bands are in mm from the fovea

@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per set, refused files included")
     p.set_defaults(func=cmd_gate_eval)
 
-    from .explain.evaluate import add_cli as add_explain_eval_cli
+    from .audit.evaluate import add_cli as add_explain_eval_cli
     add_explain_eval_cli(sub)
     from .evaluate.ensemble_cli import add_cli as add_ensemble_cli
     add_ensemble_cli(sub)

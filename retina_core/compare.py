@@ -38,12 +38,12 @@ class FusionResult:
 
 
 def run_fusion(model, fundus_pixels: np.ndarray, oct_pixels: np.ndarray) -> FusionResult:
-    """Fusion forward + per-modality Grad-CAM in one pass (`models.multimodal.modality_cams`).
+    """Fusion forward + per-modality Grad-CAM in one pass (`explain.pair_methods.modality_cams`).
 
     model: a LoadedModel of `fundus_oct_fusion`; pixels: uint8 [H, W, 3] each (the OCT greyscale replicated)."""
     import torch
 
-    from .models.multimodal import modality_cams
+    from .explain.pair_methods import modality_cams
 
     net = model.net
     f, o = net.preprocess_pair(fundus_pixels, oct_pixels, model.device)

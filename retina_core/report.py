@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from . import DISCLAIMER, __version__
+from .about import DISCLAIMER, __version__
 from .analysis import Analysis
 from .explain.overlay import overlay
 from .models import read_manifest

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from . import DISCLAIMER
+from .about import DISCLAIMER
 from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, get_model
 from .errors import RetinaInputError
 from .io.decode import SCREEN_SIDE, RetinalImage, read_image

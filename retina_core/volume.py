@@ -59,16 +59,6 @@ def map_en_face(maps: np.ndarray, out_height: int | None = None) -> np.ndarray:
     return np.clip(proj / max(float(proj.max()), 1e-7), 0, 1).astype(np.float32)
 
 
-def _resize_volume(maps: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    if maps.shape == tuple(shape):
-        return maps.astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
-
-
 @dataclass
 class VolumeResult:
     """The 3D model on one volume. maps: float32 [D, H, W] in [0, 1] at the volume's size (3D Grad-CAM)."""
@@ -88,7 +78,8 @@ def run_volume_model(model, vol: np.ndarray, meta: dict, eye: str | None = None)
     meta: {age, sex ("M"/"F"), va_logmar, cst_um, hba1c}; a missing value (None) becomes the training mean."""
     import torch
 
-    from .models.volume3d import encode_metadata, preprocess_volume, volume_cam
+    from .explain.volume_methods import resize_volume, volume_cam
+    from .models.volume3d import encode_metadata, preprocess_volume
 
     net, cfg = model.net, model.cfg
     x = preprocess_volume(vol, cfg, model.device)
@@ -100,7 +91,7 @@ def run_volume_model(model, vol: np.ndarray, meta: dict, eye: str | None = None)
     label = cfg.classes[1] if p >= 0.5 else cfg.classes[0]
     used = {f: (meta.get(f) if f != "eye" else eye) for f in (features or ())}
     return VolumeResult(model=model.name, weights_sha256=model.sha256, p_disease=p, label=label,
-                        metadata_used=used, maps=_resize_volume(maps[0], vol.shape),
+                        metadata_used=used, maps=resize_volume(maps[0], vol.shape),
                         referable=label in cfg.referable)
 
 

@@ -529,7 +529,7 @@ def test_volume_read_out_only_image_branch_its_grad_cam_is_the_read_out():
     y'(e) w_k / N for every channel k (the log-mean-exp's softmax weights sum to 1)."""
     import torch.nn.functional as F
 
-    from retina_core.models.volume3d import volume_cam
+    from retina_core.explain.volume_methods import volume_cam
 
     kw = {**_tiny_volume_net().cfg.builder_kwargs, "lesion_head": "only"}
     torch.manual_seed(3)

@@ -9,7 +9,7 @@ from torch import nn
 
 import retina_core as rc
 from retina_core.errors import RetinaInputError
-from retina_core.explain import trust
+from retina_core.audit import trust
 from retina_core.explain.volume_methods import VOLUME_METHODS, SignedLogit, _ig_volume, _library_cam
 from retina_core.models import create_model, get_cfg
 

@@ -116,7 +116,7 @@ def test_volume_fusion_modes_set_the_classifier_input(mode, expected):
 
 
 def test_volume_gradcam_gives_per_slice_maps():
-    from retina_core.models.volume3d import volume_cam
+    from retina_core.explain.volume_methods import volume_cam
 
     net = _volume().eval()
     logits, maps = volume_cam(net, torch.randn(2, 1, 8, 32, 32), torch.randn(2, 6))
@@ -202,7 +202,7 @@ def test_fusion_encoders_are_frozen_and_their_batchnorm_statistics_do_not_move()
 
 
 def test_fusion_modality_cams():
-    from retina_core.models.multimodal import modality_cams
+    from retina_core.explain.pair_methods import modality_cams
 
     net = _fusion(64).eval()
     logits, cf, co = modality_cams(net, torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))

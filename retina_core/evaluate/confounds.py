@@ -58,8 +58,7 @@ def acquisition_confounds(data, positive: str, modality: str | None = None, spli
                           fractions: str | None = None, split_by: str | None = None, framing: str = "stretch") -> dict:
     """AUC of each global statistic (and of all five together) for `positive` vs the rest on `split` of `data`
     (the same patient-level split `train` makes with these settings; "all" for every image)."""
-    from ..io.datasets import load_dataset
-    from ..train.engine import split_patients
+    from ..io.datasets import load_dataset, split_patients
 
     index = load_dataset(data)
     records = index.records if split == "all" else split_patients(index.records, seed, fractions, split_by).get(split)

@@ -41,9 +41,8 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
 
     Multi-input models train on normal vs disease, so their labels are mapped before the patient-level split,
     exactly as in training: the test split is the one the model never saw. split "all": every record."""
-    from ..io.datasets import load_dataset
+    from ..io.datasets import load_dataset, split_patients
     from ..models.multimodal import binary_label
-    from ..train.engine import split_patients
 
     index = load_dataset(data)
     needs = {"fundus+oct": "paired", "oct_volume": "volumes"}.get(model.cfg.modality)

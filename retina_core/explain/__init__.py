@@ -1,4 +1,7 @@
-"""Explanations: heatmaps (cam, attribution), zone scores (zones), trust checks (trust) and their evaluation (evaluate).
+"""Explanations the app serves: heatmaps (cam, attribution; volume_methods for OCT volumes, pair_methods for the
+fundus + OCT pair), input attribution (inputs), overlays (overlay) and zone scores (zones). Their research
+auditing (explain-eval, counterfactual phantoms, trust metrics) lives in `retina_core.audit`, which imports this
+package; this package never imports it.
 
 The package itself is callable, so the public interface reads `retina_core.explain(model, image, method=...,
 target=...)` (= `attribution.explain`: a float32 [H, W] map in [0, 1]; method None is the model's default).
@@ -15,10 +18,7 @@ _EXPORTS = {
     "centre_lr_shares": "zones", "etdrs_zone_scores": "zones", "etdrs_grid_mask": "zones",
     "optic_disc_zone": "zones", "oct_zone_scores": "zones", "locate_fovea_and_disc": "zones",
     "ETDRS_SUBFIELDS": "zones", "locate_oct_fovea": "zones", "zone_report": "zones",
-    "pointing_game": "trust", "energy_pointing_game": "trust", "deletion_insertion_auc": "trust",
-    "randomisation_check": "trust", "stability_under_perturbation": "trust", "class_consistency": "trust",
-    "centre_attention_vs_confidence": "trust", "correct_vs_misclassified": "trust",
-    "explain_eval": "evaluate", "input_shapley": "inputs",
+    "input_shapley": "inputs",
 }
 __all__ = sorted(_EXPORTS)
 

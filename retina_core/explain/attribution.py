@@ -31,14 +31,19 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import RetinaInputError
 from ..models.framing import fov_boxes, map_to_image, uses_fov
+from ..models.loading import preprocess_image
+from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCfg
 from .cam import (CAM_METHODS, cam_with_library, capture_as_leaf, get_module, gradcam_single_pass,
-                  multiscale_gradcam_single_pass, normalise_map)
+                  multiscale_gradcam_single_pass, normalise_map, pgc_methods)
+from .ig import black_baseline, postprocess_ig
+from .pair_methods import FUSION_METHODS, pair_maps, resolve_net
+from .volume_methods import VOLUME_METHODS, explain_volume
 
 IG_METHODS = ("integrated_gradients",)
 VIT_METHODS = ("attention_rollout", "vit_relevance")
@@ -80,8 +85,6 @@ class _Model:
 
 def _default_cfg(net: nn.Module, vit: nn.Module | None):
     """A minimal ModelCfg for a bare timm network without `.cfg` (tests, user models)."""
-    from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCfg
-
     pcfg = getattr(net, "pretrained_cfg", None) or {}
     size = None
     if vit is not None and getattr(vit.patch_embed, "img_size", None) is not None:
@@ -119,10 +122,8 @@ def available_methods(model) -> tuple[str, ...]:
     model Grad-CAM and IG (one map per input)."""
     modality = _modality(model)
     if modality == "oct_volume":
-        from .volume_methods import VOLUME_METHODS
         return VOLUME_METHODS
     if modality == "fundus+oct":
-        from .evaluate_nd import FUSION_METHODS
         return FUSION_METHODS
     if is_vit(model):
         return tuple(m for m in ALL_METHODS if m != "multiscale_gradcam")
@@ -146,8 +147,6 @@ def default_method(model) -> str:
 def preprocess_batch(batch_uint8: np.ndarray, cfg, device: torch.device | str = "cpu",
                      boxes: list | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, C, h, w]: `models.loading.preprocess_image`, the one preprocessing."""
-    from ..models.loading import preprocess_image
-
     return preprocess_image(batch_uint8, cfg, device, boxes)
 
 
@@ -345,15 +344,13 @@ def _vit_library_cam(net: nn.Module, vit: nn.Module, x: torch.Tensor, layer: str
     """pytorch-grad-cam on a ViT with the token -> grid reshape transform; float32 [B, H, W] in [0, 1]."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .cam import _pgc_methods
-
     prefix = vit_prefix_tokens(vit)
     grid = vit_grid(vit, x)
 
     def reshape(t):
         return tokens_to_grid(t, grid, prefix) if t.ndim == 3 else t
 
-    cls = _pgc_methods()[method]
+    cls = pgc_methods()[method]
     frozen = [p for p in net.parameters() if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
@@ -370,15 +367,6 @@ def _vit_library_cam(net: nn.Module, vit: nn.Module, x: torch.Tensor, layer: str
 
 
 # ------------------------------------------------------------------------------------------------------ IG
-def black_baseline(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """IG's baseline for a normalised input x [B, C, *spatial]: pixel intensity 0, normalised like x with the
-    per-channel `mean` / `std` ((0 - mean) / std), not a zero tensor (mid-grey after normalisation)."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(shape)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(shape)
-    return ((torch.zeros_like(x) - m) / s).detach()
-
-
 def integrated_gradients(net: nn.Module, x: torch.Tensor, targets: list[int], cfg,
                          n_steps: int = IG_STEPS, internal_batch_size: int = IG_INTERNAL_BATCH) -> np.ndarray:
     """captum IntegratedGradients from a black image (pixel intensity 0, normalised like the input).
@@ -391,16 +379,6 @@ def integrated_gradients(net: nn.Module, x: torch.Tensor, targets: list[int], cf
         attr = ig.attribute(x.detach().clone().requires_grad_(True), baselines=baseline, target=list(targets),
                             n_steps=n_steps, internal_batch_size=max(internal_batch_size, 1))
     return attr.detach().sum(dim=1).float().cpu().numpy()
-
-
-def _postprocess_ig(a: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Signed [h, w] attribution -> map: smoothed, positive part, clipped at the 99.5th percentile, normalised."""
-    side = min(a.shape[-2:])
-    a = np.maximum(cv2.GaussianBlur(a.astype(np.float32), (0, 0), max(0.5, side / 112.0)), 0.0)
-    hi = float(np.percentile(a, 99.5))
-    if hi > 0:
-        a = np.minimum(a, hi)
-    return normalise_map(a, out_hw)
 
 
 # ------------------------------------------------------------------------------------------------------ entry points
@@ -464,7 +442,7 @@ def explain_batch(model, images, method: str | None = None,
     x = m.preprocess(batch, boxes)
     raw, logits, idx = attribute(m, x, method, target)
     if method in IG_METHODS:
-        raw = [_postprocess_ig(r, r.shape[-2:]) for r in raw]
+        raw = [postprocess_ig(r, r.shape[-2:]) for r in raw]
     if boxes is not None:            # the map covers each image's field-of-view box: put it back in place
         maps = np.stack([map_to_image(r, b, (h, w)) for r, b in zip(raw, boxes)])
     else:
@@ -490,7 +468,6 @@ def explain(model, image, method: str | None = None, target=None, *, meta: dict 
     """
     modality = _modality(model)
     if modality == "oct_volume":
-        from .volume_methods import explain_volume
         return explain_volume(model, image, method, target, meta=meta, eye=eye)
     if modality == "fundus+oct":
         return explain_pair(model, image, method, target)
@@ -501,9 +478,6 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
     """Per-modality heatmaps of the fundus + OCT fusion model: {"fundus": float32 [H, W], "oct": float32 [H', W']}
     in [0, 1], each at its image's size. pair: (fundus, oct) or {"fundus": ..., "oct": ...}; each uint8 RGB,
     greyscale or a RetinalImage. target: class index or name (default: the predicted class)."""
-    from ..errors import RetinaInputError
-    from .evaluate_nd import _resolve, pair_maps
-
     if isinstance(pair, dict):
         if set(pair) != {"fundus", "oct"}:
             raise RetinaInputError("The fusion model needs {'fundus': image, 'oct': image}.")
@@ -513,7 +487,7 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
     else:
         raise RetinaInputError("The fusion model explains a pair: (fundus photograph, OCT B-scan).")
     method = method or default_method(model)
-    m = _resolve(model)
+    m = resolve_net(model)
     idx = None if target is None else _target_indices(target, tuple(m.cfg.classes),
                                                        torch.zeros(1, dtype=torch.long))[0]
     with eval_mode(m.net):

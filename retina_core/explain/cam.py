@@ -143,7 +143,7 @@ def normalise_map(cam: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return np.clip(cam, 0.0, 1.0).astype(np.float32)
 
 
-def _pgc_methods() -> dict:
+def pgc_methods() -> dict:
     import pytorch_grad_cam as pgc
     return {"gradcam-reference": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "hirescam": pgc.HiResCAM,
             "xgradcam": pgc.XGradCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM, "scorecam": pgc.ScoreCAM}
@@ -157,7 +157,7 @@ def cam_with_library(net: nn.Module, x: torch.Tensor, target_layer: str, method:
     """pytorch-grad-cam's implementation of `method`; returns float32 [B, H, W] at the input size, in [0, 1]."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cls = _pgc_methods()[method]
+    cls = pgc_methods()[method]
     needs_grad = [p for p in net.parameters() if not p.requires_grad]
     for p in needs_grad:   # the library back-propagates to the input through the whole net
         p.requires_grad_(True)

@@ -66,7 +66,7 @@ def input_shapley(model, volume: np.ndarray, meta: dict, eye: str | None = None)
     model: a LoadedModel (or the bare VolumeFusion3D) of modality oct_volume; volume float32 [D, H, W] in [0, 1];
     meta {age, sex, va_logmar, cst_um, hba1c} (None = not recorded); eye "OD"/"OS"."""
     from ..models.volume3d import encode_metadata, preprocess_volume
-    from .evaluate_nd import volume_blur
+    from .volume_methods import volume_blur
 
     net = model if hasattr(model, "meta_features") else getattr(model, "net", model)   # bare net or LoadedModel
     cfg = getattr(model, "cfg", None) or getattr(net, "cfg", None)

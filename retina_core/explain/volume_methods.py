@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RetinaInputError
+from ..models.volume3d import VolumeFusion3D, encode_metadata, preprocess_volume
+from .cam import get_module, gradcam_single_pass, pgc_methods
+from .ig import black_baseline
 
 VOLUME_CAM_LIBRARY = ("gradcam-reference", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam")
 VOLUME_METHODS = ("gradcam",) + VOLUME_CAM_LIBRARY + ("scorecam", "integrated_gradients")
@@ -113,9 +116,7 @@ def _library_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: st
     own 3-D resize is a cubic spline that overshoots between the cells of a coarse grid."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from .cam import _pgc_methods
-
-    cls = _score_cam_3d_class() if method == "scorecam" else _pgc_methods()[method]
+    cls = _score_cam_3d_class() if method == "scorecam" else pgc_methods()[method]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:                      # the library back-propagates to the input through the whole net
         p.requires_grad_(True)
@@ -142,8 +143,6 @@ def _library_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: st
 def _ig_volume(model: nn.Module, x: torch.Tensor, mean: float, std: float) -> np.ndarray:
     """Signed IG attribution [B, D, H, W] from a black volume (intensity 0, normalised like the input)."""
     from captum.attr import IntegratedGradients
-
-    from .attribution import black_baseline
 
     baseline = black_baseline(x, (mean,), (std,))
     with torch.inference_mode(False), torch.enable_grad():
@@ -176,8 +175,6 @@ def volume_attribution(net: nn.Module, x: torch.Tensor, meta: torch.Tensor | Non
     if method not in VOLUME_METHODS:
         raise RetinaInputError(f"Unknown method {method!r} for a volume model; choose from "
                                f"{', '.join(VOLUME_METHODS)}.")
-    from .cam import get_module, gradcam_single_pass
-
     sign = volume_target_sign(target)
     wrapped = SignedLogit(net, meta, sign)
     layer_path = "net." + target_layer                 # inside the SignedLogit wrapper
@@ -200,6 +197,21 @@ def volume_attribution(net: nn.Module, x: torch.Tensor, meta: torch.Tensor | Non
         net.train(was_training)
 
 
+def volume_cam(net: VolumeFusion3D, x: torch.Tensor, meta: torch.Tensor | None = None,
+               target_layer: str = "net.layer4") -> tuple[torch.Tensor, np.ndarray]:
+    """3D Grad-CAM for the disease logit: (logits [B, 1], maps float32 [B, D, H, W] in [0, 1] at the input size).
+    Slice i of a map is the per-slice heatmap of B-scan i (the single pass of `volume_attribution`)."""
+    return volume_attribution(net, x, meta, "gradcam", target_layer)
+
+
+def resize_volume(maps: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear resize of float maps [D, H, W] to `shape` (unchanged when already that shape)."""
+    if maps.shape == tuple(shape):
+        return maps.astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
 def explain_volume(model, volume, method: str | None = None, target=None, meta: dict | None = None,
                    eye: str | None = None) -> np.ndarray:
     """Heatmap of `method` for one OCT volume: float32 [D, H, W] in [0, 1] at the volume's own shape (slice i is
@@ -210,9 +222,6 @@ def explain_volume(model, volume, method: str | None = None, target=None, meta: 
     clinical record the model reads ({age, sex, va_logmar, cst_um, hba1c}; missing values become the training
     means); eye "OD" / "OS". target: "disease" (default) or "normal".
     """
-    from ..models.volume3d import encode_metadata, preprocess_volume
-    from ..volume import _resize_volume
-
     vol = np.asarray(getattr(volume, "pixels", volume))
     if vol.ndim != 3:
         raise RetinaInputError(f"Expected an OCT volume [D, H, W] (B-scans x rows x columns), got shape "
@@ -229,10 +238,20 @@ def explain_volume(model, volume, method: str | None = None, target=None, meta: 
     mt = torch.from_numpy(m)[None].to(x.device)
     layer = (cfg.target_layer or "net.layer4")
     _, maps = volume_attribution(net, x, mt, method, layer, target, cfg.mean[0], cfg.std[0])
-    return _scale01(_resize_volume(maps[0], vol.shape)[None])[0]
+    return _scale01(resize_volume(maps[0], vol.shape)[None])[0]
 
 
 def _default_method(model, cfg) -> str:
     entry = getattr(model, "entry", None) or {}
     choice = entry.get("default_method") or getattr(cfg, "default_method", None)
     return choice if choice in VOLUME_METHODS else "gradcam"
+
+
+def volume_blur(vol: np.ndarray) -> np.ndarray:
+    """The deletion / insertion baseline of explain-eval and the image's "absent" state in `inputs.input_shapley`: a 3-D Gaussian blur (sigma max(2, side / 16) in-plane as in 2-D,
+    max(1, D / 16) across slices)."""
+    from scipy.ndimage import gaussian_filter
+
+    d, h, w = vol.shape
+    s = max(2.0, min(h, w) / 16.0)
+    return gaussian_filter(vol.astype(np.float32), sigma=(max(1.0, d / 16.0), s, s), mode="nearest")

@@ -37,10 +37,13 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..errors import RetinaInputError
 from ..labels import DME2, DR_GRADES, FUNDUS4, OCT4, OCT8
+
+if TYPE_CHECKING:
+    import numpy as np
 
 try:  # torch is a hard dependency of the package, but keep `data inspect` usable without it
     import torch
@@ -1193,3 +1196,89 @@ def lesion_mask(root: str | Path, path: str | Path, shape: tuple[int, int]):
     parts = [np.asarray(Image.open(p).convert("L")) > 127 for p in sorted(d.glob("*.png"))]
     parts = [m for m in parts if m.shape == tuple(shape)]
     return np.logical_or.reduce(parts) if parts else np.zeros(tuple(shape), bool)
+
+
+# ------------------------------------------------------------------------------------------------ splits for training
+def parse_fractions(text: str | None) -> tuple[float, float, float]:
+    """``"0.6,0.2,0.2"`` -> (0.6, 0.2, 0.2); None -> the default (0.8, 0.1, 0.1)."""
+    if not text:
+        return (0.8, 0.1, 0.1)
+    try:
+        fr = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        fr = ()
+    if len(fr) != 3:
+        raise RetinaInputError(f"--split-fractions {text!r} is invalid. Expected three numbers train,val,test "
+                               f"that add up to 1, e.g. 0.6,0.2,0.2.")
+    return fr
+
+
+SPLIT_METHODS = ("stratified", "patient_hash")
+
+
+def split_patients(records, seed: int, fractions: str | None = None, method: str | None = None) -> dict:
+    """The patient-level split of a set with none on disk: stratified by label (`patient_split`, the default), or
+    by a keyed hash of the patient id (`hash_split`), which puts a patient in the same split in every set, e.g. the
+    Mexico fundus and OCT sets and their true pairs. Sets with train/val/test folders keep them."""
+    method = method or "stratified"
+    if method not in SPLIT_METHODS:
+        raise RetinaInputError(f"--split-by {method!r} unknown; choose one of {', '.join(SPLIT_METHODS)}.")
+    fr = parse_fractions(fractions)
+    if method == "patient_hash" and not (records and all(r.split for r in records)):
+        return hash_split(records, fractions=fr, seed=seed)
+    return patient_split(records, fractions=fr, seed=seed)
+
+
+def training_splits(records, seed: int, fractions: str | None = None, method: str | None = None):
+    """`split_patients`, with a validation split carved from train (10%) when the set has none; both must be
+    non-empty."""
+    splits = split_patients(records, seed, fractions, method)
+    if not splits.get("val"):
+        carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
+        splits = {"train": carved["train"], "val": carved["val"], "test": splits.get("test", [])}
+    if not splits.get("train") or not splits.get("val"):
+        raise RetinaInputError("Training needs samples in both a training and a validation split.")
+    return splits
+
+
+# ------------------------------------------------------------------------------------------------ volume lesion masks
+def resize_mask_3d(mask: "np.ndarray", size: tuple[int, int, int]) -> "np.ndarray":
+    """Nearest-neighbour resize of a bool [D, H, W] mask; a lesion that vanishes keeps its centre voxel."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    if mask.shape == tuple(size):
+        return mask.astype(bool)
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    out = F.interpolate(t, size=tuple(size), mode="nearest")[0, 0].numpy() > 0.5
+    if mask.any() and not out.any():
+        idx = np.argwhere(mask).mean(0)
+        out[tuple(min(s - 1, int(i * s / s0)) for i, s, s0 in zip(idx, size, mask.shape))] = True
+    return out
+
+
+def lesion_mask_files(root: Path, rel: str, suffix: str) -> list[Path]:
+    """The mask files (`suffix`) under masks/<rel without extension>/ of a data set root, sorted."""
+    stem = rel[: -len(".nii.gz")] if rel.endswith(".nii.gz") else str(Path(rel).with_suffix(""))
+    d = root / "masks" / stem
+    return sorted(d.glob(f"*{suffix}")) if d.is_dir() else []
+
+
+def read_volume_mask(root: Path, path: Path, shape) -> "np.ndarray":
+    """The union of a volume's lesion masks (masks/<volume>/*.nii.gz) as bool `shape`; all False when none."""
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        return np.zeros(shape, bool)
+    parts = []
+    for p in lesion_mask_files(root, rel, ".nii.gz"):
+        a = np.asarray(nib.load(str(p)).dataobj)
+        a = a > (127 if a.max() > 1 else 0)
+        if a.shape != tuple(shape):
+            a = resize_mask_3d(a, shape)
+        parts.append(a)
+    return np.logical_or.reduce(parts) if parts else np.zeros(shape, bool)

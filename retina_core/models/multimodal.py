@@ -170,25 +170,6 @@ class FundusOctFusion(nn.Module):
         return _IncompatibleKeys([f"head.{k}" for k in res.missing_keys], [f"head.{k}" for k in res.unexpected_keys])
 
 
-def modality_cams(net: FundusOctFusion, fundus: torch.Tensor, oct: torch.Tensor, targets=None):
-    """Per-modality Grad-CAM in one forward/backward: (logits [B, 2], fundus cams [B, h, w], OCT cams [B, h', w'])
-    at each encoder's target layer (not normalised; `explain.cam.normalise_map` resizes and scales them)."""
-    from ..explain.cam import capture_as_leaf, get_module
-
-    f_layer = get_module(net.fundus_encoder, net.fundus_encoder.cfg.target_layer)
-    o_layer = get_module(net.oct_encoder, net.oct_encoder.cfg.target_layer)
-    with capture_as_leaf(f_layer) as fs, capture_as_leaf(o_layer) as os_, torch.enable_grad():
-        logits = net(fundus, oct)
-        idx = logits.argmax(1) if targets is None else torch.as_tensor(targets, device=logits.device).reshape(-1)
-        score = logits.gather(1, idx[:, None]).sum()
-        grads = torch.autograd.grad(score, [fs["activations"], os_["activations"]])
-    cams = []
-    for g, a in zip(grads, (fs["activations"], os_["activations"])):
-        w = g.mean(dim=(2, 3), keepdim=True)
-        cams.append(torch.relu((w * a.detach()).sum(dim=1)).float().cpu().numpy())
-    return logits.detach(), cams[0], cams[1]
-
-
 register_model(ModelCfg(
     name="fundus_oct_fusion",
     arch="effnet_b0+resnet18->mlp",
@@ -208,7 +189,7 @@ register_model(ModelCfg(
           "paired eyes (`pairs.csv`) or on virtual pairs (a fundus and an OCT of the same binary label drawn from "
           "separate data sets, re-paired every epoch), as in the source where fundus (APTOS) and OCT (Kermany) come "
           "from different patients. The weights file holds only the head plus the encoders' sha256; the head is "
-          "refused if the installed encoders differ. Per-modality Grad-CAM: `models.multimodal.modality_cams`. "
+          "refused if the installed encoders differ. Per-modality Grad-CAM: `explain.pair_methods.modality_cams`. "
           "Demo weights were trained on this project's synthetic retinal phantoms, not on patient images; their "
           "metrics are phantom metrics and say nothing about clinical accuracy."),
 ), FundusOctFusion)

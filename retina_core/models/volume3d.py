@@ -9,7 +9,7 @@ Metadata columns (age, sex, eye, visual acuity, central subfield thickness, HbA1
 training split's mean/std, stored as buffers; a missing value becomes the training mean. The phantom metadata's
 `oct_class` column names the disease, so it is never a feature. The 3D ResNet is named `net` (MONAI / MedicalNet
 layout: conv1, bn1, layer1..4), so a MedicalNet checkpoint loads with `train --init`.
-`volume_cam` gives a 3D Grad-CAM (per-slice maps) from the single-pass Grad-CAM of `explain/cam.py`.
+`explain.volume_methods.volume_cam` gives a 3D Grad-CAM (per-slice maps) from the single-pass Grad-CAM of `explain/cam.py`.
 """
 from __future__ import annotations
 
@@ -282,15 +282,6 @@ class _WithMeta(nn.Module):
         return self.net(x, self.meta)
 
 
-def volume_cam(net: VolumeFusion3D, x: torch.Tensor, meta: torch.Tensor | None = None,
-               target_layer: str = "net.layer4") -> tuple[torch.Tensor, np.ndarray]:
-    """3D Grad-CAM for the disease logit: (logits [B, 1], maps float32 [B, D, H, W] in [0, 1] at the input size).
-    Slice i of a map is the per-slice heatmap of B-scan i (the single pass of `explain.volume_methods`)."""
-    from ..explain.volume_methods import volume_attribution
-
-    return volume_attribution(net, x, meta, "gradcam", target_layer)
-
-
 _PHANTOM_NOTE = ("Demo weights were trained on this project's synthetic retinal phantoms, not on patient images. "
                  "Their metrics are phantom metrics and say nothing about clinical accuracy.")
 _DESIGN = ("Image branch: a 3D ResNet (MONAI `resnet`, spatial_dims=3, one input channel) pooled and projected to "
@@ -300,7 +291,7 @@ _DESIGN = ("Image branch: a 3D ResNet (MONAI `resnet`, spatial_dims=3, one input
            "(512); choose with `train --fusion`. Classifier: Linear 256, ReLU, dropout 0.3, one logit "
            "(P(disease) = sigmoid(logit / T)). Loss: binary focal loss with per-batch dynamic alpha (fraction of "
            "negatives) and label smoothing (`--recipe learned_fusion3d`). 3D Grad-CAM on `net.layer4` gives per-slice "
-           "maps (`models.volume3d.volume_cam`). Input: NIfTI volume resized to D x H x W, intensities in [0, 1] "
+           "maps (`explain.volume_methods.volume_cam`). Input: NIfTI volume resized to D x H x W, intensities in [0, 1] "
            "normalised with mean 0.15, std 0.2. ")
 
 register_model(ModelCfg(

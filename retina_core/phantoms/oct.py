@@ -229,7 +229,7 @@ def sample_eye(label: str, rng_anat: np.random.Generator, rng_les: np.random.Gen
 
 
 # what `oct_phantom(without=...)` and `oct_volume(without=...)` can leave out of an eye (counterfactual phantoms,
-# explain.counterfactual)
+# audit.counterfactual)
 WITHOUT = ("ellipsoids", "thickening", "masked")
 _NEURAL_LAYERS = ("RNFL", "GCL", "IPL", "INL", "OPL", "ONL")
 _MASKED_LAYERS = ("SRF", "SUBRPE", "SHRM")   # lesion layers drawn into masks (fluid, drusen / PED, CNV)

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import RetinaInputError
 from ..evaluate.calibration import fit_temperature
 from ..evaluate.metrics import bootstrap_ci, classification_metrics
+from ..io.datasets import SPLIT_METHODS, parse_fractions, split_patients  # noqa: F401  (re-exported: train's API)
 from ..io.realsets import real_set_of, split_hashes
 from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, uses_fov
 from ..models.loading import MANIFEST, default_device, sha256_file
@@ -305,38 +306,6 @@ def _score(metrics: dict, monitor: str) -> float:
         return -float(metrics["val_loss"])
     v = metrics.get(monitor)
     return float(v) if v is not None else float(metrics["accuracy"])
-
-
-def parse_fractions(text: str | None) -> tuple[float, float, float]:
-    """``"0.6,0.2,0.2"`` -> (0.6, 0.2, 0.2); None -> the default (0.8, 0.1, 0.1)."""
-    if not text:
-        return (0.8, 0.1, 0.1)
-    try:
-        fr = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        fr = ()
-    if len(fr) != 3:
-        raise RetinaInputError(f"--split-fractions {text!r} is invalid. Expected three numbers train,val,test "
-                               f"that add up to 1, e.g. 0.6,0.2,0.2.")
-    return fr
-
-
-SPLIT_METHODS = ("stratified", "patient_hash")
-
-
-def split_patients(records, seed: int, fractions: str | None = None, method: str | None = None) -> dict:
-    """The patient-level split of a set with none on disk: stratified by label (`patient_split`, the default), or
-    by a keyed hash of the patient id (`hash_split`), which puts a patient in the same split in every set, e.g. the
-    Mexico fundus and OCT sets and their true pairs. Sets with train/val/test folders keep them."""
-    from ..io.datasets import hash_split, patient_split
-
-    method = method or "stratified"
-    if method not in SPLIT_METHODS:
-        raise RetinaInputError(f"--split-by {method!r} unknown; choose one of {', '.join(SPLIT_METHODS)}.")
-    fr = parse_fractions(fractions)
-    if method == "patient_hash" and not (records and all(r.split for r in records)):
-        return hash_split(records, fractions=fr, seed=seed)
-    return patient_split(records, fractions=fr, seed=seed)
 
 
 def _splits(data: str | Path, classes: tuple[str, ...], seed: int, fractions: str | None = None,

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..errors import RetinaInputError
 from ..evaluate.calibration import apply_temperature, fit_temperature
 from ..evaluate.metrics import bootstrap_ci, classification_metrics
+from ..io.datasets import read_volume_mask, training_splits
 from ..models.loading import LoadedModel, default_device, preprocess_image
 from ..models.multimodal import FUSION_CLASSES, binary_label
 from ..models.registry import create_model, get_cfg
@@ -155,19 +156,6 @@ def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_n
     return res
 
 
-def _split(records, seed: int, fractions: str | None = None, method: str | None = None):
-    from ..io.datasets import patient_split
-    from .engine import split_patients
-
-    splits = split_patients(records, seed, fractions, method)
-    if not splits.get("val"):
-        carved = patient_split(splits.get("train", []), fractions=(0.9, 0.1, 0.0), seed=seed, force=True)
-        splits = {"train": carved["train"], "val": carved["val"], "test": splits.get("test", [])}
-    if not splits.get("train") or not splits.get("val"):
-        raise RetinaInputError("Training needs samples in both a training and a validation split.")
-    return splits
-
-
 # ------------------------------------------------------------------------------------------------ fundus + OCT
 @torch.no_grad()
 def embed_images(encode, enc_cfg, paths, device, batch_size: int = 32) -> torch.Tensor:
@@ -220,7 +208,7 @@ def _fusion_sources(data, cfg_t: TrainConfig, classes=FUSION_CLASSES):
 
     index = load_dataset(data)
     if index.layout == "paired":
-        splits = _split([replace(r, label=r.label if r.label in classes else binary_label(r.label))
+        splits = training_splits([replace(r, label=r.label if r.label in classes else binary_label(r.label))
                          for r in index.records], cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
         per = {k: ([r.path for r in v], [Path(r.meta["oct"]) for r in v], [r.label for r in v])
                for k, v in splits.items()}
@@ -230,8 +218,8 @@ def _fusion_sources(data, cfg_t: TrainConfig, classes=FUSION_CLASSES):
                                f"pairs), or on a fundus data set plus an OCT data set given with --pair-with "
                                f"(virtual pairs of the same label).")
     oct_index = load_dataset(cfg_t.pair_with)
-    fs = _split([replace(r, label=binary_label(r.label)) for r in index.records], cfg_t.seed)
-    os_ = _split([replace(r, label=binary_label(r.label)) for r in oct_index.records], cfg_t.seed)
+    fs = training_splits([replace(r, label=binary_label(r.label)) for r in index.records], cfg_t.seed)
+    os_ = training_splits([replace(r, label=binary_label(r.label)) for r in oct_index.records], cfg_t.seed)
     per = {k: ([r.path for r in fs.get(k, [])], [r.path for r in os_.get(k, [])],
                ([r.label for r in fs.get(k, [])], [r.label for r in os_.get(k, [])])) for k in ("train", "val", "test")}
     splits = {k: fs.get(k, []) for k in ("train", "val", "test")}
@@ -388,9 +376,8 @@ def decode_volumes(records, cfg, dtype=torch.float16, mask_root=None):
 def volume_lesion_mask(root, path, shape, size) -> torch.Tensor:
     """bool [*size]: the union lesion mask of volume `path` (evaluate_nd's reader, at the volume's `shape`),
     resized to `size` by adaptive max pooling (any lesion voxel in an output voxel's footprint marks it)."""
-    from ..explain.evaluate_nd import _read_volume_mask
 
-    m = torch.from_numpy(_read_volume_mask(Path(root), Path(path), tuple(shape)).astype(np.float32))
+    m = torch.from_numpy(read_volume_mask(Path(root), Path(path), tuple(shape)).astype(np.float32))
     if tuple(m.shape) != tuple(size):
         m = F.adaptive_max_pool3d(m[None, None], tuple(size))[0, 0]
     return m > 0
@@ -543,7 +530,7 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     cfg = net.cfg
     device = ctx.device if ctx else default_device()
     index, recs = _volume_records(data)
-    splits = _split(recs, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
+    splits = training_splits(recs, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
     guided = bool(cfg_t.lesion_cam_guidance)

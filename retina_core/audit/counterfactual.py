@@ -44,11 +44,13 @@ import numpy as np
 import torch
 
 from ..errors import RetinaInputError
+from ..explain.attribution import default_method, explain_batch, resolve_model, to_pixels
+from ..explain.pair_methods import resolve_net
+from ..io.datasets import resize_mask_3d
 from . import trust
-from .attribution import default_method, explain_batch, resolve_model, to_pixels
 from .evaluate import Sample, _resize_sample
-from .evaluate_nd import (_records, _resize_2d, _resize_mask_3d, _resize_volume, _resolve, _union, _volume_predict,
-                          meta_tensor_of, pick_round_robin, volume_map)
+from .evaluate_nd import (_records, _resize_2d, _resize_volume, _union, _volume_predict, meta_tensor_of, pick_round_robin,
+                          volume_map)
 
 VARIANTS = {"original": (), "without_masked": ("masked",), "without_ellipsoids": ("ellipsoids",),
             "without_thickening": ("thickening",), "without_masked_and_thickening": ("masked", "thickening")}
@@ -108,7 +110,7 @@ def lesion_reliance(model, data_path, n: int | None = None, split: str | None = 
 
 def _nd_setup(model, weights_dir, data_path, split, modality: str, what: str):
     """(model, data root, records of `split`, split used, phantom_meta rows) for a volume or pair model."""
-    m = _resolve(model, weights_dir)
+    m = resolve_net(model, weights_dir)
     if m.cfg.modality != modality:
         raise RetinaInputError(f"This counterfactual needs {what}; {m.name} is a {m.cfg.modality} model.")
     root = Path(data_path).expanduser()
@@ -156,7 +158,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
             p0 = float(_volume_predict(m, no_record)(x[None])[0])
             out[name] = {"p": float(p), "called": bool(p >= 0.5), "p_no_record": p0, "called_no_record": p0 >= 0.5}
             if name == "original" and mask.any():
-                out["pointing_game"] = float(trust.pointing_game_3d(hm, _resize_mask_3d(mask, size), tol))
+                out["pointing_game"] = float(trust.pointing_game_3d(hm, resize_mask_3d(mask, size), tol))
         per[cls].append(out)
     if not per:
         raise RetinaInputError(f"No diseased volume among the {len(picked)} drawn from {data_path} ({used}).")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from retina_core.explain.trust import (centre_attention_vs_confidence, class_consistency, correct_vs_misclassified,
+from retina_core.audit.trust import (centre_attention_vs_confidence, class_consistency, correct_vs_misclassified,
                                        deletion_insertion_auc, energy_pointing_game, pointing_game, random_map,
                                        randomisation_check, stability_under_perturbation)
 
@@ -292,7 +292,7 @@ def test_the_bundled_evidence_is_read_from_weights(tmp_path):
 
 
 def test_evidence_tag_merge_and_refusal(tmp_path):
-    from retina_core.explain.evaluate import evidence_record, evidence_tag, merge_evidence, write_evidence
+    from retina_core.audit.evaluate import evidence_record, evidence_tag, merge_evidence, write_evidence
 
     assert evidence_tag({"data": "/somewhere/idrid_lesions", "metric_kind": "real_lesions"})[:2] == \
         ("idrid_lesions", "real")
@@ -315,7 +315,7 @@ def test_explain_eval_keeps_its_report_as_evidence_with_the_weights(tmp_path, ca
     evidence/ and the note quotes it; --no-evidence leaves the folder alone."""
     import json
 
-    from retina_core.explain import evaluate
+    from retina_core.audit import evaluate
     from retina_core.cli import main
     from retina_core.phantoms import write_dataset
     from retina_core.quick_eval import method_trust, trust_note

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from retina_core.errors import RetinaInputError
-from retina_core.explain import trust
-from retina_core.explain.evaluate import explain_eval, passes_randomisation, rank_methods
+from retina_core.audit import trust
+from retina_core.audit.evaluate import explain_eval, passes_randomisation, rank_methods
 from retina_core.models import create_model, get_cfg
 
 VOLUME = "oct_volume_fusion3d_tiny"
@@ -166,9 +166,9 @@ def test_volume_report_keys_ranges_and_ranking(volume_report):
 def test_volume_randomisation_rho_is_computed_from_the_maps(tiny_volume_net, volume_phantoms):
     """The same network as its own 'randomised' copy gives identical maps (rho 1, fails the check); really
     randomised weights give a different number."""
-    from retina_core.explain import evaluate_nd as nd
+    from retina_core.audit import evaluate_nd as nd
 
-    m = nd._resolve(tiny_volume_net)
+    m = nd.resolve_net(tiny_volume_net)
     samples = nd.volume_samples_from_phantoms(m, volume_phantoms)
     same = nd.evaluate_volume_method(m, samples, "gradcam", rnet=tiny_volume_net, steps=0, stability_kinds=())
     assert same["randomisation_spearman"] == pytest.approx(1.0) and same["randomisation_abs_spearman"] == \
@@ -183,7 +183,7 @@ def test_volume_randomisation_rho_is_computed_from_the_maps(tiny_volume_net, vol
 def test_volume_deletion_insertion_follows_the_map():
     """A predictor that reads the mean of a 'lesion' block: deleting in the map's order (block first) drops it
     fast, inserting brings it back fast; the reversed map does the opposite."""
-    from retina_core.explain.evaluate_nd import volume_deletion_insertion
+    from retina_core.audit.evaluate_nd import volume_deletion_insertion
 
     vol = np.zeros((8, 32, 32), np.float32)
     vol[3:5, 8:16, 8:16] = 1.0
@@ -225,9 +225,9 @@ def test_fusion_report_per_modality(fusion_report):
 
 
 def test_fusion_fixed_partner_predictions_match_the_full_forward(tiny_fusion_net, pair_phantoms):
-    from retina_core.explain import evaluate_nd as nd
+    from retina_core.audit import evaluate_nd as nd
 
-    m = nd._resolve(tiny_fusion_net)
+    m = nd.resolve_net(tiny_fusion_net)
     s = nd.pair_samples_from_phantoms(m, pair_phantoms)[0]
     probs, _, _ = nd.pair_maps(m, m.net, s.fundus, s.oct)
     assert np.allclose(nd._pair_predict(m, "fundus", s.oct)(s.fundus[None])[0], probs, atol=1e-5)
@@ -314,9 +314,9 @@ def test_wrong_data_and_methods_give_clear_errors(tiny_volume_net, tiny_fusion_n
 
 def test_samples_from_disk_read_the_masks_and_the_test_split(tiny_volume_net, tiny_fusion_net, volume_dir,
                                                              paired_dir):
-    from retina_core.explain import evaluate_nd as nd
+    from retina_core.audit import evaluate_nd as nd
 
-    m = nd._resolve(tiny_volume_net)
+    m = nd.resolve_net(tiny_volume_net)
     every, used = nd.volume_samples_from_dataset(m, volume_dir, 10, split="all")
     assert used == "all" and len(every) == 6
     assert all(s.volume.shape == (16, 32, 32) and s.mask.shape == (16, 32, 32) for s in every)
@@ -324,7 +324,7 @@ def test_samples_from_disk_read_the_masks_and_the_test_split(tiny_volume_net, ti
     assert not any(s.mask.any() for s in every if s.label == "normal")
     test, used = nd.volume_samples_from_dataset(m, volume_dir, 10)
     assert used == "test" and 0 < len(test) < 6
-    f = nd._resolve(tiny_fusion_net)
+    f = nd.resolve_net(tiny_fusion_net)
     pairs, _ = nd.pair_samples_from_dataset(f, paired_dir, 4, split="all")
     assert len(pairs) == 4 and all(p.fundus.shape == (64, 64, 3) and p.oct_mask.shape == (64, 64) for p in pairs)
     assert any(p.fundus_mask.any() and p.oct_mask.any() for p in pairs if p.label == "disease")
@@ -358,9 +358,9 @@ def test_cli_volume_model_with_bundled_weights(volume_dir, paired_dir, capsys):
 
 def test_fusion_pools_both_modalities_for_the_overall_scores(tiny_fusion_net, pair_phantoms, monkeypatch):
     """Fundus hits, OCT misses (a stubbed pointing game): per modality 1 and 0, overall their pooled mean 0.5."""
-    from retina_core.explain import evaluate_nd as nd
+    from retina_core.audit import evaluate_nd as nd
 
-    m = nd._resolve(tiny_fusion_net)
+    m = nd.resolve_net(tiny_fusion_net)
     samples = nd.pair_samples_from_phantoms(m, pair_phantoms)
     fundus_masks = {id(s.fundus_mask) for s in samples}
     monkeypatch.setattr(trust, "pointing_game", lambda hm, mask, *a, **k: id(mask) in fundus_masks)
@@ -391,8 +391,8 @@ def test_counterfactual_report_compares_the_same_eyes(tiny_volume_net, volume_di
     """With a stand-in P(disease) = mean intensity of the volume, every figure can be recomputed from the phantoms."""
     import csv
 
-    from retina_core.explain import counterfactual as cf
-    from retina_core.explain.evaluate_nd import _resize_volume
+    from retina_core.audit import counterfactual as cf
+    from retina_core.audit.evaluate_nd import _resize_volume
     from retina_core.phantoms import oct_volume
 
     monkeypatch.setattr(cf, "volume_map", lambda m, net, x, meta_t, method: (float(x.mean()), x / x.max()))
@@ -432,7 +432,7 @@ def test_counterfactual_refuses_what_it_cannot_re_render(tiny_volume_net, volume
     import nibabel as nib
 
     from retina_core.cli import main
-    from retina_core.explain.counterfactual import volume_lesion_reliance
+    from retina_core.audit.counterfactual import volume_lesion_reliance
 
     bare = tmp_path / "bare"
     shutil.copytree(volume_dir, bare)
@@ -456,8 +456,8 @@ def test_pair_counterfactual_leaves_out_each_input_s_lesions(tiny_fusion_net, mo
     A stand-in P(disease) = 0.5 + 0.25 x mean fundus + 0.25 x mean OCT intensity lets every figure be recomputed."""
     import csv
 
-    from retina_core.explain import counterfactual as cf
-    from retina_core.explain import evaluate_nd as nd
+    from retina_core.audit import counterfactual as cf
+    from retina_core.audit import evaluate_nd as nd
     from retina_core.phantoms import write_dataset
     from retina_core.phantoms.fundus import fundus_phantom
     from retina_core.phantoms.oct import oct_phantom
@@ -474,7 +474,7 @@ def test_pair_counterfactual_leaves_out_each_input_s_lesions(tiny_fusion_net, mo
     rows = {r["path"]: r for r in csv.DictReader(open(root / "phantom_meta.csv"))}
     pairs = [r for r in csv.DictReader(open(root / "pairs.csv")) if r["label"] == "disease"]
     assert rep["modality"] == "fundus+oct" and rep["n_volumes"] == len(pairs) > 0
-    m = nd._resolve(tiny_fusion_net)
+    m = nd.resolve_net(tiny_fusion_net)
 
     def p(pair, wf=(), wo=()):
         out = []

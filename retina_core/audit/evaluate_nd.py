@@ -1,7 +1,7 @@
 """explain-eval for the models whose input is not one 2-D image: the OCT volume model (`oct_volume`, 3-D per-slice
 maps) and the fundus + OCT fusion model (`fundus+oct`, one map per modality).
 
-`explain.evaluate.explain_eval` dispatches here on the model's modality; the report has the 2-D report's shape
+`audit.evaluate.explain_eval` dispatches here on the model's modality; the report has the 2-D report's shape
 (`methods` -> {method: metrics}, `ranking`, `recommended_default`, `notes`), so `rank_methods`,
 `passes_randomisation` and `quick_eval.method_trust` read it unchanged.
 
@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from ..errors import RetinaInputError
+from ..explain.pair_methods import FUSION_METHODS, ResolvedNet, pair_maps, pair_tensors, resolve_net
+from ..explain.volume_methods import VOLUME_METHODS, volume_blur  # every CAM-family method, a 3-D Score-CAM and IG
+from ..io.datasets import lesion_mask_files, read_volume_mask, resize_mask_3d, training_splits
 from . import trust
 from .evaluate import ND_MODALITIES, _mean, cached, median_time_ratio, pick_round_robin, random_order_reference
-from .volume_methods import VOLUME_METHODS  # every CAM-family method, a 3-D Score-CAM and IG
 
 log = logging.getLogger(__name__)
 
-FUSION_METHODS = ("gradcam", "integrated_gradients")
 MODALITIES = ("fundus", "oct")
 NOISE_SIGMA, BRIGHTNESS = 0.03, 1.15     # as the 2-D stability check (intensities in [0, 1])
 
@@ -63,18 +64,6 @@ class PairSample:
     name: str = ""
 
 
-@dataclass
-class _Net:
-    """What the evaluation needs from a LoadedModel or a bare (random-init, test) nn.Module."""
-    name: str
-    cfg: object
-    net: nn.Module
-    temperature: float
-    device: torch.device
-    sha256: str | None
-    entry: dict
-
-
 def modality_of(model) -> str:
     """The modality of a registered name, LoadedModel or nn.Module with a cfg ('' if unknown)."""
     if isinstance(model, str):
@@ -88,27 +77,6 @@ def modality_of(model) -> str:
     return getattr(cfg, "modality", "") or ""
 
 
-def _resolve(model, weights_dir=None) -> _Net:
-    if isinstance(model, str):
-        from ..models import load_model
-
-        model = load_model(model, weights_dir=weights_dir)
-    net = model if isinstance(model, nn.Module) else getattr(model, "net", None)
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"expected a model name, a LoadedModel or an nn.Module, got {type(model).__name__}")
-    cfg = getattr(model, "cfg", None) or getattr(net, "cfg", None)
-    if cfg is None:
-        raise RetinaInputError("This network has no cfg: pass a registered model name or a LoadedModel.")
-    try:
-        device = next(net.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    temp = 1.0 if isinstance(model, nn.Module) else float(getattr(model, "temperature", 1.0) or 1.0)
-    net.eval()
-    return _Net(getattr(model, "name", None) or cfg.name, cfg, net, temp, device, getattr(model, "sha256", None),
-                dict(getattr(model, "entry", None) or {}))
-
-
 # ------------------------------------------------------------------------------------------------ resizing
 def _resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     import torch.nn.functional as F
@@ -119,20 +87,6 @@ def _resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy().clip(0, 1)
 
 
-def _resize_mask_3d(mask: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a bool [D, H, W] mask; a lesion that vanishes keeps its centre voxel."""
-    import torch.nn.functional as F
-
-    if mask.shape == tuple(size):
-        return mask.astype(bool)
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    out = F.interpolate(t, size=tuple(size), mode="nearest")[0, 0].numpy() > 0.5
-    if mask.any() and not out.any():
-        idx = np.argwhere(mask).mean(0)
-        out[tuple(min(s - 1, int(i * s / s0)) for i, s, s0 in zip(idx, size, mask.shape))] = True
-    return out
-
-
 def _resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
     from .evaluate import Sample, _resize_sample
 
@@ -141,12 +95,11 @@ def _resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def _records(m: _Net, data_path, split: str | None) -> tuple[list, str]:
+def _records(m: ResolvedNet, data_path, split: str | None) -> tuple[list, str]:
     """The data set's records (labels mapped to the model's classes as in training) of `split`, drawn with the
     patient-level split training used (seed from the manifest entry, else 0). split None / "all": every record."""
     from ..io.datasets import load_dataset
     from ..models.multimodal import binary_label
-    from ..train.multimodal import _split
 
     needs = "volumes" if m.cfg.modality == "oct_volume" else "paired"
     root = Path(data_path).expanduser()
@@ -171,7 +124,7 @@ def _records(m: _Net, data_path, split: str | None) -> tuple[list, str]:
         raise RetinaInputError(f"Unknown split {split!r}; use train, val, test or all.")
     seed = int((m.entry.get("config") or {}).get("seed", 0) or 0)
     try:
-        chosen = _split(recs, seed).get(split, [])
+        chosen = training_splits(recs, seed).get(split, [])
     except RetinaInputError:
         chosen = []
     if not chosen:
@@ -180,30 +133,7 @@ def _records(m: _Net, data_path, split: str | None) -> tuple[list, str]:
     return chosen, split
 
 
-def _mask_files(root: Path, rel: str, suffix: str) -> list[Path]:
-    stem = rel[: -len(".nii.gz")] if rel.endswith(".nii.gz") else str(Path(rel).with_suffix(""))
-    d = root / "masks" / stem
-    return sorted(d.glob(f"*{suffix}")) if d.is_dir() else []
-
-
-def _read_volume_mask(root: Path, path: Path, shape) -> np.ndarray:
-    import nibabel as nib
-
-    try:
-        rel = path.relative_to(root).as_posix()
-    except ValueError:
-        return np.zeros(shape, bool)
-    parts = []
-    for p in _mask_files(root, rel, ".nii.gz"):
-        a = np.asarray(nib.load(str(p)).dataobj)
-        a = a > (127 if a.max() > 1 else 0)
-        if a.shape != tuple(shape):
-            a = _resize_mask_3d(a, shape)
-        parts.append(a)
-    return np.logical_or.reduce(parts) if parts else np.zeros(shape, bool)
-
-
-def volume_samples_from_dataset(m: _Net, data_path, n: int, seed: int = 0, split: str | None = "test"
+def volume_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, split: str | None = "test"
                                 ) -> tuple[list[VolumeSample], str]:
     from ..io.decode import read_image
 
@@ -216,18 +146,18 @@ def volume_samples_from_dataset(m: _Net, data_path, n: int, seed: int = 0, split
         if img.kind != "volume":
             raise RetinaInputError(f"{r.path} is not a volume ({img.kind}).")
         vol = np.asarray(img.pixels, np.float32)
-        mask = _read_volume_mask(root, Path(r.path), vol.shape)
+        mask = read_volume_mask(root, Path(r.path), vol.shape)
         out.append(VolumeSample(_resize_volume(vol, size), dict(r.meta), r.eye, r.label,
-                                _resize_mask_3d(mask, size), Path(r.path).name))
+                                resize_mask_3d(mask, size), Path(r.path).name))
     return out, used
 
 
-def pair_samples_from_dataset(m: _Net, data_path, n: int, seed: int = 0, split: str | None = "test"
+def pair_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, split: str | None = "test"
                               ) -> tuple[list[PairSample], str]:
     from PIL import Image
 
+    from ..explain.attribution import to_pixels
     from ..io.decode import read_image
-    from .attribution import to_pixels
 
     recs, used = _records(m, data_path, split)
     root = Path(data_path).expanduser()
@@ -242,7 +172,7 @@ def pair_samples_from_dataset(m: _Net, data_path, n: int, seed: int = 0, split: 
                 rel = p.relative_to(root).as_posix()
             except ValueError:
                 rel = ""
-            parts = [np.asarray(Image.open(q).convert("L")) > 127 for q in _mask_files(root, rel, ".png")] if rel \
+            parts = [np.asarray(Image.open(q).convert("L")) > 127 for q in lesion_mask_files(root, rel, ".png")] if rel \
                 else []
             parts = [q for q in parts if q.shape == px.shape[:2]]
             imgs.append(px)
@@ -251,7 +181,7 @@ def pair_samples_from_dataset(m: _Net, data_path, n: int, seed: int = 0, split: 
     return out, used
 
 
-def _pair_at_size(m: _Net, fundus, oct_, fmask, omask, label, name) -> PairSample:
+def _pair_at_size(m: ResolvedNet, fundus, oct_, fmask, omask, label, name) -> PairSample:
     f, fm = _resize_2d(fundus, fmask, tuple(m.net.fundus_cfg.input_size[1:]))
     o, om = _resize_2d(oct_, omask, tuple(m.net.oct_cfg.input_size[1:]))
     return PairSample(f, o, label, fm, om, name)
@@ -262,7 +192,7 @@ def _union(masks: dict | None, shape) -> np.ndarray:
     return np.logical_or.reduce(ms) if ms else np.zeros(shape, bool)
 
 
-def volume_samples_from_phantoms(m: _Net, phantoms: Sequence) -> list[VolumeSample]:
+def volume_samples_from_phantoms(m: ResolvedNet, phantoms: Sequence) -> list[VolumeSample]:
     """In-memory `phantoms.oct_volume` phantoms -> samples at the model's input size."""
     size = tuple(m.cfg.input_size[1:])
     out = []
@@ -273,13 +203,13 @@ def volume_samples_from_phantoms(m: _Net, phantoms: Sequence) -> list[VolumeSamp
                                    f"{getattr(ph, 'modality', type(ph).__name__)!r} phantom.")
         meta = dict(ph.meta or {})
         out.append(VolumeSample(_resize_volume(vol, size), meta, meta.get("eye"), ph.label,
-                                _resize_mask_3d(_union(ph.masks, vol.shape), size), f"phantom{i}"))
+                                resize_mask_3d(_union(ph.masks, vol.shape), size), f"phantom{i}"))
     return out
 
 
-def pair_samples_from_phantoms(m: _Net, pairs: Sequence) -> list[PairSample]:
+def pair_samples_from_phantoms(m: ResolvedNet, pairs: Sequence) -> list[PairSample]:
     """In-memory (fundus, OCT) phantom pairs (`phantoms.paired_phantoms`) -> samples at the encoders' sizes."""
-    from .attribution import to_pixels
+    from ..explain.attribution import to_pixels
 
     out = []
     for i, pr in enumerate(pairs):
@@ -302,11 +232,11 @@ def _auc(y) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ volumes
-def _meta_tensor(m: _Net, s: VolumeSample) -> torch.Tensor:
+def _meta_tensor(m: ResolvedNet, s: VolumeSample) -> torch.Tensor:
     return meta_tensor_of(m, s.meta, s.eye)
 
 
-def meta_tensor_of(m: _Net, meta: dict, eye: str | None) -> torch.Tensor:
+def meta_tensor_of(m: ResolvedNet, meta: dict, eye: str | None) -> torch.Tensor:
     """The clinical record as the volume model reads it: [1, M] raw values (NaN = not recorded)."""
     from ..models.volume3d import META_FEATURES, encode_metadata
 
@@ -314,21 +244,21 @@ def meta_tensor_of(m: _Net, meta: dict, eye: str | None) -> torch.Tensor:
     return torch.from_numpy(encode_metadata(meta, eye, feats))[None].to(m.device)
 
 
-def _prep_volumes(m: _Net, vols: np.ndarray) -> torch.Tensor:
+def _prep_volumes(m: ResolvedNet, vols: np.ndarray) -> torch.Tensor:
     """float32 [B, D, H, W] in [0, 1] at the input size -> normalised [B, 1, D, H, W]."""
     x = torch.as_tensor(np.ascontiguousarray(vols, np.float32), device=m.device)[:, None]
     return (x - m.cfg.mean[0]) / m.cfg.std[0]
 
 
-def _target_layer(m: _Net) -> str:
+def _target_layer(m: ResolvedNet) -> str:
     return m.cfg.target_layer or "net.layer4"
 
 
-def volume_map(m: _Net, net: nn.Module, vol: np.ndarray, meta_t: torch.Tensor, method: str
+def volume_map(m: ResolvedNet, net: nn.Module, vol: np.ndarray, meta_t: torch.Tensor, method: str
                ) -> tuple[float, np.ndarray]:
     """(P(disease), map float32 [D, H, W] in [0, 1] of the disease logit) of one volume at the input size
     (`volume_methods.volume_attribution`)."""
-    from .volume_methods import volume_attribution
+    from ..explain.volume_methods import volume_attribution
 
     logits, maps = volume_attribution(net, _prep_volumes(m, vol[None]), meta_t, method, _target_layer(m),
                                       mean=m.cfg.mean[0], std=m.cfg.std[0])
@@ -336,7 +266,7 @@ def volume_map(m: _Net, net: nn.Module, vol: np.ndarray, meta_t: torch.Tensor, m
     return p, np.asarray(maps[0], np.float32)
 
 
-def _volume_predict(m: _Net, meta_t: torch.Tensor, batch_size: int = 9):
+def _volume_predict(m: ResolvedNet, meta_t: torch.Tensor, batch_size: int = 9):
     def predict(vols: np.ndarray) -> np.ndarray:
         out = []
         with torch.no_grad():
@@ -346,16 +276,6 @@ def _volume_predict(m: _Net, meta_t: torch.Tensor, batch_size: int = 9):
                 out.append(torch.sigmoid(z).cpu().numpy())
         return np.concatenate(out)
     return predict
-
-
-def volume_blur(vol: np.ndarray) -> np.ndarray:
-    """The deletion / insertion baseline: a 3-D Gaussian blur (sigma max(2, side / 16) in-plane as in 2-D,
-    max(1, D / 16) across slices)."""
-    from scipy.ndimage import gaussian_filter
-
-    d, h, w = vol.shape
-    s = max(2.0, min(h, w) / 16.0)
-    return gaussian_filter(vol.astype(np.float32), sigma=(max(1.0, d / 16.0), s, s), mode="nearest")
 
 
 def volume_deletion_insertion(predict, vol: np.ndarray, heatmap: np.ndarray, steps: int = 16) -> dict:
@@ -416,7 +336,7 @@ def _by_label(labels: list, flags: list) -> dict:
     return {k: float(np.mean(v)) for k, v in sorted(out.items())}
 
 
-def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rnet=None, steps: int = 16,
+def evaluate_volume_method(m: ResolvedNet, samples: list[VolumeSample], method: str, rnet=None, steps: int = 16,
                            stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0,
                            tolerance_px: int | None = None, reference: dict | None = None,
                            image_led: Sequence[bool] | None = None) -> dict:
@@ -519,12 +439,12 @@ def evaluate_volume_method(m: _Net, samples: list[VolumeSample], method: str, rn
 IMAGE_LED_SHARE = 0.5    # a suggestion rests mainly on the image when the image holds at least this share
 
 
-def volume_input_summary(m: _Net, samples: list[VolumeSample]) -> dict:
+def volume_input_summary(m: ResolvedNet, samples: list[VolumeSample]) -> dict:
     """Exact Shapley values of P(disease) over the image and the clinical values (`explain.inputs`) per sample,
     summarised: {"image_led": [bool per sample: called disease and the image's share >= IMAGE_LED_SHARE],
     "by_label": {label: {n, mean share per input, p_image_only, p_metadata_only}} over the volumes called disease}.
     The 3-D map can only show the image's part: where a suggestion rests on HbA1c, no map can point at a lesion."""
-    from .inputs import input_shapley
+    from ..explain.inputs import input_shapley
 
     led, rows = [], {}
     for s in samples:
@@ -541,17 +461,17 @@ def volume_input_summary(m: _Net, samples: list[VolumeSample]) -> dict:
     return {"image_led": led, "by_label": by_label}
 
 
-def volume_map_grid(m: _Net, s: VolumeSample) -> list[int]:
+def volume_map_grid(m: ResolvedNet, s: VolumeSample) -> list[int]:
     """Cells of the target layer's output (depth, height, width) that the 3-D Grad-CAM is upsampled from."""
+    from ..explain.cam import gradcam_single_pass
     from ..models.volume3d import _WithMeta
-    from .cam import gradcam_single_pass
 
     _, raw = gradcam_single_pass(_WithMeta(m.net, _meta_tensor(m, s)), _prep_volumes(m, s.volume[None]),
                                  "net." + _target_layer(m), [0])
     return list(raw.shape[1:])
 
 
-def volume_cost_vs_forward(m: _Net, s: VolumeSample, method: str, repeats: int = 9) -> float:
+def volume_cost_vs_forward(m: ResolvedNet, s: VolumeSample, method: str, repeats: int = 9) -> float:
     """Median (P(disease) + map time) / (bare forward time) for one volume, interleaved repeats."""
     mt = _meta_tensor(m, s)
     x = _prep_volumes(m, s.volume[None])
@@ -565,63 +485,7 @@ def volume_cost_vs_forward(m: _Net, s: VolumeSample, method: str, repeats: int =
 
 
 # ------------------------------------------------------------------------------------------------ fusion
-def _pair_tensors(m: _Net, f: np.ndarray, o: np.ndarray):
-    from ..models.loading import preprocess_image
-
-    return (preprocess_image(f, m.net.fundus_cfg, m.device), preprocess_image(o, m.net.oct_cfg, m.device))
-
-
-def pair_maps(m: _Net, net: nn.Module, f: np.ndarray, o: np.ndarray, target: int | None = None,
-              method: str = "gradcam") -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
-    """(calibrated probabilities [K], explained class, {"fundus": map, "oct": map}) of one pair; each map float32
-    in [0, 1] at its image's size, normalised on its own. "gradcam": one forward and one backward for both
-    encoders' target layers (`models.multimodal.modality_cams`); "integrated_gradients": captum IG on both inputs
-    at once from black images, each attribution post-processed as for single images."""
-    from .cam import normalise_map
-
-    if method not in FUSION_METHODS:
-        raise RetinaInputError(f"Unknown method {method!r} for a fundus + OCT model; choose from "
-                               f"{', '.join(FUSION_METHODS)}.")
-    a, b = _pair_tensors(m, f, o)
-    if method == "gradcam":
-        from ..models.multimodal import modality_cams
-
-        logits, cf, co = modality_cams(net, a, b, None if target is None else [int(target)])
-        probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
-        k = int(np.argmax(probs)) if target is None else int(target)
-        return probs, k, {"fundus": normalise_map(cf[0], f.shape[:2]), "oct": normalise_map(co[0], o.shape[:2])}
-    from .attribution import _postprocess_ig
-
-    with torch.no_grad():
-        logits = net(a, b)
-    probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
-    k = int(np.argmax(probs)) if target is None else int(target)
-    fa, oa = pair_integrated_gradients(net, a, b, k, m.net.fundus_cfg, m.net.oct_cfg)
-    return probs, k, {"fundus": _postprocess_ig(fa[0], f.shape[:2]), "oct": _postprocess_ig(oa[0], o.shape[:2])}
-
-
-def pair_integrated_gradients(net: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int, f_cfg, o_cfg,
-                              n_steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """captum IntegratedGradients of class k on both inputs of a fusion net from black images (each normalised
-    as its encoder's input): signed attributions summed over channels, ([B, h, w], [B, h', w'])."""
-    from captum.attr import IntegratedGradients
-
-    from .attribution import black_baseline
-
-    was = net.training
-    net.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            fa, oa = IntegratedGradients(net).attribute(
-                (a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)),
-                baselines=(black_baseline(a, f_cfg.mean, f_cfg.std), black_baseline(b, o_cfg.mean, o_cfg.std)),
-                target=int(k), n_steps=n_steps, internal_batch_size=8)
-    finally:
-        net.train(was)
-    return fa.detach().sum(1).float().cpu().numpy(), oa.detach().sum(1).float().cpu().numpy()
-
-
-def _pair_predict(m: _Net, modality: str, other: np.ndarray, batch_size: int = 34):
+def _pair_predict(m: ResolvedNet, modality: str, other: np.ndarray, batch_size: int = 34):
     """predict(uint8 [B, H, W, 3] images of `modality`) -> probabilities [B, K], the other image fixed (its
     embedding computed once)."""
     from ..models.loading import preprocess_image
@@ -649,7 +513,7 @@ def _pair_predict(m: _Net, modality: str, other: np.ndarray, batch_size: int = 3
     return predict
 
 
-def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet=None, steps: int = 16,
+def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: str, rnet=None, steps: int = 16,
                            stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0) -> dict:
     """All metrics of one method on pair samples, per modality and pooled (see the module docstring). Empty maps
     are handled as for volumes (`evaluate_volume_method`)."""
@@ -711,9 +575,9 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
                     stab[mod][kind]["spearman"].append(v["spearman"])
     grids = {}
     if samples:
-        from ..models.multimodal import modality_cams
+        from ..explain.pair_methods import modality_cams
 
-        a, b = _pair_tensors(m, samples[0].fundus, samples[0].oct)
+        a, b = pair_tensors(m, samples[0].fundus, samples[0].oct)
         _, cf, co = modality_cams(m.net, a, b)
         grids = {"fundus": list(cf.shape[1:]), "oct": list(co.shape[1:])}
     res: dict = {"n_images": len(samples)}
@@ -773,8 +637,8 @@ def evaluate_fusion_method(m: _Net, samples: list[PairSample], method: str, rnet
     return res
 
 
-def fusion_cost_vs_forward(m: _Net, s: PairSample, method: str = "gradcam", repeats: int = 9) -> float:
-    a, b = _pair_tensors(m, s.fundus, s.oct)
+def fusion_cost_vs_forward(m: ResolvedNet, s: PairSample, method: str = "gradcam", repeats: int = 9) -> float:
+    a, b = pair_tensors(m, s.fundus, s.oct)
 
     def forward():
         with torch.inference_mode():
@@ -798,7 +662,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     """
     from .evaluate import _clean, rank_methods, recommend_default
 
-    m = _resolve(model, weights_dir)
+    m = resolve_net(model, weights_dir)
     modality = m.cfg.modality
     if modality not in ND_MODALITIES:
         raise RetinaInputError(f"{m.name} is a {modality!r} model; explain_eval_nd handles "

@@ -303,7 +303,7 @@ def randomisation_check(model, image: np.ndarray, method: str = "gradcam", targe
     copy. A map "changed" when |rho| < threshold (0.5): it depends on what the network learnt, as it should.
     Returns {spearman, changed, target, cascade: [{stage, spearman}, ...] (when asked)}.
     """
-    from .attribution import explain, resolve_model
+    from ..explain.attribution import explain, resolve_model
 
     m = resolve_model(model)
     xfn = explain_fn or explain
@@ -312,7 +312,7 @@ def randomisation_check(model, image: np.ndarray, method: str = "gradcam", targe
         ref_map, _, idx = _map_and_target(m, pix, method, target)
         tgt = idx[0]
     else:
-        from .attribution import _target_indices, make_predict_fn, to_pixels
+        from ..explain.attribution import _target_indices, make_predict_fn, to_pixels
 
         probs = make_predict_fn(m)(to_pixels(pix)[None])
         tgt = _target_indices(target, m.classes, torch.as_tensor(probs.argmax(1)))[0]
@@ -342,7 +342,7 @@ def randomisation_check(model, image: np.ndarray, method: str = "gradcam", targe
 
 
 def _map_and_target(m, pixels, method, target):
-    from .attribution import explain_batch, to_pixels
+    from ..explain.attribution import explain_batch, to_pixels
 
     maps, _, idx = explain_batch(m, to_pixels(pixels)[None], method, target)
     return maps[0], None, idx
@@ -446,7 +446,7 @@ def class_consistency_by_label(maps: Sequence[np.ndarray], labels: Sequence) -> 
 
 
 def _centre_shares(items) -> np.ndarray:
-    from .zones import centre_lr_shares
+    from ..explain.zones import centre_lr_shares
 
     vals = []
     for it in items:

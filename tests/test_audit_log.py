@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from retina_core.audit import AuditLog
+from retina_core.audit_log import AuditLog
 
 H = hashlib.sha256(b"scan bytes").hexdigest()
 W = hashlib.sha256(b"weights").hexdigest()

@@ -1,5 +1,5 @@
-"""Counterfactual phantoms for 2-D OCT B-scan classifiers (`explain.counterfactual.image_lesion_reliance`) and the
-"masked" part every phantom eye can be re-rendered without (the volume side is in test_explain_eval_nd.py)."""
+"""Counterfactual phantoms for 2-D OCT B-scan classifiers (`audit.counterfactual.image_lesion_reliance`) and the
+"masked" part every phantom eye can be re-rendered without (the volume side is in test_audit_evaluate_nd.py)."""
 import csv
 import json
 
@@ -46,7 +46,7 @@ def test_masked_part_removes_every_masked_lesion_and_nothing_else_of_the_eye():
 def test_written_bscans_re_render_exactly_from_the_csv(bscan_dir):
     from PIL import Image
 
-    from retina_core.explain.counterfactual import JPEG_QUALITY, _jpeg_round_trip
+    from retina_core.audit.counterfactual import JPEG_QUALITY, _jpeg_round_trip
     from retina_core.phantoms.oct import oct_phantom
 
     rows = _rows(bscan_dir)
@@ -61,7 +61,7 @@ def test_written_bscans_re_render_exactly_from_the_csv(bscan_dir):
 def test_bscan_report_compares_the_same_b_scans(bscan_dir, monkeypatch):
     """A stand-in model whose probability of class k is mean intensity / (k + 1) (normalised): every figure of the
     report can be recomputed from the phantoms."""
-    from retina_core.explain import counterfactual as cf
+    from retina_core.audit import counterfactual as cf
     from retina_core.models import create_model
     from retina_core.phantoms.oct import oct_phantom
 
@@ -136,7 +136,7 @@ def test_cli_counterfactual_on_a_bscan_model_and_its_refusals(bscan_dir, tmp_pat
         wr = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         wr.writeheader()
         wr.writerows(rows)
-    from retina_core.explain.counterfactual import image_lesion_reliance
+    from retina_core.audit.counterfactual import image_lesion_reliance
 
     with pytest.raises(RetinaInputError, match="patient_seed"):
         image_lesion_reliance("oct_resnet18", old, weights_dir=wd)
@@ -161,7 +161,7 @@ def test_fundus_counterfactual_removes_the_lesions_and_keeps_the_eye(tmp_path, m
     beading is gone, the vessel is not). The report on a written fundus-dr set recomputes with a stand-in model."""
     from scipy import ndimage
 
-    from retina_core.explain import counterfactual as cf
+    from retina_core.audit import counterfactual as cf
     from retina_core.models import create_model
     from retina_core.phantoms import write_dataset
     from retina_core.phantoms.fundus import fundus_phantom

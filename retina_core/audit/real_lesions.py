@@ -25,7 +25,8 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
-from . import trust, zones
+from ..explain import zones
+from . import trust
 
 DR_LESIONS = ("MA", "HE", "EX", "SE")      # microaneurysms, haemorrhages, hard exudates, soft exudates
 LESION_NAMES = {"MA": "microaneurysms", "HE": "haemorrhages", "EX": "hard exudates", "SE": "soft exudates",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from retina_core.explain import real_lesions as rl
+from retina_core.audit import real_lesions as rl
 from retina_core.io.realsets import realdata_root
 
 
@@ -69,8 +69,8 @@ def test_masks_keep_tiny_lesions_and_aspect():
 
 # ------------------------------------------------------------------------------------------------ real data
 def test_explain_eval_on_idrid_photographs():
-    from retina_core.explain.evaluate import explain_eval
-    from retina_core.explain.real_lesions import keep_aspect
+    from retina_core.audit.evaluate import explain_eval
+    from retina_core.audit.real_lesions import keep_aspect
     from retina_core.io.datasets import load_dataset
     from retina_core.io.decode import read_image
     from retina_core.models.loading import inference_cfg

@@ -5,11 +5,11 @@ Per method: pointing game and energy pointing game (lesion-bearing images), dele
 model-randomisation Spearman rho, stability (SSIM / Spearman under noise, brightness, shift), class consistency,
 zone summaries (centre share vs confidence, correct vs misclassified) and seconds per image; then a ranking.
 Images are evaluated at the model's input size (the model sees nothing finer), masks and landmarks scaled with them.
-The OCT volume model and the fundus + OCT fusion model are evaluated by `explain.evaluate_nd` (3-D and per-modality
+The OCT volume model and the fundus + OCT fusion model are evaluated by `audit.evaluate_nd` (3-D and per-modality
 metrics in the same report shape); `explain_eval` dispatches on the model's modality.
 Real lesion sets (records with per-lesion masks in `meta["masks"]`, e.g. IDRiD) also get the `real_lesions` block
 (pointing game at 0 px and 1% of the width, energy and deletion against chance, per lesion type) and the optic-disc
-finder's error against the OD masks (`explain.real_lesions`); they are evaluated at the model's input side with the
+finder's error against the OD masks (`audit.real_lesions`); they are evaluated at the model's input side with the
 photograph's aspect ratio kept.
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from ..errors import RetinaInputError
-from . import real_lesions, trust, zones
-from .attribution import (IG_METHODS, VIT_METHODS, available_methods, explain, explain_batch, make_predict_fn,
-                          resolve_model, to_pixels)
+from ..explain import zones
+from ..explain.attribution import (IG_METHODS, VIT_METHODS, available_methods, explain, explain_batch, make_predict_fn,
+                                   resolve_model, to_pixels)
+from . import real_lesions, trust
 
 log = logging.getLogger(__name__)
 
