@@ -96,6 +96,8 @@ def suggestion_block(a, pixels, key: str) -> None:
         (st.error if a.referable else st.success)(a.suggestion)
         if a.model:
             ui.trained_on_caption(a)
+        if a.modality == "oct_volume" and a.notes:
+            st.caption(" ".join(a.notes))
     left, right = st.columns(2)
     if a.heatmap_hash:
         hm = clinic_ui.stored_heatmap(clinic, a.heatmap_hash, pixels.shape[:2])
@@ -105,7 +107,8 @@ def suggestion_block(a, pixels, key: str) -> None:
             ui.show_trust_note(a.model, a.weights_sha256, a.method, left, label=a.target)
     if a.probabilities:
         right.plotly_chart(ui.probability_bars(a.probabilities, a.label), width="stretch", key=f"probs_{key}")
-    st.caption(f"Model `{a.model}` · weights `{(a.weights_sha256 or '')[:12]}` · read {a.created_at:%Y-%m-%d} by "
+    st.caption(f"Analysis #{a.id} · model `{a.model}` · weights `{(a.weights_sha256 or '')[:12]}` · "
+               f"read {a.created_at:%Y-%m-%d} by "
                f"{a.created_by}" + (f" · quality: {a.quality.get('verdict')}" if a.quality else ""))
     if user.can("identified"):
         clinic_ui.result_downloads(clinic, a.id, bool(a.heatmap_hash), user)

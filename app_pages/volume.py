@@ -7,6 +7,7 @@ import streamlit as st
 from retina_core import figures, ui
 from retina_core.analysis import NO_RESULT
 from retina_core.clinic import auth_ui
+from retina_core.clinic import ui as clinic_ui
 from retina_core.errors import RetinaInputError
 from retina_core.io.decode import VOLUME_EXTENSIONS
 from retina_core.explain.attribution import default_method
@@ -15,7 +16,7 @@ from retina_core.explain.overlay import overlay
 from retina_core.explain.volume_methods import VOLUME_METHODS, explain_volume
 from retina_core.quality import assess_quality
 from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
-                                slice_rgb)
+                                slice_rgb, volume_reading)
 
 DEFAULT_LABEL = "Model's default (from explain-eval)"
 SLOW = {"scorecam": "slow: one forward per channel", "integrated_gradients": "slow: 32 forward/backward passes"}
@@ -32,18 +33,20 @@ sample = st.selectbox("... or a bundled volume (a synthetic phantom, no patient 
                       ["(none)"] + list(ui.VOLUME_SAMPLES), key="vol_sample")
 from_upload_page = st.session_state.get("volume_input")
 
-vol = meta0 = eye0 = None
+vol = meta0 = eye0 = data = q = None
 source = ""
 try:
     if up is not None:
-        img = ui.decode_upload(up.getvalue(), up.name)
+        data = up.getvalue()
+        img = ui.decode_upload(data, up.name)
         source, content = up.name, img.content_hash
     elif sample != "(none)":
         img = None
         vol, meta0, eye0, _ = ui.sample_volume(sample)
         source, content = sample, f"sample:{sample}"
     elif from_upload_page:
-        img = ui.decode_upload(from_upload_page[1], from_upload_page[0])
+        data = from_upload_page[1]
+        img = ui.decode_upload(data, from_upload_page[0])
         source, content = f"{from_upload_page[0]} (from Upload & diagnose)", img.content_hash
     else:
         img = None
@@ -85,7 +88,7 @@ with st.sidebar:
                              index=list(eye_opts.values()).index(eye0 if eye0 in ("OD", "OS") else None))
     eye = eye_opts[eye_label]
     st.caption("Leave a value empty when it is not recorded: the model then uses its training mean. Values are "
-               "used for this result only and stored nowhere.")
+               "used for this result only and stored nowhere (Save to worklist keeps the result, not the values).")
     method_label = st.selectbox(
         "Heatmap method", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="vol_method",
         help="The default is the method `explain-eval` ranked best on held-out phantom volumes among those as fast "
@@ -198,3 +201,6 @@ with right:
              caption="En-face projection (mean along depth; yellow line = the B-scan shown"
                      + ("; colours = the strongest heatmap value along depth)" if maps is not None else ")"))
 ui.weights_caption([m for m in (model_name,) if m])
+if result is not None and img is not None:     # an uploaded volume (not a bundled phantom) can go to the worklist
+    picture, reading = volume_reading(model, img, result, maps, method, q, eye)
+    clinic_ui.save_to_worklist([(data, picture, [reading], eye)])

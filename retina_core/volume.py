@@ -120,3 +120,29 @@ def phantom_volume(label: str = "disease", seed: int = 7, n_slices: int = 32, si
     ph = oct_volume(label, seed=seed, n_slices=n_slices, height=size, width=size)
     meta = {k: ph.meta.get(k) for k in ("age", "sex", "va_logmar", "cst_um", "hba1c")}
     return ph.image, meta, ph.meta.get("eye"), ph.meta.get("oct_class")
+
+
+def volume_reading(model, image, result: VolumeResult, maps: np.ndarray, method: str, quality,
+                   eye: str | None = None):
+    """The 3D model's result on `image` (a decoded volume) as one reading the worklist can keep: the volume's
+    en-face projection as the picture, the heatmap's en-face maximum projection over it, and the calibrated
+    P(normal) / P(disease). Returns (RetinalImage of the picture, Analysis). The clinical values given to the
+    model are not part of it (they are used for the result only and stored nowhere); the B-scans are not kept."""
+    from .analysis import Analysis, suggestion_for
+    from .io.decode import RetinalImage
+
+    picture = np.repeat(en_face(image.pixels)[..., None], 3, axis=2)
+    heatmap = map_en_face(maps, picture.shape[0])
+    classes = list(model.cfg.classes)
+    probabilities = {classes[0]: 1.0 - result.p_disease, classes[1]: result.p_disease}
+    referable, suggestion = suggestion_for(result.label, model)
+    d = image.pixels.shape[0]
+    img = RetinalImage(pixels=picture, kind="image", source_format=image.source_format,
+                       content_hash=image.content_hash, grayscale=True, laterality=eye or image.laterality,
+                       meta={"width": picture.shape[1], "height": picture.shape[0], "frames": d,
+                             "picture": "en-face projection of an OCT volume"})
+    notes = [f"OCT volume of {d} B-scans, kept as its en-face projection (mean along depth); the heatmap is the "
+             f"strongest 3-D {method} value along depth."]
+    return img, Analysis("oct_volume", quality, probabilities, result.label, heatmap, model.name, model.sha256,
+                         method, classes[1], referable, suggestion, image.content_hash, eye or image.laterality,
+                         picture, notes, model.trained_on)

@@ -28,7 +28,7 @@ def env(tmp_path_factory):
     from retina_core.testing import write_test_weights
 
     data, weights = tmp_path_factory.mktemp("clinic_app"), tmp_path_factory.mktemp("clinic_weights")
-    write_test_weights(weights, ["oct_resnet18"])
+    write_test_weights(weights, ["oct_resnet18", "oct_volume_fusion3d_tiny"])
     keys = ("RETINA_DATA_DIR", "RETINA_DATABASE_URL", "RETINA_MODE", "RETINA_WEIGHTS_DIR", "RETINA_SITE_SECRET")
     saved = {k: os.environ.get(k) for k in keys}
     for k in keys:
@@ -242,3 +242,24 @@ def test_admin_manages_accounts_and_reads_the_audit_trail_a_clinician_cannot(env
     at.switch_page("app_pages/audit_trail.py").run()
     table = at.dataframe[0].value
     assert "user.create" in set(table["Action"]) and "adm-1" in set(table["User"])
+
+
+def test_an_oct_volume_reading_is_saved_as_its_en_face_picture(env):
+    from retina_core.phantoms import oct_volume
+    from tests.test_decode import nifti_bytes
+
+    vol = oct_volume("DME", seed=4, n_slices=12, height=64, width=64).image
+    at = _page("app_pages/volume.py", env, user="dr-vol")
+    at.file_uploader(key="vol_upload").set_value(("cube.nii", nifti_bytes(vol), "application/octet-stream")).run()
+    assert not at.exception and any(e.label == "Save to worklist" for e in at.expander)
+    at.text_input(key="save_case_ref").input("VOL-0001")
+    at.button(key="save_worklist").click().run()
+    assert not at.exception and any("Saved to case **VOL-0001**" in s.value for s in at.success)
+    view = records.case_view(env, records.find_case(env, "VOL-0001"))
+    (a,) = view.analyses()
+    image = view.eyes[0].visits[0].images[0]
+    assert a.modality == "oct_volume" and a.model == "oct_volume_fusion3d_tiny" and a.heatmap_hash
+    assert set(a.probabilities) == {"normal", "disease"} and abs(sum(a.probabilities.values()) - 1) < 1e-6
+    assert image.source_format == "nifti" and image.width == 64 and "en-face" in " ".join(a.notes)
+    at = _page("app_pages/case.py", env, user="dr-vol", clinic_case_id=view.id)
+    assert any("en-face projection" in c.value for c in at.caption)

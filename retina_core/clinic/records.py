@@ -117,7 +117,8 @@ def save_reading(clinic: Clinic, *, case_ref: str | None, eye: str | None, visit
     if laterality is None:
         raise RetinaInputError(f"Eye {eye!r}: choose OD, OS or not recorded.")
     if getattr(image, "kind", "image") != "image":
-        raise RetinaInputError("OCT volumes cannot be saved to the worklist yet; save single images.")
+        raise RetinaInputError("An OCT volume is saved as its reading's en-face picture (`volume.volume_reading`), "
+                               "not as the volume itself.")
     if not analyses:
         raise RetinaInputError("Nothing to save: the image has no analysis.")
     if any(a.content_hash != image.content_hash for a in analyses):
