@@ -5,7 +5,8 @@ import streamlit as st
 
 from retina_core import ui
 from retina_core.clinic import auth_ui
-from retina_core.compare import agreement, run_fusion
+from retina_core.clinic import ui as clinic_ui
+from retina_core.compare import agreement, fusion_readings, run_fusion
 from retina_core.errors import RetinaInputError
 from retina_core.explain.attribution import explain_pair
 from retina_core.explain.overlay import overlay
@@ -83,7 +84,7 @@ for col, (kind, model, title) in zip(cols, (("fundus", f_model, "Fundus photogra
 
 st.subheader("Fusion model: both images together")
 fusion, reason = ui.model_or_reason(FUSION)
-fr = None
+fr = fused = None
 if fusion is None:
     ui.show_unavailable("The fusion model", reason)
 elif len(images) < 2:
@@ -115,6 +116,7 @@ else:
              caption=f"What the fusion model used in the OCT B-scan ({name} for '{fr.target}')")
     ui.show_trust_note(FUSION, fusion.sha256, fmethod, where=c1, modality="fundus")
     ui.show_trust_note(FUSION, fusion.sha256, fmethod, where=c2, modality="oct")
+    fused = fusion_readings(fusion, images, readings, fr, fmaps, fmethod)
 
 if readings:
     st.subheader("Agreement")
@@ -126,3 +128,7 @@ if readings:
     st.caption("Each model's classes are mapped to normal vs disease (NORMAL, No DR and normal count as normal); "
                "P(disease) sums the probabilities of the disease classes.")
 ui.weights_caption([m for m in (f_model, o_model, FUSION) if m])
+if images:      # both images (or the one read) go to one case, eye and visit, each with its own and the fusion reading
+    eye = next((img.laterality for img in images.values() if img.laterality), None)
+    clinic_ui.save_to_worklist([(inputs[k][1], images[k], [readings[k]] + ([fused[k]] if fr is not None else []), eye)
+                                for k in ("fundus", "oct") if k in images])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import Analysis
+from .analysis import Analysis, suggestion_for
 from .evaluate.ensemble import soft_vote
 from .explain.cam import normalise_map
 from .models.multimodal import binary_label
@@ -57,6 +57,24 @@ def run_fusion(model, fundus_pixels: np.ndarray, oct_pixels: np.ndarray) -> Fusi
                         target=classes[k], fundus_map=normalise_map(f_cam[0], fundus_pixels.shape[:2]),
                         oct_map=normalise_map(o_cam[0], oct_pixels.shape[:2]),
                         referable=classes[k] in model.cfg.referable)
+
+
+def fusion_readings(model, images: dict, readings: dict[str, Analysis], result: FusionResult,
+                    maps: dict[str, np.ndarray], method: str = "gradcam") -> dict[str, Analysis]:
+    """The fusion model's result as one reading per image, so the worklist can keep it with each picture:
+    kind ("fundus" | "oct") -> Analysis (modality "fundus+oct", the fusion's probabilities, that image's map).
+    images: kind -> RetinalImage; readings: kind -> that image's own Analysis (its quality verdict is reused)."""
+    referable, suggestion = suggestion_for(result.label, model)
+    other = {"fundus": "oct", "oct": "fundus"}
+    names = {"fundus": "fundus photograph", "oct": "OCT B-scan"}
+    out = {}
+    for kind, img in images.items():
+        note = (f"Fusion model reading of this {names[kind]} together with the {names[other[kind]]} "
+                f"{images[other[kind]].content_hash[:12]} of the same eye; the heatmap is this image's share.")
+        out[kind] = Analysis("fundus+oct", readings[kind].quality, dict(result.probabilities), result.label,
+                             maps[kind], model.name, model.sha256, method, result.target, referable, suggestion,
+                             img.content_hash, img.laterality, img.pixels, [note], model.trained_on)
+    return out
 
 
 def p_disease(a: Analysis) -> float | None:

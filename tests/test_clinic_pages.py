@@ -28,7 +28,8 @@ def env(tmp_path_factory):
     from retina_core.testing import write_test_weights
 
     data, weights = tmp_path_factory.mktemp("clinic_app"), tmp_path_factory.mktemp("clinic_weights")
-    write_test_weights(weights, ["oct_resnet18", "oct_volume_fusion3d_tiny"])
+    write_test_weights(weights, ["oct_resnet18", "oct_volume_fusion3d_tiny", "fundus_resnet18_head",
+                                 "fundus_dr_effnet_b0", "fundus_oct_fusion"])   # the fusion head needs both encoders
     keys = ("RETINA_DATA_DIR", "RETINA_DATABASE_URL", "RETINA_MODE", "RETINA_WEIGHTS_DIR", "RETINA_SITE_SECRET")
     saved = {k: os.environ.get(k) for k in keys}
     for k in keys:
@@ -263,3 +264,18 @@ def test_an_oct_volume_reading_is_saved_as_its_en_face_picture(env):
     assert image.source_format == "nifti" and image.width == 64 and "en-face" in " ".join(a.notes)
     at = _page("app_pages/case.py", env, user="dr-vol", clinic_case_id=view.id)
     assert any("en-face projection" in c.value for c in at.caption)
+
+
+def test_a_fundus_and_oct_pair_is_saved_with_each_image_and_the_fusion_reading(env):
+    at = _page("app_pages/compare.py", env, user="dr-pair")
+    at.selectbox(key="cmp_pair").set_value(at.selectbox(key="cmp_pair").options[1]).run()
+    assert not at.exception and any(e.label == "Save to worklist" for e in at.expander)
+    at.text_input(key="save_case_ref").input("PAIR-0001")
+    at.button(key="save_worklist").click().run()
+    assert not at.exception and any("Saved to case **PAIR-0001**" in s.value for s in at.success)
+    view = records.case_view(env, records.find_case(env, "PAIR-0001"))
+    (visit,) = [v for e in view.eyes for v in e.visits]
+    assert len(visit.images) == 2
+    fused = [a for i in visit.images for a in i.analyses if a.modality == "fundus+oct"]
+    assert len(fused) == 2 and all(a.model == "fundus_oct_fusion" and a.heatmap_hash for a in fused)
+    assert fused[0].probabilities == fused[1].probabilities and "same eye" in fused[0].notes[0]
