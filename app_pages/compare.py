@@ -94,7 +94,8 @@ elif not all(readings[k].quality.gradable for k in ("fundus", "oct")):
 else:
     key = (images["fundus"].content_hash, images["oct"].content_hash, fusion.sha256)
     with st.spinner("Running the fusion model..."):
-        fr = ui.memo("fusion", key, lambda: run_fusion(fusion, images["fundus"].pixels, images["oct"].pixels))
+        fr = ui.served("fusion", key, lambda: run_fusion(fusion, images["fundus"].pixels, images["oct"].pixels),
+                       limit=16)
     c0, c1, c2 = st.columns([1, 2, 2])
     c0.metric("Fusion suggestion", fr.label, f"P(disease) {fr.p_disease:.0%}", delta_color="off",
               delta_arrow="off")
@@ -107,7 +108,7 @@ else:
     fmaps = {"fundus": fr.fundus_map, "oct": fr.oct_map}
     if fmethod != "gradcam":
         with st.spinner("Computing Integrated Gradients on both images..."):
-            fmaps = ui.memo("fusion_maps", key + (fmethod,), lambda: explain_pair(
+            fmaps = ui.served("fusion_maps", key + (fmethod,), lambda: explain_pair(
                 fusion, (images["fundus"].pixels, images["oct"].pixels), fmethod, fr.target))
     name = "Grad-CAM" if fmethod == "gradcam" else "Integrated Gradients"
     c1.image(overlay(images["fundus"].pixels, fmaps["fundus"], alpha), width="stretch",

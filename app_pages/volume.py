@@ -107,15 +107,15 @@ else:
     model = ui.cached_model(model_name)
     key = (content, model_name, tuple(sorted((k, v) for k, v in meta.items())), eye)
     with st.spinner("Running the 3D model..."):
-        result = ui.memo("volume3d", key, lambda: run_volume_model(model, vol, meta, eye), limit=8)
+        result = ui.served("volume3d", key, lambda: run_volume_model(model, vol, meta, eye), limit=8)
     auth_ui.audit_view("analysis.run", "volume", None, content_hash=content, models=[model_name])
     method = default_method(model) if method_label == DEFAULT_LABEL else method_label
     if method == "gradcam":
         maps = result.maps
     else:
         with st.spinner(f"Computing the 3D {method} map..."):
-            maps = ui.memo("volume_map", key + (method,),
-                           lambda: explain_volume(model, vol, method, meta=meta, eye=eye), limit=8)
+            maps = ui.served("volume_map", key + (method,),
+                             lambda: explain_volume(model, vol, method, meta=meta, eye=eye), limit=8)
     map_source = f"3D {'Grad-CAM' if method == 'gradcam' else method} of {model_name} for the disease score"
 
 with st.container(border=True):
@@ -134,7 +134,7 @@ with st.container(border=True):
             st.caption("The 3D heatmap is empty: no region of the volume raised the disease score.")
         ui.show_trust_note(model_name, model.sha256, method)
         with st.expander("What the suggestion rests on: the image or the clinical values", expanded=True):
-            ia = ui.memo("volume_inputs", key, lambda: input_shapley(model, vol, meta, eye), limit=8)
+            ia = ui.served("volume_inputs", key, lambda: input_shapley(model, vol, meta, eye), limit=8)
             if abs(ia.p - ia.p_reference) < 0.01:
                 st.caption(f"Nothing to attribute: with every input P(disease) is {ia.p:.0%}, the same as with the "
                            "volume blurred and no clinical values. Neither the image nor the clinical values move "

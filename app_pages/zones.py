@@ -120,7 +120,7 @@ maps = {}
 with st.status("Computing heatmaps...", expanded=False) as status:
     for m in methods:
         status.update(label=f"Computing {m}...")
-        maps[m] = ui.memo("zones_map", (img.content_hash, model_name, m, a.target),
+        maps[m] = ui.served("zones_map", (img.content_hash, model_name, m, a.target),
                           lambda m=m: attention.explain_methods(model, px, [m], a.target)[m], limit=32)
     status.update(label=f"{len(maps)} heatmap(s) ready", state="complete")
 
@@ -163,8 +163,9 @@ st.markdown("Each row perturbs the image slightly (Gaussian noise, 15% brighter,
             "notice deserves less trust.")
 stab_method = st.selectbox("Method to test", methods, key="zones_stab_method")
 with st.spinner(f"Perturbing and recomputing {stab_method}..."):
-    views = ui.memo("zones_stab", (img.content_hash, model_name, stab_method, a.target),
-                    lambda: attention.perturbation_views(model, px, stab_method, maps[stab_method], a.target))
+    views = ui.served("zones_stab", (img.content_hash, model_name, stab_method, a.target),
+                      lambda: attention.perturbation_views(model, px, stab_method, maps[stab_method], a.target),
+                      limit=16)
 rows, stab_cells = [], []
 for v in views:
     c = st.columns([1, 1, 1, 1])

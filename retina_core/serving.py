@@ -4,6 +4,7 @@ runs the models, micro-batches of concurrent requests, bounded threads, and a cl
     >>> svc = get_service()                                   # the process's one service (created on first use)
     >>> a = svc.analyze(img, "oct_resnet18", method=None, modality=None, timeout=60)   # an Analysis, as `analyze`
     >>> found = svc.analyze_all(img)                          # as `analyze_all`
+    >>> fr = svc.call(run_fusion, fusion, f_px, o_px)          # other model work, in the same queue and worker
     >>> svc.stats()                                           # queue depth, batch sizes, threads, rejections
 
 Why: sessions that each call `analyze` run their own forward in their own script thread, each with every torch
@@ -19,7 +20,12 @@ fails alone. A full queue refuses at once with `ServerBusyError` ("The server is
 wait that runs out, or whose session stopped, gives up its place.
 
 `analyze` / `analyze_all` (retina_core.analysis) stay the direct library API for researchers and the CLI; the
-app's pages reach this service through `ui.analysis_for` / `ui.analyses_for`.
+app's pages reach this service through `ui.analysis_for` / `ui.analyses_for`, and their other model work (the
+fusion model and its maps, the 3-D volume model, its maps and Shapley values, the explainer comparison and
+perturbation maps of *Attention zones*) through `ui.served` -> `call`: a job runs alone in the worker, in turn with
+the readings, so every forward of the server shares one bounded queue and one thread cap. (Through Ray Serve, jobs
+run in the app's process: the replicas serve readings by model name.) Not yet through it: the volume viewer's
+optional per-slice B-scan pass, which reports progress to the page from the session's own thread.
 
 Settings (environment, read when the service starts):
     RETINA_THREADS          torch / OpenCV threads; default "auto": the CPUs this process may use, less those other
@@ -33,6 +39,7 @@ Settings (environment, read when the service starts):
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -41,11 +48,13 @@ from collections import Counter
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 
 from .analysis import Analysis, Reading, plan_all, plan_analysis, run_reading, run_readings
 from .errors import RetinaInputError, ServerBusyError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +185,11 @@ class CpuShare:
 
 @dataclass
 class _Request:
-    reading: Reading
+    reading: Reading | None
     future: Future
     key: tuple
     queued_at: float
+    job: Callable[[], object] | None = None      # model work other than a reading (`InferenceService.call`)
 
 
 def _batch_key(r: Reading) -> tuple:
@@ -221,6 +231,25 @@ class InferenceService:
         """`analysis.analyze_all` through the queue (its readings are queued together, or refused together)."""
         return self._run(plan_all(image, method, modality), timeout, cancelled)
 
+    def call(self, fn: Callable[..., T], *args, timeout: float | None = None,
+             cancelled: Callable[[], bool] | None = None, **kwargs) -> T:
+        """Run other model work through the same queue and worker as the readings (the fusion model, a 3-D
+        volume model and its maps, explainer comparisons, Shapley values...): `fn(*args, **kwargs)` runs alone in
+        the worker thread, under its thread cap, in turn with the readings, so every forward in the server shares
+        one bounded queue. Its result or exception comes back; ServerBusyError as for `analyze`."""
+        job = functools.partial(fn, *args, **kwargs)
+        now = time.monotonic()
+        req = _Request(None, Future(), ("job", id(job)), now, job)
+        with self._cond:
+            if self._closed or len(self._pending) + 1 > self.config.queue_size:
+                self._counts["rejected"] += 1
+                raise ServerBusyError(BUSY)
+            self._pending.append(req)
+            self._counts["submitted"] += 1
+            self._counts["jobs"] += 1
+            self._cond.notify_all()
+        return self._wait([req], self.config.timeout_s if timeout is None else timeout, cancelled)[0]
+
     def stats(self) -> dict:
         """Counters since start: readings submitted / completed / failed, refused as busy, timed out, stopped;
         batches run and their sizes; the queue now; the settings and threads in force."""
@@ -229,7 +258,7 @@ class InferenceService:
             n_batches = sum(sizes.values())
             return {"backend": self.backend, **{k: int(self._counts[k]) for k in
                                                 ("submitted", "completed", "failed", "rejected", "timed_out",
-                                                 "stopped", "batch_retried")},
+                                                 "stopped", "batch_retried", "jobs")},
                     "batches": n_batches, "batch_sizes": sizes,
                     "mean_batch": round(sum(k * v for k, v in sizes.items()) / n_batches, 2) if n_batches else 0.0,
                     "max_batch_seen": max(sizes, default=0), "queued": len(self._pending),
@@ -333,7 +362,7 @@ class InferenceService:
                 first = self._pending[0]
                 same = [r for r in self._pending if r.key == first.key][:cfg.max_batch]
                 wait = first.queued_at + cfg.window_ms / 1000.0 - time.monotonic()
-                if len(same) >= cfg.max_batch or wait <= 0:
+                if first.job is not None or len(same) >= cfg.max_batch or wait <= 0:     # a job runs alone
                     taken = {id(r) for r in same}
                     self._pending = [r for r in self._pending if id(r) not in taken]
                     return same
@@ -342,6 +371,9 @@ class InferenceService:
     def _run_batch(self, batch: list[_Request]) -> None:
         live = [r for r in batch if r.future.set_running_or_notify_cancel()]
         if not live:
+            return
+        if live[0].job is not None:
+            self._run_job(live[0])
             return
         with self._cond:
             self._batch_sizes[len(live)] += 1
@@ -363,6 +395,19 @@ class InferenceService:
                 with self._cond:
                     self._counts["completed"] += 1
                 r.future.set_result(a)
+
+
+    def _run_job(self, r: _Request) -> None:
+        try:
+            out = r.job()
+        except BaseException as exc:
+            with self._cond:
+                self._counts["failed"] += 1
+            r.future.set_exception(exc)
+        else:
+            with self._cond:
+                self._counts["completed"] += 1
+            r.future.set_result(out)
 
 
 def _safe_call(fn) -> bool:
@@ -409,6 +454,11 @@ class RayServeService:
                 cancelled=None) -> Analysis:
         return self._result(self._handle.analyze.remote(_decoded(image), _model_name(model), method, modality,
                                                         target), timeout, cancelled)
+
+    def call(self, fn, *args, timeout=None, cancelled=None, **kwargs):
+        """Other model work (see `InferenceService.call`) runs here, in this process: the replicas serve
+        readings by model name and cannot take a function holding a loaded model."""
+        return fn(*args, **kwargs)
 
     def analyze_all(self, image, method=None, modality=None, timeout=None, cancelled=None) -> list[Analysis]:
         return self._result(self._handle.analyze_all.remote(_decoded(image), method, modality), timeout, cancelled)

@@ -216,6 +216,13 @@ def _session_stopped():
     return lambda: getattr(requests._state, "value", None) == "STOP"
 
 
+def served(kind: str, key, compute: Callable, limit: int = 32):
+    """`memo` for model work other than a reading (fusion, 3-D volume model and maps, explainer comparisons):
+    computed once per session and key, through the server's inference service (`InferenceService.call`), so it
+    queues with every other session's forwards under the same thread cap and back-pressure."""
+    return memo(kind, key, lambda: _service().call(compute, cancelled=_session_stopped()), limit=limit)
+
+
 def analysis_for(img: RetinalImage, model: str | None, method: str | None, modality: str | None) -> Analysis:
     """Analyse once per (content hash, model, method, modality) in this session; reruns reuse the result.
 

@@ -136,6 +136,26 @@ def test_images_of_other_sizes_and_methods_are_not_mixed(service, octs):
     assert svc.stats()["batch_sizes"].get(2) == 1      # only the two same-size Grad-CAM requests shared a batch
 
 
+def test_other_model_work_runs_in_the_worker_in_turn_with_readings(service, octs):
+    svc = service(window_ms=5)
+    ran_in = []
+
+    def job(x, scale=1):
+        ran_in.append(threading.current_thread().name)
+        return x * scale
+
+    got = in_threads(lambda k: svc.call(job, k, scale=10) if k % 2 else svc.analyze(octs[k], "oct_resnet18"),
+                     [0, 1, 2, 3])
+    assert got[1] == 10 and got[3] == 30 and all(not isinstance(g, BaseException) for g in got)
+    same(analyze(octs[0], "oct_resnet18"), got[0])
+    assert set(ran_in) == {"retina-inference"}                  # the one worker thread, not the callers'
+    with pytest.raises(ZeroDivisionError):                      # a job's error comes back to its caller ...
+        svc.call(lambda: 1 / 0)
+    assert svc.call(job, 2) == 2                                # ... and the worker goes on
+    s = svc.stats()
+    assert s["jobs"] == 4 and s["failed"] == 1
+
+
 def test_a_full_queue_says_busy_at_once(service, octs):
     svc = service(queue_size=2, window_ms=30_000)      # the worker waits for a batch to fill: the queue stays full
     first = []
