@@ -385,21 +385,15 @@ class InferenceService:
                 self._counts["batch_retried"] += 1
             results = None
         for i, r in enumerate(live):
-            try:
-                a = results[i] if results is not None else run_reading(r.reading)
-            except BaseException as exc:
-                with self._cond:
-                    self._counts["failed"] += 1
-                r.future.set_exception(exc)
-            else:
-                with self._cond:
-                    self._counts["completed"] += 1
-                r.future.set_result(a)
-
+            self._settle(r, (lambda i=i: results[i]) if results is not None else (lambda r=r: run_reading(r.reading)))
 
     def _run_job(self, r: _Request) -> None:
+        self._settle(r, r.job)
+
+    def _settle(self, r: _Request, compute: Callable[[], object]) -> None:
+        """Give `r`'s caller what `compute()` returns, or what it raises, and count it."""
         try:
-            out = r.job()
+            out = compute()
         except BaseException as exc:
             with self._cond:
                 self._counts["failed"] += 1
