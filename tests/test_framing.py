@@ -100,3 +100,14 @@ def test_square_crop_and_round_field_give_the_same_outline():
     disc, _ = frame_pixels(_field(300, 300, 150), (64, 64))
     assert square[0, 0].max() == 0 and square[32, 32].min() == 150
     assert np.mean((square[..., 0] > 20) != (disc[..., 0] > 20)) < 0.02
+
+
+def test_maps_are_drawn_only_on_the_round_field_the_model_saw():
+    from retina_core.models.framing import FieldBox, map_to_image
+
+    cam = np.random.default_rng(0).random((10, 10)).astype(np.float32) + 0.5   # heat everywhere, corners too
+    box = FieldBox(0.0, 0.0, 200.0, 200.0)                                     # a square crop filling the frame
+    hm = map_to_image(cam, box, (200, 200))
+    assert hm[100, 100] > 0 and hm[:, 100].max() > 0
+    assert hm[0, 0] == hm[0, 199] == hm[199, 0] == hm[199, 199] == 0.0          # the black corners get no heat
+    assert hm[5, 100] >= 0 and (map_to_image(cam, box, (200, 200), round_mask=False)[0, 0] > 0)

@@ -124,9 +124,11 @@ def frame_pixels(pixels: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarra
     return out.permute(1, 2, 0).numpy(), box
 
 
-def map_to_image(cam: np.ndarray, box: FieldBox, out_hw: tuple[int, int]) -> np.ndarray:
+def map_to_image(cam: np.ndarray, box: FieldBox, out_hw: tuple[int, int], round_mask: bool = True) -> np.ndarray:
     """A map over a framed input (any resolution [h, w], covering `box`) -> float32 [H, W] in [0, 1] on the
-    image: min-max, bilinear, min-max (as `explain.cam.normalise_map`), zero where the box held no image."""
+    image: min-max, bilinear, min-max (as `explain.cam.normalise_map`), zero where the model saw nothing: outside
+    the box, and (round_mask, as `frame_tensor`) outside the round field inscribed in it, so a coarse map's
+    bleed into the black the model was given is not drawn on the photograph's corners."""
     cam = np.maximum(np.asarray(cam, np.float32), 0)
     cam = cam - cam.min()
     cam = cam / (1e-7 + cam.max())
@@ -140,6 +142,10 @@ def map_to_image(cam: np.ndarray, box: FieldBox, out_hw: tuple[int, int]) -> np.
     xs, ys = np.arange(W) + 0.5, np.arange(H) + 0.5
     out[(ys < box.y0) | (ys > box.y0 + box.h), :] = 0               # nothing outside the box the model saw
     out[:, (xs < box.x0) | (xs > box.x0 + box.w)] = 0
+    if round_mask:
+        ny = (ys - (box.y0 + box.h / 2)) / (box.h / 2)
+        nx = (xs - (box.x0 + box.w / 2)) / (box.w / 2)
+        out[(ny[:, None] ** 2 + nx[None, :] ** 2) > 1.0] = 0
     out = out - out.min()
     out = out / (1e-7 + out.max())
     return np.clip(out, 0.0, 1.0).astype(np.float32)
