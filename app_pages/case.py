@@ -60,7 +60,7 @@ def review_block(a, key: str) -> None:
     if not user.can("review"):
         return
     classes = list(a.probabilities)
-    with st.form(f"review_{key}", border=True):
+    with st.form(f"review_{key}", border=True, clear_on_submit=True):   # a fresh form for the next version
         options = list(DECISIONS) if classes else ["Agree", "Disagree"]
         decision = st.radio("Your review", options, horizontal=True, key=f"rv_decision_{key}")
         grade = st.selectbox("Corrected grade (with 'Corrected grade')", classes or ["(no classes)"],
@@ -84,8 +84,6 @@ def review_block(a, key: str) -> None:
                 msg += (" Another reviewer saved a version while you were reviewing: both are kept; see the history "
                         "above.")
             st.session_state["clinic_flash"] = ("warning" if saved.conflict else "success", msg)
-            for field in ("decision", "grade", "comment", "sign"):      # a fresh form for the next version
-                st.session_state.pop(f"rv_{field}_{key}", None)
             st.rerun()
 
 
