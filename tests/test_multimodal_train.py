@@ -13,7 +13,7 @@ from retina_core.models import create_model
 from retina_core.models.loading import sha256_file
 from retina_core.phantoms import write_dataset
 from retina_core.train.engine import TrainConfig, train
-from retina_core.train.multimodal import load_multimodal, predict_pairs, predict_volumes
+from retina_core.models.predict import load_multimodal, predict_pairs, predict_volumes
 
 ENCODERS = ("fundus_dr_effnet_b0", "oct_resnet18")
 
@@ -302,8 +302,8 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
 
 def test_volume_lesion_cam_guidance_can_be_followed_and_masks_move_with_augmentation(tmp_path):
     from retina_core.io.datasets import load_dataset
-    from retina_core.train.multimodal import (VolumeLesionCamGuidance, VolumeSet, decode_volumes, metadata_matrix,
-                                              volume_lesion_mask)
+    from retina_core.models.predict import decode_volumes, metadata_matrix, volume_lesion_mask
+    from retina_core.train.multimodal import VolumeLesionCamGuidance, VolumeSet
 
     data = tmp_path / "vol"
     write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
