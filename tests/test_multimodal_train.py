@@ -252,7 +252,7 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
     import torch.nn.functional as F
 
     from retina_core.explain.cam import gradcam_single_pass
-    from retina_core.models.volume3d import _WithMeta
+    from retina_core.models.volume3d import WithMeta
     from retina_core.train.multimodal import VolumeLesionCamGuidance
 
     net = _tiny_volume_net().eval()
@@ -287,7 +287,7 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
     assert float(loss.detach()) == pytest.approx(3.0 * float(torch.stack(expected).mean()), rel=1e-4)
 
     # its map is the Grad-CAM the app shows (volume_cam's single pass), before the ReLU
-    _, app_cams = gradcam_single_pass(_WithMeta(net, meta), x, "net." + net.cfg.target_layer, [0, 0, 0])
+    _, app_cams = gradcam_single_pass(WithMeta(net, meta), x, "net." + net.cfg.target_layer, [0, 0, 0])
     assert torch.allclose(torch.relu(cam[:2]), torch.from_numpy(app_cams[:2]), atol=1e-5)
 
     # no guided row (no mask, or normal): exactly zero, and the stored activations are consumed either way

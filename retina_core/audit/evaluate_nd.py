@@ -162,7 +162,7 @@ def pair_samples_from_phantoms(m: ResolvedNet, pairs: Sequence) -> list[PairSamp
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _auc(y) -> float:
-    return trust._auc(np.asarray(y, np.float64))
+    return trust.curve_auc(np.asarray(y, np.float64))
 
 
 # ------------------------------------------------------------------------------------------------ volumes
@@ -244,7 +244,7 @@ def perturb_volume(vol: np.ndarray, kind: str, rng: np.random.Generator, noise_s
         v = vol * brightness
     elif kind == "shift":
         s = max(2, int(round(min(vol.shape[1:]) / 56.0)))
-        v = trust._shift(vol.transpose(1, 2, 0), s, s).transpose(2, 0, 1)
+        v = trust.shift_image(vol.transpose(1, 2, 0), s, s).transpose(2, 0, 1)
     elif kind in ("none", "identity"):
         v = vol
     else:
@@ -255,7 +255,7 @@ def perturb_volume(vol: np.ndarray, kind: str, rng: np.random.Generator, noise_s
 def _compare_shifted(ref: np.ndarray, pm: np.ndarray, s: int) -> dict:
     a, b = ref, pm
     if s:
-        b = trust._shift(pm.transpose(1, 2, 0), -s, -s).transpose(2, 0, 1)
+        b = trust.shift_image(pm.transpose(1, 2, 0), -s, -s).transpose(2, 0, 1)
         a, b = a[:, :-s, :-s], b[:, :-s, :-s]
     return {"ssim": trust.ssim(a, b), "spearman": trust.spearman(a, b)}
 
@@ -400,9 +400,9 @@ def volume_input_summary(m: ResolvedNet, samples: list[VolumeSample]) -> dict:
 def volume_map_grid(m: ResolvedNet, s: VolumeSample) -> list[int]:
     """Cells of the target layer's output (depth, height, width) that the 3-D Grad-CAM is upsampled from."""
     from ..explain.cam import gradcam_single_pass
-    from ..models.volume3d import _WithMeta
+    from ..models.volume3d import WithMeta
 
-    _, raw = gradcam_single_pass(_WithMeta(m.net, _meta_tensor(m, s)), _prep_volumes(m, s.volume[None]),
+    _, raw = gradcam_single_pass(WithMeta(m.net, _meta_tensor(m, s)), _prep_volumes(m, s.volume[None]),
                                  "net." + _target_layer(m), [0])
     return list(raw.shape[1:])
 
