@@ -253,7 +253,8 @@ def cmd_train(args) -> int:
     import shutil
 
     from .models.loading import MANIFEST, weights_dir
-    from .train.engine import config_from_args, train
+    from .train.common import config_from_args
+    from .train.engine import train
 
     result = train(args.model, args.data, args.out, config_from_args(args), data_note=args.data_note)
     if args.install:
@@ -329,7 +330,7 @@ def cmd_gate_eval(args) -> int:
 
 # ---------------------------------------------------------------- parser
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .train.engine import TrainConfig
+    from .train.common import TrainConfig
 
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

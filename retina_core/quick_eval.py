@@ -126,7 +126,7 @@ def stability_table(explain_eval_report: dict) -> list[dict]:
     """Rows {method, stability_ssim, stability_spearman, pointing_game, deletion_auc, insertion_auc,
     randomisation_abs_spearman, passes_sanity_check, cost_vs_forward, seconds_per_image, n_images} of an
     explain-eval report or evidence file (a method's own n_images where runs were merged)."""
-    from .audit.evaluate import passes_randomisation
+    from .audit.common import passes_randomisation
 
     rows = []
     for meth, r in (explain_eval_report.get("methods") or {}).items():
@@ -192,7 +192,8 @@ def _best_per_method(reports: list[tuple[Path, dict]], usable=lambda r: True) ->
 def _real_figures(path: Path, rep: dict, r: dict) -> dict:
     """What a note quotes from a method's figures on a real lesion set (the `real_lesions` block of
     `audit.real_lesions.summarise`, keys as it writes them)."""
-    from .audit.evaluate import evidence_tag, passes_randomisation
+    from .audit.common import passes_randomisation
+    from .audit.evaluate import evidence_tag
 
     rl, ev = r["real_lesions"], rep.get("evidence") or {}
     if not ev.get("tag"):            # a report copied in by hand: what explain-eval would have tagged it
@@ -222,7 +223,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, weights_dir
     the most eyes: what the model uses (lesion_reliance) goes with every method; its per-class pointing game and
     per-input faithfulness (unused_lesions, faithful_alone) only with the method it was measured with. Empty when
     nothing is kept."""
-    from .audit.evaluate import passes_randomisation
+    from .audit.common import passes_randomisation
 
     reports = evidence_reports(model_name, weights_sha256, weights_dir)
     if not reports:
@@ -270,7 +271,7 @@ def modality_evidence(evidence: dict | None, modality: str) -> dict | None:
     """The figures of one input's map of a two-input (fusion) model, from `method_trust` evidence, in the shape
     `trust_note` reads; None when the report has no per-modality figures. The map of one input can pass while the
     other fails (the bundled fusion model's OCT map deletes no faster than a random map)."""
-    from .audit.evaluate import passes_randomisation
+    from .audit.common import passes_randomisation
 
     mod = ((evidence or {}).get("by_modality") or {}).get(modality)
     if not mod:
@@ -445,7 +446,7 @@ def trust_note(evidence: dict | None, method: str, label: str | None = None, mod
 
 def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
     """`trust_note` without the per-class check."""
-    from .audit.evaluate import RANDOMISATION_LIMIT
+    from .audit.common import RANDOMISATION_LIMIT
 
     if not evidence or (not evidence.get("real") and evidence.get("kind", "phantom") is None):
         return (f"{method}: not evaluated on this model yet (`python -m retina_core explain-eval`): no measured "
@@ -509,7 +510,7 @@ def _real_trust_note(real: dict, phantom: dict, method: str) -> tuple[str, bool]
     randomisation check (on these photographs, and on synthetic phantoms when that was measured too). A warning when
     the map fails the check, deletes no faster than random regions, finds lesions no better than chance (or is not
     shown to), or puts most of its energy outside the field of view."""
-    from .audit.evaluate import RANDOMISATION_LIMIT
+    from .audit.common import RANDOMISATION_LIMIT
 
     name = (REAL_SET_SHORT.get(real.get("set") or "") or (real.get("set_title") or "").split(" (")[0]
             or real.get("set") or "lesion-set")

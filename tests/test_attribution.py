@@ -128,7 +128,8 @@ def test_library_cam_on_vit_uses_the_reshape(image):
 
 
 def test_explain_eval_on_tiny_phantoms_returns_all_metrics():
-    from retina_core.audit.evaluate import RANKED_METRICS, explain_eval
+    from retina_core.audit.common import RANKED_METRICS
+    from retina_core.audit.evaluate import explain_eval
     from retina_core.phantoms import fundus_phantom
 
     phantoms = [fundus_phantom(label, seed, 96) for seed, label in enumerate(["Moderate", "Severe", "No DR"])]
@@ -188,7 +189,7 @@ def test_default_method_comes_from_the_manifest_then_the_registry(cnn, image):
 
 
 def test_recommended_default_skips_slow_and_insane_methods():
-    from retina_core.audit.evaluate import recommend_default
+    from retina_core.audit.common import recommend_default
 
     results = {"a": {"randomisation_abs_spearman": 0.9, "cost_vs_forward": 1.0},     # ignores the weights
                "b": {"randomisation_abs_spearman": 0.1, "cost_vs_forward": 4.0},     # too slow
@@ -297,7 +298,7 @@ def test_method_trust_reads_the_evidence_of_these_weights(tmp_path):
     assert "not evaluated" in trust_note(None, "scorecam")[0]
     coarse, warn_coarse = trust_note({**ev["gradcam"], "pointing_game": 0.25}, "gradcam")
     assert warn_coarse and "rarely points at a lesion" in coarse and "25%" in coarse and "0.30" in coarse
-    from retina_core.audit.evaluate import passes_randomisation
+    from retina_core.audit.common import passes_randomisation
 
     empty = {"randomisation_abs_spearman": 0.02, "randomisation_empty_fraction": 0.9}   # rho 0 by convention
     assert passes_randomisation(empty) is None and passes_randomisation({**empty, "randomisation_empty_fraction": 0.1})

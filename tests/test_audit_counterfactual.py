@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from retina_core.audit.common import Sample, resize_sample
 from retina_core.errors import RetinaInputError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")     # one torch thread here too (conftest)
@@ -84,7 +85,7 @@ def test_bscan_report_compares_the_same_b_scans(bscan_dir, monkeypatch):
         ph = oct_phantom(r["label"], int(r["seed"]), int(r["width"]), int(r["height"]),
                          patient_seed=int(r["patient_seed"]), without=without)
         img = cf._jpeg_round_trip(ph.image, cf.JPEG_QUALITY["oct"])
-        s = cf._resize_sample(cf.Sample(cf.to_pixels(img), r["label"], None), (64, 64))
+        s = resize_sample(Sample(cf.to_pixels(img), r["label"], None), (64, 64))
         return float((s.image.astype(np.float32) / 255.0).mean() * w[classes.index(r["label"])])
 
     for cls, s in rep["per_class"].items():
@@ -195,7 +196,7 @@ def test_fundus_counterfactual_removes_the_lesions_and_keeps_the_eye(tmp_path, m
 
         def p(r, without=()):
             img = fundus_phantom(cls, int(r["seed"]), 96, without=without).image
-            s_ = cf._resize_sample(cf.Sample(img, cls, None), (64, 64))
+            s_ = resize_sample(Sample(img, cls, None), (64, 64))
             return float(s_.image.mean() / 255.0 * w[k])
 
         assert s["original"]["p_disease"] == pytest.approx(np.mean([p(r) for r in rows]), abs=1e-6)

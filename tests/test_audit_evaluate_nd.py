@@ -9,7 +9,8 @@ import torch
 
 from retina_core.errors import RetinaInputError
 from retina_core.audit import trust
-from retina_core.audit.evaluate import explain_eval, passes_randomisation, rank_methods
+from retina_core.audit.common import passes_randomisation, rank_methods
+from retina_core.audit.evaluate import explain_eval
 from retina_core.models import create_model, get_cfg
 
 VOLUME = "oct_volume_fusion3d_tiny"
@@ -230,8 +231,8 @@ def test_fusion_fixed_partner_predictions_match_the_full_forward(tiny_fusion_net
     m = nd.resolve_net(tiny_fusion_net)
     s = nd.pair_samples_from_phantoms(m, pair_phantoms)[0]
     probs, _, _ = nd.pair_maps(m, m.net, s.fundus, s.oct)
-    assert np.allclose(nd._pair_predict(m, "fundus", s.oct)(s.fundus[None])[0], probs, atol=1e-5)
-    assert np.allclose(nd._pair_predict(m, "oct", s.fundus)(s.oct[None])[0], probs, atol=1e-5)
+    assert np.allclose(nd.pair_predict_fn(m, "fundus", s.oct)(s.fundus[None])[0], probs, atol=1e-5)
+    assert np.allclose(nd.pair_predict_fn(m, "oct", s.fundus)(s.oct[None])[0], probs, atol=1e-5)
 
 
 def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path):
@@ -392,18 +393,18 @@ def test_counterfactual_report_compares_the_same_eyes(tiny_volume_net, volume_di
     import csv
 
     from retina_core.audit import counterfactual as cf
-    from retina_core.audit.evaluate_nd import _resize_volume
+    from retina_core.audit.common import resize_volume
     from retina_core.phantoms import oct_volume
 
     monkeypatch.setattr(cf, "volume_map", lambda m, net, x, meta_t, method: (float(x.mean()), x / x.max()))
-    monkeypatch.setattr(cf, "_volume_predict", lambda m, meta_t: (lambda v: [float(v.mean()) * 0.5]))
+    monkeypatch.setattr(cf, "volume_predict_fn", lambda m, meta_t: (lambda v: [float(v.mean()) * 0.5]))
     rep = cf.volume_lesion_reliance(tiny_volume_net, volume_dir, split="all")
     rows = [r for r in csv.DictReader(open(volume_dir / "phantom_meta.csv")) if r["oct_class"] != "NORMAL"]
     assert rep["n_volumes"] == len(rows) == sum(s["n"] for s in rep["per_class"].values())
 
     def p(r, without=()):
         v = oct_volume(r["oct_class"], int(r["seed"]), 32, 32, 32, without=without).image
-        return float(_resize_volume(v, (16, 32, 32)).mean())
+        return float(resize_volume(v, (16, 32, 32)).mean())
 
     for cls, s in rep["per_class"].items():
         mine = [r for r in rows if r["oct_class"] == cls]
@@ -458,6 +459,7 @@ def test_pair_counterfactual_leaves_out_each_input_s_lesions(tiny_fusion_net, mo
 
     from retina_core.audit import counterfactual as cf
     from retina_core.audit import evaluate_nd as nd
+    from retina_core.audit.common import resize_2d
     from retina_core.phantoms import write_dataset
     from retina_core.phantoms.fundus import fundus_phantom
     from retina_core.phantoms.oct import oct_phantom
@@ -485,7 +487,7 @@ def test_pair_counterfactual_leaves_out_each_input_s_lesions(tiny_fusion_net, mo
             pat = {"patient_id": row["patient_id"], "eye": row["eye"], "age": int(row["age"]), "sex": row["sex"]}
             img = (fundus_phantom(f_cls, int(row["seed"]), 64, patient=pat, without=without).image if mod == "fundus"
                    else oct_phantom(o_cls, int(row["seed"]), 64, 64, patient=pat, without=without).image)
-            out.append(nd._resize_2d(cf.to_pixels(img), None, tuple(size))[0].mean() / 255.0)
+            out.append(resize_2d(cf.to_pixels(img), None, tuple(size))[0].mean() / 255.0)
         return 0.5 + 0.25 * out[0] + 0.25 * out[1]
 
     everyone = [(pair, p(pair)) for pair in pairs]

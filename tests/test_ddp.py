@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from retina_core.models import create_model
 from retina_core.phantoms import write_dataset
-from retina_core.train.distributed import setup, spawn_train, state_digest
-from retina_core.train.engine import TrainConfig
+from retina_core.train.distributed import setup, state_digest
+from retina_core.train.engine import TrainConfig, spawn_train
 
 
 def test_two_process_ddp_replicas_agree_and_rank0_writes(tmp_path):

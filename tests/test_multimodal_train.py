@@ -13,7 +13,7 @@ from retina_core.models import create_model
 from retina_core.models.loading import sha256_file
 from retina_core.phantoms import write_dataset
 from retina_core.train.engine import TrainConfig, train
-from retina_core.train.multimodal import load_multimodal, predict_pairs, predict_volumes
+from retina_core.models.predict import load_multimodal, predict_pairs, predict_volumes
 
 ENCODERS = ("fundus_dr_effnet_b0", "oct_resnet18")
 
@@ -252,7 +252,7 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
     import torch.nn.functional as F
 
     from retina_core.explain.cam import gradcam_single_pass
-    from retina_core.models.volume3d import _WithMeta
+    from retina_core.models.volume3d import WithMeta
     from retina_core.train.multimodal import VolumeLesionCamGuidance
 
     net = _tiny_volume_net().eval()
@@ -287,7 +287,7 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
     assert float(loss.detach()) == pytest.approx(3.0 * float(torch.stack(expected).mean()), rel=1e-4)
 
     # its map is the Grad-CAM the app shows (volume_cam's single pass), before the ReLU
-    _, app_cams = gradcam_single_pass(_WithMeta(net, meta), x, "net." + net.cfg.target_layer, [0, 0, 0])
+    _, app_cams = gradcam_single_pass(WithMeta(net, meta), x, "net." + net.cfg.target_layer, [0, 0, 0])
     assert torch.allclose(torch.relu(cam[:2]), torch.from_numpy(app_cams[:2]), atol=1e-5)
 
     # no guided row (no mask, or normal): exactly zero, and the stored activations are consumed either way
@@ -302,8 +302,8 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
 
 def test_volume_lesion_cam_guidance_can_be_followed_and_masks_move_with_augmentation(tmp_path):
     from retina_core.io.datasets import load_dataset
-    from retina_core.train.multimodal import (VolumeLesionCamGuidance, VolumeSet, decode_volumes, metadata_matrix,
-                                              volume_lesion_mask)
+    from retina_core.models.predict import decode_volumes, metadata_matrix, volume_lesion_mask
+    from retina_core.train.multimodal import VolumeLesionCamGuidance, VolumeSet
 
     data = tmp_path / "vol"
     write_dataset("oct-volume", n=16, seed=4, out=data, size=32)

@@ -1,6 +1,7 @@
 """Research auditing of the explanations: explain-eval (evaluate: 2-D images; evaluate_nd: OCT volumes and the
 fundus + OCT pair), counterfactual phantoms (counterfactual), trust metrics (trust) and the real-lesion readers
-(real_lesions), with the sample readers they score on.
+(real_lesions), with the sample readers they score on. What the three explain-eval modules share (samples, the draw
+of records, statistics, the ranking of methods) is in `common`, which imports none of them.
 
 This package imports `retina_core.explain` (the heatmaps the app serves); explain never imports it.
 Names are loaded lazily, so `import retina_core.audit.trust` stays light.

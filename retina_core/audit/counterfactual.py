@@ -48,9 +48,9 @@ from ..explain.attribution import default_method, explain_batch, resolve_model, 
 from ..explain.pair_methods import resolve_net
 from ..io.datasets import resize_mask_3d
 from . import trust
-from .evaluate import Sample, _resize_sample
-from .evaluate_nd import (_records, _resize_2d, _resize_volume, _union, _volume_predict, meta_tensor_of, pick_round_robin,
-                          volume_map)
+from .common import (Sample, modality_of, pick_round_robin, resize_2d, resize_sample, resize_volume, split_records,
+                     union_mask)
+from .evaluate_nd import meta_tensor_of, volume_map, volume_predict_fn
 
 VARIANTS = {"original": (), "without_masked": ("masked",), "without_ellipsoids": ("ellipsoids",),
             "without_thickening": ("thickening",), "without_masked_and_thickening": ("masked", "thickening")}
@@ -94,8 +94,6 @@ def lesion_reliance(model, data_path, n: int | None = None, split: str | None = 
                     weights_dir=None) -> dict:
     """Counterfactual phantoms for an OCT volume model (`volume_lesion_reliance`), a 2-D OCT B-scan or colour
     fundus classifier (`image_lesion_reliance`) or the fundus + OCT fusion model (`pair_lesion_reliance`)."""
-    from .evaluate_nd import modality_of
-
     modality = modality_of(model)
     if modality == "oct_volume":
         return volume_lesion_reliance(model, data_path, n=n, split=split, seed=seed, weights_dir=weights_dir)
@@ -114,7 +112,7 @@ def _nd_setup(model, weights_dir, data_path, split, modality: str, what: str):
     if m.cfg.modality != modality:
         raise RetinaInputError(f"This counterfactual needs {what}; {m.name} is a {m.cfg.modality} model.")
     root = Path(data_path).expanduser()
-    recs, used = _records(m, root, split)
+    recs, used = split_records(m, root, split)
     return m, root, recs, used, _phantom_rows(root, modality)
 
 
@@ -149,13 +147,13 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
             v = vol.image.astype(np.float32)
             if name == "original":
                 _refuse_mismatch(Path(r.path).name, float(np.abs(v - stored).max()))
-                original, mask = v, _union(vol.masks, v.shape)
+                original, mask = v, union_mask(vol.masks, v.shape)
             elif np.array_equal(v, original):
                 out[name] = None                     # nothing of that kind in this eye
                 continue
-            x = _resize_volume(v, size)
+            x = resize_volume(v, size)
             p, hm = volume_map(m, m.net, x, meta_t, "gradcam")
-            p0 = float(_volume_predict(m, no_record)(x[None])[0])
+            p0 = float(volume_predict_fn(m, no_record)(x[None])[0])
             out[name] = {"p": float(p), "called": bool(p >= 0.5), "p_no_record": p0, "called_no_record": p0 >= 0.5}
             if name == "original" and mask.any():
                 out["pointing_game"] = float(trust.pointing_game_3d(hm, resize_mask_3d(mask, size), tol))
@@ -259,7 +257,7 @@ def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0,
             elif np.array_equal(raw, original):
                 out[name] = None                     # nothing of that kind in this eye
                 continue
-            s = _resize_sample(Sample(to_pixels(img), cls, mask if name == "original" else None, modality), size)
+            s = resize_sample(Sample(to_pixels(img), cls, mask if name == "original" else None, modality), size)
             maps, probs, idx = explain_batch(m, s.image[None], method)
             k = classes.index(cls)
             out[name] = {"p": float(probs[0, k]), "called": int(np.argmax(probs[0])) == k}
@@ -319,7 +317,7 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
     from ..io.decode import read_image
     from ..phantoms.fundus import fundus_phantom
     from ..phantoms.oct import oct_phantom
-    from .evaluate_nd import _pair_predict, pair_maps
+    from .evaluate_nd import pair_predict_fn, pair_maps
 
     m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, "fundus+oct",
                                           "the fundus + OCT fusion model")
@@ -362,9 +360,9 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
             elif all(np.array_equal(imgs[mod], base[mod]) for mod in imgs):
                 out[name] = None
                 continue
-            f, fm = _resize_2d(imgs["fundus"], _union(masks["fundus"], imgs["fundus"].shape[:2]),
+            f, fm = resize_2d(imgs["fundus"], union_mask(masks["fundus"], imgs["fundus"].shape[:2]),
                                tuple(m.net.fundus_cfg.input_size[1:]))
-            o, om = _resize_2d(imgs["oct"], _union(masks["oct"], imgs["oct"].shape[:2]),
+            o, om = resize_2d(imgs["oct"], union_mask(masks["oct"], imgs["oct"].shape[:2]),
                                tuple(m.net.oct_cfg.input_size[1:]))
             probs, _, maps = pair_maps(m, m.net, f, o)
             p = float(probs[k])
@@ -377,7 +375,7 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
             if alone and steps and out[name]["called"]:
                 # the other image's lesions gone, this one carries the call: is its map faithful to it then?
                 img, other = (o, f) if alone == "oct" else (f, o)
-                predict = _pair_predict(m, alone, other)
+                predict = pair_predict_fn(m, alone, other)
                 d = trust.deletion_insertion_auc(predict, img, maps[alone], k, steps=steps)["deletion_auc"]
                 dr = trust.deletion_insertion_auc(predict, img, trust.random_map(maps[alone].shape, seed + len(per)),
                                                   k, steps=steps)["deletion_auc"]

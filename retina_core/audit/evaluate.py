@@ -19,11 +19,9 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -32,55 +30,13 @@ from ..explain import zones
 from ..explain.attribution import (IG_METHODS, VIT_METHODS, available_methods, explain, explain_batch, make_predict_fn,
                                    resolve_model, to_pixels)
 from . import real_lesions, trust
+from .common import (ND_MODALITIES, Sample, cached, finite_mean, json_ready, median_time_ratio, modality_of,
+                     pick_round_robin, random_order_reference, rank_methods, recommend_default, resize_sample)
 
 log = logging.getLogger(__name__)
 
-# metric -> +1 if higher is better, -1 if lower is better (used for the ranking)
-RANKED_METRICS = {"pointing_game": 1, "energy_pointing_game": 1, "insertion_auc": 1, "deletion_auc": -1,
-                  "randomisation_abs_spearman": -1, "stability_ssim": 1, "stability_spearman": 1}
-
-
-@dataclass
-class Sample:
-    image: np.ndarray                 # uint8 [H, W, 3] at evaluation size
-    label: str | None
-    mask: np.ndarray | None           # bool [H, W], union of the lesion masks (None / empty: no lesion)
-    modality: str = ""
-    landmarks: dict = field(default_factory=dict)   # fovea_xy, disc_xy, disc_radius, eye (fundus); fovea_x, span_mm
-    name: str = ""
-    masks: dict = field(default_factory=dict)       # real lesion sets: {lesion code: bool [H, W]} (MA, HE, EX, SE, OD)
-    fov: np.ndarray | None = None                   # real lesion sets: bool [H, W] field of view (chance baselines)
-
 
 # ------------------------------------------------------------------------------------------------ samples
-def _resize_sample(s: Sample, size: tuple[int, int] | None) -> Sample:
-    if size is None or s.image.shape[:2] == tuple(size):
-        return replace(s, fov=zones.field_of_view(s.image)) if s.masks and s.fov is None else s
-    h0, w0 = s.image.shape[:2]
-    h, w = size
-    img = cv2.resize(s.image, (w, h), interpolation=cv2.INTER_AREA if h < h0 else cv2.INTER_LINEAR)
-    mask = None
-    if s.mask is not None:
-        mask = cv2.resize(s.mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-        if s.mask.any() and not mask.any():     # a lesion smaller than one pixel at this size: keep its centre
-            ys, xs = np.nonzero(s.mask)
-            mask[min(h - 1, int(ys.mean() * h / h0)), min(w - 1, int(xs.mean() * w / w0))] = True
-    sx, sy = w / w0, h / h0
-    lm = dict(s.landmarks)
-    if "fovea_xy" in lm:
-        lm["fovea_xy"] = (lm["fovea_xy"][0] * sx, lm["fovea_xy"][1] * sy)
-    if "disc_xy" in lm:
-        lm["disc_xy"] = (lm["disc_xy"][0] * sx, lm["disc_xy"][1] * sy)
-    if "disc_radius" in lm:
-        lm["disc_radius"] = lm["disc_radius"] * (sx + sy) / 2
-    if "fovea_x" in lm:
-        lm["fovea_x"] = lm["fovea_x"] * sx
-    masks, fov = {}, None
-    if s.masks:       # real lesions: "any" pooling keeps microaneurysms of a few pixels; the union follows the parts
-        masks = {k: real_lesions.resize_mask_any(v, (h, w)) for k, v in s.masks.items()}
-        mask = real_lesions.dr_union(masks)
-        fov = zones.field_of_view(img)
-    return Sample(img, s.label, mask, s.modality, lm, s.name, masks, fov)
 
 
 def samples_from_phantoms(phantoms: Sequence) -> list[Sample]:
@@ -123,22 +79,6 @@ def _landmarks_from_row(row: dict) -> tuple[str, dict]:
     return modality, {}
 
 
-def pick_round_robin(records, n: int, seed: int) -> list:
-    """Up to n records, round-robin over their labels in sorted order, each label's records shuffled with `seed`."""
-    rng = np.random.default_rng(seed)
-    by: dict[str, list] = {}
-    for r in records:
-        by.setdefault(r.label, []).append(r)
-    for v in by.values():
-        rng.shuffle(v)
-    chosen = []
-    while len(chosen) < n and any(by.values()):
-        for lab in sorted(by):
-            if by[lab] and len(chosen) < n:
-                chosen.append(by[lab].pop())
-    return chosen
-
-
 def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None, seed: int = 0) -> list[Sample]:
     """Up to n images of a data set folder (any layout `load_dataset` reads), spread evenly over its classes,
     with the union of their lesion masks from `masks/` and landmarks from `phantom_meta.csv` when present."""
@@ -174,9 +114,6 @@ def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _mean(xs) -> float | None:
-    xs = [float(x) for x in xs if x is not None and np.isfinite(x)]
-    return float(np.mean(xs)) if xs else None
 
 
 def _zones_of(hm: np.ndarray, s: Sample) -> dict:
@@ -197,7 +134,7 @@ def _zones_of(hm: np.ndarray, s: Sample) -> dict:
 def _mean_dicts(ds: list[dict]) -> dict | None:
     if not ds:
         return None
-    return {k: _mean([d[k] for d in ds]) for k in ds[0]}
+    return {k: finite_mean([d[k] for d in ds]) for k in ds[0]}
 
 
 def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int = 16,
@@ -264,7 +201,7 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             for k, v in st.items():
                 stab[k]["ssim"].append(v["ssim"])
                 stab[k]["spearman"].append(v["spearman"])
-    stability = {k: {"ssim": _mean(v["ssim"]), "spearman": _mean(v["spearman"])} for k, v in stab.items()}
+    stability = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])} for k, v in stab.items()}
     cons = trust.class_consistency_by_label(per["maps"], per["labels"])
     flags = [c for c in per["correct"] if c is not None]
     zsum = {"centre_lr": _mean_dicts([z["centre_lr"] for z in per["zones"]])}
@@ -274,31 +211,31 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             zsum[key] = _mean_dicts(ds)
     od = [z["optic_disc"] for z in per["zones"] if "optic_disc" in z]
     if od:
-        zsum["optic_disc"] = _mean(od)
+        zsum["optic_disc"] = finite_mean(od)
     res = {
         "n_images": len(samples),
         "n_lesion_images": len(per["pg"]),
-        "pointing_game": _mean(per["pg"]),
+        "pointing_game": finite_mean(per["pg"]),
         # per true class: a map can find haemorrhages and miss microaneurysms; the app warns per suggested class
-        "pointing_game_by_label": {lab: _mean([h for h, l in zip(per["pg"], per["pg_label"]) if l == lab])
+        "pointing_game_by_label": {lab: finite_mean([h for h, l in zip(per["pg"], per["pg_label"]) if l == lab])
                                    for lab in dict.fromkeys(per["pg_label"])},
         "n_lesion_images_by_label": {lab: per["pg_label"].count(lab) for lab in dict.fromkeys(per["pg_label"])},
-        "energy_pointing_game": _mean(per["epg"]),
-        "energy_baseline_mask_area": _mean(per["area"]),
-        "deletion_auc": _mean(per["del"]),
-        "insertion_auc": _mean(per["ins"]),
+        "energy_pointing_game": finite_mean(per["epg"]),
+        "energy_baseline_mask_area": finite_mean(per["area"]),
+        "deletion_auc": finite_mean(per["del"]),
+        "insertion_auc": finite_mean(per["ins"]),
         **random_order_reference(per["del"], per["del_rand"], per["ins_rand"]),
-        "randomisation_spearman": _mean(per["rho"]),
-        "randomisation_abs_spearman": _mean([abs(r) for r in per["rho"]]),
-        "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in per["rho"]]),
-        "randomisation_empty_fraction": _mean(per["rand_empty"]),
+        "randomisation_spearman": finite_mean(per["rho"]),
+        "randomisation_abs_spearman": finite_mean([abs(r) for r in per["rho"]]),
+        "randomisation_changed_fraction": finite_mean([float(abs(r) < 0.5) for r in per["rho"]]),
+        "randomisation_empty_fraction": finite_mean(per["rand_empty"]),
         "stability": stability,
-        "stability_ssim": _mean([v["ssim"] for v in stability.values()]),
-        "stability_spearman": _mean([v["spearman"] for v in stability.values()]),
+        "stability_ssim": finite_mean([v["ssim"] for v in stability.values()]),
+        "stability_spearman": finite_mean([v["spearman"] for v in stability.values()]),
         "class_consistency": cons,
         "centre_attention_vs_confidence": trust.centre_attention_vs_confidence(per["centre"], per["conf"]),
         "zones": zsum,
-        "seconds_per_image": _mean(per["sec"]),
+        "seconds_per_image": finite_mean(per["sec"]),
     }
     if len(flags) == len(per["correct"]) and flags:
         res["correct_vs_misclassified"] = trust.correct_vs_misclassified(per["centre"], flags)
@@ -309,21 +246,6 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             per["real"], [samples[i].name for i in ri], [classes[per["tgt"][i]] for i in ri],
             [per["conf"][i] for i in ri], [per["del"][i] for i in ri], [per["del_rand"][i] for i in ri])
     return res
-
-
-SPEED_TARGET = 1.3          # heatmap + prediction at most 1.3x a bare forward (the default path's budget)
-RANDOMISATION_LIMIT = 0.5   # mean |Spearman| between maps of the trained and the randomised model must stay below
-ND_MODALITIES = ("oct_volume", "fundus+oct")   # models scored by `evaluate_nd` (3-D / per-modality maps)
-
-
-def passes_randomisation(report: dict) -> bool | None:
-    """The sanity verdict of one method's explain-eval results: mean |rho| below RANDOMISATION_LIMIT. None when the
-    check was not run, or when it is inconclusive: the randomised model's maps were mostly empty (a one-logit model's
-    Grad-CAM after ReLU), so rho is 0 by convention and says nothing."""
-    rho = report.get("randomisation_abs_spearman")
-    if rho is None or (report.get("randomisation_empty_fraction") or 0.0) > 0.5:
-        return None
-    return bool(rho < RANDOMISATION_LIMIT)
 
 
 def cost_vs_forward(m, image: np.ndarray, method: str, repeats: int = 9) -> float:
@@ -340,82 +262,6 @@ def cost_vs_forward(m, image: np.ndarray, method: str, repeats: int = 9) -> floa
         explain_batch(m, image[None], method)
 
     return median_time_ratio(forward, heat, 3 if method in IG_METHODS or method == "scorecam" else repeats)
-
-
-def median_time_ratio(forward, heat, repeats: int) -> float:
-    """Median of heat() time / forward() time over interleaved repeats, after one warm-up call of each."""
-    for f in (forward, heat):
-        f()
-    ratios = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        forward()
-        t1 = time.perf_counter()
-        heat()
-        t2 = time.perf_counter()
-        ratios.append((t2 - t1) / max(t1 - t0, 1e-9))
-    return float(np.median(ratios))
-
-
-def cached(cache: dict | None, key, compute):
-    """compute(), remembered in `cache` under `key` (no cache: computed every time)."""
-    if cache is None:
-        return compute()
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
-
-
-def random_order_reference(dels: list, dels_rand: list, ins_rand: list) -> dict:
-    """Faithfulness against chance: the deletion / insertion AUC of a random map (`trust.random_map`) on the same
-    images, and whether the method's map deletes what matters faster (a lower mean deletion AUC)."""
-    d, dr = _mean(dels), _mean(dels_rand)
-    return {"deletion_auc_random_map": dr, "insertion_auc_random_map": _mean(ins_rand),
-            "faithful_vs_random": None if d is None or dr is None else bool(d < dr)}
-
-
-def recommend_default(results: dict[str, dict], ranking: list[dict]) -> dict:
-    """The best-ranked method that passes the randomisation check, deletes what matters faster than a random map
-    (when that was measured) and meets the speed target (None if none)."""
-    why = {}
-    for row in ranking:
-        meth, r = row["method"], results[row["method"]]
-        rho, cost = r.get("randomisation_abs_spearman"), r.get("cost_vs_forward")
-        problems = []
-        if passes_randomisation(r) is False:
-            problems.append(f"fails the randomisation check (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT})")
-        if r.get("faithful_vs_random") is False:
-            problems.append(f"no more faithful than a random map (deletion AUC {r['deletion_auc']:.2f} >= "
-                            f"{r['deletion_auc_random_map']:.2f})")
-        if cost is not None and cost > SPEED_TARGET:
-            problems.append(f"too slow ({cost:.2f}x a bare forward > {SPEED_TARGET}x)")
-        if not problems:
-            return {"method": meth, "mean_rank": row["mean_rank"], "pointing_game": r.get("pointing_game"),
-                    "cost_vs_forward": cost, "randomisation_abs_spearman": rho, "passed_over": why,
-                    "deletion_auc": r.get("deletion_auc"), "deletion_auc_random_map": r.get("deletion_auc_random_map"),
-                    "rule": f"best mean rank among methods with mean |rho| < {RANDOMISATION_LIMIT}, a deletion AUC "
-                            f"below a random map's (where measured) and cost <= {SPEED_TARGET}x a bare forward"}
-        why[meth] = "; ".join(problems)
-    return {"method": None, "passed_over": why}
-
-
-def rank_methods(results: dict[str, dict]) -> list[dict]:
-    """Mean rank over RANKED_METRICS (1 = best; ties share the average rank); metrics missing for a method are
-    skipped for it. Class consistency and speed are reported but not ranked (their 'better' is not one-sided)."""
-    from scipy.stats import rankdata
-
-    ranks: dict[str, dict[str, float]] = {m: {} for m in results}
-    for metric, sign in RANKED_METRICS.items():
-        have = [(m, r.get(metric)) for m, r in results.items() if r.get(metric) is not None]
-        if len(have) < 2:
-            continue
-        rk = rankdata([-sign * v for _, v in have], method="average")
-        for (m, _), k in zip(have, rk):
-            ranks[m][metric] = float(k)
-    rows = [{"method": m, "mean_rank": (float(np.mean(list(r.values()))) if r else None), "ranks": r}
-            for m, r in ranks.items()]
-    rows.sort(key=lambda d: (d["mean_rank"] is None, d["mean_rank"] or 0.0))
-    return rows
 
 
 def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam",), n: int = 16,
@@ -439,7 +285,7 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     `split` ("test" by default: the held-out part of the patient-level split training used; "all") of a volumes /
     paired data set, at the model's input size; `eval_size` does not apply to them.
     """
-    from .evaluate_nd import explain_eval_nd, modality_of
+    from .evaluate_nd import explain_eval_nd
 
     if modality_of(model) in ND_MODALITIES:
         return explain_eval_nd(model, data_path, methods=methods, n=n, weights_dir=weights_dir, phantoms=phantoms,
@@ -484,7 +330,7 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
                      f"{real_lesions.TOLERANCE_FRACTION:.0%} of the width with ties broken at random (real_lesions; "
                      f"the top-level pointing_game is the {real_lesions.TOLERANCE_FRACTION:.0%} one), chance = "
                      f"(dilated) lesion area / field of view.")
-    samples = [_resize_sample(s, size) for s in samples]
+    samples = [resize_sample(s, size) for s in samples]
     if not any(s.mask is not None and s.mask.any() for s in samples):
         notes.append("No lesion masks found: pointing-game metrics are empty.")
     rnet = None
@@ -510,7 +356,7 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
                            "seed": seed, "deletion_baseline": "blur", "noise_sigma": 0.03, "brightness": 1.15}}
     if disc is not None:
         report["optic_disc_detection"] = disc
-    return _clean(report)
+    return json_ready(report)
 
 
 def _disc_errors(samples: list[Sample]) -> dict | None:
@@ -529,21 +375,6 @@ def _disc_errors(samples: list[Sample]) -> dict | None:
         rows.append(r)
         names.append(s.name)
     return real_lesions.summarise_disc_errors(rows, names) if rows else None
-
-
-def _clean(obj):
-    """JSON-ready: NaN / inf -> None, numpy scalars -> Python numbers, tuples -> lists."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return trust.finite_or_none(obj)
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -755,8 +586,6 @@ def write_evidence(report: dict, weights_dir=None) -> Path | None:
 
 
 def cmd_explain_eval(args) -> int:
-    from .evaluate_nd import modality_of
-
     if args.set_default:                     # refused before the evaluation runs, not after it
         _refuse_default_for_nd(args.model, modality_of(args.model))
     if args.counterfactual and modality_of(args.model) not in ("oct_volume", "oct", "fundus", "fundus+oct"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,9 +34,11 @@ from torch import nn
 from ..errors import RetinaInputError
 from ..explain.pair_methods import FUSION_METHODS, ResolvedNet, pair_maps, pair_tensors, resolve_net
 from ..explain.volume_methods import VOLUME_METHODS, volume_blur  # every CAM-family method, a 3-D Score-CAM and IG
-from ..io.datasets import lesion_mask_files, read_volume_mask, resize_mask_3d, training_splits
+from ..io.datasets import lesion_mask_files, read_volume_mask, resize_mask_3d
 from . import trust
-from .evaluate import ND_MODALITIES, _mean, cached, median_time_ratio, pick_round_robin, random_order_reference
+from .common import (ND_MODALITIES, cached, finite_mean, json_ready, median_time_ratio, pick_round_robin,
+                     random_order_reference, rank_methods, recommend_default, resize_2d, resize_volume, split_records,
+                     union_mask)
 
 log = logging.getLogger(__name__)
 
@@ -64,80 +66,17 @@ class PairSample:
     name: str = ""
 
 
-def modality_of(model) -> str:
-    """The modality of a registered name, LoadedModel or nn.Module with a cfg ('' if unknown)."""
-    if isinstance(model, str):
-        from ..models import get_cfg
-
-        try:
-            return get_cfg(model).modality
-        except RetinaInputError:
-            return ""
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
-    return getattr(cfg, "modality", "") or ""
-
-
 # ------------------------------------------------------------------------------------------------ resizing
-def _resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    import torch.nn.functional as F
-
-    if vol.shape == tuple(size):
-        return vol.astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy().clip(0, 1)
-
-
-def _resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
-    from .evaluate import Sample, _resize_sample
-
-    s = _resize_sample(Sample(img, None, mask), tuple(size))
-    return s.image, s.mask
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def _records(m: ResolvedNet, data_path, split: str | None) -> tuple[list, str]:
-    """The data set's records (labels mapped to the model's classes as in training) of `split`, drawn with the
-    patient-level split training used (seed from the manifest entry, else 0). split None / "all": every record."""
-    from ..io.datasets import load_dataset
-    from ..models.multimodal import binary_label
-
-    needs = "volumes" if m.cfg.modality == "oct_volume" else "paired"
-    root = Path(data_path).expanduser()
-    if not root.exists():
-        raise RetinaInputError(f"Data folder {data_path} does not exist.")
-    index = load_dataset(root)
-    if index.layout != needs:
-        what = {"paired": "fundus + OCT pairs (pairs.csv with fundus/ and oct/ images)",
-                "volumes": "OCT volumes (NIfTI files + metadata.csv)"}[needs]
-        kind = "paired" if needs == "paired" else "oct-volume"
-        raise RetinaInputError(f"{m.name} reads {what}, but {data_path} is a {index.layout!r} data set. Point "
-                               f"--data at such a folder, e.g. one made with `python -m retina_core data phantoms "
-                               f"--kind {kind} --n 24 --out DIR`.")
-    classes = tuple(m.cfg.classes)
-    recs = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in index.records]
-    recs = [r for r in recs if r.label in classes]
-    if not recs:
-        raise RetinaInputError(f"{data_path} has no sample of the classes of {m.name}: {', '.join(classes)}.")
-    if split in (None, "", "all"):
-        return recs, "all"
-    if split not in ("train", "val", "test"):
-        raise RetinaInputError(f"Unknown split {split!r}; use train, val, test or all.")
-    seed = int((m.entry.get("config") or {}).get("seed", 0) or 0)
-    try:
-        chosen = training_splits(recs, seed).get(split, [])
-    except RetinaInputError:
-        chosen = []
-    if not chosen:
-        raise RetinaInputError(f"The {split!r} split of {data_path} is empty ({len(recs)} samples in all); use "
-                               f"--split all for a data set the model was not trained on.")
-    return chosen, split
 
 
 def volume_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, split: str | None = "test"
                                 ) -> tuple[list[VolumeSample], str]:
     from ..io.decode import read_image
 
-    recs, used = _records(m, data_path, split)
+    recs, used = split_records(m, data_path, split)
     root = Path(data_path).expanduser()
     size = tuple(m.cfg.input_size[1:])
     out = []
@@ -147,7 +86,7 @@ def volume_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0
             raise RetinaInputError(f"{r.path} is not a volume ({img.kind}).")
         vol = np.asarray(img.pixels, np.float32)
         mask = read_volume_mask(root, Path(r.path), vol.shape)
-        out.append(VolumeSample(_resize_volume(vol, size), dict(r.meta), r.eye, r.label,
+        out.append(VolumeSample(resize_volume(vol, size), dict(r.meta), r.eye, r.label,
                                 resize_mask_3d(mask, size), Path(r.path).name))
     return out, used
 
@@ -159,7 +98,7 @@ def pair_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, 
     from ..explain.attribution import to_pixels
     from ..io.decode import read_image
 
-    recs, used = _records(m, data_path, split)
+    recs, used = split_records(m, data_path, split)
     root = Path(data_path).expanduser()
     out = []
     for r in pick_round_robin(recs, n, seed):
@@ -182,14 +121,9 @@ def pair_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, 
 
 
 def _pair_at_size(m: ResolvedNet, fundus, oct_, fmask, omask, label, name) -> PairSample:
-    f, fm = _resize_2d(fundus, fmask, tuple(m.net.fundus_cfg.input_size[1:]))
-    o, om = _resize_2d(oct_, omask, tuple(m.net.oct_cfg.input_size[1:]))
+    f, fm = resize_2d(fundus, fmask, tuple(m.net.fundus_cfg.input_size[1:]))
+    o, om = resize_2d(oct_, omask, tuple(m.net.oct_cfg.input_size[1:]))
     return PairSample(f, o, label, fm, om, name)
-
-
-def _union(masks: dict | None, shape) -> np.ndarray:
-    ms = [np.asarray(v, bool) for v in (masks or {}).values()]
-    return np.logical_or.reduce(ms) if ms else np.zeros(shape, bool)
 
 
 def volume_samples_from_phantoms(m: ResolvedNet, phantoms: Sequence) -> list[VolumeSample]:
@@ -202,8 +136,8 @@ def volume_samples_from_phantoms(m: ResolvedNet, phantoms: Sequence) -> list[Vol
             raise RetinaInputError(f"{m.name} needs OCT volume phantoms (`phantoms.oct_volume`); item {i} is a "
                                    f"{getattr(ph, 'modality', type(ph).__name__)!r} phantom.")
         meta = dict(ph.meta or {})
-        out.append(VolumeSample(_resize_volume(vol, size), meta, meta.get("eye"), ph.label,
-                                resize_mask_3d(_union(ph.masks, vol.shape), size), f"phantom{i}"))
+        out.append(VolumeSample(resize_volume(vol, size), meta, meta.get("eye"), ph.label,
+                                resize_mask_3d(union_mask(ph.masks, vol.shape), size), f"phantom{i}"))
     return out
 
 
@@ -221,14 +155,14 @@ def pair_samples_from_phantoms(m: ResolvedNet, pairs: Sequence) -> list[PairSamp
             raise RetinaInputError(f"{m.name} needs (fundus, OCT) phantom pairs (`phantoms.paired_phantoms`); item "
                                    f"{i} is not one.")
         fp, op = to_pixels(f.image), to_pixels(o.image)
-        out.append(_pair_at_size(m, fp, op, _union(f.masks, fp.shape[:2]), _union(o.masks, op.shape[:2]),
+        out.append(_pair_at_size(m, fp, op, union_mask(f.masks, fp.shape[:2]), union_mask(o.masks, op.shape[:2]),
                                  f.label, f"pair{i}"))
     return out
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _auc(y) -> float:
-    return trust._auc(np.asarray(y, np.float64))
+    return trust.curve_auc(np.asarray(y, np.float64))
 
 
 # ------------------------------------------------------------------------------------------------ volumes
@@ -266,7 +200,9 @@ def volume_map(m: ResolvedNet, net: nn.Module, vol: np.ndarray, meta_t: torch.Te
     return p, np.asarray(maps[0], np.float32)
 
 
-def _volume_predict(m: ResolvedNet, meta_t: torch.Tensor, batch_size: int = 9):
+def volume_predict_fn(m: ResolvedNet, meta_t: torch.Tensor, batch_size: int = 9):
+    """predict(float32 [B, D, H, W] volumes in [0, 1] at the input size) -> P(disease) [B], the record `meta_t`
+    fixed."""
     def predict(vols: np.ndarray) -> np.ndarray:
         out = []
         with torch.no_grad():
@@ -308,7 +244,7 @@ def perturb_volume(vol: np.ndarray, kind: str, rng: np.random.Generator, noise_s
         v = vol * brightness
     elif kind == "shift":
         s = max(2, int(round(min(vol.shape[1:]) / 56.0)))
-        v = trust._shift(vol.transpose(1, 2, 0), s, s).transpose(2, 0, 1)
+        v = trust.shift_image(vol.transpose(1, 2, 0), s, s).transpose(2, 0, 1)
     elif kind in ("none", "identity"):
         v = vol
     else:
@@ -319,7 +255,7 @@ def perturb_volume(vol: np.ndarray, kind: str, rng: np.random.Generator, noise_s
 def _compare_shifted(ref: np.ndarray, pm: np.ndarray, s: int) -> dict:
     a, b = ref, pm
     if s:
-        b = trust._shift(pm.transpose(1, 2, 0), -s, -s).transpose(2, 0, 1)
+        b = trust.shift_image(pm.transpose(1, 2, 0), -s, -s).transpose(2, 0, 1)
         a, b = a[:, :-s, :-s], b[:, :-s, :-s]
     return {"ssim": trust.ssim(a, b), "spearman": trust.spearman(a, b)}
 
@@ -377,7 +313,7 @@ def evaluate_volume_method(m: ResolvedNet, samples: list[VolumeSample], method: 
         if empty:
             continue
         if steps and p >= 0.5:
-            predict = _volume_predict(m, mt)
+            predict = volume_predict_fn(m, mt)
             di = volume_deletion_insertion(predict, s.volume, hm, steps)
             per["del"].append(di["deletion_auc"])
             per["ins"].append(di["insertion_auc"])
@@ -397,41 +333,41 @@ def evaluate_volume_method(m: ResolvedNet, samples: list[VolumeSample], method: 
             c = _compare_shifted(hm, volume_map(m, m.net, pv, mt, method)[1], sh)
             stab[kind]["ssim"].append(c["ssim"])
             stab[kind]["spearman"].append(c["spearman"])
-    stability = {k: {"ssim": _mean(v["ssim"]), "spearman": _mean(v["spearman"])} for k, v in stab.items()}
+    stability = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])} for k, v in stab.items()}
     flags = [c for c in per["correct"] if c is not None]
     res = {
         "n_images": len(samples),
         "n_lesion_images": len(per["pg"]),
-        "pointing_game": _mean(per["pg"]),
-        "pointing_game_tiebreak": _mean(per["pg_tie"]),
-        "pointing_game_chance": _mean(per["chance"]),
-        "energy_pointing_game": _mean(per["epg"]),
-        "energy_baseline_mask_area": _mean(per["area"]),
-        "slice_hit_rate": _mean(per["slice"]),
-        "slice_hit_baseline": _mean(per["slice_base"]),
-        "empty_map_fraction": _mean([float(e) for e in per["empty"]]),
+        "pointing_game": finite_mean(per["pg"]),
+        "pointing_game_tiebreak": finite_mean(per["pg_tie"]),
+        "pointing_game_chance": finite_mean(per["chance"]),
+        "energy_pointing_game": finite_mean(per["epg"]),
+        "energy_baseline_mask_area": finite_mean(per["area"]),
+        "slice_hit_rate": finite_mean(per["slice"]),
+        "slice_hit_baseline": finite_mean(per["slice_base"]),
+        "empty_map_fraction": finite_mean([float(e) for e in per["empty"]]),
         "empty_map_fraction_by_label": _by_label(per["labels"], per["empty"]),
         "n_faithfulness_images": len(per["del"]),
-        "deletion_auc": _mean(per["del"]),
-        "insertion_auc": _mean(per["ins"]),
+        "deletion_auc": finite_mean(per["del"]),
+        "insertion_auc": finite_mean(per["ins"]),
         **random_order_reference(per["del"], per["del_rand"], per["ins_rand"]),
         "n_randomisation_images": len(per["rho"]),
-        "randomisation_spearman": _mean(per["rho"]),
-        "randomisation_abs_spearman": _mean([abs(r) for r in per["rho"]]),
-        "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in per["rho"]]),
-        "randomisation_empty_fraction": _mean([float(e) for e in per["r_empty"]]),
+        "randomisation_spearman": finite_mean(per["rho"]),
+        "randomisation_abs_spearman": finite_mean([abs(r) for r in per["rho"]]),
+        "randomisation_changed_fraction": finite_mean([float(abs(r) < 0.5) for r in per["rho"]]),
+        "randomisation_empty_fraction": finite_mean([float(e) for e in per["r_empty"]]),
         "n_stability_images": n_stab,
         "stability": stability,
-        "stability_ssim": _mean([v["ssim"] for v in stability.values()]),
-        "stability_spearman": _mean([v["spearman"] for v in stability.values()]),
+        "stability_ssim": finite_mean([v["ssim"] for v in stability.values()]),
+        "stability_spearman": finite_mean([v["spearman"] for v in stability.values()]),
         "class_consistency": trust.class_consistency_by_label([h for h, _ in per["maps"]],
                                                               [lab for _, lab in per["maps"]]),
-        "seconds_per_image": _mean(per["sec"]),
+        "seconds_per_image": finite_mean(per["sec"]),
     }
     if flags and len(flags) == len(per["correct"]):
         res["accuracy"] = float(np.mean(flags))
     if image_led is not None:
-        res["pointing_game_image_led"] = _mean(per["pg_led"])
+        res["pointing_game_image_led"] = finite_mean(per["pg_led"])
         res["n_lesion_images_image_led"] = len(per["pg_led"])
     return res
 
@@ -464,9 +400,9 @@ def volume_input_summary(m: ResolvedNet, samples: list[VolumeSample]) -> dict:
 def volume_map_grid(m: ResolvedNet, s: VolumeSample) -> list[int]:
     """Cells of the target layer's output (depth, height, width) that the 3-D Grad-CAM is upsampled from."""
     from ..explain.cam import gradcam_single_pass
-    from ..models.volume3d import _WithMeta
+    from ..models.volume3d import WithMeta
 
-    _, raw = gradcam_single_pass(_WithMeta(m.net, _meta_tensor(m, s)), _prep_volumes(m, s.volume[None]),
+    _, raw = gradcam_single_pass(WithMeta(m.net, _meta_tensor(m, s)), _prep_volumes(m, s.volume[None]),
                                  "net." + _target_layer(m), [0])
     return list(raw.shape[1:])
 
@@ -485,7 +421,7 @@ def volume_cost_vs_forward(m: ResolvedNet, s: VolumeSample, method: str, repeats
 
 
 # ------------------------------------------------------------------------------------------------ fusion
-def _pair_predict(m: ResolvedNet, modality: str, other: np.ndarray, batch_size: int = 34):
+def pair_predict_fn(m: ResolvedNet, modality: str, other: np.ndarray, batch_size: int = 34):
     """predict(uint8 [B, H, W, 3] images of `modality`) -> probabilities [B, K], the other image fixed (its
     embedding computed once)."""
     from ..models.loading import preprocess_image
@@ -552,7 +488,7 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
             if empty:
                 continue
             if steps:
-                predict = _pair_predict(m, mod, other)
+                predict = pair_predict_fn(m, mod, other)
                 di = trust.deletion_insertion_auc(predict, imgs[mod], hm, k, steps=steps)
                 P["del"].append(di["deletion_auc"])
                 P["ins"].append(di["insertion_auc"])
@@ -587,25 +523,26 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
         P = per[mod]
         for k in pooled:
             pooled[k] += P[k]
-        stability = {k: {"ssim": _mean(v["ssim"]), "spearman": _mean(v["spearman"])} for k, v in stab[mod].items()}
-        abs_rho = _mean([abs(r) for r in P["rho"]])
+        stability = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])}
+                     for k, v in stab[mod].items()}
+        abs_rho = finite_mean([abs(r) for r in P["rho"]])
         res.update({
             f"n_lesion_images_{mod}": len(P["pg"]),
-            f"pointing_game_{mod}": _mean(P["pg"]),
-            f"pointing_game_tiebreak_{mod}": _mean(P["pg_tie"]),
-            f"pointing_game_chance_{mod}": _mean(P["chance"]),
-            f"energy_pointing_game_{mod}": _mean(P["epg"]),
-            f"energy_baseline_mask_area_{mod}": _mean(P["area"]),
-            f"empty_map_fraction_{mod}": _mean([float(e) for e in P["empty"]]),
-            f"deletion_auc_{mod}": _mean(P["del"]),
-            f"insertion_auc_{mod}": _mean(P["ins"]),
+            f"pointing_game_{mod}": finite_mean(P["pg"]),
+            f"pointing_game_tiebreak_{mod}": finite_mean(P["pg_tie"]),
+            f"pointing_game_chance_{mod}": finite_mean(P["chance"]),
+            f"energy_pointing_game_{mod}": finite_mean(P["epg"]),
+            f"energy_baseline_mask_area_{mod}": finite_mean(P["area"]),
+            f"empty_map_fraction_{mod}": finite_mean([float(e) for e in P["empty"]]),
+            f"deletion_auc_{mod}": finite_mean(P["del"]),
+            f"insertion_auc_{mod}": finite_mean(P["ins"]),
             **{f"{k}_{mod}": v for k, v in random_order_reference(P["del"], P["del_rand"], P["ins_rand"]).items()},
-            f"randomisation_spearman_{mod}": _mean(P["rho"]),
+            f"randomisation_spearman_{mod}": finite_mean(P["rho"]),
             f"randomisation_abs_spearman_{mod}": abs_rho,
-            f"randomisation_empty_fraction_{mod}": _mean([float(e) for e in P["r_empty"]]),
+            f"randomisation_empty_fraction_{mod}": finite_mean([float(e) for e in P["r_empty"]]),
             f"stability_{mod}": stability,
-            f"stability_ssim_{mod}": _mean([v["ssim"] for v in stability.values()]),
-            f"stability_spearman_{mod}": _mean([v["spearman"] for v in stability.values()]),
+            f"stability_ssim_{mod}": finite_mean([v["ssim"] for v in stability.values()]),
+            f"stability_spearman_{mod}": finite_mean([v["spearman"] for v in stability.values()]),
             f"map_grid_{mod}": grids.get(mod),
         })
         if abs_rho is not None and (worst is None or abs_rho > res[f"randomisation_abs_spearman_{worst}"]):
@@ -614,23 +551,23 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
     flags = [c for c in correct if c is not None]
     res.update({
         "n_lesion_images": len(pooled["pg"]),
-        "pointing_game": _mean(pooled["pg"]),
-        "pointing_game_tiebreak": _mean(pooled["pg_tie"]),
-        "energy_pointing_game": _mean(pooled["epg"]),
-        "deletion_auc": _mean(pooled["del"]),
-        "insertion_auc": _mean(pooled["ins"]),
+        "pointing_game": finite_mean(pooled["pg"]),
+        "pointing_game_tiebreak": finite_mean(pooled["pg_tie"]),
+        "energy_pointing_game": finite_mean(pooled["epg"]),
+        "deletion_auc": finite_mean(pooled["del"]),
+        "insertion_auc": finite_mean(pooled["ins"]),
         **random_order_reference(pooled["del"], pooled["del_rand"], pooled["ins_rand"]),
         # a map must pass the sanity check in both modalities: the overall rho is the worse modality's
         "randomisation_modality": worst,
         "randomisation_spearman": res.get(f"randomisation_spearman_{worst}") if worst else None,
         "randomisation_abs_spearman": res.get(f"randomisation_abs_spearman_{worst}") if worst else None,
-        "randomisation_changed_fraction": _mean([float(abs(r) < 0.5) for r in all_rho]),
-        "stability_ssim": _mean([res[f"stability_ssim_{mod}"] for mod in MODALITIES]),
-        "stability_spearman": _mean([res[f"stability_spearman_{mod}"] for mod in MODALITIES]),
+        "randomisation_changed_fraction": finite_mean([float(abs(r) < 0.5) for r in all_rho]),
+        "stability_ssim": finite_mean([res[f"stability_ssim_{mod}"] for mod in MODALITIES]),
+        "stability_spearman": finite_mean([res[f"stability_spearman_{mod}"] for mod in MODALITIES]),
         "class_consistency": {mod: trust.class_consistency_by_label([h for h, _ in per[mod]["maps"]],
                                                                     [lab for _, lab in per[mod]["maps"]])
                               for mod in MODALITIES},
-        "seconds_per_image": _mean(sec),
+        "seconds_per_image": finite_mean(sec),
     })
     if flags and len(flags) == len(correct):
         res["accuracy"] = float(np.mean(flags))
@@ -660,8 +597,6 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     training used (default "test"; "all" for data the model never saw). phantoms: in-memory `oct_volume` phantoms
     or (fundus, OCT) pairs from `paired_phantoms` instead. Everything is evaluated at the model's input size.
     """
-    from .evaluate import _clean, rank_methods, recommend_default
-
     m = resolve_net(model, weights_dir)
     modality = m.cfg.modality
     if modality not in ND_MODALITIES:
@@ -769,7 +704,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     ranking = rank_methods(results)
     extra = {}
     if inputs is not None:
-        extra["inputs"] = {"image_led_fraction": _mean([float(x) for x in inputs["image_led"]]),
+        extra["inputs"] = {"image_led_fraction": finite_mean([float(x) for x in inputs["image_led"]]),
                            "by_label": inputs["by_label"]}
         notes.append("inputs: exact Shapley values of P(disease) over the image (the volume against its 3-D blur) "
                      "and each clinical value (given against not recorded), shares |value| / sum, averaged over "
@@ -777,7 +712,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
                      f"volumes called disease with the image holding >= {IMAGE_LED_SHARE:.0%} of the evidence: a "
                      "suggestion that rests on clinical values (HbA1c, on the diabetic phantoms) has no image "
                      "location to point at.")
-    return _clean({"model": m.name, "weights_sha256": m.sha256, "modality": modality, "data": source,
+    return json_ready({"model": m.name, "weights_sha256": m.sha256, "modality": modality, "data": source,
                    "split": used_split, "n_images": len(samples), "eval_size": eval_size, "metric_kind": "phantom",
                    "methods": results, "ranking": ranking, "recommended_default": recommend_default(results, ranking),
                    **extra, "notes": notes,

@@ -158,7 +158,8 @@ def _baseline_image(image: np.ndarray, baseline: str) -> np.ndarray:
     raise ValueError("baseline must be 'blur', 'mean' or 'black'")
 
 
-def _auc(y: np.ndarray) -> float:
+def curve_auc(y: np.ndarray) -> float:
+    """Trapezoidal area under a curve sampled at evenly spaced points of [0, 1]."""
     x = np.linspace(0.0, 1.0, len(y))
     return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0)
 
@@ -225,7 +226,7 @@ def deletion_insertion_auc(predict_fn: Callable[[np.ndarray], np.ndarray], image
                             for i in range(0, len(batch), batch_size)])
     p = probs[:, int(target)].astype(np.float64)
     dele, ins = p[: steps + 1], p[steps + 1:]
-    out = {"deletion_auc": _auc(dele), "insertion_auc": _auc(ins)}
+    out = {"deletion_auc": curve_auc(dele), "insertion_auc": curve_auc(ins)}
     if return_curves:
         out.update({"fractions": [c / n for c in counts], "deletion_curve": dele.tolist(),
                     "insertion_curve": ins.tolist()})
@@ -312,10 +313,10 @@ def randomisation_check(model, image: np.ndarray, method: str = "gradcam", targe
         ref_map, _, idx = _map_and_target(m, pix, method, target)
         tgt = idx[0]
     else:
-        from ..explain.attribution import _target_indices, make_predict_fn, to_pixels
+        from ..explain.attribution import target_indices, make_predict_fn, to_pixels
 
         probs = make_predict_fn(m)(to_pixels(pix)[None])
-        tgt = _target_indices(target, m.classes, torch.as_tensor(probs.argmax(1)))[0]
+        tgt = target_indices(target, m.classes, torch.as_tensor(probs.argmax(1)))[0]
         ref_map = xfn(m, pix, method, tgt)
 
     def map_of(net: nn.Module) -> np.ndarray:
@@ -349,7 +350,7 @@ def _map_and_target(m, pixels, method, target):
 
 
 # ------------------------------------------------------------------------------------------------ stability
-def _shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+def shift_image(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Translate by (dy, dx) pixels, filling the uncovered border with the edge values."""
     h, w = img.shape[:2]
     pad = [(max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))] + [(0, 0)] * (img.ndim - 2)
@@ -370,7 +371,7 @@ def perturb(image_uint8: np.ndarray, kind: str, rng: np.random.Generator, noise_
     elif kind == "shift":
         s = shift_px if shift_px is not None else max(2, int(round(min(x.shape[:2]) / 56.0)))
         dydx = (s, s)
-        x = _shift(x, *dydx)
+        x = shift_image(x, *dydx)
     elif kind not in ("none", "identity"):
         raise ValueError(f"unknown perturbation {kind!r}; use noise, brightness, shift or none")
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8), dydx
@@ -409,7 +410,7 @@ def stability_under_perturbation(explain_fn: Callable[[np.ndarray], np.ndarray],
         pm = _resize_to(np.asarray(explain_fn(pimg), dtype=np.float32), ref.shape)
         a, b = ref, pm
         if dy or dx:
-            b = _shift(pm, -dy, -dx)
+            b = shift_image(pm, -dy, -dx)
             h, w = ref.shape
             a, b = a[: h - abs(dy), : w - abs(dx)], b[: h - abs(dy), : w - abs(dx)]
         out[kind] = {"ssim": ssim(a, b), "spearman": spearman(a, b)}

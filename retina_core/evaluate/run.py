@@ -10,25 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import RetinaInputError
 from ..models.loading import LoadedModel, load_model
+from ..models.predict import predict_pairs, predict_paths, predict_volumes
 from .metrics import bootstrap_ci, classification_metrics
 
 MULTI_INPUT = ("fundus+oct", "oct_volume")
-
-
-@torch.inference_mode()
-def predict_paths(model: LoadedModel, paths: list[Path], batch_size: int = 32) -> np.ndarray:
-    """Calibrated probabilities [N, C] for image files, decoded by `read_image` and preprocessed from the cfg."""
-    from ..io.decode import read_image
-
-    out = []
-    for i in range(0, len(paths), batch_size):
-        x = torch.cat([model.preprocess(read_image(p).pixels) for p in paths[i:i + batch_size]])
-        out.append(model.predict_proba(x).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.cfg.num_classes))
 
 
 def load_member(name: str, weights_dir=None, encoders_dir=None) -> LoadedModel:
@@ -72,13 +60,11 @@ def member_probabilities(model: LoadedModel, records) -> np.ndarray:
     """Calibrated probabilities of a loaded model on records: (N, C), or (N,) P(disease) for one logit."""
     modality = model.cfg.modality
     if modality == "fundus+oct":
-        from ..train.multimodal import predict_pairs
         if any("oct" not in r.meta for r in records):
             raise RetinaInputError(f"{model.name} reads fundus + OCT pairs: give a paired data set (pairs.csv), "
                                    f"e.g. `python -m retina_core data phantoms --kind paired`.")
         return predict_pairs(model, [r.path for r in records], [Path(r.meta["oct"]) for r in records])
     if modality == "oct_volume":
-        from ..train.multimodal import predict_volumes
         return predict_volumes(model, records)
     return predict_paths(model, [r.path for r in records])
 

@@ -176,7 +176,9 @@ def eval_mode(net: nn.Module) -> Iterator[None]:
         net.train(was)
 
 
-def _target_indices(target, classes: Sequence[str], predicted: torch.Tensor) -> list[int]:
+def target_indices(target, classes: Sequence[str], predicted: torch.Tensor) -> list[int]:
+    """The class index each image's map explains: `target` (a class name or index, or one per image), or the
+    predicted class where it is None."""
     n = len(predicted)
     if target is None:
         return [int(p) for p in predicted]
@@ -396,7 +398,7 @@ def attribute(model, x: torch.Tensor, method: str = "gradcam",
     with torch.inference_mode(False):      # a normal tensor even when the caller runs under inference_mode
         x = x.to(m.device).clone()
     # explicit targets need only the class list; None means "the predicted class", known after the forward
-    tg = None if target is None else _target_indices(target, m.classes, torch.zeros(x.shape[0], dtype=torch.long))
+    tg = None if target is None else target_indices(target, m.classes, torch.zeros(x.shape[0], dtype=torch.long))
     with eval_mode(net):
         if method == "attention_rollout":
             logits, maps = attention_rollout(net, x)
@@ -488,7 +490,7 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
         raise RetinaInputError("The fusion model explains a pair: (fundus photograph, OCT B-scan).")
     method = method or default_method(model)
     m = resolve_net(model)
-    idx = None if target is None else _target_indices(target, tuple(m.cfg.classes),
+    idx = None if target is None else target_indices(target, tuple(m.cfg.classes),
                                                        torch.zeros(1, dtype=torch.long))[0]
     with eval_mode(m.net):
         return pair_maps(m, m.net, to_pixels(f), to_pixels(o), idx, method)[2]

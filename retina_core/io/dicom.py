@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import RetinalImage, check_dimensions, grey_to_rgb, looks_grey, scale_to_uint8
+from retina_core.io.image import RetinalImage, check_dimensions, grey_to_rgb, looks_grey, scale_to_uint8
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import (SUPPORTED, RetinalImage, _nifti_kind, check_dimensions, volume_slice_as_image,
-                                   volume_to_unit)
+from retina_core.io.image import (SUPPORTED, RetinalImage, check_dimensions, nifti_kind, volume_slice_as_image,
+                                  volume_to_unit)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def decode_nifti(data: bytes, *, content_hash: str, max_pixels: int, max_bytes: 
 
     if gzipped:
         head = _gunzip(data, 540)
-        if _nifti_kind(head) != "nifti":
+        if nifti_kind(head) != "nifti":
             raise RetinaInputError("This is a gzip-compressed file but not a NIfTI volume (.nii.gz). "
                                    f"Supported formats: {SUPPORTED}.")
     else:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import RetinalImage, _full_load, check_dimensions, volume_slice_as_image, volume_to_unit
+from retina_core.io.image import RetinalImage, full_load, check_dimensions, volume_slice_as_image, volume_to_unit
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def _topcon_jpeg(data: bytes, chunk: tuple[int, int], fda_binary: Any, max_pixel
                 frames = np.empty((n, hh, w), np.uint8)
             elif (hh, w) != shape:
                 raise RetinaInputError(_damaged(fmt, "the slices have different sizes"))
-            _full_load(im)  # truncated slices raise instead of being padded
+            full_load(im)  # truncated slices raise instead of being padded
             frames[i] = np.asarray(im.convert("L"))
     return frames, shape[1], n
 

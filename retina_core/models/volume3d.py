@@ -273,7 +273,9 @@ def preprocess_volume(vol: np.ndarray, cfg: ModelCfg, device="cpu") -> torch.Ten
     return (x - cfg.mean[0]) / cfg.std[0]
 
 
-class _WithMeta(nn.Module):
+class WithMeta(nn.Module):
+    """The volume model with its clinical record fixed: forward(x) = net(x, meta), for one-input tools (CAMs)."""
+
     def __init__(self, net: nn.Module, meta: torch.Tensor | None):
         super().__init__()
         self.net, self.meta = net, meta

@@ -49,7 +49,8 @@ _RETINA = ["RNFL", "GCL", "IPL", "INL", "OPL", "ONL", "MZ", "EZ", "OS", "IZ"]
 KERMANY_SIZES = [(512, 496), (768, 496), (512, 512), (1024, 496), (1536, 496)]  # width x height
 C8_SIZES = [(384, 496), (512, 496), (640, 496), (768, 496), (1024, 496), (1536, 496)]
 
-_FAMILY = {"AMD": "amd", "CNV": "cnv", "CSR": "csr", "DME": "dme", "DR": "dr", "DRUSEN": "drusen", "MH": "mh",
+# OCT class -> the disease family `sample_patient` draws a matching patient record for
+FAMILY = {"AMD": "amd", "CNV": "cnv", "CSR": "csr", "DME": "dme", "DR": "dr", "DRUSEN": "drusen", "MH": "mh",
            "NORMAL": "normal"}
 
 
@@ -111,7 +112,7 @@ def sample_eye(label: str, rng_anat: np.random.Generator, rng_les: np.random.Gen
     e["subrpe_mask"] = "drusen"
     e["subrpe_refl"] = None
     e["srf_mask"] = "fluid"
-    fam = _FAMILY[label]
+    fam = FAMILY[label]
     r = rng_les
 
     def near(sd=0.35):
@@ -571,7 +572,7 @@ def oct_phantom(label, seed: int, width: int = 512, height: int = 496, *, patien
     r_anat, r_geo, r_les, r_noise, r_pat = streams(seed, 5, tag=21)
     if patient_seed is not None:
         r_pat, r_anat = streams(patient_seed, 2, tag=22)
-    patient = merge_patient(sample_patient(r_pat, _FAMILY[label], eye), patient)
+    patient = merge_patient(sample_patient(r_pat, FAMILY[label], eye), patient)
     e = leave_out(sample_eye(label, r_anat, r_les, patient["eye"], y_spread=0.15), tuple(without))
     geo = sample_geometry(r_geo, W, H)
     I, T, masks, info = render_bscan(e, geo, 0.0, W, H, r_noise)

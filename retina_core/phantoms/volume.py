@@ -7,7 +7,7 @@ import numpy as np
 from ..labels import OCT8
 from ._common import Phantom, merge_patient, sample_patient, streams, to_jsonable
 from .fundus import fundus_phantom
-from .oct import (_FAMILY, WITHOUT, canonical_oct_label, compress, leave_out, oct_phantom, render_bscan,  # noqa: F401
+from .oct import (FAMILY, WITHOUT, canonical_oct_label, compress, leave_out, oct_phantom, render_bscan,  # noqa: F401
                   sample_eye, sample_geometry, slice_textures)
 
 VOLUME_LABELS = ("normal", "disease") + tuple(OCT8)
@@ -50,7 +50,7 @@ def oct_volume(label, seed: int, n_slices: int = 32, height: int = 128, width: i
         raise ValueError("volume dimensions out of range")
     r_anat, r_geo, r_les, r_noise, r_pat, r_cls, r_clin = streams(seed, 7, tag=31)
     label, oct_class = _volume_class(label, r_cls)
-    pat = merge_patient(sample_patient(r_pat, _FAMILY[oct_class]), patient)
+    pat = merge_patient(sample_patient(r_pat, FAMILY[oct_class]), patient)
     e = leave_out(sample_eye(oct_class, r_anat, r_les, pat["eye"], y_spread=1.0), tuple(without))
     geo = sample_geometry(r_geo, W, H)
     spacing = geo["span_mm"] / D

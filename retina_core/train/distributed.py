@@ -1,7 +1,7 @@
 """Data-parallel training (DDP): gloo on CPU, nccl on CUDA. Only rank 0 writes files.
 
     torchrun --nproc_per_node 2 -m retina_core train --model oct_resnet18 --data data/oct --out runs/oct
-    spawn_train(2, "oct_resnet18", "data/oct", "runs/oct", TrainConfig(epochs=1))   # the same without torchrun
+    engine.spawn_train(2, "oct_resnet18", "data/oct", "runs/oct", TrainConfig(epochs=1))   # the same without torchrun
 
 `setup()` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and returns None
 for a single process, so the engine runs unchanged without it. Each rank draws its own shard of the training split
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import socket
-import tempfile
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -127,30 +124,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _spawn_worker(rank: int, world: int, port: int, model: str, data: str, out: str, config: dict,
-                  results: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from .engine import TrainConfig, train
-
-    result = train(model, data, out, TrainConfig(**config))
-    keep = {k: result.get(k) for k in ("model", "sha256", "replica_digest", "replica_param_digest", "rank",
-                                       "world_size", "heldout_metrics")}
-    Path(results, f"rank{rank}.json").write_text(json.dumps(keep, default=str))
-
-
-def spawn_train(nprocs: int, model: str, data, out, config=None, port: int | None = None) -> list[dict]:
-    """Train with `nprocs` local processes (torch.multiprocessing.spawn, 127.0.0.1) and return each rank's summary
-    ({rank, replica_digest, ...}); rank 0's also has the written weights' sha256."""
-    import torch.multiprocessing as mp
-
-    from .engine import TrainConfig
-
-    cfg = asdict(config or TrainConfig())
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_spawn_worker, args=(nprocs, port or free_port(), model, str(data), str(out), cfg, tmp),
-                 nprocs=nprocs, join=True)
-        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(nprocs)]

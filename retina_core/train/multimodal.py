@@ -36,14 +36,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..errors import RetinaInputError
 from ..evaluate.calibration import apply_temperature, fit_temperature
 from ..evaluate.metrics import bootstrap_ci, classification_metrics
-from ..io.datasets import read_volume_mask, training_splits
-from ..models.loading import LoadedModel, default_device, preprocess_image
+from ..io.datasets import training_splits
+from ..models.loading import default_device, preprocess_image
 from ..models.multimodal import FUSION_CLASSES, binary_label
 from ..models.registry import create_model, get_cfg
-from ..models.volume3d import POOL_TYPES, VOLUME_CLASSES, encode_metadata, preprocess_volume
+from ..models.volume3d import POOL_TYPES, VOLUME_CLASSES
 from . import distributed
-from .engine import (EpochTracker, TrainConfig, _score, _write_outputs, architecture_kwargs, make_optimizer,
-                     make_scheduler, seed_everything, volume_only_options)
+from ..models.predict import decode_volumes, metadata_matrix
+from .common import (EpochTracker, TrainConfig, architecture_kwargs, is_phantom_set, make_optimizer, make_scheduler,
+                     monitor_score, result_from_rank0, seed_everything, volume_only_options, write_outputs)
 from .losses import FocalLoss
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,9 @@ def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainCon
 def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_note, val, test, history,
             best_epoch, extra, ctx, classes) -> dict:
     """Temperature on validation logits, metrics, weights + manifest (rank 0); other ranks read rank 0's entry."""
-    from .engine import _result_from_rank0
-
     digest = distributed.state_digest(net) if ctx is not None else None
     if ctx is not None and not ctx.is_main:
-        return _result_from_rank0(model_name, out, ctx, digest)
+        return result_from_rank0(model_name, out, ctx, digest)
     (val_z, val_y), test_pair = val, test
     temperature = float(fit_temperature(val_z, val_y))
     result = {"val": classification_metrics(val_y, apply_temperature(val_z, temperature), list(classes))}
@@ -148,7 +147,7 @@ def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_n
         groups = [r.patient_id or str(r.path) for r in test_recs] if len(test_recs) == len(test_pair[1]) else None
         result["ci95"] = bootstrap_ci(test_pair[1], apply_temperature(test_pair[0], temperature), list(classes),
                                       groups=groups)
-    res = _write_outputs(net, cfg, model_name, Path(out), cfg_t, index, splits, data, data_note, temperature, result,
+    res = write_outputs(net, cfg, model_name, Path(out), cfg_t, index, splits, data, data_note, temperature, result,
                          history, best_epoch, extra=extra, state=state)
     if ctx is not None:
         res.update(rank=ctx.rank, world_size=ctx.world_size, replica_digest=digest)
@@ -285,13 +284,12 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
         if cfg_t.monitor == "val_loss":   # the head's training loss on the validation pairs
             m["val_loss"] = float(F.cross_entropy(torch.from_numpy(z), torch.from_numpy(y),
                                                   label_smoothing=cfg_t.label_smoothing))
-        return m, _score(m, cfg_t.monitor)
+        return m, monitor_score(m, cfg_t.monitor)
 
     best_epoch, history = _fit(net.head, sets["train"], step, evaluate, cfg_t, ctx, out)
     note = data_note
     if note is None and oct_index is not None:
-        from .engine import _is_phantom
-        kind = "synthetic phantoms" if _is_phantom(Path(data)) and _is_phantom(Path(cfg_t.pair_with)) else "data"
+        kind = "synthetic phantoms" if is_phantom_set(Path(data)) and is_phantom_set(Path(cfg_t.pair_with)) else "data"
         note = (f"{kind}, virtual pairs: fundus {index.layout} ({data}) x OCT {oct_index.layout} "
                 f"({cfg_t.pair_with}), same binary label")
     extra = {"encoders": net.encoder_info(), "pairing": pairing, "head_only": True}
@@ -349,43 +347,6 @@ def _volume_records(data):
     recs = [replace(r, label=r.label if r.label in VOLUME_CLASSES else binary_label(r.label))
             for r in index.records]
     return index, recs
-
-
-def decode_volumes(records, cfg, dtype=torch.float16, mask_root=None):
-    """[N, 1, D, H, W] preprocessed volumes (read_image -> preprocess_volume), kept in memory as float16.
-
-    With `mask_root` (the data set's root), returns (volumes, masks): masks bool [N, D, H, W] is the union of each
-    volume's lesion masks (``masks/<path without .nii.gz>/*.nii.gz``, read as explain-eval reads them; all False
-    without masks) at the model's input size. A lesion voxel anywhere in an input voxel's footprint marks it
-    (adaptive max pooling), so tiny lesions survive downsizing."""
-    from ..io.decode import read_image
-
-    vols, masks = [], []
-    size = tuple(cfg.input_size[1:])
-    for r in records:
-        pixels = read_image(r.path).pixels
-        vols.append(preprocess_volume(pixels, cfg)[0].to(dtype))
-        if mask_root is not None:
-            masks.append(volume_lesion_mask(mask_root, r.path, np.shape(pixels)[-3:], size))
-    out = torch.stack(vols) if vols else torch.zeros(0, *cfg.input_size, dtype=dtype)
-    if mask_root is None:
-        return out
-    return out, (torch.stack(masks) if masks else torch.zeros(0, *size, dtype=torch.bool))
-
-
-def volume_lesion_mask(root, path, shape, size) -> torch.Tensor:
-    """bool [*size]: the union lesion mask of volume `path` (evaluate_nd's reader, at the volume's `shape`),
-    resized to `size` by adaptive max pooling (any lesion voxel in an output voxel's footprint marks it)."""
-
-    m = torch.from_numpy(read_volume_mask(Path(root), Path(path), tuple(shape)).astype(np.float32))
-    if tuple(m.shape) != tuple(size):
-        m = F.adaptive_max_pool3d(m[None, None], tuple(size))[0, 0]
-    return m > 0
-
-
-def metadata_matrix(records, features) -> torch.Tensor:
-    return torch.from_numpy(np.stack([encode_metadata(r.meta, r.eye, features) for r in records])
-                            if records else np.zeros((0, len(features)), np.float32))
 
 
 class VolumeLesionCamGuidance:
@@ -642,7 +603,7 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
         m = classification_metrics(y, 1.0 / (1.0 + np.exp(-z)), list(VOLUME_CLASSES))
         if cfg_t.monitor == "val_loss":
             m["val_loss"] = validation_loss()
-        return m, _score(m, cfg_t.monitor)
+        return m, monitor_score(m, cfg_t.monitor)
 
     try:
         best_epoch, history = _fit(net, sets["train"], step, evaluate, cfg_t, ctx, out)
@@ -668,39 +629,3 @@ def _quiet_nan_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
-
-
-# ------------------------------------------------------------------------------------------------ inference
-def load_multimodal(name: str, weights_dir=None, encoders_dir=None, device: str | None = None) -> LoadedModel:
-    """`load_model` for the two-input models, with the same safety checks (safetensors only, sha256 against the
-    manifest, every tensor must fit), plus what their manifest entry records: the volume model's fusion mode, and
-    for fundus_oct_fusion the encoders, looked up in `encoders_dir` (comma-separated), RETINA_ENCODERS_DIR, then
-    the bundled weights folder (the head refuses encoders other than those it was trained on)."""
-    from ..models.loading import load_model
-
-    return load_model(name, weights_dir=weights_dir, device=device,
-                      **({"encoders_dir": encoders_dir} if encoders_dir else {}))
-
-
-@torch.inference_mode()
-def predict_pairs(model: LoadedModel, fundus_paths, oct_paths, batch_size: int = 32) -> np.ndarray:
-    """Calibrated probabilities [N, 2] (normal, disease) for fundus/OCT file pairs."""
-    from ..io.decode import read_image
-
-    net, out = model.net, []
-    for i in range(0, len(fundus_paths), batch_size):
-        pairs = [net.preprocess_pair(read_image(f).pixels, read_image(o).pixels, model.device)
-                 for f, o in zip(fundus_paths[i:i + batch_size], oct_paths[i:i + batch_size])]
-        out.append(model.predict_proba(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 2))
-
-
-@torch.inference_mode()
-def predict_volumes(model: LoadedModel, records, batch_size: int = 8) -> np.ndarray:
-    """Calibrated P(disease) [N] for volume records (NIfTI path + metadata)."""
-    out = []
-    for i in range(0, len(records), batch_size):
-        rs = records[i:i + batch_size]
-        x = decode_volumes(rs, model.cfg, dtype=torch.float32)
-        out.append(model.predict_proba(x, metadata_matrix(rs, model.net.meta_features))[:, 1].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)

@@ -1,0 +1,274 @@
+"""What explain-eval's 2-D (`evaluate`), volume / fusion (`evaluate_nd`) and counterfactual (`counterfactual`) runs
+share: the sample types and their resizing, the draw of records (round-robin over labels; the patient-level split
+training used), the model's modality, the statistics (finite means, the random-map reference, timing ratios) and the
+ranking / recommendation of methods, and the JSON clean-up of a report.
+
+It imports none of those three modules, so they import it (evaluate -> counterfactual -> evaluate_nd -> common).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import torch
+
+from ..errors import RetinaInputError
+from ..explain import zones
+from ..io.datasets import load_dataset, training_splits
+from . import real_lesions, trust
+
+if TYPE_CHECKING:
+    from ..explain.pair_methods import ResolvedNet
+
+# metric -> +1 if higher is better, -1 if lower is better (used for the ranking)
+RANKED_METRICS = {"pointing_game": 1, "energy_pointing_game": 1, "insertion_auc": 1, "deletion_auc": -1,
+                  "randomisation_abs_spearman": -1, "stability_ssim": 1, "stability_spearman": 1}
+SPEED_TARGET = 1.3          # heatmap + prediction at most 1.3x a bare forward (the default path's budget)
+RANDOMISATION_LIMIT = 0.5   # mean |Spearman| between maps of the trained and the randomised model must stay below
+ND_MODALITIES = ("oct_volume", "fundus+oct")   # models scored by `evaluate_nd` (3-D / per-modality maps)
+
+
+@dataclass
+class Sample:
+    image: np.ndarray                 # uint8 [H, W, 3] at evaluation size
+    label: str | None
+    mask: np.ndarray | None           # bool [H, W], union of the lesion masks (None / empty: no lesion)
+    modality: str = ""
+    landmarks: dict = field(default_factory=dict)   # fovea_xy, disc_xy, disc_radius, eye (fundus); fovea_x, span_mm
+    name: str = ""
+    masks: dict = field(default_factory=dict)       # real lesion sets: {lesion code: bool [H, W]} (MA, HE, EX, SE, OD)
+    fov: np.ndarray | None = None                   # real lesion sets: bool [H, W] field of view (chance baselines)
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def resize_sample(s: Sample, size: tuple[int, int] | None) -> Sample:
+    """The sample at (H, W) `size` (None: as it is): the image by area / bilinear interpolation, its masks and
+    landmarks scaled with it (a lesion smaller than a pixel keeps its centre pixel)."""
+    if size is None or s.image.shape[:2] == tuple(size):
+        return replace(s, fov=zones.field_of_view(s.image)) if s.masks and s.fov is None else s
+    h0, w0 = s.image.shape[:2]
+    h, w = size
+    img = cv2.resize(s.image, (w, h), interpolation=cv2.INTER_AREA if h < h0 else cv2.INTER_LINEAR)
+    mask = None
+    if s.mask is not None:
+        mask = cv2.resize(s.mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        if s.mask.any() and not mask.any():     # a lesion smaller than one pixel at this size: keep its centre
+            ys, xs = np.nonzero(s.mask)
+            mask[min(h - 1, int(ys.mean() * h / h0)), min(w - 1, int(xs.mean() * w / w0))] = True
+    sx, sy = w / w0, h / h0
+    lm = dict(s.landmarks)
+    if "fovea_xy" in lm:
+        lm["fovea_xy"] = (lm["fovea_xy"][0] * sx, lm["fovea_xy"][1] * sy)
+    if "disc_xy" in lm:
+        lm["disc_xy"] = (lm["disc_xy"][0] * sx, lm["disc_xy"][1] * sy)
+    if "disc_radius" in lm:
+        lm["disc_radius"] = lm["disc_radius"] * (sx + sy) / 2
+    if "fovea_x" in lm:
+        lm["fovea_x"] = lm["fovea_x"] * sx
+    masks, fov = {}, None
+    if s.masks:       # real lesions: "any" pooling keeps microaneurysms of a few pixels; the union follows the parts
+        masks = {k: real_lesions.resize_mask_any(v, (h, w)) for k, v in s.masks.items()}
+        mask = real_lesions.dr_union(masks)
+        fov = zones.field_of_view(img)
+    return Sample(img, s.label, mask, s.modality, lm, s.name, masks, fov)
+
+
+def resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
+    """(image, mask) at (H, W) `size`, as `resize_sample` resizes them."""
+    s = resize_sample(Sample(img, None, mask), tuple(size))
+    return s.image, s.mask
+
+
+def resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """A float32 [D, H, W] volume in [0, 1] at `size` (trilinear), clipped to [0, 1]."""
+    import torch.nn.functional as F
+
+    if vol.shape == tuple(size):
+        return vol.astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy().clip(0, 1)
+
+
+def union_mask(masks: dict | None, shape) -> np.ndarray:
+    """The union of a {name: mask} dict as one bool mask (all False of `shape` when there is none)."""
+    ms = [np.asarray(v, bool) for v in (masks or {}).values()]
+    return np.logical_or.reduce(ms) if ms else np.zeros(shape, bool)
+
+
+def pick_round_robin(records, n: int, seed: int) -> list:
+    """Up to n records, round-robin over their labels in sorted order, each label's records shuffled with `seed`."""
+    rng = np.random.default_rng(seed)
+    by: dict[str, list] = {}
+    for r in records:
+        by.setdefault(r.label, []).append(r)
+    for v in by.values():
+        rng.shuffle(v)
+    chosen = []
+    while len(chosen) < n and any(by.values()):
+        for lab in sorted(by):
+            if by[lab] and len(chosen) < n:
+                chosen.append(by[lab].pop())
+    return chosen
+
+
+def split_records(m: ResolvedNet, data_path, split: str | None) -> tuple[list, str]:
+    """The data set's records (labels mapped to the model's classes as in training) of `split`, drawn with the
+    patient-level split training used (seed from the manifest entry, else 0). split None / "all": every record."""
+    from ..models.multimodal import binary_label
+
+    needs = "volumes" if m.cfg.modality == "oct_volume" else "paired"
+    root = Path(data_path).expanduser()
+    if not root.exists():
+        raise RetinaInputError(f"Data folder {data_path} does not exist.")
+    index = load_dataset(root)
+    if index.layout != needs:
+        what = {"paired": "fundus + OCT pairs (pairs.csv with fundus/ and oct/ images)",
+                "volumes": "OCT volumes (NIfTI files + metadata.csv)"}[needs]
+        kind = "paired" if needs == "paired" else "oct-volume"
+        raise RetinaInputError(f"{m.name} reads {what}, but {data_path} is a {index.layout!r} data set. Point "
+                               f"--data at such a folder, e.g. one made with `python -m retina_core data phantoms "
+                               f"--kind {kind} --n 24 --out DIR`.")
+    classes = tuple(m.cfg.classes)
+    recs = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in index.records]
+    recs = [r for r in recs if r.label in classes]
+    if not recs:
+        raise RetinaInputError(f"{data_path} has no sample of the classes of {m.name}: {', '.join(classes)}.")
+    if split in (None, "", "all"):
+        return recs, "all"
+    if split not in ("train", "val", "test"):
+        raise RetinaInputError(f"Unknown split {split!r}; use train, val, test or all.")
+    seed = int((m.entry.get("config") or {}).get("seed", 0) or 0)
+    try:
+        chosen = training_splits(recs, seed).get(split, [])
+    except RetinaInputError:
+        chosen = []
+    if not chosen:
+        raise RetinaInputError(f"The {split!r} split of {data_path} is empty ({len(recs)} samples in all); use "
+                               f"--split all for a data set the model was not trained on.")
+    return chosen, split
+
+
+def modality_of(model) -> str:
+    """The modality of a registered name, LoadedModel or nn.Module with a cfg ('' if unknown)."""
+    if isinstance(model, str):
+        from ..models import get_cfg
+
+        try:
+            return get_cfg(model).modality
+        except RetinaInputError:
+            return ""
+    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+    return getattr(cfg, "modality", "") or ""
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def finite_mean(xs) -> float | None:
+    """The mean of the finite values of `xs` (None, NaN and inf skipped); None when there is none."""
+    xs = [float(x) for x in xs if x is not None and np.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def cached(cache: dict | None, key, compute):
+    """compute(), remembered in `cache` under `key` (no cache: computed every time)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def random_order_reference(dels: list, dels_rand: list, ins_rand: list) -> dict:
+    """Faithfulness against chance: the deletion / insertion AUC of a random map (`trust.random_map`) on the same
+    images, and whether the method's map deletes what matters faster (a lower mean deletion AUC)."""
+    d, dr = finite_mean(dels), finite_mean(dels_rand)
+    return {"deletion_auc_random_map": dr, "insertion_auc_random_map": finite_mean(ins_rand),
+            "faithful_vs_random": None if d is None or dr is None else bool(d < dr)}
+
+
+def median_time_ratio(forward, heat, repeats: int) -> float:
+    """Median of heat() time / forward() time over interleaved repeats, after one warm-up call of each."""
+    for f in (forward, heat):
+        f()
+    ratios = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward()
+        t1 = time.perf_counter()
+        heat()
+        t2 = time.perf_counter()
+        ratios.append((t2 - t1) / max(t1 - t0, 1e-9))
+    return float(np.median(ratios))
+
+
+# ------------------------------------------------------------------------------------------------ ranking
+def passes_randomisation(report: dict) -> bool | None:
+    """The sanity verdict of one method's explain-eval results: mean |rho| below RANDOMISATION_LIMIT. None when the
+    check was not run, or when it is inconclusive: the randomised model's maps were mostly empty (a one-logit model's
+    Grad-CAM after ReLU), so rho is 0 by convention and says nothing."""
+    rho = report.get("randomisation_abs_spearman")
+    if rho is None or (report.get("randomisation_empty_fraction") or 0.0) > 0.5:
+        return None
+    return bool(rho < RANDOMISATION_LIMIT)
+
+
+def rank_methods(results: dict[str, dict]) -> list[dict]:
+    """Mean rank over RANKED_METRICS (1 = best; ties share the average rank); metrics missing for a method are
+    skipped for it. Class consistency and speed are reported but not ranked (their 'better' is not one-sided)."""
+    from scipy.stats import rankdata
+
+    ranks: dict[str, dict[str, float]] = {m: {} for m in results}
+    for metric, sign in RANKED_METRICS.items():
+        have = [(m, r.get(metric)) for m, r in results.items() if r.get(metric) is not None]
+        if len(have) < 2:
+            continue
+        rk = rankdata([-sign * v for _, v in have], method="average")
+        for (m, _), k in zip(have, rk):
+            ranks[m][metric] = float(k)
+    rows = [{"method": m, "mean_rank": (float(np.mean(list(r.values()))) if r else None), "ranks": r}
+            for m, r in ranks.items()]
+    rows.sort(key=lambda d: (d["mean_rank"] is None, d["mean_rank"] or 0.0))
+    return rows
+
+
+def recommend_default(results: dict[str, dict], ranking: list[dict]) -> dict:
+    """The best-ranked method that passes the randomisation check, deletes what matters faster than a random map
+    (when that was measured) and meets the speed target (None if none)."""
+    why = {}
+    for row in ranking:
+        meth, r = row["method"], results[row["method"]]
+        rho, cost = r.get("randomisation_abs_spearman"), r.get("cost_vs_forward")
+        problems = []
+        if passes_randomisation(r) is False:
+            problems.append(f"fails the randomisation check (mean |rho| {rho:.2f} >= {RANDOMISATION_LIMIT})")
+        if r.get("faithful_vs_random") is False:
+            problems.append(f"no more faithful than a random map (deletion AUC {r['deletion_auc']:.2f} >= "
+                            f"{r['deletion_auc_random_map']:.2f})")
+        if cost is not None and cost > SPEED_TARGET:
+            problems.append(f"too slow ({cost:.2f}x a bare forward > {SPEED_TARGET}x)")
+        if not problems:
+            return {"method": meth, "mean_rank": row["mean_rank"], "pointing_game": r.get("pointing_game"),
+                    "cost_vs_forward": cost, "randomisation_abs_spearman": rho, "passed_over": why,
+                    "deletion_auc": r.get("deletion_auc"), "deletion_auc_random_map": r.get("deletion_auc_random_map"),
+                    "rule": f"best mean rank among methods with mean |rho| < {RANDOMISATION_LIMIT}, a deletion AUC "
+                            f"below a random map's (where measured) and cost <= {SPEED_TARGET}x a bare forward"}
+        why[meth] = "; ".join(problems)
+    return {"method": None, "passed_over": why}
+
+
+def json_ready(obj):
+    """JSON-ready: NaN / inf -> None, numpy scalars -> Python numbers, tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return trust.finite_or_none(obj)
+    return obj
