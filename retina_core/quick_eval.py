@@ -239,9 +239,14 @@ def method_trust(model_name: str, weights_sha256: str | None = None, weights_dir
     reliance = lesion_reliance_by_class(counterfactual)      # of the model: the same for every method
     best = _best_per_method(phantom)
     best_real = _best_per_method(real, lambda r: isinstance(r.get("real_lesions"), dict))
+    # real images without lesion masks (e.g. the Mexico OCT set): the sanity check and faithfulness on real
+    # images stand in for the top-level figures where no phantom evidence exists
+    plain = _best_per_method(real, lambda r: not isinstance(r.get("real_lesions"), dict))
     out = {}
-    for meth in [*best, *(m for m in best_real if m not in best)]:
-        path, rep, r = best.get(meth) or (None, {}, {})
+    for meth in [*best, *(m for m in best_real if m not in best), *(m for m in plain if m not in best
+                                                                       and m not in best_real)]:
+        kind = "phantom" if meth in best else "real"
+        path, rep, r = best.get(meth) or plain.get(meth) or (None, {}, {})
         out[meth] = {"randomisation_abs_spearman": r.get("randomisation_abs_spearman"),
                      "passes_randomisation": passes_randomisation(r) if r else None,
                      "randomisation_empty_fraction": r.get("randomisation_empty_fraction"),
@@ -249,7 +254,8 @@ def method_trust(model_name: str, weights_sha256: str | None = None, weights_dir
                                               "pointing_game_by_label", "n_lesion_images_by_label", "deletion_auc",
                                               "deletion_auc_random_map", "faithful_vs_random")},
                      "n_images": (r.get("n_images") or rep.get("n_images")) if r else None,
-                     "source": path.name if path else None, "kind": "phantom" if r else None,
+                     "source": path.name if path else None, "kind": kind if r else None,
+                     "set_title": (rep.get("evidence") or {}).get("set_title") if kind == "real" else None,
                      "lesion_guided": guided,
                      "unused_lesions": unused if meth == cf_method and r else [], "lesion_reliance": reliance,
                      "faithful_alone": (counterfactual or {}).get("faithful_alone") if meth == cf_method else None,
@@ -455,6 +461,11 @@ def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
         return _real_trust_note(evidence["real"], evidence, method)
     rho, pg = evidence.get("randomisation_abs_spearman"), evidence.get("pointing_game")
     where = f" (measured on synthetic phantoms only: {evidence.get('n_images')} phantoms, `{evidence['source']}`)"
+    if evidence.get("kind") == "real":
+        title = evidence.get("set_title") or "a real set"
+        where = (f" (measured on {evidence.get('n_images')} real images of {title}, drawn from the whole set, "
+                 f"training images included; it has no lesion masks, so where the map points is not scored; "
+                 f"`{evidence['source']}`)")
     pointing = f"; it hit a phantom lesion {pg:.0%} of the time" if pg is not None else ""
     d, dr = evidence.get("deletion_auc"), evidence.get("deletion_auc_random_map")
     if evidence.get("passes_randomisation") is False:
@@ -583,6 +594,7 @@ def trust_badge(evidence: dict | None) -> str:
         return "not evaluated"
     ev = next((c for c in checks if c["passes_randomisation"] is False), checks[0])
     rho = ev["randomisation_abs_spearman"]
-    where = " on real photographs" if ev is (evidence or {}).get("real") else ""
+    where = " on real photographs" if ev is (evidence or {}).get("real") else (
+        " on real images" if ev.get("kind") == "real" else "")
     return (f"sanity check passed{where} (|rho| {rho:.2f})" if ev["passes_randomisation"]
             else f"FAILED sanity check{where} (|rho| {rho:.2f}): compare, do not rely")

@@ -236,6 +236,28 @@ def test_real_evidence_is_worded_as_real_and_comes_first(tmp_path):
     assert not warn and "measured on synthetic phantoms only" in phantom and not re.search(r"\breal\b", phantom)
 
 
+def test_real_images_without_lesion_masks_give_a_real_sanity_and_faithfulness_note(tmp_path):
+    """A real set with no lesion masks (the Mexico OCT set): the randomisation check and the deletion test on real
+    images make the note, worded as real, saying that where the map points is not scored."""
+    from retina_core.quick_eval import method_trust, trust_badge
+
+    w = tmp_path / "weights"
+    rep = {**_phantom_report(n=32, rho=0.27, pg=None), "metric_kind": "real",
+           "data": "../shared/realdata/mexico_oct_dme",
+           "evidence": {"tag": "mexico_oct_dme", "kind": "real", "set": "mexico_oct_dme",
+                        "set_title": "Mexico OCT (DME)"}}
+    _write(w / "evidence" / "m-abc-mexico_oct_dme.json", rep)
+    note, warn = _note(w)
+    assert not warn and note.startswith("gradcam passed the sanity check on this model")
+    assert "deletion AUC 0.30 against 0.60" in note and "32 real images of Mexico OCT (DME)" in note
+    assert "training images included" in note and "not scored" in note and "phantom" not in note
+    badge = trust_badge(method_trust("m", "abc", weights_dir=w)["gradcam"])
+    assert badge == "sanity check passed on real images (|rho| 0.27)"
+    # a phantom report for the same weights comes first for the top-level figures (it scores the pointing game)
+    _write(w / "evidence" / "m-abc-phantoms.json", _phantom_report(n=40, rho=0.2, pg=0.9))
+    assert "measured on synthetic phantoms only" in _note(w)[0]
+
+
 @pytest.mark.parametrize("kind, figures, words", [
     ("chance", dict(pg=0.21, chance=0.24, p=0.75, target="diabetic_retinopathy"),
      "**is no better than chance at finding real lesions**"),

@@ -349,7 +349,7 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     ranking = rank_methods(results)
     report = {"model": getattr(model, "name", m.cfg.name), "weights_sha256": getattr(model, "sha256", None),
               "data": source, "n_images": len(samples), "eval_size": list(size) if size else None,
-              "metric_kind": "real_lesions" if any(s.masks for s in samples) else "phantom",
+              "metric_kind": _metric_kind(samples, source),
               "target": target, "methods": results, "ranking": ranking,
               "recommended_default": recommend_default(results, ranking), "notes": notes,
               "settings": {"steps": steps, "stability_kinds": list(stability_kinds), "randomisation": randomisation,
@@ -379,6 +379,17 @@ def _disc_errors(samples: list[Sample]) -> dict | None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 _SHORT = {"deletion_auc_random_map": "del_rand_map", "randomisation_spearman": "random_rho"}
+
+
+def _metric_kind(samples: list[Sample], source) -> str:
+    """"real_lesions" (a real set with lesion masks), "real" (a known real set without them: sanity and
+    faithfulness only) or "phantom"."""
+    from ..io.realsets import real_set_of
+
+    if any(s.masks for s in samples):
+        return "real_lesions"
+    data = str(source or "")
+    return "real" if data and "in-memory" not in data and real_set_of(data) else "phantom"
 
 
 def _format(report: dict) -> str:
@@ -495,7 +506,7 @@ def evidence_tag(report: dict) -> tuple[str, str, str | None]:
     real = real_set_of(data) if data and "in-memory" not in data else None
     if real:
         tag, title = real["name"], real.get("title")
-    elif report.get("metric_kind") == "real_lesions":
+    elif report.get("metric_kind") in ("real_lesions", "real"):
         tag, title = Path(data).name or "real", Path(data).name
     else:
         return "phantoms", "phantom", None
