@@ -30,8 +30,12 @@ from ..explain import zones
 from ..explain.attribution import (IG_METHODS, VIT_METHODS, available_methods, explain, explain_batch, make_predict_fn,
                                    resolve_model, to_pixels)
 from . import real_lesions, trust
+from .counterfactual import format_lines as counterfactual_lines
+from .counterfactual import lesion_reliance
 from .common import (ND_MODALITIES, Sample, cached, finite_mean, json_ready, median_time_ratio, modality_of,
                      pick_round_robin, random_order_reference, rank_methods, recommend_default, resize_sample)
+from .evaluate_nd import explain_eval_nd
+from .evaluate_nd import format_lines as nd_format_lines
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +289,6 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     `split` ("test" by default: the held-out part of the patient-level split training used; "all") of a volumes /
     paired data set, at the model's input size; `eval_size` does not apply to them.
     """
-    from .evaluate_nd import explain_eval_nd
-
     if modality_of(model) in ND_MODALITIES:
         return explain_eval_nd(model, data_path, methods=methods, n=n, weights_dir=weights_dir, phantoms=phantoms,
                                seed=seed, steps=steps, stability_kinds=stability_kinds, randomisation=randomisation,
@@ -408,9 +410,7 @@ def _format(report: dict) -> str:
     for meth, why in (rec.get("passed_over") or {}).items():
         lines.append(f"  passed over {meth}: {why}")
     if report.get("modality") in ND_MODALITIES:
-        from .evaluate_nd import format_lines
-
-        lines += format_lines(report)
+        lines += nd_format_lines(report)
     lines += _real_lesion_lines(report)
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
@@ -611,8 +611,6 @@ def cmd_explain_eval(args) -> int:
     if args.set_default:
         report["default_written_to"] = str(set_default(args.model, report, args.weights_dir))
     if args.counterfactual:
-        from .counterfactual import lesion_reliance
-
         report["counterfactual"] = lesion_reliance(args.model, args.data, n=args.n, split=split, seed=args.seed,
                                                    weights_dir=args.weights_dir)
     if not getattr(args, "no_evidence", False):
@@ -624,9 +622,7 @@ def cmd_explain_eval(args) -> int:
     else:
         print(_format(report))
         if args.counterfactual:
-            from .counterfactual import format_lines
-
-            print("\n".join(format_lines(report["counterfactual"])))
+            print("\n".join(counterfactual_lines(report["counterfactual"])))
         if args.set_default:
             print(f"default method of {args.model} set to {report['recommended_default']['method']} in "
                   f"{report['default_written_to']}")

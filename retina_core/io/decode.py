@@ -29,9 +29,12 @@ from typing import Any, BinaryIO, Union
 import numpy as np
 
 from retina_core.errors import RetinaInputError
+from retina_core.io.dicom import decode_dicom
 from retina_core.io.image import (MAX_ASPECT, MAX_FRAMES, MIN_SIDE, SUPPORTED, RetinalImage,  # noqa: F401 - re-exported
                                    check_dimensions, format_name, full_load, grey_to_rgb, looks_grey, nifti_kind,
                                    scale_to_uint8, volume_slice_as_image, volume_to_unit)
+from retina_core.io.nifti import decode_nifti
+from retina_core.io.scanners import decode_scanner, sniff_scanner
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +67,10 @@ def read_image(src: Source, *, max_bytes: int = 200 * 2**20, max_pixels: int = 8
     fmt = sniff_format(data)
     try:
         if fmt == "dicom":
-            from retina_core.io.dicom import decode_dicom
             img = decode_dicom(data, content_hash=content_hash, max_pixels=max_pixels, frame=frame)
         elif fmt.startswith(("heidelberg", "topcon")):
-            from retina_core.io.scanners import decode_scanner
             img = decode_scanner(data, fmt, content_hash=content_hash, max_pixels=max_pixels, frame=frame)
         elif fmt in ("nifti", "nifti-gz"):
-            from retina_core.io.nifti import decode_nifti
             img = decode_nifti(data, content_hash=content_hash, max_pixels=max_pixels, max_bytes=max_bytes,
                                frame=frame, gzipped=(fmt == "nifti-gz"))
         else:
@@ -196,8 +196,7 @@ def sniff_format(data: bytes) -> str:
         return "gif"
     if data[128:132] == b"DICM" or _looks_like_bare_dicom(data):
         return "dicom"
-    from retina_core.io.scanners import sniff_scanner  # OCT device exports (raises for recognised, unsupported ones)
-    scanner = sniff_scanner(data)
+    scanner = sniff_scanner(data)       # OCT device exports (raises for recognised, unsupported ones)
     if scanner:
         return scanner
     nifti = nifti_kind(data)
