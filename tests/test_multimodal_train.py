@@ -253,7 +253,7 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
 
     from retina_core.explain.cam import gradcam_single_pass
     from retina_core.models.volume3d import WithMeta
-    from retina_core.train.multimodal import VolumeLesionCamGuidance
+    from retina_core.train.guidance import VolumeLesionCamGuidance
 
     net = _tiny_volume_net().eval()
     guide = VolumeLesionCamGuidance(net, net.cfg.target_layer, 3.0)
@@ -303,7 +303,8 @@ def test_volume_lesion_cam_guidance_is_the_grad_cam_loss_computed_by_hand():
 def test_volume_lesion_cam_guidance_can_be_followed_and_masks_move_with_augmentation(tmp_path):
     from retina_core.io.datasets import load_dataset
     from retina_core.models.predict import decode_volumes, metadata_matrix, volume_lesion_mask
-    from retina_core.train.multimodal import VolumeLesionCamGuidance, VolumeSet
+    from retina_core.train.guidance import VolumeLesionCamGuidance
+    from retina_core.train.multimodal import VolumeSet
 
     data = tmp_path / "vol"
     write_dataset("oct-volume", n=16, seed=4, out=data, size=32)
@@ -428,7 +429,7 @@ def test_volume_monitor_val_loss_includes_the_validation_guidance(tmp_path, caps
 def test_volume_attention_mining_masks_what_the_map_marks_and_trains(tmp_path):
     """GAIN's attention mining: the marked voxels are swapped for a blur through a soft mask, P(disease) of what is
     left is the loss; it back-propagates into the map (double backward) and runs in train() with or without masks."""
-    from retina_core.train.multimodal import VolumeAttentionMining, VolumeLesionCamGuidance
+    from retina_core.train.guidance import VolumeAttentionMining, VolumeLesionCamGuidance
 
     net = _tiny_volume_net().eval()              # eval: no dropout, so the hand computation sees the same net
     x = torch.rand(2, 1, 16, 32, 32)

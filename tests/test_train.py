@@ -71,7 +71,7 @@ def _healthy_map_relief(net, x, batch_stats: bool = False) -> float:
 def test_healthy_cam_penalty_flattens_healthy_maps_and_leaves_logits_alone(tmp_path):
     from retina_core.errors import RetinaInputError
     from retina_core.models import create_model
-    from retina_core.train.engine import HealthyCamPenalty
+    from retina_core.train.guidance import HealthyCamPenalty
 
     # the penalty is the spatial variance of W . A(p) on the healthy rows only, times its weight
     net = create_model("oct_resnet18", input_size=(3, 64, 64)).eval()
@@ -131,7 +131,7 @@ def test_lesion_cam_guidance_loss_and_training(tmp_path):
 
     from retina_core.errors import RetinaInputError
     from retina_core.models import create_model
-    from retina_core.train.engine import LesionCamGuidance
+    from retina_core.train.guidance import LesionCamGuidance
 
     # the loss is -log of the spatial-softmax mass of z_c = W_c . A(p) on cells holding a lesion pixel, averaged over
     # the true and the (non-healthy) predicted class, on diseased rows with a mask only
@@ -215,7 +215,8 @@ def test_monitor_val_loss_selects_by_the_whole_validation_objective(tmp_path, ca
 
     from retina_core.io.datasets import load_dataset
     from retina_core.models import create_model
-    from retina_core.train.engine import CachedImages, LesionCamGuidance, predict_logits, validation_loss
+    from retina_core.train.engine import CachedImages, predict_logits, validation_loss
+    from retina_core.train.guidance import LesionCamGuidance
 
     data = tmp_path / "oct"
     write_dataset("oct-kermany", n=24, seed=5, out=data, size=64)

@@ -41,6 +41,7 @@ from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, uses_fov
 from ..models.loading import MANIFEST, default_device
 from ..models.registry import ModelCfg, create_model, get_cfg
 from . import distributed
+from .guidance import HealthyCamPenalty, LesionCamGuidance
 from .common import (EpochTracker, TrainConfig, architecture_kwargs, check_monitor, make_optimizer, make_scheduler,
                      monitor_score, replace_resolved, resolve_recipe, result_from_rank0, seed_everything,
                      volume_only_options, write_outputs)
@@ -273,101 +274,6 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
     lam = float(np.random.beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], device=x.device)
     return lam * x + (1.0 - lam) * x[perm], y, y[perm], lam
-
-
-class _ClassEvidence:
-    """Per-location class evidence of a CNN whose Grad-CAM layer feeds global average pooling and a linear
-    classifier: z_k(p) = W_k . A(p) at every position p of that layer. The logits are its spatial mean (plus the
-    bias) and Grad-CAM is relu(z_k) up to a scale. A forward hook keeps A of training (grad-enabled) forwards only,
-    so validation batches are not held between epochs. Subclasses turn z into a loss term."""
-
-    flag = ""
-
-    def __init__(self, net: nn.Module, cfg: ModelCfg, weight: float):
-        from ..models.multimodal import NORMAL_LABELS
-        from ..explain.cam import get_module
-
-        timm_net = getattr(net, "net", None)
-        direct = (getattr(timm_net, "pretrained_cfg", {}).get("classifier") in ("fc", "classifier")   # pool -> Linear
-                  and getattr(getattr(timm_net, "global_pool", None), "pool_type", "avg") == "avg")
-        head = timm_net.get_classifier() if direct else None
-        if not isinstance(head, nn.Linear) or not cfg.target_layer:
-            raise RetinaInputError(f"{self.flag} needs a timm CNN whose Grad-CAM layer feeds global average "
-                                   f"pooling and a linear classifier; {cfg.name} (as built) is not one.")
-        healthy = [i for i, c in enumerate(cfg.classes) if c.strip().lower() in NORMAL_LABELS]
-        if not healthy:
-            raise RetinaInputError(f"{self.flag} needs a healthy class (No DR / normal); {cfg.name} has "
-                                   f"{', '.join(cfg.classes)}.")
-        self.head, self.healthy, self.weight = head, healthy[0], float(weight)
-        self.store: dict = {}
-        self.handle = get_module(net, cfg.target_layer).register_forward_hook(self._keep)
-
-    def _keep(self, mod, inp, out) -> None:
-        if torch.is_grad_enabled():
-            self.store["a"] = out
-
-    def evidence(self, rows: torch.Tensor) -> torch.Tensor:
-        """z [b, K, h, w] for the selected rows of the last training forward (consumes the stored activations)."""
-        a = self.store.pop("a")
-        return torch.einsum("kc,bchw->bkhw", self.head.weight.float(), a[rows].float())
-
-    def close(self) -> None:
-        self.handle.remove()
-        self.store.clear()
-
-
-class HealthyCamPenalty(_ClassEvidence):
-    """Penalty that keeps healthy anatomy out of the class activation maps (`--healthy-cam-penalty W`).
-
-    Structures every eye has (disc, fovea, vessels) cancel in the mean of z_k(p) but not in the map, so a map can
-    peak on anatomy instead of a lesion. On training images of the healthy class (No DR / normal) this adds
-    W x mean_{k,p} (z_k(p) - mean_p z_k(p))^2: healthy anatomy gives every class a flat map, which leaves the
-    logits free (the mean is untouched), so on a diseased eye the map's relief comes from what differs from health.
-    Image-level labels only; no lesion masks. With mixup, images whose two labels are both healthy count.
-    """
-
-    flag = "--healthy-cam-penalty"
-
-    def __call__(self, healthy_rows: torch.Tensor) -> torch.Tensor:
-        if not bool(healthy_rows.any()):
-            self.store.pop("a", None)
-            return self.head.weight.new_zeros(())
-        z = self.evidence(healthy_rows)
-        return self.weight * (z - z.mean((2, 3), keepdim=True)).pow(2).mean()
-
-
-class LesionCamGuidance(_ClassEvidence):
-    """Lesion-mask guidance of the class activation maps (`--lesion-cam-guidance W`), for data sets that come with
-    lesion masks for some or all of their diseased images (phantoms; IDRiD, FGADR or DDR arranged as
-    ``masks/<image>/*.png``). Attention supervision in the manner of GAIN (Li et al. 2018) and of the lesion-attention
-    DR graders trained on IDRiD (Zhou et al. 2019), in its plainest form.
-
-    On each training image that has a non-empty lesion mask and is not of the healthy class, the spatial softmax of
-    the evidence map z_c(p) is asked to put its mass on grid cells that hold a lesion pixel:
-    W x -log sum_{p in lesion cells} softmax_p(z_c(p)), averaged over two classes c: the true grade and the
-    predicted one (the map the app shows; the true grade again when the prediction is the healthy class). Only
-    where the map peaks is constrained, not how large the evidence is, so the logits stay free. Images without
-    masks train as usual. Refused with mixup (a mixed image's lesions belong to two eyes).
-    """
-
-    flag = "--lesion-cam-guidance"
-
-    def __call__(self, masks: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        rows = (masks.flatten(1).amax(1) > 0) & (y != self.healthy)
-        if not bool(rows.any()):
-            self.store.pop("a", None)
-            return self.head.weight.new_zeros(())
-        z = self.evidence(rows)
-        b, _, h, w = z.shape
-        cells = F.adaptive_max_pool2d(masks[rows][:, None].float(), (h, w)).flatten(1) > 0     # [b, h*w]
-        pred = logits.detach()[rows].argmax(1)
-        pred = torch.where(pred == self.healthy, y[rows], pred)
-        terms = []
-        for c in (y[rows], pred):
-            zc = z.gather(1, c.view(b, 1, 1, 1).expand(b, 1, h, w)).flatten(1)
-            logp = F.log_softmax(zc, dim=1)
-            terms.append(-logp.masked_fill(~cells, float("-inf")).logsumexp(1))
-        return self.weight * torch.stack(terms).mean()
 
 
 def validation_loss(net: nn.Module, loader: DataLoader, device: torch.device, cfg_t: TrainConfig,

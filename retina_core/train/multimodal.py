@@ -45,6 +45,7 @@ from . import distributed
 from ..models.predict import decode_volumes, metadata_matrix
 from .common import (EpochTracker, TrainConfig, architecture_kwargs, is_phantom_set, make_optimizer, make_scheduler,
                      monitor_score, result_from_rank0, seed_everything, volume_only_options, write_outputs)
+from .guidance import VolumeAttentionMining, VolumeLesionCamGuidance
 from .losses import FocalLoss
 
 log = logging.getLogger(__name__)
@@ -347,109 +348,6 @@ def _volume_records(data):
     recs = [replace(r, label=r.label if r.label in VOLUME_CLASSES else binary_label(r.label))
             for r in index.records]
     return index, recs
-
-
-class VolumeLesionCamGuidance:
-    """Lesion-mask guidance of the volume model's 3-D Grad-CAM (`--lesion-cam-guidance W`), the volume counterpart of
-    `train.engine.LesionCamGuidance`.
-
-    The head is not linear on the pooled features (Linear 512 + ReLU, fused with the clinical values), so the
-    per-location evidence is the actual Grad-CAM of the layer `volume_cam` explains (cfg.target_layer): with A the
-    layer's output of the training forward, alpha_k = mean_p d(logit)/dA_k(p) and cam(p) = sum_k alpha_k A_k(p) (before
-    the ReLU). The gradient is taken with create_graph=True, so the loss back-propagates through alpha too (double
-    backward, through the head only). On each diseased volume with a non-empty lesion mask the spatial softmax of cam
-    over the grid is asked to put its mass on cells holding a lesion voxel (adaptive max pooling of the mask to the
-    grid): W x -log sum_{p in lesion cells} softmax_p(cam(p)), averaged over those volumes. The 2-D loss averages over
-    the true and the predicted class (the true one again when the prediction is healthy); with one logit both are the
-    disease map, so that average is this single term. Volumes without masks, and normal volumes, train as usual.
-
-    A forward hook keeps A of grad-enabled forwards only (no validation batch is held); call `close()` when done.
-    """
-
-    flag = "--lesion-cam-guidance"
-
-    def __init__(self, net: nn.Module, target_layer: str, weight: float, disease: int = 1):
-        from ..explain.cam import get_module
-
-        self.weight, self.disease, self.store = float(weight), int(disease), {}
-        self.handle = get_module(net, target_layer).register_forward_hook(self._keep)
-
-    def _keep(self, mod, inp, out) -> None:
-        if torch.is_grad_enabled():
-            self.store["a"] = out
-
-    def cam(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Grad-CAM before the ReLU, cam [b, d, h, w], of the selected rows of the last training forward (consumes
-        the stored activations), differentiable (create_graph)."""
-        a = self.store.pop("a")
-        (g,) = torch.autograd.grad(logits.reshape(len(logits), -1)[:, 0][rows].sum(), a, create_graph=True)
-        g, a = g[rows].float(), a[rows].float()
-        alpha = g.mean(dim=tuple(range(2, g.ndim)), keepdim=True)
-        return (alpha * a).sum(1)
-
-    def __call__(self, logits: torch.Tensor, masks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """logits [B] or [B, 1] of the training forward, masks [B, D, H, W] at the input size, y [B] (1 = disease)."""
-        rows = (masks.flatten(1) != 0).any(1) & (y == self.disease)
-        if not bool(rows.any()):
-            self.store.pop("a", None)
-            return logits.new_zeros(()).float()
-        return self.loss_from_cam(self.cam(logits, rows), masks[rows])
-
-    def loss_from_cam(self, cam: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """The loss on maps cam [b, d, h, w] already computed, masks [b, D, H, W]; rows with an empty mask are
-        left out."""
-        keep = (masks.flatten(1) != 0).any(1)
-        if not bool(keep.any()):
-            return cam.new_zeros(()).float()
-        cells = F.adaptive_max_pool3d(masks[keep][:, None].float(), tuple(cam.shape[1:])).flatten(1) > 0
-        logp = F.log_softmax(cam[keep].flatten(1), dim=1)
-        return self.weight * (-logp.masked_fill(~cells, float("-inf")).logsumexp(1)).mean()
-
-    def close(self) -> None:
-        self.handle.remove()
-        self.store.clear()
-
-
-class VolumeAttentionMining:
-    """GAIN's attention-mining loss (Li et al. 2018, "Tell me where to look"), for the volume model
-    (`--attention-mining W`): on each diseased training volume, the voxels its 3-D Grad-CAM marks are replaced by a
-    blurred copy through a soft mask T = sigmoid(omega (cam' - sigma)) (cam' the map after its ReLU, scaled to a
-    peak of 1 and upsampled to the input; omega 10, sigma 0.5 as in GAIN), and W x sigmoid(z(what is left) -
-    z(whole volume)) is added to the loss. Unlike GAIN's W x P(disease | what is left), the term is relative to the
-    volume's own score: the absolute form was lowered most cheaply by moving the output bias down, which cost
-    accuracy at the 0.5 threshold (0.78-0.91 on the phantom test split, docs/explanations.md) and which no
-    temperature can undo for a one-logit model. The map is trained to cover what the decision rests on, so
-    deleting in its order lowers P(disease) fast: it ties the map to the prediction, which lesion guidance alone does not (the stride-4 runs of
-    docs/explanations.md pointed at lesions no more faithfully than a random map). Works with or without lesion
-    masks; with `--lesion-cam-guidance` both act on the same map. Costs one more forward and backward per batch.
-    The clinical values are kept as they are: the model is pushed to call a volume whose marked region is gone
-    healthy even when the values look diseased.
-    """
-
-    omega, sigma = 10.0, 0.5
-
-    def __init__(self, weight: float, disease: int = 1):
-        self.weight, self.disease = float(weight), int(disease)
-
-    @staticmethod
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        """The replacement for masked voxels: a 5x5x5 box blur (cheap; explain-eval's deletion uses a Gaussian)."""
-        return F.avg_pool3d(x, kernel_size=5, stride=1, padding=2, count_include_pad=False)
-
-    def __call__(self, net: nn.Module, x: torch.Tensor, meta: torch.Tensor, cam: torch.Tensor,
-                 z_ref: torch.Tensor) -> torch.Tensor:
-        """x [b, 1, D, H, W] and meta [b, M] of the diseased rows, cam [b, d, h, w] their differentiable Grad-CAM
-        (before the ReLU), z_ref [b] their disease logits on the whole volume. Returns W x mean
-        sigmoid(z_masked - z_ref): the masked volume's score relative to the unmasked one. Both are differentiated
-        through, so the output bias cancels in the value and in the gradient: the term cannot be lowered by moving
-        every disease score down (detaching z_ref would leave the bias a gradient)."""
-        c = torch.relu(cam)
-        c = c / (c.flatten(1).amax(1).view(-1, 1, 1, 1) + 1e-6)
-        c = F.interpolate(c[:, None], size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
-        t = torch.sigmoid(self.omega * (c - self.sigma))
-        x_am = x * (1 - t) + self.blur(x).detach() * t
-        z = net(x_am, meta).reshape(len(x), -1)[:, 0]
-        return self.weight * torch.sigmoid(z.float() - z_ref.float().reshape(-1)).mean()
 
 
 def lesion_seg_loss(logits: torch.Tensor, masks: torch.Tensor, y: torch.Tensor, weight: float,
