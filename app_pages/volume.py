@@ -202,5 +202,6 @@ with right:
                      + ("; colours = the strongest heatmap value along depth)" if maps is not None else ")"))
 ui.weights_caption([m for m in (model_name,) if m])
 if result is not None and img is not None:     # an uploaded volume (not a bundled phantom) can go to the worklist
-    picture, reading = volume_reading(model, img, result, maps, method, q, eye)
+    picture, reading = ui.memo("volume_reading", key + (method,),     # not rebuilt on every slider move
+                               lambda: volume_reading(model, img, result, maps, method, q, eye), limit=4)
     clinic_ui.save_to_worklist([(data, picture, [reading], eye)])

@@ -238,17 +238,8 @@ class InferenceService:
         the worker thread, under its thread cap, in turn with the readings, so every forward in the server shares
         one bounded queue. Its result or exception comes back; ServerBusyError as for `analyze`."""
         job = functools.partial(fn, *args, **kwargs)
-        now = time.monotonic()
-        req = _Request(None, Future(), ("job", id(job)), now, job)
-        with self._cond:
-            if self._closed or len(self._pending) + 1 > self.config.queue_size:
-                self._counts["rejected"] += 1
-                raise ServerBusyError(BUSY)
-            self._pending.append(req)
-            self._counts["submitted"] += 1
-            self._counts["jobs"] += 1
-            self._cond.notify_all()
-        return self._wait([req], self.config.timeout_s if timeout is None else timeout, cancelled)[0]
+        req = self._submit([_Request(None, Future(), ("job", id(job)), time.monotonic(), job)])
+        return self._wait(req, self.config.timeout_s if timeout is None else timeout, cancelled)[0]
 
     def stats(self) -> dict:
         """Counters since start: readings submitted / completed / failed, refused as busy, timed out, stopped;
@@ -279,20 +270,21 @@ class InferenceService:
 
     # ------------------------------------------------------------------------------------------- callers
     def _run(self, plans: list, timeout: float | None, cancelled) -> list[Analysis]:
+        now = time.monotonic()
         readings = [p for p in plans if isinstance(p, Reading)]
-        requests = self._submit(readings) if readings else []
+        requests = self._submit([_Request(r, Future(), _batch_key(r), now) for r in readings]) if readings else []
         done = iter(self._wait(requests, self.config.timeout_s if timeout is None else timeout, cancelled))
         return [next(done) if isinstance(p, Reading) else p for p in plans]
 
-    def _submit(self, readings: list[Reading]) -> list[_Request]:
-        now = time.monotonic()
-        reqs = [_Request(r, Future(), _batch_key(r), now) for r in readings]
+    def _submit(self, reqs: list[_Request]) -> list[_Request]:
+        """Queue readings (refused together when they do not all fit) or a job."""
         with self._cond:
             if self._closed or len(self._pending) + len(reqs) > self.config.queue_size:
                 self._counts["rejected"] += len(reqs)
                 raise ServerBusyError(BUSY)
             self._pending.extend(reqs)
             self._counts["submitted"] += len(reqs)
+            self._counts["jobs"] += sum(r.job is not None for r in reqs)
             self._cond.notify_all()
         return reqs
 

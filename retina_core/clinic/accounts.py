@@ -192,9 +192,8 @@ def count_users(clinic: Clinic) -> int:
 
 def create_user(clinic: Clinic, username: str, password: str | None, *, roles: Iterable[str] | str,
                 display_name: str = "", by: UserView | None = None, oidc_subject: str | None = None) -> UserView:
-    """A new account. `by`: the admin creating it (None: the command line or the first-account set-up, which is
-    only allowed while there is no account). A single-sign-on account has no password (`oidc_subject` or its
-    e-mail as user name identify it)."""
+    """A new account. `by`: the admin creating it (None: the command line). A single-sign-on account has no
+    password (`oidc_subject` or its e-mail as user name identify it)."""
     username = clean_username(username)
     roles = parse_roles(roles)
     if not roles:
@@ -202,18 +201,23 @@ def create_user(clinic: Clinic, username: str, password: str | None, *, roles: I
     if by is not None:
         by.require("accounts", "Creating accounts")
     pw_hash = hash_password(check_password(password, username)) if password is not None else None
-    display_name = " ".join((display_name or "").split())[:128]
     with clinic.writing() as s:
         if s.scalar(select(User.id).where(User.username == username)) is not None:
             raise RetinaInputError(f"The user name {username} is taken.")
-        u = User(username=username, display_name=display_name, roles=",".join(roles), password_hash=pw_hash,
-                 oidc_subject=oidc_subject or None, active=True, failed_logins=0,
-                 password_changed_at=utcnow() if pw_hash else None)
-        s.add(u)
-        s.flush()
+        u = _add_user(s, username, display_name, roles, pw_hash, oidc_subject)
         _audit(s, by or CLI_USER_NAME, "user.create", "user", u.id, username=username, roles=list(roles),
                sso=pw_hash is None)
         return _view(u)
+
+
+def _add_user(s: Session, username: str, display_name: str, roles: tuple[str, ...], pw_hash: str | None,
+              oidc_subject: str | None = None) -> User:
+    u = User(username=username, display_name=" ".join((display_name or "").split())[:128], roles=",".join(roles),
+             password_hash=pw_hash, oidc_subject=oidc_subject or None, active=True, failed_logins=0,
+             password_changed_at=utcnow() if pw_hash else None)
+    s.add(u)
+    s.flush()
+    return u
 
 
 def create_first_admin(clinic: Clinic, username: str, password: str, display_name: str = "",
@@ -224,14 +228,11 @@ def create_first_admin(clinic: Clinic, username: str, password: str, display_nam
     roles = parse_roles(roles)
     if "admin" not in roles:
         raise RetinaInputError("The first account must be an admin (it creates the others).")
-    check_password(password, username)
+    pw_hash = hash_password(check_password(password, username))
     with clinic.writing() as s:
         if s.scalar(select(func.count(User.id))):
             raise PermissionDenied("An account exists already: sign in, or ask an admin to create yours.")
-        u = User(username=username, display_name=" ".join(display_name.split())[:128], roles=",".join(roles),
-                 password_hash=hash_password(password), active=True, failed_logins=0, password_changed_at=utcnow())
-        s.add(u)
-        s.flush()
+        u = _add_user(s, username, display_name, roles, pw_hash)
         _audit(s, username, "user.create_first", "user", u.id, username=username, roles=list(roles))
         return _view(u)
 

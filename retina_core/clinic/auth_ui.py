@@ -92,12 +92,14 @@ def audit_view(action: str, object_type: str, object_id: int | None = None, **de
     """Write a page view (or an analysis) of the signed-in account to the audit trail, once per browser session
     per (action, object): reruns of the same page do not flood the trail. Nothing in demo mode."""
     user = st.session_state.get(USER)
-    clinic = _clinic()
-    if user is None or user.id is None or clinic is None:
+    if user is None or user.id is None:            # signed out, or the demo visitor
         return
     key = (action, object_type, object_id, tuple(sorted((k, str(v)) for k, v in details.items())))
     seen = st.session_state.setdefault(VIEWED, set())
-    if key in seen:
+    if key in seen:                                # a rerun: nothing to open or write
+        return
+    clinic = _clinic()
+    if clinic is None:
         return
     accounts.record(clinic, user, action, object_type, object_id, **details)
     seen.add(key)
