@@ -15,7 +15,7 @@ from retina_core.explain.cam import gradcam_single_pass
 from retina_core.models import create_model, get_cfg, list_models
 from retina_core.models.loading import sha256_file
 from retina_core.train.common import RECIPES, TrainConfig, config_from_args, make_optimizer, resolve_recipe
-from retina_core.train.engine import _frozen_bn_eval, _set_phase
+from retina_core.train.loop import _frozen_bn_eval, _set_phase
 
 ZOO = ["retinal_fusion_net", "retinal_fusion_net_atto", "retinal_fusion_net_atto_v4", "retfound_vit",
        "retfound_vit_tiny", "fundus_resnet50", "fundus_resnet18_head", "fundus_oct_fusion", "oct_volume_fusion3d",

@@ -1,9 +1,11 @@
 """What every training recipe shares (the image engine, and the fundus + OCT and volume trainers in multimodal.py):
 the run's configuration (`TrainConfig`, the named recipes, `config_from_args`), seeding, the optimiser and schedule,
 the validation score that picks the best epoch (`monitor_score`, `EpochTracker`) and what a finished run writes
-(`write_outputs`: weights, manifest entry, splits and history; `result_from_rank0` on the other ranks).
+(`write_outputs`: weights, manifest entry, splits and history; `result_from_rank0` on the other ranks). The one
+training loop that puts these together is train/loop.py.
 
-It imports neither engine.py nor multimodal.py, so both import it and engine.py can dispatch to multimodal.py.
+It imports neither engine.py, multimodal.py nor loop.py, so they all import it and engine.py can dispatch to
+multimodal.py.
 """
 from __future__ import annotations
 
@@ -211,9 +213,8 @@ def monitor_score(metrics: dict, monitor: str) -> float:
 
 
 class EpochTracker:
-    """End-of-epoch bookkeeping shared by the image engine (train/engine.py) and the two-input trainers
-    (train/multimodal.py): early stopping on the validation score, the best weights, the history row and the
-    progress line on stderr."""
+    """End-of-epoch bookkeeping of the training loop (train/loop.py), for every recipe: early stopping on the
+    validation score, the best weights, the history row and the progress line on stderr."""
 
     def __init__(self, cfg_t: TrainConfig, history: list | None = None, best_state: dict | None = None,
                  best_epoch: int = -1):

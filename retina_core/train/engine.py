@@ -13,7 +13,8 @@ Optional, off by default: training recipes (`--recipe`, see RECIPES in train/com
 prefixes at `--finetune-lr`), reduce-on-plateau, N repeated trainings with a stability summary (`--repeats`), DDP under
 `torchrun --nproc_per_node N -m retina_core train ...` (train/distributed.py), and routing of the fundus+OCT and
 volume+metadata models to train/multimodal.py. `spawn_train` runs the DDP path with local processes (no torchrun).
-What every recipe shares (TrainConfig, optimiser and schedule, EpochTracker, write_outputs) is in train/common.py.
+The image recipe below gives the one training loop (`fit` and `finish`, train/loop.py) its step and its validation;
+what every recipe shares (TrainConfig, optimiser and schedule, EpochTracker, write_outputs) is in train/common.py.
 """
 from __future__ import annotations
 
@@ -34,17 +35,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import RetinaInputError
-from ..evaluate.calibration import fit_temperature
-from ..evaluate.metrics import bootstrap_ci, classification_metrics
+from ..evaluate.metrics import classification_metrics
 from ..io.datasets import SPLIT_METHODS, parse_fractions, split_patients  # noqa: F401  (re-exported: train's API)
 from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, uses_fov
 from ..models.loading import MANIFEST, default_device
 from ..models.registry import ModelCfg, create_model, get_cfg
 from . import distributed
+from .common import (TrainConfig, architecture_kwargs, check_monitor, monitor_score, replace_resolved, resolve_recipe,
+                     volume_only_options)
 from .guidance import HealthyCamPenalty, LesionCamGuidance
-from .common import (EpochTracker, TrainConfig, architecture_kwargs, check_monitor, make_optimizer, make_scheduler,
-                     monitor_score, replace_resolved, resolve_recipe, result_from_rank0, seed_everything,
-                     volume_only_options, write_outputs)
+from .loop import finish, fit, start_run
 from .multimodal import train_multimodal
 
 log = logging.getLogger(__name__)
@@ -221,54 +221,6 @@ def build_for_training(model_name: str, cfg_t: TrainConfig) -> nn.Module:
     return net
 
 
-def _is_head_fn(net: nn.Module):
-    """name -> whether the parameter belongs to the classification head (phase 1 of two-phase training)."""
-    prefixes = getattr(net, "head_param_prefixes", None)
-    if prefixes:
-        return lambda n: n.startswith(tuple(prefixes))
-    for owner, path in ((net, ""), (getattr(net, "net", None), "net.")):
-        if owner is not None and hasattr(owner, "get_classifier"):
-            ids = {id(p) for p in owner.get_classifier().parameters()}
-            names = {path + n for n, p in owner.named_parameters() if id(p) in ids}
-            if names:
-                return lambda n: n in names
-    raise RetinaInputError(f"{type(net).__name__} does not say which parameters form its head, so it cannot be "
-                           f"trained in two phases (--freeze-epochs).")
-
-
-def _set_phase(net: nn.Module, phase: int, cfg_t: TrainConfig) -> None:
-    """phase 0: leave every parameter as built; 1: head only; 2: head + the `unfreeze` prefixes (None = all)."""
-    if phase == 0:
-        return
-    is_head = _is_head_fn(net)
-    prefixes = tuple(p.strip() for p in (cfg_t.unfreeze or "").split(",") if p.strip())
-    for n, p in net.named_parameters():
-        p.requires_grad_(is_head(n) or (phase == 2 and (not prefixes or n.startswith(prefixes))))
-
-
-def _frozen_bn_eval(net: nn.Module) -> None:
-    """BatchNorm layers whose parameters are all frozen keep their running statistics (Keras trainable=False)."""
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            ps = list(m.parameters(recurse=False))
-            if ps and not any(p.requires_grad for p in ps):
-                m.eval()
-
-
-def _phase_of(epoch: int, cfg_t: TrainConfig) -> int:
-    if cfg_t.freeze_epochs <= 0:
-        return 0
-    return 1 if epoch < cfg_t.freeze_epochs else 2
-
-
-def _phase_bounds(phase: int, cfg_t: TrainConfig) -> tuple[int, int]:
-    if phase == 0:
-        return 0, cfg_t.epochs
-    if phase == 1:
-        return 0, min(cfg_t.freeze_epochs, cfg_t.epochs)
-    return cfg_t.freeze_epochs, cfg_t.epochs
-
-
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float):
     """(mixed x, y, y[perm], lam): x' = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha)."""
     lam = float(np.random.beta(alpha, alpha))
@@ -299,11 +251,9 @@ def validation_loss(net: nn.Module, loader: DataLoader, device: torch.device, cf
 
 
 def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> dict:
-    seed_everything(cfg_t.seed)
-    out = Path(out)
-    main = ctx is None or ctx.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    """The image recipe: cross-entropy on cached, augmented images (`image_step`), scored on the validation split
+    by `--monitor`; `train/loop.py` runs the epochs (AMP on CUDA, two-phase, `<out>/last.pt` for `--resume`)."""
+    out = start_run(out, cfg_t, ctx)
     if flags := volume_only_options(cfg_t):
         raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
@@ -313,18 +263,47 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-
-    t0 = time.time()
     guide = None
     if cfg_t.lesion_cam_guidance:
         if cfg_t.mixup > 0:
             raise RetinaInputError("--lesion-cam-guidance cannot be combined with --mixup: a mixed image's lesions "
                                    "belong to two eyes.")
         guide = LesionCamGuidance(net, cfg, cfg_t.lesion_cam_guidance)
+    sets = _image_sets(splits, cfg, cfg_t, index.root, guide)
+    eval_loaders = {k: DataLoader(sets[k], batch_size=64) for k in ("val", "test")}
+    val_loss_loader = DataLoader(sets["val"], batch_size=16)   # small: this pass keeps activations for the CAM terms
+    cam_penalty = HealthyCamPenalty(net, cfg, cfg_t.healthy_cam_penalty) if cfg_t.healthy_cam_penalty else None
+
+    def evaluate() -> tuple[dict, float]:
+        logits, ys = predict_logits(net, eval_loaders["val"], device)
+        m = classification_metrics(ys, torch.softmax(torch.from_numpy(logits), 1).numpy(), list(cfg.classes),
+                                   ordinal=cfg.ordinal)
+        if cfg_t.monitor == "val_loss":
+            m["val_loss"] = validation_loss(net, val_loss_loader, device, cfg_t, cam_penalty, guide)
+        return m, monitor_score(m, cfg_t.monitor)
+
+    fitted = fit(net, sets["train"], _image_step(device, cfg_t, cam_penalty, guide), evaluate, cfg_t, ctx, device,
+                 amp=device.type == "cuda", num_workers=cfg_t.num_workers, phases=True, checkpoint=out / "last.pt",
+                 hooks=(cam_penalty, guide))
+    result = finish(net, model_name, out, cfg_t, ctx, fitted, index=index, splits=splits, data=data,
+                    data_note=data_note, logits=lambda k: predict_logits(net, eval_loaders[k], device),
+                    test=len(sets["test"]) > 0, probs=_softmax,
+                    extra=net.training_report() if hasattr(net, "training_report") else None)
+    if ctx is not None:
+        result["replica_param_digest"] = distributed.state_digest(net, params_only=True)
+    return result
+
+
+def _image_sets(splits: dict, cfg: ModelCfg, cfg_t: TrainConfig, root: Path,
+               guide: LesionCamGuidance | None = None) -> dict[str, CachedImages]:
+    """The train/val/test splits decoded into `CachedImages` (training ones augmented). With lesion-CAM guidance the
+    training images carry their lesion masks (and the validation images too under `--monitor val_loss`); refuses
+    a run whose training images have none, or with an empty training or validation split."""
+    t0 = time.time()
     masked = ("train", "val") if cfg_t.monitor == "val_loss" else ("train",)   # val masks: the val loss's guidance
     sets = {k: CachedImages(splits.get(k, []), cfg.classes, cfg, augment=(k == "train" and cfg_t.augment),
                             aug_strength=cfg_t.aug_strength,
-                            mask_root=index.root if (guide is not None and k in masked) else None)
+                            mask_root=root if (guide is not None and k in masked) else None)
             for k in ("train", "val", "test")}
     if guide is not None:
         n_masked = int((sets["train"].masks.flatten(1).amax(1) > 0).sum())
@@ -336,150 +315,39 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
     log.info("decoded %s images in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
     if len(sets["train"]) == 0 or len(sets["val"]) == 0:
         raise RetinaInputError("Training needs images in both a training and a validation split.")
-    g = torch.Generator().manual_seed(cfg_t.seed)
-    if ctx is None:
-        train_loader = DataLoader(sets["train"], batch_size=cfg_t.batch_size, shuffle=True, generator=g,
-                                  num_workers=cfg_t.num_workers, drop_last=len(sets["train"]) > cfg_t.batch_size)
-    else:   # every rank must take the same number of steps: equal shards, whole batches only
-        shard = distributed.sampler(sets["train"], ctx, cfg_t.seed)
-        train_loader = DataLoader(sets["train"], batch_size=cfg_t.batch_size, sampler=shard,
-                                  num_workers=cfg_t.num_workers, drop_last=len(shard) > cfg_t.batch_size)
-    eval_loaders = {k: DataLoader(sets[k], batch_size=64) for k in ("val", "test")}
-    val_loss_loader = DataLoader(sets["val"], batch_size=16)   # small: this pass keeps activations for the CAM terms
+    return sets
 
-    cam_penalty = HealthyCamPenalty(net, cfg, cfg_t.healthy_cam_penalty) if cfg_t.healthy_cam_penalty else None
-    steps_per_epoch = len(train_loader)
-    if cfg_t.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg_t.max_steps_per_epoch)
 
-    def start_phase(phase: int):
-        _set_phase(net, phase, cfg_t)
-        lr = cfg_t.lr if phase < 2 else (cfg_t.finetune_lr or cfg_t.lr / 100.0)
-        first, last = _phase_bounds(phase, cfg_t)
-        opt = make_optimizer(net, cfg_t, lr)
-        sched, per_step = make_scheduler(opt, cfg_t, steps_per_epoch, last - first, warmup=phase < 2)
-        return opt, sched, per_step, distributed.wrap(net, ctx)
+def _image_step(device: torch.device, cfg_t: TrainConfig, cam_penalty: HealthyCamPenalty | None = None,
+               guide: LesionCamGuidance | None = None):
+    """The image recipe's training step for `loop.fit`: (model, (x, y[, masks])) -> cross-entropy with the run's
+    label smoothing (mixed pairs under `--mixup`), plus the healthy-CAM penalty and the lesion-CAM guidance when on;
+    those two are also returned by name (healthy_cam_loss, lesion_cam_loss) for the epoch's history row."""
 
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    tracker, start_epoch = EpochTracker(cfg_t), 0
-    ckpt = out / "last.pt"
-    state = None
-    if cfg_t.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        net.load_state_dict(state["model"])
-        start_epoch = int(state["epoch"]) + 1
-        tracker = EpochTracker(cfg_t, json.loads(state["history"]), state["best_model"], int(state["best_epoch"]))
-        log.info("resumed from epoch %d", start_epoch)
-    phase = _phase_of(start_epoch, cfg_t)
-    opt, sched, per_step, model = start_phase(phase)
-    tracker.restart_patience([h["val_score"] for h in tracker.history if _phase_of(h["epoch"], cfg_t) == phase])
-    if state is not None and int(state.get("phase", 0)) == phase:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    def step(model: nn.Module, batch):
+        x, y = batch[0].to(device), batch[1].to(device)
+        if cfg_t.mixup > 0:
+            x, ya, yb, lam = mixup_batch(x, y, cfg_t.mixup)
+            logits = model(x)
+            loss = lam * F.cross_entropy(logits, ya, label_smoothing=cfg_t.label_smoothing) + (1 - lam) * \
+                F.cross_entropy(logits, yb, label_smoothing=cfg_t.label_smoothing)
+            healthy_rows = (ya == yb) & (ya == cam_penalty.healthy) if cam_penalty else None
+        else:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg_t.label_smoothing)
+            healthy_rows = y == cam_penalty.healthy if cam_penalty else None
+        parts = {}
+        if cam_penalty:
+            cam_loss = cam_penalty(healthy_rows)
+            parts["healthy_cam_loss"] = float(cam_loss.detach())
+            loss = loss + cam_loss
+        if guide is not None:
+            guide_loss = guide(batch[2].to(device), y, logits)
+            parts["lesion_cam_loss"] = float(guide_loss.detach())
+            loss = loss + guide_loss
+        return (loss, parts) if parts else loss
 
-    epoch = start_epoch
-    while epoch < cfg_t.epochs:
-        if _phase_of(epoch, cfg_t) != phase:   # two-phase: unfreeze, new optimizer, fresh patience
-            phase = _phase_of(epoch, cfg_t)
-            opt, sched, per_step, model = start_phase(phase)
-            tracker.restart_patience()
-            if main:
-                print(f"phase {phase}: trainable {sum(p.numel() for p in net.parameters() if p.requires_grad)} "
-                      f"parameters", file=sys.stderr, flush=True)
-        if ctx is not None:
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        _frozen_bn_eval(net)
-        losses, cam_losses, guide_losses, t_ep = [], [], [], time.time()
-        for step, batch in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
-            x, y = batch[0].to(device), batch[1].to(device)
-            with torch.autocast(device.type, enabled=use_amp):
-                if cfg_t.mixup > 0:
-                    x, ya, yb, lam = mixup_batch(x, y, cfg_t.mixup)
-                    logits = model(x)
-                    loss = lam * F.cross_entropy(logits, ya, label_smoothing=cfg_t.label_smoothing) + (1 - lam) * \
-                        F.cross_entropy(logits, yb, label_smoothing=cfg_t.label_smoothing)
-                    healthy_rows = (ya == yb) & (ya == cam_penalty.healthy) if cam_penalty else None
-                else:
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg_t.label_smoothing)
-                    healthy_rows = y == cam_penalty.healthy if cam_penalty else None
-                if cam_penalty:
-                    cam_loss = cam_penalty(healthy_rows)
-                    cam_losses.append(float(cam_loss.detach()))
-                    loss = loss + cam_loss
-                if guide is not None:
-                    guide_loss = guide(batch[2].to(device), y, logits)
-                    guide_losses.append(float(guide_loss.detach()))
-                    loss = loss + guide_loss
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if per_step:
-                sched.step()
-            losses.append(loss.item())
-        distributed.sync_buffers(net, ctx)
-        m, score = None, None
-        if main:
-            logits, ys = predict_logits(net, eval_loaders["val"], device)
-            m = classification_metrics(ys, torch.softmax(torch.from_numpy(logits), 1).numpy(), list(cfg.classes),
-                                       ordinal=cfg.ordinal)
-            if cfg_t.monitor == "val_loss":
-                m["val_loss"] = validation_loss(net, val_loss_loader, device, cfg_t, cam_penalty, guide)
-            score = monitor_score(m, cfg_t.monitor)
-        score = distributed.broadcast(score, ctx)
-        if not per_step:
-            sched.step(score)
-        extra = {"phase": phase} if phase else {}
-        if cam_losses:   # part of the loss above; logged so its share can be read from history.json
-            extra["healthy_cam_loss"] = float(np.mean(cam_losses))
-        if guide_losses:
-            extra["lesion_cam_loss"] = float(np.mean(guide_losses))
-        tracker.end_epoch(net, epoch, losses, m, score, time.time() - t_ep, main, extra or None)
-        if main:
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "best_model": tracker.best_state, "best_epoch": tracker.best_epoch, "epoch": epoch,
-                        "phase": phase, "history": json.dumps(tracker.history)}, ckpt)
-        epoch += 1
-        if tracker.should_stop:
-            if phase == 1 and cfg_t.epochs > cfg_t.freeze_epochs:
-                epoch = max(epoch, cfg_t.freeze_epochs)   # phase 1 has converged: go on to fine-tuning
-            else:
-                break
-
-    for hook in (cam_penalty, guide):
-        if hook is not None:
-            hook.close()
-    net.load_state_dict(tracker.best_state)
-    history, best_epoch = tracker.history, tracker.best_epoch
-    for p in net.parameters():
-        p.requires_grad_(True)
-    digest = distributed.state_digest(net) if ctx is not None else None
-    if not main:
-        return {**result_from_rank0(model_name, out, ctx, digest),
-                "replica_param_digest": distributed.state_digest(net, params_only=True)}
-    val_logits, val_y = predict_logits(net, eval_loaders["val"], device)
-    temperature = float(fit_temperature(val_logits, val_y))
-    result = {"val": classification_metrics(val_y, _softmax(val_logits, temperature), list(cfg.classes),
-                                            ordinal=cfg.ordinal)}
-    if len(sets["test"]):
-        test_logits, test_y = predict_logits(net, eval_loaders["test"], device)
-        result["test"] = classification_metrics(test_y, _softmax(test_logits, temperature), list(cfg.classes),
-                                                ordinal=cfg.ordinal)
-        result["ci95"] = bootstrap_ci(test_y, _softmax(test_logits, temperature), list(cfg.classes),
-                                      groups=[r.patient_id or str(r.path) for r in splits["test"]])
-    extra = net.training_report() if hasattr(net, "training_report") else {}
-    out_result = write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_note, temperature,
-                                result, history, best_epoch, extra=extra)
-    if ctx is not None:
-        out_result.update(rank=ctx.rank, world_size=ctx.world_size, replica_digest=digest,
-                          replica_param_digest=distributed.state_digest(net, params_only=True))
-        distributed.barrier(ctx)   # the other ranks read the manifest written above
-    return out_result
+    return step
 
 
 HEADLINE = ("accuracy", "auc_macro", "sensitivity_macro", "specificity_macro", "f1_macro", "kappa_quadratic", "ece")

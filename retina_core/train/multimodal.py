@@ -16,8 +16,9 @@
 
       python -m retina_core train --model oct_volume_fusion3d_tiny --data data/volumes --out runs/vol --fusion concat
 
-Both write `<out>/<model>.safetensors` (fp16) + `<out>/manifest.json` + history.json like the image engine, train
-data-parallel under torchrun, and fit a calibration temperature on the validation split.
+Both recipes give the one training loop (`fit` and `finish`, train/loop.py) their step and validation, so they write
+`<out>/<model>.safetensors` (fp16) + `<out>/manifest.json` + history.json like the image recipe, train data-parallel
+under torchrun, and fit a calibration temperature on the validation split.
 """
 from __future__ import annotations
 
@@ -31,21 +32,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import RetinaInputError
-from ..evaluate.calibration import apply_temperature, fit_temperature
-from ..evaluate.metrics import bootstrap_ci, classification_metrics
+from ..evaluate.metrics import classification_metrics
 from ..io.datasets import training_splits
 from ..models.loading import default_device, preprocess_image
 from ..models.multimodal import FUSION_CLASSES, binary_label
+from ..models.predict import decode_volumes, metadata_matrix
 from ..models.registry import create_model, get_cfg
 from ..models.volume3d import POOL_TYPES, VOLUME_CLASSES
-from . import distributed
-from ..models.predict import decode_volumes, metadata_matrix
-from .common import (EpochTracker, TrainConfig, architecture_kwargs, is_phantom_set, make_optimizer, make_scheduler,
-                     monitor_score, result_from_rank0, seed_everything, volume_only_options, write_outputs)
+from .common import TrainConfig, architecture_kwargs, is_phantom_set, monitor_score, volume_only_options
 from .guidance import VolumeAttentionMining, VolumeLesionCamGuidance
+from .loop import finish, fit, start_run
 from .losses import FocalLoss
 
 log = logging.getLogger(__name__)
@@ -78,82 +77,6 @@ def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: 
     if modality == "oct_volume":
         return train_volume(model_name, data, out, cfg_t, data_note, ctx)
     raise RetinaInputError(f"{model_name} is not a multimodal model.")
-
-
-# ------------------------------------------------------------------------------------------------ shared loop
-def _fit(module: nn.Module, train_ds: Dataset, step_fn, eval_fn, cfg_t: TrainConfig, ctx, out: Path):
-    """Train `module` (its trainable parameters): step_fn(wrapped_module, batch) -> loss, or (loss, {name: float})
-    whose named parts are logged per epoch (their mean) in the history; eval_fn() -> (metrics, score) on rank 0.
-    Keeps the best validation epoch. Returns (best_epoch, history)."""
-    main = ctx is None or ctx.is_main
-    g = torch.Generator().manual_seed(cfg_t.seed)
-    bs = cfg_t.batch_size
-    if ctx is None:
-        loader = DataLoader(train_ds, batch_size=bs, shuffle=True, generator=g, drop_last=len(train_ds) > bs)
-    else:
-        shard = distributed.sampler(train_ds, ctx, cfg_t.seed)
-        loader = DataLoader(train_ds, batch_size=bs, sampler=shard, drop_last=len(shard) > bs)
-    steps = len(loader) if not cfg_t.max_steps_per_epoch else min(len(loader), cfg_t.max_steps_per_epoch)
-    opt = make_optimizer(module, cfg_t, cfg_t.lr)
-    sched, per_step = make_scheduler(opt, cfg_t, max(steps, 1), cfg_t.epochs)
-    model = distributed.wrap(module, ctx)
-    tracker = EpochTracker(cfg_t)
-    for epoch in range(cfg_t.epochs):
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        if ctx is not None:
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        losses, parts, t_ep = [], {}, time.time()
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
-            loss = step_fn(model, batch)
-            if isinstance(loss, tuple):
-                loss, logged = loss
-                for k, v in logged.items():
-                    parts.setdefault(k, []).append(float(v))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if per_step:
-                sched.step()
-            losses.append(loss.item())
-        distributed.sync_buffers(module, ctx)
-        m, score = eval_fn() if main else (None, None)
-        score = distributed.broadcast(score, ctx)
-        if not per_step:
-            sched.step(score)
-        extra = {k: float(np.mean(v)) for k, v in parts.items()}
-        tracker.end_epoch(module, epoch, losses, m, score, time.time() - t_ep, main, extra or None)
-        if tracker.should_stop:
-            break
-    module.load_state_dict(tracker.best_state)
-    return tracker.best_epoch, tracker.history
-
-
-def _finish(net, state, cfg, model_name, out, cfg_t, index, splits, data, data_note, val, test, history,
-            best_epoch, extra, ctx, classes) -> dict:
-    """Temperature on validation logits, metrics, weights + manifest (rank 0); other ranks read rank 0's entry."""
-    digest = distributed.state_digest(net) if ctx is not None else None
-    if ctx is not None and not ctx.is_main:
-        return result_from_rank0(model_name, out, ctx, digest)
-    (val_z, val_y), test_pair = val, test
-    temperature = float(fit_temperature(val_z, val_y))
-    result = {"val": classification_metrics(val_y, apply_temperature(val_z, temperature), list(classes))}
-    if test_pair is not None and len(test_pair[1]):
-        result["test"] = classification_metrics(test_pair[1], apply_temperature(test_pair[0], temperature),
-                                                list(classes))
-        test_recs = splits.get("test") or []
-        groups = [r.patient_id or str(r.path) for r in test_recs] if len(test_recs) == len(test_pair[1]) else None
-        result["ci95"] = bootstrap_ci(test_pair[1], apply_temperature(test_pair[0], temperature), list(classes),
-                                      groups=groups)
-    res = write_outputs(net, cfg, model_name, Path(out), cfg_t, index, splits, data, data_note, temperature, result,
-                         history, best_epoch, extra=extra, state=state)
-    if ctx is not None:
-        res.update(rank=ctx.rank, world_size=ctx.world_size, replica_digest=digest)
-        distributed.barrier(ctx)
-    return res
 
 
 # ------------------------------------------------------------------------------------------------ fundus + OCT
@@ -227,44 +150,15 @@ def _fusion_sources(data, cfg_t: TrainConfig, classes=FUSION_CLASSES):
 
 
 def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
-    seed_everything(cfg_t.seed)
-    out = Path(out)
-    if ctx is None or ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    base = get_cfg(model_name)
-    kw = dict(base.builder_kwargs)
-    if cfg_t.encoders_dir:
-        kw["encoders_dir"] = cfg_t.encoders_dir
-    if cfg_t.image_size:
-        kw["encoder_input_size"] = (3, cfg_t.image_size, cfg_t.image_size)
-    net = create_model(model_name, builder_kwargs=kw)
-    net.cfg = replace(net.cfg, input_size=tuple(net.fundus_cfg.input_size))
+    """The fusion recipe: the MLP head on cached embeddings of frozen encoders, cross-entropy with the run's label
+    smoothing; only the head is trained, stored and tied to its encoders' sha256 in the manifest entry."""
+    out = start_run(out, cfg_t, ctx)
+    net = _fusion_net(model_name, cfg_t)
     device = ctx.device if ctx else default_device()
     net.to(device).eval()
     classes = tuple(net.cfg.classes)
     index, splits, per, oct_index, pairing = _fusion_sources(data, cfg_t, classes)
-    cls = {c: i for i, c in enumerate(classes)}
-
-    t0 = time.time()
-    sets = {}
-    for k, (fp, op, labels) in per.items():
-        if not fp:
-            continue
-        f_emb = embed_images(net.embed_fundus, net.fundus_cfg, fp, device)
-        o_emb = embed_images(net.embed_oct, net.oct_cfg, op, device)
-        if pairing == "true pairs":
-            y = torch.tensor([cls[c] for c in labels])
-            sets[k] = TensorDataset(f_emb, o_emb, y)
-        else:
-            fy = torch.tensor([cls[c] for c in labels[0]])
-            oy = torch.tensor([cls[c] for c in labels[1]])
-            if len(oy) == 0:
-                raise RetinaInputError(f"The OCT data set has no {k} split to pair with.")
-            vp = VirtualPairs(f_emb, fy, o_emb, oy, seed=cfg_t.seed + {"train": 0, "val": 1, "test": 2}[k])
-            sets[k] = vp if k == "train" else vp.fixed()
-    log.info("embedded %s pairs in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
-    if "train" not in sets or "val" not in sets:
-        raise RetinaInputError("Training needs pairs in both a training and a validation split.")
+    sets = _fusion_sets(net, per, pairing, classes, cfg_t.seed, device)
 
     def head_logits(head, f, o):
         return head(torch.cat([f, o], dim=1).to(device))
@@ -274,29 +168,69 @@ def train_fusion(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
         return F.cross_entropy(head_logits(head, f, o), y.to(device), label_smoothing=cfg_t.label_smoothing)
 
     @torch.no_grad()
-    def logits_of(ds):
+    def logits_of(split: str) -> tuple[np.ndarray, np.ndarray]:
         net.eval()
-        f, o, y = ds.tensors
+        f, o, y = sets[split].tensors
         return head_logits(net.head, f, o).float().cpu().numpy(), y.numpy()
 
-    def evaluate():
-        z, y = logits_of(sets["val"])
+    def evaluate() -> tuple[dict, float]:
+        z, y = logits_of("val")
         m = classification_metrics(y, torch.softmax(torch.from_numpy(z), 1).numpy(), list(classes))
         if cfg_t.monitor == "val_loss":   # the head's training loss on the validation pairs
             m["val_loss"] = float(F.cross_entropy(torch.from_numpy(z), torch.from_numpy(y),
                                                   label_smoothing=cfg_t.label_smoothing))
         return m, monitor_score(m, cfg_t.monitor)
 
-    best_epoch, history = _fit(net.head, sets["train"], step, evaluate, cfg_t, ctx, out)
+    fitted = fit(net.head, sets["train"], step, evaluate, cfg_t, ctx, device)
     note = data_note
     if note is None and oct_index is not None:
         kind = "synthetic phantoms" if is_phantom_set(Path(data)) and is_phantom_set(Path(cfg_t.pair_with)) else "data"
         note = (f"{kind}, virtual pairs: fundus {index.layout} ({data}) x OCT {oct_index.layout} "
                 f"({cfg_t.pair_with}), same binary label")
-    extra = {"encoders": net.encoder_info(), "pairing": pairing, "head_only": True}
-    return _finish(net, net.head_state_dict(), net.cfg, model_name, out, cfg_t, index, splits, data, note,
-                   logits_of(sets["val"]), logits_of(sets["test"]) if "test" in sets else None, history,
-                   best_epoch, extra, ctx, classes)
+    return finish(net, model_name, out, cfg_t, ctx, fitted, index=index, splits=splits, data=data, data_note=note,
+                  logits=logits_of, test="test" in sets, state=net.head_state_dict(),
+                  extra={"encoders": net.encoder_info(), "pairing": pairing, "head_only": True})
+
+
+def _fusion_net(model_name: str, cfg_t: TrainConfig) -> nn.Module:
+    """The fusion model with its encoders from cfg_t.encoders_dir (at cfg_t.image_size when given); its cfg takes
+    the fundus encoder's input size."""
+    kw = dict(get_cfg(model_name).builder_kwargs)
+    if cfg_t.encoders_dir:
+        kw["encoders_dir"] = cfg_t.encoders_dir
+    if cfg_t.image_size:
+        kw["encoder_input_size"] = (3, cfg_t.image_size, cfg_t.image_size)
+    net = create_model(model_name, builder_kwargs=kw)
+    net.cfg = replace(net.cfg, input_size=tuple(net.fundus_cfg.input_size))
+    return net
+
+
+def _fusion_sets(net: nn.Module, per: dict, pairing: str, classes: tuple[str, ...], seed: int,
+                 device: torch.device) -> dict[str, Dataset]:
+    """{split: (fundus embedding, OCT embedding, label) pairs}: true pairs as they are; virtual pairs re-drawn every
+    epoch for training (`VirtualPairs`) and drawn once, seeded, for validation and test. Splits without fundus
+    images are left out; refuses a run without training and validation pairs."""
+    t0 = time.time()
+    cls = {c: i for i, c in enumerate(classes)}
+    sets = {}
+    for k, (fp, op, labels) in per.items():
+        if not fp:
+            continue
+        f_emb = embed_images(net.embed_fundus, net.fundus_cfg, fp, device)
+        o_emb = embed_images(net.embed_oct, net.oct_cfg, op, device)
+        if pairing == "true pairs":
+            sets[k] = TensorDataset(f_emb, o_emb, torch.tensor([cls[c] for c in labels]))
+            continue
+        fy = torch.tensor([cls[c] for c in labels[0]])
+        oy = torch.tensor([cls[c] for c in labels[1]])
+        if len(oy) == 0:
+            raise RetinaInputError(f"The OCT data set has no {k} split to pair with.")
+        vp = VirtualPairs(f_emb, fy, o_emb, oy, seed=seed + {"train": 0, "val": 1, "test": 2}[k])
+        sets[k] = vp if k == "train" else vp.fixed()
+    log.info("embedded %s pairs in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
+    if "train" not in sets or "val" not in sets:
+        raise RetinaInputError("Training needs pairs in both a training and a validation split.")
+    return sets
 
 
 # ------------------------------------------------------------------------------------------------ volumes
@@ -368,10 +302,53 @@ def lesion_seg_loss(logits: torch.Tensor, masks: torch.Tensor, y: torch.Tensor, 
 
 
 def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=None) -> dict:
-    seed_everything(cfg_t.seed)
-    out = Path(out)
-    if ctx is None or ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    """The volume recipe: `VolumeObjective` (focal loss plus the map and read-out terms that are on) on augmented
+    volumes with their clinical records standardised by training statistics; the validation score per `--monitor`."""
+    out = start_run(out, cfg_t, ctx)
+    net = _volume_net(model_name, cfg_t)
+    cfg = net.cfg
+    device = ctx.device if ctx else default_device()
+    index, recs = _volume_records(data)
+    splits = training_splits(recs, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
+    sets, raw, val_masks = _volume_sets(net, splits, cfg_t, index.root)
+    guide, mining = _volume_map_terms(net, cfg_t, sets["train"].masks, raw["train"][2])
+    meta_train = raw["train"][1].numpy()
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        net.set_metadata_stats(np.nanmean(meta_train, axis=0), np.nanstd(meta_train, axis=0))
+    net.to(device)
+    objective = VolumeObjective(cfg_t, guide, mining, device)
+
+    @torch.no_grad()
+    def logits_of(split: str) -> tuple[np.ndarray, np.ndarray]:
+        net.eval()
+        vols, metas, ys = raw[split]
+        z = [net(vols[i:i + 16].float().to(device), metas[i:i + 16].to(device)).float().cpu()
+             for i in range(0, len(ys), 16)]
+        return (torch.cat(z)[:, 0].numpy() if z else np.zeros(0, np.float32)), ys.numpy()
+
+    def evaluate() -> tuple[dict, float]:
+        z, y = logits_of("val")
+        m = classification_metrics(y, 1.0 / (1.0 + np.exp(-z)), list(VOLUME_CLASSES))
+        if cfg_t.monitor == "val_loss":
+            m["val_loss"] = objective.validation_loss(net, *raw["val"], val_masks)
+        return m, monitor_score(m, cfg_t.monitor)
+
+    fitted = fit(net, sets["train"], objective, evaluate, cfg_t, ctx, device, hooks=(guide,))
+    loss = (f"focal (gamma 2, dynamic alpha, label smoothing {cfg_t.label_smoothing})"
+            + (f" + lesion-CAM guidance {cfg_t.lesion_cam_guidance:g} on {cfg.target_layer}"
+               if cfg_t.lesion_cam_guidance else "")
+            + (f" + attention mining {cfg_t.attention_mining:g} (GAIN) on {cfg.target_layer}"
+               if mining is not None else "")
+            + (f" + dense lesion read-out {objective.seg:g} (class-balanced BCE on the lesion masks' grid cells)"
+               if objective.seg else ""))
+    return finish(net, model_name, out, cfg_t, ctx, fitted, index=index, splits=splits, data=data,
+                  data_note=data_note, logits=logits_of, test=len(raw["test"][2]) > 0,
+                  extra={"fusion": net.fusion, "meta_features": list(net.meta_features),
+                         "output": "one logit, P(disease)", "loss": loss})
+
+
+def _volume_net(model_name: str, cfg_t: TrainConfig) -> nn.Module:
+    """The volume model at cfg_t.image_size, with the `--fusion` and architecture options, from `--init` if given."""
     base = get_cfg(model_name)
     overrides = {}
     if cfg_t.image_size:
@@ -386,139 +363,126 @@ def train_volume(model_name, data, out, cfg_t: TrainConfig, data_note=None, ctx=
     if cfg_t.init:
         from ..models.checkpoints import load_state_dict_file
         log.info("initialised from %s: %s", cfg_t.init, load_state_dict_file(net, cfg_t.init))
-    cfg = net.cfg
-    device = ctx.device if ctx else default_device()
-    index, recs = _volume_records(data)
-    splits = training_splits(recs, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
+    return net
+
+
+def _volume_sets(net: nn.Module, splits: dict, cfg_t: TrainConfig, root: Path):
+    """(sets, raw, val_masks): a `VolumeSet` per split (training: augmented, with meta dropout, and carrying its
+    lesion masks when a mask term is on), raw (volumes, metadata, labels) per split, and the validation masks when
+    `--monitor val_loss` includes a mask term (else None)."""
     t0 = time.time()
     cls = {c: i for i, c in enumerate(VOLUME_CLASSES)}
-    guided = bool(cfg_t.lesion_cam_guidance)
-    seg = float(cfg_t.lesion_seg)
+    masked = bool(cfg_t.lesion_cam_guidance) or bool(float(cfg_t.lesion_seg))
     sets, raw, masks, val_masks = {}, {}, None, None
     for k in ("train", "val", "test"):
         rs = splits.get(k, [])
-        if (guided or seg) and (k == "train" or (k == "val" and cfg_t.monitor == "val_loss")):
-            vols, mk = decode_volumes(rs, cfg, mask_root=index.root)
+        if masked and (k == "train" or (k == "val" and cfg_t.monitor == "val_loss")):
+            vols, mk = decode_volumes(rs, net.cfg, mask_root=root)
             if k == "train":
                 masks = mk
             else:
                 val_masks = mk      # the guidance term of the validation loss
         else:
-            vols = decode_volumes(rs, cfg)
+            vols = decode_volumes(rs, net.cfg)
         raw[k] = (vols, metadata_matrix(rs, net.meta_features),
                   torch.tensor([cls[r.label] for r in rs], dtype=torch.long))
         sets[k] = VolumeSet(*raw[k], augment=(k == "train" and cfg_t.augment), strength=cfg_t.aug_strength,
                             masks=masks if k == "train" else None,
                             meta_dropout=cfg_t.meta_dropout if k == "train" else 0.0)
     log.info("decoded %s volumes in %.1fs", {k: len(v) for k, v in sets.items()}, time.time() - t0)
-    if seg and not bool((masks.flatten(1) != 0).any()):
+    return sets, raw, val_masks
+
+
+def _volume_map_terms(net: nn.Module, cfg_t: TrainConfig, masks: torch.Tensor | None, ys: torch.Tensor):
+    """(guide, mining): the lesion-CAM guidance (`VolumeLesionCamGuidance`; also, at weight 0, the Grad-CAM hook that
+    attention mining needs) and `VolumeAttentionMining`, each None when off. Refuses `--lesion-seg` and
+    `--lesion-cam-guidance` when the training volumes (the diseased ones, for guidance) have no lesion mask."""
+    disease = VOLUME_CLASSES.index("disease")
+    target = net.cfg.target_layer or "net.layer4"
+    if float(cfg_t.lesion_seg) and not bool((masks.flatten(1) != 0).any()):
         raise RetinaInputError("--lesion-seg needs lesion masks: none of the training volumes has a non-empty mask "
                                "under masks/<volume path without .nii.gz>/*.nii.gz.")
     guide = None
-    if guided:
-        n_masked = int((((masks.flatten(1) != 0).any(1)) & (raw["train"][2] == cls["disease"])).sum()) \
-            if len(masks) else 0
+    if cfg_t.lesion_cam_guidance:
+        n_masked = int((((masks.flatten(1) != 0).any(1)) & (ys == disease)).sum()) if len(masks) else 0
         if n_masked == 0:
             raise RetinaInputError("--lesion-cam-guidance needs lesion masks: none of the diseased training volumes "
                                    "has a non-empty mask under masks/<volume path without .nii.gz>/*.nii.gz.")
         log.info("lesion-CAM guidance on %d of %d training volumes (Grad-CAM of %s)", n_masked, len(masks),
-                 cfg.target_layer)
-        guide = VolumeLesionCamGuidance(net, cfg.target_layer or "net.layer4", cfg_t.lesion_cam_guidance,
-                                        disease=cls["disease"])
-    mining = VolumeAttentionMining(cfg_t.attention_mining, cls["disease"]) if cfg_t.attention_mining else None
+                 net.cfg.target_layer)
+        guide = VolumeLesionCamGuidance(net, target, cfg_t.lesion_cam_guidance, disease=disease)
+    mining = VolumeAttentionMining(cfg_t.attention_mining, disease) if cfg_t.attention_mining else None
     if mining is not None and guide is None:      # the mining term needs the map: the hook without a mask loss
-        guide = VolumeLesionCamGuidance(net, cfg.target_layer or "net.layer4", 0.0, disease=cls["disease"])
-    meta_train = raw["train"][1].numpy()
-    with np.errstate(all="ignore"), _quiet_nan_warnings():
-        net.set_metadata_stats(np.nanmean(meta_train, axis=0), np.nanstd(meta_train, axis=0))
-    net.to(device)
-    focal = FocalLoss(gamma=2.0, label_smoothing=cfg_t.label_smoothing, dynamic_alpha=True)
+        guide = VolumeLesionCamGuidance(net, target, 0.0, disease=disease)
+    return guide, mining
 
-    def map_terms(model, x, meta, y, logits, masks) -> dict:
+
+class VolumeObjective:
+    """The volume recipe's training objective, and its training step for `loop.fit` (call it with (model, batch)):
+    binary focal loss (gamma 2, dynamic alpha, the run's label smoothing) on the one logit, plus, when they are on,
+    the dense lesion read-out's loss (`--lesion-seg`), the lesion-CAM guidance and GAIN's attention mining, both from
+    one differentiable Grad-CAM of the batch's forward. The extra terms are returned by name for the history."""
+
+    def __init__(self, cfg_t: TrainConfig, guide: VolumeLesionCamGuidance | None,
+                 mining: VolumeAttentionMining | None, device: torch.device):
+        self.focal = FocalLoss(gamma=2.0, label_smoothing=cfg_t.label_smoothing, dynamic_alpha=True)
+        self.guide, self.mining, self.seg, self.device = guide, mining, float(cfg_t.lesion_seg), device
+        self.disease = VOLUME_CLASSES.index("disease")
+
+    def map_terms(self, model, x, meta, y, logits, masks) -> dict:
         """The map losses of one batch: lesion-CAM guidance (volumes with masks) and attention mining (every
         diseased volume), from one differentiable Grad-CAM of the batch's forward."""
-        if mining is None:
+        guide = self.guide
+        if self.mining is None:
             return {"lesion_cam_loss": guide(logits, masks, y)}
-        rows = y == cls["disease"]
+        rows = y == self.disease
         if not bool(rows.any()):
             guide.store.pop("a", None)
             zero = logits.new_zeros(()).float()
             return {"lesion_cam_loss": zero, "attention_mining_loss": zero}
         cam = guide.cam(logits, rows)
-        terms = {"attention_mining_loss": mining(model, x[rows], meta[rows], cam, logits[rows])}
+        terms = {"attention_mining_loss": self.mining(model, x[rows], meta[rows], cam, logits[rows])}
         guide.store.pop("a", None)                 # the mining forward's activations are not needed
         if guide.weight:
             terms["lesion_cam_loss"] = guide.loss_from_cam(cam, masks[rows])
         return terms
 
-    def dense_terms(model, y, masks) -> dict:
+    def dense_terms(self, model, y, masks) -> dict:
         """The dense lesion read-out's loss on the latest forward (`--lesion-seg`)."""
-        if not seg:
+        if not self.seg:
             return {}
-        return {"lesion_seg_loss": lesion_seg_loss(model.lesion_logits(), masks, y, seg, cls["disease"])}
+        return {"lesion_seg_loss": lesion_seg_loss(model.lesion_logits(), masks, y, self.seg, self.disease)}
 
-    def step(model, batch):
-        x, meta, y = (b.to(device) for b in batch[:3])
+    def __call__(self, model: nn.Module, batch):
+        x, meta, y = (b.to(self.device) for b in batch[:3])
         logits = model(x, meta).squeeze(1)
-        loss = focal(logits, y.float())
-        if guide is None and not seg:
+        loss = self.focal(logits, y.float())
+        if self.guide is None and not self.seg:
             return loss
-        mk = batch[3].to(device) if len(batch) > 3 else None
-        terms = dense_terms(model, y, mk)           # before map_terms: attention mining runs another forward
-        if guide is not None:
-            terms.update(map_terms(model, x, meta, y, logits, mk))
+        mk = batch[3].to(self.device) if len(batch) > 3 else None
+        terms = self.dense_terms(model, y, mk)      # before map_terms: attention mining runs another forward
+        if self.guide is not None:
+            terms.update(self.map_terms(model, x, meta, y, logits, mk))
         return loss + sum(terms.values()), {k: float(v.detach()) for k, v in terms.items()}
 
-    @torch.no_grad()
-    def logits_of(k):
+    def validation_loss(self, net: nn.Module, vols: torch.Tensor, metas: torch.Tensor, ys: torch.Tensor,
+                        masks: torch.Tensor | None = None) -> float:
+        """The training objective on held-out volumes (`--monitor val_loss`), volume-weighted: focal loss, plus the
+        read-out and map terms (on those with masks). Eval mode; gradients on only for the Grad-CAM, nothing steps."""
         net.eval()
-        vols, metas, ys = raw[k]
-        z = [net(vols[i:i + 16].float().to(device), metas[i:i + 16].to(device)).float().cpu()
-             for i in range(0, len(ys), 16)]
-        return (torch.cat(z)[:, 0].numpy() if z else np.zeros(0, np.float32)), ys.numpy()
-
-    def validation_loss() -> float:
-        """The training objective on the validation volumes (`--monitor val_loss`): focal loss, plus the lesion-CAM
-        guidance on those with masks. Eval mode; gradients on only for the guidance's Grad-CAM, nothing steps."""
-        net.eval()
-        vols, metas, ys = raw["val"]
-        total = 0.0
+        device, total = self.device, 0.0
         with torch.enable_grad():
             for i in range(0, len(ys), 8):
                 x, meta, y = vols[i:i + 8].float().to(device), metas[i:i + 8].to(device), ys[i:i + 8].to(device)
                 logits = net(x, meta).squeeze(1)
-                loss = focal(logits, y.float())
-                vm = val_masks[i:i + 8].to(device) if val_masks is not None else None
-                if seg:
-                    loss = loss + sum(dense_terms(net, y, vm).values())
-                if guide is not None:
-                    loss = loss + sum(map_terms(net, x, meta, y, logits, vm).values())
+                loss = self.focal(logits, y.float())
+                vm = masks[i:i + 8].to(device) if masks is not None else None
+                if self.seg:
+                    loss = loss + sum(self.dense_terms(net, y, vm).values())
+                if self.guide is not None:
+                    loss = loss + sum(self.map_terms(net, x, meta, y, logits, vm).values())
                 total += float(loss.detach()) * len(y)
         return total / max(len(ys), 1)
-
-    def evaluate():
-        z, y = logits_of("val")
-        m = classification_metrics(y, 1.0 / (1.0 + np.exp(-z)), list(VOLUME_CLASSES))
-        if cfg_t.monitor == "val_loss":
-            m["val_loss"] = validation_loss()
-        return m, monitor_score(m, cfg_t.monitor)
-
-    try:
-        best_epoch, history = _fit(net, sets["train"], step, evaluate, cfg_t, ctx, out)
-    finally:
-        if guide is not None:
-            guide.close()
-    extra = {"fusion": net.fusion, "meta_features": list(net.meta_features), "output": "one logit, P(disease)",
-             "loss": f"focal (gamma 2, dynamic alpha, label smoothing {cfg_t.label_smoothing})"
-                     + (f" + lesion-CAM guidance {cfg_t.lesion_cam_guidance:g} on {cfg.target_layer}"
-                        if cfg_t.lesion_cam_guidance else "")
-                     + (f" + attention mining {cfg_t.attention_mining:g} (GAIN) on {cfg.target_layer}"
-                        if mining is not None else "")
-                     + (f" + dense lesion read-out {seg:g} (class-balanced BCE on the lesion masks' grid cells)"
-                        if seg else "")}
-    return _finish(net, None, cfg, model_name, out, cfg_t, index, splits, data, data_note, logits_of("val"),
-                   logits_of("test") if len(raw["test"][2]) else None, history, best_epoch, extra, ctx,
-                   VOLUME_CLASSES)
 
 
 @contextlib.contextmanager
