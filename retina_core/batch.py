@@ -84,7 +84,7 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
         if img.kind != "image":
             raise RetinaInputError("OCT volume: batch screening reads single images.")
         q = assess_quality(img)
-        row.update(modality=q.modality, quality=q.verdict, quality_score=round(float(q.score), 4))
+        row.update(modality=str(q.modality), quality=q.verdict, quality_score=round(float(q.score), 4))
         name = model_override or DEFAULT_MODELS.get(q.modality)
         if q.modality == "not_retinal" or not q.gradable or name is None:
             row["label"] = "no result"

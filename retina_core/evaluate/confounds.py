@@ -21,12 +21,14 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from ..errors import RetinaInputError
+from ..modality import Modality
 
 __all__ = ["STATISTICS", "image_statistics", "acquisition_confounds"]
 
 STATISTICS = {
-    "fundus": ("field-of-view share", "brightness in field", "contrast in field", "corner brightness", "red / green"),
-    "oct": ("brightness", "contrast", "bright share", "brightest row depth", "black share"),
+    Modality.FUNDUS: ("field-of-view share", "brightness in field", "contrast in field", "corner brightness",
+                      "red / green"),
+    Modality.OCT: ("brightness", "contrast", "bright share", "brightest row depth", "black share"),
 }
 
 
@@ -37,13 +39,13 @@ def image_statistics(path, modality: str, framing: str = "stretch") -> list[floa
     with Image.open(path) as im:
         im.draft("RGB", (320, 320) if framing == "fov" else (160, 160))
         rgb = im.convert("RGB")
-        if framing == "fov" and modality == "fundus":
+        if framing == "fov" and modality == Modality.FUNDUS:
             from ..models.framing import frame_pixels
             a = frame_pixels(np.asarray(rgb), (160, 160))[0].astype(float)
         else:
             a = np.asarray(rgb.resize((160, 160)), float)
     g = a.mean(2)
-    if modality == "oct":
+    if modality == Modality.OCT:
         rows = g.mean(1)
         return [g.mean(), g.std(), (g > 60).mean(), float(np.argmax(rows)) / len(rows), (g < 10).mean()]
     fov = g > 15
@@ -71,7 +73,7 @@ def acquisition_confounds(data, positive: str, modality: str | None = None, spli
     if modality is None:
         from ..io.realsets import real_set_of
         real = real_set_of(data)
-        modality = real["modality"] if real and real["modality"] in STATISTICS else "fundus"
+        modality = real["modality"] if real and real["modality"] in STATISTICS else Modality.FUNDUS
     f = np.array([image_statistics(r.path, modality, framing) for r in records], float)
     out = {}
     for i, name in enumerate(STATISTICS[modality]):

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..errors import RetinaInputError
 from ..labels import DME2, DR_GRADES, FUNDUS4, OCT4, OCT8
+from ..modality import Modality
 
 if TYPE_CHECKING:
     import numpy as np
@@ -791,7 +792,7 @@ def _load_paired(root: Path, w: list[str]) -> tuple[list[Record], list[str]]:
             w.append(f"pairs.csv line {i}: no label; skipped.")
             continue
         meta = {c: _number(r.get(c)) for c in cols if c not in skip}
-        meta.update({"fundus": str(fp), "oct": str(op), "partner": str(op), "modality": "fundus"})
+        meta.update({"fundus": str(fp), "oct": str(op), "partner": str(op), "modality": Modality.FUNDUS})
         recs.append(Record(path=fp, label=label, split=_split_name(str(r.get(c_split) or "")) if c_split else None,
                            patient_id=_label_str(r.get(c_pid)) or None if c_pid else None,
                            eye=_parse_eye(r.get(c_eye)) if c_eye else None, meta=meta))

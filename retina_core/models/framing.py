@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..modality import Modality
+
 FRAMINGS = ("stretch", "fov")
 _LEVEL = 20          # uint8: brighter than this (any channel) is inside the field; camera black is 0-15
 _MIN_SHARE = 0.02    # a row or column belongs to the field when this share of it is bright (burnt-in text is not)
@@ -43,7 +45,7 @@ class FieldBox:
 
 def uses_fov(cfg) -> bool:
     """Whether images for this cfg are framed around their field of view (fundus models trained that way)."""
-    return getattr(cfg, "framing", "stretch") == "fov" and getattr(cfg, "modality", None) == "fundus"
+    return getattr(cfg, "framing", "stretch") == "fov" and getattr(cfg, "modality", None) == Modality.FUNDUS
 
 
 def fov_box(pixels: np.ndarray, out_hw: tuple[int, int]) -> FieldBox:

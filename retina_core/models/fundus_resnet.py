@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..labels import FUNDUS4
+from ..modality import Modality
 from .registry import ModelCfg, register_model
 
 
@@ -56,7 +57,7 @@ _RECIPE = ("Training (`--recipe two_phase`, from the XAI ResNet50 source): phase
 register_model(ModelCfg(
     name="fundus_resnet50",
     arch="resnet50",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=FUNDUS4,
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     weights="fundus_resnet50.safetensors",
@@ -71,7 +72,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="fundus_resnet18_head",
     arch="resnet18",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=FUNDUS4,
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     input_size=(3, 96, 96),
