@@ -139,10 +139,10 @@ def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device) -> 
 
 
 def _splits(data: str | Path, classes: tuple[str, ...], seed: int, fractions: str | None = None,
-            method: str | None = None):
+            method: str | None = None, label_column: str | None = None, label_map: str | None = None):
     from ..io.datasets import load_dataset, patient_split
 
-    index = load_dataset(data)
+    index = load_dataset(data, label_column=label_column, label_map=label_map)
     unknown = sorted({r.label for r in index.records} - set(classes))
     if unknown:
         raise RetinaInputError(f"The data set has classes this model does not know: {', '.join(unknown)}. "
@@ -308,7 +308,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
     cfg: ModelCfg = net.cfg
-    index, splits = _splits(data, cfg.classes, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
+    index, splits = _splits(data, cfg.classes, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by,
+                            cfg_t.label_column, cfg_t.label_map)
     device = ctx.device if ctx else default_device()
     net.to(device)
     if device.type == "cuda":
