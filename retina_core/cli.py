@@ -238,7 +238,8 @@ def cmd_data_confounds(args) -> int:
     from .evaluate.confounds import acquisition_confounds
 
     rep = acquisition_confounds(args.path, args.positive, modality=args.modality, split=args.split, seed=args.seed,
-                                fractions=args.split_fractions, split_by=args.split_by, framing=args.framing)
+                                fractions=args.split_fractions, split_by=args.split_by, framing=args.framing,
+                                label_column=args.label_column, label_map=args.label_map)
     if args.json:
         _print_json(rep)
         return 0
@@ -400,8 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-fractions", default=None, help="as for train (default 0.8,0.1,0.1)")
     p.add_argument("--split-by", default=None, help="as for train: stratified | patient_hash")
-    p.add_argument("--framing", choices=["stretch", "fov"], default="stretch",
-                   help="fov: statistics of the image as a fov-framed model sees it (field of view cut out)")
+    p.add_argument("--label-column", default=None, help="as for train: labels from this labels.csv column")
+    p.add_argument("--label-map", default=None, help="as for train: value=label pairs, e.g. 0=noDR,NPDR=DR,PDR=DR")
+    p.add_argument("--framing", choices=["stretch", "fov", "fov_contrast"], default="stretch",
+                   help="fov: statistics of the image as a fov-framed model sees it (field of view cut out); "
+                        "fov_contrast: framed, then contrast-normalised")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_confounds)
 

@@ -35,13 +35,17 @@ STATISTICS = {
 def image_statistics(path, modality: str, framing: str = "stretch") -> list[float]:
     """The five global statistics of one image file (see STATISTICS). framing "fov": of the image as a model with
     fov framing sees it (`models.framing`: the field of view cut out, centred and letterboxed), so a field-share
-    shortcut that framing removes no longer counts."""
+    shortcut that framing removes no longer counts; "fov_contrast": framed, then contrast-normalised the same way."""
     with Image.open(path) as im:
         im.draft("RGB", (320, 320) if framing == "fov" else (160, 160))
         rgb = im.convert("RGB")
-        if framing == "fov" and modality == Modality.FUNDUS:
-            from ..models.framing import frame_pixels
+        if framing in ("fov", "fov_contrast") and modality == Modality.FUNDUS:
+            import torch
+
+            from ..models.framing import frame_pixels, local_contrast
             a = frame_pixels(np.asarray(rgb), (160, 160))[0].astype(float)
+            if framing == "fov_contrast":
+                a = local_contrast(torch.from_numpy(a).permute(2, 0, 1).float()).permute(1, 2, 0).numpy()
         else:
             a = np.asarray(rgb.resize((160, 160)), float)
     g = a.mean(2)
@@ -57,12 +61,14 @@ def image_statistics(path, modality: str, framing: str = "stretch") -> list[floa
 
 
 def acquisition_confounds(data, positive: str, modality: str | None = None, split: str = "test", seed: int = 0,
-                          fractions: str | None = None, split_by: str | None = None, framing: str = "stretch") -> dict:
+                          fractions: str | None = None, split_by: str | None = None, framing: str = "stretch",
+                          label_column: str | None = None, label_map: str | None = None) -> dict:
     """AUC of each global statistic (and of all five together) for `positive` vs the rest on `split` of `data`
-    (the same patient-level split `train` makes with these settings; "all" for every image)."""
+    (the same patient-level split `train` makes with these settings, labels from `label_column` / `label_map`
+    as `train --label-column` reads them; "all" for every image)."""
     from ..io.datasets import load_dataset, split_patients
 
-    index = load_dataset(data)
+    index = load_dataset(data, label_column=label_column, label_map=label_map)
     records = index.records if split == "all" else split_patients(index.records, seed, fractions, split_by).get(split)
     if not records:
         raise RetinaInputError(f"The {split!r} split of {data} is empty.")

@@ -34,7 +34,8 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
     from ..io.datasets import load_dataset, split_patients
     from ..models.multimodal import binary_label
 
-    index = load_dataset(data)
+    conf = model.entry.get("config") or {}   # the split (and label column) the weights were trained on
+    index = load_dataset(data, label_column=conf.get("label_column"), label_map=conf.get("label_map"))
     needs = LAYOUT.get(model.modality)
     if needs and index.layout != needs:
         what = {"paired": "fundus + OCT pairs (pairs.csv)", "volumes": "OCT volumes (NIfTI + metadata.csv)"}[needs]
@@ -45,7 +46,6 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
     if model.modality in MULTI_INPUT:
         records = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in records]
     if split != "all":           # "all": every record, for a data set the model never saw (as explain-eval)
-        conf = model.entry.get("config") or {}   # the split the weights were trained on
         parts = split_patients(records, seed, conf.get("split_fractions"), conf.get("split_by"))
         if split not in parts and split not in ("train", "val", "test"):
             raise RetinaInputError(f"Unknown split {split!r} for {data}: use one of "

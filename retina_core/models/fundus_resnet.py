@@ -90,3 +90,25 @@ register_model(ModelCfg(
           "pre-trained trunks). Its classes come from different cameras and sources, so part of what it learnt may be "
           "the source. " + _RECIPE),
 ), FundusResNet)
+
+register_model(ModelCfg(
+    name="fundus_anydr_resnet18_head",
+    arch="resnet18",
+    modality="fundus",
+    classes=("noDR", "DR"),
+    task="Colour fundus photograph: any diabetic retinopathy (non-proliferative or proliferative) or none",
+    input_size=(3, 160, 160),
+    weights="fundus_anydr_resnet18_head.safetensors",
+    target_layer="net.layer4",
+    fine_layer="net.layer3",
+    referable=("DR",),
+    builder_kwargs={"channels": (32, 64, 128, 256), "stem_width": 32},
+    card=("`fundus_resnet18_head`'s design (half-width ResNet-18 layout + GAP/BatchNorm/Dense head) answering 'any "
+          "diabetic retinopathy' (NPDR or PDR) against none on a colour fundus photograph. Trained on the part of the "
+          "real Mexico fundus set (Hughes-Cano et al.) that retinal specialists graded for DR (`--label-column "
+          "dr_grade --label-map 0=noDR,NPDR=DR,PDR=DR`; the set grades none / non-proliferative / proliferative, so "
+          "mild NPDR counts as DR), patients split by a keyed hash as the other Mexico models. Input: the field of "
+          "view cut out and centred (fov framing), ImageNet normalisation, at the size the manifest records; "
+          "Grad-CAM target `layer4`. The manifest's command says what it started from and its held-out metrics "
+          "with 95% intervals; one clinical source, so read it on other cameras as unvalidated (docs/real_data.md)."),
+), FundusResNet)

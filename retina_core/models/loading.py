@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import RetinaInputError
 from ..modality import Modality
-from .framing import fov_boxes, frame_tensor, uses_fov
+from .framing import fov_boxes, frame_tensor, local_contrast, uses_contrast, uses_fov
 from .registry import ModelCfg, create_model, get_cfg, model_cfg
 
 Inputs = Union[torch.Tensor, tuple[torch.Tensor, ...]]   # what `LoadedModel.preprocess` returns
@@ -72,6 +72,8 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
     if uses_fov(cfg):
         boxes = boxes if boxes is not None else fov_boxes(a, (h, w))
         x = torch.stack([frame_tensor(xi, b, (h, w)) for xi, b in zip(x, boxes)])
+        if uses_contrast(cfg):   # as training caches it: on 0-255, rounded to uint8 levels
+            x = local_contrast((x * 255.0).round().clamp(0, 255)).round().div_(255.0)
     elif x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
