@@ -8,6 +8,7 @@ from retina_core.analysis import NO_RESULT
 from retina_core.clinic import records
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
+from retina_core.modality import Modality
 from retina_core.webapp import auth, clinic_pages, common
 
 DECISIONS = {"Agree": "agree", "Disagree": "disagree", "Corrected grade": "corrected"}
@@ -94,7 +95,7 @@ def suggestion_block(a, pixels, key: str) -> None:
         (st.error if a.referable else st.success)(a.suggestion)
         if a.model:
             common.trained_on_caption(a)
-        if a.modality == "oct_volume" and a.notes:
+        if a.modality == Modality.OCT_VOLUME and a.notes:
             st.caption(" ".join(a.notes))
     left, right = st.columns(2)
     if a.heatmap_hash:

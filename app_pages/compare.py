@@ -6,8 +6,8 @@ import streamlit as st
 from retina_core import figures
 from retina_core.compare_modalities import agreement, fusion_readings, run_fusion
 from retina_core.errors import RetinaInputError
-from retina_core.explain.attribution import explain_pair
 from retina_core.explain.overlay import overlay
+from retina_core.modality import Modality
 from retina_core.webapp import auth, clinic_pages, common
 
 FUSION = "fundus_oct_fusion"
@@ -29,17 +29,17 @@ if pair != "(none)":
 else:
     cf, co = st.columns(2)
     with cf:
-        got = common.pick_image("cmp_fundus", "Fundus photograph", sample_kinds=("fundus",))
+        got = common.pick_image("cmp_fundus", "Fundus photograph", sample_kinds=(Modality.FUNDUS,))
         if got:
             inputs["fundus"] = got
     with co:
-        got = common.pick_image("cmp_oct", "OCT B-scan of the same eye", sample_kinds=("oct",))
+        got = common.pick_image("cmp_oct", "OCT B-scan of the same eye", sample_kinds=(Modality.OCT,))
         if got:
             inputs["oct"] = got
 
 with st.sidebar:
     st.header("Settings")
-    f_models, o_models = common.model_choices("fundus"), common.model_choices("oct")
+    f_models, o_models = common.model_choices(Modality.FUNDUS), common.model_choices(Modality.OCT)
     f_model = st.selectbox("Fundus model", f_models, key="cmp_fundus_model") if f_models else None
     o_model = st.selectbox("OCT model", o_models, key="cmp_oct_model") if o_models else None
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="cmp_alpha")
@@ -107,15 +107,15 @@ else:
     fmaps = {"fundus": fr.fundus_map, "oct": fr.oct_map}
     if fmethod != "gradcam":
         with st.spinner("Computing Integrated Gradients on both images..."):
-            fmaps = common.served("fusion_maps", key + (fmethod,), lambda: explain_pair(
-                fusion, (images["fundus"].pixels, images["oct"].pixels), fmethod, fr.target))
+            fmaps = common.served("fusion_maps", key + (fmethod,), lambda: fusion.explain(
+                (images["fundus"].pixels, images["oct"].pixels), fmethod, fr.target))
     name = "Grad-CAM" if fmethod == "gradcam" else "Integrated Gradients"
     c1.image(overlay(images["fundus"].pixels, fmaps["fundus"], alpha), width="stretch",
              caption=f"What the fusion model used in the fundus photograph ({name} for '{fr.target}')")
     c2.image(overlay(images["oct"].pixels, fmaps["oct"], alpha), width="stretch",
              caption=f"What the fusion model used in the OCT B-scan ({name} for '{fr.target}')")
-    common.show_trust_note(FUSION, fusion.sha256, fmethod, where=c1, modality="fundus")
-    common.show_trust_note(FUSION, fusion.sha256, fmethod, where=c2, modality="oct")
+    common.show_trust_note(FUSION, fusion.sha256, fmethod, where=c1, modality=Modality.FUNDUS)
+    common.show_trust_note(FUSION, fusion.sha256, fmethod, where=c2, modality=Modality.OCT)
     fused = fusion_readings(fusion, images, readings, fr, fmaps, fmethod)
 
 if readings:

@@ -5,8 +5,14 @@ import streamlit as st
 
 from retina_core import figures
 from retina_core.errors import RetinaInputError
-from retina_core.evaluate.ensemble import ablation_rows, ensemble_groups, ensemble_image, find_ablation_files
+from retina_core.evaluate.ensemble import (
+    ablation_rows,
+    ensemble_groups,
+    ensemble_image,
+    find_ablation_files,
+)
 from retina_core.explain.overlay import overlay
+from retina_core.modality import IMAGE_MODALITIES
 from retina_core.webapp import auth, common
 
 st.title("Ensemble")
@@ -20,7 +26,7 @@ if got is not None:
         if img.kind != "image":
             raise RetinaInputError("This is an OCT volume: open it in the volume viewer.")
         q = common.quality_of(img)
-        if q.modality in ("fundus", "oct"):
+        if q.modality in IMAGE_MODALITIES:
             image_modality = q.modality
         else:
             problem = f"No result: {q.verdict}. " + " ".join(q.reasons)
@@ -28,7 +34,7 @@ if got is not None:
         problem = str(exc)
 # Only models that read this image's modality, with the same class list, can vote together.
 groups = {g: ms for g, ms in ensemble_groups(common.available_models()).items()
-          if common.get_cfg(ms[0]).modality in ((image_modality,) if image_modality else ("fundus", "oct"))}
+          if common.get_cfg(ms[0]).modality in ((image_modality,) if image_modality else IMAGE_MODALITIES)}
 
 with st.sidebar:
     st.header("Members")
@@ -44,7 +50,7 @@ with st.sidebar:
     members = st.multiselect("Members", names, default=names, key="ens_members")
     weights = {n: st.slider(f"Weight of {n}", 0.0, 1.0, 1.0, 0.05, key=f"ens_w_{n}") for n in members}
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="ens_alpha")
-common.unavailable_note(names=[n for n in common.list_models() if common.get_cfg(n).modality in ("fundus", "oct")])
+common.unavailable_note(names=[n for n in common.list_models() if common.get_cfg(n).modality in IMAGE_MODALITIES])
 
 if len(names) < 2:
     st.info(f"Only one model of this kind has weights ({names[0]}): an ensemble needs at least two with the same "

@@ -4,13 +4,14 @@ import streamlit as st
 from retina_core import figures
 from retina_core.analysis import NO_RESULT
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
 from retina_core.explain.attribution import ALL_METHODS, VIT_METHODS
 from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
+from retina_core.io.decode import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
+from retina_core.modality import Modality
 from retina_core.report import EYES, ReportItem, report_json, report_pdf, split_by_eye
 from retina_core.webapp import auth, clinic_pages, common
 
-MODALITIES = {"Automatic": None, "Fundus photograph": "fundus", "OCT B-scan": "oct"}
+MODALITIES = {"Automatic": None, "Fundus photograph": Modality.FUNDUS, "OCT B-scan": Modality.OCT}
 SLOW = ("scorecam", "integrated_gradients")
 DEFAULT_LABEL = "Model's default (from explain-eval)"
 METHOD_LABELS = {DEFAULT_LABEL: DEFAULT_LABEL} | {
@@ -27,7 +28,7 @@ with st.sidebar:
                                   help="Detected automatically; override it if the detection is wrong.")
     modality = MODALITIES[modality_label]
     models = ["Automatic (by modality)"] + (common.model_choices(modality) if modality
-                                            else common.model_choices("fundus") + common.model_choices("oct"))
+                                            else common.model_choices(Modality.FUNDUS) + common.model_choices(Modality.OCT))
     model_label = st.selectbox("Model", models, key="model")
     model = None if model_label == models[0] else model_label
     method_label = st.selectbox(

@@ -7,14 +7,23 @@ import streamlit as st
 from retina_core import figures
 from retina_core.analysis import NO_RESULT
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import VOLUME_EXTENSIONS
 from retina_core.explain.attribution import default_method
 from retina_core.explain.inputs import input_shapley
 from retina_core.explain.overlay import overlay
-from retina_core.explain.volume_methods import VOLUME_METHODS, explain_volume
+from retina_core.explain.volume_methods import VOLUME_METHODS
+from retina_core.io.decode import VOLUME_EXTENSIONS
+from retina_core.modality import Modality
 from retina_core.quality import assess_quality
-from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
-                                slice_rgb, volume_reading)
+from retina_core.volume import (
+    META_FIELDS,
+    en_face,
+    en_face_rows,
+    map_en_face,
+    per_slice_2d,
+    run_volume_model,
+    slice_rgb,
+    volume_reading,
+)
 from retina_core.webapp import auth, clinic_pages, common
 
 DEFAULT_LABEL = "Model's default (from explain-eval)"
@@ -69,7 +78,7 @@ if vol is None:
 
 d, h, w = vol.shape
 st.caption(f"{source}: {d} B-scans of {w} x {h} px.")
-models3d = common.model_choices("oct_volume")
+models3d = common.model_choices(Modality.OCT_VOLUME)
 with st.sidebar:
     st.header("3D model and clinical values")
     model_name = st.selectbox("3D model", models3d, key="vol_model") if models3d else None
@@ -101,7 +110,7 @@ result, maps, map_source = None, None, ""
 if model_name is None:
     common.show_unavailable("The 3D volume model", "No oct_volume model has weights installed; train one with "
                             "`python -m retina_core train --model oct_volume_fusion3d_tiny --data VOLUMES`.")
-    common.unavailable_note("oct_volume")
+    common.unavailable_note(Modality.OCT_VOLUME)
 else:
     model = common.cached_model(model_name)
     key = (content, model_name, tuple(sorted((k, v) for k, v in meta.items())), eye)
@@ -114,7 +123,7 @@ else:
     else:
         with st.spinner(f"Computing the 3D {method} map..."):
             maps = common.served("volume_map", key + (method,),
-                                 lambda: explain_volume(model, vol, method, meta=meta, eye=eye), limit=8)
+                                 lambda: model.explain(vol, method, meta=meta, eye=eye), limit=8)
     map_source = f"3D {'Grad-CAM' if method == 'gradcam' else method} of {model_name} for the disease score"
 
 with st.container(border=True):
@@ -158,7 +167,7 @@ with st.container(border=True):
     per_slice = st.toggle("Also run the B-scan model on every slice", False, key="vol_2d",
                           help="The OCT B-scan model reads each slice on its own: per-slice probabilities and maps.")
     if per_slice:
-        oct_models = common.model_choices("oct")
+        oct_models = common.model_choices(Modality.OCT)
         if not oct_models:
             common.show_unavailable("A B-scan model", "No OCT model has weights installed.")
         else:

@@ -9,6 +9,7 @@ from retina_core.audit.evidence import trust_badge
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
 from retina_core.explain.zones import ETDRS_ABBREVIATIONS
+from retina_core.modality import IMAGE_MODALITIES, Modality
 from retina_core.webapp import auth, common
 
 SLOW = {"scorecam", "integrated_gradients", "vit_relevance"}
@@ -27,11 +28,11 @@ def zone_figures(summaries: dict, modality: str) -> dict:
     subfields (fundus) or the foveal bands (OCT) when every summary has them."""
     figs = {"clr": figures.zone_bars({m: s["centre_lr"] for m, s in summaries.items()},
                                      "Centre box vs left / right (share of heatmap)", ["centre", "left", "right"])}
-    if modality == "fundus" and all("etdrs" in s for s in summaries.values()):
+    if modality == Modality.FUNDUS and all("etdrs" in s for s in summaries.values()):
         figs["disc"] = figures.zone_bars({m: {"optic disc": s["disc"], "ETDRS 6 mm circle": 1 - s["etdrs"]["outside"]}
                                           for m, s in summaries.items()}, "Optic disc and macula (share of heatmap)")
         figs["etdrs"] = figures.etdrs_bars({m: s["etdrs"] for m, s in summaries.items()})
-    elif modality == "oct" and all("oct_bands" in s for s in summaries.values()):
+    elif modality == Modality.OCT and all("oct_bands" in s for s in summaries.values()):
         figs["bands"] = figures.zone_bars({m: s["oct_bands"] for m, s in summaries.items()},
                                           "Foveal bands of the B-scan (share of heatmap)")
     return figs
@@ -81,7 +82,7 @@ except RetinaInputError as exc:
     st.error(str(exc), icon=":material/error:")
     st.stop()
 modality = q.modality
-if modality not in ("fundus", "oct"):
+if modality not in IMAGE_MODALITIES:
     st.error(f"No zones for this image: {q.verdict}. " + " ".join(q.reasons), icon=":material/block:")
     st.stop()
 
@@ -133,9 +134,9 @@ grid_box = common.memo("zones_layer", (img.content_hash, modality, eye, True),
 cols = st.columns(min(4, len(methods) + 1))
 with cols[0]:
     st.image(attention_zones.paste_layer(px, grid_box), width="stretch",
-             caption="Zones: ETDRS grid (white), optic disc (yellow), centre box (cyan)" if modality == "fundus"
+             caption="Zones: ETDRS grid (white), optic disc (yellow), centre box (cyan)" if modality == Modality.FUNDUS
              else "Zones: fovea (yellow), 0.5 / 1.5 / 3 mm bands (dashed), centre box (cyan)")
-if modality == "fundus":
+if modality == Modality.FUNDUS:
     st.caption(f"Landmarks: fovea and optic disc found by {lm.get('method')} (confidence {lm.get('confidence', 0):.2f}"
                f"{'; below 0.3 treat the grid as approximate' if lm.get('confidence', 1) < 0.3 else ''}). "
                f"Grid scale: one disc diameter = 1.8 mm; nasal is toward the disc.")

@@ -17,6 +17,7 @@ import numpy as np
 
 from .analysis import Analysis, suggestion_for
 from .explain.cam import normalise_map
+from .modality import Modality
 from .models.multimodal import binary_label
 
 
@@ -47,7 +48,7 @@ def run_fusion(model, fundus_pixels: np.ndarray, oct_pixels: np.ndarray) -> Fusi
     from .explain.pair_methods import modality_cams
 
     net = model.net
-    f, o = net.preprocess_pair(fundus_pixels, oct_pixels, model.device)
+    f, o = model.preprocess((fundus_pixels, oct_pixels))
     logits, f_cam, o_cam = modality_cams(net, f, o)
     probs = torch.softmax(logits.float() / model.temperature, dim=1)[0].cpu().numpy().astype(np.float64)
     probs = probs / probs.sum()
@@ -72,7 +73,7 @@ def fusion_readings(model, images: dict, readings: dict[str, Analysis], result: 
     for kind, img in images.items():
         note = (f"Fusion model reading of this {names[kind]} together with the {names[other[kind]]} "
                 f"{images[other[kind]].content_hash[:12]} of the same eye; the heatmap is this image's share.")
-        out[kind] = Analysis("fundus+oct", readings[kind].quality, dict(result.probabilities), result.label,
+        out[kind] = Analysis(Modality.FUNDUS_OCT, readings[kind].quality, dict(result.probabilities), result.label,
                              maps[kind], model.name, model.sha256, method, result.target, referable, suggestion,
                              img.content_hash, img.laterality, img.pixels, [note], model.trained_on)
     return out

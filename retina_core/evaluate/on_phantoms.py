@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..modality import Modality
 from .metrics import classification_metrics
 
 SEED_BASE = 9_100_000
@@ -25,16 +26,16 @@ def _phantom_inputs(cfg, n_per_class: int, seed: int):
     for k, cls in enumerate(cfg.classes):
         for j in range(n_per_class):
             s = seed + 1000 * k + j
-            if cfg.modality == "fundus":
+            if cfg.modality == Modality.FUNDUS:
                 xs.append(fundus_phantom(cls, seed=s, size=FUNDUS_SIZE).image)
-            elif cfg.modality == "oct":
+            elif cfg.modality == Modality.OCT:
                 im = oct_phantom(cls, seed=s, width=256, height=248).image
                 xs.append(np.repeat(im[..., None], 3, axis=2))
-            elif cfg.modality == "oct_volume":
+            elif cfg.modality == Modality.OCT_VOLUME:
                 d, h, w = cfg.input_size[1:]
                 ph = oct_volume(cls, seed=s, n_slices=d, height=max(h, 64), width=max(w, 64))
                 xs.append((ph.image, ph.meta, ph.meta.get("eye")))
-            elif cfg.modality == "fundus+oct":
+            elif cfg.modality == Modality.FUNDUS_OCT:
                 f, o = paired_phantoms(s, fundus_size=FUNDUS_SIZE, oct_width=256, oct_height=248,
                                        disease=cls == "disease")
                 xs.append((f.image, np.repeat(o.image[..., None], 3, axis=2)))
@@ -45,29 +46,12 @@ def _phantom_inputs(cfg, n_per_class: int, seed: int):
 
 
 def predict_phantoms(model, xs) -> np.ndarray:
-    """Calibrated probabilities [N, K] of a LoadedModel for the inputs `_phantom_inputs` made."""
+    """Calibrated probabilities [N, K] of a loaded model (image, volume or pair) for the inputs `_phantom_inputs`
+    made: each through the model's own `preprocess` and `predict_proba`."""
     import torch
 
-    cfg, net, t = model.cfg, model.net, model.temperature
-    out = []
     with torch.inference_mode():
-        if cfg.modality in ("fundus", "oct"):
-            for i in range(0, len(xs), 16):
-                x = torch.cat([model.preprocess(p) for p in xs[i:i + 16]])
-                out.append(model.predict_proba(x).cpu().numpy())
-        elif cfg.modality == "oct_volume":
-            from ..models.volume3d import encode_metadata, preprocess_volume
-
-            for vol, meta, eye in xs:
-                m = torch.from_numpy(encode_metadata(meta, eye, getattr(net, "meta_features", None)
-                                                     or ("age", "sex", "eye", "va_logmar", "cst_um", "hba1c")))
-                logit = net(preprocess_volume(vol, cfg, model.device), m[None].to(model.device))
-                p = float(torch.sigmoid(logit.float()[0, 0] / t))
-                out.append(np.array([[1 - p, p]]))
-        else:
-            for f, o in xs:
-                a, b = net.preprocess_pair(f, o, model.device)
-                out.append(torch.softmax(net(a, b).float() / t, dim=1).cpu().numpy())
+        out = [model.predict_proba(model.preprocess(x)).cpu().numpy() for x in xs]
     return np.concatenate(out).astype(np.float64)
 
 

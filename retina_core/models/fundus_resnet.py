@@ -94,7 +94,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="fundus_anydr_resnet18_head",
     arch="resnet18",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=("noDR", "DR"),
     task="Colour fundus photograph: any diabetic retinopathy (non-proliferative or proliferative) or none",
     input_size=(3, 160, 160),
