@@ -2,8 +2,7 @@
 retina_core). Signed out, the only page is *Sign in*; demo mode (RETINA_MODE=demo) has no sign-in."""
 import streamlit as st
 
-from retina_core import ui
-from retina_core.clinic import auth_ui
+from retina_core.webapp import auth, common
 
 st.set_page_config(page_title="Retina XAI", page_icon=":material/visibility:", layout="wide")
 
@@ -33,7 +32,7 @@ PAGES = {
     ],
 }
 
-user = auth_ui.current_user()
+user = auth.current_user()
 if user is None:
     nav = st.navigation([st.Page("app_pages/login.py", title="Sign in", icon=":material/login:")],
                         position="hidden")
@@ -43,8 +42,8 @@ else:
     if user.id is not None:
         allowed["Me"] = [st.Page("app_pages/account.py", title="My account", icon=":material/person:")]
     nav = st.navigation(allowed)          # without the upload page, the first page allowed opens at "/"
-    auth_ui.sidebar_account(user)
-    auth_ui.audit_view("view.page", "page", None, page=nav.url_path or "upload")
+    auth.sidebar_account(user)
+    auth.audit_view("view.page", "page", None, page=nav.url_path or "upload")
 if user is not None:
-    ui.sidebar_weights()
+    common.sidebar_weights()
 nav.run()

@@ -1,4 +1,4 @@
 """My account: roles, password change, sign out."""
-from retina_core.clinic import auth_ui
+from retina_core.webapp import auth
 
-auth_ui.account_page()
+auth.account_page()

@@ -3,14 +3,14 @@ deleted: signed reviews and the audit trail name them."""
 import pandas as pd
 import streamlit as st
 
-from retina_core.clinic import accounts, auth_ui
-from retina_core.clinic import ui as clinic_ui
+from retina_core.clinic import accounts
 from retina_core.errors import RetinaInputError
+from retina_core.webapp import auth, clinic_pages
 
-admin = auth_ui.require("accounts", "Managing accounts")
+admin = auth.require("accounts", "Managing accounts")
 st.title("Accounts")
-clinic = clinic_ui.clinic_or_stop()
-auth_ui.audit_view("view.accounts", "user")
+clinic = clinic_pages.clinic_or_stop()
+auth.audit_view("view.accounts", "user")
 
 
 def done(message: str) -> None:

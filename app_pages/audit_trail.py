@@ -5,13 +5,13 @@ import json
 import pandas as pd
 import streamlit as st
 
-from retina_core.clinic import auth_ui, records
-from retina_core.clinic import ui as clinic_ui
+from retina_core.clinic import records
+from retina_core.webapp import auth, clinic_pages
 
-auth_ui.require("audit", "The audit trail")
+auth.require("audit", "The audit trail")
 st.title("Audit trail")
-clinic = clinic_ui.clinic_or_stop()
-auth_ui.audit_view("view.audit_trail", "audit")
+clinic = clinic_pages.clinic_or_stop()
+auth.audit_view("view.audit_trail", "audit")
 
 FAMILIES = {"Everything": None, "Sign-in": "login", "Sessions ended": "session.", "Sign-out": "logout",
             "Page views": "view.", "Analyses": "analysis.", "Readings saved": "reading.", "Reviews": "review.",

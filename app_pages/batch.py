@@ -2,15 +2,14 @@
 import pandas as pd
 import streamlit as st
 
-from retina_core import ui
-from retina_core.clinic import auth_ui
+from retina_core.batch import COLUMNS, screen_uploads
 from retina_core.io.decode import IMAGE_EXTENSIONS
-from retina_core.screening import COLUMNS, screen_uploads
+from retina_core.webapp import auth, common
 
 CHUNK = 8   # images per forward batch; the progress bar moves after each
 
 st.title("Batch screening")
-ui.disclaimer()
+common.disclaimer()
 st.markdown("Upload many fundus photographs and OCT B-scans at once. Each gets the quality gate and, when "
             "gradable, the default model of its modality with Grad-CAM; unreadable files become rows with the "
             "reason, and nothing stops the batch.")
@@ -23,7 +22,7 @@ if not uploads:
     st.stop()
 
 files = [(f.name, f.getvalue()) for f in uploads]
-key = ui.batch_key(files)
+key = common.batch_key(files)
 done = st.session_state.get("_batch", {}).get(key)
 if done is None:
     if not st.button(f"Screen {len(files)} image(s)", type="primary", key="batch_run", icon=":material/play_arrow:"):
@@ -33,8 +32,8 @@ if done is None:
                           progress=lambda k, n: bar.progress(k / n, text=f"Screened {k} of {n} images"))
     bar.progress(1.0, text=f"Screened {len(files)} images")
     st.session_state["_batch"] = {key: done}      # one batch kept per session
-    auth_ui.audit_view("analysis.batch", "batch", None, images=len(done),
-                       content_hashes=[r["content_hash"] for r in done if r.get("content_hash")])
+    auth.audit_view("analysis.batch", "batch", None, images=len(done),
+                    content_hashes=[r["content_hash"] for r in done if r.get("content_hash")])
 
 table = pd.DataFrame(done, columns=COLUMNS)
 n_err = int((table["error"] != "").sum())
@@ -53,4 +52,4 @@ st.download_button("Download results (CSV)", table.to_csv(index=False).encode("u
                    file_name="screening_results.csv", mime="text/csv", key="batch_csv", icon=":material/download:")
 st.caption("The CSV has one row per file with all probabilities (JSON) and the image's content hash; it holds the "
            "file names you uploaded, so store it as you would the images.")
-ui.weights_caption(sorted({m for m in table["model"] if m}) or None)
+common.weights_caption(sorted({m for m in table["model"] if m}) or None)

@@ -3,19 +3,20 @@ change since the last visit, and a versioned review per suggestion (agree / disa
 Clinicians review and sign; researchers read the case de-identified, without the review form."""
 import streamlit as st
 
-from retina_core import ui
+from retina_core import figures
 from retina_core.analysis import NO_RESULT
-from retina_core.clinic import auth_ui, records
-from retina_core.clinic import ui as clinic_ui
+from retina_core.clinic import records
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
+from retina_core.modality import Modality
+from retina_core.webapp import auth, clinic_pages, common
 
 DECISIONS = {"Agree": "agree", "Disagree": "disagree", "Corrected grade": "corrected"}
 
 st.title("Case review")
-ui.disclaimer()
-clinic = clinic_ui.clinic_or_stop()
-user = auth_ui.require("cases", "Case review")
+common.disclaimer()
+clinic = clinic_pages.clinic_or_stop()
+user = auth.require("cases", "Case review")
 deidentified = not user.can("identified")
 
 rows = records.worklist(clinic, referable_first=False, deidentified=deidentified)
@@ -40,7 +41,7 @@ if flash:
 view = records.case_view(clinic, case_id)
 if deidentified:
     view = records.deidentified(view)
-auth_ui.audit_view("view.case", "case", case_id, deidentified=deidentified)
+auth.audit_view("view.case", "case", case_id, deidentified=deidentified)
 st.subheader(view.ref if deidentified else f"Case {view.ref}")
 if deidentified:
     st.caption(":material/visibility_off: De-identified view (researcher): no reference, no links to the patient's "
@@ -93,23 +94,23 @@ def suggestion_block(a, pixels, key: str) -> None:
     else:
         (st.error if a.referable else st.success)(a.suggestion)
         if a.model:
-            ui.trained_on_caption(a)
-        if a.modality == "oct_volume" and a.notes:
+            common.trained_on_caption(a)
+        if a.modality == Modality.OCT_VOLUME and a.notes:
             st.caption(" ".join(a.notes))
     left, right = st.columns(2)
     if a.heatmap_hash:
-        hm = clinic_ui.stored_heatmap(clinic, a.heatmap_hash, pixels.shape[:2])
+        hm = clinic_pages.stored_heatmap(clinic, a.heatmap_hash, pixels.shape[:2])
         left.image(overlay(pixels, hm, alpha), width="stretch",
                    caption=f"{a.method} heatmap for '{a.target}' (red = where the model looked most)")
         if a.model and a.weights_sha256:
-            ui.show_trust_note(a.model, a.weights_sha256, a.method, left, label=a.target)
+            common.show_trust_note(a.model, a.weights_sha256, a.method, left, label=a.target)
     if a.probabilities:
-        right.plotly_chart(ui.probability_bars(a.probabilities, a.label), width="stretch", key=f"probs_{key}")
+        right.plotly_chart(figures.probability_bars(a.probabilities, a.label), width="stretch", key=f"probs_{key}")
     st.caption(f"Analysis #{a.id} · model `{a.model}` · weights `{(a.weights_sha256 or '')[:12]}` · "
                f"read {a.created_at:%Y-%m-%d} by "
                f"{a.created_by}" + (f" · quality: {a.quality.get('verdict')}" if a.quality else ""))
     if user.can("identified"):
-        clinic_ui.result_downloads(clinic, a.id, bool(a.heatmap_hash), user)
+        clinic_pages.result_downloads(clinic, a.id, bool(a.heatmap_hash), user)
     signed = a.signed_review
     st.markdown("**Review**" + (f" · signed: {signed.decision}"
                                 + (f" ({signed.label})" if signed.label else "") if signed else " · awaiting"))
@@ -127,7 +128,7 @@ for eye in view.eyes:
     for visit in reversed(eye.visits):
         st.subheader(f"Visit {visit.visit_date:%Y-%m-%d}")
         for img in visit.images:
-            pixels = clinic_ui.stored_pixels(clinic, img.stored_hash)
+            pixels = clinic_pages.stored_pixels(clinic, img.stored_hash)
             with st.container(border=True):
                 st.image(pixels, width=360, caption=f"{img.source_format.upper()} {img.width}x{img.height} · "
                                                     f"{img.modality or 'unknown'} · image `{img.content_hash[:12]}`")

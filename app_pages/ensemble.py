@@ -3,37 +3,43 @@ uncertainty signal), their heatmaps side by side, and the ablation over member s
 import pandas as pd
 import streamlit as st
 
-from retina_core import figures, ui
-from retina_core.clinic import auth_ui
-from retina_core.compare import ablation_rows, ensemble_groups, ensemble_image, find_ablation_files
+from retina_core import figures
 from retina_core.errors import RetinaInputError
+from retina_core.evaluate.ensemble import (
+    ablation_rows,
+    ensemble_groups,
+    ensemble_image,
+    find_ablation_files,
+)
 from retina_core.explain.overlay import overlay
+from retina_core.modality import IMAGE_MODALITIES
+from retina_core.webapp import auth, common
 
 st.title("Ensemble")
-ui.disclaimer()
+common.disclaimer()
 
-got = ui.pick_image("ens", "A fundus photograph or an OCT B-scan")
+got = common.pick_image("ens", "A fundus photograph or an OCT B-scan")
 img, problem, image_modality = None, None, None
 if got is not None:
     try:
-        img = ui.decode_upload(got[1], got[0])
+        img = common.decode_upload(got[1], got[0])
         if img.kind != "image":
             raise RetinaInputError("This is an OCT volume: open it in the volume viewer.")
-        q = ui.quality_of(img)
-        if q.modality in ("fundus", "oct"):
+        q = common.quality_of(img)
+        if q.modality in IMAGE_MODALITIES:
             image_modality = q.modality
         else:
             problem = f"No result: {q.verdict}. " + " ".join(q.reasons)
     except RetinaInputError as exc:
         problem = str(exc)
 # Only models that read this image's modality, with the same class list, can vote together.
-groups = {g: ms for g, ms in ensemble_groups(ui.available_models()).items()
-          if ui.get_cfg(ms[0]).modality in ((image_modality,) if image_modality else ("fundus", "oct"))}
+groups = {g: ms for g, ms in ensemble_groups(common.available_models()).items()
+          if common.get_cfg(ms[0]).modality in ((image_modality,) if image_modality else IMAGE_MODALITIES)}
 
 with st.sidebar:
     st.header("Members")
     if not groups:
-        ui.show_unavailable("An ensemble", f"No {image_modality or 'fundus or OCT'} model has weights installed.")
+        common.show_unavailable("An ensemble", f"No {image_modality or 'fundus or OCT'} model has weights installed.")
         st.stop()
     labels = sorted(groups, key=lambda g: -len(groups[g]))
     group = st.selectbox("Models with the same classes", labels, key="ens_group",
@@ -44,7 +50,7 @@ with st.sidebar:
     members = st.multiselect("Members", names, default=names, key="ens_members")
     weights = {n: st.slider(f"Weight of {n}", 0.0, 1.0, 1.0, 0.05, key=f"ens_w_{n}") for n in members}
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="ens_alpha")
-ui.unavailable_note(names=[n for n in ui.list_models() if ui.get_cfg(n).modality in ("fundus", "oct")])
+common.unavailable_note(names=[n for n in common.list_models() if common.get_cfg(n).modality in IMAGE_MODALITIES])
 
 if len(names) < 2:
     st.info(f"Only one model of this kind has weights ({names[0]}): an ensemble needs at least two with the same "
@@ -59,9 +65,9 @@ elif image_modality is None:
 else:
     st.caption(f"Detected modality: **{image_modality}**; group: {group}.")
     with st.spinner("Reading the image with each member..."):
-        results = {n: ui.analysis_for(img, n, None, None) for n in members}
-        auth_ui.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
-                           models=sorted(results))
+        results = {n: common.analysis_for(img, n, None, None) for n in members}
+        auth.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
+                        models=sorted(results))
     if not members:
         st.info("Choose at least one member in the sidebar.")
     elif results and not any(a.has_result for a in results.values()):
@@ -117,4 +123,4 @@ else:
             "--data PATH --ablation --json > docs/ensemble_ablation.json`\n\n"
             "(any JSON with an `ablation` list in docs/, weights/ or artifacts/ is found here).",
             icon=":material/table_chart:")
-ui.weights_caption(names)
+common.weights_caption(names)

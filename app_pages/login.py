@@ -1,4 +1,4 @@
 """Sign in (the only page of a signed-out session), or the first account of a new install."""
-from retina_core.clinic import auth_ui
+from retina_core.webapp import auth
 
-auth_ui.login_page()
+auth.login_page()

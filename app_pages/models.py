@@ -3,16 +3,17 @@ matrix, ROC curves, reliability diagram), computed on demand or read from saved 
 import pandas as pd
 import streamlit as st
 
-from retina_core import figures, ui
+from retina_core import figures
+from retina_core.audit.evidence import evidence_kind, evidence_reports, stability_table
 from retina_core.models import get_cfg, list_models, read_manifest
 from retina_core.models.loading import trained_on
-from retina_core.quick_eval import evidence_kind, evidence_reports, stability_table
+from retina_core.webapp import common
 
 st.title("Models & evaluation")
-ui.disclaimer()
+common.disclaimer()
 
 manifest = read_manifest()
-status = ui.model_status()
+status = common.model_status()
 
 st.subheader("Overview")
 overview = []
@@ -46,7 +47,7 @@ else:
     c1, c2 = st.columns([2, 1])
     name = c1.selectbox("Model to evaluate", loaded, key="eval_model")
     n_per_class = c2.number_input("Phantoms per class", 2, 40, 6, key="eval_n")
-    model = ui.cached_model(name)
+    model = common.cached_model(name)
     key = (name, model.sha256, int(n_per_class))
     have = st.session_state.setdefault("_evals_shown", set())
     if key not in have and st.button(f"Evaluate {name} on {int(n_per_class) * len(model.cfg.classes)} fresh "
@@ -54,7 +55,7 @@ else:
         have.add(key)
     if key in have:
         with st.spinner("Generating phantoms and predicting (shared with every session once done)..."):
-            r = ui.phantom_evaluation(name, model.sha256, int(n_per_class))
+            r = common.phantom_evaluation(name, model.sha256, int(n_per_class))
         m = r["metrics"]
         c = st.columns(5)
         c[0].metric("Accuracy", f"{m['accuracy']:.2f}")

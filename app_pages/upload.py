@@ -1,17 +1,17 @@
 """Upload & diagnose: images in, quality verdict, calibrated probabilities and a heatmap out; reports to download."""
 import streamlit as st
 
-from retina_core import ui
+from retina_core import figures
 from retina_core.analysis import NO_RESULT
-from retina_core.clinic import auth_ui
-from retina_core.clinic import ui as clinic_ui
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
 from retina_core.explain.attribution import ALL_METHODS, VIT_METHODS
 from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
+from retina_core.io.decode import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
+from retina_core.modality import Modality
 from retina_core.report import EYES, ReportItem, report_json, report_pdf, split_by_eye
+from retina_core.webapp import auth, clinic_pages, common
 
-MODALITIES = {"Automatic": None, "Fundus photograph": "fundus", "OCT B-scan": "oct"}
+MODALITIES = {"Automatic": None, "Fundus photograph": Modality.FUNDUS, "OCT B-scan": Modality.OCT}
 SLOW = ("scorecam", "integrated_gradients")
 DEFAULT_LABEL = "Model's default (from explain-eval)"
 METHOD_LABELS = {DEFAULT_LABEL: DEFAULT_LABEL} | {
@@ -20,15 +20,15 @@ METHOD_LABELS = {DEFAULT_LABEL: DEFAULT_LABEL} | {
     for m in ALL_METHODS if m != "gradcam-reference"}
 
 st.title("Upload & diagnose")
-ui.disclaimer()
+common.disclaimer()
 
 with st.sidebar:
     st.header("Settings")
     modality_label = st.selectbox("Modality", list(MODALITIES), key="modality",
                                   help="Detected automatically; override it if the detection is wrong.")
     modality = MODALITIES[modality_label]
-    models = ["Automatic (by modality)"] + (ui.model_choices(modality) if modality
-                                            else ui.model_choices("fundus") + ui.model_choices("oct"))
+    models = ["Automatic (by modality)"] + (common.model_choices(modality) if modality
+                                            else common.model_choices(Modality.FUNDUS) + common.model_choices(Modality.OCT))
     model_label = st.selectbox("Model", models, key="model")
     model = None if model_label == models[0] else model_label
     method_label = st.selectbox(
@@ -45,11 +45,11 @@ uploads = st.file_uploader("Fundus photographs or OCT B-scans (PNG, JPEG, TIFF, 
                            type=sorted(set(IMAGE_EXTENSIONS + VOLUME_EXTENSIONS)),
                            accept_multiple_files=True, key="upload")
 sample = st.selectbox("... or try a bundled sample (a synthetic phantom, no patient data)",
-                      ["(none)"] + list(ui.SAMPLES), key="sample")
+                      ["(none)"] + list(common.SAMPLES), key="sample")
 
 inputs = [(f.name, f.getvalue()) for f in uploads or []]
 if not inputs and sample != "(none)":
-    inputs = [(sample, ui.sample_png(sample))]
+    inputs = [(sample, common.sample_png(sample))]
 if not inputs:
     st.info("Upload one or more fundus photographs or OCT B-scans, or pick a bundled sample above. "
             "Each image gets a quality check, calibrated probabilities and a heatmap of where the model looked; "
@@ -61,7 +61,7 @@ to_save = []     # (bytes, image, readings, eye) for the optional 'Save to workl
 for i, (name, data) in enumerate(inputs, start=1):
     with st.container(border=True):
         try:
-            img = ui.decode_upload(data, name)
+            img = common.decode_upload(data, name)
             if img.kind == "volume":
                 st.subheader(f"Image {i} · OCT volume · {img.pixels.shape[0]} slices")
                 st.session_state["volume_input"] = (name, data)
@@ -71,9 +71,9 @@ for i, (name, data) in enumerate(inputs, start=1):
                              icon=":material/arrow_forward:")
                 continue
             with st.spinner("Analysing..."):
-                found = ui.analyses_for(img, model, method, modality)
-            auth_ui.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
-                               models=sorted({f.model or "" for f in found}))
+                found = common.analyses_for(img, model, method, modality)
+            auth.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
+                            models=sorted({f.model or "" for f in found}))
             a, others = found[0], [o for o in found[1:] if o.has_result]
         except RetinaInputError as exc:
             st.subheader(f"Image {i}")
@@ -84,7 +84,7 @@ for i, (name, data) in enumerate(inputs, start=1):
         head, eye_col = st.columns([3, 1])
         head.subheader(f"Image {i} · {img.source_format.upper()} {w}x{h} · {a.modality.replace('_', ' ')}")
         with eye_col:
-            eye = ui.eye_of(img, key=f"eye_{img.content_hash[:16]}")
+            eye = common.eye_of(img, key=f"eye_{img.content_hash[:16]}")
         report_items.append(ReportItem(a, eye, f"Image {i}"))
         to_save.append((data, img, found, eye))
         c1, c2, c3 = st.columns(3)
@@ -97,22 +97,22 @@ for i, (name, data) in enumerate(inputs, start=1):
             st.image(img.pixels, caption="The image as read", width=420)
             continue
         (st.error if a.referable else st.success)(a.suggestion)
-        ui.trained_on_caption(a)
+        common.trained_on_caption(a)
         left, right = st.columns(2)
         left.image(img.pixels, caption="Original", width="stretch")
         shown = overlay(img.pixels, a.heatmap, alpha)
         x0, y0, x1, y1 = strongest_region(a.heatmap)
         right.image(shown, caption=f"{a.method} heatmap for '{a.target}' (red = where the model looked most; "
                                    f"opacity {alpha:.2f})", width="stretch")
-        ui.show_trust_note(a.model, a.weights_sha256, a.method, right, label=a.target)
+        common.show_trust_note(a.model, a.weights_sha256, a.method, right, label=a.target)
         chart, zoom = st.columns([3, 2])
         with chart:
             st.markdown("**Calibrated probabilities**")
-            st.plotly_chart(ui.probability_chart(a), width="stretch", key=f"probs_{i}")
+            st.plotly_chart(figures.probability_chart(a), width="stretch", key=f"probs_{i}")
         with zoom:
             st.markdown("**Strongest heatmap region**")
             st.image(shown[y0:y1, x0:x1], caption=f"x {x0}-{x1}, y {y0}-{y1}", width="stretch")
-            st.download_button("Download heatmap (PNG)", lambda hm=a.heatmap: ui.png_bytes(heatmap_to_rgb(hm)),
+            st.download_button("Download heatmap (PNG)", lambda hm=a.heatmap: common.png_bytes(heatmap_to_rgb(hm)),
                                file_name=f"heatmap_{a.content_hash[:12]}_{a.method}.png", mime="image/png",
                                key=f"dl_{i}", on_click="ignore")   # encoded on click, not on every rerun
         if a.quality.reasons:
@@ -132,12 +132,12 @@ for i, (name, data) in enumerate(inputs, start=1):
                              f"{'real images' if not o.trained_on.startswith('synthetic') else 'phantoms only'}",
                              icon=":material/error:" if o.referable else ":material/check_circle:"):
                 st.markdown(o.suggestion)
-                ui.trained_on_caption(o)
+                common.trained_on_caption(o)
                 ol, orr = st.columns(2)
                 ol.image(overlay(img.pixels, o.heatmap, alpha), width="stretch",
                          caption=f"{o.method} heatmap for '{o.target}'")
-                ui.show_trust_note(o.model, o.weights_sha256, o.method, ol, label=o.target)
-                orr.plotly_chart(ui.probability_chart(o), width="stretch", key=f"probs_{i}_{k}")
+                common.show_trust_note(o.model, o.weights_sha256, o.method, ol, label=o.target)
+                orr.plotly_chart(figures.probability_chart(o), width="stretch", key=f"probs_{i}_{k}")
 
 if report_items:
     st.subheader("Report")
@@ -157,5 +157,5 @@ if report_items:
                             file_name=f"retina_report_{eye or 'eye'}.pdf", mime="application/pdf",
                             key=f"report_pdf_{eye or 'unspecified'}", on_click="ignore")
 
-clinic_ui.save_to_worklist(to_save)
-ui.weights_caption(sorted({it.analysis.model for it in report_items if it.analysis.model}) or None)
+clinic_pages.save_to_worklist(to_save)
+common.weights_caption(sorted({it.analysis.model for it in report_items if it.analysis.model}) or None)

@@ -4,19 +4,27 @@ the patient's clinical values as inputs, how much the suggestion rests on the im
 import numpy as np
 import streamlit as st
 
-from retina_core import figures, ui
+from retina_core import figures
 from retina_core.analysis import NO_RESULT
-from retina_core.clinic import auth_ui
-from retina_core.clinic import ui as clinic_ui
 from retina_core.errors import RetinaInputError
-from retina_core.io.decode import VOLUME_EXTENSIONS
 from retina_core.explain.attribution import default_method
 from retina_core.explain.inputs import input_shapley
 from retina_core.explain.overlay import overlay
-from retina_core.explain.volume_methods import VOLUME_METHODS, explain_volume
+from retina_core.explain.volume_methods import VOLUME_METHODS
+from retina_core.io.decode import VOLUME_EXTENSIONS
+from retina_core.modality import Modality
 from retina_core.quality import assess_quality
-from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
-                                slice_rgb, volume_reading)
+from retina_core.volume import (
+    META_FIELDS,
+    en_face,
+    en_face_rows,
+    map_en_face,
+    per_slice_2d,
+    run_volume_model,
+    slice_rgb,
+    volume_reading,
+)
+from retina_core.webapp import auth, clinic_pages, common
 
 DEFAULT_LABEL = "Model's default (from explain-eval)"
 SLOW = {"scorecam": "slow: one forward per channel", "integrated_gradients": "slow: 32 forward/backward passes"}
@@ -24,13 +32,13 @@ METHOD_LABELS = {DEFAULT_LABEL: DEFAULT_LABEL} | {
     m: m + (f" ({SLOW[m]})" if m in SLOW else "") for m in VOLUME_METHODS if m != "gradcam-reference"}
 
 st.title("Volume viewer")
-ui.disclaimer()
+common.disclaimer()
 
 up = st.file_uploader("OCT volume (NIfTI .nii / .nii.gz, multi-frame DICOM, TIFF stack, Heidelberg .vol / .e2e, "
                       "Topcon .fda / .fds)", type=list(VOLUME_EXTENSIONS),
                       key="vol_upload")
 sample = st.selectbox("... or a bundled volume (a synthetic phantom, no patient data)",
-                      ["(none)"] + list(ui.VOLUME_SAMPLES), key="vol_sample")
+                      ["(none)"] + list(common.VOLUME_SAMPLES), key="vol_sample")
 from_upload_page = st.session_state.get("volume_input")
 
 vol = meta0 = eye0 = data = q = None
@@ -38,15 +46,15 @@ source = ""
 try:
     if up is not None:
         data = up.getvalue()
-        img = ui.decode_upload(data, up.name)
+        img = common.decode_upload(data, up.name)
         source, content = up.name, img.content_hash
     elif sample != "(none)":
         img = None
-        vol, meta0, eye0, _ = ui.sample_volume(sample)
+        vol, meta0, eye0, _ = common.sample_volume(sample)
         source, content = sample, f"sample:{sample}"
     elif from_upload_page:
         data = from_upload_page[1]
-        img = ui.decode_upload(data, from_upload_page[0])
+        img = common.decode_upload(data, from_upload_page[0])
         source, content = f"{from_upload_page[0]} (from Upload & diagnose)", img.content_hash
     else:
         img = None
@@ -70,7 +78,7 @@ if vol is None:
 
 d, h, w = vol.shape
 st.caption(f"{source}: {d} B-scans of {w} x {h} px.")
-models3d = ui.model_choices("oct_volume")
+models3d = common.model_choices(Modality.OCT_VOLUME)
 with st.sidebar:
     st.header("3D model and clinical values")
     model_name = st.selectbox("3D model", models3d, key="vol_model") if models3d else None
@@ -100,22 +108,22 @@ with st.sidebar:
 i = st.slider("B-scan (slice)", 0, d - 1, d // 2, key="vol_slice")
 result, maps, map_source = None, None, ""
 if model_name is None:
-    ui.show_unavailable("The 3D volume model", "No oct_volume model has weights installed; train one with "
-                        "`python -m retina_core train --model oct_volume_fusion3d_tiny --data VOLUMES`.")
-    ui.unavailable_note("oct_volume")
+    common.show_unavailable("The 3D volume model", "No oct_volume model has weights installed; train one with "
+                            "`python -m retina_core train --model oct_volume_fusion3d_tiny --data VOLUMES`.")
+    common.unavailable_note(Modality.OCT_VOLUME)
 else:
-    model = ui.cached_model(model_name)
+    model = common.cached_model(model_name)
     key = (content, model_name, tuple(sorted((k, v) for k, v in meta.items())), eye)
     with st.spinner("Running the 3D model..."):
-        result = ui.served("volume3d", key, lambda: run_volume_model(model, vol, meta, eye), limit=8)
-    auth_ui.audit_view("analysis.run", "volume", None, content_hash=content, models=[model_name])
+        result = common.served("volume3d", key, lambda: run_volume_model(model, vol, meta, eye), limit=8)
+    auth.audit_view("analysis.run", "volume", None, content_hash=content, models=[model_name])
     method = default_method(model) if method_label == DEFAULT_LABEL else method_label
     if method == "gradcam":
         maps = result.maps
     else:
         with st.spinner(f"Computing the 3D {method} map..."):
-            maps = ui.served("volume_map", key + (method,),
-                             lambda: explain_volume(model, vol, method, meta=meta, eye=eye), limit=8)
+            maps = common.served("volume_map", key + (method,),
+                                 lambda: model.explain(vol, method, meta=meta, eye=eye), limit=8)
     map_source = f"3D {'Grad-CAM' if method == 'gradcam' else method} of {model_name} for the disease score"
 
 with st.container(border=True):
@@ -132,9 +140,9 @@ with st.container(border=True):
                      + (f" Not recorded (training mean used): {', '.join(missing)}." if missing else ""))
         if float(maps.max()) <= 1e-6:
             st.caption("The 3D heatmap is empty: no region of the volume raised the disease score.")
-        ui.show_trust_note(model_name, model.sha256, method)
+        common.show_trust_note(model_name, model.sha256, method)
         with st.expander("What the suggestion rests on: the image or the clinical values", expanded=True):
-            ia = ui.served("volume_inputs", key, lambda: input_shapley(model, vol, meta, eye), limit=8)
+            ia = common.served("volume_inputs", key, lambda: input_shapley(model, vol, meta, eye), limit=8)
             if abs(ia.p - ia.p_reference) < 0.01:
                 st.caption(f"Nothing to attribute: with every input P(disease) is {ia.p:.0%}, the same as with the "
                            "volume blurred and no clinical values. Neither the image nor the clinical values move "
@@ -159,21 +167,21 @@ with st.container(border=True):
     per_slice = st.toggle("Also run the B-scan model on every slice", False, key="vol_2d",
                           help="The OCT B-scan model reads each slice on its own: per-slice probabilities and maps.")
     if per_slice:
-        oct_models = ui.model_choices("oct")
+        oct_models = common.model_choices(Modality.OCT)
         if not oct_models:
-            ui.show_unavailable("A B-scan model", "No OCT model has weights installed.")
+            common.show_unavailable("A B-scan model", "No OCT model has weights installed.")
         else:
             m2 = st.selectbox("B-scan model", oct_models, key="vol_2d_model")
 
             def read_slices():
                 bar = st.progress(0.0, text="Reading every slice...")
-                out = per_slice_2d(ui.cached_model(m2), vol,
+                out = per_slice_2d(common.cached_model(m2), vol,
                                    progress=lambda f: bar.progress(f, text="Reading every slice..."))
                 bar.empty()
                 return out
 
-            maps2d, probs2d = ui.memo("volume2d", (content, m2), read_slices, limit=4)
-            classes = ui.get_cfg(m2).classes
+            maps2d, probs2d = common.memo("volume2d", (content, m2), read_slices, limit=4)
+            classes = common.get_cfg(m2).classes
             st.line_chart({c: probs2d[:, j] for j, c in enumerate(classes)}, x_label="slice",
                           y_label="probability", height=220)
             st.caption(f"Slice {i}: {m2} suggests {classes[int(np.argmax(probs2d[i]))]} "
@@ -188,9 +196,9 @@ with left:
     st.image(shown, width="stretch",
              caption=f"B-scan {i} of {d - 1}" + (f" with the {map_source}" if maps is not None else ""))
 with right:
-    ef = ui.memo("en_face", content, lambda: en_face(vol), limit=4)
+    ef = common.memo("en_face", content, lambda: en_face(vol), limit=4)
     if maps is not None:
-        ef_map = ui.memo("en_face_map", (content, map_source), lambda: map_en_face(maps, ef.shape[0]), limit=4)
+        ef_map = common.memo("en_face_map", (content, map_source), lambda: map_en_face(maps, ef.shape[0]), limit=4)
         ef_rgb = overlay(np.repeat(ef[..., None], 3, axis=2), ef_map, alpha)
     else:
         ef_rgb = np.repeat(ef[..., None], 3, axis=2)
@@ -200,8 +208,8 @@ with right:
     st.image(ef_rgb, width="stretch",
              caption="En-face projection (mean along depth; yellow line = the B-scan shown"
                      + ("; colours = the strongest heatmap value along depth)" if maps is not None else ")"))
-ui.weights_caption([m for m in (model_name,) if m])
+common.weights_caption([m for m in (model_name,) if m])
 if result is not None and img is not None:     # an uploaded volume (not a bundled phantom) can go to the worklist
-    picture, reading = ui.memo("volume_reading", key + (method,),     # not rebuilt on every slider move
-                               lambda: volume_reading(model, img, result, maps, method, q, eye), limit=4)
-    clinic_ui.save_to_worklist([(data, picture, [reading], eye)])
+    picture, reading = common.memo("volume_reading", key + (method,),     # not rebuilt on every slider move
+                                   lambda: volume_reading(model, img, result, maps, method, q, eye), limit=4)
+    clinic_pages.save_to_worklist([(data, picture, [reading], eye)])

@@ -3,17 +3,16 @@ Researchers see it de-identified (case numbers, no references) and can export th
 import pandas as pd
 import streamlit as st
 
-from retina_core import ui
-from retina_core.clinic import auth_ui, records
-from retina_core.clinic import ui as clinic_ui
+from retina_core.clinic import records
+from retina_core.webapp import auth, clinic_pages, common
 
 st.title("Worklist")
-ui.disclaimer()
-clinic = clinic_ui.clinic_or_stop()
-user = auth_ui.require("cases", "The worklist")
+common.disclaimer()
+clinic = clinic_pages.clinic_or_stop()
+user = auth.require("cases", "The worklist")
 deidentified = not user.can("identified")
-clinic_ui.storage_caption(clinic)
-auth_ui.audit_view("view.worklist", "worklist", None, deidentified=deidentified)
+clinic_pages.storage_caption(clinic)
+auth.audit_view("view.worklist", "worklist", None, deidentified=deidentified)
 if deidentified:
     st.caption(":material/visibility_off: De-identified view (researcher): case numbers instead of references, "
                "no links between a patient's cases, no free-text comments.")
@@ -29,7 +28,7 @@ reviewer = f5.selectbox("Signed by", [ANYONE] + records.reviewers(clinic), key="
 rows = records.worklist(clinic, awaiting_only=awaiting, referable_first=referable_first, date_from=date_from,
                         date_to=date_to, reviewer=None if reviewer == ANYONE else reviewer, deidentified=deidentified)
 if user.can("export"):
-    clinic_ui.export_labels_button(clinic, user)
+    clinic_pages.export_labels_button(clinic, user)
 if not rows:
     st.info("No case matches. Readings enter the worklist from *Upload & diagnose* (Save to worklist)."
             if not records.worklist(clinic, limit=1) else "No case matches these filters.", icon=":material/inbox:")

@@ -4,12 +4,13 @@ moves when the image is slightly perturbed (the perturbed image and its map are 
 import pandas as pd
 import streamlit as st
 
-from retina_core import attention, figures, ui
-from retina_core.clinic import auth_ui
+from retina_core import attention_zones, figures
+from retina_core.audit.evidence import trust_badge
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
 from retina_core.explain.zones import ETDRS_ABBREVIATIONS
-from retina_core.quick_eval import trust_badge
+from retina_core.modality import IMAGE_MODALITIES, Modality
+from retina_core.webapp import auth, common
 
 SLOW = {"scorecam", "integrated_gradients", "vit_relevance"}
 DEFAULT_METHODS = ("gradcam", "multiscale_gradcam", "gradcam++", "attention_rollout")
@@ -27,11 +28,11 @@ def zone_figures(summaries: dict, modality: str) -> dict:
     subfields (fundus) or the foveal bands (OCT) when every summary has them."""
     figs = {"clr": figures.zone_bars({m: s["centre_lr"] for m, s in summaries.items()},
                                      "Centre box vs left / right (share of heatmap)", ["centre", "left", "right"])}
-    if modality == "fundus" and all("etdrs" in s for s in summaries.values()):
+    if modality == Modality.FUNDUS and all("etdrs" in s for s in summaries.values()):
         figs["disc"] = figures.zone_bars({m: {"optic disc": s["disc"], "ETDRS 6 mm circle": 1 - s["etdrs"]["outside"]}
                                           for m, s in summaries.items()}, "Optic disc and macula (share of heatmap)")
         figs["etdrs"] = figures.etdrs_bars({m: s["etdrs"] for m, s in summaries.items()})
-    elif modality == "oct" and all("oct_bands" in s for s in summaries.values()):
+    elif modality == Modality.OCT and all("oct_bands" in s for s in summaries.values()):
         figs["bands"] = figures.zone_bars({m: s["oct_bands"] for m, s in summaries.items()},
                                           "Foveal bands of the B-scan (share of heatmap)")
     return figs
@@ -49,8 +50,8 @@ def draw_maps(key: tuple, px, maps: dict, grid, cols: list, stab_method: str, vi
     def shown(name, image, heatmap, with_grid=False):
         def blend():
             out = overlay(image, heatmap, alpha)
-            return attention.paste_layer(out, grid) if with_grid else out
-        return ui.memo("zones_overlay", (*key, name, alpha, with_grid), blend, limit=16)
+            return attention_zones.paste_layer(out, grid) if with_grid else out
+        return common.memo("zones_overlay", (*key, name, alpha, with_grid), blend, limit=16)
 
     for i, m in enumerate(maps, start=1):
         with cols[i % len(cols)]:
@@ -63,9 +64,9 @@ def draw_maps(key: tuple, px, maps: dict, grid, cols: list, stab_method: str, vi
 
 
 st.title("Attention zones")
-ui.disclaimer()
+common.disclaimer()
 
-got = ui.pick_image("zones", "A fundus photograph or an OCT B-scan")
+got = common.pick_image("zones", "A fundus photograph or an OCT B-scan")
 if got is None:
     st.info("Upload an image or pick a bundled sample. This page compares explanation methods on it: each map's "
             "share in the centre / left / right, in the ETDRS subfields and the optic disc (fundus) or the foveal "
@@ -73,36 +74,36 @@ if got is None:
     st.stop()
 
 try:
-    img = ui.decode_upload(got[1], got[0])
+    img = common.decode_upload(got[1], got[0])
     if img.kind != "image":
         raise RetinaInputError("This is an OCT volume: open it in the volume viewer.")
-    q = ui.quality_of(img)
+    q = common.quality_of(img)
 except RetinaInputError as exc:
     st.error(str(exc), icon=":material/error:")
     st.stop()
 modality = q.modality
-if modality not in ("fundus", "oct"):
+if modality not in IMAGE_MODALITIES:
     st.error(f"No zones for this image: {q.verdict}. " + " ".join(q.reasons), icon=":material/block:")
     st.stop()
 
 with st.sidebar:
     st.header("Settings")
-    choices = ui.model_choices(modality)
+    choices = common.model_choices(modality)
     if not choices:
-        ui.show_unavailable(f"A {modality} model", "No weights are installed for this modality.")
+        common.show_unavailable(f"A {modality} model", "No weights are installed for this modality.")
         st.stop()
     model_name = st.selectbox("Model", choices, key="zones_model")
-    model = ui.cached_model(model_name)
-    avail = attention.methods_for(model)
+    model = common.cached_model(model_name)
+    avail = attention_zones.methods_for(model)
     methods = st.multiselect("Explanation methods", avail, key="zones_methods",
                              default=[m for m in DEFAULT_METHODS if m in avail],
                              format_func=lambda m: m + (" (slow)" if m in SLOW else ""),
                              help="Every method explains the same class (the model's prediction).")
 
-eye = ui.eye_of(img, key=f"zones_eye_{img.content_hash[:16]}")
-a = ui.analysis_for(img, model_name, None, modality)
-auth_ui.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
-                   models=[a.model or ""])
+eye = common.eye_of(img, key=f"zones_eye_{img.content_hash[:16]}")
+a = common.analysis_for(img, model_name, None, modality)
+auth.audit_view("analysis.run", "image", None, content_hash=img.content_hash,
+                models=[a.model or ""])
 if not a.has_result:
     view_settings()          # drawn on every run, so the chosen opacity is kept while there is nothing to show
     st.error(f"No result: {' '.join(a.notes)}", icon=":material/block:")
@@ -115,37 +116,38 @@ if not methods:
     st.stop()
 
 px = img.pixels
-lm = ui.memo("landmarks", (img.content_hash, modality, eye), lambda: attention.landmarks(px, modality, None, eye))
+lm = common.memo("landmarks", (img.content_hash, modality, eye),
+                 lambda: attention_zones.landmarks(px, modality, None, eye))
 maps = {}
 with st.status("Computing heatmaps...", expanded=False) as status:
     for m in methods:
         status.update(label=f"Computing {m}...")
-        maps[m] = ui.served("zones_map", (img.content_hash, model_name, m, a.target),
-                          lambda m=m: attention.explain_methods(model, px, [m], a.target)[m], limit=32)
+        maps[m] = common.served("zones_map", (img.content_hash, model_name, m, a.target),
+                                lambda m=m: attention_zones.explain_methods(model, px, [m], a.target)[m], limit=32)
     status.update(label=f"{len(maps)} heatmap(s) ready", state="complete")
 
 st.subheader("Explainers side by side")
-grid = ui.memo("zones_layer", (img.content_hash, modality, eye, False),
-               lambda: attention.zone_layer(px.shape[:2], modality, lm))
-grid_box = ui.memo("zones_layer", (img.content_hash, modality, eye, True),
-                   lambda: attention.zone_layer(px.shape[:2], modality, lm, centre_box=True))
+grid = common.memo("zones_layer", (img.content_hash, modality, eye, False),
+                   lambda: attention_zones.zone_layer(px.shape[:2], modality, lm))
+grid_box = common.memo("zones_layer", (img.content_hash, modality, eye, True),
+                       lambda: attention_zones.zone_layer(px.shape[:2], modality, lm, centre_box=True))
 cols = st.columns(min(4, len(methods) + 1))
 with cols[0]:
-    st.image(attention.paste_layer(px, grid_box), width="stretch",
-             caption="Zones: ETDRS grid (white), optic disc (yellow), centre box (cyan)" if modality == "fundus"
+    st.image(attention_zones.paste_layer(px, grid_box), width="stretch",
+             caption="Zones: ETDRS grid (white), optic disc (yellow), centre box (cyan)" if modality == Modality.FUNDUS
              else "Zones: fovea (yellow), 0.5 / 1.5 / 3 mm bands (dashed), centre box (cyan)")
-if modality == "fundus":
+if modality == Modality.FUNDUS:
     st.caption(f"Landmarks: fovea and optic disc found by {lm.get('method')} (confidence {lm.get('confidence', 0):.2f}"
                f"{'; below 0.3 treat the grid as approximate' if lm.get('confidence', 1) < 0.3 else ''}). "
                f"Grid scale: one disc diameter = 1.8 mm; nasal is toward the disc.")
 else:
     st.caption(f"Fovea: {lm.get('method')} at x = {lm.get('fovea_x', 0):.0f} px; the scan is taken as "
-               f"{attention.OCT_SPAN_MM:.0f} mm wide.")
+               f"{attention_zones.OCT_SPAN_MM:.0f} mm wide.")
 
-summaries = {m: ui.memo("zones_summary", (img.content_hash, model_name, m, a.target, eye),
-                        lambda m=m: attention.zone_summary(maps[m], modality, lm), limit=32) for m in methods}
-figs = ui.memo("zones_figures", (img.content_hash, model_name, a.target, eye, tuple(methods)),
-               lambda: zone_figures(summaries, modality))
+summaries = {m: common.memo("zones_summary", (img.content_hash, model_name, m, a.target, eye),
+                            lambda m=m: attention_zones.zone_summary(maps[m], modality, lm), limit=32) for m in methods}
+figs = common.memo("zones_figures", (img.content_hash, model_name, a.target, eye, tuple(methods)),
+                   lambda: zone_figures(summaries, modality))
 st.subheader("Zone shares")
 c1, c2 = st.columns(2)
 c1.plotly_chart(figs["clr"], width="stretch", key="zones_clr")
@@ -163,9 +165,9 @@ st.markdown("Each row perturbs the image slightly (Gaussian noise, 15% brighter,
             "notice deserves less trust.")
 stab_method = st.selectbox("Method to test", methods, key="zones_stab_method")
 with st.spinner(f"Perturbing and recomputing {stab_method}..."):
-    views = ui.served("zones_stab", (img.content_hash, model_name, stab_method, a.target),
-                      lambda: attention.perturbation_views(model, px, stab_method, maps[stab_method], a.target),
-                      limit=16)
+    views = common.served("zones_stab", (img.content_hash, model_name, stab_method, a.target),
+                          lambda: attention_zones.perturbation_views(model, px, stab_method, maps[stab_method],
+                                                                     a.target), limit=16)
 rows, stab_cells = [], []
 for v in views:
     c = st.columns([1, 1, 1, 1])
@@ -175,8 +177,8 @@ for v in views:
         st.metric("SSIM to the original map", f"{v['ssim']:.2f}")
         st.metric("Spearman to the original map", f"{v['spearman']:.2f}")
     rows.append({"perturbation": v["kind"], "SSIM": v["ssim"], "Spearman": v["spearman"]})
-evidence = ui.method_evidence(model_name, model.sha256)
+evidence = common.method_evidence(model_name, model.sha256)
 captions = {m: f"{m} · {trust_badge(evidence.get(m))}" for m in methods}
 draw_maps((img.content_hash, model_name, a.target, eye), px, maps, grid, cols, stab_method, views, stab_cells, captions)
 st.dataframe(pd.DataFrame(rows), hide_index=True)
-ui.weights_caption([model_name])
+common.weights_caption([model_name])

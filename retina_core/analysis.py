@@ -17,19 +17,20 @@ import numpy as np
 from .errors import RetinaInputError
 from .explain.attribution import ALL_METHODS, available_methods, default_method, explain_batch
 from .io.decode import SCREEN_SIDE, RetinalImage, read_image
+from .modality import Modality
 from .models import LoadedModel, load_model, read_manifest
 from .quality import Quality, assess_quality
 
 # Every model that reads a modality, in the order suggestions are shown: models trained on real images first, then
 # phantom-only models for the tasks that have no real data here (five DR grades; CNV and drusen on OCT).
 MODELS_BY_MODALITY = {
-    "fundus": ("fundus_dme_resnet10t", "fundus_resnet18_head", "fundus_dr_effnet_b0"),
-    "oct": ("oct_dme_resnet18", "oct_resnet18"),
+    Modality.FUNDUS: ("fundus_dme_resnet10t", "fundus_resnet18_head", "fundus_dr_effnet_b0"),
+    Modality.OCT: ("oct_dme_resnet18", "oct_resnet18"),
 }
 
 
 # Where no real-data model is installed, the phantom model the app has always read the modality with comes first.
-PHANTOM_DEFAULTS = {"fundus": "fundus_dr_effnet_b0", "oct": "oct_resnet18"}
+PHANTOM_DEFAULTS = {Modality.FUNDUS: "fundus_dr_effnet_b0", Modality.OCT: "oct_resnet18"}
 
 
 def installed_models(modality: str) -> list[str]:
@@ -60,7 +61,7 @@ class _DefaultModels(Mapping):
         return len(MODELS_BY_MODALITY)
 
     def __repr__(self) -> str:
-        return repr(dict(self))
+        return repr({str(m): name for m, name in self.items()})
 
 
 # The model used when the caller names none, per detected modality.
@@ -98,7 +99,8 @@ get_model.cache_clear = _clear_models
 
 @dataclass
 class Analysis:
-    """One image read by one model. `heatmap`: float32 [H, W] in [0, 1] at the shown image's size, or None."""
+    """One image read by one model. `heatmap`: float32 [H, W] in [0, 1] at the shown image's size, or None.
+    `modality` is kept a plain str (a Modality's value, or "not_retinal"): it is stored in the clinic's database."""
 
     modality: str
     quality: Quality
@@ -116,6 +118,10 @@ class Analysis:
     image: np.ndarray = field(repr=False)     # uint8 [H, W, 3], the image as shown to the user
     notes: list[str] = field(default_factory=list)
     trained_on: str | None = None             # what the model was trained on ("real: <set>, n, held-out AUC" / phantoms)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modality, str):
+            self.modality = str(self.modality)     # a Modality member -> its plain value
 
     @property
     def has_result(self) -> bool:

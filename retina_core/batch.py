@@ -9,6 +9,12 @@ core and workers only compete with it (measured: docs/benchmarks.md), so the def
 Ray engine: the same per-image steps on Ray Data with the models held in actors, for archives beyond one
 machine (an existing cluster with --address, else a local one).
 Both produce the same rows (tests/test_batch.py checks it).
+
+The app's Batch screening page screens uploads in memory on the same steps (`screen_uploads`): `prepare` decodes
+with `read_image`, which takes bytes as well as paths, so nothing is written to disk (a DICOM's header never lands
+in a temporary file).
+
+    >>> rows = screen_uploads([("a.png", data_a), ("b.dcm", data_b)], chunk=8, progress=lambda k, n: ...)
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -84,7 +90,7 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
         if img.kind != "image":
             raise RetinaInputError("OCT volume: batch screening reads single images.")
         q = assess_quality(img)
-        row.update(modality=q.modality, quality=q.verdict, quality_score=round(float(q.score), 4))
+        row.update(modality=str(q.modality), quality=q.verdict, quality_score=round(float(q.score), 4))
         name = model_override or DEFAULT_MODELS.get(q.modality)
         if q.modality == "not_retinal" or not q.gradable or name is None:
             row["label"] = "no result"
@@ -268,3 +274,22 @@ def _write_parquet(out: Path) -> None:
         pd.read_csv(out, dtype=str, keep_default_na=False).to_parquet(out.with_suffix(".parquet"), index=False)
     except ImportError:   # pyarrow missing: the CSV is the result
         log.info("pyarrow not installed; no parquet copy written")
+
+
+def screen_uploads(files: list[tuple[str, bytes]], chunk: int = 8, model: str | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """One row per (name, bytes): decode + quality gate + preprocess (`prepare`), then batched forwards with
+    single-pass Grad-CAM per chunk (`infer`). Rows have `COLUMNS`; `file` is the uploaded name. progress(done,
+    total) is called after every chunk."""
+    rows: list[dict] = []
+    n = len(files)
+    for start in range(0, n, chunk):
+        part = files[start:start + chunk]
+        items = [prepare(data, model) for _, data in part]   # bytes go straight to read_image
+        for (name, _), it in zip(part, items):
+            it.file = name
+            it.row["file"] = name
+        rows.extend(infer(items, None))
+        if progress:
+            progress(min(n, start + len(part)), n)
+    return rows

@@ -99,7 +99,7 @@ def _analyses_back_to_back(samples: list[str], weights_dir=None) -> dict[int, fl
     from .analysis import analyze_all
     from .io.decode import SCREEN_SIDE, read_image
     from .serving import available_cores
-    from .ui import sample_png
+    from .webapp.common import sample_png
 
     threads = torch.get_num_threads()
     with _weights_from(weights_dir):

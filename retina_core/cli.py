@@ -17,8 +17,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import RetinaInputError
+from .modality import IMAGE_MODALITIES, Modality
 
 log = logging.getLogger("retina_core")
+IMAGE_CHOICES = [m.value for m in IMAGE_MODALITIES]     # --modality / --expect: the plain strings
 
 
 def _print_json(obj) -> None:
@@ -148,7 +150,7 @@ def predict_volume(img, model_name: str | None, method: str | None, record: dict
     from .analysis import NO_RESULT, get_model
     from .explain.attribution import default_method
     from .explain.overlay import overlay
-    from .explain.volume_methods import VOLUME_METHODS, explain_volume
+    from .explain.volume_methods import VOLUME_METHODS
     from .models import get_cfg
     from .quality import assess_quality
     from .volume import en_face, map_en_face, run_volume_model, slice_rgb
@@ -159,7 +161,7 @@ def predict_volume(img, model_name: str | None, method: str | None, record: dict
                 "quality": {"verdict": q.verdict, "gradable": q.gradable, "score": round(float(q.score), 4),
                             "reasons": list(q.reasons)}, "notes": [q.verdict, *q.reasons]}
     name = model_name or VOLUME_MODEL
-    if get_cfg(name).modality != "oct_volume":
+    if get_cfg(name).modality != Modality.OCT_VOLUME:
         raise RetinaInputError(f"This is an OCT volume and {name} reads single images; use an OCT volume model "
                                f"(e.g. --model {VOLUME_MODEL}) or leave --model out.")
     model = get_model(name)
@@ -169,9 +171,9 @@ def predict_volume(img, model_name: str | None, method: str | None, record: dict
     vol = img.pixels
     eye = eye or img.laterality
     res = run_volume_model(model, vol, record, eye)
-    maps = res.maps if method == "gradcam" else explain_volume(model, vol, method, meta=record, eye=eye)
+    maps = res.maps if method == "gradcam" else model.explain(vol, method, meta=record, eye=eye)
     peak = int(np.argmax(maps.reshape(len(maps), -1).sum(1)))
-    rec = {"modality": "oct_volume", "model": res.model, "weights_sha256": res.weights_sha256,
+    rec = {"modality": Modality.OCT_VOLUME.value, "model": res.model, "weights_sha256": res.weights_sha256,
            "label": res.label, "p_disease": round(res.p_disease, 4), "referable": res.referable,
            "record_used": res.metadata_used, "method": method, "shape": list(vol.shape),
            "peak_slice": peak, "heatmap_empty": bool(float(maps.max()) <= 1e-6), "content_hash": img.content_hash,
@@ -236,7 +238,8 @@ def cmd_data_confounds(args) -> int:
     from .evaluate.confounds import acquisition_confounds
 
     rep = acquisition_confounds(args.path, args.positive, modality=args.modality, split=args.split, seed=args.seed,
-                                fractions=args.split_fractions, split_by=args.split_by, framing=args.framing)
+                                fractions=args.split_fractions, split_by=args.split_by, framing=args.framing,
+                                label_column=args.label_column, label_map=args.label_map)
     if args.json:
         _print_json(rep)
         return 0
@@ -360,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"model name (default: by detected modality, {DEFAULT_MODELS})")
     p.add_argument("--method", default=None, choices=ALL_METHODS,
                    help="heatmap method (default: the model's, chosen by explain-eval evidence)")
-    p.add_argument("--modality", choices=["fundus", "oct"], help="override the detected modality")
+    p.add_argument("--modality", choices=IMAGE_CHOICES, help="override the detected modality")
     p.add_argument("--record", help="OCT volumes: the clinical record the volume model reads, e.g. "
                                     "age=70,sex=F,va_logmar=0.3,cst_um=420,hba1c=8.4 (fields left out count as not "
                                     "recorded: the training mean is used)")
@@ -393,13 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
                                           "label vs the rest, on a patient-level split")
     p.add_argument("path")
     p.add_argument("--positive", required=True, help="the label tested against the rest, e.g. DME")
-    p.add_argument("--modality", choices=["fundus", "oct"], default=None, help="default: from the set")
+    p.add_argument("--modality", choices=IMAGE_CHOICES, default=None, help="default: from the set")
     p.add_argument("--split", default="test", help="train | val | test | all (default test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-fractions", default=None, help="as for train (default 0.8,0.1,0.1)")
     p.add_argument("--split-by", default=None, help="as for train: stratified | patient_hash")
-    p.add_argument("--framing", choices=["stretch", "fov"], default="stretch",
-                   help="fov: statistics of the image as a fov-framed model sees it (field of view cut out)")
+    p.add_argument("--label-column", default=None, help="as for train: labels from this labels.csv column")
+    p.add_argument("--label-map", default=None, help="as for train: value=label pairs, e.g. 0=noDR,NPDR=DR,PDR=DR")
+    p.add_argument("--framing", choices=["stretch", "fov", "fov_contrast"], default="stretch",
+                   help="fov: statistics of the image as a fov-framed model sees it (field of view cut out); "
+                        "fov_contrast: framed, then contrast-normalised")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_confounds)
 
@@ -454,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gate-eval", help="the quality and modality gate over folders of real images, per set")
     p.add_argument("data", nargs="+", help="data set folders (labels.csv 'file' column, else every image), a "
                                            "folder of such sets, or set names under $RETINA_REALDATA")
-    p.add_argument("--expect", choices=["fundus", "oct"],
+    p.add_argument("--expect", choices=IMAGE_CHOICES,
                    help="the modality every set holds (default: guessed from each set's name or labels)")
     p.add_argument("--limit", type=int, default=None, help="at most N images per set, evenly spaced")
     p.add_argument("--contact-sheet", default=None,

@@ -36,10 +36,11 @@ from scipy import ndimage as ndi
 
 from retina_core.errors import RetinaInputError
 from retina_core.io.decode import RetinalImage, looks_grey
+from retina_core.modality import IMAGE_MODALITIES, Modality
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("fundus", "oct", "oct_volume")
+MODALITIES = (Modality.FUNDUS, Modality.OCT, Modality.OCT_VOLUME)
 GRADABLE, UNGRADABLE, NOT_RETINAL = "gradable", "ungradable: retake or refer", "not a retinal image: no result"
 DETECT_MIN = 0.5        # modality score needed to call an image retinal
 GRADABLE_MIN = 0.5      # gradability score needed to give a result
@@ -48,7 +49,7 @@ WORK_SIDE = 256         # px: the working copy's size (fundus: field diameter; O
 
 @dataclass
 class Quality:
-    modality: str                          # "fundus" | "oct" | "oct_volume" | "not_retinal"
+    modality: str                          # a Modality (fundus, oct, oct_volume) or "not_retinal"
     modality_scores: dict[str, float]
     gradable: bool
     score: float                           # 0..1 gradability (0 when not retinal)
@@ -79,24 +80,24 @@ def assess_quality(img: RetinalImage, modality: str | None = None) -> Quality:
     fundus_s, ff = (0.0, {"greyscale": 1.0}) if grey else fundus_score(work)
     g = _oct_grey(work)
     oct_s, of = oct_score(work, grey, g)
-    scores = {"fundus": round(fundus_s, 4), "oct": round(oct_s, 4), "oct_volume": 0.0}
+    scores = {Modality.FUNDUS: round(fundus_s, 4), Modality.OCT: round(oct_s, 4), Modality.OCT_VOLUME: 0.0}
     features = {**{f"fundus_{k}": v for k, v in ff.items()}, **{f"oct_{k}": v for k, v in of.items()}}
     reasons: list[str] = []
     chosen = modality
-    if chosen is None and img.modality_hint in ("fundus", "oct"):
+    if chosen is None and img.modality_hint in IMAGE_MODALITIES:
         chosen = img.modality_hint
         reasons.append(f"modality taken from the DICOM header ({chosen})")
     if chosen is None:
-        best = max(("fundus", "oct"), key=lambda m: scores[m])
+        best = max(IMAGE_MODALITIES, key=lambda m: scores[m])
         if scores[best] < DETECT_MIN:
             why = _not_retinal_reason(ff, of, grey)
             return Quality("not_retinal", scores, False, 0.0, [why], NOT_RETINAL, features)
         chosen = best
     elif modality is not None:
         reasons.append(f"modality set by the user ({modality})")
-    if chosen == "oct_volume":  # a single B-scan graded as part of a volume
-        chosen = "oct"
-    if chosen == "fundus":
+    if chosen == Modality.OCT_VOLUME:  # a single B-scan graded as part of a volume
+        chosen = Modality.OCT
+    if chosen == Modality.FUNDUS:
         if grey:
             ff = fundus_score(_resize(rgb, WORK_SIDE))[1]
         subs, why = fundus_gradability(rgb, ff)
@@ -141,9 +142,9 @@ def _assess_volume(img: RetinalImage, modality: str | None) -> Quality:
         if i == d // 2:
             reasons, feats = why, {f"oct_{k}": v for k, v in of.items()}
     subs = {k: float(np.median([s[k] for s in subs_all])) for k in subs_all[0]}
-    scores = {"fundus": 0.0, "oct": 0.0, "oct_volume": 1.0}
-    pre = [f"modality set by the user ({modality})"] if modality and modality != "oct_volume" else []
-    return _finish("oct_volume", scores, subs, pre + reasons, feats)
+    scores = {Modality.FUNDUS: 0.0, Modality.OCT: 0.0, Modality.OCT_VOLUME: 1.0}
+    pre = [f"modality set by the user ({modality})"] if modality and modality != Modality.OCT_VOLUME else []
+    return _finish(Modality.OCT_VOLUME, scores, subs, pre + reasons, feats)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -618,7 +619,7 @@ def degrade(image: np.ndarray, kind: str, modality: str) -> np.ndarray:
         return (img.astype(np.float32) * 0.1).astype(np.uint8)
     if kind == "crop":
         h, w = img.shape[:2]
-        if modality == "fundus":
+        if modality == Modality.FUNDUS:
             return np.ascontiguousarray(img[:, : int(0.55 * w)])
         grey = img if img.ndim == 2 else img.mean(axis=2)
         centre = int(np.argmax(ndi.uniform_filter1d(grey.mean(axis=1), 5)))  # the RPE band
@@ -650,8 +651,8 @@ def gate_roc(n: int = 8, size: int = 256, seed: int = 0) -> dict:
     fundus_labels = DR_GRADES + FUNDUS4
     clean, degraded, flagged = [], [], {}
     for i in range(n):
-        for modality in ("fundus", "oct"):
-            if modality == "fundus":
+        for modality in IMAGE_MODALITIES:
+            if modality == Modality.FUNDUS:
                 image = fundus_phantom(fundus_labels[i % len(fundus_labels)], seed + i, size=size).image
             else:
                 image = oct_phantom(OCT8[i % len(OCT8)], seed + i, width=size, height=int(size * 496 / 512)).image

@@ -20,12 +20,12 @@ fails alone. A full queue refuses at once with `ServerBusyError` ("The server is
 wait that runs out, or whose session stopped, gives up its place.
 
 `analyze` / `analyze_all` (retina_core.analysis) stay the direct library API for researchers and the CLI; the
-app's pages reach this service through `ui.analysis_for` / `ui.analyses_for`, and their other model work (the
-fusion model and its maps, the 3-D volume model, its maps and Shapley values, the explainer comparison and
-perturbation maps of *Attention zones*) through `ui.served` -> `call`: a job runs alone in the worker, in turn with
-the readings, so every forward of the server shares one bounded queue and one thread cap. (Through Ray Serve, jobs
-run in the app's process: the replicas serve readings by model name.) Not yet through it: the volume viewer's
-optional per-slice B-scan pass, which reports progress to the page from the session's own thread.
+app's pages reach this service through `webapp.common.analysis_for` / `analyses_for`, and their other model work
+(the fusion model and its maps, the 3-D volume model, its maps and Shapley values, the explainer comparison and
+perturbation maps of *Attention zones*) through `webapp.common.served` -> `call`: a job runs alone in the worker, in
+turn with the readings, so every forward of the server shares one bounded queue and one thread cap. (Through Ray
+Serve, jobs run in the app's process: the replicas serve readings by model name.) Not yet through it: the volume
+viewer's optional per-slice B-scan pass, which reports progress to the page from the session's own thread.
 
 Settings (environment, read when the service starts):
     RETINA_THREADS          torch / OpenCV threads; default "auto": the CPUs this process may use, less those other

@@ -16,6 +16,7 @@ import shutil
 import zlib
 from pathlib import Path
 
+from .modality import Modality
 from .models import create_model, get_cfg, list_models, read_manifest, weights_dir
 from .models.loading import MANIFEST, sha256_file
 
@@ -37,7 +38,7 @@ def write_test_weights(directory: str | os.PathLike, names: list[str] | None = N
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {}
     todo = names or list_models()
     # models built on other models' weights (the fusion head's frozen encoders) come last, so they find them
-    todo = sorted(todo, key=lambda n: get_cfg(n).modality == "fundus+oct")
+    todo = sorted(todo, key=lambda n: get_cfg(n).modality == Modality.FUNDUS_OCT)
     saved_env = os.environ.get("RETINA_WEIGHTS_DIR")
     os.environ["RETINA_WEIGHTS_DIR"] = str(out)
     try:
@@ -69,7 +70,7 @@ def _fill(out: Path, src: Path, bundled: dict, manifest: dict, todo: list[str], 
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             continue
         cfg = get_cfg(name)
-        if cfg.modality != "fundus+oct" and _n_params(name) > MAX_RANDOM_PARAMS:
+        if cfg.modality != Modality.FUNDUS_OCT and _n_params(name) > MAX_RANDOM_PARAMS:
             continue
         torch.manual_seed(seed + zlib.crc32(name.encode()))      # different models, different weights
         try:

@@ -16,6 +16,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from .modality import Modality
+from .models.loading import as_model
+
 META_FIELDS = {   # numeric metadata inputs of the 3D model (sex and eye are choices): field -> (label, unit, min, max)
     "age": ("Age", "years", 18.0, 100.0),
     "va_logmar": ("Visual acuity", "logMAR", -0.3, 2.0),
@@ -73,22 +76,21 @@ class VolumeResult:
 
 
 def run_volume_model(model, vol: np.ndarray, meta: dict, eye: str | None = None) -> VolumeResult:
-    """P(disease) and per-slice 3D Grad-CAM maps of `oct_volume_fusion3d*` for a float32 [D, H, W] volume.
+    """P(disease) and per-slice 3D Grad-CAM maps of `oct_volume_fusion3d*` for a float32 [D, H, W] volume, from one
+    forward (`VolumeModel.preprocess`, then the single-pass Grad-CAM that also gives the logit).
 
     meta: {age, sex ("M"/"F"), va_logmar, cst_um, hba1c}; a missing value (None) becomes the training mean."""
     import torch
 
     from .explain.volume_methods import resize_volume, volume_cam
-    from .models.volume3d import encode_metadata, preprocess_volume
 
-    net, cfg = model.net, model.cfg
-    x = preprocess_volume(vol, cfg, model.device)
-    features = getattr(net, "meta_features", None)
-    m = encode_metadata(meta, eye, features) if features else encode_metadata(meta, eye)
-    mt = torch.from_numpy(m)[None].to(model.device)
-    logits, maps = volume_cam(net, x, mt, cfg.target_layer or "net.layer4")
+    model = as_model(model)
+    cfg = model.cfg
+    x, mt = model.preprocess(vol, meta, eye)
+    logits, maps = volume_cam(model.net, x, mt, cfg.target_layer or "net.layer4")
     p = float(torch.sigmoid(logits.float()[0, 0] / model.temperature))
     label = cfg.classes[1] if p >= 0.5 else cfg.classes[0]
+    features = getattr(model.net, "meta_features", None)
     used = {f: (meta.get(f) if f != "eye" else eye) for f in (features or ())}
     return VolumeResult(model=model.name, weights_sha256=model.sha256, p_disease=p, label=label,
                         metadata_used=used, maps=resize_volume(maps[0], vol.shape),
@@ -143,6 +145,6 @@ def volume_reading(model, image, result: VolumeResult, maps: np.ndarray, method:
                              "picture": "en-face projection of an OCT volume"})
     notes = [f"OCT volume of {d} B-scans, kept as its en-face projection (mean along depth); the heatmap is the "
              f"strongest 3-D {method} value along depth."]
-    return img, Analysis("oct_volume", quality, probabilities, result.label, heatmap, model.name, model.sha256,
+    return img, Analysis(Modality.OCT_VOLUME, quality, probabilities, result.label, heatmap, model.name, model.sha256,
                          method, classes[1], referable, suggestion, image.content_hash, eye or image.laterality,
                          picture, notes, model.trained_on)

@@ -29,7 +29,7 @@ PKG = "retina_core"
 # Lower number = lower layer. The first matching prefix (longest first) decides a module's layer.
 LAYERS = {
     "retina_core.errors": 0, "retina_core.labels": 0, "retina_core.runtime": 0, "retina_core.audit_log": 0,
-    "retina_core.about": 0,
+    "retina_core.about": 0, "retina_core.modality": 0,
     "retina_core.io": 1, "retina_core.phantoms": 1,
     "retina_core.models": 2,
     "retina_core.quality": 3,
@@ -39,12 +39,14 @@ LAYERS = {
     "retina_core.evaluate.run": 6,  # the `evaluate` command's runner: scores trained models with train's predictors
     "retina_core.evaluate.ensemble_cli": 6,  # the `ensemble` command, which runs `evaluate.run`
     "retina_core.audit": 6,
-    "retina_core.attention": 7, "retina_core.quick_eval": 7,
-    "retina_core.analysis": 8, "retina_core.batch": 8, "retina_core.compare": 8, "retina_core.screening": 8,
+    "retina_core.attention_zones": 7,
+    "retina_core.analysis": 8, "retina_core.batch": 8, "retina_core.compare_modalities": 8,
     "retina_core.report": 8, "retina_core.figures": 8, "retina_core.testing": 8, "retina_core.volume": 8,
-    "retina_core.serving": 9, "retina_core.ui": 9, "retina_core.browser": 9, "retina_core.bench_app": 9,
+    "retina_core.serving": 9, "retina_core.browser": 9,
     "retina_core.clinic": 9,
+    "retina_core.webapp": 10,  # the Streamlit glue of app.py and app_pages/: nothing below it imports it
     "retina_core.cli": 10, "retina_core.__main__": 10, "retina_core.bench": 10,
+    "retina_core.bench_app": 10,  # benchmarks the running app (a browser, the pages' sample cache)
     "retina_core": 10,  # the package __init__ re-exports the public API from every layer
 }
 

@@ -235,7 +235,7 @@ def test_volume_viewer_slider_and_metadata():
     assert f"deletion AUC {gc['deletion_auc']:.2f} against {gc['deletion_auc_random_map']:.2f}" in note[0]
     assert not any("rarely points" in w.value or "no more faithful" in w.value for w in at.warning)
     # the report's counterfactual phantoms: classes whose masked lesions the model does not use are named
-    from retina_core.quick_eval import unused_lesions
+    from retina_core.audit.evidence import unused_lesions
 
     for u in unused_lesions(report.get("counterfactual")):
         assert f"{u['class']} ({u['n']}, pointing game {u['pointing_game']:.2f})" in note[0]
@@ -274,10 +274,10 @@ def test_volume_viewer_slider_and_metadata():
 
 
 def test_bundled_paired_samples_are_what_their_names_say():
-    from retina_core import ui
     from retina_core.phantoms import paired_phantoms
+    from retina_core.webapp import common
 
-    for label, (seed, disease) in ui.PAIRED_SAMPLES.items():
+    for label, (seed, disease) in common.PAIRED_SAMPLES.items():
         f, _ = paired_phantoms(seed, disease=disease)
         want = ("diabetic" if "diabetic" in label else "macular_degeneration" if "degeneration" in label else "none")
         assert f.meta["disease_process"] == want, label
@@ -327,7 +327,7 @@ def test_zones_page_methods_plots_and_stability():
 
 def test_zones_opacity_slider_recomputes_no_heatmap(monkeypatch):
     """The opacity slider (sidebar, drawn by the maps fragment) only re-blends; a seen opacity is not re-blended."""
-    import retina_core.attention as attention
+    import retina_core.attention_zones as attention_zones
     import retina_core.explain.overlay as overlay_module
 
     at = _page("app_pages/zones.py")
@@ -343,8 +343,8 @@ def test_zones_opacity_slider_recomputes_no_heatmap(monkeypatch):
             return real(*args, **kwargs)
         monkeypatch.setattr(module, name, spy)
 
-    counted(attention, "explain_methods")
-    counted(attention, "perturbation_views")
+    counted(attention_zones, "explain_methods")
+    counted(attention_zones, "perturbation_views")
     counted(overlay_module, "overlay")
     methods = at.multiselect(key="zones_methods").value
     at.sidebar.slider(key="zones_alpha").set_value(0.8).run()
@@ -365,15 +365,15 @@ def test_zones_opacity_slider_recomputes_no_heatmap(monkeypatch):
 def test_ensemble_members_change_the_vote(tmp_path, monkeypatch):
     import json
 
-    import retina_core.compare as compare
+    import retina_core.evaluate.ensemble as ensemble
 
     (tmp_path / "docs").mkdir()
     saved = {"metric": "accuracy", "metric_kind": "phantom", "ablation": [     # the CLI's --ablation --json shape
         {"rank": 1, "members": ["a", "b"], "score": 0.91, "accuracy": 0.91, "auc_macro": 0.97},
         {"rank": 2, "members": ["a"], "score": 0.88, "accuracy": 0.88, "auc_macro": 0.95}]}
     (tmp_path / "docs" / "ensemble_ablation.json").write_text(json.dumps(saved))
-    real = compare.find_ablation_files
-    monkeypatch.setattr(compare, "find_ablation_files", lambda: real(base=tmp_path))
+    real = ensemble.find_ablation_files
+    monkeypatch.setattr(ensemble, "find_ablation_files", lambda: real(base=tmp_path))
     at = _page("app_pages/ensemble.py")
     group = at.selectbox(key="ens_group")
     assert len(at.multiselect(key="ens_members").value) >= 2, "no group with two members"

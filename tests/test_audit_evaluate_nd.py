@@ -236,7 +236,7 @@ def test_fusion_fixed_partner_predictions_match_the_full_forward(tiny_fusion_net
 
 
 def test_fusion_report_is_read_by_method_trust(fusion_report, tmp_path):
-    import retina_core.quick_eval as qe
+    import retina_core.audit.evidence as qe
 
     rep = {**fusion_report, "weights_sha256": "abc"}      # kept as evidence with (stand-in) weights
     (tmp_path / "evidence").mkdir()

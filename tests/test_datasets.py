@@ -411,3 +411,26 @@ def test_broken_aptos_is_not_mistaken_for_folders(tmp_path):
     _touch(tmp_path / "test_images" / "b.png")
     with pytest.raises(RetinaInputError, match="Tried these layouts"):
         load_dataset(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- label column
+def test_labels_from_another_column_with_a_map(tmp_path):
+    for i in range(6):
+        _touch(tmp_path / f"img{i}.png", real=True)
+    _write_csv(tmp_path / "labels.csv", ["file", "label", "patient_id", "grade"],
+               [[f"img{i}.png", "DME" if i % 2 else "noDME", f"p{i}", g]
+                for i, g in enumerate(["0", "NPDR", "PDR", "unknown", "0", ""])])
+    plain = load_dataset(tmp_path)
+    idx = load_dataset(tmp_path, label_column="grade", label_map="0=none, NPDR=DR ,PDR=DR")
+    assert plain.classes == ["noDME", "DME"] and len(plain.records) == 6
+    assert idx.classes == ["none", "DR"]
+    assert {r.path.name: r.label for r in idx.records} == {"img0.png": "none", "img1.png": "DR", "img2.png": "DR",
+                                                           "img4.png": "none"}
+    assert "2 record(s)" in idx.warnings[-1]
+    unmapped = load_dataset(tmp_path, label_column="grade")            # no map: the values themselves, minus unknown
+    assert sorted(unmapped.classes) == ["0", "NPDR", "PDR"] and len(unmapped.records) == 4
+    for bad in ("0", "=DR", "0=none,"[:-1] + ",x"):
+        with pytest.raises(RetinaInputError, match="label-map"):
+            load_dataset(tmp_path, label_column="grade", label_map=bad)
+    with pytest.raises(RetinaInputError, match="no_such"):
+        load_dataset(tmp_path, label_column="no_such", label_map="1=a")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retina_core.explain.cam import cam_with_library, gradcam_single_pass, normalise_map
-from retina_core.attention import paste_layer
+from retina_core.attention_zones import paste_layer
 from retina_core.explain.overlay import heatmap_to_rgb, overlay, strongest_region
 from retina_core.models import create_model
 

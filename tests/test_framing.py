@@ -111,3 +111,33 @@ def test_maps_are_drawn_only_on_the_round_field_the_model_saw():
     assert hm[100, 100] > 0 and hm[:, 100].max() > 0
     assert hm[0, 0] == hm[0, 199] == hm[199, 0] == hm[199, 199] == 0.0          # the black corners get no heat
     assert hm[5, 100] >= 0 and (map_to_image(cam, box, (200, 200), round_mask=False)[0, 0] > 0)
+
+
+def test_contrast_framing_keeps_local_detail_and_drops_the_camera_cast(tmp_path):
+    """framing "fov_contrast": the framed field minus its blurred self, so a brighter or tinted exposure of the same
+    retina gives the same input; training caches exactly what preprocess_image serves."""
+    from retina_core.io.datasets import Record
+    from retina_core.models.framing import local_contrast, uses_contrast
+    from retina_core.train.engine import CachedImages
+
+    img = _field(300, 450, 170)
+    img[60:75, 150:165] = (230, 210, 120)                         # a bright lesion-like spot
+    cfg = replace(get_cfg("fundus_resnet18_head"), framing="fov_contrast", input_size=(3, 96, 96))
+    assert uses_fov(cfg) and uses_contrast(cfg) and not uses_contrast(replace(cfg, framing="fov"))
+    x = preprocess_image(img, cfg)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    back = ((x[0] * std + mean) * 255).round()
+    assert back[:, 0, 0].tolist() == [128.0] * 3 and back[:, 48, 48].sub(128).abs().max() <= 2   # flat: neutral
+    assert back[:, 15:40, 20:40].max() > 200                      # the spot stands out
+    cast = np.clip(img.astype(int) + np.array([12, 6, 0]) * (img.sum(-1, keepdims=True) > 0), 0, 255).astype(np.uint8)
+    y = preprocess_image(cast, cfg)
+    inner = torch.zeros(96, 96, dtype=torch.bool)
+    inner[20:76, 20:76] = True
+    assert (x - y)[0][:, inner].abs().max() < 0.05               # a colour cast leaves the inside unchanged
+    framed, _ = frame_pixels(img, (96, 96))
+    ref = local_contrast(torch.tensor(framed).permute(2, 0, 1).float()).round()
+    assert (back - ref).abs().max() <= 1.0
+    from PIL import Image
+    Image.fromarray(img).save(tmp_path / "a.png")
+    cached = CachedImages([Record(tmp_path / "a.png", "normal")], ("normal",), cfg, augment=False)
+    assert (cached.images[0].float() - back).abs().max() <= 1.0

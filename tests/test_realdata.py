@@ -70,6 +70,17 @@ def test_true_pairs_join_the_two_mexico_sets_by_patient_and_eye(realdata, tmp_pa
     assert real_set_of(tmp_path)["name"] == "mexico_fundus_dme_dr + mexico_oct_dme"
 
 
+def test_dr_grade_column_gives_a_fully_graded_dr_set(realdata):
+    """The Mexico fundus set's dr_grade column as labels: only the graded photographs, none vs any DR."""
+    rows = _rows(realdata / "mexico_fundus_dme_dr" / "labels.csv")
+    idx = load_dataset(realdata / "mexico_fundus_dme_dr", label_column="dr_grade", label_map="0=noDR,NPDR=DR,PDR=DR")
+    graded = [r for r in rows if r["dr_grade"] != "unknown"]
+    assert idx.classes == ["noDR", "DR"] and len(idx.records) == len(graded)
+    assert sum(r.label == "DR" for r in idx.records) == sum(r["dr_grade"] in ("NPDR", "PDR") for r in graded)
+    assert all(r.patient_id and r.meta["label_from"].startswith("dr_grade=") for r in idx.records)
+    assert "left out" in idx.warnings[-1]
+
+
 def test_lesion_set_carries_its_masks(realdata):
     idx = load_dataset(realdata / "idrid_lesions")
     assert len(idx.records) == 10 and idx.classes == ["lesions"]

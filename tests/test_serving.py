@@ -47,7 +47,7 @@ def keep_threads():
 
 
 def _png(array) -> bytes:
-    from retina_core.ui import png_bytes
+    from retina_core.webapp.common import png_bytes
 
     return png_bytes(array)
 

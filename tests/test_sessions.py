@@ -61,23 +61,23 @@ def test_a_busy_server_says_retry_and_a_failed_upload_leaves_other_sessions_alon
 
 
 def test_a_closed_session_is_seen_by_the_service_while_it_waits(monkeypatch):
-    """`ui._session_stopped` (polled while a session waits for the service) turns true on Streamlit's STOP request
+    """`webapp.common._session_stopped` (polled while a session waits for the service) turns true on Streamlit's STOP request
     (tab closed, session shut down), not on a rerun request (the result is still wanted then)."""
     from types import SimpleNamespace
 
     from streamlit.runtime.scriptrunner_utils import script_run_context
     from streamlit.runtime.scriptrunner_utils.script_requests import RerunData, ScriptRequests
 
-    from retina_core import ui
+    from retina_core.webapp import common
 
     requests = ScriptRequests()
     monkeypatch.setattr(script_run_context, "get_script_run_ctx",
                         lambda *a, **k: SimpleNamespace(script_requests=requests))
-    stopped = ui._session_stopped()
+    stopped = common._session_stopped()
     assert stopped() is False
     requests.request_rerun(RerunData())
     assert stopped() is False
     requests.request_stop()
     assert stopped() is True
     monkeypatch.setattr(script_run_context, "get_script_run_ctx", lambda *a, **k: None)
-    assert ui._session_stopped() is None            # outside a script run: nothing to poll
+    assert common._session_stopped() is None            # outside a script run: nothing to poll

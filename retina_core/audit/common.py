@@ -1,7 +1,7 @@
 """What explain-eval's 2-D (`evaluate`), volume / fusion (`evaluate_nd`) and counterfactual (`counterfactual`) runs
 share: the sample types and their resizing, the draw of records (round-robin over labels; the patient-level split
-training used), the model's modality, the statistics (finite means, the random-map reference, timing ratios) and the
-ranking / recommendation of methods, and the JSON clean-up of a report.
+training used), the statistics (finite means, the random-map reference, timing ratios) and the ranking /
+recommendation of methods, and the JSON clean-up of a report.
 
 It imports none of those three modules, so they import it (evaluate -> counterfactual -> evaluate_nd -> common).
 """
@@ -19,17 +19,18 @@ import torch
 from ..errors import RetinaInputError
 from ..explain import zones
 from ..io.datasets import load_dataset, training_splits
+from ..modality import Modality
 from . import real_lesions, trust
 
 if TYPE_CHECKING:
-    from ..explain.pair_methods import ResolvedNet
+    from ..models.loading import LoadedModel
 
 # metric -> +1 if higher is better, -1 if lower is better (used for the ranking)
 RANKED_METRICS = {"pointing_game": 1, "energy_pointing_game": 1, "insertion_auc": 1, "deletion_auc": -1,
                   "randomisation_abs_spearman": -1, "stability_ssim": 1, "stability_spearman": 1}
 SPEED_TARGET = 1.3          # heatmap + prediction at most 1.3x a bare forward (the default path's budget)
 RANDOMISATION_LIMIT = 0.5   # mean |Spearman| between maps of the trained and the randomised model must stay below
-ND_MODALITIES = ("oct_volume", "fundus+oct")   # models scored by `evaluate_nd` (3-D / per-modality maps)
+ND_MODALITIES = (Modality.OCT_VOLUME, Modality.FUNDUS_OCT)   # scored by `evaluate_nd` (3-D / per-modality maps)
 
 
 @dataclass
@@ -115,12 +116,12 @@ def pick_round_robin(records, n: int, seed: int) -> list:
     return chosen
 
 
-def split_records(m: ResolvedNet, data_path, split: str | None) -> tuple[list, str]:
+def split_records(m: LoadedModel, data_path, split: str | None) -> tuple[list, str]:
     """The data set's records (labels mapped to the model's classes as in training) of `split`, drawn with the
     patient-level split training used (seed from the manifest entry, else 0). split None / "all": every record."""
     from ..models.multimodal import binary_label
 
-    needs = "volumes" if m.cfg.modality == "oct_volume" else "paired"
+    needs = "volumes" if m.cfg.modality == Modality.OCT_VOLUME else "paired"
     root = Path(data_path).expanduser()
     if not root.exists():
         raise RetinaInputError(f"Data folder {data_path} does not exist.")
@@ -150,19 +151,6 @@ def split_records(m: ResolvedNet, data_path, split: str | None) -> tuple[list, s
         raise RetinaInputError(f"The {split!r} split of {data_path} is empty ({len(recs)} samples in all); use "
                                f"--split all for a data set the model was not trained on.")
     return chosen, split
-
-
-def modality_of(model) -> str:
-    """The modality of a registered name, LoadedModel or nn.Module with a cfg ('' if unknown)."""
-    if isinstance(model, str):
-        from ..models import get_cfg
-
-        try:
-            return get_cfg(model).modality
-        except RetinaInputError:
-            return ""
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
-    return getattr(cfg, "modality", "") or ""
 
 
 # ------------------------------------------------------------------------------------------------ statistics

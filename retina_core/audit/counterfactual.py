@@ -48,16 +48,19 @@ from ..explain.attribution import default_method, explain_batch, resolve_model, 
 from ..explain.pair_methods import resolve_net
 from ..io.datasets import resize_mask_3d
 from . import trust
-from .common import (Sample, modality_of, pick_round_robin, resize_2d, resize_sample, resize_volume, split_records,
+from ..modality import IMAGE_MODALITIES, Modality
+from ..models.registry import model_cfg, modality_of
+from .common import (Sample, pick_round_robin, resize_2d, resize_sample, resize_volume, split_records,
                      union_mask)
 from .evaluate_nd import meta_tensor_of, volume_map, volume_predict_fn
 
 VARIANTS = {"original": (), "without_masked": ("masked",), "without_ellipsoids": ("ellipsoids",),
             "without_thickening": ("thickening",), "without_masked_and_thickening": ("masked", "thickening")}
 MATCH_TOLERANCE = 0.02   # max |stored - re-rendered| (intensity in [0, 1]); NIfTI storage rounds a little
-JPEG_QUALITY = {"oct": 92, "fundus": 90}   # what `data phantoms` writes JPEGs with (phantoms.dataset)
+JPEG_QUALITY = {Modality.OCT: 92, Modality.FUNDUS: 90}   # what `data phantoms` writes JPEGs with (phantoms.dataset)
 HEALTHY = ("normal", "no dr")             # a model's healthy class, lower case
-_KINDS = {"oct_volume": "oct-volume", "oct": "oct-kermany", "fundus": "fundus-dr", "fundus+oct": "paired"}
+_KINDS = {Modality.OCT_VOLUME: "oct-volume", Modality.OCT: "oct-kermany", Modality.FUNDUS: "fundus-dr",
+          Modality.FUNDUS_OCT: "paired"}                # `data phantoms --kind` of each modality's sets
 PAIR_VARIANTS = {"original": ((), ()), "without_fundus_lesions": (("masked",), ()),
                  "without_oct_lesions": ((), ("masked",)), "without_both_lesions": (("masked",), ("masked",))}
 
@@ -72,14 +75,14 @@ def _phantom_rows(root: Path, modality: str) -> dict[str, dict]:
                                f"{kind}`.")
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    need = {"oct_volume": {"seed", "oct_class"}, "oct": {"seed", "patient_seed", "label"},
-            "fundus+oct": {"seed", "oct_class", "dr_grade", "eye", "age", "sex", "patient_id"}}.get(modality,
-                                                                                              {"seed", "label"})
-    if not rows or not need <= set(rows[0]) or (modality == "oct" and not rows[0].get("patient_seed")):
+    need = {Modality.OCT_VOLUME: {"seed", "oct_class"}, Modality.OCT: {"seed", "patient_seed", "label"},
+            Modality.FUNDUS_OCT: {"seed", "oct_class", "dr_grade", "eye", "age", "sex", "patient_id"}}.get(modality,
+                                                                                            {"seed", "label"})
+    if not rows or not need <= set(rows[0]) or (modality == Modality.OCT and not rows[0].get("patient_seed")):
         raise RetinaInputError(f"{path} has no {' / '.join(sorted(need))} columns: it was not written by a "
                                f"current `data phantoms --kind {kind}` (B-scan sets need the patient_seed column, "
                                "written since 2026-11-25; make the set again with the same command).")
-    key = (lambda r: Path(r.get("path", "")).name) if modality == "oct_volume" else (lambda r: r.get("path", ""))
+    key = (lambda r: Path(r.get("path", "")).name) if modality == Modality.OCT_VOLUME else (lambda r: r.get("path", ""))
     return {key(r): r for r in rows}
 
 
@@ -95,15 +98,15 @@ def lesion_reliance(model, data_path, n: int | None = None, split: str | None = 
     """Counterfactual phantoms for an OCT volume model (`volume_lesion_reliance`), a 2-D OCT B-scan or colour
     fundus classifier (`image_lesion_reliance`) or the fundus + OCT fusion model (`pair_lesion_reliance`)."""
     modality = modality_of(model)
-    if modality == "oct_volume":
+    if modality == Modality.OCT_VOLUME:
         return volume_lesion_reliance(model, data_path, n=n, split=split, seed=seed, weights_dir=weights_dir)
-    if modality in ("oct", "fundus"):
+    if modality in IMAGE_MODALITIES:
         return image_lesion_reliance(model, data_path, n=n, seed=seed, weights_dir=weights_dir)
-    if modality == "fundus+oct":
+    if modality == Modality.FUNDUS_OCT:
         return pair_lesion_reliance(model, data_path, n=n, split=split, seed=seed, weights_dir=weights_dir)
-    name = model if isinstance(model, str) else getattr(getattr(model, "cfg", None), "name", type(model).__name__)
+    name = model if isinstance(model, str) else getattr(model_cfg(model), "name", type(model).__name__)
     raise RetinaInputError(f"Counterfactual phantoms are implemented for OCT B-scan, colour fundus, fundus + OCT and "
-                           f"OCT volume models; {name} is a {modality!r} model.")
+                           f"OCT volume models; {name} is a {str(modality)!r} model.")
 
 
 def _nd_setup(model, weights_dir, data_path, split, modality: str, what: str):
@@ -125,7 +128,8 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
     from ..io.decode import read_image
     from ..phantoms.volume import oct_volume
 
-    m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, "oct_volume", "an OCT volume model")
+    m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, Modality.OCT_VOLUME,
+                                          "an OCT volume model")
     size = tuple(m.cfg.input_size[1:])
     tol = trust.default_tolerance(size[1:])
     per: dict[str, list[dict]] = defaultdict(list)
@@ -160,7 +164,7 @@ def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | 
         per[cls].append(out)
     if not per:
         raise RetinaInputError(f"No diseased volume among the {len(picked)} drawn from {data_path} ({used}).")
-    return {"data": str(data_path), "split": used, "modality": "oct_volume", "method": "gradcam",
+    return {"data": str(data_path), "split": used, "modality": Modality.OCT_VOLUME, "method": "gradcam",
             "variants": list(VARIANTS), "n_volumes": sum(len(v) for v in per.values()),
             "per_class": {c: _summarise(v) for c, v in sorted(per.items())},
             "note": ("P(disease) of the same phantom eyes re-rendered without part of their disease (means over the "
@@ -182,7 +186,7 @@ def _render_2d(modality: str, row: dict, w: int, h: int, without: tuple[str, ...
     """(uint8 image as `data phantoms` wrote it before encoding, masks) of the phantom a phantom_meta.csv row
     describes, with `without` left out."""
     ps = int(row["patient_seed"]) if row.get("patient_seed") else None
-    if modality == "oct":
+    if modality == Modality.OCT:
         from ..phantoms.oct import oct_phantom
 
         ph = oct_phantom(row["label"], int(row["seed"]), w, h, patient_seed=ps,
@@ -214,10 +218,10 @@ def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0,
         model = load_model(model, weights_dir=weights_dir)
     m = resolve_model(model)
     modality = m.cfg.modality
-    if modality not in ("oct", "fundus"):
+    if modality not in IMAGE_MODALITIES:
         raise RetinaInputError(f"image_lesion_reliance needs an OCT B-scan or colour fundus model; {m.cfg.name} is "
                                f"a {modality} model.")
-    variants = VARIANTS if modality == "oct" else {k: VARIANTS[k] for k in ("original", "without_masked")}
+    variants = VARIANTS if modality == Modality.OCT else {k: VARIANTS[k] for k in ("original", "without_masked")}
     method = method or default_method(m)
     classes = list(m.classes)
     healthy = next((c for c in classes if c.lower() in HEALTHY), None)
@@ -240,7 +244,7 @@ def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0,
         if cls == healthy or row["label"] == "glaucoma":
             continue
         stored = np.asarray(read_image(r.path).pixels)
-        if modality == "oct" and stored.ndim == 3:
+        if modality == Modality.OCT and stored.ndim == 3:
             stored = stored[..., 0]
         h, w = stored.shape[:2]
         quality = JPEG_QUALITY[modality] if Path(r.path).suffix.lower() in (".jpg", ".jpeg") else None
@@ -268,7 +272,7 @@ def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0,
         per[cls].append(out)
     if not per:
         raise RetinaInputError(f"No diseased image among the {len(picked)} drawn from {data_path}.")
-    what = "B-scan" if modality == "oct" else "photograph"
+    what = "B-scan" if modality == Modality.OCT else "photograph"
     return {"data": str(data_path), "split": "all", "modality": modality, "method": method,
             "variants": list(variants), "healthy_class": healthy,
             "n_volumes": sum(len(v) for v in per.values()),
@@ -319,7 +323,7 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
     from ..phantoms.oct import oct_phantom
     from .evaluate_nd import pair_predict_fn, pair_maps
 
-    m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, "fundus+oct",
+    m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, Modality.FUNDUS_OCT,
                                           "the fundus + OCT fusion model")
     classes = list(m.cfg.classes)
     k = classes.index("disease")
@@ -328,11 +332,11 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
     for r in picked:
         if r.label != "disease":
             continue
-        paths = {"fundus": Path(r.path), "oct": Path(r.meta["oct"])}
+        paths = {Modality.FUNDUS: Path(r.path), Modality.OCT: Path(r.meta["oct"])}
         rel = {mod: p.relative_to(root).as_posix() for mod, p in paths.items()}
         if any(v not in rows for v in rel.values()):
-            raise RetinaInputError(f"{rel['fundus']} or its OCT partner is not in {root / 'phantom_meta.csv'}.")
-        f_cls, o_cls = _pair_row_classes(rows[rel["fundus"]])
+            raise RetinaInputError(f"{rel[Modality.FUNDUS]} or its OCT partner is not in {root / 'phantom_meta.csv'}.")
+        f_cls, o_cls = _pair_row_classes(rows[rel[Modality.FUNDUS]])
         stored = {mod: to_pixels(read_image(p).pixels) for mod, p in paths.items()}
         out: dict = {}
         base = None
@@ -343,14 +347,14 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
                 row = rows[rel[mod]]
                 pat = {"patient_id": row["patient_id"], "eye": row["eye"], "age": int(row["age"]), "sex": row["sex"]}
                 h, w = stored[mod].shape[:2]
-                ph = (fundus_phantom(f_cls, int(row["seed"]), w, patient=pat, without=without) if mod == "fundus"
+                ph = (fundus_phantom(f_cls, int(row["seed"]), w, patient=pat, without=without) if mod == Modality.FUNDUS
                       else oct_phantom(o_cls, int(row["seed"]), w, h, patient=pat, without=without))
                 rendered[mod, without] = (to_pixels(ph.image), ph.masks)
             return rendered[mod, without]
 
         for name, (wf, wo) in PAIR_VARIANTS.items():
             imgs, masks = {}, {}
-            for mod, without in (("fundus", wf), ("oct", wo)):
+            for mod, without in ((Modality.FUNDUS, wf), (Modality.OCT, wo)):
                 imgs[mod], masks[mod] = render(mod, without)
             if name == "original":
                 for mod in imgs:
@@ -360,21 +364,20 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
             elif all(np.array_equal(imgs[mod], base[mod]) for mod in imgs):
                 out[name] = None
                 continue
-            f, fm = resize_2d(imgs["fundus"], union_mask(masks["fundus"], imgs["fundus"].shape[:2]),
-                               tuple(m.net.fundus_cfg.input_size[1:]))
-            o, om = resize_2d(imgs["oct"], union_mask(masks["oct"], imgs["oct"].shape[:2]),
-                               tuple(m.net.oct_cfg.input_size[1:]))
+            sizes = {Modality.FUNDUS: m.net.fundus_cfg.input_size[1:], Modality.OCT: m.net.oct_cfg.input_size[1:]}
+            (f, fm), (o, om) = (resize_2d(imgs[mod], union_mask(masks[mod], imgs[mod].shape[:2]), tuple(sizes[mod]))
+                                for mod in IMAGE_MODALITIES)
             probs, _, maps = pair_maps(m, m.net, f, o)
             p = float(probs[k])
             out[name] = {"p": p, "called": int(np.argmax(probs)) == k}
             if name == "original":
-                for mod, hm, mk in (("fundus", maps["fundus"], fm), ("oct", maps["oct"], om)):
+                for mod, mk in zip(IMAGE_MODALITIES, (fm, om)):
                     if mk is not None and mk.any():
-                        out[f"pointing_game_{mod}"] = float(trust.pointing_game(hm, mk))
-            alone = {"without_fundus_lesions": "oct", "without_oct_lesions": "fundus"}.get(name)
+                        out[f"pointing_game_{mod}"] = float(trust.pointing_game(maps[mod], mk))
+            alone = {"without_fundus_lesions": Modality.OCT, "without_oct_lesions": Modality.FUNDUS}.get(name)
             if alone and steps and out[name]["called"]:
                 # the other image's lesions gone, this one carries the call: is its map faithful to it then?
-                img, other = (o, f) if alone == "oct" else (f, o)
+                img, other = (o, f) if alone == Modality.OCT else (f, o)
                 predict = pair_predict_fn(m, alone, other)
                 d = trust.deletion_insertion_auc(predict, img, maps[alone], k, steps=steps)["deletion_auc"]
                 dr = trust.deletion_insertion_auc(predict, img, trust.random_map(maps[alone].shape, seed + len(per)),
@@ -384,10 +387,10 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
         per[f"{o_cls} + fundus {fam}"].append(out)
     if not per:
         raise RetinaInputError(f"No diseased pair among the {len(picked)} drawn from {data_path} ({used}).")
-    return {"data": str(data_path), "split": used, "modality": "fundus+oct", "method": "gradcam",
+    return {"data": str(data_path), "split": used, "modality": Modality.FUNDUS_OCT, "method": "gradcam",
             "variants": list(PAIR_VARIANTS), "n_volumes": sum(len(v) for v in per.values()),
             "per_class": {c: _summarise(v, PAIR_VARIANTS) for c, v in sorted(per.items())},
-            "faithful_alone": {mod: _alone(per, mod) for mod in ("fundus", "oct")},
+            "faithful_alone": {mod: _alone(per, mod) for mod in IMAGE_MODALITIES},
             "note": ("P(disease) of the same phantom eyes with the fundus photograph, the OCT B-scan or both "
                      "re-rendered without the lesions their masks mark (means over the class; 'called': still "
                      "called disease). Leaving out the lesions of the input the model reads lowers it; an input "
@@ -398,7 +401,7 @@ def _summarise(items: list[dict], variants=VARIANTS) -> dict:
     res: dict = {"n": len(items)}
     pg = [o["pointing_game"] for o in items if "pointing_game" in o]
     res["pointing_game"] = float(np.mean(pg)) if pg else None
-    for mod in ("fundus", "oct"):                   # the fusion model: one map per input
+    for mod in IMAGE_MODALITIES:                    # the fusion model: one map per input
         pg = [o[f"pointing_game_{mod}"] for o in items if f"pointing_game_{mod}" in o]
         if pg:
             res[f"pointing_game_{mod}"] = float(np.mean(pg))
@@ -478,13 +481,13 @@ def table_rows(rep: dict) -> list[dict]:
 
 def format_lines(rep: dict) -> list[str]:
     """A readable table of a lesion-reliance report."""
-    volume = rep.get("modality", "oct_volume") == "oct_volume"
-    what = ("mean P(disease) with record / without record" if volume else
-            "mean P(disease), called / pairs" if rep.get("modality") == "fundus+oct" else
+    modality = rep.get("modality", Modality.OCT_VOLUME)
+    what = ("mean P(disease) with record / without record" if modality == Modality.OCT_VOLUME else
+            "mean P(disease), called / pairs" if modality == Modality.FUNDUS_OCT else
             "mean P(own class), called (still the top class) / eyes")
     names = _variants(rep)
-    kind = {"oct_volume": "volumes", "oct": "B-scans", "fundus": "photographs",
-            "fundus+oct": "pairs (PG: fundus/OCT)"}.get(rep.get("modality"), "images")
+    kind = {Modality.OCT_VOLUME: "volumes", Modality.OCT: "B-scans", Modality.FUNDUS: "photographs",
+            Modality.FUNDUS_OCT: "pairs (PG: fundus/OCT)"}.get(rep.get("modality"), "images")
     lines = [f"Counterfactual phantoms ({rep['n_volumes']} diseased {kind}, {rep['data']}, split {rep['split']}): "
              f"{what}", f"{'class':20s} {'n':>3s} {'PG':>5s}  {'original':>13s}  "
              + "  ".join(f"{_WHAT[v]:>17s}" for v in names)]

@@ -32,8 +32,10 @@ from ..explain.attribution import (IG_METHODS, VIT_METHODS, available_methods, e
 from . import real_lesions, trust
 from .counterfactual import format_lines as counterfactual_lines
 from .counterfactual import lesion_reliance
-from .common import (ND_MODALITIES, Sample, cached, finite_mean, json_ready, median_time_ratio, modality_of,
-                     pick_round_robin, random_order_reference, rank_methods, recommend_default, resize_sample)
+from ..modality import Modality
+from ..models.registry import modality_of
+from .common import (ND_MODALITIES, Sample, cached, finite_mean, json_ready, median_time_ratio, pick_round_robin,
+                     random_order_reference, rank_methods, recommend_default, resize_sample)
 from .evaluate_nd import explain_eval_nd
 from .evaluate_nd import format_lines as nd_format_lines
 
@@ -52,7 +54,7 @@ def samples_from_phantoms(phantoms: Sequence) -> list[Sample]:
         mask = np.logical_or.reduce(masks) if masks else None
         meta = dict(ph.meta or {})
         lm = {}
-        if ph.modality == "fundus" and "fovea_xy" in meta:
+        if ph.modality == Modality.FUNDUS and "fovea_xy" in meta:
             lm = {k: meta[k] for k in ("fovea_xy", "disc_xy", "disc_radius") if k in meta}
             lm["eye"] = meta.get("eye")
         elif "fovea_x" in meta:
@@ -75,10 +77,10 @@ def _landmarks_from_row(row: dict) -> tuple[str, dict]:
         return float(v) if v not in ("", None) else None
 
     modality = row.get("modality", "")
-    if modality == "fundus" and num("fovea_x") is not None and num("disc_x") is not None:
+    if modality == Modality.FUNDUS and num("fovea_x") is not None and num("disc_x") is not None:
         return modality, {"fovea_xy": (num("fovea_x"), num("fovea_y")), "disc_xy": (num("disc_x"), num("disc_y")),
                           "disc_radius": num("disc_radius"), "eye": row.get("eye") or None}
-    if modality == "oct" and num("fovea_x") is not None:
+    if modality == Modality.OCT and num("fovea_x") is not None:
         return modality, {"fovea_x": num("fovea_x")}
     return modality, {}
 
@@ -112,8 +114,8 @@ def samples_from_dataset(data_path, n: int, classes: Sequence[str] | None = None
             mask = np.zeros(pixels.shape[:2], bool)        # annotated, no DR lesion (e.g. only the optic disc)
         row = meta_rows.get(rel or "", {})
         modality, lm = _landmarks_from_row(row)
-        out.append(Sample(pixels, r.label, mask, modality or ("oct" if img.grayscale else "fundus"), lm, rel or
-                          str(r.path), masks))
+        modality = modality or (Modality.OCT if img.grayscale else Modality.FUNDUS)
+        out.append(Sample(pixels, r.label, mask, modality, lm, rel or str(r.path), masks))
     return out
 
 
@@ -599,7 +601,7 @@ def write_evidence(report: dict, weights_dir=None) -> Path | None:
 def cmd_explain_eval(args) -> int:
     if args.set_default:                     # refused before the evaluation runs, not after it
         _refuse_default_for_nd(args.model, modality_of(args.model))
-    if args.counterfactual and modality_of(args.model) not in ("oct_volume", "oct", "fundus", "fundus+oct"):
+    if args.counterfactual and modality_of(args.model) not in tuple(Modality):
         raise RetinaInputError(f"--counterfactual re-renders phantom eyes without their lesions: it applies to the OCT, "
                                f"fundus, fundus + OCT and OCT volume models, not to {args.model}.")
     split = getattr(args, "split", "test")

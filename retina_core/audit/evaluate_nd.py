@@ -32,9 +32,12 @@ import torch
 from torch import nn
 
 from ..errors import RetinaInputError
-from ..explain.pair_methods import FUSION_METHODS, ResolvedNet, pair_maps, pair_tensors, resolve_net
+from ..explain.pair_methods import FUSION_METHODS, modality_cams, pair_maps, pair_tensors, resolve_net
 from ..explain.volume_methods import VOLUME_METHODS, volume_blur  # every CAM-family method, a 3-D Score-CAM and IG
 from ..io.datasets import lesion_mask_files, read_volume_mask, resize_mask_3d
+from ..modality import IMAGE_MODALITIES, Modality
+from ..models.loading import LoadedModel, preprocess_image, to_pixels
+from ..models.volume3d import metadata_tensor
 from . import trust
 from .common import (ND_MODALITIES, cached, finite_mean, json_ready, median_time_ratio, pick_round_robin,
                      random_order_reference, rank_methods, recommend_default, resize_2d, resize_volume, split_records,
@@ -42,7 +45,7 @@ from .common import (ND_MODALITIES, cached, finite_mean, json_ready, median_time
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("fundus", "oct")
+MODALITIES = IMAGE_MODALITIES        # the fusion model's inputs, one map each
 NOISE_SIGMA, BRIGHTNESS = 0.03, 1.15     # as the 2-D stability check (intensities in [0, 1])
 
 
@@ -72,7 +75,7 @@ class PairSample:
 # ------------------------------------------------------------------------------------------------ samples
 
 
-def volume_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, split: str | None = "test"
+def volume_samples_from_dataset(m: LoadedModel, data_path, n: int, seed: int = 0, split: str | None = "test"
                                 ) -> tuple[list[VolumeSample], str]:
     from ..io.decode import read_image
 
@@ -91,11 +94,10 @@ def volume_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0
     return out, used
 
 
-def pair_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, split: str | None = "test"
+def pair_samples_from_dataset(m: LoadedModel, data_path, n: int, seed: int = 0, split: str | None = "test"
                               ) -> tuple[list[PairSample], str]:
     from PIL import Image
 
-    from ..explain.attribution import to_pixels
     from ..io.decode import read_image
 
     recs, used = split_records(m, data_path, split)
@@ -120,38 +122,36 @@ def pair_samples_from_dataset(m: ResolvedNet, data_path, n: int, seed: int = 0, 
     return out, used
 
 
-def _pair_at_size(m: ResolvedNet, fundus, oct_, fmask, omask, label, name) -> PairSample:
+def _pair_at_size(m: LoadedModel, fundus, oct_, fmask, omask, label, name) -> PairSample:
     f, fm = resize_2d(fundus, fmask, tuple(m.net.fundus_cfg.input_size[1:]))
     o, om = resize_2d(oct_, omask, tuple(m.net.oct_cfg.input_size[1:]))
     return PairSample(f, o, label, fm, om, name)
 
 
-def volume_samples_from_phantoms(m: ResolvedNet, phantoms: Sequence) -> list[VolumeSample]:
+def volume_samples_from_phantoms(m: LoadedModel, phantoms: Sequence) -> list[VolumeSample]:
     """In-memory `phantoms.oct_volume` phantoms -> samples at the model's input size."""
     size = tuple(m.cfg.input_size[1:])
     out = []
     for i, ph in enumerate(phantoms):
         vol = np.asarray(getattr(ph, "image", None))
-        if getattr(ph, "modality", "") != "oct_volume" or vol.ndim != 3:
+        if getattr(ph, "modality", "") != Modality.OCT_VOLUME or vol.ndim != 3:
             raise RetinaInputError(f"{m.name} needs OCT volume phantoms (`phantoms.oct_volume`); item {i} is a "
-                                   f"{getattr(ph, 'modality', type(ph).__name__)!r} phantom.")
+                                   f"{str(getattr(ph, 'modality', type(ph).__name__))!r} phantom.")
         meta = dict(ph.meta or {})
         out.append(VolumeSample(resize_volume(vol, size), meta, meta.get("eye"), ph.label,
                                 resize_mask_3d(union_mask(ph.masks, vol.shape), size), f"phantom{i}"))
     return out
 
 
-def pair_samples_from_phantoms(m: ResolvedNet, pairs: Sequence) -> list[PairSample]:
+def pair_samples_from_phantoms(m: LoadedModel, pairs: Sequence) -> list[PairSample]:
     """In-memory (fundus, OCT) phantom pairs (`phantoms.paired_phantoms`) -> samples at the encoders' sizes."""
-    from ..explain.attribution import to_pixels
-
     out = []
     for i, pr in enumerate(pairs):
         try:
             f, o = pr
         except (TypeError, ValueError):
             f = o = None
-        if getattr(f, "modality", "") != "fundus" or getattr(o, "modality", "") != "oct":
+        if getattr(f, "modality", "") != Modality.FUNDUS or getattr(o, "modality", "") != Modality.OCT:
             raise RetinaInputError(f"{m.name} needs (fundus, OCT) phantom pairs (`phantoms.paired_phantoms`); item "
                                    f"{i} is not one.")
         fp, op = to_pixels(f.image), to_pixels(o.image)
@@ -166,29 +166,26 @@ def _auc(y) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ volumes
-def _meta_tensor(m: ResolvedNet, s: VolumeSample) -> torch.Tensor:
+def _meta_tensor(m: LoadedModel, s: VolumeSample) -> torch.Tensor:
     return meta_tensor_of(m, s.meta, s.eye)
 
 
-def meta_tensor_of(m: ResolvedNet, meta: dict, eye: str | None) -> torch.Tensor:
+def meta_tensor_of(m: LoadedModel, meta: dict, eye: str | None) -> torch.Tensor:
     """The clinical record as the volume model reads it: [1, M] raw values (NaN = not recorded)."""
-    from ..models.volume3d import META_FEATURES, encode_metadata
-
-    feats = getattr(m.net, "meta_features", None) or META_FEATURES
-    return torch.from_numpy(encode_metadata(meta, eye, feats))[None].to(m.device)
+    return metadata_tensor(m.net, meta, eye, m.device)
 
 
-def _prep_volumes(m: ResolvedNet, vols: np.ndarray) -> torch.Tensor:
+def _prep_volumes(m: LoadedModel, vols: np.ndarray) -> torch.Tensor:
     """float32 [B, D, H, W] in [0, 1] at the input size -> normalised [B, 1, D, H, W]."""
     x = torch.as_tensor(np.ascontiguousarray(vols, np.float32), device=m.device)[:, None]
     return (x - m.cfg.mean[0]) / m.cfg.std[0]
 
 
-def _target_layer(m: ResolvedNet) -> str:
+def _target_layer(m: LoadedModel) -> str:
     return m.cfg.target_layer or "net.layer4"
 
 
-def volume_map(m: ResolvedNet, net: nn.Module, vol: np.ndarray, meta_t: torch.Tensor, method: str
+def volume_map(m: LoadedModel, net: nn.Module, vol: np.ndarray, meta_t: torch.Tensor, method: str
                ) -> tuple[float, np.ndarray]:
     """(P(disease), map float32 [D, H, W] in [0, 1] of the disease logit) of one volume at the input size
     (`volume_methods.volume_attribution`)."""
@@ -200,16 +197,14 @@ def volume_map(m: ResolvedNet, net: nn.Module, vol: np.ndarray, meta_t: torch.Te
     return p, np.asarray(maps[0], np.float32)
 
 
-def volume_predict_fn(m: ResolvedNet, meta_t: torch.Tensor, batch_size: int = 9):
+def volume_predict_fn(m: LoadedModel, meta_t: torch.Tensor, batch_size: int = 9):
     """predict(float32 [B, D, H, W] volumes in [0, 1] at the input size) -> P(disease) [B], the record `meta_t`
     fixed."""
     def predict(vols: np.ndarray) -> np.ndarray:
         out = []
-        with torch.no_grad():
-            for i in range(0, len(vols), batch_size):
-                x = _prep_volumes(m, vols[i:i + batch_size])
-                z = m.net(x, meta_t.expand(len(x), -1)).float()[:, 0] / m.temperature
-                out.append(torch.sigmoid(z).cpu().numpy())
+        for i in range(0, len(vols), batch_size):
+            x = _prep_volumes(m, vols[i:i + batch_size])
+            out.append(m.predict_proba((x, meta_t.expand(len(x), -1)))[:, 1].cpu().numpy())
         return np.concatenate(out)
     return predict
 
@@ -272,7 +267,7 @@ def _by_label(labels: list, flags: list) -> dict:
     return {k: float(np.mean(v)) for k, v in sorted(out.items())}
 
 
-def evaluate_volume_method(m: ResolvedNet, samples: list[VolumeSample], method: str, rnet=None, steps: int = 16,
+def evaluate_volume_method(m: LoadedModel, samples: list[VolumeSample], method: str, rnet=None, steps: int = 16,
                            stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0,
                            tolerance_px: int | None = None, reference: dict | None = None,
                            image_led: Sequence[bool] | None = None) -> dict:
@@ -375,7 +370,7 @@ def evaluate_volume_method(m: ResolvedNet, samples: list[VolumeSample], method: 
 IMAGE_LED_SHARE = 0.5    # a suggestion rests mainly on the image when the image holds at least this share
 
 
-def volume_input_summary(m: ResolvedNet, samples: list[VolumeSample]) -> dict:
+def volume_input_summary(m: LoadedModel, samples: list[VolumeSample]) -> dict:
     """Exact Shapley values of P(disease) over the image and the clinical values (`explain.inputs`) per sample,
     summarised: {"image_led": [bool per sample: called disease and the image's share >= IMAGE_LED_SHARE],
     "by_label": {label: {n, mean share per input, p_image_only, p_metadata_only}} over the volumes called disease}.
@@ -397,7 +392,7 @@ def volume_input_summary(m: ResolvedNet, samples: list[VolumeSample]) -> dict:
     return {"image_led": led, "by_label": by_label}
 
 
-def volume_map_grid(m: ResolvedNet, s: VolumeSample) -> list[int]:
+def volume_map_grid(m: LoadedModel, s: VolumeSample) -> list[int]:
     """Cells of the target layer's output (depth, height, width) that the 3-D Grad-CAM is upsampled from."""
     from ..explain.cam import gradcam_single_pass
     from ..models.volume3d import WithMeta
@@ -407,7 +402,7 @@ def volume_map_grid(m: ResolvedNet, s: VolumeSample) -> list[int]:
     return list(raw.shape[1:])
 
 
-def volume_cost_vs_forward(m: ResolvedNet, s: VolumeSample, method: str, repeats: int = 9) -> float:
+def volume_cost_vs_forward(m: LoadedModel, s: VolumeSample, method: str, repeats: int = 9) -> float:
     """Median (P(disease) + map time) / (bare forward time) for one volume, interleaved repeats."""
     mt = _meta_tensor(m, s)
     x = _prep_volumes(m, s.volume[None])
@@ -421,15 +416,13 @@ def volume_cost_vs_forward(m: ResolvedNet, s: VolumeSample, method: str, repeats
 
 
 # ------------------------------------------------------------------------------------------------ fusion
-def pair_predict_fn(m: ResolvedNet, modality: str, other: np.ndarray, batch_size: int = 34):
+def pair_predict_fn(m: LoadedModel, modality: str, other: np.ndarray, batch_size: int = 34):
     """predict(uint8 [B, H, W, 3] images of `modality`) -> probabilities [B, K], the other image fixed (its
     embedding computed once)."""
-    from ..models.loading import preprocess_image
-
     net = m.net
     f_cfg, o_cfg = net.fundus_cfg, net.oct_cfg
     with torch.no_grad():
-        fixed = (net.embed_oct(preprocess_image(other, o_cfg, m.device)) if modality == "fundus"
+        fixed = (net.embed_oct(preprocess_image(other, o_cfg, m.device)) if modality == Modality.FUNDUS
                  else net.embed_fundus(preprocess_image(other, f_cfg, m.device)))
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -437,7 +430,7 @@ def pair_predict_fn(m: ResolvedNet, modality: str, other: np.ndarray, batch_size
         with torch.no_grad():
             for i in range(0, len(batch), batch_size):
                 chunk = np.asarray(batch[i:i + batch_size])
-                if modality == "fundus":
+                if modality == Modality.FUNDUS:
                     e = net.embed_fundus(preprocess_image(chunk, f_cfg, m.device))
                     feats = torch.cat([e, fixed.expand(len(e), -1)], dim=1)
                 else:
@@ -449,7 +442,7 @@ def pair_predict_fn(m: ResolvedNet, modality: str, other: np.ndarray, batch_size
     return predict
 
 
-def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: str, rnet=None, steps: int = 16,
+def evaluate_fusion_method(m: LoadedModel, samples: list[PairSample], method: str, rnet=None, steps: int = 16,
                            stability_kinds: Sequence[str] = ("noise", "brightness", "shift"), seed: int = 0) -> dict:
     """All metrics of one method on pair samples, per modality and pooled (see the module docstring). Empty maps
     are handled as for volumes (`evaluate_volume_method`)."""
@@ -462,8 +455,8 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
     stab = {mod: {k: {"ssim": [], "spearman": []} for k in stability_kinds} for mod in MODALITIES}
     sec, correct, labels = [], [], []
     for i, s in enumerate(samples):
-        imgs = {"fundus": s.fundus, "oct": s.oct}
-        masks = {"fundus": s.fundus_mask, "oct": s.oct_mask}
+        imgs = {Modality.FUNDUS: s.fundus, Modality.OCT: s.oct}
+        masks = {Modality.FUNDUS: s.fundus_mask, Modality.OCT: s.oct_mask}
         t0 = time.perf_counter()
         probs, k, maps = pair_maps(m, m.net, s.fundus, s.oct, method=method)
         sec.append(time.perf_counter() - t0)
@@ -473,7 +466,7 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
         rmaps = pair_maps(m, rnet, s.fundus, s.oct, target=k, method=method)[2] if rnet is not None else None
         for mod in MODALITIES:
             hm, mask, P = maps[mod], masks[mod], per[mod]
-            other = imgs["oct" if mod == "fundus" else "fundus"]
+            other = imgs[Modality.OCT if mod == Modality.FUNDUS else Modality.FUNDUS]
             empty = _empty(hm)
             P["empty"].append(empty)
             if not empty:
@@ -501,7 +494,7 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
                 P["rho"].append(0.0 if _empty(rmaps[mod]) else trust.spearman(hm, rmaps[mod]))
             if stability_kinds:
                 def explain_fn(im, mod=mod):
-                    pair = (im, s.oct) if mod == "fundus" else (s.fundus, im)
+                    pair = (im, s.oct) if mod == Modality.FUNDUS else (s.fundus, im)
                     return pair_maps(m, m.net, *pair, target=k, method=method)[2][mod]
 
                 st = trust.stability_under_perturbation(explain_fn, imgs[mod], kinds=stability_kinds, seed=seed,
@@ -511,11 +504,9 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
                     stab[mod][kind]["spearman"].append(v["spearman"])
     grids = {}
     if samples:
-        from ..explain.pair_methods import modality_cams
-
         a, b = pair_tensors(m, samples[0].fundus, samples[0].oct)
         _, cf, co = modality_cams(m.net, a, b)
-        grids = {"fundus": list(cf.shape[1:]), "oct": list(co.shape[1:])}
+        grids = {Modality.FUNDUS: list(cf.shape[1:]), Modality.OCT: list(co.shape[1:])}
     res: dict = {"n_images": len(samples)}
     pooled = {k: [] for k in ("pg", "pg_tie", "epg", "del", "ins", "del_rand", "ins_rand")}
     worst = None
@@ -547,7 +538,7 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
         })
         if abs_rho is not None and (worst is None or abs_rho > res[f"randomisation_abs_spearman_{worst}"]):
             worst = mod
-    all_rho = per["fundus"]["rho"] + per["oct"]["rho"]
+    all_rho = per[Modality.FUNDUS]["rho"] + per[Modality.OCT]["rho"]
     flags = [c for c in correct if c is not None]
     res.update({
         "n_lesion_images": len(pooled["pg"]),
@@ -574,7 +565,7 @@ def evaluate_fusion_method(m: ResolvedNet, samples: list[PairSample], method: st
     return res
 
 
-def fusion_cost_vs_forward(m: ResolvedNet, s: PairSample, method: str = "gradcam", repeats: int = 9) -> float:
+def fusion_cost_vs_forward(m: LoadedModel, s: PairSample, method: str = "gradcam", repeats: int = 9) -> float:
     a, b = pair_tensors(m, s.fundus, s.oct)
 
     def forward():
@@ -600,11 +591,11 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     m = resolve_net(model, weights_dir)
     modality = m.cfg.modality
     if modality not in ND_MODALITIES:
-        raise RetinaInputError(f"{m.name} is a {modality!r} model; explain_eval_nd handles "
+        raise RetinaInputError(f"{m.name} is a {str(modality)!r} model; explain_eval_nd handles "
                                f"{', '.join(ND_MODALITIES)}.")
     if isinstance(methods, str):
         methods = [x.strip() for x in methods.split(",") if x.strip()]
-    avail = VOLUME_METHODS if modality == "oct_volume" else FUSION_METHODS
+    avail = VOLUME_METHODS if modality == Modality.OCT_VOLUME else FUSION_METHODS
     bad = [x for x in methods if x not in avail]
     if bad or not methods:
         raise RetinaInputError(f"{m.name} ({modality}) supports the explanation method(s) {', '.join(avail)} only, "
@@ -615,11 +606,11 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
             raise RetinaInputError(f"Unknown perturbation {k!r}; use noise, brightness or shift.")
     used_split = None
     if phantoms is not None:
-        samples = (volume_samples_from_phantoms(m, phantoms) if modality == "oct_volume"
+        samples = (volume_samples_from_phantoms(m, phantoms) if modality == Modality.OCT_VOLUME
                    else pair_samples_from_phantoms(m, phantoms))[:n]
         source = f"{len(samples)} in-memory phantoms"
     elif data_path is not None:
-        load = volume_samples_from_dataset if modality == "oct_volume" else pair_samples_from_dataset
+        load = volume_samples_from_dataset if modality == Modality.OCT_VOLUME else pair_samples_from_dataset
         samples, used_split = load(m, data_path, n, seed=seed, split=split)
         source = str(data_path)
     else:
@@ -636,10 +627,10 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
         notes.append(f"Only {len(samples)} samples available (asked for {n}).")
     rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval() if randomisation else None
     results, reference = {}, {}
-    inputs = volume_input_summary(m, samples) if modality == "oct_volume" else None
+    inputs = volume_input_summary(m, samples) if modality == Modality.OCT_VOLUME else None
     for meth in methods:
         t0 = time.perf_counter()
-        if modality == "oct_volume":
+        if modality == Modality.OCT_VOLUME:
             r = evaluate_volume_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
                                        seed=seed, reference=reference, image_led=inputs["image_led"])
             r["cost_vs_forward"] = volume_cost_vs_forward(m, samples[0], meth)
@@ -650,7 +641,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
         r["wall_seconds"] = round(time.perf_counter() - t0, 2)
         results[meth] = r
         log.info("explain-eval %s %s done in %.1fs", m.name, meth, r["wall_seconds"])
-    if modality == "oct_volume":
+    if modality == Modality.OCT_VOLUME:
         size = list(m.cfg.input_size[1:])
         tol = trust.default_tolerance(tuple(size[1:]))
         grid = volume_map_grid(m, samples[0])
@@ -683,7 +674,8 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
                           "shift_px": max(2, int(round(min(size[1:]) / 56.0)))}
         eval_size = size
     else:
-        eval_size = {"fundus": list(m.net.fundus_cfg.input_size[1:]), "oct": list(m.net.oct_cfg.input_size[1:])}
+        eval_size = {Modality.FUNDUS: list(m.net.fundus_cfg.input_size[1:]),
+                     Modality.OCT: list(m.net.oct_cfg.input_size[1:])}
         r0 = next(iter(results.values()))
         notes += [
             "Fusion model: 'gradcam' is one Grad-CAM per modality (`modality_cams`, fundus at "
@@ -725,7 +717,7 @@ def format_lines(report: dict) -> list[str]:
     """Extra lines of the text report for volume / fusion models (appended by `evaluate._format`)."""
     lines = []
     for meth, r in report.get("methods", {}).items():
-        if report.get("modality") == "oct_volume":
+        if report.get("modality") == Modality.OCT_VOLUME:
             keys = ("pointing_game_tiebreak", "pointing_game_chance", "pointing_game_image_led",
                     "energy_baseline_mask_area", "slice_hit_rate", "slice_hit_baseline", "empty_map_fraction",
                     "randomisation_empty_fraction")

@@ -21,29 +21,35 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from ..errors import RetinaInputError
+from ..modality import Modality
 
 __all__ = ["STATISTICS", "image_statistics", "acquisition_confounds"]
 
 STATISTICS = {
-    "fundus": ("field-of-view share", "brightness in field", "contrast in field", "corner brightness", "red / green"),
-    "oct": ("brightness", "contrast", "bright share", "brightest row depth", "black share"),
+    Modality.FUNDUS: ("field-of-view share", "brightness in field", "contrast in field", "corner brightness",
+                      "red / green"),
+    Modality.OCT: ("brightness", "contrast", "bright share", "brightest row depth", "black share"),
 }
 
 
 def image_statistics(path, modality: str, framing: str = "stretch") -> list[float]:
     """The five global statistics of one image file (see STATISTICS). framing "fov": of the image as a model with
     fov framing sees it (`models.framing`: the field of view cut out, centred and letterboxed), so a field-share
-    shortcut that framing removes no longer counts."""
+    shortcut that framing removes no longer counts; "fov_contrast": framed, then contrast-normalised the same way."""
     with Image.open(path) as im:
         im.draft("RGB", (320, 320) if framing == "fov" else (160, 160))
         rgb = im.convert("RGB")
-        if framing == "fov" and modality == "fundus":
-            from ..models.framing import frame_pixels
+        if framing in ("fov", "fov_contrast") and modality == Modality.FUNDUS:
+            import torch
+
+            from ..models.framing import frame_pixels, local_contrast
             a = frame_pixels(np.asarray(rgb), (160, 160))[0].astype(float)
+            if framing == "fov_contrast":
+                a = local_contrast(torch.from_numpy(a).permute(2, 0, 1).float()).permute(1, 2, 0).numpy()
         else:
             a = np.asarray(rgb.resize((160, 160)), float)
     g = a.mean(2)
-    if modality == "oct":
+    if modality == Modality.OCT:
         rows = g.mean(1)
         return [g.mean(), g.std(), (g > 60).mean(), float(np.argmax(rows)) / len(rows), (g < 10).mean()]
     fov = g > 15
@@ -55,12 +61,14 @@ def image_statistics(path, modality: str, framing: str = "stretch") -> list[floa
 
 
 def acquisition_confounds(data, positive: str, modality: str | None = None, split: str = "test", seed: int = 0,
-                          fractions: str | None = None, split_by: str | None = None, framing: str = "stretch") -> dict:
+                          fractions: str | None = None, split_by: str | None = None, framing: str = "stretch",
+                          label_column: str | None = None, label_map: str | None = None) -> dict:
     """AUC of each global statistic (and of all five together) for `positive` vs the rest on `split` of `data`
-    (the same patient-level split `train` makes with these settings; "all" for every image)."""
+    (the same patient-level split `train` makes with these settings, labels from `label_column` / `label_map`
+    as `train --label-column` reads them; "all" for every image)."""
     from ..io.datasets import load_dataset, split_patients
 
-    index = load_dataset(data)
+    index = load_dataset(data, label_column=label_column, label_map=label_map)
     records = index.records if split == "all" else split_patients(index.records, seed, fractions, split_by).get(split)
     if not records:
         raise RetinaInputError(f"The {split!r} split of {data} is empty.")
@@ -71,7 +79,7 @@ def acquisition_confounds(data, positive: str, modality: str | None = None, spli
     if modality is None:
         from ..io.realsets import real_set_of
         real = real_set_of(data)
-        modality = real["modality"] if real and real["modality"] in STATISTICS else "fundus"
+        modality = real["modality"] if real and real["modality"] in STATISTICS else Modality.FUNDUS
     f = np.array([image_statistics(r.path, modality, framing) for r in records], float)
     out = {}
     for i, name in enumerate(STATISTICS[modality]):

@@ -2,16 +2,25 @@
 
 Member outputs are class probabilities, each (N, C) (or (N,) P(positive) for binary one-logit models),
 rows aligned to the same N samples. Weights are relative (normalised to sum 1).
+
+The app's Ensemble page reads one image with several models: `ensemble_groups` (which models can vote together),
+`ensemble_image` (their soft vote and disagreement) and the saved ablations (`find_ablation_files`, `ablation_rows`).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retina_core.evaluate.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from retina_core.analysis import Analysis
 
 # Metrics where smaller is better; every other ranked metric is "larger is better".
 LOWER_IS_BETTER = frozenset({"ece"})
@@ -170,3 +179,95 @@ def stability_summary(metric_dicts: list[dict]) -> dict:
         }
         for k, v in values.items()
     }
+
+
+# ------------------------------------------------------------------- one image (the app's Ensemble page)
+def ensemble_groups(names: list[str]) -> dict[str, list[str]]:
+    """Models that can be soft-voted together: same modality and the same class list. {group label: names}."""
+    from ..models import get_cfg
+
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        cfg = get_cfg(n)
+        groups.setdefault((cfg.modality, cfg.classes), []).append(n)
+    return {f"{mod}: {', '.join(cls)}": ms for (mod, cls), ms in groups.items()}
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=-1)
+
+
+def ensemble_image(members: dict[str, Analysis], weights: dict[str, float] | None = None) -> dict:
+    """Soft vote of member analyses of one image (same classes) and how much the members disagree.
+
+    Returns {classes, probabilities {class: p}, label, weights (normalised), members {name: {class: p}},
+    votes {name: label}, agreement (weighted share of members voting the ensemble's label), spread (max - min of
+    the members' probabilities for the ensemble's label), mutual_information (entropy of the mean minus the mean
+    entropy, in nats: 0 when members agree, larger when they disagree), entropy (of the ensemble, nats)}."""
+    usable = {n: a for n, a in members.items() if a.has_result}
+    if not usable:
+        raise ValueError("no member gave a result for this image")
+    classes = list(next(iter(usable.values())).probabilities)
+    if any(list(a.probabilities) != classes for a in usable.values()):
+        raise ValueError("ensemble members must share their class list")
+    names = list(usable)
+    w = np.array([float((weights or {}).get(n, 1.0)) for n in names])
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("member weights must be >= 0 and not all zero")
+    w = w / w.sum()
+    P = np.array([[usable[n].probabilities[c] for c in classes] for n in names])
+    mean = soft_vote(list(P), list(w))
+    k = int(np.argmax(mean))
+    votes = {n: classes[int(np.argmax(P[i]))] for i, n in enumerate(names)}
+    agree = float(sum(w[i] for i, n in enumerate(names) if votes[n] == classes[k]))
+    ent_mean = float(_entropy(mean))
+    mi = max(0.0, ent_mean - float((w * _entropy(P)).sum()))
+    return {"classes": classes, "probabilities": {c: float(p) for c, p in zip(classes, mean)},
+            "label": classes[k], "weights": {n: float(x) for n, x in zip(names, w)},
+            "members": {n: dict(zip(classes, map(float, P[i]))) for i, n in enumerate(names)}, "votes": votes,
+            "agreement": agree, "spread": float(P[:, k].max() - P[:, k].min()), "mutual_information": mi,
+            "entropy": ent_mean, "max_entropy": float(np.log(len(classes)))}
+
+
+def find_ablation_files(roots=("docs", "weights", "artifacts"), base=None) -> list:
+    """Saved ensemble evaluations (`python -m retina_core ensemble ... --ablation --json > FILE.json`): JSON files
+    under `roots` (relative to `base`, default the project folder) holding an "ablation" list.
+    Returns [(path, parsed dict)]."""
+    return saved_reports(lambda obj: isinstance(obj.get("ablation"), list), roots, base=base, limit=200)
+
+
+def ablation_rows(obj: dict) -> list[dict]:
+    """Flat table rows of a saved ablation (`python -m retina_core ensemble ... --ablation --json`, or the list
+    `evaluate.ensemble.ablation` returns): rank, members, score and the headline metrics."""
+    rows = []
+    for e in obj.get("ablation", []):
+        m = e["metrics"] if isinstance(e.get("metrics"), dict) else e   # nested (ablation()) or flat (the CLI)
+        row = {"rank": e.get("rank"), "members": " + ".join(e.get("members", [])), "score": e.get("score")}
+        for k in ("accuracy", "auc_macro", "f1_macro", "sensitivity_macro", "specificity_macro", "ece"):
+            if isinstance(m.get(k), (int, float)):
+                row[k] = m[k]
+        rows.append(row)
+    return rows
+
+
+def saved_reports(keep, roots=("docs", "weights", "artifacts"), base=None, limit: int = 300) -> list[tuple[Path, dict]]:
+    """JSON reports saved in the project: [(path, parsed dict)] for files under `roots` (relative to `base`,
+    default the project folder) whose parsed dict satisfies `keep(obj)`. manifest.json and files over 20 MB
+    are skipped, unreadable files ignored."""
+    base = Path(base) if base else Path(__file__).resolve().parents[2]
+    found = []
+    for r in roots:
+        d = base / r
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*.json"))[:limit]:
+            if p.name == "manifest.json" or p.stat().st_size > 20_000_000:
+                continue
+            try:
+                obj = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(obj, dict) and keep(obj):
+                found.append((p, obj))
+    return found

@@ -26,12 +26,14 @@ from pathlib import Path
 from ..errors import RetinaInputError
 from ..io.datasets import IMAGE_EXTENSIONS
 from ..io.decode import SCREEN_SIDE, read_image
+from ..modality import IMAGE_MODALITIES, Modality
 from ..quality import GRADABLE, assess_quality
 
-EXPECTABLE = ("fundus", "oct")
+EXPECTABLE = IMAGE_MODALITIES
 # words in a set's folder name that say what it holds
-_NAME_WORDS = {"oct": "oct", "bscan": "oct", "fundus": "fundus", "idrid": "fundus", "eye_disease": "fundus",
-               "aptos": "fundus", "messidor": "fundus", "eyepacs": "fundus", "odir": "fundus", "drive": "fundus"}
+_NAME_WORDS = {"oct": Modality.OCT, "bscan": Modality.OCT, "fundus": Modality.FUNDUS, "idrid": Modality.FUNDUS,
+               "eye_disease": Modality.FUNDUS, "aptos": Modality.FUNDUS, "messidor": Modality.FUNDUS,
+               "eyepacs": Modality.FUNDUS, "odir": Modality.FUNDUS, "drive": Modality.FUNDUS}
 # labels only one modality's data sets use
 _OCT_LABELS = {"CNV", "DRUSEN", "CSR", "MH", "AMD"}
 _FUNDUS_LABELS = {"cataract", "glaucoma", "diabetic_retinopathy", "No DR", "Mild", "Moderate", "Severe",
@@ -82,9 +84,9 @@ def guess_expected(set_dir: Path, rows: list[dict]) -> str:
             return modality
     labels = {r.get("label", "") for r in rows}
     if labels & _OCT_LABELS and not labels & _FUNDUS_LABELS:
-        return "oct"
+        return Modality.OCT
     if labels & _FUNDUS_LABELS and not labels & _OCT_LABELS:
-        return "fundus"
+        return Modality.FUNDUS
     raise RetinaInputError(f"Cannot tell which modality {set_dir.name} holds; pass --expect fundus or --expect oct.")
 
 

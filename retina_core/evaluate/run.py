@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RetinaInputError
+from ..modality import Modality
 from ..models.loading import LoadedModel, load_model
 from ..models.predict import predict_pairs, predict_paths, predict_volumes
 from .metrics import bootstrap_ci, classification_metrics
 
-MULTI_INPUT = ("fundus+oct", "oct_volume")
+MULTI_INPUT = (Modality.FUNDUS_OCT, Modality.OCT_VOLUME)
+LAYOUT = {Modality.FUNDUS_OCT: "paired", Modality.OCT_VOLUME: "volumes"}   # the data set layout they read
 
 
 def load_member(name: str, weights_dir=None, encoders_dir=None) -> LoadedModel:
@@ -32,18 +34,18 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
     from ..io.datasets import load_dataset, split_patients
     from ..models.multimodal import binary_label
 
-    index = load_dataset(data)
-    needs = {"fundus+oct": "paired", "oct_volume": "volumes"}.get(model.cfg.modality)
+    conf = model.entry.get("config") or {}   # the split (and label column) the weights were trained on
+    index = load_dataset(data, label_column=conf.get("label_column"), label_map=conf.get("label_map"))
+    needs = LAYOUT.get(model.modality)
     if needs and index.layout != needs:
         what = {"paired": "fundus + OCT pairs (pairs.csv)", "volumes": "OCT volumes (NIfTI + metadata.csv)"}[needs]
         raise RetinaInputError(f"{model.name} reads {what}, but {data} is a {index.layout} data set. Make one with "
                                f"`python -m retina_core data phantoms --kind {'paired' if needs == 'paired' else 'oct-volume'}`.")
     classes = model.cfg.classes
     records = index.records
-    if model.cfg.modality in MULTI_INPUT:
+    if model.modality in MULTI_INPUT:
         records = [replace(r, label=r.label if r.label in classes else binary_label(r.label)) for r in records]
     if split != "all":           # "all": every record, for a data set the model never saw (as explain-eval)
-        conf = model.entry.get("config") or {}   # the split the weights were trained on
         parts = split_patients(records, seed, conf.get("split_fractions"), conf.get("split_by"))
         if split not in parts and split not in ("train", "val", "test"):
             raise RetinaInputError(f"Unknown split {split!r} for {data}: use one of "
@@ -58,13 +60,13 @@ def split_records(model: LoadedModel, data, split: str, seed: int):
 
 def member_probabilities(model: LoadedModel, records) -> np.ndarray:
     """Calibrated probabilities of a loaded model on records: (N, C), or (N,) P(disease) for one logit."""
-    modality = model.cfg.modality
-    if modality == "fundus+oct":
+    modality = model.modality
+    if modality == Modality.FUNDUS_OCT:
         if any("oct" not in r.meta for r in records):
             raise RetinaInputError(f"{model.name} reads fundus + OCT pairs: give a paired data set (pairs.csv), "
                                    f"e.g. `python -m retina_core data phantoms --kind paired`.")
         return predict_pairs(model, [r.path for r in records], [Path(r.meta["oct"]) for r in records])
-    if modality == "oct_volume":
+    if modality == Modality.OCT_VOLUME:
         return predict_volumes(model, records)
     return predict_paths(model, [r.path for r in records])
 

@@ -3,13 +3,17 @@ fundus + OCT pair), input attribution (inputs), overlays (overlay) and zone scor
 auditing (explain-eval, counterfactual phantoms, trust metrics) lives in `retina_core.audit`, which imports this
 package; this package never imports it.
 
-The package itself is callable, so the public interface reads `retina_core.explain(model, image, method=...,
-target=...)` (= `attribution.explain`: a float32 [H, W] map in [0, 1]; method None is the model's default).
-Names are loaded lazily, so `import retina_core.explain.cam` stays as light as before.
+The package itself is callable, so the public interface reads `retina_core.explain(model, sample, method=...,
+target=...)` (= `attribution.explain`: the modality's maps, float32 in [0, 1] at the sample's size; method None is
+the model's default). Importing the package installs it as what `LoadedModel.explain` delegates to
+(`models.loading.register_explainer`), so `model.explain(sample)` is the same call while models import nothing
+from here. Names are loaded lazily, so `import retina_core.explain.cam` loads no other explainer.
 """
 import sys
 import types
 from importlib import import_module
+
+from ..models.loading import register_explainer
 
 _EXPORTS = {
     "explain": "attribution", "explain_batch": "attribution", "available_methods": "attribution",
@@ -29,9 +33,15 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _explain(model, sample, method=None, target=None, **kwargs):
+    """`attribution.explain`, imported on first use."""
+    return import_module(f"{__name__}.attribution").explain(model, sample, method, target, **kwargs)
+
+
 class _CallableModule(types.ModuleType):
-    def __call__(self, model, image, method=None, target=None, **kwargs):
-        return import_module(f"{__name__}.attribution").explain(model, image, method, target, **kwargs)
+    def __call__(self, model, sample, method=None, target=None, **kwargs):
+        return _explain(model, sample, method, target, **kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule
+register_explainer(_explain)

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import RetinaInputError
+from ..modality import Modality
 from ..models.framing import fov_boxes, map_to_image, uses_fov
-from ..models.loading import preprocess_image
-from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCfg
+from ..models.loading import preprocess_image, to_pixels
+from ..models.multimodal import pair_parts
+from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCfg, modality_of, model_cfg
 from .cam import (CAM_METHODS, cam_with_library, capture_as_leaf, get_module, gradcam_single_pass,
                   multiscale_gradcam_single_pass, normalise_map, pgc_methods)
 from .ig import black_baseline, postprocess_ig
@@ -61,7 +62,7 @@ class _Model:
         if not isinstance(net, nn.Module):
             raise TypeError(f"expected a LoadedModel or an nn.Module, got {type(model).__name__}")
         self.net = net
-        cfg = getattr(model, "cfg", None) or getattr(net, "cfg", None)
+        cfg = model_cfg(model)
         self.vit = find_vit(net)
         if cfg is None:
             cfg = _default_cfg(net, self.vit)
@@ -111,24 +112,18 @@ def is_vit(model) -> bool:
     return isinstance(net, nn.Module) and find_vit(net) is not None
 
 
-def _modality(model) -> str:
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
-    return getattr(cfg, "modality", "") or ""
-
-
 def available_methods(model) -> tuple[str, ...]:
     """Methods that apply to this model: the ViT-only ones only for ViTs, multiscale_gradcam where the cfg names a
     finer stage (`fine_layer`); an OCT volume model gets `volume_methods.VOLUME_METHODS`, the fundus + OCT fusion
     model Grad-CAM and IG (one map per input)."""
-    modality = _modality(model)
-    if modality == "oct_volume":
+    modality = modality_of(model)
+    if modality == Modality.OCT_VOLUME:
         return VOLUME_METHODS
-    if modality == "fundus+oct":
+    if modality == Modality.FUNDUS_OCT:
         return FUSION_METHODS
     if is_vit(model):
         return tuple(m for m in ALL_METHODS if m != "multiscale_gradcam")
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
-    multi = bool(getattr(cfg, "fine_layer", ""))
+    multi = bool(getattr(model_cfg(model), "fine_layer", ""))
     return tuple(m for m in CAM_METHODS if multi or m != "multiscale_gradcam") + IG_METHODS
 
 
@@ -136,7 +131,7 @@ def default_method(model) -> str:
     """The heatmap method `analyze` uses for this model: the one its manifest entry chose from `explain-eval`
     evidence (`explain-eval --set-default`), else the registry's, else Grad-CAM."""
     entry = getattr(model, "entry", None) or {}
-    cfg = getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+    cfg = model_cfg(model)
     avail = available_methods(model)
     for choice in (entry.get("default_method"), getattr(cfg, "default_method", None)):
         if choice and choice in avail:
@@ -148,21 +143,6 @@ def preprocess_batch(batch_uint8: np.ndarray, cfg, device: torch.device | str = 
                      boxes: list | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, C, h, w]: `models.loading.preprocess_image`, the one preprocessing."""
     return preprocess_image(batch_uint8, cfg, device, boxes)
-
-
-def to_pixels(image) -> np.ndarray:
-    """uint8 [H, W, 3] from a RetinalImage, an RGB array or a greyscale array (replicated to 3 channels)."""
-    px = getattr(image, "pixels", image)
-    px = np.asarray(px)
-    if px.ndim == 2:
-        px = np.repeat(px[..., None], 3, axis=2)
-    if px.ndim != 3 or px.shape[2] not in (3, 4):
-        raise ValueError(f"expected an image [H, W, 3], got shape {px.shape}")
-    px = px[..., :3]
-    if px.dtype != np.uint8:
-        scale = 255.0 if px.max() <= 1.0 else 1.0
-        px = np.clip(np.rint(px.astype(np.float32) * scale), 0, 255).astype(np.uint8)
-    return px
 
 
 @contextmanager
@@ -455,23 +435,25 @@ def explain_batch(model, images, method: str | None = None,
 
 def explain(model, image, method: str | None = None, target=None, *, meta: dict | None = None,
             eye: str | None = None):
-    """Heatmap of `method` for one image: float32 [H, W] in [0, 1] at the size of the image shown.
+    """Heatmap(s) of `method` for one sample, keyed on the model's modality; what `LoadedModel.explain` and the
+    callable `retina_core.explain` run.
 
-    model: a LoadedModel or an nn.Module (with `.cfg`, or a bare timm network). image: uint8 [H, W, 3] (or [H, W])
-    or a RetinalImage. method: see the module docstring (None: the model's `default_method`). target: class index
-    or name to explain (default: the predicted class).
+    A 2-D image model: float32 [H, W] in [0, 1] at the size of the image shown. model: a LoadedModel or an nn.Module
+    (with `.cfg`, or a bare timm network). image: uint8 [H, W, 3] (or [H, W]) or a RetinalImage. method: see the
+    module docstring (None: the model's `default_method`). target: class index or name to explain (default: the
+    predicted class).
 
-    An OCT volume model (`oct_volume_fusion3d*`) takes a volume [D, H, W] (float in [0, 1] or uint8, or a
-    RetinalImage of kind "volume") and returns float32 [D, H, W], one heatmap per B-scan; `meta` is the clinical
-    record it reads ({age, sex, va_logmar, cst_um, hba1c}, missing values become the training means), `eye` "OD" /
-    "OS"; target "disease" (default) or "normal" (`volume_methods.explain_volume`). The fundus + OCT fusion model
-    takes a pair (fundus, oct) or {"fundus": ..., "oct": ...} and returns {"fundus": [H, W], "oct": [H', W']}, one
-    map per input at its own size.
+    An OCT volume model (`oct_volume_fusion3d*`) takes a volume [D, H, W] (float in [0, 1] or uint8, a RetinalImage
+    of kind "volume", or (volume, meta[, eye])) and returns float32 [D, H, W], one heatmap per B-scan; `meta` is the
+    clinical record it reads ({age, sex, va_logmar, cst_um, hba1c}, missing values become the training means),
+    `eye` "OD" / "OS"; target "disease" (default) or "normal" (`volume_methods.explain_volume`). The fundus + OCT
+    fusion model takes a pair (fundus, oct) or {"fundus": ..., "oct": ...} and returns {"fundus": [H, W], "oct":
+    [H', W']}, one map per input at its own size (`explain_pair`).
     """
-    modality = _modality(model)
-    if modality == "oct_volume":
+    modality = modality_of(model)
+    if modality == Modality.OCT_VOLUME:
         return explain_volume(model, image, method, target, meta=meta, eye=eye)
-    if modality == "fundus+oct":
+    if modality == Modality.FUNDUS_OCT:
         return explain_pair(model, image, method, target)
     return explain_batch(model, to_pixels(image)[None], method, target)[0][0]
 
@@ -480,14 +462,7 @@ def explain_pair(model, pair, method: str | None = None, target=None) -> dict[st
     """Per-modality heatmaps of the fundus + OCT fusion model: {"fundus": float32 [H, W], "oct": float32 [H', W']}
     in [0, 1], each at its image's size. pair: (fundus, oct) or {"fundus": ..., "oct": ...}; each uint8 RGB,
     greyscale or a RetinalImage. target: class index or name (default: the predicted class)."""
-    if isinstance(pair, dict):
-        if set(pair) != {"fundus", "oct"}:
-            raise RetinaInputError("The fusion model needs {'fundus': image, 'oct': image}.")
-        f, o = pair["fundus"], pair["oct"]
-    elif isinstance(pair, (tuple, list)) and len(pair) == 2:
-        f, o = pair
-    else:
-        raise RetinaInputError("The fusion model explains a pair: (fundus photograph, OCT B-scan).")
+    f, o = pair_parts(pair)
     method = method or default_method(model)
     m = resolve_net(model)
     idx = None if target is None else target_indices(target, tuple(m.cfg.classes),

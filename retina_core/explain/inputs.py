@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from ..errors import RetinaInputError
+from ..modality import Modality
+from ..models.registry import model_cfg
 
 IMAGE = "image"
 
@@ -69,8 +71,8 @@ def input_shapley(model, volume: np.ndarray, meta: dict, eye: str | None = None)
     from .volume_methods import volume_blur
 
     net = model if hasattr(model, "meta_features") else getattr(model, "net", model)   # bare net or LoadedModel
-    cfg = getattr(model, "cfg", None) or getattr(net, "cfg", None)
-    if cfg is None or getattr(cfg, "modality", "") != "oct_volume" or not hasattr(net, "fuse"):
+    cfg = model_cfg(model)
+    if cfg is None or getattr(cfg, "modality", "") != Modality.OCT_VOLUME or not hasattr(net, "fuse"):
         raise RetinaInputError("Input attribution is for the OCT volume + clinical values models (oct_volume).")
     vol = np.asarray(volume, np.float32)
     if vol.ndim != 3:

@@ -8,52 +8,27 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import RetinaInputError
-from ..models.loading import load_model, preprocess_image
+from ..modality import Modality
+from ..models.loading import LoadedModel, as_model
 from ..models.multimodal import FundusOctFusion
 from .cam import capture_as_leaf, get_module, normalise_map
 from .ig import black_baseline, postprocess_ig
 
 FUSION_METHODS = ("gradcam", "integrated_gradients")
+ResolvedNet = LoadedModel   # what the volume / pair methods and their evaluation read: `models.as_model`'s result
 
 
-@dataclass
-class ResolvedNet:
-    """What the volume / pair methods and their evaluation need from a LoadedModel or a bare (random-init, test)
-    nn.Module."""
-    name: str
-    cfg: object
-    net: nn.Module
-    temperature: float
-    device: torch.device
-    sha256: str | None
-    entry: dict
-
-
-def resolve_net(model, weights_dir=None) -> ResolvedNet:
-    """A registered model name, LoadedModel or nn.Module with a cfg as a ResolvedNet (the net put in eval mode)."""
-    if isinstance(model, str):
-        model = load_model(model, weights_dir=weights_dir)
-    net = model if isinstance(model, nn.Module) else getattr(model, "net", None)
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"expected a model name, a LoadedModel or an nn.Module, got {type(model).__name__}")
-    cfg = getattr(model, "cfg", None) or getattr(net, "cfg", None)
-    if cfg is None:
-        raise RetinaInputError("This network has no cfg: pass a registered model name or a LoadedModel.")
-    try:
-        device = next(net.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    temp = 1.0 if isinstance(model, nn.Module) else float(getattr(model, "temperature", 1.0) or 1.0)
-    net.eval()
-    return ResolvedNet(getattr(model, "name", None) or cfg.name, cfg, net, temp, device,
-                       getattr(model, "sha256", None), dict(getattr(model, "entry", None) or {}))
+def resolve_net(model, weights_dir=None) -> LoadedModel:
+    """A registered model name, LoadedModel or nn.Module with a cfg as the LoadedModel of its modality
+    (`models.as_model`), its network put in eval mode."""
+    m = as_model(model, weights_dir)
+    m.net.eval()
+    return m
 
 
 def modality_cams(net: FundusOctFusion, fundus: torch.Tensor, oct: torch.Tensor, targets=None):
@@ -73,12 +48,12 @@ def modality_cams(net: FundusOctFusion, fundus: torch.Tensor, oct: torch.Tensor,
     return logits.detach(), cams[0], cams[1]
 
 
-def pair_tensors(m: ResolvedNet, f: np.ndarray, o: np.ndarray):
-    """The pair preprocessed for the two encoders: ([1, 3, h, w], [1, 3, h', w'])."""
-    return (preprocess_image(f, m.net.fundus_cfg, m.device), preprocess_image(o, m.net.oct_cfg, m.device))
+def pair_tensors(m: LoadedModel, f: np.ndarray, o: np.ndarray):
+    """The pair preprocessed for the two encoders: ([1, 3, h, w], [1, 3, h', w']) (`PairModel.preprocess`)."""
+    return m.preprocess((f, o))
 
 
-def pair_maps(m: ResolvedNet, net: nn.Module, f: np.ndarray, o: np.ndarray, target: int | None = None,
+def pair_maps(m: LoadedModel, net: nn.Module, f: np.ndarray, o: np.ndarray, target: int | None = None,
               method: str = "gradcam") -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
     """(calibrated probabilities [K], explained class, {"fundus": map, "oct": map}) of one pair; each map float32
     in [0, 1] at its image's size, normalised on its own. "gradcam": one forward and one backward for both
@@ -92,13 +67,15 @@ def pair_maps(m: ResolvedNet, net: nn.Module, f: np.ndarray, o: np.ndarray, targ
         logits, cf, co = modality_cams(net, a, b, None if target is None else [int(target)])
         probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
         k = int(np.argmax(probs)) if target is None else int(target)
-        return probs, k, {"fundus": normalise_map(cf[0], f.shape[:2]), "oct": normalise_map(co[0], o.shape[:2])}
+        return probs, k, {Modality.FUNDUS: normalise_map(cf[0], f.shape[:2]),
+                          Modality.OCT: normalise_map(co[0], o.shape[:2])}
     with torch.no_grad():
         logits = net(a, b)
     probs = torch.softmax(logits.float() / m.temperature, dim=1)[0].cpu().numpy()
     k = int(np.argmax(probs)) if target is None else int(target)
     fa, oa = pair_integrated_gradients(net, a, b, k, m.net.fundus_cfg, m.net.oct_cfg)
-    return probs, k, {"fundus": postprocess_ig(fa[0], f.shape[:2]), "oct": postprocess_ig(oa[0], o.shape[:2])}
+    return probs, k, {Modality.FUNDUS: postprocess_ig(fa[0], f.shape[:2]),
+                      Modality.OCT: postprocess_ig(oa[0], o.shape[:2])}
 
 
 def pair_integrated_gradients(net: nn.Module, a: torch.Tensor, b: torch.Tensor, k: int, f_cfg, o_cfg,

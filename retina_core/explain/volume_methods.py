@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RetinaInputError
-from ..models.volume3d import VolumeFusion3D, encode_metadata, preprocess_volume
+from ..models.loading import as_model
+from ..models.volume3d import VolumeFusion3D, volume_sample
 from .cam import get_module, gradcam_single_pass, pgc_methods
 from .ig import black_baseline
 
@@ -217,27 +218,19 @@ def explain_volume(model, volume, method: str | None = None, target=None, meta: 
     """Heatmap of `method` for one OCT volume: float32 [D, H, W] in [0, 1] at the volume's own shape (slice i is
     the heatmap of B-scan i).
 
-    model: a LoadedModel of an `oct_volume_fusion3d*` model. volume: float32 [D, H, W] in [0, 1], uint8 [D, H, W]
-    or a RetinalImage of kind "volume" (`retina_core.read_image` on a NIfTI / multi-frame DICOM). meta: the
-    clinical record the model reads ({age, sex, va_logmar, cst_um, hba1c}; missing values become the training
-    means); eye "OD" / "OS". target: "disease" (default) or "normal".
+    model: a VolumeModel (or the bare network) of an `oct_volume_fusion3d*` model. volume: what
+    `VolumeModel.preprocess` takes: float32 [D, H, W] in [0, 1], uint8 [D, H, W], a RetinalImage of kind "volume"
+    (`retina_core.read_image` on a NIfTI / multi-frame DICOM), or (volume, meta[, eye]). meta: the clinical record
+    the model reads ({age, sex, va_logmar, cst_um, hba1c}; missing values become the training means); eye "OD" /
+    "OS". target: "disease" (default) or "normal".
     """
-    vol = np.asarray(getattr(volume, "pixels", volume))
-    if vol.ndim != 3:
-        raise RetinaInputError(f"Expected an OCT volume [D, H, W] (B-scans x rows x columns), got shape "
-                               f"{tuple(vol.shape)}.")
-    if vol.dtype == np.uint8:
-        vol = vol.astype(np.float32) / 255.0
-    vol = np.clip(np.nan_to_num(vol.astype(np.float32)), 0.0, 1.0)
-    net = model if isinstance(model, nn.Module) else model.net
-    cfg = getattr(model, "cfg", None) or net.cfg
-    method = method or _default_method(model, cfg)
-    x = preprocess_volume(vol, cfg, next(net.parameters()).device)
-    feats = getattr(net, "meta_features", None)
-    m = encode_metadata(meta or {}, eye, feats) if feats else encode_metadata(meta or {}, eye)
-    mt = torch.from_numpy(m)[None].to(x.device)
-    layer = (cfg.target_layer or "net.layer4")
-    _, maps = volume_attribution(net, x, mt, method, layer, target, cfg.mean[0], cfg.std[0])
+    m = as_model(model)
+    vol, meta, eye = volume_sample(volume, meta, eye)
+    method = method or _default_method(m, m.cfg)
+    x, mt = m.preprocess(vol, meta, eye)
+    cfg = m.cfg
+    _, maps = volume_attribution(m.net, x, mt, method, cfg.target_layer or "net.layer4", target, cfg.mean[0],
+                                 cfg.std[0])
     return _scale01(resize_volume(maps[0], vol.shape)[None])[0]
 
 

@@ -20,6 +20,8 @@ from typing import Mapping
 import cv2
 import numpy as np
 
+from ..modality import Modality
+
 DISC_DIAMETER_MM = 1.8
 ETDRS_DIAMETERS_MM = (1.0, 3.0, 6.0)
 QUADRANTS = ("superior", "nasal", "inferior", "temporal")
@@ -415,7 +417,7 @@ def locate_oct_fovea(image, meta: Mapping | None = None) -> dict:
     return {"fovea_x": float(x), "method": "heuristic", "confidence": round(conf, 3)}
 
 
-def zone_report(heatmap: np.ndarray, image=None, modality: str = "fundus", laterality: str | None = None,
+def zone_report(heatmap: np.ndarray, image=None, modality: str = Modality.FUNDUS, laterality: str | None = None,
                 meta: Mapping | None = None, span_mm: float = 6.0) -> dict:
     """Every zone summary of one heatmap in one call (for pages and reports).
 
@@ -429,7 +431,7 @@ def zone_report(heatmap: np.ndarray, image=None, modality: str = "fundus", later
         return out
     px = None if image is None else np.asarray(getattr(image, "pixels", image))
     sy, sx = (1.0, 1.0) if px is None else (hm.shape[0] / px.shape[0], hm.shape[1] / px.shape[1])
-    if modality == "oct":
+    if modality == Modality.OCT:
         f = locate_oct_fovea(px, meta) if px is not None or meta is not None else None
         if f is not None:
             fx = f["fovea_x"] * sx

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..errors import RetinaInputError
 from ..labels import DME2, DR_GRADES, FUNDUS4, OCT4, OCT8
+from ..modality import Modality
 
 if TYPE_CHECKING:
     import numpy as np
@@ -55,6 +56,7 @@ except ImportError:  # pragma: no cover - torch is always installed in the proje
 __all__ = [
     "Record", "DatasetIndex", "LAYOUTS", "IMAGE_EXTENSIONS", "detect_layout", "load_dataset", "patient_split",
     "inspect_dataset", "ImageDataset", "record_lesion_masks", "hash_split", "pair_records", "write_pairs",
+    "relabel", "parse_label_map",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm"})
@@ -791,7 +793,7 @@ def _load_paired(root: Path, w: list[str]) -> tuple[list[Record], list[str]]:
             w.append(f"pairs.csv line {i}: no label; skipped.")
             continue
         meta = {c: _number(r.get(c)) for c in cols if c not in skip}
-        meta.update({"fundus": str(fp), "oct": str(op), "partner": str(op), "modality": "fundus"})
+        meta.update({"fundus": str(fp), "oct": str(op), "partner": str(op), "modality": Modality.FUNDUS})
         recs.append(Record(path=fp, label=label, split=_split_name(str(r.get(c_split) or "")) if c_split else None,
                            patient_id=_label_str(r.get(c_pid)) or None if c_pid else None,
                            eye=_parse_eye(r.get(c_eye)) if c_eye else None, meta=meta))
@@ -900,9 +902,13 @@ def _apply_phantom_meta(records: list[Record], dirs: Sequence[Path], w: list[str
         w.append(f"{f.name}: {mismatched} record(s) have a label that differs from their folder/sheet label.")
 
 
-def load_dataset(path, layout: str | None = None) -> DatasetIndex:
+def load_dataset(path, layout: str | None = None, label_column: str | None = None,
+                 label_map: str | dict | None = None) -> DatasetIndex:
     """Index the data set at ``path``; the layout is detected unless given. Raises RetinaInputError with what was
-    expected when the folder does not fit."""
+    expected when the folder does not fit. ``label_column`` / ``label_map``: read the labels from another column of
+    the set's labels.csv (`relabel`), e.g. the Mexico fundus set's ``dr_grade`` with ``"0=noDR,NPDR=DR,PDR=DR"``."""
+    if label_column or label_map:
+        return relabel(load_dataset(path, layout), label_column or "label", label_map)
     p = _as_path(path)
     if layout is None:
         layout, root = _detect(p)
@@ -938,6 +944,47 @@ def load_dataset(path, layout: str | None = None) -> DatasetIndex:
     if len(warnings) > 50:
         warnings = warnings[:50] + [f"... and {len(warnings) - 50} more warnings."]
     return DatasetIndex(layout=layout, root=root, classes=list(classes), records=records, warnings=warnings)
+
+
+def parse_label_map(spec: str | dict | None) -> dict[str, str] | None:
+    """``"0=noDR,NPDR=DR,PDR=DR"`` (or a dict) -> ``{"0": "noDR", "NPDR": "DR", "PDR": "DR"}``; None stays None."""
+    if spec is None or isinstance(spec, dict):
+        return None if spec is None else {str(k): str(v) for k, v in spec.items()}
+    out = {}
+    for part in filter(None, (p.strip() for p in str(spec).split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise RetinaInputError(f"--label-map {spec!r}: expected comma-separated value=label pairs, e.g. "
+                                   f"'0=noDR,NPDR=DR,PDR=DR'.")
+        out[key.strip()] = value.strip()
+    if not out:
+        raise RetinaInputError("--label-map is empty: give value=label pairs, e.g. '0=noDR,NPDR=DR,PDR=DR'.")
+    return out
+
+
+def relabel(index: DatasetIndex, column: str, label_map: str | dict | None = None) -> DatasetIndex:
+    """The set with each record's label taken from ``column`` (the label itself, or another column of labels.csv,
+    kept in ``meta``), mapped through ``label_map`` ("value=label,..."). Records whose value is empty, "unknown" or
+    not named by the map are left out, so a column graded on part of a set gives a smaller, fully labelled set.
+    Training records the column and map in the manifest, and `evaluate` reads the same view back."""
+    mapping = parse_label_map(label_map)
+    records, values = [], set()
+    for r in index.records:
+        v = r.label if column == "label" else r.meta.get(column)
+        v = "" if v is None else (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+        values.add(v)
+        label = mapping.get(v) if mapping is not None else (v if v.lower() not in ("", "unknown", "nan") else None)
+        if label is not None:
+            records.append(replace(r, label=label, meta={**r.meta, "label_from": f"{column}={v}"}))
+    if not records:
+        seen = ", ".join(sorted(values)[:12]) or "none"
+        raise RetinaInputError(f"No record of {index.root} has a usable value in column {column!r} "
+                               f"(values found: {seen}); check --label-column and --label-map.")
+    classes = _ordered_classes({r.label for r in records}, list(dict.fromkeys((mapping or {}).values())))
+    left = len(index.records) - len(records)
+    warnings = list(index.warnings) + ([f"{left} record(s) without a mapped {column!r} value left out."]
+                                       if left else [])
+    return DatasetIndex(layout=index.layout, root=index.root, classes=classes, records=records, warnings=warnings)
 
 
 # --------------------------------------------------------------------------------------------- splitting

@@ -22,6 +22,7 @@ import numpy as np
 
 from retina_core.errors import RetinaInputError
 from retina_core.io.image import RetinalImage, check_dimensions, grey_to_rgb, looks_grey, scale_to_uint8
+from retina_core.modality import Modality
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def decode_dicom(data: bytes, *, content_hash: str, max_pixels: int, frame: int 
         modality_hint = _modality_hint(header)
         # Multi-frame photography (OP: stereo pairs, angiography series) is a set of photographs, not a stack of
         # B-scans: frame 0 by default, like TIFF / GIF; `frame` picks another, -1 still asks for every frame.
-        want_volume = frame == -1 or (frame is None and frames > 1 and modality_hint != "fundus")
+        want_volume = frame == -1 or (frame is None and frames > 1 and modality_hint != Modality.FUNDUS)
         # Decoding materialises every frame, so the whole file is bounded, whatever frame was asked for.
         check_dimensions(geom["cols"], geom["rows"], frames, max_pixels, "dicom")
         if geom["bits_allocated"] not in (1, 8, 16, 32) or geom["samples"] not in (1, 3):
@@ -249,17 +250,17 @@ def _check_length(ds: Any, geom: dict, uid: str) -> None:
 def _modality_hint(ds: Any) -> str | None:
     modality = _safe_str(ds, "Modality", allowed=("OP", "OPT", "OCT", "XC", "SC", "OT"))
     if modality == "OP":
-        return "fundus"
+        return Modality.FUNDUS
     if modality in ("OPT", "OCT"):
-        return "oct"
+        return Modality.OCT
     try:
         sop = str(ds.get("SOPClassUID", "") or "")
     except Exception:  # noqa: BLE001
         return None
     if sop in _SOP_FUNDUS:
-        return "fundus"
+        return Modality.FUNDUS
     if sop in _SOP_OCT:
-        return "oct"
+        return Modality.OCT
     return None
 
 

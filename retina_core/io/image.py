@@ -34,7 +34,7 @@ class RetinalImage:
           | "heidelberg-vol" | "heidelberg-e2e" | "topcon-fda" | "topcon-fds" (OCT exports: io/scanners.py).
     content_hash: sha256 hex of the input bytes (as uploaded; compressed bytes for .nii.gz).
     grayscale: the source had one channel, or three identical ones (typical OCT).
-    modality_hint: "fundus" | "oct" | None, from DICOM Modality (OP/OPT) or SOP class when present.
+    modality_hint: Modality.FUNDUS | Modality.OCT | None, from DICOM Modality (OP/OPT), SOP class or the scanner format.
     laterality: "OD" | "OS" | None, from DICOM (Image)Laterality or a file name with _left/_right, OD/OS.
     spacing: mm per pixel (row, col) or per voxel (slice, row, col) where known.
     meta: non-identifying technical facts only (width, height, frames, bits, photometric, transfer syntax, ...).
@@ -62,9 +62,10 @@ class RetinalImage:
         return int(self.pixels.shape[-1] if self.kind == "volume" else self.pixels.shape[1])
 
     def __repr__(self) -> str:  # short: never dump pixel values into logs
+        hint = None if self.modality_hint is None else str(self.modality_hint)    # the value, not the enum's repr
         return (f"RetinalImage(kind={self.kind!r}, shape={tuple(self.pixels.shape)}, dtype={self.pixels.dtype}, "
                 f"source_format={self.source_format!r}, grayscale={self.grayscale}, "
-                f"modality_hint={self.modality_hint!r}, laterality={self.laterality!r}, spacing={self.spacing!r}, "
+                f"modality_hint={hint!r}, laterality={self.laterality!r}, spacing={self.spacing!r}, "
                 f"content_hash={self.content_hash[:12]!r}..., meta={self.meta!r})")
 
 

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..modality import Modality
+
 __all__ = ["REAL_SETS", "real_set_of", "realdata_root", "split_hashes"]
 
 _MEXICO = ("Hughes-Cano J.A., Olivares-Pinto U., Thebault S.C., 'Dataset of Eye Fundus and OCT Images for the study "
@@ -19,17 +21,17 @@ _MEXICO = ("Hughes-Cano J.A., Olivares-Pinto U., Thebault S.C., 'Dataset of Eye 
 
 REAL_SETS: dict[str, dict] = {
     "mexico_fundus_dme_dr": {
-        "title": "Mexico fundus (DME / DR)", "modality": "fundus", "attribution": _MEXICO,
+        "title": "Mexico fundus (DME / DR)", "modality": Modality.FUNDUS, "attribution": _MEXICO,
         "licence": "no licence file; the authors ask users to cite them: research use with attribution",
         "caveats": "one clinical source; many dark or small-pupil photographs; patient ids not fully reliable",
     },
     "mexico_oct_dme": {
-        "title": "Mexico OCT (DME)", "modality": "oct", "attribution": _MEXICO,
+        "title": "Mexico OCT (DME)", "modality": Modality.OCT, "attribution": _MEXICO,
         "licence": "no licence file; the authors ask users to cite them: research use with attribution",
         "caveats": "one clinical source; OCT device not stated; 121 DME of 893 B-scans",
     },
     "eye_disease_4class": {
-        "title": "4-class eye disease (Kaggle 'Eye Diseases Classification')", "modality": "fundus",
+        "title": "4-class eye disease (Kaggle 'Eye Diseases Classification')", "modality": Modality.FUNDUS,
         "attribution": "Kaggle 'Eye Diseases Classification' (compiled from IDRiD, ODIR, HRF and other sources), as "
                        "used by the RETFound-heatmap and ResNet50-XAI source projects",
         "licence": "not stated: research use",
@@ -37,7 +39,7 @@ REAL_SETS: dict[str, dict] = {
                    "no patient ids (grouped by the number in <number>_left/_right names)",
     },
     "idrid_lesions": {
-        "title": "IDRiD lesion segmentation (images 01-10)", "modality": "fundus",
+        "title": "IDRiD lesion segmentation (images 01-10)", "modality": Modality.FUNDUS,
         "attribution": "Porwal P. et al., Indian Diabetic Retinopathy Image Dataset (IDRiD), IEEE DataPort 2018",
         "licence": "CC BY 4.0",
         "caveats": "10 photographs, every one with DR lesions; pixel masks of MA, HE, EX, SE and the optic disc",
@@ -113,7 +115,7 @@ def split_hashes(splits: dict[str, Iterable]) -> tuple[dict[str, dict], dict[str
         hashes = []
         for r in records:
             parts = [_file_sha256(Path(r.path))]
-            partner = (r.meta or {}).get("oct") if (r.meta or {}).get("modality") == "fundus" else None
+            partner = (r.meta or {}).get("oct") if (r.meta or {}).get("modality") == Modality.FUNDUS else None
             if partner:
                 parts.append(_file_sha256(Path(partner)))
             hashes.append("+".join(parts))

@@ -39,6 +39,7 @@ import numpy as np
 
 from retina_core.errors import RetinaInputError
 from retina_core.io.image import RetinalImage, full_load, check_dimensions, volume_slice_as_image, volume_to_unit
+from retina_core.modality import Modality
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,13 @@ def _result(vol01: np.ndarray, fmt: str, *, content_hash: str, frame: int | None
     meta = {"width": w, "height": h, "frames": d, **meta, "header": header}
     if frame == -1 or (frame is None and d > 1):
         return RetinalImage(pixels=vol01, kind="volume", source_format=fmt, content_hash=content_hash,
-                            grayscale=True, modality_hint="oct", laterality=laterality, spacing=spacing, meta=meta)
+                            grayscale=True, modality_hint=Modality.OCT, laterality=laterality, spacing=spacing,
+                            meta=meta)
     index = 0 if frame is None else int(frame)
     rgb = volume_slice_as_image(vol01, index, fmt)
     meta["frame"] = index
     return RetinalImage(pixels=rgb, kind="image", source_format=fmt, content_hash=content_hash, grayscale=True,
-                        modality_hint="oct", laterality=laterality, spacing=spacing[1:] if spacing else None,
+                        modality_hint=Modality.OCT, laterality=laterality, spacing=spacing[1:] if spacing else None,
                         meta=meta)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..labels import DME2, DR_GRADES, OCT4
+from ..modality import Modality
 from .registry import ModelCfg, register_model
 
 
@@ -36,7 +37,7 @@ _PHANTOM_NOTE = ("Demo weights were trained on this project's synthetic retinal 
 register_model(ModelCfg(
     name="fundus_dr_effnet_b0",
     arch="tf_efficientnet_b0",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=DR_GRADES,
     task="Diabetic retinopathy grade (ICDR 0-4) from a colour fundus photograph",
     weights="fundus_dr_effnet_b0.safetensors",
@@ -61,7 +62,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="oct_resnet18",
     arch="resnet18",
-    modality="oct",
+    modality=Modality.OCT,
     classes=OCT4,
     task="OCT B-scan: choroidal neovascularisation, diabetic macular oedema, drusen or normal",
     weights="oct_resnet18.safetensors",
@@ -90,7 +91,7 @@ _REAL_NOTE = ("Trained on real public images (the manifest names the set, its li
 register_model(ModelCfg(
     name="oct_dme_resnet18",
     arch="resnet18",
-    modality="oct",
+    modality=Modality.OCT,
     classes=DME2,
     task="OCT B-scan: diabetic macular oedema (DME) present or not",
     input_size=(3, 224, 224),
@@ -108,7 +109,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="fundus_dme_resnet10t",
     arch="resnet10t",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=DME2,
     task="Colour fundus photograph: diabetic macular oedema (DME) present or not",
     input_size=(3, 224, 224),

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-FRAMINGS = ("stretch", "fov")
+from ..modality import Modality
+
+FRAMINGS = ("stretch", "fov", "fov_contrast")
 _LEVEL = 20          # uint8: brighter than this (any channel) is inside the field; camera black is 0-15
 _MIN_SHARE = 0.02    # a row or column belongs to the field when this share of it is bright (burnt-in text is not)
 
@@ -43,7 +45,30 @@ class FieldBox:
 
 def uses_fov(cfg) -> bool:
     """Whether images for this cfg are framed around their field of view (fundus models trained that way)."""
-    return getattr(cfg, "framing", "stretch") == "fov" and getattr(cfg, "modality", None) == "fundus"
+    return getattr(cfg, "framing", "stretch") in ("fov", "fov_contrast") and getattr(cfg, "modality", None) == Modality.FUNDUS
+
+
+def uses_contrast(cfg) -> bool:
+    """Whether framed images are also contrast-normalised (`local_contrast`; framing "fov_contrast")."""
+    return getattr(cfg, "framing", "stretch") == "fov_contrast" and getattr(cfg, "modality", None) == Modality.FUNDUS
+
+
+def local_contrast(x: torch.Tensor) -> torch.Tensor:
+    """Local contrast normalisation of framed fundus images (B. Graham's, from the 2015 Kaggle DR competition):
+    4 * (x - gaussian_blur(x)) + 128 on 0-255 values, blur sigma = input height / 30, clipped to 0-255; the
+    rim of the round field (outside 0.95 of its radius) is set to 128. What is left is what differs from its
+    neighbourhood (vessels, lesions, the disc's edge); the camera's colour, exposure and vignetting go, which are
+    the cues a model can read instead of the disease. `x`: float [C, H, W] or [B, C, H, W] on 0-255."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    h, w = x.shape[-2:]
+    sigma = h / 30.0
+    k = 2 * int(3 * sigma) + 1
+    out = (4.0 * (x - gaussian_blur(x, [k, k], [sigma, sigma])) + 128.0).clamp(0.0, 255.0)
+    yy = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xx = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5) / w * 2 - 1
+    inside = ((yy[:, None] ** 2 + xx[None, :] ** 2) <= 0.95 ** 2).to(out.dtype)
+    return out * inside + 128.0 * (1.0 - inside)
 
 
 def fov_box(pixels: np.ndarray, out_hw: tuple[int, int]) -> FieldBox:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..labels import FUNDUS4
+from ..modality import Modality
 from .registry import ModelCfg, register_model
 
 
@@ -56,7 +57,7 @@ _RECIPE = ("Training (`--recipe two_phase`, from the XAI ResNet50 source): phase
 register_model(ModelCfg(
     name="fundus_resnet50",
     arch="resnet50",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=FUNDUS4,
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     weights="fundus_resnet50.safetensors",
@@ -71,7 +72,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="fundus_resnet18_head",
     arch="resnet18",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=FUNDUS4,
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     input_size=(3, 96, 96),
@@ -88,4 +89,26 @@ register_model(ModelCfg(
           "AUC 0.93 with 95% intervals in the manifest and docs/real_data.md, below the sources' ~92% with "
           "pre-trained trunks). Its classes come from different cameras and sources, so part of what it learnt may be "
           "the source. " + _RECIPE),
+), FundusResNet)
+
+register_model(ModelCfg(
+    name="fundus_anydr_resnet18_head",
+    arch="resnet18",
+    modality=Modality.FUNDUS,
+    classes=("noDR", "DR"),
+    task="Colour fundus photograph: any diabetic retinopathy (non-proliferative or proliferative) or none",
+    input_size=(3, 160, 160),
+    weights="fundus_anydr_resnet18_head.safetensors",
+    target_layer="net.layer4",
+    fine_layer="net.layer3",
+    referable=("DR",),
+    builder_kwargs={"channels": (32, 64, 128, 256), "stem_width": 32},
+    card=("`fundus_resnet18_head`'s design (half-width ResNet-18 layout + GAP/BatchNorm/Dense head) answering 'any "
+          "diabetic retinopathy' (NPDR or PDR) against none on a colour fundus photograph. Trained on the part of the "
+          "real Mexico fundus set (Hughes-Cano et al.) that retinal specialists graded for DR (`--label-column "
+          "dr_grade --label-map 0=noDR,NPDR=DR,PDR=DR`; the set grades none / non-proliferative / proliferative, so "
+          "mild NPDR counts as DR), patients split by a keyed hash as the other Mexico models. Input: the field of "
+          "view cut out and centred (fov framing), ImageNet normalisation, at the size the manifest records; "
+          "Grad-CAM target `layer4`. The manifest's command says what it started from and its held-out metrics "
+          "with 95% intervals; one clinical source, so read it on other cameras as unvalidated (docs/real_data.md)."),
 ), FundusResNet)

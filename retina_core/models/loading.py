@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -19,8 +20,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import RetinaInputError
-from .framing import fov_boxes, frame_tensor, uses_fov
-from .registry import ModelCfg, create_model, get_cfg
+from ..modality import Modality
+from .framing import fov_boxes, frame_tensor, local_contrast, uses_contrast, uses_fov
+from .registry import ModelCfg, create_model, get_cfg, model_cfg
+
+Inputs = Union[torch.Tensor, tuple[torch.Tensor, ...]]   # what `LoadedModel.preprocess` returns
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -68,11 +72,36 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
     if uses_fov(cfg):
         boxes = boxes if boxes is not None else fov_boxes(a, (h, w))
         x = torch.stack([frame_tensor(xi, b, (h, w)) for xi, b in zip(x, boxes)])
+        if uses_contrast(cfg):   # as training caches it: on 0-255, rounded to uint8 levels
+            x = local_contrast((x * 255.0).round().clamp(0, 255)).round().div_(255.0)
     elif x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def to_pixels(image) -> np.ndarray:
+    """uint8 [H, W, 3] from a RetinalImage, an RGB(A) array or a greyscale array (replicated to 3 channels); float
+    images in [0, 1] are scaled to 0..255."""
+    px = getattr(image, "pixels", image)
+    px = np.asarray(px)
+    if px.ndim == 2:
+        px = np.repeat(px[..., None], 3, axis=2)
+    if px.ndim != 3 or px.shape[2] not in (3, 4):
+        raise ValueError(f"expected an image [H, W, 3], got shape {px.shape}")
+    px = px[..., :3]
+    if px.dtype != np.uint8:
+        scale = 255.0 if px.max() <= 1.0 else 1.0
+        px = np.clip(np.rint(px.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+    return px
+
+
+def image_pixels(sample) -> np.ndarray:
+    """A 2-D sample as `preprocess_image` takes it: one image (a RetinalImage, RGB or greyscale: `to_pixels`) as
+    uint8 [H, W, 3]; a batch uint8 [B, H, W, 3] unchanged."""
+    a = np.asarray(getattr(sample, "pixels", sample))
+    return to_pixels(a) if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4)) else a
 
 
 def _with_entry(cfg: ModelCfg, entry: dict) -> ModelCfg:
@@ -114,17 +143,56 @@ def trained_on(entry: dict) -> str:
         figure
 
 
+_EXPLAINER: dict[str, Callable[..., Any]] = {}      # "explain": installed by `retina_core.explain`
+_MODEL_CLASSES: dict[str, type["LoadedModel"]] = {}   # modality -> the LoadedModel subclass that reads it
+
+
+def register_explainer(fn: Callable[..., Any]) -> None:
+    """Install what `LoadedModel.explain` delegates to: fn(model, sample, method, target, **kwargs).
+    `retina_core.explain` installs its `explain` when it is imported (always, with `retina_core`), so models import
+    nothing from explain."""
+    _EXPLAINER["explain"] = fn
+
+
+def register_model_class(modality: Modality) -> Callable[[type["LoadedModel"]], type["LoadedModel"]]:
+    """Class decorator: `load_model` and `as_model` wrap networks of `modality` in the decorated LoadedModel
+    subclass (models/volume3d.py: VolumeModel, models/multimodal.py: PairModel; 2-D images: LoadedModel)."""
+    def decorate(cls: type[LoadedModel]) -> type[LoadedModel]:
+        _MODEL_CLASSES[modality] = cls
+        return cls
+    return decorate
+
+
+def model_class(modality: str) -> type["LoadedModel"]:
+    """The LoadedModel class that reads `modality` (LoadedModel itself for 2-D images)."""
+    return _MODEL_CLASSES.get(modality, LoadedModel)
+
+
 @dataclass
 class LoadedModel:
-    """A network in eval mode on its device, with its cfg, calibration temperature and provenance."""
+    """A network in eval mode on its device, with its cfg, calibration temperature and provenance, behind one
+    interface whatever it reads (as timm models share one):
+
+        x = model.preprocess(sample)           # the modality's raw sample -> the network's inputs
+        p = model.predict_proba(x)             # -> calibrated probabilities [B, num_classes]
+        maps = model.explain(sample)           # -> heatmap(s) at the sample's own size
+
+    This class reads 2-D images (fundus photographs, OCT B-scans). `load_model` returns the subclass registered for
+    the cfg's modality: `volume3d.VolumeModel` (an OCT volume with its clinical record) or `multimodal.PairModel`
+    (a fundus photograph and an OCT B-scan of one eye)."""
 
     name: str
     cfg: ModelCfg
     net: nn.Module
     device: torch.device
-    sha256: str
+    sha256: str | None                          # None: a network not loaded from a weights file (`as_model`)
     temperature: float = 1.0
     entry: dict = field(default_factory=dict)   # the manifest entry: command, data, metrics, dates
+
+    @property
+    def modality(self) -> str:
+        """The cfg's Modality."""
+        return self.cfg.modality
 
     @property
     def trained_on(self) -> str:
@@ -135,21 +203,57 @@ class LoadedModel:
     def real_data(self) -> bool:
         return bool(self.entry.get("real_data"))
 
-    def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
-        return preprocess_image(pixels, self.cfg, self.device)
+    def preprocess(self, sample) -> Inputs:
+        """One image (uint8 [H, W, 3], greyscale [H, W] or a RetinalImage) or a batch uint8 [B, H, W, 3] ->
+        float32 [B, C, h, w] on the model's device (`preprocess_image`: framed, resized, normalised by the cfg)."""
+        return preprocess_image(image_pixels(sample), self.cfg, self.device)
 
     @torch.inference_mode()
-    def predict_proba(self, batch: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        """Preprocessed input(s) -> calibrated probabilities [B, num_classes].
+    def predict_proba(self, inputs: Inputs, *extra: torch.Tensor) -> torch.Tensor:
+        """What `preprocess` returned -> calibrated probabilities [B, num_classes].
 
-        `extra` are the further inputs of two-input networks (the volume model's metadata, the fusion model's OCT
-        batch). A network with one logit (the volume model: P(disease)) gets a sigmoid, returned as [B, 2]
-        (normal, disease) like the softmax models."""
-        z = self.net(batch.to(self.device), *(e.to(self.device) for e in extra)).float() / self.temperature
+        inputs: one tensor, or the tuple of a two-input network's tensors ((volume, metadata) of the volume model,
+        (fundus, OCT) of the fusion model); `predict_proba(batch, *extra)` with the further inputs as positional
+        arguments is the same call. A network with one logit (the volume model: P(disease)) gets a sigmoid,
+        returned as [B, 2] (normal, disease) like the softmax models."""
+        xs = (*inputs, *extra) if isinstance(inputs, (tuple, list)) else (inputs, *extra)
+        z = self.net(*(x.to(self.device) for x in xs)).float() / self.temperature
         if z.shape[1] == 1:
             p = torch.sigmoid(z)
             return torch.cat([1.0 - p, p], dim=1)
         return torch.softmax(z, dim=1)
+
+    def explain(self, sample, method: str | None = None, target=None, **kwargs):
+        """Heatmap(s) of `method` for one sample (what `preprocess` takes), float32 in [0, 1] at the sample's own
+        size: [H, W] for an image, [D, H, W] for a volume (one map per B-scan), {"fundus": [H, W], "oct": [H', W']}
+        for a pair. method None: the model's default; target: the class to explain (default: the predicted one;
+        the volume model: "disease"). kwargs: the volume model's `meta` / `eye`. `retina_core.explain.explain`."""
+        if "explain" not in _EXPLAINER:
+            raise RuntimeError("No explainer installed: import retina_core.explain.")
+        return _EXPLAINER["explain"](self, sample, method, target, **kwargs)
+
+
+def as_model(model, weights_dir: str | os.PathLike | None = None) -> LoadedModel:
+    """A registered model name (loaded from `weights_dir`), a LoadedModel, or a network with a cfg (e.g. built by
+    `create_model`: temperature 1, no weights file, on its parameters' device) as the LoadedModel of its modality.
+    Nothing is loaded or moved for a LoadedModel of the right class, and no network changes mode."""
+    if isinstance(model, str):
+        return load_model(model, weights_dir=weights_dir)
+    net = model if isinstance(model, nn.Module) else getattr(model, "net", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"expected a model name, a LoadedModel or an nn.Module, got {type(model).__name__}")
+    cfg = model_cfg(model)
+    if cfg is None:
+        raise RetinaInputError("This network has no cfg: pass a registered model name or a LoadedModel.")
+    cls = model_class(cfg.modality)
+    if isinstance(model, cls):
+        return model
+    device = getattr(model, "device", None)
+    if device is None:
+        device = next(net.parameters(), torch.empty(0)).device
+    temp = 1.0 if isinstance(model, nn.Module) else float(getattr(model, "temperature", 1.0) or 1.0)
+    return cls(getattr(model, "name", None) or cfg.name, cfg, net, device, getattr(model, "sha256", None), temp,
+               dict(getattr(model, "entry", None) or {}))
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -222,5 +326,5 @@ def load_model(name: str, weights_dir: str | os.PathLike | None = None, device: 
     for p in net.parameters():
         p.requires_grad_(False)   # inference only; Grad-CAM takes gradients w.r.t. activations
     log.info("loaded %s (%s) on %s", name, digest[:12], dev)
-    return LoadedModel(name=name, cfg=cfg, net=net, device=dev, sha256=digest,
-                       temperature=float(entry.get("temperature", 1.0)), entry=entry)
+    return model_class(cfg.modality)(name=name, cfg=cfg, net=net, device=dev, sha256=digest,
+                                     temperature=float(entry.get("temperature", 1.0)), entry=entry)

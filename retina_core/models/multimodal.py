@@ -26,6 +26,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..errors import RetinaInputError
 from ..labels import DME2
+from ..modality import Modality
+from .loading import (LoadedModel, image_pixels, load_model, preprocess_image, read_manifest, register_model_class,
+                      weights_dir)
 from .registry import ModelCfg, create_model, register_model
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,6 @@ def binary_label(label: str) -> str:
 
 
 def _search_dirs(extra) -> list[Path]:
-    from .loading import weights_dir
-
     dirs = []
     if isinstance(extra, (str, os.PathLike)):
         extra = str(extra).split(",")
@@ -56,8 +57,6 @@ def _search_dirs(extra) -> list[Path]:
 
 def _load_encoder(name: str, dirs: list[Path], load: bool):
     """(network, cfg with the trained input size, sha256 or None, folder or None)."""
-    from .loading import load_model, read_manifest
-
     if load:
         for d in dirs:
             if name in read_manifest(d):
@@ -130,8 +129,6 @@ class FundusOctFusion(nn.Module):
 
     def preprocess_pair(self, fundus_pixels: np.ndarray, oct_pixels: np.ndarray, device="cpu"):
         """uint8 [H, W, 3] each -> ([1, 3, h, w], [1, 3, h', w']) normalised as each encoder was trained."""
-        from .loading import preprocess_image
-
         return (preprocess_image(fundus_pixels, self.fundus_cfg, device),
                 preprocess_image(oct_pixels, self.oct_cfg, device))
 
@@ -170,10 +167,33 @@ class FundusOctFusion(nn.Module):
         return _IncompatibleKeys([f"head.{k}" for k in res.missing_keys], [f"head.{k}" for k in res.unexpected_keys])
 
 
+def pair_parts(sample) -> tuple:
+    """(fundus, oct) of a pair sample: a (fundus, oct) tuple / list or {"fundus": ..., "oct": ...}."""
+    if isinstance(sample, dict):
+        if set(sample) != {Modality.FUNDUS, Modality.OCT}:
+            raise RetinaInputError("The fusion model needs {'fundus': image, 'oct': image}.")
+        return sample[Modality.FUNDUS], sample[Modality.OCT]
+    if isinstance(sample, (tuple, list)) and len(sample) == 2:
+        return tuple(sample)
+    raise RetinaInputError("The fusion model explains a pair: (fundus photograph, OCT B-scan).")
+
+
+@register_model_class(Modality.FUNDUS_OCT)
+class PairModel(LoadedModel):
+    """A loaded fundus + OCT fusion model (`FundusOctFusion`): `preprocess((fundus, oct))` -> (fundus [B, 3, h, w],
+    OCT [B, 3, h', w']); `predict_proba` -> [B, 2]; `explain` -> {"fundus": [H, W], "oct": [H', W']}."""
+
+    def preprocess(self, sample) -> tuple[torch.Tensor, ...]:
+        """A pair (`pair_parts`: (fundus, oct) or {"fundus": ..., "oct": ...}; each uint8 RGB or a batch [B, H, W, 3],
+        greyscale or a RetinalImage) -> each image preprocessed with its encoder's cfg, on the model's device."""
+        f, o = pair_parts(sample)
+        return self.net.preprocess_pair(image_pixels(f), image_pixels(o), self.device)
+
+
 register_model(ModelCfg(
     name="fundus_oct_fusion",
     arch="effnet_b0+resnet18->mlp",
-    modality="fundus+oct",
+    modality=Modality.FUNDUS_OCT,
     classes=FUSION_CLASSES,
     task="Fundus photograph + OCT B-scan of one eye: normal vs disease (screening / referral triage)",
     input_size=(3, 224, 224),
@@ -197,7 +217,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="fundus_oct_dme_fusion",
     arch="resnet10t+resnet18->mlp",
-    modality="fundus+oct",
+    modality=Modality.FUNDUS_OCT,
     classes=DME2,
     task="Fundus photograph + OCT B-scan of one eye: diabetic macular oedema (DME) present or not",
     input_size=(3, 224, 224),

@@ -40,13 +40,12 @@ def load_multimodal(name: str, weights_dir=None, encoders_dir=None, device: str 
 
 @torch.inference_mode()
 def predict_pairs(model: LoadedModel, fundus_paths, oct_paths, batch_size: int = 32) -> np.ndarray:
-    """Calibrated probabilities [N, 2] (normal, disease) for fundus/OCT file pairs."""
-    net, out = model.net, []
+    """Calibrated probabilities [N, 2] (normal, disease) for fundus/OCT file pairs (a PairModel)."""
+    out = []
     for i in range(0, len(fundus_paths), batch_size):
-        pairs = [net.preprocess_pair(read_image(f).pixels, read_image(o).pixels, model.device)
+        pairs = [model.preprocess((read_image(f).pixels, read_image(o).pixels))
                  for f, o in zip(fundus_paths[i:i + batch_size], oct_paths[i:i + batch_size])]
-        out.append(model.predict_proba(torch.cat([p[0] for p in pairs]),
-                                       torch.cat([p[1] for p in pairs])).cpu().numpy())
+        out.append(model.predict_proba(tuple(torch.cat(xs) for xs in zip(*pairs))).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 2))
 
 
@@ -57,7 +56,7 @@ def predict_volumes(model: LoadedModel, records, batch_size: int = 8) -> np.ndar
     for i in range(0, len(records), batch_size):
         rs = records[i:i + batch_size]
         x = decode_volumes(rs, model.cfg, dtype=torch.float32)
-        out.append(model.predict_proba(x, metadata_matrix(rs, model.net.meta_features))[:, 1].cpu().numpy())
+        out.append(model.predict_proba((x, metadata_matrix(rs, model.net.meta_features)))[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import RetinaInputError
+from ..modality import Modality
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,7 +25,7 @@ class ModelCfg:
 
     name: str
     arch: str                                   # builder detail, e.g. the timm architecture name
-    modality: str                               # "fundus" | "oct" | "oct_volume" | "fundus+oct"
+    modality: str                               # a Modality ("" only for a bare network's stand-in cfg)
     classes: tuple[str, ...]
     task: str                                   # one line for people: what the model answers
     input_size: tuple[int, int, int] = (3, 224, 224)   # C, H, W
@@ -55,7 +56,7 @@ def register_model(cfg: ModelCfg, builder: Callable[[ModelCfg], nn.Module]) -> N
     _REGISTRY[cfg.name] = (cfg, builder)
 
 
-def list_models(modality: str | None = None) -> list[str]:
+def list_models(modality: Modality | str | None = None) -> list[str]:
     """Names of registered models, optionally only those for one modality."""
     return sorted(n for n, (c, _) in _REGISTRY.items() if modality is None or c.modality == modality)
 
@@ -65,6 +66,22 @@ def get_cfg(name: str) -> ModelCfg:
         return _REGISTRY[name][0]
     except KeyError:
         raise RetinaInputError(f"Unknown model {name!r}. Available models: {', '.join(list_models())}.") from None
+
+
+def model_cfg(model) -> ModelCfg | None:
+    """The cfg of a LoadedModel, of a network built by `create_model` (its `.cfg`) or of anything that wraps one as
+    `.net`; None for a network without one (a bare timm model)."""
+    return getattr(model, "cfg", None) or getattr(getattr(model, "net", None), "cfg", None)
+
+
+def modality_of(model) -> str:
+    """The Modality of a registered model name, a LoadedModel or a network with a cfg; "" when unknown."""
+    if isinstance(model, str):
+        try:
+            return get_cfg(model).modality
+        except RetinaInputError:
+            return ""
+    return getattr(model_cfg(model), "modality", "") or ""
 
 
 def create_model(name: str, **cfg_overrides) -> nn.Module:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..labels import OCT8
+from ..modality import Modality
 from .registry import ModelCfg, register_model
 
 # Fixed high-pass kernels (3x3). They are buffers, never parameters: the edge branch always sees true gradients.
@@ -192,7 +193,7 @@ _C8_REFERABLE = ("AMD", "CNV", "CSR", "DME", "MH")
 register_model(ModelCfg(
     name="retinal_fusion_net",
     arch="convnext_tiny",
-    modality="oct",
+    modality=Modality.OCT,
     classes=OCT8,
     task="OCT B-scan, 8 classes (Retinal OCT-C8): AMD, CNV, CSR, DME, DR, drusen, macular hole, normal",
     weights="retinal_fusion_net.safetensors",
@@ -208,7 +209,7 @@ register_model(ModelCfg(
 
 _ATTO = dict(
     arch="convnext_atto",
-    modality="oct",
+    modality=Modality.OCT,
     classes=OCT8,
     task="OCT B-scan, 8 classes (Retinal OCT-C8): AMD, CNV, CSR, DME, DR, drusen, macular hole, normal",
     input_size=(3, 96, 96),

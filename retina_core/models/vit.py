@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import RetinaInputError
 from ..labels import FUNDUS4
+from ..modality import Modality
 from .checkpoints import read_state_dict, strip_prefixes
 from .registry import ModelCfg, register_model
 
@@ -135,7 +136,7 @@ _RECIPE = ("Fine-tune recipe (`--recipe retfound_finetune`, as RETFound's main_f
 register_model(ModelCfg(
     name="retfound_vit",
     arch="vit_large_patch16_224",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=FUNDUS4,
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     weights="retfound_vit.safetensors",
@@ -152,7 +153,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="retfound_vit_tiny",
     arch="vit_tiny_patch8",
-    modality="fundus",
+    modality=Modality.FUNDUS,
     classes=FUNDUS4,
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     input_size=(3, 64, 64),

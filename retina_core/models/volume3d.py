@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import RetinaInputError
+from ..modality import Modality
+from .loading import LoadedModel, register_model_class
 from .registry import ModelCfg, register_model
 
 VOLUME_CLASSES = ("normal", "disease")
@@ -273,6 +276,44 @@ def preprocess_volume(vol: np.ndarray, cfg: ModelCfg, device="cpu") -> torch.Ten
     return (x - cfg.mean[0]) / cfg.std[0]
 
 
+def volume_sample(sample, meta: dict | None = None, eye: str | None = None
+                  ) -> tuple[np.ndarray, dict | None, str | None]:
+    """(float32 [D, H, W] in [0, 1], meta, eye) of a volume sample: a float array in [0, 1] (NaN read as 0, clipped),
+    a uint8 array (intensity / 255) or a RetinalImage of kind "volume", alone or as (volume, meta[, eye]) (the
+    arguments win over the tuple's meta / eye where given). RetinaInputError for anything but one [D, H, W]."""
+    if isinstance(sample, tuple):
+        sample, t_meta, t_eye = (*sample, None, None)[:3]
+        meta = meta if meta is not None else t_meta
+        eye = eye if eye is not None else t_eye
+    vol = np.asarray(getattr(sample, "pixels", sample))
+    if vol.ndim != 3:
+        raise RetinaInputError(f"Expected an OCT volume [D, H, W] (B-scans x rows x columns), got shape "
+                               f"{tuple(vol.shape)}.")
+    if vol.dtype == np.uint8:
+        vol = vol.astype(np.float32) / 255.0
+    return np.clip(np.nan_to_num(vol.astype(np.float32)), 0.0, 1.0), meta, eye
+
+
+def metadata_tensor(net: nn.Module, meta: dict | None, eye: str | None, device="cpu") -> torch.Tensor:
+    """One clinical record as `net` reads it: raw values [1, M] in the order of its `meta_features` (NaN = not
+    recorded, standardised to the training mean inside the network)."""
+    m = encode_metadata(meta or {}, eye, getattr(net, "meta_features", None) or META_FEATURES)
+    return torch.from_numpy(m)[None].to(device)
+
+
+@register_model_class(Modality.OCT_VOLUME)
+class VolumeModel(LoadedModel):
+    """A loaded OCT volume + clinical record model (`VolumeFusion3D`): `preprocess(volume, meta, eye)` ->
+    (volume [1, 1, D', H', W'], record [1, M]); `predict_proba` -> [1, 2] (normal, disease); `explain` -> [D, H, W]."""
+
+    def preprocess(self, sample, meta: dict | None = None, eye: str | None = None) -> tuple[torch.Tensor, ...]:
+        """One volume (`volume_sample`: [D, H, W] float in [0, 1] or uint8, a RetinalImage, or (volume, meta[, eye]))
+        and its record ({age, sex, va_logmar, cst_um, hba1c}; missing values become the training means; eye "OD" /
+        "OS") -> (x [1, 1, D', H', W'] resized to cfg.input_size and normalised, record [1, M]) on the device."""
+        vol, meta, eye = volume_sample(sample, meta, eye)
+        return preprocess_volume(vol, self.cfg, self.device), metadata_tensor(self.net, meta, eye, self.device)
+
+
 class WithMeta(nn.Module):
     """The volume model with its clinical record fixed: forward(x) = net(x, meta), for one-input tools (CAMs)."""
 
@@ -299,7 +340,7 @@ _DESIGN = ("Image branch: a 3D ResNet (MONAI `resnet`, spatial_dims=3, one input
 register_model(ModelCfg(
     name="oct_volume_fusion3d",
     arch="monai_resnet18_3d+meta",
-    modality="oct_volume",
+    modality=Modality.OCT_VOLUME,
     classes=VOLUME_CLASSES,
     task="OCT volume + clinical metadata: normal vs disease",
     input_size=(1, 32, 128, 128),
@@ -317,7 +358,7 @@ register_model(ModelCfg(
 register_model(ModelCfg(
     name="oct_volume_fusion3d_tiny",
     arch="monai_resnet10_3d_w0.25+meta",
-    modality="oct_volume",
+    modality=Modality.OCT_VOLUME,
     classes=VOLUME_CLASSES,
     task="OCT volume + clinical metadata: normal vs disease",
     input_size=(1, 32, 64, 64),

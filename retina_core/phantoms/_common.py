@@ -16,7 +16,7 @@ class Phantom:
     image:    fundus uint8 [H,W,3] RGB; OCT B-scan uint8 [H,W]; OCT volume float32 [D,H,W] in [0,1]
     masks:    lesion type -> bool array with the image's spatial shape (only lesions present; may be empty)
     label:    class name (from retina_core.labels, or "glaucoma"/"cataract"/"amd"/"normal"/"disease")
-    modality: "fundus" | "oct" | "oct_volume"
+    modality: a Modality: fundus | oct | oct_volume
     meta:     JSON-able dict (seed, patient_id, eye, age, sex, geometry, lesion counts ...)
     """
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..labels import DR_GRADES, FUNDUS4, OCT4, OCT8
+from ..modality import Modality
 from ._common import Phantom, sample_patient, streams
 from .fundus import fundus_phantom
 from .oct import C8_SIZES, KERMANY_SIZES, oct_phantom
@@ -76,7 +77,7 @@ class _Writer:
     def save(self, ph: Phantom, rel: str, fmt: str | None = None, quality: int = 92):
         path = self.out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        if ph.modality == "oct_volume":
+        if ph.modality == Modality.OCT_VOLUME:
             import nibabel as nib
             aff = np.diag([ph.meta.get("slice_spacing_mm", 1.0), ph.meta.get("axial_um_per_px", 1.0) / 1000.0,
                            ph.meta.get("span_mm", 6.0) / ph.image.shape[2], 1.0])
@@ -90,10 +91,10 @@ class _Writer:
                 im.save(path, format="PNG")
         stem = rel[: -len(".nii.gz")] if rel.endswith(".nii.gz") else str(Path(rel).with_suffix(""))
         for name, m in ph.masks.items():
-            mp = self.out / "masks" / stem / (f"{name}.nii.gz" if ph.modality == "oct_volume" else f"{name}.png")
+            mp = self.out / "masks" / stem / (f"{name}.nii.gz" if ph.modality == Modality.OCT_VOLUME else f"{name}.png")
             mp.parent.mkdir(parents=True, exist_ok=True)
             arr = m.astype(np.uint8) * 255
-            if ph.modality == "oct_volume":
+            if ph.modality == Modality.OCT_VOLUME:
                 import nibabel as nib
                 nib.save(nib.Nifti1Image(arr, np.eye(4)), str(mp))
             else:
@@ -103,11 +104,11 @@ class _Writer:
         row = {"path": rel, "label": ph.label, "patient_id": m.get("patient_id"), "eye": m.get("eye"),
                "age": m.get("age"), "sex": m.get("sex"), "seed": m.get("seed"),
                "patient_seed": m.get("patient_seed"), "modality": ph.modality,
-               "width": shp[-1] if ph.modality != "fundus" else shp[1],
-               "height": shp[-2] if ph.modality != "fundus" else shp[0],
+               "width": shp[-1] if ph.modality != Modality.FUNDUS else shp[1],
+               "height": shp[-2] if ph.modality != Modality.FUNDUS else shp[0],
                "dr_grade": m.get("dr_grade", ""), "oct_class": m.get("oct_class", ""),
                "masks": ";".join(sorted(ph.masks))}
-        if ph.modality == "fundus":
+        if ph.modality == Modality.FUNDUS:
             row.update({"fovea_x": round(m["fovea_xy"][0], 1), "fovea_y": round(m["fovea_xy"][1], 1),
                         "disc_x": round(m["disc_xy"][0], 1), "disc_y": round(m["disc_xy"][1], 1),
                         "disc_radius": round(m["disc_radius"], 1)})

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from ..labels import DR_GRADES
+from ..modality import Modality
 from ._common import (Phantom, merge_patient, sample_patient, smooth_noise, smoothstep, streams, to_jsonable,
                       wrap_angle)
 
@@ -773,4 +774,4 @@ def fundus_phantom(label, seed: int, size: int = 512, *, patient_seed: int | Non
     }
     if grade is not None:
         meta["dr_grade"] = int(grade)
-    return Phantom(image=out, masks=masks, label=label, modality="fundus", meta=to_jsonable(meta))
+    return Phantom(image=out, masks=masks, label=label, modality=Modality.FUNDUS, meta=to_jsonable(meta))

@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..labels import OCT8
+from ..modality import Modality
 from ._common import Phantom, merge_patient, sample_patient, streams, to_jsonable
 
 OCT_LABELS = tuple(OCT8)
@@ -586,4 +587,4 @@ def oct_phantom(label, seed: int, width: int = 512, height: int = 496, *, patien
             "bm_y_fovea": float(info["bm"][jf]),
             "span_mm": geo["span_mm"], "central_thickness_um": info["central_thickness_um"],
             "lesion_counts": {k: 1 for k in masks}}
-    return Phantom(image=out, masks=masks, label=label, modality="oct", meta=to_jsonable(meta))
+    return Phantom(image=out, masks=masks, label=label, modality=Modality.OCT, meta=to_jsonable(meta))

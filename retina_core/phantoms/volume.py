@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..labels import OCT8
+from ..modality import Modality
 from ._common import Phantom, merge_patient, sample_patient, streams, to_jsonable
 from .fundus import fundus_phantom
 from .oct import (FAMILY, WITHOUT, canonical_oct_label, compress, leave_out, oct_phantom, render_bscan,  # noqa: F401
@@ -75,7 +76,7 @@ def oct_volume(label, seed: int, n_slices: int = 32, height: int = 128, width: i
             "fovea_slice": D // 2, "slice_spacing_mm": spacing, "span_mm": geo["span_mm"],
             "axial_um_per_px": geo["depth_um"] / H, **clinical_values(oct_class, pat["age"], cst, r_clin),
             "lesion_counts": {k: int(v.any(axis=(1, 2)).sum()) for k, v in masks.items()}}
-    return Phantom(image=vol, masks=masks, label=label, modality="oct_volume", meta=to_jsonable(meta))
+    return Phantom(image=vol, masks=masks, label=label, modality=Modality.OCT_VOLUME, meta=to_jsonable(meta))
 
 
 # fundus / OCT classes of the same disease process

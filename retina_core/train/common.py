@@ -79,6 +79,8 @@ class TrainConfig:
     split_fractions: str = "0.8,0.1,0.1"   # train,val,test shares of the patient-level split (sets with no split)
     split_by: str = "stratified"      # stratified (by label) | patient_hash (same patients -> same split in any set)
     framing: str = "auto"             # fundus: fov (field of view centred, letterboxed; auto) | stretch (whole frame)
+    label_column: str | None = None   # labels from another labels.csv column, e.g. dr_grade (io.datasets.relabel)
+    label_map: str | None = None      # with it: value=label pairs, e.g. "0=noDR,NPDR=DR,PDR=DR" (others left out)
 
 
 # TrainConfig fields of the volume models

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import RetinaInputError
 from ..evaluate.metrics import classification_metrics
 from ..io.datasets import SPLIT_METHODS, parse_fractions, split_patients  # noqa: F401  (re-exported: train's API)
-from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, uses_fov
+from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, local_contrast, uses_contrast, uses_fov
 from ..models.loading import MANIFEST, default_device
 from ..models.registry import ModelCfg, create_model, get_cfg
 from . import distributed
@@ -76,7 +76,8 @@ class CachedImages(Dataset):
             # the frame as preprocess_image shapes it: around the field of view (fov framing) or stretched
             box = fov_box(pixels, (h, w)) if framed else FieldBox(0.0, 0.0, float(pixels.shape[1]),
                                                                    float(pixels.shape[0]))
-            imgs.append(frame_tensor(x[0], box, (h, w), round_mask=framed).round().clamp(0, 255).to(torch.uint8))
+            img = frame_tensor(x[0], box, (h, w), round_mask=framed).round().clamp(0, 255)
+            imgs.append((local_contrast(img).round() if uses_contrast(cfg) else img).to(torch.uint8))
             if mask_root is not None:
                 m = lesion_mask(mask_root, r.path, pixels.shape[:2])
                 m = torch.zeros(1, h, w) if m is None else \
@@ -139,10 +140,10 @@ def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device) -> 
 
 
 def _splits(data: str | Path, classes: tuple[str, ...], seed: int, fractions: str | None = None,
-            method: str | None = None):
+            method: str | None = None, label_column: str | None = None, label_map: str | None = None):
     from ..io.datasets import load_dataset, patient_split
 
-    index = load_dataset(data)
+    index = load_dataset(data, label_column=label_column, label_map=label_map)
     unknown = sorted({r.label for r in index.records} - set(classes))
     if unknown:
         raise RetinaInputError(f"The data set has classes this model does not know: {', '.join(unknown)}. "
@@ -190,8 +191,8 @@ def resolve_framing(framing: str, modality: str) -> str:
         return "fov" if modality == "fundus" else "stretch"
     if framing not in FRAMINGS:
         raise RetinaInputError(f"Unknown framing {framing!r}; choose auto, {' or '.join(FRAMINGS)}.")
-    if framing == "fov" and modality != "fundus":
-        raise RetinaInputError("--framing fov applies to fundus photographs only.")
+    if framing != "stretch" and modality != "fundus":
+        raise RetinaInputError(f"--framing {framing} applies to fundus photographs only.")
     return framing
 
 
@@ -258,7 +259,8 @@ def _train_images(model_name, data, out, cfg_t: TrainConfig, data_note, ctx) -> 
         raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     net = build_for_training(model_name, cfg_t)
     cfg: ModelCfg = net.cfg
-    index, splits = _splits(data, cfg.classes, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by)
+    index, splits = _splits(data, cfg.classes, cfg_t.seed, cfg_t.split_fractions, cfg_t.split_by,
+                            cfg_t.label_column, cfg_t.label_map)
     device = ctx.device if ctx else default_device()
     net.to(device)
     if device.type == "cuda":

@@ -1,7 +1,7 @@
 """Streamlit glue of the clinic pages (worklist, case review) and of the upload page's "Save to worklist".
 
 One database engine per server process (`st.cache_resource`, opened and migrated on first use: a new install needs
-no set-up step); images and heatmaps read back from the content store are kept per session (`retina_core.ui.memo`),
+no set-up step); images and heatmaps read back from the content store are kept per session (`common.memo`),
 never in a cache shared between users.
 """
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from .. import ui
+from ..clinic.config import ClinicConfig, ClinicConfigError, load_config, safe_url
+from ..clinic.db import Clinic, open_clinic
 from ..errors import RetinaInputError
-from .config import ClinicConfig, ClinicConfigError, load_config, safe_url
-from .db import Clinic, open_clinic
+from . import common
 
 DEMO_NOTE = ("**Demo mode**: nothing is stored (RETINA_MODE=demo), so there is no worklist and no review. "
              "Start the app without RETINA_MODE=demo to keep cases in the clinic database.")
-SESSION_USER = "auth_user"      # the signed-in accounts.UserView of this browser session (set by auth_ui)
+SESSION_USER = "auth_user"      # the signed-in accounts.UserView of this browser session (set by webapp.auth)
 REF_HELP = ("A pseudonym from your own key list, e.g. SCR-0042, or press *New reference*. Never a name, birth "
             "date or hospital number: 3-32 letters, digits, '-', '_' or '.', at least one digit.")
 
@@ -66,13 +66,13 @@ def storage_caption(clinic: Clinic) -> None:
 
 def stored_pixels(clinic: Clinic, stored_hash: str) -> np.ndarray:
     """uint8 [H, W, 3] of a stored image, once per session."""
-    return ui.memo("clinic_image", stored_hash, lambda: clinic.store.get_image(stored_hash), limit=64)
+    return common.memo("clinic_image", stored_hash, lambda: clinic.store.get_image(stored_hash), limit=64)
 
 
 def stored_heatmap(clinic: Clinic, heatmap_hash: str, size: tuple[int, int]) -> np.ndarray:
     """float32 [H, W] in [0, 1] of a stored heatmap at `size`, once per session."""
-    return ui.memo("clinic_heatmap", (heatmap_hash, size), lambda: clinic.store.get_heatmap(heatmap_hash, size),
-                   limit=128)
+    return common.memo("clinic_heatmap", (heatmap_hash, size), lambda: clinic.store.get_heatmap(heatmap_hash, size),
+                       limit=128)
 
 
 def export_labels_button(clinic: Clinic, user) -> None:
@@ -83,7 +83,7 @@ def export_labels_button(clinic: Clinic, user) -> None:
         import tempfile
         import zipfile
 
-        from .export import export_labels
+        from ..clinic.export import export_labels
 
         buf = io.BytesIO()
         with tempfile.TemporaryDirectory(prefix="retina_export_") as tmp:
@@ -103,7 +103,7 @@ def export_labels_button(clinic: Clinic, user) -> None:
 def result_downloads(clinic: Clinic, analysis_id: int, has_heatmap: bool, user, where=st) -> None:
     """The case page's per-analysis results in hospital formats (see docs/result_formats.md): FHIR R4 JSON, a DICOM
     SR and the heatmap as a DICOM object, each built when clicked and written to the audit trail for `user`."""
-    from . import accounts, interop
+    from ..clinic import accounts, interop
 
     def build(fmt: str) -> bytes:
         ctx = interop.result_context(clinic, analysis_id, pixels=fmt != "fhir")
@@ -128,7 +128,7 @@ def result_downloads(clinic: Clinic, analysis_id: int, has_heatmap: bool, user, 
 
 # ------------------------------------------------------------------------------------------- upload page
 def _new_ref() -> None:
-    from .privacy import new_case_ref
+    from ..clinic.privacy import new_case_ref
 
     st.session_state["save_case_ref"] = new_case_ref()
 
@@ -179,9 +179,9 @@ def save_to_worklist(items: list) -> None:
 
 
 def _save(cfg: ClinicConfig, items: list, ref: str | None, visit: dt.date, user) -> list:
-    from . import records
-    from .interop import dicom_refs_from_bytes
-    from .privacy import dicom_patient_key, site_secret
+    from ..clinic import records
+    from ..clinic.interop import dicom_refs_from_bytes
+    from ..clinic.privacy import dicom_patient_key, site_secret
 
     try:
         clinic = open_cached(cfg.database_url, str(cfg.data_dir), cfg.mode)

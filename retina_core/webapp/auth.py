@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from ..clinic import accounts
+from ..clinic.accounts import UserView
 from ..errors import RetinaInputError
-from . import accounts
-from .accounts import UserView
-from .ui import SESSION_USER as USER
-from .ui import config_or_error, open_cached
+from .clinic_pages import SESSION_USER as USER
+from .clinic_pages import config_or_error, open_cached
 
 TOKEN = "auth_token"
 VIEWED = "auth_viewed"

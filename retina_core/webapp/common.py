@@ -1,4 +1,5 @@
-"""Streamlit glue shared by the pages: cached model loading, per-session result cache, samples, common widgets.
+"""Streamlit glue every page shares: cached model loading, per-session result cache and the inference service,
+bundled samples, trust notes, common widgets.
 
 Pages stay thin: they lay out widgets and plots and call these helpers and the retina_core API.
 Nothing patient-specific goes into a shared (cross-session) cache: models, phantom samples and phantom evaluations
@@ -12,16 +13,15 @@ import io
 from typing import Callable, Hashable, TypeVar
 
 import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from .about import DISCLAIMER
-from .analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, get_model
-from .errors import RetinaInputError
-from .io.decode import SCREEN_SIDE, RetinalImage, read_image
-from .models import get_cfg, list_models, read_manifest  # noqa: F401  (get_cfg: the pages read ui.get_cfg)
-from .models.loading import trained_on
+from ..about import DISCLAIMER
+from ..analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, get_model
+from ..errors import RetinaInputError
+from ..io.decode import SCREEN_SIDE, RetinalImage, read_image
+from ..models import get_cfg, list_models, read_manifest  # noqa: F401  (get_cfg: the pages read common.get_cfg)
+from ..models.loading import trained_on
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def _warm_up(names: list[str]) -> None:
 
 @st.cache_resource(ttl=120, show_spinner=False)
 def _checked_weights() -> dict[str, str | None]:
-    from .models.loading import weights_problem
+    from ..models.loading import weights_problem
 
     status = {name: weights_problem(name) for name in list_models()}
     _warm_up([n for n in DEFAULT_MODELS.values() if status.get(n) is None] +
@@ -127,7 +127,7 @@ def unavailable_note(modality: str | None = None, names: list[str] | None = None
 @st.cache_data(show_spinner=False)
 def sample_png(label: str) -> bytes:
     """PNG bytes of a bundled sample (a deterministic phantom), so a demo needs no files."""
-    from .phantoms import fundus_phantom, oct_phantom
+    from ..phantoms import fundus_phantom, oct_phantom
 
     kind, cls, seed = SAMPLES[label]
     ph = fundus_phantom(cls, seed=seed, size=512) if kind == "fundus" else oct_phantom(cls, seed=seed)
@@ -150,7 +150,7 @@ def memo(kind: str, key: Hashable, compute: Callable[[], T], limit: int = 16) ->
 def method_evidence(model_name: str, weights_sha256: str) -> dict[str, dict]:
     """What the explain-eval evidence kept with these weights (`<weights dir>/evidence/`, real lesion sets first)
     measured per method (read once per session; nothing under docs/ is read)."""
-    from .quick_eval import method_trust
+    from ..audit.evidence import method_trust
 
     return memo("method_trust", (model_name, weights_sha256), lambda: method_trust(model_name, weights_sha256))
 
@@ -161,7 +161,7 @@ def method_trust_note(model_name: str, weights_sha256: str, method: str, label: 
     input's map of a two-input model when `modality` is given): a sentence and whether it is a warning (failed
     sanity check, no more faithful than chance, or a map that rarely points at a lesion, or on real lesions no better
     than chance). Evidence measured on real photographs is worded as such and comes first."""
-    from .quick_eval import trust_note
+    from ..audit.evidence import trust_note
 
     return trust_note(method_evidence(model_name, weights_sha256).get(method), method, label, modality)
 
@@ -188,7 +188,7 @@ def decode_upload(data: bytes, name: str | None) -> RetinalImage:
 def _service():
     """The server's one inference service (`retina_core.serving`): every session's forwards go through its
     bounded queue and one worker, batched; a full queue is a ServerBusyError (a RetinaInputError: pages show it)."""
-    from .serving import get_service
+    from ..serving import get_service
 
     return get_service()
 
@@ -204,7 +204,13 @@ def _service_model(model: str | None):
 def _session_stopped():
     """A check the service polls while this session waits: true once Streamlit asked this script run to stop for
     good (the browser tab closed, the session shut down). A rerun request does not count: the result is still
-    wanted then. Reads a Streamlit-internal field; None (never stopped) where it is missing."""
+    wanted then.
+
+    Streamlit has no public API for this (1.67: `st.context` says nothing about the connection, and a stopped run
+    only learns of it at its next `st.*` call, which a run blocked on the service never makes), so this is the one
+    place in the app that reads Streamlit internals: the run's `ScriptRunContext.script_requests` and its private
+    `_state` (CONTINUE, RERUN or STOP). Where either is missing (outside a script run, or a Streamlit that renamed
+    them) it gives None, or a check that stays false: the queued work then runs to the end, as without the check."""
     try:
         from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
@@ -213,7 +219,7 @@ def _session_stopped():
         return None
     if requests is None or not hasattr(requests, "_state"):
         return None
-    return lambda: getattr(requests._state, "value", None) == "STOP"
+    return lambda: getattr(getattr(requests, "_state", None), "value", None) == "STOP"
 
 
 def served(kind: str, key, compute: Callable, limit: int = 32):
@@ -338,25 +344,7 @@ def show_unavailable(what: str, reason: str) -> None:
     st.info(f"**{what} is not available.** {reason}", icon=":material/hourglass_empty:")
 
 
-# ------------------------------------------------------------------------------------------- charts and images
-def probability_chart(a: Analysis) -> go.Figure:
-    """Horizontal bars of the calibrated probabilities, the predicted class highlighted."""
-    return probability_bars(a.probabilities, a.label)
-
-
-def probability_bars(probabilities: dict[str, float], label: str | None = None, height: int | None = None
-                     ) -> go.Figure:
-    classes = list(probabilities)
-    probs = [probabilities[c] for c in classes]
-    colours = ["#1f6f8b" if c == label else "#9bb7c4" for c in classes]
-    fig = go.Figure(go.Bar(x=probs, y=classes, orientation="h", marker_color=colours,
-                           text=[f"{p:.1%}" for p in probs], textposition="outside", cliponaxis=False))
-    fig.update_layout(xaxis=dict(range=[0, 1.08], tickformat=".0%", title="calibrated probability"),
-                      yaxis=dict(autorange="reversed"), height=height or 60 + 38 * len(classes),
-                      margin=dict(l=10, r=30, t=10, b=40))
-    return fig
-
-
+# ------------------------------------------------------------------------------------------- images
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
@@ -380,7 +368,7 @@ VOLUME_SAMPLES = {  # label -> (phantom label, seed)
 @st.cache_data(show_spinner=False)
 def paired_sample_pngs(label: str) -> tuple[bytes, bytes, dict]:
     """(fundus PNG, OCT PNG, non-identifying facts) of one virtual eye: a bundled phantom pair."""
-    from .phantoms import paired_phantoms
+    from ..phantoms import paired_phantoms
 
     seed, disease = PAIRED_SAMPLES[label]
     f, o = paired_phantoms(seed, disease=disease)
@@ -391,7 +379,7 @@ def paired_sample_pngs(label: str) -> tuple[bytes, bytes, dict]:
 @st.cache_data(show_spinner=False)
 def sample_volume(label: str):
     """(volume float32 [D, H, W], metadata, eye, class) of a bundled phantom volume (no patient data)."""
-    from .volume import phantom_volume
+    from ..volume import phantom_volume
 
     cls, seed = VOLUME_SAMPLES[label]
     return phantom_volume(cls, seed=seed)
@@ -399,9 +387,9 @@ def sample_volume(label: str):
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def phantom_evaluation(name: str, sha256: str, n_per_class: int) -> dict:
-    """`quick_eval.evaluate_on_phantoms`, once per (model, weights, size) per server: phantoms hold no patient
-    data, so every session shares the result."""
-    from .quick_eval import evaluate_on_phantoms
+    """`evaluate.on_phantoms.evaluate_on_phantoms`, once per (model, weights, size) per server: phantoms hold no
+    patient data, so every session shares the result."""
+    from ..evaluate.on_phantoms import evaluate_on_phantoms
 
     return evaluate_on_phantoms(cached_model(name), n_per_class=n_per_class)
 
@@ -419,6 +407,6 @@ def batch_key(files: list[tuple[str, bytes]]) -> str:
 
 def quality_of(img: RetinalImage, modality: str | None = None):
     """The quality gate's verdict (with the detected modality), once per image and session."""
-    from .quality import assess_quality
+    from ..quality import assess_quality
 
     return memo("quality", (img.content_hash, modality), lambda: assess_quality(img, modality=modality), limit=64)

@@ -1,132 +1,25 @@
-"""A small evaluation on fresh phantoms, computed on demand for the Models & evaluation page; the explain-eval
-evidence kept with the weights (`<weights dir>/evidence/`) read back, and the trust notes worded from it.
+"""The explain-eval evidence kept with the weights (`<weights dir>/evidence/`, written by
+`audit.evaluate.write_evidence`) read back, and the trust notes and badges worded from it: what the app says under
+every heatmap about how far its method can be trusted on this model.
 
-    >>> r = evaluate_on_phantoms(load_model("oct_resnet18"), n_per_class=6)
-    >>> r["metrics"]["confusion_matrix"], r["roc"]["CNV"]["auc"], r["metrics"]["reliability_bins"]
+    >>> ev = method_trust("oct_resnet18")                 # {method: figures} of the installed weights
+    >>> note, warning = trust_note(ev.get("gradcam"), "gradcam", label="CNV")
+    >>> trust_badge(ev.get("gradcam"))                    # "sanity check passed (|rho| 0.04)", ...
 
-Phantom seeds start at `SEED_BASE`, far from the seeds `retina_core data phantoms` uses for training sets, so the
-images are new to the model; they come from the same generator, though, so these are phantom metrics: they say
-whether the model learned the phantoms, nothing about clinical accuracy.
+Nothing else is read (docs/ is for people) and nothing here draws: the pages show the notes through
+`webapp.common.show_trust_note`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
-
-from .evaluate.metrics import classification_metrics
-
-SEED_BASE = 9_100_000
-FUNDUS_SIZE = 256
-
-
-def _phantom_inputs(cfg, n_per_class: int, seed: int):
-    """(inputs, y, extra) for the model's modality: 2D images uint8 [H, W, 3], volume (vol, meta, eye) or pairs."""
-    from .phantoms import fundus_phantom, oct_phantom, oct_volume, paired_phantoms
-
-    xs, ys = [], []
-    for k, cls in enumerate(cfg.classes):
-        for j in range(n_per_class):
-            s = seed + 1000 * k + j
-            if cfg.modality == "fundus":
-                xs.append(fundus_phantom(cls, seed=s, size=FUNDUS_SIZE).image)
-            elif cfg.modality == "oct":
-                im = oct_phantom(cls, seed=s, width=256, height=248).image
-                xs.append(np.repeat(im[..., None], 3, axis=2))
-            elif cfg.modality == "oct_volume":
-                d, h, w = cfg.input_size[1:]
-                ph = oct_volume(cls, seed=s, n_slices=d, height=max(h, 64), width=max(w, 64))
-                xs.append((ph.image, ph.meta, ph.meta.get("eye")))
-            elif cfg.modality == "fundus+oct":
-                f, o = paired_phantoms(s, fundus_size=FUNDUS_SIZE, oct_width=256, oct_height=248,
-                                       disease=cls == "disease")
-                xs.append((f.image, np.repeat(o.image[..., None], 3, axis=2)))
-            else:
-                raise ValueError(f"no phantom generator for modality {cfg.modality!r}")
-            ys.append(k)
-    return xs, np.array(ys)
-
-
-def predict_phantoms(model, xs) -> np.ndarray:
-    """Calibrated probabilities [N, K] of a LoadedModel for the inputs `_phantom_inputs` made."""
-    import torch
-
-    cfg, net, t = model.cfg, model.net, model.temperature
-    out = []
-    with torch.inference_mode():
-        if cfg.modality in ("fundus", "oct"):
-            for i in range(0, len(xs), 16):
-                x = torch.cat([model.preprocess(p) for p in xs[i:i + 16]])
-                out.append(model.predict_proba(x).cpu().numpy())
-        elif cfg.modality == "oct_volume":
-            from .models.volume3d import encode_metadata, preprocess_volume
-
-            for vol, meta, eye in xs:
-                m = torch.from_numpy(encode_metadata(meta, eye, getattr(net, "meta_features", None)
-                                                     or ("age", "sex", "eye", "va_logmar", "cst_um", "hba1c")))
-                logit = net(preprocess_volume(vol, cfg, model.device), m[None].to(model.device))
-                p = float(torch.sigmoid(logit.float()[0, 0] / t))
-                out.append(np.array([[1 - p, p]]))
-        else:
-            for f, o in xs:
-                a, b = net.preprocess_pair(f, o, model.device)
-                out.append(torch.softmax(net(a, b).float() / t, dim=1).cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
-
-
-def roc_curves(y: np.ndarray, probs: np.ndarray, classes) -> dict:
-    """One-vs-rest ROC per class: {class: {fpr, tpr, auc}} (classes absent from y are left out)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    out = {}
-    for k, c in enumerate(classes):
-        pos = (y == k).astype(int)
-        if pos.min() == pos.max():
-            continue
-        fpr, tpr, _ = roc_curve(pos, probs[:, k])
-        out[c] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": float(roc_auc_score(pos, probs[:, k]))}
-    return out
-
-
-def evaluate_on_phantoms(model, n_per_class: int = 6, seed: int = SEED_BASE) -> dict:
-    """Metrics, ROC curves and reliability bins of `model` on n_per_class fresh phantoms per class."""
-    xs, y = _phantom_inputs(model.cfg, n_per_class, seed)
-    probs = predict_phantoms(model, xs)
-    classes = list(model.cfg.classes)
-    return {"model": model.name, "weights_sha256": model.sha256, "n": int(len(y)), "n_per_class": n_per_class,
-            "seed": seed, "metric_kind": "phantom",
-            "metrics": classification_metrics(y, probs, classes, ordinal=model.cfg.ordinal),
-            "roc": roc_curves(y, probs, classes)}
-
-
-def saved_reports(keep, roots=("docs", "weights", "artifacts"), base=None, limit: int = 300) -> list[tuple[Path, dict]]:
-    """JSON reports saved in the project: [(path, parsed dict)] for files under `roots` (relative to `base`,
-    default the project folder) whose parsed dict satisfies `keep(obj)`. manifest.json and files over 20 MB
-    are skipped, unreadable files ignored."""
-    base = Path(base) if base else Path(__file__).resolve().parents[1]
-    found = []
-    for r in roots:
-        d = base / r
-        if not d.is_dir():
-            continue
-        for p in sorted(d.rglob("*.json"))[:limit]:
-            if p.name == "manifest.json" or p.stat().st_size > 20_000_000:
-                continue
-            try:
-                obj = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(obj, dict) and keep(obj):
-                found.append((p, obj))
-    return found
-
 
 def stability_table(explain_eval_report: dict) -> list[dict]:
     """Rows {method, stability_ssim, stability_spearman, pointing_game, deletion_auc, insertion_auc,
     randomisation_abs_spearman, passes_sanity_check, cost_vs_forward, seconds_per_image, n_images} of an
     explain-eval report or evidence file (a method's own n_images where runs were merged)."""
-    from .audit.common import passes_randomisation
+    from .common import passes_randomisation
 
     rows = []
     for meth, r in (explain_eval_report.get("methods") or {}).items():
@@ -143,7 +36,7 @@ def stability_table(explain_eval_report: dict) -> list[dict]:
 def evidence_kind(report: dict) -> str:
     """"real" or "phantom": what an evidence file was measured on (its `evidence` block, written by explain-eval;
     else what explain-eval would tag it: a real set's folder or a real lesion-mask report is real)."""
-    from .audit.evaluate import evidence_tag
+    from .evaluate import evidence_tag
 
     return (report.get("evidence") or {}).get("kind") or evidence_tag(report)[1]
 
@@ -154,8 +47,8 @@ def evidence_reports(model_name: str, weights_sha256: str | None = None, weights
     `audit.evaluate.write_evidence`) whose model is `model_name` and whose weights_sha256 is `weights_sha256`
     (default: the sha256 the weights dir's manifest lists for the model). Nothing else is read: docs/ is for people.
     Ordered real evidence first, then more images, then the file name (never file times). [(path, report)]."""
-    from .audit.evaluate import evidence_dir
-    from .models.loading import read_manifest
+    from .evaluate import evidence_dir
+    from ..models.loading import read_manifest
 
     if weights_sha256 is None:
         weights_sha256 = (read_manifest(weights_dir).get(model_name) or {}).get("sha256")
@@ -192,8 +85,8 @@ def _best_per_method(reports: list[tuple[Path, dict]], usable=lambda r: True) ->
 def _real_figures(path: Path, rep: dict, r: dict) -> dict:
     """What a note quotes from a method's figures on a real lesion set (the `real_lesions` block of
     `audit.real_lesions.summarise`, keys as it writes them)."""
-    from .audit.common import passes_randomisation
-    from .audit.evaluate import evidence_tag
+    from .common import passes_randomisation
+    from .evaluate import evidence_tag
 
     rl, ev = r["real_lesions"], rep.get("evidence") or {}
     if not ev.get("tag"):            # a report copied in by hand: what explain-eval would have tagged it
@@ -223,7 +116,7 @@ def method_trust(model_name: str, weights_sha256: str | None = None, weights_dir
     the most eyes: what the model uses (lesion_reliance) goes with every method; its per-class pointing game and
     per-input faithfulness (unused_lesions, faithful_alone) only with the method it was measured with. Empty when
     nothing is kept."""
-    from .audit.common import passes_randomisation
+    from .common import passes_randomisation
 
     reports = evidence_reports(model_name, weights_sha256, weights_dir)
     if not reports:
@@ -277,7 +170,7 @@ def modality_evidence(evidence: dict | None, modality: str) -> dict | None:
     """The figures of one input's map of a two-input (fusion) model, from `method_trust` evidence, in the shape
     `trust_note` reads; None when the report has no per-modality figures. The map of one input can pass while the
     other fails (the bundled fusion model's OCT map deletes no faster than a random map)."""
-    from .audit.common import passes_randomisation
+    from .common import passes_randomisation
 
     mod = ((evidence or {}).get("by_modality") or {}).get(modality)
     if not mod:
@@ -291,7 +184,7 @@ def modality_evidence(evidence: dict | None, modality: str) -> dict | None:
 def _lesion_guided(model_name: str, weights_sha256: str | None, weights_dir=None) -> bool:
     """Whether the installed weights of `model_name` (when they are the report's) were trained with lesion-mask
     guidance (`train --lesion-cam-guidance`): their maps were taught where lesions are."""
-    from .models.loading import read_manifest
+    from ..models.loading import read_manifest
 
     entry = read_manifest(weights_dir).get(model_name) or {}
     if weights_sha256 and entry.get("sha256") != weights_sha256:
@@ -452,7 +345,7 @@ def trust_note(evidence: dict | None, method: str, label: str | None = None, mod
 
 def _trust_note(evidence: dict | None, method: str) -> tuple[str, bool]:
     """`trust_note` without the per-class check."""
-    from .audit.common import RANDOMISATION_LIMIT
+    from .common import RANDOMISATION_LIMIT
 
     if not evidence or (not evidence.get("real") and evidence.get("kind", "phantom") is None):
         return (f"{method}: not evaluated on this model yet (`python -m retina_core explain-eval`): no measured "
@@ -521,7 +414,7 @@ def _real_trust_note(real: dict, phantom: dict, method: str) -> tuple[str, bool]
     randomisation check (on these photographs, and on synthetic phantoms when that was measured too). A warning when
     the map fails the check, deletes no faster than random regions, finds lesions no better than chance (or is not
     shown to), or puts most of its energy outside the field of view."""
-    from .audit.common import RANDOMISATION_LIMIT
+    from .common import RANDOMISATION_LIMIT
 
     name = (REAL_SET_SHORT.get(real.get("set") or "") or (real.get("set_title") or "").split(" (")[0]
             or real.get("set") or "lesion-set")
