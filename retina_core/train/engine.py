@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import RetinaInputError
 from ..evaluate.metrics import classification_metrics
 from ..io.datasets import SPLIT_METHODS, parse_fractions, split_patients  # noqa: F401  (re-exported: train's API)
+from ..modality import Modality
 from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, local_contrast, uses_contrast, uses_fov
 from ..models.loading import MANIFEST, default_device
 from ..models.registry import ModelCfg, create_model, get_cfg
@@ -50,7 +51,7 @@ from .multimodal import train_multimodal
 log = logging.getLogger(__name__)
 
 
-MULTIMODAL_MODALITIES = ("fundus+oct", "oct_volume")
+MULTIMODAL_MODALITIES = (Modality.FUNDUS_OCT, Modality.OCT_VOLUME)
 
 
 class CachedImages(Dataset):
@@ -108,7 +109,7 @@ def augment_image(x: torch.Tensor, modality: str, strength: float = 1.0, mask: t
     `strength` scales the intensity changes and the shift (1.0 = the default amounts). Returns the image, or
     (image, mask) when a [H, W] `mask` is given: it gets the same flips and shift."""
     flips = [-1] if torch.rand(()) < 0.5 else []
-    if modality == "fundus" and torch.rand(()) < 0.5:
+    if modality == Modality.FUNDUS and torch.rand(()) < 0.5:
         flips.append(-2)
     if flips:
         x = x.flip(flips)
@@ -188,10 +189,10 @@ def resolve_framing(framing: str, modality: str) -> str:
     """TrainConfig.framing -> the cfg's: "auto" frames fundus photographs around their field of view
     (`models.framing`) and stretches everything else."""
     if framing == "auto":
-        return "fov" if modality == "fundus" else "stretch"
+        return "fov" if modality == Modality.FUNDUS else "stretch"
     if framing not in FRAMINGS:
         raise RetinaInputError(f"Unknown framing {framing!r}; choose auto, {' or '.join(FRAMINGS)}.")
-    if framing != "stretch" and modality != "fundus":
+    if framing != "stretch" and modality != Modality.FUNDUS:
         raise RetinaInputError(f"--framing {framing} applies to fundus photographs only.")
     return framing
 

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset, TensorDataset
 from ..errors import RetinaInputError
 from ..evaluate.metrics import classification_metrics
 from ..io.datasets import training_splits
+from ..modality import Modality
 from ..models.loading import default_device, preprocess_image
 from ..models.multimodal import FUSION_CLASSES, binary_label
 from ..models.predict import decode_volumes, metadata_matrix
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: str | None = None,
                      ctx=None) -> dict:
     modality = get_cfg(model_name).modality
-    if modality != "oct_volume" and (cfg_t.global_pool or cfg_t.output_stride):
+    if modality != Modality.OCT_VOLUME and (cfg_t.global_pool or cfg_t.output_stride):
         opt = "--global-pool" if cfg_t.global_pool else "--output-stride"
         raise RetinaInputError(f"{opt} does not apply to {model_name} (2-D CNNs and the volume models' 3D ResNet "
                                "only).")
@@ -62,19 +63,19 @@ def train_multimodal(model_name: str, data, out, cfg_t: TrainConfig, data_note: 
                                f"{cfg_t.global_pool!r}.")
     if cfg_t.healthy_cam_penalty:
         raise RetinaInputError(f"--healthy-cam-penalty is not implemented for {model_name} (2-D timm CNNs only).")
-    if modality != "oct_volume" and (flags := volume_only_options(cfg_t)):
+    if modality != Modality.OCT_VOLUME and (flags := volume_only_options(cfg_t)):
         raise RetinaInputError(f"{flags[0]} is not implemented for {model_name} (the OCT volume models only).")
     if not 0.0 <= cfg_t.meta_dropout < 1.0:
         raise RetinaInputError(f"--meta-dropout is a probability in [0, 1), got {cfg_t.meta_dropout:g}.")
     if cfg_t.lesion_only and not cfg_t.lesion_seg:
         raise RetinaInputError("--lesion-only makes the image branch the dense lesion read-out's evidence alone; it "
                                "needs the read-out trained: add --lesion-seg W (e.g. 1).")
-    if cfg_t.lesion_cam_guidance and modality != "oct_volume":
+    if cfg_t.lesion_cam_guidance and modality != Modality.OCT_VOLUME:
         raise RetinaInputError(f"--lesion-cam-guidance is not implemented for {model_name} (2-D timm CNNs and the "
                                "OCT volume models only).")
-    if modality == "fundus+oct":
+    if modality == Modality.FUNDUS_OCT:
         return train_fusion(model_name, data, out, cfg_t, data_note, ctx)
-    if modality == "oct_volume":
+    if modality == Modality.OCT_VOLUME:
         return train_volume(model_name, data, out, cfg_t, data_note, ctx)
     raise RetinaInputError(f"{model_name} is not a multimodal model.")
 
