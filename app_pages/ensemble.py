@@ -5,12 +5,7 @@ import streamlit as st
 
 from retina_core import figures
 from retina_core.errors import RetinaInputError
-from retina_core.evaluate.ensemble import (
-    ablation_rows,
-    ensemble_groups,
-    ensemble_image,
-    find_ablation_files,
-)
+from retina_core.evaluate.ensemble import ablation_rows, ensemble_groups, ensemble_image, find_ablation_files
 from retina_core.explain.overlay import overlay
 from retina_core.modality import IMAGE_MODALITIES
 from retina_core.webapp import auth, common

@@ -14,16 +14,8 @@ from retina_core.explain.volume_methods import VOLUME_METHODS
 from retina_core.io.decode import VOLUME_EXTENSIONS
 from retina_core.modality import Modality
 from retina_core.quality import assess_quality
-from retina_core.volume import (
-    META_FIELDS,
-    en_face,
-    en_face_rows,
-    map_en_face,
-    per_slice_2d,
-    run_volume_model,
-    slice_rgb,
-    volume_reading,
-)
+from retina_core.volume import (META_FIELDS, en_face, en_face_rows, map_en_face, per_slice_2d, run_volume_model,
+                                slice_rgb, volume_reading)
 from retina_core.webapp import auth, clinic_pages, common
 
 DEFAULT_LABEL = "Model's default (from explain-eval)"
