@@ -3,7 +3,7 @@ maps) and the fundus + OCT fusion model (`fundus+oct`, one map per modality).
 
 `audit.evaluate.explain_eval` dispatches here on the model's modality; the report has the 2-D report's shape
 (`methods` -> {method: metrics}, `ranking`, `recommended_default`, `notes`), so `rank_methods`,
-`passes_randomisation` and `quick_eval.method_trust` read it unchanged.
+`passes_randomisation` and `audit.evidence.method_trust` read it unchanged.
 
 Volumes (maps [D, H, W] of the disease logit at the model's input size):
   pointing_game (3-D: the map's peak inside the union lesion mask dilated in-plane by the default tolerance),
