@@ -295,7 +295,7 @@ def weights_caption(model_names: list[str] | None = None) -> None:
 
 
 def sidebar_weights() -> None:
-    """In the sidebar of every page: which weights are loaded, and that they were trained on phantoms."""
+    """In the sidebar of every page: which weights are loaded, and what each was trained on (real set or phantoms)."""
     status = model_status()
     manifest = read_manifest()
     loaded = [n for n, why in status.items() if why is None]
@@ -306,8 +306,9 @@ def sidebar_weights() -> None:
                             "`python -m retina_core train --model NAME --data PATH` (see *Models & evaluation*).")
             for n in loaded:
                 e = manifest.get(n, {})
-                st.markdown(f"**{n}** `{e.get('sha256', '')[:10]}`  \n{e.get('data', 'unknown data')}")
-            st.caption("Bundled demo weights were trained on synthetic phantoms, not on patient images.")
+                st.markdown(f"**{n}** `{e.get('sha256', '')[:10]}`  \n{trained_on(e)}")
+            st.caption("Some bundled weights were trained on small real public image sets, the others on synthetic "
+                       "phantoms only; no figure here is clinical accuracy.")
 
 
 def pick_image(prefix: str, label: str, sample_kinds: tuple[str, ...] = ("fundus", "oct"),
