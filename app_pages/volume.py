@@ -167,7 +167,7 @@ with st.container(border=True):
 
             def read_slices():
                 bar = st.progress(0.0, text="Reading every slice...")
-                out = per_slice_2d(common.cached_model(m2), vol,
+                out = per_slice_2d(common.cached_model(m2), vol, run=common.on_service,
                                    progress=lambda f: bar.progress(f, text="Reading every slice..."))
                 bar.empty()
                 return out

@@ -10,6 +10,8 @@ Slice i of the volume is B-scan i (D slices, each H deep and W wide).
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -97,17 +99,20 @@ def run_volume_model(model, vol: np.ndarray, meta: dict, eye: str | None = None)
                         referable=label in cfg.referable)
 
 
-def per_slice_2d(model, vol: np.ndarray, batch_size: int = 8,
-                 progress: Callable[[float], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def per_slice_2d(model, vol: np.ndarray, batch_size: int = 8, progress: Callable[[float], None] | None = None,
+                 run: Callable[[Callable], object] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A B-scan model on every slice: (maps float32 [D, H, W] in [0, 1] (Grad-CAM of each slice's predicted
-    class), calibrated probabilities float32 [D, K]). progress(fraction done) is called after each batch."""
+    class), calibrated probabilities float32 [D, K]). progress(fraction done) is called after each batch.
+    run(job): how each batch's forward and Grad-CAM is run (default: here); the app passes the server's inference
+    service, so the batches queue with every other session's work and progress still shows between them."""
     from .explain.attribution import explain_batch
 
     d = vol.shape[0]
     maps, probs = [], []
     for i in range(0, d, batch_size):
         batch = np.stack([slice_rgb(vol, j) for j in range(i, min(d, i + batch_size))])
-        m, p, _ = explain_batch(model, batch, "gradcam")
+        job = functools.partial(explain_batch, model, batch, "gradcam")
+        m, p, _ = run(job) if run is not None else job()
         maps.append(m)
         probs.append(p)
         if progress:

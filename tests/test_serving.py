@@ -156,6 +156,27 @@ def test_other_model_work_runs_in_the_worker_in_turn_with_readings(service, octs
     assert s["jobs"] == 4 and s["failed"] == 1
 
 
+def test_the_volume_viewers_per_slice_pass_runs_batch_by_batch_in_the_worker(service):
+    """`per_slice_2d(run=service.call)`: each batch of B-scans is one job on the worker thread, progress is reported
+    between them, and the maps and probabilities equal the pass run in the caller."""
+    from retina_core.models import load_model
+    from retina_core.volume import per_slice_2d, phantom_volume
+
+    svc = service(window_ms=5)
+    model = load_model("oct_resnet18")
+    vol = phantom_volume("disease", n_slices=10, size=64)[0]
+    ran_in, done = [], []
+
+    def run(job):
+        return svc.call(lambda: (ran_in.append(threading.current_thread().name), job())[1])
+
+    maps, probs = per_slice_2d(model, vol, batch_size=4, progress=done.append, run=run)
+    ref_maps, ref_probs = per_slice_2d(model, vol, batch_size=4)
+    assert ran_in == ["retina-inference"] * 3 and done == [0.4, 0.8, 1.0]
+    assert maps.shape == (10, *vol.shape[1:]) and np.allclose(maps, ref_maps, atol=1e-5)
+    assert np.allclose(probs, ref_probs, atol=1e-6) and svc.stats()["jobs"] == 3
+
+
 def test_a_full_queue_says_busy_at_once(service, octs):
     svc = service(queue_size=2, window_ms=30_000)      # the worker waits for a batch to fill: the queue stays full
     first = []

@@ -222,6 +222,12 @@ def _session_stopped():
     return lambda: getattr(getattr(requests, "_state", None), "value", None) == "STOP"
 
 
+def on_service(job: Callable[[], T]) -> T:
+    """Run `job` once through the server's inference service (its queue, worker and thread cap), not memoised:
+    for work split into steps that report progress between them (the volume viewer's per-slice pass)."""
+    return _service().call(job, cancelled=_session_stopped())
+
+
 def served(kind: str, key, compute: Callable, limit: int = 32):
     """`memo` for model work other than a reading (fusion, 3-D volume model and maps, explainer comparisons):
     computed once per session and key, through the server's inference service (`InferenceService.call`), so it
