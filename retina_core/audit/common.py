@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import RetinaInputError
-from ..explain import zones
+from ..explain import volume_methods, zones
 from ..io.datasets import load_dataset, training_splits
 from ..modality import Modality
 from . import real_lesions, trust
@@ -85,13 +85,9 @@ def resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
 
 
 def resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """A float32 [D, H, W] volume in [0, 1] at `size` (trilinear), clipped to [0, 1]."""
-    import torch.nn.functional as F
-
-    if vol.shape == tuple(size):
-        return vol.astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy().clip(0, 1)
+    """A float32 [D, H, W] volume in [0, 1] at `size` (trilinear), clipped to [0, 1]: `volume_methods.resize_volume`
+    with clip."""
+    return volume_methods.resize_volume(vol, size, clip=True)
 
 
 def union_mask(masks: dict | None, shape) -> np.ndarray:
