@@ -7,6 +7,7 @@ It imports none of those three modules, so they import it (evaluate -> counterfa
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from ..errors import RetinaInputError
 from ..explain import volume_methods, zones
@@ -24,6 +24,8 @@ from . import real_lesions, trust
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 # metric -> +1 if higher is better, -1 if lower is better (used for the ranking)
 RANKED_METRICS = {"pointing_game": 1, "energy_pointing_game": 1, "insertion_auc": 1, "deletion_auc": -1,
@@ -186,6 +188,90 @@ def median_time_ratio(forward, heat, repeats: int) -> float:
         t2 = time.perf_counter()
         ratios.append((t2 - t1) / max(t1 - t0, 1e-9))
     return float(np.median(ratios))
+
+
+# ------------------------------------------------------------------------------------------------ per-map checks
+# The checks every map gets, 2-D image, volume or one input of a pair alike: what differs (how a map is scored by
+# deletion, how the randomised model's map is compared, how the input is perturbed) comes in as functions.
+NOISE_SIGMA, BRIGHTNESS = 0.03, 1.15     # the stability perturbations (intensities in [0, 1])
+
+
+def method_list(methods) -> list[str]:
+    """"a, b" or a sequence -> a list of method names."""
+    return [x.strip() for x in methods.split(",") if x.strip()] if isinstance(methods, str) else list(methods)
+
+
+def stability_lists(kinds) -> dict:
+    """Per perturbation kind, the SSIM and Spearman values to collect (`check_map`, `stability_summary`)."""
+    return {k: {"ssim": [], "spearman": []} for k in kinds}
+
+
+def check_map(per: dict, stab: dict, hm: np.ndarray, seed_i: int, score=None, reference: dict | None = None,
+              key=None, randomised=None, perturbed=None) -> None:
+    """Faithfulness, randomisation and stability of one map, appended to `per` ("del", "ins", "del_rand",
+    "ins_rand", "rho", "r_empty") and `stab` ({kind: {"ssim", "spearman"}}).
+
+    score(map) -> {deletion_auc, insertion_auc} of the input with that map (None: skipped); the random-map reference
+    (`trust.random_map(hm.shape, seed_i)`) is remembered in `reference` under `key` (the same for every method).
+    randomised() -> (rho, empty) of the randomised model's map against hm (None: skipped). perturbed() -> {kind:
+    {ssim, spearman}} of the maps of perturbed inputs against hm (None: skipped)."""
+    if score is not None:
+        di = score(hm)
+        per["del"].append(di["deletion_auc"])
+        per["ins"].append(di["insertion_auc"])
+        dr = cached(reference, key, lambda: score(trust.random_map(hm.shape, seed_i)))
+        per["del_rand"].append(dr["deletion_auc"])
+        per["ins_rand"].append(dr["insertion_auc"])
+    if randomised is not None:
+        rho, empty = randomised()
+        per["r_empty"].append(empty)
+        per["rho"].append(rho)
+    if perturbed is not None:
+        for k, v in perturbed().items():
+            stab[k]["ssim"].append(v["ssim"])
+            stab[k]["spearman"].append(v["spearman"])
+
+
+def faithfulness_summary(per: dict, suffix: str = "") -> dict:
+    """deletion_auc, insertion_auc and the random-map reference of `check_map`'s lists (keys + suffix)."""
+    out = {"deletion_auc": finite_mean(per["del"]), "insertion_auc": finite_mean(per["ins"]),
+           **random_order_reference(per["del"], per["del_rand"], per["ins_rand"])}
+    return {k + suffix: v for k, v in out.items()}
+
+
+def randomisation_summary(per: dict, suffix: str = "", changed: bool = True) -> dict:
+    """The model-randomisation figures of `check_map`'s lists (keys + suffix; changed: with the share of maps
+    whose |rho| < 0.5)."""
+    rho = per["rho"]
+    out = {"randomisation_spearman": finite_mean(rho), "randomisation_abs_spearman": finite_mean([abs(r) for r in rho])}
+    if changed:
+        out["randomisation_changed_fraction"] = finite_mean([float(abs(r) < 0.5) for r in rho])
+    out["randomisation_empty_fraction"] = finite_mean([float(e) for e in per["r_empty"]])
+    return {k + suffix: v for k, v in out.items()}
+
+
+def stability_summary(stab: dict, suffix: str = "") -> dict:
+    """stability ({kind: {ssim, spearman}}), stability_ssim and stability_spearman (means over the kinds)."""
+    st = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])} for k, v in stab.items()}
+    return {"stability" + suffix: st, "stability_ssim" + suffix: finite_mean([v["ssim"] for v in st.values()]),
+            "stability_spearman" + suffix: finite_mean([v["spearman"] for v in st.values()])}
+
+
+def run_methods(methods, evaluate, cost, name: str = "", cost_in_wall: bool = False) -> dict[str, dict]:
+    """{method: evaluate(method) with wall_seconds and cost_vs_forward (cost(method))}; cost_in_wall: the wall time
+    includes the cost measurement (volume / fusion runs), else it is the evaluation's alone (2-D runs)."""
+    results = {}
+    for meth in methods:
+        t0 = time.perf_counter()
+        r = evaluate(meth)
+        if cost_in_wall:
+            r["cost_vs_forward"] = cost(meth)
+        r["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        if not cost_in_wall:
+            r["cost_vs_forward"] = cost(meth)
+        results[meth] = r
+        log.info("explain-eval %s %s done in %.1fs", name, meth, r["wall_seconds"])
+    return results
 
 
 # ------------------------------------------------------------------------------------------------ ranking
