@@ -132,3 +132,21 @@ def test_counterfactual_skeleton(case, variants):
     for name, without in variants.items():
         if name != "original" and s[name] is not None:
             assert s[name]["drop"] == pytest.approx(float(originals.mean() - _render(case, without).mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("case,used", [("image", None), ("volume", "test"), ("pair", "all")])
+def test_evaluation_samples_and_ranked(case, used):
+    from retina_core.errors import RetinaInputError
+
+    items = [f"{case}{i}" for i in range(5)]
+    assert common.evaluation_samples(items, None, lambda: items, None, 3, "none") == (items[:3], "3 in-memory phantoms",
+                                                                                    None)
+    assert common.evaluation_samples(None, "/d", None, lambda: (items, used), 3, "none") == (items, "/d", used)
+    with pytest.raises(RetinaInputError, match="needs data_path or phantoms"):
+        common.evaluation_samples(None, None, None, None, 3, "none")
+    with pytest.raises(RetinaInputError, match=f"no {case}"):
+        common.evaluation_samples([], None, lambda: [], None, 3, f"no {case}")
+    results = {"a": {"pointing_game": 0.2, "deletion_auc": 0.5}, "b": {"pointing_game": 0.9, "deletion_auc": 0.1}}
+    rep = common.ranked(results)
+    assert list(rep) == ["methods", "ranking", "recommended_default"] and rep["methods"] is results
+    assert [r["method"] for r in rep["ranking"]] == ["b", "a"] and rep["recommended_default"]["method"] == "b"

@@ -7,6 +7,7 @@ It imports none of those three modules, so they import it (evaluate -> counterfa
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -274,7 +275,36 @@ def run_methods(methods, evaluate, cost, name: str = "", cost_in_wall: bool = Fa
     return results
 
 
+def evaluation_samples(phantoms, data_path, from_phantoms, from_data, n: int, empty: str
+                       ) -> tuple[list, str, str | None]:
+    """(samples, source, split used) of an explain-eval run: the first n of from_phantoms() when `phantoms` are
+    given, else from_data() -> (samples, split used or None) of the `data_path` folder."""
+    used = None
+    if phantoms is not None:
+        samples = from_phantoms()[:n]
+        source = f"{len(samples)} in-memory phantoms"
+    elif data_path is not None:
+        samples, used = from_data()
+        source = str(data_path)
+    else:
+        raise RetinaInputError("explain_eval needs data_path or phantoms.")
+    if not samples:
+        raise RetinaInputError(empty)
+    return samples, source, used
+
+
+def randomised_net(net, seed: int, randomisation: bool = True):
+    """A randomised copy of `net` for the model-randomisation check (None: the check is not run)."""
+    return trust.randomise_parameters(copy.deepcopy(net), seed=seed).eval() if randomisation else None
+
+
 # ------------------------------------------------------------------------------------------------ ranking
+def ranked(results: dict[str, dict]) -> dict:
+    """The report's methods, their ranking and the recommended default."""
+    ranking = rank_methods(results)
+    return {"methods": results, "ranking": ranking, "recommended_default": recommend_default(results, ranking)}
+
+
 def passes_randomisation(report: dict) -> bool | None:
     """The sanity verdict of one method's explain-eval results: mean |rho| below RANDOMISATION_LIMIT. None when the
     check was not run, or when it is inconclusive: the randomised model's maps were mostly empty (a one-logit model's

@@ -34,9 +34,10 @@ from .counterfactual import format_lines as counterfactual_lines
 from .counterfactual import lesion_reliance
 from ..modality import Modality
 from ..models.registry import modality_of
-from .common import (BRIGHTNESS, ND_MODALITIES, NOISE_SIGMA, Sample, check_map, faithfulness_summary, finite_mean,
-                     json_ready, median_time_ratio, method_list, pick_round_robin, randomisation_summary, rank_methods,
-                     recommend_default, resize_sample, run_methods, stability_lists, stability_summary)
+from .common import (BRIGHTNESS, ND_MODALITIES, NOISE_SIGMA, Sample, check_map, evaluation_samples,
+                     faithfulness_summary, finite_mean, json_ready, median_time_ratio, method_list, pick_round_robin,
+                     randomisation_summary, randomised_net, ranked, resize_sample, run_methods, stability_lists,
+                     stability_summary)
 from .evaluate_nd import explain_eval_nd
 from .evaluate_nd import format_lines as nd_format_lines
 
@@ -298,16 +299,9 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
             else:
                 raise RetinaInputError(f"Unknown explanation method {meth!r}; choose from {', '.join(avail)}.")
     methods = [x for x in methods if x in avail]
-    if phantoms is not None:
-        samples = samples_from_phantoms(phantoms)[:n]
-        source = f"{len(samples)} in-memory phantoms"
-    elif data_path is not None:
-        samples = samples_from_dataset(data_path, n, classes=m.classes, seed=seed)
-        source = str(data_path)
-    else:
-        raise RetinaInputError("explain_eval needs data_path or phantoms.")
-    if not samples:
-        raise RetinaInputError("No images to evaluate.")
+    samples, source, _ = evaluation_samples(
+        phantoms, data_path, lambda: samples_from_phantoms(phantoms),
+        lambda: (samples_from_dataset(data_path, n, classes=m.classes, seed=seed), None), n, "No images to evaluate.")
     if target is not None and not (isinstance(target, (int, np.integer)) and 0 <= int(target) < len(m.classes)) \
             and target not in m.classes:
         raise RetinaInputError(f"Unknown target class {target!r} for {m.cfg.name}; choose from "
@@ -324,21 +318,17 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     samples = [resize_sample(s, size) for s in samples]
     if not any(s.mask is not None and s.mask.any() for s in samples):
         notes.append("No lesion masks found: pointing-game metrics are empty.")
-    rnet = None
-    if randomisation:
-        rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval()
+    rnet = randomised_net(m.net, seed, randomisation)
     reference = {}
     results = run_methods(methods, lambda meth: evaluate_method(
         m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds, seed=seed, reference=reference,
         target=target), lambda meth: cost_vs_forward(m, samples[0].image, meth), m.cfg.name)
     if any(meth in IG_METHODS for meth in methods):
         notes.append("integrated_gradients: 32 steps from a black image; its time includes all steps.")
-    ranking = rank_methods(results)
     report = {"model": getattr(model, "name", m.cfg.name), "weights_sha256": getattr(model, "sha256", None),
               "data": source, "n_images": len(samples), "eval_size": list(size) if size else None,
               "metric_kind": _metric_kind(samples, source),
-              "target": target, "methods": results, "ranking": ranking,
-              "recommended_default": recommend_default(results, ranking), "notes": notes,
+              "target": target, **ranked(results), "notes": notes,
               "settings": {"steps": steps, "stability_kinds": list(stability_kinds), "randomisation": randomisation,
                            "seed": seed, "deletion_baseline": "blur", "noise_sigma": NOISE_SIGMA,
                            "brightness": BRIGHTNESS}}

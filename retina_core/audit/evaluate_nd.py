@@ -20,7 +20,6 @@ Fusion (maps of the predicted class per image, at each encoder's input size; "gr
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from ..modality import IMAGE_MODALITIES, Modality
 from ..models.loading import LoadedModel, preprocess_image, to_pixels
 from ..models.volume3d import metadata_tensor
 from . import trust
-from .common import (BRIGHTNESS, ND_MODALITIES, NOISE_SIGMA, check_map, faithfulness_summary, finite_mean, json_ready,
-                     median_time_ratio, method_list, pick_round_robin, randomisation_summary, rank_methods,
-                     recommend_default, resize_2d, resize_volume, run_methods, split_records, stability_lists,
+from .common import (BRIGHTNESS, ND_MODALITIES, NOISE_SIGMA, check_map, evaluation_samples, faithfulness_summary,
+                     finite_mean, json_ready, median_time_ratio, method_list, pick_round_robin, randomisation_summary,
+                     randomised_net, ranked, resize_2d, resize_volume, run_methods, split_records, stability_lists,
                      stability_summary, union_mask)
 
 log = logging.getLogger(__name__)
@@ -586,19 +585,11 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     for k in stability_kinds:
         if k not in ("noise", "brightness", "shift"):
             raise RetinaInputError(f"Unknown perturbation {k!r}; use noise, brightness or shift.")
-    used_split = None
-    if phantoms is not None:
-        samples = (volume_samples_from_phantoms(m, phantoms) if modality == Modality.OCT_VOLUME
-                   else pair_samples_from_phantoms(m, phantoms))[:n]
-        source = f"{len(samples)} in-memory phantoms"
-    elif data_path is not None:
-        load = volume_samples_from_dataset if modality == Modality.OCT_VOLUME else pair_samples_from_dataset
-        samples, used_split = load(m, data_path, n, seed=seed, split=split)
-        source = str(data_path)
-    else:
-        raise RetinaInputError("explain_eval needs data_path or phantoms.")
-    if not samples:
-        raise RetinaInputError("No samples to evaluate.")
+    volume = modality == Modality.OCT_VOLUME
+    samples, source, used_split = evaluation_samples(
+        phantoms, data_path, lambda: (volume_samples_from_phantoms if volume else pair_samples_from_phantoms)(
+            m, phantoms), lambda: (volume_samples_from_dataset if volume else pair_samples_from_dataset)(
+            m, data_path, n, seed=seed, split=split), n, "No samples to evaluate.")
     notes = []
     if used_split == "test":
         notes.append("Samples from the test split of the patient-level split training used (held out).")
@@ -607,7 +598,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
                      f"not used to train the model.")
     if len(samples) < n:
         notes.append(f"Only {len(samples)} samples available (asked for {n}).")
-    rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval() if randomisation else None
+    rnet = randomised_net(m.net, seed, randomisation)
     reference = {}
     inputs = volume_input_summary(m, samples) if modality == Modality.OCT_VOLUME else None
     if modality == Modality.OCT_VOLUME:
@@ -670,7 +661,6 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
             "vanished).",
         ]
         settings_extra = {"deletion_baseline": "blur"}
-    ranking = rank_methods(results)
     extra = {}
     if inputs is not None:
         extra["inputs"] = {"image_led_fraction": finite_mean([float(x) for x in inputs["image_led"]]),
@@ -683,8 +673,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
                      "location to point at.")
     return json_ready({"model": m.name, "weights_sha256": m.sha256, "modality": modality, "data": source,
                    "split": used_split, "n_images": len(samples), "eval_size": eval_size, "metric_kind": "phantom",
-                   "methods": results, "ranking": ranking, "recommended_default": recommend_default(results, ranking),
-                   **extra, "notes": notes,
+                   **ranked(results), **extra, "notes": notes,
                    "settings": {"steps": steps, "stability_kinds": list(stability_kinds),
                                 "randomisation": randomisation, "seed": seed, "noise_sigma": NOISE_SIGMA,
                                 "brightness": BRIGHTNESS, **settings_extra}})
