@@ -1,7 +1,10 @@
 """What explain-eval's 2-D (`evaluate`), volume / fusion (`evaluate_nd`) and counterfactual (`counterfactual`) runs
 share: the sample types and their resizing, the draw of records (round-robin over labels; the patient-level split
-training used), the statistics (finite means, the random-map reference, timing ratios) and the ranking /
-recommendation of methods, and the JSON clean-up of a report.
+training used), the statistics (finite means, the random-map reference, timing ratios), the checks every map gets
+whatever its dimensionality (`check_map`: deletion / insertion against a random map, the randomised model's map,
+stability; their summaries into the report's keys) and the loop over methods, the ranking / recommendation of
+methods, and the JSON clean-up of a report. What differs between a 2-D image, a volume and one input of a pair (how
+a map is scored by deletion, compared with the randomised model's, perturbed) comes in as functions.
 
 It imports none of those three modules, so they import it (evaluate -> counterfactual -> evaluate_nd -> common).
 """
