@@ -1,12 +1,17 @@
 """What explain-eval's 2-D (`evaluate`), volume / fusion (`evaluate_nd`) and counterfactual (`counterfactual`) runs
 share: the sample types and their resizing, the draw of records (round-robin over labels; the patient-level split
-training used), the statistics (finite means, the random-map reference, timing ratios) and the ranking /
-recommendation of methods, and the JSON clean-up of a report.
+training used), the statistics (finite means, the random-map reference, timing ratios), the checks every map gets
+whatever its dimensionality (`check_map`: deletion / insertion against a random map, the randomised model's map,
+stability; their summaries into the report's keys) and the loop over methods, the ranking / recommendation of
+methods, and the JSON clean-up of a report. What differs between a 2-D image, a volume and one input of a pair (how
+a map is scored by deletion, compared with the randomised model's, perturbed) comes in as functions.
 
 It imports none of those three modules, so they import it (evaluate -> counterfactual -> evaluate_nd -> common).
 """
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,16 +19,17 @@ from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from ..errors import RetinaInputError
-from ..explain import zones
+from ..explain import volume_methods, zones
 from ..io.datasets import load_dataset, training_splits
 from ..modality import Modality
 from . import real_lesions, trust
 
 if TYPE_CHECKING:
     from ..models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 # metric -> +1 if higher is better, -1 if lower is better (used for the ranking)
 RANKED_METRICS = {"pointing_game": 1, "energy_pointing_game": 1, "insertion_auc": 1, "deletion_auc": -1,
@@ -85,13 +91,9 @@ def resize_2d(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
 
 
 def resize_volume(vol: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """A float32 [D, H, W] volume in [0, 1] at `size` (trilinear), clipped to [0, 1]."""
-    import torch.nn.functional as F
-
-    if vol.shape == tuple(size):
-        return vol.astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy().clip(0, 1)
+    """A float32 [D, H, W] volume in [0, 1] at `size` (trilinear), clipped to [0, 1]: `volume_methods.resize_volume`
+    with clip."""
+    return volume_methods.resize_volume(vol, size, clip=True)
 
 
 def union_mask(masks: dict | None, shape) -> np.ndarray:
@@ -192,7 +194,120 @@ def median_time_ratio(forward, heat, repeats: int) -> float:
     return float(np.median(ratios))
 
 
+# ------------------------------------------------------------------------------------------------ per-map checks
+# The checks every map gets, 2-D image, volume or one input of a pair alike: what differs (how a map is scored by
+# deletion, how the randomised model's map is compared, how the input is perturbed) comes in as functions.
+NOISE_SIGMA, BRIGHTNESS = 0.03, 1.15     # the stability perturbations (intensities in [0, 1])
+
+
+def method_list(methods) -> list[str]:
+    """"a, b" or a sequence -> a list of method names."""
+    return [x.strip() for x in methods.split(",") if x.strip()] if isinstance(methods, str) else list(methods)
+
+
+def stability_lists(kinds) -> dict:
+    """Per perturbation kind, the SSIM and Spearman values to collect (`check_map`, `stability_summary`)."""
+    return {k: {"ssim": [], "spearman": []} for k in kinds}
+
+
+def check_map(per: dict, stab: dict, hm: np.ndarray, seed_i: int, score=None, reference: dict | None = None,
+              key=None, randomised=None, perturbed=None) -> None:
+    """Faithfulness, randomisation and stability of one map, appended to `per` ("del", "ins", "del_rand",
+    "ins_rand", "rho", "r_empty") and `stab` ({kind: {"ssim", "spearman"}}).
+
+    score(map) -> {deletion_auc, insertion_auc} of the input with that map (None: skipped); the random-map reference
+    (`trust.random_map(hm.shape, seed_i)`) is remembered in `reference` under `key` (the same for every method).
+    randomised() -> (rho, empty) of the randomised model's map against hm (None: skipped). perturbed() -> {kind:
+    {ssim, spearman}} of the maps of perturbed inputs against hm (None: skipped)."""
+    if score is not None:
+        di = score(hm)
+        per["del"].append(di["deletion_auc"])
+        per["ins"].append(di["insertion_auc"])
+        dr = cached(reference, key, lambda: score(trust.random_map(hm.shape, seed_i)))
+        per["del_rand"].append(dr["deletion_auc"])
+        per["ins_rand"].append(dr["insertion_auc"])
+    if randomised is not None:
+        rho, empty = randomised()
+        per["r_empty"].append(empty)
+        per["rho"].append(rho)
+    if perturbed is not None:
+        for k, v in perturbed().items():
+            stab[k]["ssim"].append(v["ssim"])
+            stab[k]["spearman"].append(v["spearman"])
+
+
+def faithfulness_summary(per: dict, suffix: str = "") -> dict:
+    """deletion_auc, insertion_auc and the random-map reference of `check_map`'s lists (keys + suffix)."""
+    out = {"deletion_auc": finite_mean(per["del"]), "insertion_auc": finite_mean(per["ins"]),
+           **random_order_reference(per["del"], per["del_rand"], per["ins_rand"])}
+    return {k + suffix: v for k, v in out.items()}
+
+
+def randomisation_summary(per: dict, suffix: str = "", changed: bool = True) -> dict:
+    """The model-randomisation figures of `check_map`'s lists (keys + suffix; changed: with the share of maps
+    whose |rho| < 0.5)."""
+    rho = per["rho"]
+    out = {"randomisation_spearman": finite_mean(rho), "randomisation_abs_spearman": finite_mean([abs(r) for r in rho])}
+    if changed:
+        out["randomisation_changed_fraction"] = finite_mean([float(abs(r) < 0.5) for r in rho])
+    out["randomisation_empty_fraction"] = finite_mean([float(e) for e in per["r_empty"]])
+    return {k + suffix: v for k, v in out.items()}
+
+
+def stability_summary(stab: dict, suffix: str = "") -> dict:
+    """stability ({kind: {ssim, spearman}}), stability_ssim and stability_spearman (means over the kinds)."""
+    st = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])} for k, v in stab.items()}
+    return {"stability" + suffix: st, "stability_ssim" + suffix: finite_mean([v["ssim"] for v in st.values()]),
+            "stability_spearman" + suffix: finite_mean([v["spearman"] for v in st.values()])}
+
+
+def run_methods(methods, evaluate, cost, name: str = "", cost_in_wall: bool = False) -> dict[str, dict]:
+    """{method: evaluate(method) with wall_seconds and cost_vs_forward (cost(method))}; cost_in_wall: the wall time
+    includes the cost measurement (volume / fusion runs), else it is the evaluation's alone (2-D runs)."""
+    results = {}
+    for meth in methods:
+        t0 = time.perf_counter()
+        r = evaluate(meth)
+        if cost_in_wall:
+            r["cost_vs_forward"] = cost(meth)
+        r["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        if not cost_in_wall:
+            r["cost_vs_forward"] = cost(meth)
+        results[meth] = r
+        log.info("explain-eval %s %s done in %.1fs", name, meth, r["wall_seconds"])
+    return results
+
+
+def evaluation_samples(phantoms, data_path, from_phantoms, from_data, n: int, empty: str
+                       ) -> tuple[list, str, str | None]:
+    """(samples, source, split used) of an explain-eval run: the first n of from_phantoms() when `phantoms` are
+    given, else from_data() -> (samples, split used or None) of the `data_path` folder."""
+    used = None
+    if phantoms is not None:
+        samples = from_phantoms()[:n]
+        source = f"{len(samples)} in-memory phantoms"
+    elif data_path is not None:
+        samples, used = from_data()
+        source = str(data_path)
+    else:
+        raise RetinaInputError("explain_eval needs data_path or phantoms.")
+    if not samples:
+        raise RetinaInputError(empty)
+    return samples, source, used
+
+
+def randomised_net(net, seed: int, randomisation: bool = True):
+    """A randomised copy of `net` for the model-randomisation check (None: the check is not run)."""
+    return trust.randomise_parameters(copy.deepcopy(net), seed=seed).eval() if randomisation else None
+
+
 # ------------------------------------------------------------------------------------------------ ranking
+def ranked(results: dict[str, dict]) -> dict:
+    """The report's methods, their ranking and the recommended default."""
+    ranking = rank_methods(results)
+    return {"methods": results, "ranking": ranking, "recommended_default": recommend_default(results, ranking)}
+
+
 def passes_randomisation(report: dict) -> bool | None:
     """The sanity verdict of one method's explain-eval results: mean |rho| below RANDOMISATION_LIMIT. None when the
     check was not run, or when it is inconclusive: the randomised model's maps were mostly empty (a one-logit model's

@@ -38,6 +38,8 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -119,57 +121,108 @@ def _nd_setup(model, weights_dir, data_path, split, modality: str, what: str):
     return m, root, recs, used, _phantom_rows(root, modality)
 
 
+# ------------------------------------------------------------------------------------------------ the skeleton
+@dataclass
+class Eye:
+    """One drawn phantom eye, as a modality's adapter sees it. `cls`: the class its figures are pooled under;
+    render(without) -> the eye re-rendered without those parts (any value the other three read); check(original)
+    refuses an eye whose stored file the original render does not match; unchanged(variant, original): nothing of
+    that kind in the eye; score(name, variant, out) predicts, maps and fills out[name] (on the original also the
+    pointing game)."""
+    cls: str
+    render: Callable
+    check: Callable
+    unchanged: Callable
+    score: Callable
+
+
+def counterfactual_eyes(picked: list, variants: dict, eye_of: Callable) -> dict[str, list[dict]]:
+    """{class: [one dict per eye: variant -> its figures (None: nothing of that kind)]} over the drawn records:
+    eye_of(record, classes so far) -> an `Eye`, or None to skip the record (a healthy or unscored class)."""
+    per: dict[str, list[dict]] = defaultdict(list)
+    for r in picked:
+        eye = eye_of(r, len(per))
+        if eye is None:
+            continue
+        out: dict = {}
+        original = None
+        for name, without in variants.items():
+            v = eye.render(without)
+            if name == "original":
+                eye.check(v)
+                original = v
+            elif eye.unchanged(v, original):
+                out[name] = None                     # nothing of that kind in this eye
+                continue
+            eye.score(name, v, out)
+        per[eye.cls].append(out)
+    return per
+
+
+def reliance_report(data_path, split, modality: str, method: str, variants: dict, per: dict, classes=None,
+                    head: dict | None = None, tail: dict | None = None, note: str = "") -> dict:
+    """The lesion-reliance report of `counterfactual_eyes`' figures: per class (in `classes`' order, default
+    sorted) `_summarise`d; `head` goes before n_volumes, `tail` after per_class."""
+    order = sorted(per) if classes is None else [c for c in classes if c in per]
+    return {"data": str(data_path), "split": split, "modality": modality, "method": method,
+            "variants": list(variants), **(head or {}), "n_volumes": sum(len(v) for v in per.values()),
+            "per_class": {c: _summarise(per[c], variants) for c in order}, **(tail or {}), "note": note}
+
+
+# ------------------------------------------------------------------------------------------------ volumes
+def _volume_eye_of(m, root: Path, rows: dict, size: tuple[int, int, int]):
+    """The adapter of an OCT volume model: P(disease) with the record as given and with none, 3-D Grad-CAM."""
+    from ..io.decode import read_image
+    from ..phantoms.volume import oct_volume
+
+    tol = trust.default_tolerance(size[1:])
+
+    def eye_of(r, _n):
+        row = rows.get(Path(r.path).name)
+        if row is None:
+            raise RetinaInputError(f"{Path(r.path).name} is not in {root / 'phantom_meta.csv'}.")
+        cls = row["oct_class"]
+        if cls == "NORMAL":
+            return None
+        stored = np.asarray(read_image(r.path).pixels, np.float32)
+        meta_t = meta_tensor_of(m, r.meta, r.eye)
+        no_record = torch.full_like(meta_t, float("nan"))
+
+        def render(without):
+            vol = oct_volume(cls, int(row["seed"]), *stored.shape, without=without)
+            return vol.image.astype(np.float32), vol.masks
+
+        def score(name, v, out):
+            x = resize_volume(v[0], size)
+            p, hm = volume_map(m, m.net, x, meta_t, "gradcam")
+            p0 = float(volume_predict_fn(m, no_record)(x[None])[0])
+            out[name] = {"p": float(p), "called": bool(p >= 0.5), "p_no_record": p0, "called_no_record": p0 >= 0.5}
+            mask = union_mask(v[1], v[0].shape) if name == "original" else None
+            if mask is not None and mask.any():
+                out["pointing_game"] = float(trust.pointing_game_3d(hm, resize_mask_3d(mask, size), tol))
+
+        return Eye(cls, render, lambda v: _refuse_mismatch(Path(r.path).name, float(np.abs(v[0] - stored).max())),
+                   lambda v, o: np.array_equal(v[0], o[0]), score)
+    return eye_of
+
+
 def volume_lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
                            weights_dir=None) -> dict:
     """Per disease class of a phantom volume set: how P(disease) changes when the same eyes are re-rendered without
     their masked lesions, their ellipsoidal lesions or their diffuse thickening, with and without the clinical
     record, next to the pointing game of the model's 3-D Grad-CAM on the originals. n: volumes drawn round-robin
     over the labels (None: all); split as in explain-eval ("all" for a set the model never saw)."""
-    from ..io.decode import read_image
-    from ..phantoms.volume import oct_volume
-
     m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, Modality.OCT_VOLUME,
                                           "an OCT volume model")
-    size = tuple(m.cfg.input_size[1:])
-    tol = trust.default_tolerance(size[1:])
-    per: dict[str, list[dict]] = defaultdict(list)
     picked = pick_round_robin(recs, len(recs) if n is None else int(n), seed)
-    for r in picked:
-        row = rows.get(Path(r.path).name)
-        if row is None:
-            raise RetinaInputError(f"{Path(r.path).name} is not in {root / 'phantom_meta.csv'}.")
-        cls = row["oct_class"]
-        if cls == "NORMAL":
-            continue
-        stored = np.asarray(read_image(r.path).pixels, np.float32)
-        meta_t = meta_tensor_of(m, r.meta, r.eye)
-        no_record = torch.full_like(meta_t, float("nan"))
-        out: dict = {}
-        original = None
-        for name, without in VARIANTS.items():
-            vol = oct_volume(cls, int(row["seed"]), *stored.shape, without=without)
-            v = vol.image.astype(np.float32)
-            if name == "original":
-                _refuse_mismatch(Path(r.path).name, float(np.abs(v - stored).max()))
-                original, mask = v, union_mask(vol.masks, v.shape)
-            elif np.array_equal(v, original):
-                out[name] = None                     # nothing of that kind in this eye
-                continue
-            x = resize_volume(v, size)
-            p, hm = volume_map(m, m.net, x, meta_t, "gradcam")
-            p0 = float(volume_predict_fn(m, no_record)(x[None])[0])
-            out[name] = {"p": float(p), "called": bool(p >= 0.5), "p_no_record": p0, "called_no_record": p0 >= 0.5}
-            if name == "original" and mask.any():
-                out["pointing_game"] = float(trust.pointing_game_3d(hm, resize_mask_3d(mask, size), tol))
-        per[cls].append(out)
+    per = counterfactual_eyes(picked, VARIANTS, _volume_eye_of(m, root, rows, tuple(m.cfg.input_size[1:])))
     if not per:
         raise RetinaInputError(f"No diseased volume among the {len(picked)} drawn from {data_path} ({used}).")
-    return {"data": str(data_path), "split": used, "modality": Modality.OCT_VOLUME, "method": "gradcam",
-            "variants": list(VARIANTS), "n_volumes": sum(len(v) for v in per.values()),
-            "per_class": {c: _summarise(v) for c, v in sorted(per.items())},
-            "note": ("P(disease) of the same phantom eyes re-rendered without part of their disease (means over the "
-                     "class; with the record as given and with none). A lesion the model uses lowers P when it is "
-                     "left out; where it does not, a map pointing at it would not be faithful to the model.")}
+    return reliance_report(
+        data_path, used, Modality.OCT_VOLUME, "gradcam", VARIANTS, per,
+        note=("P(disease) of the same phantom eyes re-rendered without part of their disease (means over the "
+              "class; with the record as given and with none). A lesion the model uses lowers P when it is "
+              "left out; where it does not, a map pointing at it would not be faithful to the model."))
 
 
 def _jpeg_round_trip(img: np.ndarray, quality: int) -> np.ndarray:
@@ -199,6 +252,55 @@ def _render_2d(modality: str, row: dict, w: int, h: int, without: tuple[str, ...
     return ph.image, ph.masks
 
 
+# ------------------------------------------------------------------------------------------------ 2-D images
+def _image_eye_of(m, root: Path, rows: dict, method: str, healthy: str | None):
+    """The adapter of a 2-D OCT B-scan or colour fundus classifier: the calibrated probability of the image's own
+    class (still the top class?) and P(healthy class), the map of `method` for the predicted class."""
+    from ..io.datasets import lesion_mask_dir
+    from ..io.decode import read_image
+
+    modality = m.cfg.modality
+    classes = list(m.classes)
+    size = tuple(m.cfg.input_size[1:])
+
+    def eye_of(r, _n):
+        _, rel = lesion_mask_dir(root, Path(r.path))
+        row = rows.get(rel or "")
+        if row is None:
+            raise RetinaInputError(f"{rel or r.path} is not in {root / 'phantom_meta.csv'}.")
+        cls = r.label
+        if cls == healthy or row["label"] == "glaucoma":
+            return None
+        stored = np.asarray(read_image(r.path).pixels)
+        if modality == Modality.OCT and stored.ndim == 3:
+            stored = stored[..., 0]
+        h, w = stored.shape[:2]
+        quality = JPEG_QUALITY[modality] if Path(r.path).suffix.lower() in (".jpg", ".jpeg") else None
+
+        def render(without):                       # (as rendered, as stored, masks)
+            raw, masks = _render_2d(modality, row, w, h, without)
+            return raw, (_jpeg_round_trip(raw, quality) if quality else raw), masks
+
+        def score(name, v, out):
+            mask = None
+            if name == "original":
+                ms = [np.asarray(x, bool) for x in v[2].values()]
+                mask = np.logical_or.reduce(ms) if ms else None
+            s = resize_sample(Sample(to_pixels(v[1]), cls, mask, modality), size)
+            maps, probs, idx = explain_batch(m, s.image[None], method)
+            k = classes.index(cls)
+            out[name] = {"p": float(probs[0, k]), "called": int(np.argmax(probs[0])) == k}
+            if healthy is not None:
+                out[name]["p_healthy"] = float(probs[0, classes.index(healthy)])
+            if name == "original" and s.mask is not None and s.mask.any():
+                out["pointing_game"] = float(trust.pointing_game(maps[0], s.mask))
+
+        return Eye(cls, render,
+                   lambda v: _refuse_mismatch(rel, float(np.abs(v[1].astype(np.float32) - stored).max()) / 255.0),
+                   lambda v, o: np.array_equal(v[0], o[0]), score)
+    return eye_of
+
+
 def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0, weights_dir=None,
                           method: str | None = None) -> dict:
     """Per disease class of a phantom image set: how the calibrated probability of each image's own class changes
@@ -209,8 +311,7 @@ def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0,
     over the model's classes, `seed`); images of the healthy class, of a class the model does not have, or of
     glaucoma (whose marked 'lesion' is the cup) are skipped. Each image also reports P(healthy class) when the model
     has one: removing every lesion should move it there."""
-    from ..io.datasets import lesion_mask_dir, load_dataset
-    from ..io.decode import read_image
+    from ..io.datasets import load_dataset
 
     if isinstance(model, str):
         from ..models import load_model
@@ -232,57 +333,20 @@ def image_lesion_reliance(model, data_path, n: int | None = None, seed: int = 0,
     recs = [r for r in load_dataset(root).records if r.label in classes]
     if not recs:
         raise RetinaInputError(f"{data_path} has no image of the classes of {m.cfg.name}: {', '.join(classes)}.")
-    size = tuple(m.cfg.input_size[1:])
     picked = pick_round_robin(recs, len(recs) if n is None else int(n), seed)
-    per: dict[str, list[dict]] = defaultdict(list)
-    for r in picked:
-        _, rel = lesion_mask_dir(root, Path(r.path))
-        row = rows.get(rel or "")
-        if row is None:
-            raise RetinaInputError(f"{rel or r.path} is not in {root / 'phantom_meta.csv'}.")
-        cls = r.label
-        if cls == healthy or row["label"] == "glaucoma":
-            continue
-        stored = np.asarray(read_image(r.path).pixels)
-        if modality == Modality.OCT and stored.ndim == 3:
-            stored = stored[..., 0]
-        h, w = stored.shape[:2]
-        quality = JPEG_QUALITY[modality] if Path(r.path).suffix.lower() in (".jpg", ".jpeg") else None
-        out: dict = {}
-        original = mask = None
-        for name, without in variants.items():
-            raw, masks = _render_2d(modality, row, w, h, without)
-            img = _jpeg_round_trip(raw, quality) if quality else raw
-            if name == "original":
-                _refuse_mismatch(rel, float(np.abs(img.astype(np.float32) - stored).max()) / 255.0)
-                original = raw
-                ms = [np.asarray(v, bool) for v in masks.values()]
-                mask = np.logical_or.reduce(ms) if ms else None
-            elif np.array_equal(raw, original):
-                out[name] = None                     # nothing of that kind in this eye
-                continue
-            s = resize_sample(Sample(to_pixels(img), cls, mask if name == "original" else None, modality), size)
-            maps, probs, idx = explain_batch(m, s.image[None], method)
-            k = classes.index(cls)
-            out[name] = {"p": float(probs[0, k]), "called": int(np.argmax(probs[0])) == k}
-            if healthy is not None:
-                out[name]["p_healthy"] = float(probs[0, classes.index(healthy)])
-            if name == "original" and s.mask is not None and s.mask.any():
-                out["pointing_game"] = float(trust.pointing_game(maps[0], s.mask))
-        per[cls].append(out)
+    per = counterfactual_eyes(picked, variants, _image_eye_of(m, root, rows, method, healthy))
     if not per:
         raise RetinaInputError(f"No diseased image among the {len(picked)} drawn from {data_path}.")
     what = "B-scan" if modality == Modality.OCT else "photograph"
-    return {"data": str(data_path), "split": "all", "modality": modality, "method": method,
-            "variants": list(variants), "healthy_class": healthy,
-            "n_volumes": sum(len(v) for v in per.values()),
-            "per_class": {c: _summarise(per[c], variants) for c in classes if c in per},
-            "note": (f"Probability of each {what}'s own class for the same phantom eyes re-rendered without part "
-                     "of their disease (means over the class; 'called': still the top class). A lesion the model "
-                     "uses lowers it when it is left out; where it does not, a map pointing at it would not be "
-                     "faithful to the model.")}
+    return reliance_report(
+        data_path, "all", modality, method, variants, per, classes=classes, head={"healthy_class": healthy},
+        note=(f"Probability of each {what}'s own class for the same phantom eyes re-rendered without part "
+              "of their disease (means over the class; 'called': still the top class). A lesion the model "
+              "uses lowers it when it is left out; where it does not, a map pointing at it would not be "
+              "faithful to the model."))
 
 
+# ------------------------------------------------------------------------------------------------ pairs
 def _pair_row_classes(frow: dict) -> tuple[str, str]:
     """(fundus class, OCT class) of a pair from its fundus phantom_meta.csv row (`phantoms.volume.paired_phantoms`:
     a DR grade with DME / DR, or AMD with AMD / drusen / CNV, or No DR with NORMAL)."""
@@ -305,6 +369,73 @@ def _alone(per: dict, mod: str) -> dict | None:
     return {"n": len(got), "deletion_auc": d, "deletion_auc_random_map": dr, "faithful_vs_random": d < dr}
 
 
+def _pair_eye_of(m, root: Path, rows: dict, steps: int, seed: int):
+    """The adapter of the fundus + OCT fusion model: P(disease) of the pair, each input's Grad-CAM; where one input
+    carries the call (the other's lesions left out), the deletion AUC of its map against a random map's."""
+    from ..io.decode import read_image
+    from ..phantoms.fundus import fundus_phantom
+    from ..phantoms.oct import oct_phantom
+    from .evaluate_nd import pair_maps, pair_predict_fn
+
+    k = list(m.cfg.classes).index("disease")
+    sizes = {Modality.FUNDUS: m.net.fundus_cfg.input_size[1:], Modality.OCT: m.net.oct_cfg.input_size[1:]}
+
+    def eye_of(r, n_classes):
+        if r.label != "disease":
+            return None
+        paths = {Modality.FUNDUS: Path(r.path), Modality.OCT: Path(r.meta["oct"])}
+        rel = {mod: p.relative_to(root).as_posix() for mod, p in paths.items()}
+        if any(v not in rows for v in rel.values()):
+            raise RetinaInputError(f"{rel[Modality.FUNDUS]} or its OCT partner is not in {root / 'phantom_meta.csv'}.")
+        f_cls, o_cls = _pair_row_classes(rows[rel[Modality.FUNDUS]])
+        stored = {mod: to_pixels(read_image(p).pixels) for mod, p in paths.items()}
+        rendered: dict = {}                         # (modality, without) -> (pixels, masks): each drawn once
+
+        def render_one(mod, without):
+            if (mod, without) not in rendered:
+                row = rows[rel[mod]]
+                pat = {"patient_id": row["patient_id"], "eye": row["eye"], "age": int(row["age"]), "sex": row["sex"]}
+                h, w = stored[mod].shape[:2]
+                ph = (fundus_phantom(f_cls, int(row["seed"]), w, patient=pat, without=without) if mod == Modality.FUNDUS
+                      else oct_phantom(o_cls, int(row["seed"]), w, h, patient=pat, without=without))
+                rendered[mod, without] = (to_pixels(ph.image), ph.masks)
+            return rendered[mod, without]
+
+        def render(without):                        # ({modality: pixels}, {modality: masks})
+            got = {mod: render_one(mod, w) for mod, w in zip((Modality.FUNDUS, Modality.OCT), without)}
+            return {mod: g[0] for mod, g in got.items()}, {mod: g[1] for mod, g in got.items()}
+
+        def check(v):
+            for mod, img in v[0].items():
+                _refuse_mismatch(rel[mod], float(np.abs(img.astype(np.float32)
+                                                        - stored[mod].astype(np.float32)).max()) / 255.0)
+
+        def score(name, v, out):
+            imgs, masks = v
+            (f, fm), (o, om) = (resize_2d(imgs[mod], union_mask(masks[mod], imgs[mod].shape[:2]), tuple(sizes[mod]))
+                                for mod in IMAGE_MODALITIES)
+            probs, _, maps = pair_maps(m, m.net, f, o)
+            out[name] = {"p": float(probs[k]), "called": int(np.argmax(probs)) == k}
+            if name == "original":
+                for mod, mk in zip(IMAGE_MODALITIES, (fm, om)):
+                    if mk is not None and mk.any():
+                        out[f"pointing_game_{mod}"] = float(trust.pointing_game(maps[mod], mk))
+            alone = {"without_fundus_lesions": Modality.OCT, "without_oct_lesions": Modality.FUNDUS}.get(name)
+            if alone and steps and out[name]["called"]:
+                # the other image's lesions gone, this one carries the call: is its map faithful to it then?
+                img, other = (o, f) if alone == Modality.OCT else (f, o)
+                predict = pair_predict_fn(m, alone, other)
+                d = trust.deletion_insertion_auc(predict, img, maps[alone], k, steps=steps)["deletion_auc"]
+                dr = trust.deletion_insertion_auc(predict, img, trust.random_map(maps[alone].shape, seed + n_classes),
+                                                  k, steps=steps)["deletion_auc"]
+                out[f"{alone}_alone"] = {"deletion_auc": float(d), "deletion_auc_random_map": float(dr)}
+
+        fam = "DR" if f_cls not in ("amd", "No DR") else f_cls.upper()
+        return Eye(f"{o_cls} + fundus {fam}", render, check,
+                   lambda v, o: all(np.array_equal(v[0][mod], o[0][mod]) for mod in v[0]), score)
+    return eye_of
+
+
 def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | None = "all", seed: int = 0,
                          weights_dir=None, steps: int = 16) -> dict:
     """Per disease class of a phantom pair set (`data phantoms --kind paired`): how the fusion model's P(disease)
@@ -318,83 +449,19 @@ def pair_lesion_reliance(model, data_path, n: int | None = None, split: str | No
     each input's map is scored where that input carries the call: on the pairs still called disease once the other
     image's lesions are gone, the deletion AUC of its map (`steps` steps; 0 skips it) against a random map's
     (`trust.random_map`)."""
-    from ..io.decode import read_image
-    from ..phantoms.fundus import fundus_phantom
-    from ..phantoms.oct import oct_phantom
-    from .evaluate_nd import pair_predict_fn, pair_maps
-
     m, root, recs, used, rows = _nd_setup(model, weights_dir, data_path, split, Modality.FUNDUS_OCT,
                                           "the fundus + OCT fusion model")
-    classes = list(m.cfg.classes)
-    k = classes.index("disease")
-    per: dict[str, list[dict]] = defaultdict(list)
     picked = pick_round_robin(recs, len(recs) if n is None else int(n), seed)
-    for r in picked:
-        if r.label != "disease":
-            continue
-        paths = {Modality.FUNDUS: Path(r.path), Modality.OCT: Path(r.meta["oct"])}
-        rel = {mod: p.relative_to(root).as_posix() for mod, p in paths.items()}
-        if any(v not in rows for v in rel.values()):
-            raise RetinaInputError(f"{rel[Modality.FUNDUS]} or its OCT partner is not in {root / 'phantom_meta.csv'}.")
-        f_cls, o_cls = _pair_row_classes(rows[rel[Modality.FUNDUS]])
-        stored = {mod: to_pixels(read_image(p).pixels) for mod, p in paths.items()}
-        out: dict = {}
-        base = None
-        rendered: dict = {}                         # (modality, without) -> (pixels, masks): each drawn once
-
-        def render(mod, without):
-            if (mod, without) not in rendered:
-                row = rows[rel[mod]]
-                pat = {"patient_id": row["patient_id"], "eye": row["eye"], "age": int(row["age"]), "sex": row["sex"]}
-                h, w = stored[mod].shape[:2]
-                ph = (fundus_phantom(f_cls, int(row["seed"]), w, patient=pat, without=without) if mod == Modality.FUNDUS
-                      else oct_phantom(o_cls, int(row["seed"]), w, h, patient=pat, without=without))
-                rendered[mod, without] = (to_pixels(ph.image), ph.masks)
-            return rendered[mod, without]
-
-        for name, (wf, wo) in PAIR_VARIANTS.items():
-            imgs, masks = {}, {}
-            for mod, without in ((Modality.FUNDUS, wf), (Modality.OCT, wo)):
-                imgs[mod], masks[mod] = render(mod, without)
-            if name == "original":
-                for mod in imgs:
-                    _refuse_mismatch(rel[mod], float(np.abs(imgs[mod].astype(np.float32)
-                                                            - stored[mod].astype(np.float32)).max()) / 255.0)
-                base = imgs
-            elif all(np.array_equal(imgs[mod], base[mod]) for mod in imgs):
-                out[name] = None
-                continue
-            sizes = {Modality.FUNDUS: m.net.fundus_cfg.input_size[1:], Modality.OCT: m.net.oct_cfg.input_size[1:]}
-            (f, fm), (o, om) = (resize_2d(imgs[mod], union_mask(masks[mod], imgs[mod].shape[:2]), tuple(sizes[mod]))
-                                for mod in IMAGE_MODALITIES)
-            probs, _, maps = pair_maps(m, m.net, f, o)
-            p = float(probs[k])
-            out[name] = {"p": p, "called": int(np.argmax(probs)) == k}
-            if name == "original":
-                for mod, mk in zip(IMAGE_MODALITIES, (fm, om)):
-                    if mk is not None and mk.any():
-                        out[f"pointing_game_{mod}"] = float(trust.pointing_game(maps[mod], mk))
-            alone = {"without_fundus_lesions": Modality.OCT, "without_oct_lesions": Modality.FUNDUS}.get(name)
-            if alone and steps and out[name]["called"]:
-                # the other image's lesions gone, this one carries the call: is its map faithful to it then?
-                img, other = (o, f) if alone == Modality.OCT else (f, o)
-                predict = pair_predict_fn(m, alone, other)
-                d = trust.deletion_insertion_auc(predict, img, maps[alone], k, steps=steps)["deletion_auc"]
-                dr = trust.deletion_insertion_auc(predict, img, trust.random_map(maps[alone].shape, seed + len(per)),
-                                                  k, steps=steps)["deletion_auc"]
-                out[f"{alone}_alone"] = {"deletion_auc": float(d), "deletion_auc_random_map": float(dr)}
-        fam = "DR" if f_cls not in ("amd", "No DR") else f_cls.upper()
-        per[f"{o_cls} + fundus {fam}"].append(out)
+    per = counterfactual_eyes(picked, PAIR_VARIANTS, _pair_eye_of(m, root, rows, steps, seed))
     if not per:
         raise RetinaInputError(f"No diseased pair among the {len(picked)} drawn from {data_path} ({used}).")
-    return {"data": str(data_path), "split": used, "modality": Modality.FUNDUS_OCT, "method": "gradcam",
-            "variants": list(PAIR_VARIANTS), "n_volumes": sum(len(v) for v in per.values()),
-            "per_class": {c: _summarise(v, PAIR_VARIANTS) for c, v in sorted(per.items())},
-            "faithful_alone": {mod: _alone(per, mod) for mod in IMAGE_MODALITIES},
-            "note": ("P(disease) of the same phantom eyes with the fundus photograph, the OCT B-scan or both "
-                     "re-rendered without the lesions their masks mark (means over the class; 'called': still "
-                     "called disease). Leaving out the lesions of the input the model reads lowers it; an input "
-                     "whose lesions change nothing is not what the suggestion rests on, whatever its map shows.")}
+    return reliance_report(
+        data_path, used, Modality.FUNDUS_OCT, "gradcam", PAIR_VARIANTS, per,
+        tail={"faithful_alone": {mod: _alone(per, mod) for mod in IMAGE_MODALITIES}},
+        note=("P(disease) of the same phantom eyes with the fundus photograph, the OCT B-scan or both "
+              "re-rendered without the lesions their masks mark (means over the class; 'called': still "
+              "called disease). Leaving out the lesions of the input the model reads lowers it; an input "
+              "whose lesions change nothing is not what the suggestion rests on, whatever its map shows."))
 
 
 def _summarise(items: list[dict], variants=VARIANTS) -> dict:

@@ -34,8 +34,10 @@ from .counterfactual import format_lines as counterfactual_lines
 from .counterfactual import lesion_reliance
 from ..modality import Modality
 from ..models.registry import modality_of
-from .common import (ND_MODALITIES, Sample, cached, finite_mean, json_ready, median_time_ratio, pick_round_robin,
-                     random_order_reference, rank_methods, recommend_default, resize_sample)
+from .common import (BRIGHTNESS, ND_MODALITIES, NOISE_SIGMA, Sample, check_map, evaluation_samples,
+                     faithfulness_summary, finite_mean, json_ready, median_time_ratio, method_list, pick_round_robin,
+                     randomisation_summary, randomised_net, ranked, resize_sample, run_methods, stability_lists,
+                     stability_summary)
 from .evaluate_nd import explain_eval_nd
 from .evaluate_nd import format_lines as nd_format_lines
 
@@ -157,8 +159,8 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
     classes = list(m.classes)
     per: dict[str, list] = {k: [] for k in ("pg", "epg", "area", "del", "ins", "del_rand", "ins_rand", "rho", "sec",
                                             "conf", "correct", "centre", "maps", "labels", "zones", "pg_label",
-                                            "real", "real_i", "tgt", "rand_empty")}
-    stab: dict[str, dict[str, list]] = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
+                                            "real", "real_i", "tgt", "r_empty")}
+    stab = stability_lists(stability_kinds)
     for i, s in enumerate(samples):
         t0 = time.perf_counter()
         maps, probs, idx = explain_batch(m, s.image[None], method, target)
@@ -186,28 +188,22 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
             per["pg_label"].append(per["labels"][-1])
             per["epg"].append(trust.energy_pointing_game(hm, s.mask))
             per["area"].append(float(s.mask.mean()))
-        di = trust.deletion_insertion_auc(predict, s.image, hm, tgt, steps=steps)
-        per["del"].append(di["deletion_auc"])
-        per["ins"].append(di["insertion_auc"])
-        # the same curves in a random order (trust.random_map, seeded per image: the same for every method)
-        dr = cached(reference, (i, tgt), lambda: trust.deletion_insertion_auc(
-            predict, s.image, trust.random_map(hm.shape, seed + i), tgt, steps=steps))
-        per["del_rand"].append(dr["deletion_auc"])
-        per["ins_rand"].append(dr["insertion_auc"])
-        if rm is not None:
+
+        def randomised(s=s, hm=hm, tgt=tgt):
             rmap = explain(rm, s.image, method, tgt)
             # inside the field of view where the set gives one: the black surround (and, for fov-framed models, the
             # frame outside the box they read, zero in both maps) would otherwise count as agreement
             inside = s.fov if s.fov is not None and s.fov.shape == hm.shape and s.fov.any() else None
-            per["rho"].append(trust.spearman(hm, rmap) if inside is None else trust.spearman(hm[inside], rmap[inside]))
-            per["rand_empty"].append(float(not np.any(rmap > 0)))   # rho 0 by convention: inconclusive
-        if stability_kinds:
-            st = trust.stability_under_perturbation(lambda im: explain(m, im, method, tgt), s.image,
-                                                    kinds=stability_kinds, seed=seed, reference=hm)
-            for k, v in st.items():
-                stab[k]["ssim"].append(v["ssim"])
-                stab[k]["spearman"].append(v["spearman"])
-    stability = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])} for k, v in stab.items()}
+            rho = trust.spearman(hm, rmap) if inside is None else trust.spearman(hm[inside], rmap[inside])
+            return rho, float(not np.any(rmap > 0))        # an empty map: rho 0 by convention, inconclusive
+
+        # the random-map curves: trust.random_map seeded per image, the same for every method (cached)
+        check_map(per, stab, hm, seed + i, reference=reference, key=(i, tgt),
+                  score=lambda x, s=s, tgt=tgt: trust.deletion_insertion_auc(predict, s.image, x, tgt, steps=steps),
+                  randomised=randomised if rm is not None else None,
+                  perturbed=(lambda s=s, hm=hm, tgt=tgt: trust.stability_under_perturbation(
+                      lambda im: explain(m, im, method, tgt), s.image, kinds=stability_kinds, seed=seed,
+                      reference=hm)) if stability_kinds else None)
     cons = trust.class_consistency_by_label(per["maps"], per["labels"])
     flags = [c for c in per["correct"] if c is not None]
     zsum = {"centre_lr": _mean_dicts([z["centre_lr"] for z in per["zones"]])}
@@ -228,16 +224,9 @@ def evaluate_method(m, samples: list[Sample], method: str, rnet=None, steps: int
         "n_lesion_images_by_label": {lab: per["pg_label"].count(lab) for lab in dict.fromkeys(per["pg_label"])},
         "energy_pointing_game": finite_mean(per["epg"]),
         "energy_baseline_mask_area": finite_mean(per["area"]),
-        "deletion_auc": finite_mean(per["del"]),
-        "insertion_auc": finite_mean(per["ins"]),
-        **random_order_reference(per["del"], per["del_rand"], per["ins_rand"]),
-        "randomisation_spearman": finite_mean(per["rho"]),
-        "randomisation_abs_spearman": finite_mean([abs(r) for r in per["rho"]]),
-        "randomisation_changed_fraction": finite_mean([float(abs(r) < 0.5) for r in per["rho"]]),
-        "randomisation_empty_fraction": finite_mean(per["rand_empty"]),
-        "stability": stability,
-        "stability_ssim": finite_mean([v["ssim"] for v in stability.values()]),
-        "stability_spearman": finite_mean([v["spearman"] for v in stability.values()]),
+        **faithfulness_summary(per),
+        **randomisation_summary(per),
+        **stability_summary(stab),
         "class_consistency": cons,
         "centre_attention_vs_confidence": trust.centre_attention_vs_confidence(per["centre"], per["conf"]),
         "zones": zsum,
@@ -300,8 +289,7 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
 
         model = load_model(model, weights_dir=weights_dir)
     m = resolve_model(model)
-    if isinstance(methods, str):
-        methods = [s.strip() for s in methods.split(",") if s.strip()]
+    methods = method_list(methods)
     avail = available_methods(m.net)
     notes = []
     for meth in methods:
@@ -311,16 +299,9 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
             else:
                 raise RetinaInputError(f"Unknown explanation method {meth!r}; choose from {', '.join(avail)}.")
     methods = [x for x in methods if x in avail]
-    if phantoms is not None:
-        samples = samples_from_phantoms(phantoms)[:n]
-        source = f"{len(samples)} in-memory phantoms"
-    elif data_path is not None:
-        samples = samples_from_dataset(data_path, n, classes=m.classes, seed=seed)
-        source = str(data_path)
-    else:
-        raise RetinaInputError("explain_eval needs data_path or phantoms.")
-    if not samples:
-        raise RetinaInputError("No images to evaluate.")
+    samples, source, _ = evaluation_samples(
+        phantoms, data_path, lambda: samples_from_phantoms(phantoms),
+        lambda: (samples_from_dataset(data_path, n, classes=m.classes, seed=seed), None), n, "No images to evaluate.")
     if target is not None and not (isinstance(target, (int, np.integer)) and 0 <= int(target) < len(m.classes)) \
             and target not in m.classes:
         raise RetinaInputError(f"Unknown target class {target!r} for {m.cfg.name}; choose from "
@@ -337,27 +318,20 @@ def explain_eval(model, data_path=None, methods: Sequence[str] | str = ("gradcam
     samples = [resize_sample(s, size) for s in samples]
     if not any(s.mask is not None and s.mask.any() for s in samples):
         notes.append("No lesion masks found: pointing-game metrics are empty.")
-    rnet = None
-    if randomisation:
-        rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval()
-    results, reference = {}, {}
-    for meth in methods:
-        t0 = time.perf_counter()
-        results[meth] = evaluate_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
-                                        seed=seed, reference=reference, target=target)
-        results[meth]["wall_seconds"] = round(time.perf_counter() - t0, 2)
-        results[meth]["cost_vs_forward"] = cost_vs_forward(m, samples[0].image, meth)
-        log.info("explain-eval %s done in %.1fs", meth, results[meth]["wall_seconds"])
+    rnet = randomised_net(m.net, seed, randomisation)
+    reference = {}
+    results = run_methods(methods, lambda meth: evaluate_method(
+        m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds, seed=seed, reference=reference,
+        target=target), lambda meth: cost_vs_forward(m, samples[0].image, meth), m.cfg.name)
     if any(meth in IG_METHODS for meth in methods):
         notes.append("integrated_gradients: 32 steps from a black image; its time includes all steps.")
-    ranking = rank_methods(results)
     report = {"model": getattr(model, "name", m.cfg.name), "weights_sha256": getattr(model, "sha256", None),
               "data": source, "n_images": len(samples), "eval_size": list(size) if size else None,
               "metric_kind": _metric_kind(samples, source),
-              "target": target, "methods": results, "ranking": ranking,
-              "recommended_default": recommend_default(results, ranking), "notes": notes,
+              "target": target, **ranked(results), "notes": notes,
               "settings": {"steps": steps, "stability_kinds": list(stability_kinds), "randomisation": randomisation,
-                           "seed": seed, "deletion_baseline": "blur", "noise_sigma": 0.03, "brightness": 1.15}}
+                           "seed": seed, "deletion_baseline": "blur", "noise_sigma": NOISE_SIGMA,
+                           "brightness": BRIGHTNESS}}
     if disc is not None:
         report["optic_disc_detection"] = disc
     return json_ready(report)

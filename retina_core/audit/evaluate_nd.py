@@ -20,7 +20,6 @@ Fusion (maps of the predicted class per image, at each encoder's input size; "gr
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -39,14 +38,14 @@ from ..modality import IMAGE_MODALITIES, Modality
 from ..models.loading import LoadedModel, preprocess_image, to_pixels
 from ..models.volume3d import metadata_tensor
 from . import trust
-from .common import (ND_MODALITIES, cached, finite_mean, json_ready, median_time_ratio, pick_round_robin,
-                     random_order_reference, rank_methods, recommend_default, resize_2d, resize_volume, split_records,
-                     union_mask)
+from .common import (BRIGHTNESS, ND_MODALITIES, NOISE_SIGMA, check_map, evaluation_samples, faithfulness_summary,
+                     finite_mean, json_ready, median_time_ratio, method_list, pick_round_robin, randomisation_summary,
+                     randomised_net, ranked, resize_2d, resize_volume, run_methods, split_records, stability_lists,
+                     stability_summary, union_mask)
 
 log = logging.getLogger(__name__)
 
 MODALITIES = IMAGE_MODALITIES        # the fusion model's inputs, one map each
-NOISE_SIGMA, BRIGHTNESS = 0.03, 1.15     # as the 2-D stability check (intensities in [0, 1])
 
 
 @dataclass
@@ -255,9 +254,28 @@ def _compare_shifted(ref: np.ndarray, pm: np.ndarray, s: int) -> dict:
     return {"ssim": trust.ssim(a, b), "spearman": trust.spearman(a, b)}
 
 
+def volume_stability(explain_fn, vol: np.ndarray, kinds: Sequence[str], seed: int, reference: np.ndarray) -> dict:
+    """{kind: {ssim, spearman}} of the maps of perturbed copies of a volume (`perturb_volume`, one generator seeded
+    with `seed` across the kinds) against `reference`, a shift undone before the comparison: the volume
+    counterpart of `trust.stability_under_perturbation`. explain_fn: volume -> map [D, H, W]."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for kind in kinds:
+        pv, sh = perturb_volume(vol, kind, rng)
+        out[kind] = _compare_shifted(reference, explain_fn(pv), sh)
+    return out
+
+
 def _empty(hm: np.ndarray) -> bool:
     """A map with nothing in it (Grad-CAM's ReLU removed every cell: no evidence for the explained class)."""
     return not np.isfinite(hm).any() or float(np.ptp(np.nan_to_num(hm))) == 0.0
+
+
+def compare_randomised(hm: np.ndarray, rm: np.ndarray) -> tuple[float, bool]:
+    """(rho, empty) of the randomised model's map `rm` against `hm` (volume and pair maps): rho 0 where the
+    randomised map is empty (the map vanished)."""
+    empty = _empty(rm)
+    return (0.0 if empty else trust.spearman(hm, rm)), empty
 
 
 def _by_label(labels: list, flags: list) -> dict:
@@ -280,7 +298,7 @@ def evaluate_volume_method(m: LoadedModel, samples: list[VolumeSample], method: 
     per: dict[str, list] = {k: [] for k in ("pg", "pg_tie", "chance", "epg", "area", "slice", "slice_base", "del",
                                             "ins", "del_rand", "ins_rand", "rho", "r_empty", "sec", "correct", "maps",
                                             "labels", "empty", "pg_led")}
-    stab = {k: {"ssim": [], "spearman": []} for k in stability_kinds}
+    stab = stability_lists(stability_kinds)
     n_stab = 0
     for i, s in enumerate(samples):
         mt = _meta_tensor(m, s)
@@ -307,28 +325,16 @@ def evaluate_volume_method(m: LoadedModel, samples: list[VolumeSample], method: 
             per["slice_base"].append(float(s.mask.any(axis=(1, 2)).mean()))
         if empty:
             continue
-        if steps and p >= 0.5:
-            predict = volume_predict_fn(m, mt)
-            di = volume_deletion_insertion(predict, s.volume, hm, steps)
-            per["del"].append(di["deletion_auc"])
-            per["ins"].append(di["insertion_auc"])
-            # the random-map reference is the same for every method (`reference`: cached across them)
-            dr = cached(reference, i, lambda: volume_deletion_insertion(
-                predict, s.volume, trust.random_map(hm.shape, seed + i), steps))
-            per["del_rand"].append(dr["deletion_auc"])
-            per["ins_rand"].append(dr["insertion_auc"])
-        if rnet is not None:
-            rm = volume_map(m, rnet, s.volume, mt, method)[1]
-            per["r_empty"].append(_empty(rm))
-            per["rho"].append(0.0 if _empty(rm) else trust.spearman(hm, rm))
-        rng = np.random.default_rng(seed)
         n_stab += bool(stability_kinds)
-        for kind in stability_kinds:
-            pv, sh = perturb_volume(s.volume, kind, rng)
-            c = _compare_shifted(hm, volume_map(m, m.net, pv, mt, method)[1], sh)
-            stab[kind]["ssim"].append(c["ssim"])
-            stab[kind]["spearman"].append(c["spearman"])
-    stability = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])} for k, v in stab.items()}
+        predict = volume_predict_fn(m, mt)
+        # the random-map reference is the same for every method (`reference`: cached across them)
+        check_map(per, stab, hm, seed + i, reference=reference, key=i,
+                  score=(lambda x, s=s, predict=predict: volume_deletion_insertion(predict, s.volume, x, steps))
+                  if steps and p >= 0.5 else None,
+                  randomised=(lambda s=s, mt=mt, hm=hm: compare_randomised(
+                      hm, volume_map(m, rnet, s.volume, mt, method)[1])) if rnet is not None else None,
+                  perturbed=lambda s=s, mt=mt, hm=hm: volume_stability(
+                      lambda v: volume_map(m, m.net, v, mt, method)[1], s.volume, stability_kinds, seed, hm))
     flags = [c for c in per["correct"] if c is not None]
     res = {
         "n_images": len(samples),
@@ -343,18 +349,11 @@ def evaluate_volume_method(m: LoadedModel, samples: list[VolumeSample], method: 
         "empty_map_fraction": finite_mean([float(e) for e in per["empty"]]),
         "empty_map_fraction_by_label": _by_label(per["labels"], per["empty"]),
         "n_faithfulness_images": len(per["del"]),
-        "deletion_auc": finite_mean(per["del"]),
-        "insertion_auc": finite_mean(per["ins"]),
-        **random_order_reference(per["del"], per["del_rand"], per["ins_rand"]),
+        **faithfulness_summary(per),
         "n_randomisation_images": len(per["rho"]),
-        "randomisation_spearman": finite_mean(per["rho"]),
-        "randomisation_abs_spearman": finite_mean([abs(r) for r in per["rho"]]),
-        "randomisation_changed_fraction": finite_mean([float(abs(r) < 0.5) for r in per["rho"]]),
-        "randomisation_empty_fraction": finite_mean([float(e) for e in per["r_empty"]]),
+        **randomisation_summary(per),
         "n_stability_images": n_stab,
-        "stability": stability,
-        "stability_ssim": finite_mean([v["ssim"] for v in stability.values()]),
-        "stability_spearman": finite_mean([v["spearman"] for v in stability.values()]),
+        **stability_summary(stab),
         "class_consistency": trust.class_consistency_by_label([h for h, _ in per["maps"]],
                                                               [lab for _, lab in per["maps"]]),
         "seconds_per_image": finite_mean(per["sec"]),
@@ -452,7 +451,7 @@ def evaluate_fusion_method(m: LoadedModel, samples: list[PairSample], method: st
     keys = ("pg", "pg_tie", "chance", "epg", "area", "del", "ins", "del_rand", "ins_rand", "rho", "r_empty", "maps",
             "empty")
     per = {mod: {k: [] for k in keys} for mod in MODALITIES}
-    stab = {mod: {k: {"ssim": [], "spearman": []} for k in stability_kinds} for mod in MODALITIES}
+    stab = {mod: stability_lists(stability_kinds) for mod in MODALITIES}
     sec, correct, labels = [], [], []
     for i, s in enumerate(samples):
         imgs = {Modality.FUNDUS: s.fundus, Modality.OCT: s.oct}
@@ -480,28 +479,20 @@ def evaluate_fusion_method(m: LoadedModel, samples: list[PairSample], method: st
                 P["area"].append(float(mask.mean()))
             if empty:
                 continue
-            if steps:
-                predict = pair_predict_fn(m, mod, other)
-                di = trust.deletion_insertion_auc(predict, imgs[mod], hm, k, steps=steps)
-                P["del"].append(di["deletion_auc"])
-                P["ins"].append(di["insertion_auc"])
-                dr = trust.deletion_insertion_auc(predict, imgs[mod], trust.random_map(hm.shape, seed + i), k,
-                                                  steps=steps)
-                P["del_rand"].append(dr["deletion_auc"])
-                P["ins_rand"].append(dr["insertion_auc"])
-            if rmaps is not None:
-                P["r_empty"].append(_empty(rmaps[mod]))
-                P["rho"].append(0.0 if _empty(rmaps[mod]) else trust.spearman(hm, rmaps[mod]))
-            if stability_kinds:
-                def explain_fn(im, mod=mod):
-                    pair = (im, s.oct) if mod == Modality.FUNDUS else (s.fundus, im)
-                    return pair_maps(m, m.net, *pair, target=k, method=method)[2][mod]
 
-                st = trust.stability_under_perturbation(explain_fn, imgs[mod], kinds=stability_kinds, seed=seed,
-                                                        reference=hm)
-                for kind, v in st.items():
-                    stab[mod][kind]["ssim"].append(v["ssim"])
-                    stab[mod][kind]["spearman"].append(v["spearman"])
+            def explain_fn(im, mod=mod, s=s, k=k):
+                pair = (im, s.oct) if mod == Modality.FUNDUS else (s.fundus, im)
+                return pair_maps(m, m.net, *pair, target=k, method=method)[2][mod]
+
+            predict = pair_predict_fn(m, mod, other) if steps else None
+            check_map(P, stab[mod], hm, seed + i,      # no reference cache: the target is the predicted class
+                      score=(lambda x, mod=mod, k=k, predict=predict: trust.deletion_insertion_auc(
+                          predict, imgs[mod], x, k, steps=steps)) if steps else None,
+                      randomised=(lambda hm=hm, mod=mod: compare_randomised(hm, rmaps[mod]))
+                      if rmaps is not None else None,
+                      perturbed=(lambda hm=hm, mod=mod, explain_fn=explain_fn: trust.stability_under_perturbation(
+                          explain_fn, imgs[mod], kinds=stability_kinds, seed=seed, reference=hm))
+                      if stability_kinds else None)
     grids = {}
     if samples:
         a, b = pair_tensors(m, samples[0].fundus, samples[0].oct)
@@ -514,9 +505,8 @@ def evaluate_fusion_method(m: LoadedModel, samples: list[PairSample], method: st
         P = per[mod]
         for k in pooled:
             pooled[k] += P[k]
-        stability = {k: {"ssim": finite_mean(v["ssim"]), "spearman": finite_mean(v["spearman"])}
-                     for k, v in stab[mod].items()}
-        abs_rho = finite_mean([abs(r) for r in P["rho"]])
+        rand = randomisation_summary(P, f"_{mod}", changed=False)
+        abs_rho = rand[f"randomisation_abs_spearman_{mod}"]
         res.update({
             f"n_lesion_images_{mod}": len(P["pg"]),
             f"pointing_game_{mod}": finite_mean(P["pg"]),
@@ -525,15 +515,9 @@ def evaluate_fusion_method(m: LoadedModel, samples: list[PairSample], method: st
             f"energy_pointing_game_{mod}": finite_mean(P["epg"]),
             f"energy_baseline_mask_area_{mod}": finite_mean(P["area"]),
             f"empty_map_fraction_{mod}": finite_mean([float(e) for e in P["empty"]]),
-            f"deletion_auc_{mod}": finite_mean(P["del"]),
-            f"insertion_auc_{mod}": finite_mean(P["ins"]),
-            **{f"{k}_{mod}": v for k, v in random_order_reference(P["del"], P["del_rand"], P["ins_rand"]).items()},
-            f"randomisation_spearman_{mod}": finite_mean(P["rho"]),
-            f"randomisation_abs_spearman_{mod}": abs_rho,
-            f"randomisation_empty_fraction_{mod}": finite_mean([float(e) for e in P["r_empty"]]),
-            f"stability_{mod}": stability,
-            f"stability_ssim_{mod}": finite_mean([v["ssim"] for v in stability.values()]),
-            f"stability_spearman_{mod}": finite_mean([v["spearman"] for v in stability.values()]),
+            **faithfulness_summary(P, f"_{mod}"),
+            **rand,
+            **stability_summary(stab[mod], f"_{mod}"),
             f"map_grid_{mod}": grids.get(mod),
         })
         if abs_rho is not None and (worst is None or abs_rho > res[f"randomisation_abs_spearman_{worst}"]):
@@ -545,9 +529,7 @@ def evaluate_fusion_method(m: LoadedModel, samples: list[PairSample], method: st
         "pointing_game": finite_mean(pooled["pg"]),
         "pointing_game_tiebreak": finite_mean(pooled["pg_tie"]),
         "energy_pointing_game": finite_mean(pooled["epg"]),
-        "deletion_auc": finite_mean(pooled["del"]),
-        "insertion_auc": finite_mean(pooled["ins"]),
-        **random_order_reference(pooled["del"], pooled["del_rand"], pooled["ins_rand"]),
+        **faithfulness_summary(pooled),
         # a map must pass the sanity check in both modalities: the overall rho is the worse modality's
         "randomisation_modality": worst,
         "randomisation_spearman": res.get(f"randomisation_spearman_{worst}") if worst else None,
@@ -593,8 +575,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     if modality not in ND_MODALITIES:
         raise RetinaInputError(f"{m.name} is a {str(modality)!r} model; explain_eval_nd handles "
                                f"{', '.join(ND_MODALITIES)}.")
-    if isinstance(methods, str):
-        methods = [x.strip() for x in methods.split(",") if x.strip()]
+    methods = method_list(methods)
     avail = VOLUME_METHODS if modality == Modality.OCT_VOLUME else FUSION_METHODS
     bad = [x for x in methods if x not in avail]
     if bad or not methods:
@@ -604,19 +585,11 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
     for k in stability_kinds:
         if k not in ("noise", "brightness", "shift"):
             raise RetinaInputError(f"Unknown perturbation {k!r}; use noise, brightness or shift.")
-    used_split = None
-    if phantoms is not None:
-        samples = (volume_samples_from_phantoms(m, phantoms) if modality == Modality.OCT_VOLUME
-                   else pair_samples_from_phantoms(m, phantoms))[:n]
-        source = f"{len(samples)} in-memory phantoms"
-    elif data_path is not None:
-        load = volume_samples_from_dataset if modality == Modality.OCT_VOLUME else pair_samples_from_dataset
-        samples, used_split = load(m, data_path, n, seed=seed, split=split)
-        source = str(data_path)
-    else:
-        raise RetinaInputError("explain_eval needs data_path or phantoms.")
-    if not samples:
-        raise RetinaInputError("No samples to evaluate.")
+    volume = modality == Modality.OCT_VOLUME
+    samples, source, used_split = evaluation_samples(
+        phantoms, data_path, lambda: (volume_samples_from_phantoms if volume else pair_samples_from_phantoms)(
+            m, phantoms), lambda: (volume_samples_from_dataset if volume else pair_samples_from_dataset)(
+            m, data_path, n, seed=seed, split=split), n, "No samples to evaluate.")
     notes = []
     if used_split == "test":
         notes.append("Samples from the test split of the patient-level split training used (held out).")
@@ -625,22 +598,17 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
                      f"not used to train the model.")
     if len(samples) < n:
         notes.append(f"Only {len(samples)} samples available (asked for {n}).")
-    rnet = trust.randomise_parameters(copy.deepcopy(m.net), seed=seed).eval() if randomisation else None
-    results, reference = {}, {}
+    rnet = randomised_net(m.net, seed, randomisation)
+    reference = {}
     inputs = volume_input_summary(m, samples) if modality == Modality.OCT_VOLUME else None
-    for meth in methods:
-        t0 = time.perf_counter()
-        if modality == Modality.OCT_VOLUME:
-            r = evaluate_volume_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
-                                       seed=seed, reference=reference, image_led=inputs["image_led"])
-            r["cost_vs_forward"] = volume_cost_vs_forward(m, samples[0], meth)
-        else:
-            r = evaluate_fusion_method(m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds,
-                                       seed=seed)
-            r["cost_vs_forward"] = fusion_cost_vs_forward(m, samples[0], meth)
-        r["wall_seconds"] = round(time.perf_counter() - t0, 2)
-        results[meth] = r
-        log.info("explain-eval %s %s done in %.1fs", m.name, meth, r["wall_seconds"])
+    if modality == Modality.OCT_VOLUME:
+        results = run_methods(methods, lambda meth: evaluate_volume_method(
+            m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds, seed=seed, reference=reference,
+            image_led=inputs["image_led"]), lambda meth: volume_cost_vs_forward(m, samples[0], meth), m.name, True)
+    else:
+        results = run_methods(methods, lambda meth: evaluate_fusion_method(
+            m, samples, meth, rnet=rnet, steps=steps, stability_kinds=stability_kinds, seed=seed),
+            lambda meth: fusion_cost_vs_forward(m, samples[0], meth), m.name, True)
     if modality == Modality.OCT_VOLUME:
         size = list(m.cfg.input_size[1:])
         tol = trust.default_tolerance(tuple(size[1:]))
@@ -693,7 +661,6 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
             "vanished).",
         ]
         settings_extra = {"deletion_baseline": "blur"}
-    ranking = rank_methods(results)
     extra = {}
     if inputs is not None:
         extra["inputs"] = {"image_led_fraction": finite_mean([float(x) for x in inputs["image_led"]]),
@@ -706,8 +673,7 @@ def explain_eval_nd(model, data_path=None, methods: Sequence[str] | str = ("grad
                      "location to point at.")
     return json_ready({"model": m.name, "weights_sha256": m.sha256, "modality": modality, "data": source,
                    "split": used_split, "n_images": len(samples), "eval_size": eval_size, "metric_kind": "phantom",
-                   "methods": results, "ranking": ranking, "recommended_default": recommend_default(results, ranking),
-                   **extra, "notes": notes,
+                   **ranked(results), **extra, "notes": notes,
                    "settings": {"steps": steps, "stability_kinds": list(stability_kinds),
                                 "randomisation": randomisation, "seed": seed, "noise_sigma": NOISE_SIGMA,
                                 "brightness": BRIGHTNESS, **settings_extra}})

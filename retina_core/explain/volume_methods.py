@@ -205,12 +205,14 @@ def volume_cam(net: VolumeFusion3D, x: torch.Tensor, meta: torch.Tensor | None =
     return volume_attribution(net, x, meta, "gradcam", target_layer)
 
 
-def resize_volume(maps: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Trilinear resize of float maps [D, H, W] to `shape` (unchanged when already that shape)."""
+def resize_volume(maps: np.ndarray, shape: tuple[int, int, int], clip: bool = False) -> np.ndarray:
+    """Trilinear resize of float maps [D, H, W] to `shape` (unchanged when already that shape); clip: the resized
+    values clipped to [0, 1] (a volume in [0, 1], as explain-eval's samples)."""
     if maps.shape == tuple(shape):
         return maps.astype(np.float32)
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+    out = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+    return out.clip(0, 1) if clip else out
 
 
 def explain_volume(model, volume, method: str | None = None, target=None, meta: dict | None = None,
