@@ -156,7 +156,8 @@ def volume_to_unit(vol: np.ndarray, robust: bool) -> np.ndarray:
         lo, hi = float(v.min()), float(v.max())
     if hi <= lo:
         return np.zeros(v.shape, np.float32)
-    out = (v - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    with np.errstate(over="ignore"):      # values near float32's limits overflow to +-inf; the clip keeps 0..1
+        out = (v - np.float32(lo)) * np.float32(1.0 / (hi - lo))
     np.clip(out, 0.0, 1.0, out=out)
     return out.astype(np.float32, copy=False)
 
