@@ -273,6 +273,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .train.common import TrainConfig
+    from .train.pretrain import MaeConfig, pretrain
+
+    cfg_t = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                        warmup_epochs=args.warmup_epochs, patience=args.patience, seed=args.seed,
+                        image_size=args.image_size, resume=args.resume, split_fractions=args.split_fractions,
+                        split_by=args.split_by, framing=args.framing, init=args.init,
+                        max_steps_per_epoch=args.max_steps_per_epoch)
+    mae = MaeConfig(mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
+    report = pretrain(args.model, args.data, args.out, cfg_t, mae, preview_n=args.preview)
+    summary = {k: report[k] for k in ("model", "encoder", "sets", "split_sha256", "best_epoch", "epochs_run",
+                                      "best_val_loss")}
+    summary["encoder"] = str(Path(args.out) / report["encoder"])
+    _print_json(summary) if args.json else print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate.run import evaluate
 
@@ -423,6 +441,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="self-supervised masked-autoencoder pre-training of a ViT (RETFound's "
+                                        "recipe) on the unlabelled training-split images of one or more sets")
+    p.add_argument("--model", required=True, help="a ViT model, e.g. retfound_vit_tiny")
+    p.add_argument("--data", required=True, action="append", help="a data set folder (repeat for several); only "
+                                                                    "its training split is used, labels are not")
+    p.add_argument("--out", required=True, help="folder for encoder.safetensors, pretrain.json, last.pt")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=5.0)
+    p.add_argument("--patience", type=int, default=15, help="epochs without a lower validation loss before stopping")
+    p.add_argument("--seed", type=int, default=0, help="the split's seed (use the fine-tuning run's)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (use the fine-tuning run's)")
+    p.add_argument("--split-fractions", default="0.8,0.1,0.1", help="as for train (use the fine-tuning run's)")
+    p.add_argument("--split-by", default="stratified", help="as for train: stratified | patient_hash")
+    p.add_argument("--framing", default="auto", help="as for train: auto | fov | fov_contrast | stretch")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches hidden (MAE: 0.75)")
+    p.add_argument("--decoder-dim", type=int, default=128)
+    p.add_argument("--decoder-depth", type=int, default=2)
+    p.add_argument("--init", default=None, help="start the encoder from this checkpoint")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="write <out>/reconstructions.png: N validation images, masked and reconstructed (the "
+                        "set's own images: never commit it for patient data)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a data set split")
     p.add_argument("--model", required=True)

@@ -245,15 +245,16 @@ class EpochTracker:
             self.best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
             self.best_epoch, self.best_score = epoch, score
         self.history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
-                             "val_accuracy": metrics["accuracy"] if metrics else None, "val_score": score,
+                             "val_accuracy": metrics.get("accuracy") if metrics else None, "val_score": score,
                              "seconds": round(seconds, 1),
                              **({"val_loss": metrics["val_loss"]} if metrics and "val_loss" in metrics else {}),
                              **(extra or {})})
         if main:
             h = self.history[-1]
             shown = -score if self.cfg_t.monitor == "val_loss" else score
+            acc = f" acc {h['val_accuracy']:.4f}" if h["val_accuracy"] is not None else ""
             print(f"epoch {epoch + 1}/{self.cfg_t.epochs} loss {h['train_loss']:.4f} val {self.cfg_t.monitor} "
-                  f"{shown:.4f} acc {metrics['accuracy']:.4f}{' *' if improved else ''} ({h['seconds']}s)",
+                  f"{shown:.4f}{acc}{' *' if improved else ''} ({h['seconds']}s)",
                   file=sys.stderr, flush=True)
         return improved
 
@@ -319,6 +320,25 @@ def is_phantom_set(root: Path) -> bool:
     return any((root / p).exists() for p in ("phantom_meta.csv",)) or any(root.glob("*/phantom_meta.csv"))
 
 
+PRETRAIN_FILE = "pretrain.json"          # written by `pretrain` (train/pretrain.py) beside its encoder
+ENCODER_FILE = "encoder.safetensors"
+
+
+def pretraining_of(init: str | Path | None) -> dict | None:
+    """The provenance of an `--init` checkpoint written by `pretrain` (its pretrain.json, without the per-epoch
+    history), for the fine-tuned model's manifest entry; None for any other checkpoint."""
+    if not init:
+        return None
+    path = Path(init)
+    meta = path.with_name(PRETRAIN_FILE)
+    if path.name != ENCODER_FILE or not meta.exists():
+        return None
+    report = json.loads(meta.read_text())
+    keep = ("method", "arch", "input_size", "framing", "sets", "split_sha256", "labels_used", "command", "mae",
+            "best_epoch", "epochs_run", "best_val_loss", "date")
+    return {k: report[k] for k in keep if k in report}
+
+
 def write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_note, temperature, result,
                    history, best_epoch, extra: dict | None = None, state: dict | None = None) -> dict:
     """Write a finished run to `out`: the weights (<model>.safetensors, float16 unless cfg_t.fp16_weights is off),
@@ -354,6 +374,7 @@ def write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_no
         "config": asdict(cfg_t), "date": _dt.date.today().isoformat(), "torch": torch.__version__,
         **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}),
         **({"builder_kwargs": architecture_kwargs(cfg_t)} if architecture_kwargs(cfg_t) else {}),
+        **({"pretrained": pretraining_of(cfg_t.init)} if pretraining_of(cfg_t.init) else {}),
         **(extra or {}),
     }
     manifest_path = out / MANIFEST
