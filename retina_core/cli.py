@@ -234,6 +234,29 @@ def cmd_data_pair(args) -> int:
     return 0
 
 
+def cmd_data_combine(args) -> int:
+    from .io.datasets import combine_sets
+
+    summary = combine_sets(args.sets or [], args.out)
+    _print_json(summary) if args.json else print(json.dumps(summary, indent=2))
+    return 0
+
+
+class _SetOption(argparse.Action):
+    """`data combine --set PATH [--label-column C] [--label-map M] --set PATH ...`: the options after a --set
+    belong to that set."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        sets = getattr(namespace, "sets", None) or []
+        if self.dest == "path":
+            sets.append({"path": value})
+        elif not sets:
+            parser.error(f"{option_string} belongs to a set: give --set PATH before it.")
+        else:
+            sets[-1][self.dest] = value
+        namespace.sets = sets
+
+
 def cmd_data_confounds(args) -> int:
     from .evaluate.confounds import acquisition_confounds
 
@@ -295,7 +318,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate.run import evaluate
 
     report = evaluate(args.model, args.data, split=args.split, weights_dir=args.weights_dir,
-                      encoders_dir=args.encoders_dir)
+                      encoders_dir=args.encoders_dir, by=args.by)
     if args.plots:
         from .evaluate.plots import write_eval_plots
 
@@ -410,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data_pair)
 
+    p = data.add_parser("combine", help="several labelled sets as one labels.csv (each with its own label column "
+                                        "and map; a source column per record); no image is copied")
+    p.add_argument("--set", dest="path", action=_SetOption, metavar="PATH", help="a labelled set (repeat)")
+    p.add_argument("--label-column", dest="label_column", action=_SetOption,
+                   help="for the --set before it: labels from this labels.csv column")
+    p.add_argument("--label-map", dest="label_map", action=_SetOption,
+                   help="for the --set before it: value=label pairs; values it does not name are left out")
+    p.add_argument("--out", required=True, help="folder for labels.csv and combined.json (paths relative to it)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_combine, sets=None)
+
     p = data.add_parser("confounds", help="shortcut check: AUC of global image statistics (no network) for one "
                                           "label vs the rest, on a patient-level split")
     p.add_argument("path")
@@ -478,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", default=None, help="a folder written by `train` (default: bundled weights)")
     p.add_argument("--encoders-dir", default=None, help="fundus_oct_fusion: folder(s) with the encoders' weights")
     p.add_argument("--plots", default=None, help="folder for the confusion matrix and reliability diagram (PNG)")
+    p.add_argument("--by", default=None, metavar="COLUMN",
+                   help="also per value of this labels.csv column, e.g. source (a `data combine` set)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

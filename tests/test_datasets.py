@@ -434,3 +434,50 @@ def test_labels_from_another_column_with_a_map(tmp_path):
             load_dataset(tmp_path, label_column="grade", label_map=bad)
     with pytest.raises(RetinaInputError, match="no_such"):
         load_dataset(tmp_path, label_column="no_such", label_map="1=a")
+
+
+def test_sets_combined_with_their_own_label_maps_then_trained_and_evaluated_per_source(tmp_path):
+    """`data combine`: two sets, each through its own label map, as one labels.csv (paths only, a source column);
+    `train` reads it, a patient keeps the split it has alone under patient_hash, and `evaluate --by source` gives
+    each set's own figures on the same test split."""
+    from retina_core.cli import main
+    from retina_core.evaluate.run import evaluate
+    from retina_core.io.datasets import combine_sets, hash_split
+    from retina_core.phantoms import write_dataset
+    from retina_core.train.engine import TrainConfig, train
+
+    a, b = tmp_path / "four", tmp_path / "grades"
+    write_dataset("fundus-4class", n=32, seed=1, out=a, size=48)
+    write_dataset("fundus-dr", n=32, seed=2, out=b, size=48)
+    out = tmp_path / "joint"
+    assert main(["data", "combine", "--set", str(a), "--label-map", "normal=noDR,diabetic_retinopathy=DR",
+                 "--set", str(b), "--label-map", "No DR=noDR,Mild=DR,Moderate=DR,Severe=DR,Proliferative DR=DR",
+                 "--out", str(out), "--json"]) == 0
+    joint = load_dataset(out)
+    alone = {p: load_dataset(p) for p in (a, b)}
+    assert {r.meta["source"] for r in joint.records} == {"four", "grades"}
+    assert not any(Path(r.path).resolve().is_relative_to(out) for r in joint.records)   # nothing copied
+    n_four = sum(r.label in ("normal", "diabetic_retinopathy") for r in alone[a].records)
+    assert sum(r.meta["source"] == "four" for r in joint.records) == n_four
+    assert {r.label for r in joint.records} == {"noDR", "DR"}
+    def splits(index):
+        return {str(Path(r.path).resolve()): s for s, rs in hash_split(index.records, seed=0).items() for r in rs
+                if r.patient_id}
+
+    split_alone = splits(alone[b])
+    assert len(split_alone) == 32 and all(splits(joint)[p] == s for p, s in split_alone.items())   # same split
+    with pytest.raises(SystemExit):                                             # a map needs its set
+        main(["data", "combine", "--label-map", "x=y", "--out", str(tmp_path / "bad")])
+    with pytest.raises(RetinaInputError, match="at least two"):
+        combine_sets([{"path": str(a)}], tmp_path / "one")
+
+    run = tmp_path / "run"
+    train("fundus_anydr_resnet18_head", out, run, TrainConfig(epochs=1, batch_size=8, image_size=32,
+                                                             split_by="patient_hash"))
+    manifest = json.loads((run / "manifest.json").read_text())["fundus_anydr_resnet18_head"]
+    assert manifest["trained_on_phantoms"] is True and manifest["metric_kind"] == "phantom"   # made of phantom sets
+    rep = evaluate("fundus_anydr_resnet18_head", out, weights_dir=run, by="source")
+    groups = rep["by"]["groups"]
+    assert set(groups) <= {"four", "grades"} and sum(g["n"] for g in groups.values()) == rep["n"]
+    for g in groups.values():
+        assert "accuracy" in g["metrics"] and "ci95" in g

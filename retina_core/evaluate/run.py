@@ -72,20 +72,39 @@ def member_probabilities(model: LoadedModel, records) -> np.ndarray:
 
 
 def is_phantom(index, data) -> bool:
-    return (Path(index.root) / "phantom_meta.csv").exists() or (Path(data) / "phantom_meta.csv").exists()
+    from ..train.common import is_phantom_set
+
+    return is_phantom_set(Path(index.root)) or is_phantom_set(Path(data))
 
 
 def evaluate(model_name: str, data: str | Path, split: str = "test", weights_dir: str | Path | None = None,
-             encoders_dir: str | None = None) -> dict:
-    """Metrics (accuracy, macro AUC, sensitivity/specificity, F1, kappa for grades, ECE, confusion matrix)."""
+             encoders_dir: str | None = None, by: str | None = None) -> dict:
+    """Metrics (accuracy, macro AUC, sensitivity/specificity, F1, kappa for grades, ECE, confusion matrix), with
+    patient-level bootstrap intervals; `by`: the same per value of a labels.csv column (e.g. `source` of a
+    `data combine` set), under report["by"]."""
     model = load_member(model_name, weights_dir, encoders_dir)
     # The training seed decides the patient-level split of unsplit data; reuse it so test stays unseen.
     seed = int(model.entry.get("config", {}).get("seed", 0))
     records, y, index = split_records(model, data, split, seed)
     probs = member_probabilities(model, records)
+    report = _metrics_report(model, y, probs, records)
+    if by:
+        values = [str(r.meta.get(by, "")) for r in records]
+        if not any(values):
+            raise RetinaInputError(f"--by {by!r}: no record of {data} has a value in that column.")
+        groups = {}
+        for v in sorted(set(values)):
+            keep = np.array([x == v for x in values])
+            groups[v or "(none)"] = {"n": int(keep.sum()), **_metrics_report(
+                model, y[keep], probs[keep], [r for r, k in zip(records, keep) if k])}
+        report = {**report, "by": {"column": by, "groups": groups}}
     return {"model": model_name, "weights_sha256": model.sha256, "data": str(data), "layout": index.layout,
             "split": split, "n": int(len(y)), "metric_kind": "phantom" if is_phantom(index, data)
             else "as measured on this data", "temperature": model.temperature, "trained_on": model.entry.get("data"),
-            "metrics": classification_metrics(y, probs, list(model.cfg.classes), ordinal=model.cfg.ordinal),
+            **report}
+
+
+def _metrics_report(model: LoadedModel, y: np.ndarray, probs: np.ndarray, records) -> dict:
+    return {"metrics": classification_metrics(y, probs, list(model.cfg.classes), ordinal=model.cfg.ordinal),
             "ci95": bootstrap_ci(y, probs, list(model.cfg.classes),
                                  groups=[r.patient_id or str(r.path) for r in records])}

@@ -1231,6 +1231,50 @@ def write_pairs(fundus_data, oct_data, out) -> dict:
             "patients": len({p for p, _ in eyes}), "labels": dict(Counter(r["label"] for r in rows))}
 
 
+COMBINED_FILE = "combined.json"
+
+
+def combine_sets(sets: Sequence[dict], out) -> dict:
+    """Write ``<out>/labels.csv``: the records of several labelled sets as one set, each set's labels taken through
+    its own ``label_column`` / ``label_map`` (`relabel`), e.g. the Mexico set's ``dr_grade`` and the 4-class set's
+    ``normal`` / ``diabetic_retinopathy`` both as noDR / DR. Only paths are written (relative to ``out``), no image
+    is copied. Columns: file, label, patient_id (each set's own, so ``--split-by patient_hash`` puts a patient in
+    the split it has in single-set runs with the same seed and fractions), eye, source (the set's folder name; a
+    record's set for per-source figures) and source_label (the original value). ``<out>/combined.json`` records
+    the inputs. sets: [{"path", "label_column" (optional), "label_map" (optional)}]."""
+    if len(sets) < 2:
+        raise RetinaInputError("data combine needs at least two sets (--set PATH, repeated).")
+    out = Path(out)
+    rows, per = [], []
+    for spec in sets:
+        column, mapping = spec.get("label_column"), spec.get("label_map")
+        index = load_dataset(spec["path"], label_column=column, label_map=mapping)
+        source = Path(spec["path"]).resolve().name
+        if any(p["source"] == source for p in per):
+            raise RetinaInputError(f"Two sets are both called {source!r}; combine sets from folders of different "
+                                   f"names.")
+        for r in index.records:
+            rows.append([os.path.relpath(Path(r.path).resolve(), out.resolve()), r.label, r.patient_id or "",
+                         {"OD": "right", "OS": "left"}.get(r.eye or "", ""), source,
+                         str(r.meta.get("label_from", r.label)).split("=", 1)[-1]])
+        per.append({"source": source, "path": str(spec["path"]), "label_column": column or "label",
+                    "label_map": mapping, "n": len(index.records),
+                    "labels": dict(Counter(r.label for r in index.records))})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "labels.csv", "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(["file", "label", "patient_id", "eye", "source", "source_label"])
+        wr.writerows(rows)
+    (out / COMBINED_FILE).write_text(json.dumps({"sets": per}, indent=1) + "\n")
+    return {"out": str(out / "labels.csv"), "n": len(rows), "labels": dict(Counter(r[1] for r in rows)), "sets": per}
+
+
+def combined_from(root: str | Path) -> list[str]:
+    """The folders a `data combine` set at ``root`` was made from (empty for any other set)."""
+    f = Path(root) / COMBINED_FILE
+    return [str(s["path"]) for s in json.loads(f.read_text()).get("sets", [])] if f.is_file() else []
+
+
 def lesion_mask(root: str | Path, path: str | Path, shape: tuple[int, int]):
     """The union of image `path`'s lesion masks (bool [H, W], any mask PNG of another size ignored); None when the
     image has no mask folder (not annotated), all False for an annotated lesion-free image."""

@@ -57,7 +57,8 @@ def realdata_root() -> Path | None:
 
 def real_set_of(data: str | Path | Sequence) -> dict | None:
     """The REAL_SETS record (plus ``name``) of the set at ``data`` (a folder, or a pairs.csv folder whose paths
-    point into real sets: then every set it draws on); None for phantoms and unknown folders."""
+    point into real sets, or a `data combine` folder: then every set it draws on); None for phantoms and unknown
+    folders."""
     paths = [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
     names = []
     for p in paths:
@@ -66,16 +67,22 @@ def real_set_of(data: str | Path | Sequence) -> dict | None:
                 names.append(part.name)
                 break
         else:
-            pairs = p / "pairs.csv"
+            pairs, combined = p / "pairs.csv", p / "combined.json"
             if pairs.is_file():
                 names.extend(_sets_in_pairs(pairs))
+            elif combined.is_file():               # `data combine`: the sets it was made from
+                import json
+
+                for spec in json.loads(combined.read_text()).get("sets", []):
+                    found = real_set_of(spec.get("path", ""))
+                    names.extend(found["name"].split(" + ") if found else [])
     names = list(dict.fromkeys(names))
     if not names:
         return None
     if len(names) == 1:
         return {"name": names[0], **REAL_SETS[names[0]]}
     return {"name": " + ".join(names), "title": " + ".join(REAL_SETS[n]["title"] for n in names),
-            "modality": "+".join(REAL_SETS[n]["modality"] for n in names),
+            "modality": "+".join(dict.fromkeys(REAL_SETS[n]["modality"] for n in names)),
             "attribution": "; ".join(dict.fromkeys(REAL_SETS[n]["attribution"] for n in names)),
             "licence": "; ".join(dict.fromkeys(REAL_SETS[n]["licence"] for n in names)),
             "caveats": "; ".join(REAL_SETS[n]["caveats"] for n in names)}

@@ -316,8 +316,12 @@ def result_from_rank0(model_name: str, out: Path, ctx, digest: str | None) -> di
 
 
 def is_phantom_set(root: Path) -> bool:
-    """The data set at `root` was written by `data phantoms` (a phantom_meta.csv in it or one level down)."""
-    return any((root / p).exists() for p in ("phantom_meta.csv",)) or any(root.glob("*/phantom_meta.csv"))
+    """The data set at `root` was written by `data phantoms` (a phantom_meta.csv in it or one level down), or
+    combines such a set (`data combine`)."""
+    from ..io.datasets import combined_from
+
+    return (root / "phantom_meta.csv").exists() or any(root.glob("*/phantom_meta.csv")) or \
+        any(is_phantom_set(Path(p)) for p in combined_from(root))
 
 
 PRETRAIN_FILE = "pretrain.json"          # written by `pretrain` (train/pretrain.py) beside its encoder
