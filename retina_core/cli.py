@@ -6,12 +6,14 @@
     python -m retina_core data inspect data/oct --json
     python -m retina_core train --model oct_resnet18 --data data/oct --out runs/oct
     python -m retina_core evaluate --model oct_resnet18 --data data/oct --json
+    python -m retina_core serve --address 127.0.0.1:6379      # deploy the app's Ray Serve application (docs/app.md)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -338,6 +340,21 @@ def cmd_batch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Deploy the app's Ray Serve application on a running cluster, or find it there, and print its stats."""
+    from .serving import RayServeService
+
+    if args.address == "local":
+        raise RetinaInputError("serve deploys onto a running Ray cluster; give its address (\"auto\", \"host:port\" "
+                               "or \"ray://host:10001\"), not \"local\".")
+    svc = RayServeService(args.address, redeploy=args.redeploy)
+    try:
+        _print_json(svc.stats())
+    finally:
+        svc.close()
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import format_markdown, run
 
@@ -532,6 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("serve", help="deploy the app's inference service on a running Ray cluster (the app then "
+                                     "finds it by name through RETINA_SERVE_ADDRESS) and print its stats as JSON")
+    p.add_argument("--address", default=os.environ.get("RETINA_SERVE_ADDRESS") or "auto",
+                   help="the cluster: \"auto\", \"host:port\" or \"ray://host:10001\" (default: "
+                        "$RETINA_SERVE_ADDRESS, else auto)")
+    p.add_argument("--redeploy", action="store_true",
+                   help="replace a running application (new settings or code; its replicas restart)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="performance ratios against same-process baselines (medians)")
     p.add_argument("--repeats", type=int, default=15)

@@ -35,7 +35,19 @@ Settings (environment, read when the service starts):
     RETINA_MAX_BATCH        images in one batch at most (default 8)
     RETINA_TIMEOUT_S        how long a caller waits for its result (default 120 s)
     RETINA_SERVE_ADDRESS    forward to a Ray Serve application instead ("local": start Ray in this process;
-                            "auto" or "ray://host:10001": an existing cluster). Unset (the default): in-process.
+                            "auto", "host:port" or "ray://host:10001": a running cluster). Unset (the default):
+                            in-process.
+
+Ray Serve (`RayServeService`): the application "retina" has one deployment whose replicas each hold an
+`InferenceService`; the app reaches it through handles (no HTTP proxy). On a running cluster it is found by name and
+used as it is, or deployed when there is none (`python -m retina_core serve --address ADDR` deploys it, or
+`--redeploy`s it, before an app starts); closing the service disconnects this process and leaves the application
+running for the app's other processes. The replicas import the retina_core installed on the cluster's machines and
+read the app's RETINA_WEIGHTS_DIR and RETINA_AUDIT_LOG (forwarded when set). What crosses into Ray, whose object
+store may spill to disk: pixels and non-identifying facts only (`_for_replica`). The cluster and the app must agree
+on Ray's token authentication (RAY_AUTH_MODE): a cluster with a token refuses an app without; an app with one joins a
+cluster without, but (Ray 2.60) the replicas' replies never reach it. Commands for a one-machine cluster on
+127.0.0.1, and what is tested: docs/app.md ("Serving on a Ray cluster").
 """
 from __future__ import annotations
 
@@ -405,6 +417,10 @@ def _safe_call(fn) -> bool:
 
 # ------------------------------------------------------------------------------------------- Ray Serve
 APP_NAME = "retina"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ONE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"    # "0": Ray keeps 127.0.0.1 (a one-machine cluster)
+REPLICA_ENV = ("RETINA_WEIGHTS_DIR", "RETINA_AUDIT_LOG")   # the app's settings the replicas' code reads too
+HEADER_KEYS = ("format", "modality", "modality_name", "sop_class", "ophthalmic", "reason")   # `dicom.header_summary`
 
 
 def _model_name(model) -> str | None:
@@ -413,32 +429,33 @@ def _model_name(model) -> str | None:
 
 class RayServeService:
     """The same API, forwarded to a Ray Serve application whose replicas each hold an `InferenceService`
-    (`application`). address: "local" starts Ray in this process and deploys the application; otherwise Ray's
-    address ("auto", "ray://host:10001"), where the application is deployed if it is not running yet.
-    Images travel decoded (a RetinalImage), models by name."""
+    (`application`). address: "local" starts Ray in this process and deploys the application there; otherwise the
+    address of a running cluster ("auto", "host:port", "ray://host:10001"), where the application already deployed
+    under `app_name` is used as it is (found by name) and deployed only when there is none (or `redeploy`).
+    Images travel decoded, with only the facts the replicas use (`_for_replica`); models by name."""
 
     backend = "ray"
 
-    def __init__(self, address: str, config: ServiceConfig | None = None, app_name: str = APP_NAME):
+    def __init__(self, address: str, config: ServiceConfig | None = None, app_name: str = APP_NAME,
+                 redeploy: bool = False):
         import ray
-        from ray import serve
 
         self.config = config or ServiceConfig.from_env()
         self.address = address
-        if not ray.is_initialized():
+        self.app_name = app_name
+        self._owns_ray = not ray.is_initialized()      # this service connected Ray, so `close` disconnects it
+        if self._owns_ray:
             if address == "local":
                 ray.init(num_cpus=available_cores(), include_dashboard=False, log_to_driver=False)
             else:
-                ray.init(address=address, log_to_driver=False)
-        try:
-            self._handle = serve.get_app_handle(app_name)
-        except Exception:      # not deployed yet
-            serve.start(proxy_location="Disabled")
-            self._handle = serve.run(application(self.config), name=app_name, route_prefix=None)
+                _join_cluster(address)
+        handle = None if redeploy else _running_app(app_name)
+        self.deployed = handle is None                  # False: found the application already running
+        self._handle = handle or deploy(self.config, app_name)
 
     def analyze(self, image, model=None, method=None, modality=None, target=None, timeout=None,
                 cancelled=None) -> Analysis:
-        return self._result(self._handle.analyze.remote(_decoded(image), _model_name(model), method, modality,
+        return self._result(self._handle.analyze.remote(_for_replica(image), _model_name(model), method, modality,
                                                         target), timeout, cancelled)
 
     def call(self, fn, *args, timeout=None, cancelled=None, **kwargs):
@@ -447,14 +464,25 @@ class RayServeService:
         return fn(*args, **kwargs)
 
     def analyze_all(self, image, method=None, modality=None, timeout=None, cancelled=None) -> list[Analysis]:
-        return self._result(self._handle.analyze_all.remote(_decoded(image), method, modality), timeout, cancelled)
+        return self._result(self._handle.analyze_all.remote(_for_replica(image), method, modality), timeout,
+                            cancelled)
 
     def stats(self) -> dict:
+        """The replica's counters (`InferenceService.stats`), with the address, the application's name and whether
+        this process deployed it."""
         return {**self._handle.stats.remote().result(timeout_s=30), "backend": self.backend,
-                "address": self.address}
+                "address": self.address, "app": self.app_name, "deployed_here": self.deployed}
 
     def close(self) -> None:
-        pass
+        """Disconnect from Ray where this service connected it. On a cluster the application stays deployed, for the
+        app's other processes and its next start; "local" stops the Ray it started, application included."""
+        import ray
+        from ray import serve
+
+        if self._owns_ray and ray.is_initialized():
+            if self.address == "local":
+                serve.shutdown()
+            ray.shutdown()
 
     def _result(self, response, timeout, cancelled):
         from ray.serve.exceptions import BackPressureError
@@ -473,31 +501,113 @@ class RayServeService:
                     raise ServerBusyError(STOPPED) from None
             except BackPressureError:
                 raise ServerBusyError(BUSY) from None
-            except RetinaInputError:
-                raise                  # Ray re-raises the replica's exception as a subclass of its own type
-            except Exception as exc:   # a RayTaskError wrapping the replica's exception
+            except Exception as exc:
+                # Ray raises the replica's exception as a RayTaskError that also derives from its type, with the
+                # replica's traceback in its text: an input error comes back as the replica raised it (its message
+                # is what pages show), anything else as Ray reports it.
                 cause = getattr(exc, "cause", None)
                 if isinstance(cause, RetinaInputError):
                     raise cause from None
                 raise
 
 
-def _decoded(image):
+def _for_replica(image):
+    """The image as it crosses into Ray (its object store, which may spill to disk, and its logs): pixels and the
+    facts the replica's gate and reading use (kind, format, content hash, grey, modality hint, laterality, the
+    header's non-identifying summary). Nothing else of `meta` goes, whatever a caller put there; the decoders keep
+    patient fields out of a RetinalImage in the first place (io/dicom.py, io/scanners.py)."""
     from .io.decode import SCREEN_SIDE, RetinalImage, read_image
 
-    return image if isinstance(image, RetinalImage) else read_image(image, max_side=SCREEN_SIDE)
+    img = image if isinstance(image, RetinalImage) else read_image(image, max_side=SCREEN_SIDE)
+    header = (img.meta or {}).get("header")
+    meta = {"header": {k: header[k] for k in HEADER_KEYS if k in header}} if isinstance(header, dict) else {}
+    return RetinalImage(pixels=img.pixels, kind=img.kind, source_format=img.source_format,
+                        content_hash=img.content_hash, grayscale=img.grayscale, modality_hint=img.modality_hint,
+                        laterality=img.laterality, meta=meta)
+
+
+def _cluster_endpoint(address: str) -> tuple[str, int, bool] | None:
+    """(host, port, Ray Client?) of a cluster address: "host:port", "ray://host:port", or "auto": the address Ray
+    itself picks (RAY_ADDRESS, else the cluster `ray start` recorded on this machine; none: Ray's ConnectionError).
+    None where this Ray cannot tell."""
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment
+        except ImportError:
+            return None
+        address = get_ray_address_from_environment("auto", None)
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"RETINA_SERVE_ADDRESS={address!r} is not a Ray address; use \"local\", \"auto\", "
+                           "\"host:port\" (the head's GCS port, from a machine of the cluster) or "
+                           "\"ray://host:10001\" (Ray Client).")
+    return host.strip("[]"), int(port), address.startswith("ray://")
+
+
+def _join_cluster(address: str) -> None:
+    """`ray.init` on a running cluster, failing at once when nothing listens at its address (Ray itself retries
+    for minutes). A cluster started on 127.0.0.1 listens there only, while Ray maps a loopback address to this
+    machine's network address unless its clusters are kept to one machine (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    which `ray start` needs for 127.0.0.1 too; docs/app.md): for a loopback address (not Ray Client's) this process
+    gets that setting, unless its environment sets it. Ray reads it when imported, so an already imported Ray is
+    told too."""
+    import socket
+
+    import ray
+
+    endpoint = _cluster_endpoint(address)
+    if endpoint is not None:
+        host, port, client = endpoint
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as exc:
+            raise RuntimeError(f"No Ray cluster answers at {host}:{port} (RETINA_SERVE_ADDRESS={address!r}): {exc}. "
+                               "Start one (docs/app.md) or correct the address.") from None
+        if host in LOOPBACK and not client:
+            os.environ.setdefault(ONE_MACHINE_ENV, "0")
+            try:
+                from ray._private import ray_constants
+                ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ONE_MACHINE_ENV, True)
+            except (ImportError, AttributeError):     # another Ray version: its own rules apply
+                pass
+    ray.init(address=address, log_to_driver=False)
+
+
+def _running_app(app_name: str):
+    """A handle to the application running under `app_name`, or None when the cluster has none (or no Serve)."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_app_handle(app_name)
+    except RayServeException:
+        return None
+
+
+def deploy(config: ServiceConfig, app_name: str = APP_NAME):
+    """Deploy (or redeploy) the application on the Ray this process is connected to, without Serve's HTTP proxy
+    (the app calls it through handles); returns its handle once its replica is ready."""
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    return serve.run(application(config), name=app_name, route_prefix=None)
 
 
 def application(config: ServiceConfig):
     """The Ray Serve application (one deployment): each replica holds one `InferenceService` (its own queue, worker and batches);
-    Serve's own queue in front of it is bounded by the same queue size (beyond it: BackPressureError, "busy")."""
+    Serve's own queue in front of it is bounded by the same queue size (beyond it: BackPressureError, "busy").
+    The replicas read the app's weights folder and audit log (`REPLICA_ENV`, where set): the paths must exist on
+    the cluster's machines."""
     import asyncio
     import functools
 
     from ray import serve
 
+    env = {k: os.environ[k] for k in REPLICA_ENV if os.environ.get(k)}
+    options = {"num_cpus": 0, **({"runtime_env": {"env_vars": env}} if env else {})}
+
     @serve.deployment(name="RetinaInference", max_ongoing_requests=config.queue_size,
-                      max_queued_requests=config.queue_size, ray_actor_options={"num_cpus": 0})
+                      max_queued_requests=config.queue_size, ray_actor_options=options)
     class RetinaInference:
         def __init__(self, settings: dict):
             self.service = InferenceService(ServiceConfig(**settings))

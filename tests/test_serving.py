@@ -1,8 +1,17 @@
 """The shared inference service (retina_core/serving.py): concurrent sessions get exactly what `analyze` gives,
 in micro-batches, with bounded threads, a bounded queue that says "busy" at once, and failures that stay alone."""
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -282,6 +291,7 @@ def test_ray_serve_local_mode_gives_the_same_results(monkeypatch, octs, fundus):
     import ray
     from ray import serve
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RETINA_SERVE_ADDRESS", "local")
     serving.reset_service()
     try:
@@ -293,11 +303,255 @@ def test_ray_serve_local_mode_gives_the_same_results(monkeypatch, octs, fundus):
             for a, b in zip(analyze_all(img), g):
                 same(a, b)
         same(analyze(octs[2], "oct_resnet18"), svc.analyze(octs[2], get_model("oct_resnet18")))
-        with pytest.raises(RetinaInputError, match="Unknown heatmap method"):
-            svc.analyze(octs[2], "oct_resnet18", method="nonsense")
+        _input_error_comes_back_as_raised(svc, octs[2])
         s = svc.stats()
         assert s["backend"] == "ray" and s["completed"] == 6 and s["failed"] == 0   # 2 + 2 + 1 readings, then 1
+        assert s["deployed_here"] and serve.status().applications["retina"].status == "RUNNING"
     finally:
         serving.reset_service()
-        serve.shutdown()
-        ray.shutdown()
+    assert not ray.is_initialized()       # "local": closing the service stops the Ray it started
+
+
+def _input_error_comes_back_as_raised(svc, img):
+    """An input error in a replica reaches the caller as the project's RetinaInputError with its own message (what
+    pages show), not as Ray's wrapper, whose text carries the replica's traceback."""
+    with pytest.raises(RetinaInputError) as err:
+        svc.analyze(img, "oct_resnet18", method="nonsense")
+    assert type(err.value) is RetinaInputError and str(err.value).startswith("Unknown heatmap method 'nonsense'")
+    assert "Traceback" not in str(err.value)
+
+
+def test_a_wrong_cluster_address_fails_at_once(monkeypatch):
+    """Nothing listening there, or not an address: a clear error at once (Ray itself retries for minutes)."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (closed,) = _free_ports(1)
+    for address, message in ((f"127.0.0.1:{closed}", "No Ray cluster answers at 127.0.0.1"),
+                             (f"ray://127.0.0.1:{closed}", "No Ray cluster answers at 127.0.0.1"),
+                             ("headnode", "is not a Ray address")):
+        monkeypatch.setenv("RETINA_SERVE_ADDRESS", address)
+        serving.reset_service()
+        with pytest.raises(RuntimeError, match=message):
+            serving.get_service()
+    assert not ray.is_initialized()
+    from retina_core import cli
+
+    assert cli.main(["serve", "--address", "local"]) == 2       # `serve` deploys onto a running cluster only
+
+
+PHI = ("DOE^JOHN", "PID-12345", "19450317", "St Elsewhere", "HOUSE^GREGORY", "ACC-998877", "20240102")
+
+
+def _dicom_with_patient_fields(fundus) -> tuple[bytes, list[str]]:
+    """A fundus photograph as DICOM with patient name, id, birth date, institution, physician, accession number and
+    study date (tests/test_decode.py), and every value that would identify it (those, and its instance UIDs)."""
+    import io
+
+    import pydicom
+
+    from tests.test_decode import dicom_bytes
+
+    data = dicom_bytes(fundus.pixels, modality="OP")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    return data, [*PHI, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)]
+
+
+def test_only_pixels_and_non_identifying_facts_cross_into_ray(fundus):
+    """What `RayServeService` hands to Ray (its object store may spill to disk): no header field beyond the
+    gate's non-identifying summary, whatever the source file or a caller's `meta` held."""
+    import pickle
+
+    from retina_core.io.decode import RetinalImage
+
+    data, identifying = _dicom_with_patient_fields(fundus)
+    img = read_image(data)
+    sent = serving._for_replica(data)
+    blob = pickle.dumps(sent)
+    assert not [v for v in identifying if v.encode() in blob]
+    assert np.array_equal(sent.pixels, img.pixels) and sent.content_hash == img.content_hash
+    assert sent.meta == {"header": img.meta["header"]} and sent.laterality == "OS"
+    tagged = RetinalImage(**{**vars(img), "meta": {**img.meta, "patient_name": "DOE^JOHN",
+                                                    "header": {**img.meta["header"], "patient_id": "PID-12345"}}})
+    blob = pickle.dumps(serving._for_replica(tagged))
+    assert b"DOE^JOHN" not in blob and b"PID-12345" not in blob
+
+
+# ------------------------------------------------------------------------------------------- a separate Ray cluster
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes of session `sid` (Linux /proc): the cluster's, whatever process group its workers moved to."""
+    pids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                    pids.append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+def _with_parent():
+    """In the child before exec: a session of its own, and killed if the test process dies (Linux), so the
+    cluster never outlives the tests; Ray's own processes follow their `ray start` (Ray's fate sharing)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real, separate one-node Ray cluster, as docs/app.md starts one: `ray start --head --block` on 127.0.0.1
+    only, with its own temp folder and free ports, one CPU and a 200 MB object store. At the end its whole session
+    is killed (its `ray start`, GCS, raylet, agents and workers), whatever the tests did; never `ray stop`, which
+    stops every Ray on the machine. The cluster imports the retina_core under test (PYTHONPATH) and runs without
+    RETINA_WEIGHTS_DIR / RETINA_AUDIT_LOG: the app forwards its own."""
+    import retina_core
+
+    if _ray_serve_missing():
+        pytest.skip(_ray_serve_missing())
+    cli = Path(sys.executable).with_name("ray")
+    ray_cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+    tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))     # short: Ray's socket paths must fit in 107 bytes
+    gcs, client, dashboard, agent, metrics_a, metrics_b = _free_ports(6)
+    # Token authentication as this process has it: its environment, where Ray also records turning it on (a
+    # "local" Ray does). A mismatch breaks one direction only (replicas stream results back to this process), so
+    # calls would hang instead of failing.
+    env = {**os.environ, serving.ONE_MACHINE_ENV: "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or "disabled",
+           "DASHBOARD_METRIC_PORT": str(metrics_a), "AUTOSCALER_METRIC_PORT": str(metrics_b),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(Path(retina_core.__file__).parents[1]),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    for k in ("RETINA_WEIGHTS_DIR", "RETINA_AUDIT_LOG", "RAY_ADDRESS"):
+        env.pop(k, None)
+    log = tmp / "start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*ray_cmd, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                                 "--port", str(gcs), "--ray-client-server-port", str(client),
+                                 "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
+                                 "--num-cpus", "1", "--object-store-memory", str(200 * 2**20),
+                                 "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(tmp)],
+                                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_with_parent)     # noqa: PLW1509 - setsid + death signal only
+    try:
+        deadline = time.monotonic() + 300                  # a bound on a broken start, not a timing check
+        while b"Ray runtime started" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield SimpleNamespace(gcs=f"127.0.0.1:{gcs}", client=f"ray://127.0.0.1:{client}", temp_dir=tmp)
+    finally:
+        for pid in _session_members(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def other_weights(tmp_path, monkeypatch):
+    """RETINA_WEIGHTS_DIR with a randomly initialised oct_resnet18 (the others bundled): a replica that did not get
+    the app's folder reads the bundled oct_resnet18 and different probabilities."""
+    from retina_core.testing import write_test_weights
+
+    d = write_test_weights(tmp_path / "weights", ["oct_resnet18"], source=tmp_path / "none")
+    write_test_weights(d, MODELS)
+    monkeypatch.setenv("RETINA_WEIGHTS_DIR", str(d))
+    get_model.cache_clear()
+    yield d
+    get_model.cache_clear()
+
+
+def _cluster_session(monkeypatch, address: str, **env) -> serving.RayServeService:
+    import ray
+
+    assert not ray.is_initialized(), "a Ray session left open would be used instead of the cluster"
+    monkeypatch.setenv("RETINA_SERVE_ADDRESS", address)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    serving.reset_service()
+    svc = serving.get_service()
+    assert isinstance(svc, serving.RayServeService)
+    return svc
+
+
+def test_ray_serve_on_a_separate_cluster_gives_the_same_results(ray_cluster, other_weights, monkeypatch, octs,
+                                                                 fundus, tmp_path):
+    import ray
+
+    audit = tmp_path / "audit.jsonl"
+    try:
+        # "auto" with RAY_ADDRESS: Ray's own way to name a cluster
+        svc = _cluster_session(monkeypatch, "auto", RAY_ADDRESS=ray_cluster.gcs, RETINA_AUDIT_LOG=str(audit))
+        monkeypatch.delenv("RETINA_AUDIT_LOG")      # the replica got it at deployment; this process audits no more
+        assert svc.deployed and svc.stats()["deployed_here"]
+        got = in_threads(svc.analyze_all, [octs[0], octs[1], fundus])
+        for img, g in zip([octs[0], octs[1], fundus], got):
+            assert not isinstance(g, BaseException), g
+            ref = analyze_all(img)
+            assert [a.model for a in g] == [a.model for a in ref]
+            for a, b in zip(ref, g):
+                same(a, b)
+        same(analyze(octs[2], "oct_resnet18"), svc.analyze(octs[2], get_model("oct_resnet18")))
+        data, identifying = _dicom_with_patient_fields(fundus)
+        served = svc.analyze(data)
+        same(analyze(data), served)
+        assert served.laterality == "OS" and served.model == "fundus_dr_effnet_b0"
+        _input_error_comes_back_as_raised(svc, octs[3])
+        s = svc.stats()
+        assert s["backend"] == "ray" and s["address"] == "auto" and s["app"] == "retina"
+        assert s["completed"] == 7 and s["failed"] == 0 and s["submitted"] == 7   # 2 + 2 + 1, then 1 and the DICOM
+        lines = [json.loads(x) for x in audit.read_text().splitlines()]           # written by the replica
+        assert len(lines) == 7 and read_image(data).content_hash in {x["content_hash"] for x in lines}
+        # nothing identifying in what Ray keeps on disk: its logs, spilled objects, session files
+        leaks = [f for f in ray_cluster.temp_dir.rglob("*") if f.is_file() and not f.is_symlink()
+                 and any(v.encode() in f.read_bytes() for v in identifying)]
+        assert not leaks
+    finally:
+        serving.reset_service()
+    assert not ray.is_initialized()            # disconnected; the application stays on the cluster
+
+
+def test_the_app_finds_the_application_deployed_on_the_cluster(ray_cluster, other_weights, monkeypatch, octs,
+                                                                capsys):
+    """Every address form joins the same application by name: its counters go on, nothing is redeployed; the
+    `serve` command deploys it (or shows it) before an app starts, and `--redeploy` replaces it."""
+    import ray
+
+    from retina_core import cli
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        first = _cluster_session(monkeypatch, ray_cluster.gcs)          # "host:port": the head's GCS port
+        before = first.stats()["completed"]
+        same(analyze(octs[0], "oct_resnet18"), first.analyze(octs[0], "oct_resnet18"))
+        serving.reset_service()
+        assert not ray.is_initialized()
+        again = _cluster_session(monkeypatch, ray_cluster.client)       # "ray://host:port": Ray Client
+        assert not again.deployed
+        same(analyze(octs[1], "oct_resnet18"), again.analyze(octs[1], "oct_resnet18"))
+        s = again.stats()
+        assert s["completed"] == before + 2 and not s["deployed_here"]   # the same replica, still counting
+    finally:
+        serving.reset_service()
+    assert cli.main(["serve", "--address", ray_cluster.gcs]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["completed"] == before + 2 and not shown["deployed_here"] and shown["app"] == "retina"
+    assert cli.main(["serve", "--address", ray_cluster.gcs, "--redeploy"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["deployed_here"] and shown["completed"] == 0                # a new replica
+    assert not ray.is_initialized()
