@@ -10,7 +10,7 @@ from retina_core.errors import RetinaInputError
 from retina_core.models.registry import create_model
 from retina_core.phantoms import write_dataset
 from retina_core.train.common import TrainConfig
-from retina_core.train.pretrain import MaeConfig, MaskedAutoencoder, pretrain, random_masking
+from retina_core.train.pretrain import MaeConfig, MaskedAutoencoder, random_masking
 
 
 def _vit(size: int = 32):
@@ -19,7 +19,7 @@ def _vit(size: int = 32):
 
 def test_random_masking_hides_the_ratio_and_restores_the_order():
     tokens = torch.arange(2 * 16, dtype=torch.float32).view(2, 16, 1).expand(-1, -1, 3).contiguous()
-    kept, mask, ids_restore = random_masking(tokens, 0.75, torch.Generator().manual_seed(0))
+    kept, mask, _ = random_masking(tokens, 0.75, torch.Generator().manual_seed(0))
     assert kept.shape == (2, 4, 3) and mask.shape == (2, 16)
     assert mask.sum(1).tolist() == [12.0, 12.0]
     for b in range(2):   # the kept tokens are exactly the unmasked positions
@@ -55,7 +55,7 @@ def test_only_hidden_patches_count():
     per_patch = ((pred - target) ** 2).mean(-1)[0]
     assert torch.allclose(loss, per_patch[mask[0] == 1].mean())
     assert not torch.allclose(loss, per_patch.mean())
-    masked, rebuilt = mae.reconstruct(x, generator=torch.Generator().manual_seed(1))
+    _, rebuilt = mae.reconstruct(x, generator=torch.Generator().manual_seed(1))
     visible = mae.unpatchify(mask[..., None].expand(-1, -1, 192).float())[0] == 0
     assert torch.allclose(rebuilt[0][visible], x[0][visible], atol=1e-5)   # visible patches pasted back as they were
     assert torch.allclose(mae.unpatchify(mae.patchify(x)), x)
