@@ -447,8 +447,8 @@ def test_sets_combined_with_their_own_label_maps_then_trained_and_evaluated_per_
     from retina_core.train.engine import TrainConfig, train
 
     a, b = tmp_path / "four", tmp_path / "grades"
-    write_dataset("fundus-4class", n=32, seed=1, out=a, size=48)
-    write_dataset("fundus-dr", n=32, seed=2, out=b, size=48)
+    write_dataset("fundus-4class", n=24, seed=1, out=a, size=32)
+    write_dataset("fundus-dr", n=24, seed=2, out=b, size=32)
     out = tmp_path / "joint"
     assert main(["data", "combine", "--set", str(a), "--label-map", "normal=noDR,diabetic_retinopathy=DR",
                  "--set", str(b), "--label-map", "No DR=noDR,Mild=DR,Moderate=DR,Severe=DR,Proliferative DR=DR",
@@ -465,7 +465,7 @@ def test_sets_combined_with_their_own_label_maps_then_trained_and_evaluated_per_
                 if r.patient_id}
 
     split_alone = splits(alone[b])
-    assert len(split_alone) == 32 and all(splits(joint)[p] == s for p, s in split_alone.items())   # same split
+    assert len(split_alone) == 24 and all(splits(joint)[p] == s for p, s in split_alone.items())   # same split
     with pytest.raises(SystemExit):                                             # a map needs its set
         main(["data", "combine", "--label-map", "x=y", "--out", str(tmp_path / "bad")])
     with pytest.raises(RetinaInputError, match="at least two"):

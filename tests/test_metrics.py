@@ -79,3 +79,33 @@ def test_bad_input_messages():
         classification_metrics(y, p, list("abc"))
     with pytest.raises(RetinaInputError):
         classification_metrics(y + 4, p, list("abcd"))
+
+
+def test_bootstrap_resample_metrics_equal_sklearns():
+    """The bootstrap's per-resample metrics (numpy: confusion counts, rank AUC, F1 from counts) give exactly
+    sklearn's values, ties and absent classes included."""
+    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+
+    from retina_core.evaluate.metrics import _point
+
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        n, size = int(rng.integers(2, 5)), int(rng.integers(3, 40))
+        y = rng.integers(0, n if t % 3 else n - 1, size)          # every third case: the last class absent
+        p = rng.random((size, n)) + 0.05
+        p = np.round(p, 1) if t % 2 else p                        # every other case: tied scores
+        p = p / p.sum(1, keepdims=True)
+        got = _point(y, p, n)
+        pred = p.argmax(1)
+        cm = confusion_matrix(y, pred, labels=list(range(n)))
+        aucs = [roc_auc_score(y == c, p[:, c]) for c in range(n) if 0 < (y == c).sum() < size]
+        assert got["accuracy"] == pytest.approx((pred == y).mean())
+        assert got["f1_macro"] == pytest.approx(f1_score(y, pred, labels=list(range(n)), average="macro",
+                                                          zero_division=0), abs=1e-12)
+        if (n == 2 and not 0 < (y == 1).sum() < size) or not aucs:
+            assert got["auc_macro"] is None                       # undefined: left out of the interval
+        else:
+            want_auc = roc_auc_score(y == 1, p[:, 1]) if n == 2 else np.mean(aucs)
+            assert got["auc_macro"] == pytest.approx(want_auc, abs=1e-12)
+        sens = [cm[c, c] / cm[c].sum() for c in range(n) if cm[c].sum()]
+        assert got["sensitivity_macro"] == pytest.approx(np.mean(sens), abs=1e-12)
