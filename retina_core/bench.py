@@ -203,6 +203,18 @@ def kept_bytes(obj, _seen=None) -> int:
     return 0
 
 
+def _least_decode(data: bytes, size) -> None:
+    """Decode `data` with Pillow at the smallest JPEG DCT scale whose image still covers `size` (h, w); formats
+    without DCT scaling decode in full. Nothing else: no colour conversion, gate or resize."""
+    import io
+
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (int(size[1]), int(size[0])))
+    im.load()
+
+
 def bench_real_size(repeats: int = 7, n_batch: int = 8, batch_size: int = 8) -> dict:
     """Real-size inputs, as a clinic's camera and OCT write them: `analyze(bytes)` end to end (decode at
     SCREEN_SIDE with JPEG DCT scaling, quality gate, framing, forward + default heatmap) versus a bare forward of
@@ -226,7 +238,8 @@ def bench_real_size(repeats: int = 7, n_batch: int = 8, batch_size: int = 8) -> 
             x = model.preprocess(read_image(data, max_side=SCREEN_SIDE).pixels)
             full = read_image(data)
             fns = {"bare": lambda: _no_grad(model.net, x), "analyze": lambda: analyze(data, model),
-                   "full_decode": lambda: read_image(data)}
+                   "full_decode": lambda: read_image(data),
+                   "least_decode": lambda: _least_decode(data, model.cfg.input_size[1:])}
             ratios, times = _interleaved_ratios(fns, repeats)
             a = analyze(data, model)
             kept = kept_bytes(a) / 2**20
@@ -234,6 +247,10 @@ def bench_real_size(repeats: int = 7, n_batch: int = 8, batch_size: int = 8) -> 
                 "model": model.name, "input": list(model.cfg.input_size), "method": a.method,
                 "bare_forward_ms": round(times["bare"] * 1e3, 2), "analyze_ms": round(times["analyze"] * 1e3, 2),
                 "full_size_decode_ms": round(times["full_decode"] * 1e3, 2),
+                # the least any reader must do: decode at the smallest DCT scale still >= the model's input (JPEG),
+                # or in full (PNG); plus the bare forward. Above 1.5x, the target cannot be met on this machine.
+                "least_decode_ms": round(times["least_decode"] * 1e3, 2),
+                "floor_ratio": round((times["least_decode"] + times["bare"]) / times["bare"], 3),
                 "analyze_ratio": round(ratios["analyze"], 3), "kept_mb": round(kept, 2),
                 "kept_full_size_image_mb": round(full.pixels.nbytes / 2**20, 2), "result": a.label,
                 "meets_target": ratios["analyze"] <= 1.5 and kept <= 8.0}
@@ -436,11 +453,13 @@ def format_markdown(result: dict) -> str:
         r = result["real_size"]
         rows += [f"Real-size inputs (generated; read at {r['screen_side']} px on the long side): analyze(bytes) end to "
                  "end vs a bare forward (target <= 1.5x), bytes an Analysis keeps (target <= 8 MB)", "",
-                 "| input | model | bare forward (ms) | analyze (ms) | ratio | kept (MB) | full-size decode alone (ms) |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| input | model | bare forward (ms) | analyze (ms) | ratio | kept (MB) | full-size decode alone (ms) | "
+                 "least decode (ms) | floor: least decode + forward |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for label, v in r["inputs"].items():
             rows.append(f"| {label} | {v['model']} ({v['input'][1]} px) | {v['bare_forward_ms']} | {v['analyze_ms']} | "
-                        f"**{v['analyze_ratio']}x** | {v['kept_mb']} | {v['full_size_decode_ms']} |")
+                        f"**{v['analyze_ratio']}x** | {v['kept_mb']} | {v['full_size_decode_ms']} | "
+                        f"{v['least_decode_ms']} | {v['floor_ratio']}x |")
         b = r["batch"]
         rows += ["", f"Batch screening of {b['images']} 12-megapixel JPEGs ({b['model']}): {b['screening_img_per_s']} "
                  f"img/s vs bare batched forward {b['bare_img_per_s']} img/s: **{b['ratio']}x** (target >= 0.85).", ""]

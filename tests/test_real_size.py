@@ -71,3 +71,19 @@ def test_analysis_of_a_12_megapixel_photograph_keeps_little(tmp_path):
     a = analyze(data)
     assert a.has_result and a.image.shape[:2] == a.heatmap.shape and max(a.image.shape[:2]) <= SCREEN_SIDE
     assert kept_bytes(a) <= 8 * 2**20
+
+
+def test_the_least_decode_of_the_bench_floor_covers_the_model_input(tmp_path, monkeypatch):
+    """bench's floor decodes a 12-MP JPEG at the smallest DCT scale still covering the model's input: 1/8 here
+    (536 x 356 >= 160 x 160), never smaller."""
+    from PIL import ImageFile
+
+    from retina_core import bench
+
+    data = bench._real_size_inputs(tmp_path)["fundus"][0].read_bytes()
+    seen = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: (seen.append(im.size), real_load(im))[1])
+    bench._least_decode(data, (160, 160))
+    bench._least_decode(data, (700, 1000))          # (h, w): 1/4 covers it, 1/8 would not
+    assert seen == [(536, 356), (1072, 712)]
