@@ -67,15 +67,14 @@ def real_set_of(data: str | Path | Sequence) -> dict | None:
                 names.append(part.name)
                 break
         else:
-            pairs, combined = p / "pairs.csv", p / "combined.json"
+            from .datasets import combined_from
+
+            pairs = p / "pairs.csv"
             if pairs.is_file():
                 names.extend(_sets_in_pairs(pairs))
-            elif combined.is_file():               # `data combine`: the sets it was made from
-                import json
-
-                for spec in json.loads(combined.read_text()).get("sets", []):
-                    found = real_set_of(spec.get("path", ""))
-                    names.extend(found["name"].split(" + ") if found else [])
+            for source in combined_from(p):        # `data combine`: the sets it was made from
+                found = real_set_of(source)
+                names.extend(found["name"].split(" + ") if found else [])
     names = list(dict.fromkeys(names))
     if not names:
         return None

@@ -378,7 +378,7 @@ def write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_no
         "config": asdict(cfg_t), "date": _dt.date.today().isoformat(), "torch": torch.__version__,
         **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}),
         **({"builder_kwargs": architecture_kwargs(cfg_t)} if architecture_kwargs(cfg_t) else {}),
-        **({"pretrained": pretraining_of(cfg_t.init)} if pretraining_of(cfg_t.init) else {}),
+        **({"pretrained": pretrained} if (pretrained := pretraining_of(cfg_t.init)) else {}),
         **(extra or {}),
     }
     manifest_path = out / MANIFEST
