@@ -234,3 +234,21 @@ def test_explain_eval_set_default_records_the_choice_and_analyze_uses_it(tmp_pat
         assert default_method(model) == chosen
     else:                      # both too slow on a loaded machine: nothing is written, the message says why
         assert "default_method" not in entry
+
+
+def test_eval_mode_restores_exactly_the_modules_that_were_training_and_find_vit_follows_changes():
+    from retina_core.explain.attribution import eval_mode, find_vit
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    net.train()
+    net[1].eval()                        # a frozen BatchNorm, as two-phase training leaves it
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == [True, True, False, True]
+    net.eval()
+    with eval_mode(net):                 # nothing training: nothing switched, nothing restored
+        assert not any(m.training for m in net.modules())
+    assert not any(m.training for m in net.modules())
+    assert find_vit(net) is None
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=2)
+    net.append(vit)                      # the remembered answer is looked up again when the modules change
+    assert find_vit(net) is vit

@@ -582,3 +582,13 @@ def test_fuzz_volume_files_only_raise_input_errors_within_memory(kind, edits, cu
         if img.kind == "volume":
             assert img.pixels.dtype == np.float32 and img.pixels.min() >= 0 and img.pixels.max() <= 1
         assert "DOE" not in repr(img)
+
+
+def test_grey_to_rgb_copies_the_channel_three_times():
+    from retina_core.io.image import grey_to_rgb
+    g = np.arange(7 * 5, dtype=np.uint8).reshape(7, 5)
+    out = grey_to_rgb(g)
+    assert out.shape == (7, 5, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert np.array_equal(out, np.repeat(g[..., None], 3, axis=2))
+    assert np.array_equal(grey_to_rgb(g[:, ::2]), np.repeat(g[:, ::2, None], 3, axis=2))   # a strided view
+    assert grey_to_rgb(np.zeros((0, 4), np.uint8)).shape == (0, 4, 3)

@@ -141,3 +141,13 @@ def test_contrast_framing_keeps_local_detail_and_drops_the_camera_cast(tmp_path)
     Image.fromarray(img).save(tmp_path / "a.png")
     cached = CachedImages([Record(tmp_path / "a.png", "normal")], ("normal",), cfg, augment=False)
     assert (cached.images[0].float() - back).abs().max() <= 1.0
+
+
+def test_fov_box_reads_the_channels_maximum():
+    """The element-wise channel maximum gives the box numpy's axis=2 maximum gives (one bright channel counts)."""
+    rng = np.random.default_rng(0)
+    px = np.zeros((300, 400, 3), np.uint8)
+    px[40:260, 90:310, 2] = 200          # a field bright in blue only
+    px[..., :2] = rng.integers(0, 15, (300, 400, 2))
+    box = fov_box(px, (160, 160))
+    assert abs(box.w - 220) <= 2 and abs(box.x0 - 90) <= 2 and abs(box.y0 - 40) <= 2

@@ -185,3 +185,25 @@ def test_greyscale_image_is_never_a_fundus_but_can_be_graded_as_one():
     forced = assess_quality(as_image(red_free), modality="fundus")
     assert forced.modality == "fundus" and "fundus_circle_iou" in forced.features
     assert forced.features["fundus_circle_iou"] > 0.8
+
+
+def test_convex_hull_from_row_ends_equals_the_hull_of_every_pixel():
+    import cv2
+
+    from retina_core.quality import _convex_hull
+
+    def every_pixel(mask):
+        out = np.zeros(mask.shape, np.uint8)
+        cv2.fillConvexPoly(out, cv2.convexHull(cv2.findNonZero(mask.astype(np.uint8))), 1)
+        return out > 0
+
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        h, w = rng.integers(5, 200, 2)
+        m = rng.random((h, w)) < 0.002
+        for _ in range(rng.integers(1, 5)):
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            m[y0:y0 + rng.integers(1, 60), x0:x0 + rng.integers(1, 60)] = True
+        assert np.array_equal(_convex_hull(m), every_pixel(m))
+    empty = np.zeros((9, 9), bool)
+    assert not _convex_hull(empty).any()

