@@ -242,7 +242,8 @@ def run_readings(readings: list[Reading]) -> list[Analysis]:
     """Readings of one model, method, target and image size as one `explain_batch`; each finished as alone."""
     first = readings[0]
     pixels = np.stack([r.img.pixels for r in readings])
-    maps, probs, idx = explain_batch(first.model, pixels, first.method, first.target)
+    grey = all((r.img.meta or {}).get("single_channel") for r in readings)   # channels copies of one
+    maps, probs, idx = explain_batch(first.model, pixels, first.method, first.target, grey=grey)
     return [finish_reading(r, maps[i], probs[i], int(idx[i])) for i, r in enumerate(readings)]
 
 

@@ -101,7 +101,8 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
             return Prepared(path, row)
         row["model"] = name
         box = fov_box(img.pixels, tuple(cfg.input_size[1:])) if uses_fov(cfg) else None
-        x = preprocess_image(img.pixels, cfg, boxes=None if box is None else [box])[0]
+        x = preprocess_image(img.pixels, cfg, boxes=None if box is None else [box],
+                             grey=bool((img.meta or {}).get("single_channel")))[0]
         return Prepared(path, row, x, img.pixels.shape[:2], box)
     except RetinaInputError as exc:
         row["error"] = str(exc)

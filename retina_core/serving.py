@@ -513,14 +513,16 @@ class RayServeService:
 
 def _for_replica(image):
     """The image as it crosses into Ray (its object store, which may spill to disk, and its logs): pixels and the
-    facts the replica's gate and reading use (kind, format, content hash, grey, modality hint, laterality, the
-    header's non-identifying summary). Nothing else of `meta` goes, whatever a caller put there; the decoders keep
+    facts the replica's gate and reading use (kind, format, content hash, grey, single channel, modality hint,
+    laterality, the header's non-identifying summary). Nothing else of `meta` goes, whatever a caller put there; the decoders keep
     patient fields out of a RetinalImage in the first place (io/dicom.py, io/scanners.py)."""
     from .io.decode import SCREEN_SIDE, RetinalImage, read_image
 
     img = image if isinstance(image, RetinalImage) else read_image(image, max_side=SCREEN_SIDE)
     header = (img.meta or {}).get("header")
     meta = {"header": {k: header[k] for k in HEADER_KEYS if k in header}} if isinstance(header, dict) else {}
+    if (img.meta or {}).get("single_channel"):
+        meta["single_channel"] = True              # channels are copies of one: the replica preprocesses one
     return RetinalImage(pixels=img.pixels, kind=img.kind, source_format=img.source_format,
                         content_hash=img.content_hash, grayscale=img.grayscale, modality_hint=img.modality_hint,
                         laterality=img.laterality, meta=meta)

@@ -592,3 +592,25 @@ def test_grey_to_rgb_copies_the_channel_three_times():
     assert np.array_equal(out, np.repeat(g[..., None], 3, axis=2))
     assert np.array_equal(grey_to_rgb(g[:, ::2]), np.repeat(g[:, ::2, None], 3, axis=2))   # a strided view
     assert grey_to_rgb(np.zeros((0, 4), np.uint8)).shape == (0, 4, 3)
+
+
+def test_a_grey_source_is_marked_single_channel_and_preprocessed_from_one_channel_alike(tmp_path):
+    """A grey PNG's three channels are copies of one (meta single_channel); preprocessing one channel gives
+    exactly the tensor preprocessing three gives. A colour PNG is not marked."""
+    import torch
+    from PIL import Image
+
+    from retina_core.io.decode import read_image
+    from retina_core.models.loading import preprocess_image
+    from retina_core.models.registry import get_cfg
+
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (150, 350), dtype=np.uint8)).save(buf, format="PNG")
+    img = read_image(buf.getvalue())
+    assert img.meta.get("single_channel") is True
+    cfg = get_cfg("oct_dme_resnet18")
+    assert torch.equal(preprocess_image(img.pixels, cfg, grey=True), preprocess_image(img.pixels, cfg))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buf, format="PNG")
+    assert not read_image(buf.getvalue()).meta.get("single_channel")

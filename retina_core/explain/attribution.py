@@ -79,10 +79,11 @@ class _Model:
     def classes(self) -> tuple[str, ...]:
         return tuple(self.cfg.classes)
 
-    def preprocess(self, batch_uint8: np.ndarray, boxes: list | None = None) -> torch.Tensor:
+    def preprocess(self, batch_uint8: np.ndarray, boxes: list | None = None, grey: bool = False) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> float32 [B, C, h, w] (framed and resized to cfg.input_size, normalised with
-        cfg.mean/std; `boxes`: the images' field-of-view boxes when the cfg frames them)."""
-        return preprocess_batch(batch_uint8, self.cfg, self.device, boxes)
+        cfg.mean/std; `boxes`: the images' field-of-view boxes when the cfg frames them; `grey`: every image's
+        channels are copies of one)."""
+        return preprocess_batch(batch_uint8, self.cfg, self.device, boxes, grey)
 
 
 def _default_cfg(net: nn.Module, vit: nn.Module | None):
@@ -149,9 +150,9 @@ def default_method(model) -> str:
 
 
 def preprocess_batch(batch_uint8: np.ndarray, cfg, device: torch.device | str = "cpu",
-                     boxes: list | None = None) -> torch.Tensor:
+                     boxes: list | None = None, grey: bool = False) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, C, h, w]: `models.loading.preprocess_image`, the one preprocessing."""
-    return preprocess_image(batch_uint8, cfg, device, boxes)
+    return preprocess_image(batch_uint8, cfg, device, boxes, grey)
 
 
 @contextmanager
@@ -423,18 +424,19 @@ def attribute(model, x: torch.Tensor, method: str = "gradcam",
         return cam_with_library(net, x, cfg.target_layer, method, idx), logits, idx
 
 
-def explain_batch(model, images, method: str | None = None,
-                  target=None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def explain_batch(model, images, method: str | None = None, target=None,
+                  grey: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Heatmaps for same-size images: (maps float32 [B, H, W] in [0, 1] at the image size, calibrated
     probabilities [B, K], explained class per image). images: uint8 [B, H, W, 3] or a list of [H, W, 3].
-    method None: the model's `default_method`."""
+    method None: the model's `default_method`. grey: every image's three channels are exact copies of one
+    (decoded from a grey source: `RetinalImage.meta["single_channel"]`), so one is preprocessed."""
     m = model if isinstance(model, _Model) else _Model(model)
     method = method or default_method(m)
     batch = np.stack([to_pixels(i) for i in images]) if not isinstance(images, np.ndarray) or images.ndim != 4 \
         else images
     h, w = batch.shape[1:3]
     boxes = fov_boxes(batch, tuple(m.cfg.input_size[1:])) if uses_fov(m.cfg) else None
-    x = m.preprocess(batch, boxes)
+    x = m.preprocess(batch, boxes, grey)
     raw, logits, idx = attribute(m, x, method, target)
     if method in IG_METHODS:
         raw = [postprocess_ig(r, r.shape[-2:]) for r in raw]

@@ -394,6 +394,8 @@ def _decode_pillow(data: bytes, fmt: str, *, content_hash: str, max_pixels: int,
                 log.debug("decoder detail", exc_info=exc)
                 raise RetinaInputError(truncated_msg) from None
     meta["frame"] = index
+    if single:
+        meta["single_channel"] = True     # the three channels are copies of one (grey_to_rgb)
     return RetinalImage(pixels=rgb, kind="image", source_format=fmt, content_hash=content_hash,
                         grayscale=single or looks_grey(rgb), meta=meta)
 

@@ -155,6 +155,8 @@ def decode_dicom(data: bytes, *, content_hash: str, max_pixels: int, frame: int 
     one = frames_u8[index]
     rgb = one if colour else grey_to_rgb(one)
     meta["frame"] = index
+    if not colour:
+        meta["single_channel"] = True     # the three channels are copies of one (grey_to_rgb)
     return RetinalImage(pixels=np.ascontiguousarray(rgb), kind="image", source_format="dicom",
                         content_hash=content_hash, grayscale=(not colour) or looks_grey(rgb),
                         modality_hint=modality_hint, laterality=laterality, spacing=spacing, meta=meta)

@@ -38,7 +38,9 @@ class RetinalImage:
     modality_hint: Modality.FUNDUS | Modality.OCT | None, from DICOM Modality (OP/OPT), SOP class or the scanner format.
     laterality: "OD" | "OS" | None, from DICOM (Image)Laterality or a file name with _left/_right, OD/OS.
     spacing: mm per pixel (row, col) or per voxel (slice, row, col) where known.
-    meta: non-identifying technical facts only (width, height, frames, bits, photometric, transfer syntax, ...).
+    meta: non-identifying technical facts only (width, height, frames, bits, photometric, transfer syntax, ...);
+          meta["single_channel"] True: a 2-D image's three channels are exact copies of one (a grey source),
+          so preprocessing resizes one channel (`models.loading.preprocess_image`, grey=True).
           meta["header"], where the format's header names a modality (DICOM): what it says, non-identifying
           ({"format", "modality", "modality_name", "sop_class", "ophthalmic": True | False | None, "reason"});
           the quality gate refuses an image whose header says ophthalmic False, before looking at its pixels.

@@ -87,6 +87,7 @@ def decode_nifti(data: bytes, *, content_hash: str, max_pixels: int, max_bytes: 
     if frame is not None and frame >= 0:
         rgb = volume_slice_as_image(vol01, int(frame), "nifti")
         meta["frame"] = int(frame)
+        meta["single_channel"] = True
         return RetinalImage(pixels=rgb, kind="image", source_format="nifti", content_hash=content_hash,
                             grayscale=True, spacing=spacing[1:] if spacing else None, meta=meta)
     return RetinalImage(pixels=vol01, kind="volume", source_format="nifti", content_hash=content_hash,

@@ -118,6 +118,7 @@ def _result(vol01: np.ndarray, fmt: str, *, content_hash: str, frame: int | None
     index = 0 if frame is None else int(frame)
     rgb = volume_slice_as_image(vol01, index, fmt)
     meta["frame"] = index
+    meta["single_channel"] = True
     return RetinalImage(pixels=rgb, kind="image", source_format=fmt, content_hash=content_hash, grayscale=True,
                         modality_hint=Modality.OCT, laterality=laterality, spacing=spacing[1:] if spacing else None,
                         meta=meta)

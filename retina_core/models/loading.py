@@ -57,18 +57,21 @@ def sha256_file(path: Path) -> str:
 
 
 def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | str = "cpu",
-                     boxes: list | None = None) -> torch.Tensor:
+                     boxes: list | None = None, grey: bool = False) -> torch.Tensor:
     """uint8 [H, W, 3] (or a batch [B, H, W, 3]) RGB -> float32 [B, C, h, w] resized to cfg.input_size and
     normalised with cfg.mean/std. Training, inference and every explainer call this, so what a model saw in
     training is what it sees in the app. A cfg with framing "fov" cuts each image to its field of view first
-    (`models.framing`; `boxes`: the images' `fov_box`es when the caller already has them)."""
+    (`models.framing`; `boxes`: the images' `fov_box`es when the caller already has them). grey: the caller
+    knows the three channels are exact copies of one (`RetinalImage.meta["single_channel"]`): one channel is
+    converted and resized, then copied (the same values, a third of the work)."""
     a = np.asarray(pixels)
     if a.ndim == 3:
         a = a[None]
     if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
         raise ValueError(f"expected uint8 [H, W, 3] or [B, H, W, 3], got {a.dtype} {a.shape}")
     c, h, w = cfg.input_size
-    x = torch.tensor(a, device=device).permute(0, 3, 1, 2).float().div_(255.0)
+    one = grey and not uses_fov(cfg)
+    x = torch.tensor(a[..., :1] if one else a, device=device).permute(0, 3, 1, 2).float().div_(255.0)
     if uses_fov(cfg):
         boxes = boxes if boxes is not None else fov_boxes(a, (h, w))
         x = torch.stack([frame_tensor(xi, b, (h, w)) for xi, b in zip(x, boxes)])
@@ -76,6 +79,8 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
             x = local_contrast((x * 255.0).round().clamp(0, 255)).round().div_(255.0)
     elif x.shape[-2:] != (h, w):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    if one:
+        x = x.expand(-1, 3, -1, -1)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
