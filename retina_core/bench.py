@@ -494,4 +494,9 @@ def format_markdown(result: dict) -> str:
                     f"({c['wall_vs_one_at_a_time']}x); latency p50 {c['latency_p50_s']} s, p95 "
                     f"{c['latency_p95_s']} s (one session alone {c['alone_latency_s']} s); server memory "
                     f"+{c['rss_per_session_mb']} MB per session (target <= 40 MB); disturbers {c['disturbers']}.")
+        if "cpu_in_window" in c:
+            u = c["cpu_in_window"]
+            rows.append(f"CPU used from the first request to the last result ({u['window_s']} s sampled, "
+                        f"{u['cores']} cores): the server {u['server_s']} s ({u['server_vs_back_to_back']}x the "
+                        f"back-to-back analyses), Chromium and the Playwright driver {u['browsers_and_driver_s']} s.")
     return "\n".join(rows)

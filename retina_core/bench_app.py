@@ -10,7 +10,7 @@ import os
 import statistics
 import time
 
-from .browser import app_server, chromium_available, choose, launch, rss_mb, wait_idle
+from .browser import CpuSampler, app_server, chromium_available, choose, launch, rss_mb, wait_idle
 
 # The sessions measure the analysis pages: demo mode (no sign-in, nothing stored), as a demo or kiosk would run.
 BENCH_ENV = {"RETINA_MODE": "demo"}
@@ -172,10 +172,13 @@ BROKEN_UPLOAD = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64   # a PNG signature and noth
 
 # Installed in a page before its request: a MutationObserver notes, in the page itself, when a result, an exception
 # or the "busy" message first appears (epoch ms), so N pages are timed without polling each one from Python (which,
-# on two loaded cores, took CPU from the server it measures).
+# on two loaded cores, took CPU from the server it measures). The check reads the whole page's text, so it runs at
+# most once per 50 ms of DOM changes (the time noted is at most that late), not on every mutation of a rendering page.
 _WATCH = """() => {
   window.__retinaOutcome = null;
+  let pending = false;
   const check = () => {
+    pending = false;
     if (window.__retinaOutcome) return;
     const text = document.body.textContent || "";
     const o = text.includes(%r) ? "result"
@@ -183,7 +186,7 @@ _WATCH = """() => {
       : text.includes(%r) ? "busy" : null;
     if (o) { window.__retinaOutcome = [o, Date.now() / 1000]; observer.disconnect(); }
   };
-  const observer = new MutationObserver(check);
+  const observer = new MutationObserver(() => { if (!pending) { pending = true; setTimeout(check, 50); } });
   observer.observe(document.body, {subtree: true, childList: true, characterData: true});
 }""" % (RESULT_TEXT, BUSY_TEXT)
 
@@ -254,6 +257,8 @@ def bench_concurrent_sessions(n: int = 8, weights_dir=None, disturb: bool = True
             combo.fill(samples[i])
             options.append(pg.get_by_role("option", name=samples[i]).first)
             options[-1].wait_for(timeout=60000)
+        sampler = CpuSampler({"server": proc.pid, "browser_and_driver": os.getpid()}).__enter__()
+        time.sleep(0.3)                                       # a snapshot before the first request
         starts = []
         for opt in options:                                   # fire every request before waiting for any
             opt.click()
@@ -271,6 +276,8 @@ def bench_concurrent_sessions(n: int = 8, weights_dir=None, disturb: bool = True
             if got:
                 outcome[i], done[i] = got
         t_last = max(done.values(), default=time.time())
+        time.sleep(0.3)                                       # a snapshot after the last result
+        sampler.__exit__()
         t_first = starts[0]                                   # the first request sent (choose returns then)
         for pg in pages[:n + (1 if disturb else 0)]:
             wait_idle(pg)
@@ -286,6 +293,14 @@ def bench_concurrent_sessions(n: int = 8, weights_dir=None, disturb: bool = True
     wall = t_last - t_first
     seq = min(min(b.values()) for b in back_to_back)       # the best a single process did, before or after
     ok = sum(o == "result" for o in outcome.values())
+    # where the machine's CPU went from the first request to the last result on screen (sampled every 0.25 s, so
+    # the window is up to 0.5 s wider): the server process, and Chromium with Playwright's driver and this process
+    # (its other children); on a clinic's network the browsers run on the clinicians' machines, so the server's
+    # share is what the server machine must carry
+    window, used = sampler.used(t_first, t_last)
+    cpu = {"window_s": window, "cores": os.cpu_count(), "server_s": used["server"],
+           "browsers_and_driver_s": used["browser_and_driver"],
+           "server_vs_back_to_back": round(used["server"] / seq, 2) if seq else None}
     errors = {k: sum(o == k for o in outcome.values()) for k in ("busy", "exception")}
     return {"sessions": n, "completed": ok, "errors": errors, "no_outcome": n - len(outcome),
             "wall_s": round(wall, 2), "firing_s": round(starts[-1] - starts[0], 2), "back_to_back_s": round(seq, 2),
@@ -296,7 +311,7 @@ def bench_concurrent_sessions(n: int = 8, weights_dir=None, disturb: bool = True
             "alone_latency_s": round(statistics.median(alone), 2),
             "one_at_a_time_in_browser_s": round(sum(alone), 2),   # the N requests one after another, one session
             "wall_vs_one_at_a_time": round(wall / sum(alone), 2) if lat else None,
-            "server_scripts_without_browser": scripts,
+            "server_scripts_without_browser": scripts, "cpu_in_window": cpu,
             "rss_before_mb": round(rss0, 1),
             "rss_after_mb": round(rss1, 1), "rss_per_session_mb": round(per, 1), "target_mb": 40,
             "disturbers": ({"broken_upload_showed_its_error": broken_shown, "closed_tab": True} if disturb

@@ -96,6 +96,79 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
 
 
+def _proc_stat(pid: int) -> tuple[int, str, float] | None:
+    """(parent pid, command name, user + system CPU seconds) of a live process, from /proc/PID/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name = raw[raw.index("(") + 1:raw.rindex(")")]
+    fields = raw[raw.rindex(")") + 2:].split()          # fields from the state (the 3rd) on
+    return int(fields[1]), name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_group(groups: dict[str, int]) -> dict[str, dict[int, float]]:
+    """CPU seconds used so far by each process tree: {group: {pid: seconds}} for every live process under each
+    root pid of `groups` ({"server": streamlit's pid, ...}). A process under two roots counts for the deeper one
+    (the server is not also counted under this process). Linux /proc only."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = st
+    out: dict[str, dict[int, float]] = {g: {} for g in groups}
+    roots = {pid: g for g, pid in groups.items()}
+    for pid, (_, _, cpu) in stats.items():
+        p, seen = pid, 0
+        while p and p not in roots and seen < 64:          # walk up to the nearest root
+            p, seen = (stats[p][0] if p in stats else 0), seen + 1
+        if p in roots:
+            out[roots[p]][pid] = cpu
+    return out
+
+
+def cpu_used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds each group used between two `cpu_by_group` snapshots (processes started in between count
+    in full; processes that ended in between are lost: their time is not in /proc any more)."""
+    return {g: round(sum(cpu - before.get(g, {}).get(pid, 0.0) for pid, cpu in procs.items()), 2)
+            for g, procs in after.items()}
+
+
+class CpuSampler:
+    """`cpu_by_group` snapshots every `interval_s` in a background thread, so the CPU used between two moments
+    known only afterwards (the first request, the last result on screen) can be read off: `used(t0, t1)` takes
+    the last snapshot at or before t0 and the first at or after t1 (the window is at most one interval wider)."""
+
+    def __init__(self, groups: dict[str, int], interval_s: float = 0.25):
+        import threading
+
+        self.groups, self.interval_s = groups, interval_s
+        self.snaps: list[tuple[float, dict]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.snaps.append((time.time(), cpu_by_group(self.groups)))
+            if self._stop.wait(self.interval_s):
+                self.snaps.append((time.time(), cpu_by_group(self.groups)))
+                return
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def used(self, t0: float, t1: float) -> tuple[float, dict[str, float]]:
+        """(the window's length in seconds, CPU seconds per group in it)."""
+        before = [s for s in self.snaps if s[0] <= t0] or self.snaps[:1]
+        after = [s for s in self.snaps if s[0] >= t1] or self.snaps[-1:]
+        (ta, a), (tb, b) = before[-1], after[0]
+        return round(tb - ta, 2), cpu_used(a, b)
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process in MB (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -81,3 +81,35 @@ def test_a_closed_session_is_seen_by_the_service_while_it_waits(monkeypatch):
     assert stopped() is True
     monkeypatch.setattr(script_run_context, "get_script_run_ctx", lambda *a, **k: None)
     assert common._session_stopped() is None            # outside a script run: nothing to poll
+
+
+def test_cpu_accounting_splits_the_machine_by_process_tree():
+    """What `bench --only concurrent_sessions` reports as the server's and the browsers' CPU: a busy child's
+    seconds land in its own group, not in its parent's."""
+    import os
+    import subprocess
+    import sys
+
+    from retina_core.browser import CpuSampler, cpu_by_group, cpu_used
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time\nsys.stdout.write('go\\n'); sys.stdout.flush()\n"
+                              "t = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+                              "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdout.readline()                       # started: the busy loop runs from here
+        groups = {"child": child.pid, "me": os.getpid()}
+        before = cpu_by_group(groups)
+        assert child.pid in before["child"] and child.pid not in before["me"]
+        import time
+        with CpuSampler(groups, interval_s=0.1) as sampler:
+            t0 = time.time()
+            time.sleep(1.0)                           # the child spins; this process sleeps
+            t1 = time.time()
+            time.sleep(0.2)
+        used = cpu_used(before, cpu_by_group(groups))
+        window, sampled = sampler.used(t0, t1)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert used["child"] >= 0.3 and used["me"] < 0.3
+    assert 1.0 <= window <= 1.3 and sampled["child"] >= 0.3 and sampled["me"] < 0.3
