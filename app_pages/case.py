@@ -3,7 +3,6 @@ change since the last visit, and a versioned review per suggestion (agree / disa
 Clinicians review and sign; researchers read the case de-identified, without the review form."""
 import streamlit as st
 
-from retina_core import figures
 from retina_core.analysis import NO_RESULT
 from retina_core.clinic import records
 from retina_core.errors import RetinaInputError
@@ -105,7 +104,7 @@ def suggestion_block(a, pixels, key: str) -> None:
         if a.model and a.weights_sha256:
             common.show_trust_note(a.model, a.weights_sha256, a.method, left, label=a.target)
     if a.probabilities:
-        right.plotly_chart(figures.probability_bars(a.probabilities, a.label), width="stretch", key=f"probs_{key}")
+        common.probability_rows(a.probabilities, a.label, right)
     st.caption(f"Analysis #{a.id} · model `{a.model}` · weights `{(a.weights_sha256 or '')[:12]}` · "
                f"read {a.created_at:%Y-%m-%d} by "
                f"{a.created_by}" + (f" · quality: {a.quality.get('verdict')}" if a.quality else ""))

@@ -3,7 +3,6 @@ the fusion model's result with one map per modality, and where the modalities ag
 import pandas as pd
 import streamlit as st
 
-from retina_core import figures
 from retina_core.compare_modalities import agreement, fusion_readings, run_fusion
 from retina_core.errors import RetinaInputError
 from retina_core.explain.overlay import overlay
@@ -79,7 +78,7 @@ for col, (kind, model, title) in zip(cols, (("fundus", f_model, "Fundus photogra
         st.metric(f"{model}", a.label, f"{a.probabilities[a.label]:.0%}", delta_color="off", delta_arrow="off")
         st.image(overlay(img.pixels, a.heatmap, alpha), caption=f"Grad-CAM for '{a.target}'",
                  width="stretch")
-        st.plotly_chart(figures.probability_chart(a), width="stretch", key=f"cmp_probs_{kind}")
+        common.probability_rows(a.probabilities, a.label)
 
 st.subheader("Fusion model: both images together")
 fusion, reason = common.model_or_reason(FUSION)

@@ -1,7 +1,6 @@
 """Upload & diagnose: images in, quality verdict, calibrated probabilities and a heatmap out; reports to download."""
 import streamlit as st
 
-from retina_core import figures
 from retina_core.analysis import NO_RESULT
 from retina_core.errors import RetinaInputError
 from retina_core.explain.attribution import ALL_METHODS, VIT_METHODS
@@ -108,7 +107,7 @@ for i, (name, data) in enumerate(inputs, start=1):
         chart, zoom = st.columns([3, 2])
         with chart:
             st.markdown("**Calibrated probabilities**")
-            st.plotly_chart(figures.probability_chart(a), width="stretch", key=f"probs_{i}")
+            common.probability_rows(a.probabilities, a.label)
         with zoom:
             st.markdown("**Strongest heatmap region**")
             st.image(shown[y0:y1, x0:x1], caption=f"x {x0}-{x1}, y {y0}-{y1}", width="stretch")
@@ -137,7 +136,7 @@ for i, (name, data) in enumerate(inputs, start=1):
                 ol.image(overlay(img.pixels, o.heatmap, alpha), width="stretch",
                          caption=f"{o.method} heatmap for '{o.target}'")
                 common.show_trust_note(o.model, o.weights_sha256, o.method, ol, label=o.target)
-                orr.plotly_chart(figures.probability_chart(o), width="stretch", key=f"probs_{i}_{k}")
+                common.probability_rows(o.probabilities, o.label, orr)
 
 if report_items:
     st.subheader("Report")

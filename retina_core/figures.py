@@ -1,16 +1,12 @@
-"""Plotly figures for the pages (no Streamlit here): probabilities, zone shares, ensembles, confusion matrix, ROC,
-reliability."""
+"""Plotly figures for the pages (no Streamlit here): zone shares, ensembles, confusion matrix, ROC, reliability.
+(A reading's calibrated probabilities are native progress bars, `webapp.common.probability_rows`: a result page
+then needs no plotting library in the browser.)"""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import plotly.graph_objects as go
 
 from .explain.zones import ETDRS_ABBREVIATIONS
-
-if TYPE_CHECKING:
-    from .analysis import Analysis
 
 PALETTE = ["#1f6f8b", "#e07b39", "#5a9e6f", "#a05195", "#d45087", "#8c8c3a", "#3a7ca5", "#b5651d"]
 
@@ -18,24 +14,6 @@ PALETTE = ["#1f6f8b", "#e07b39", "#5a9e6f", "#a05195", "#d45087", "#8c8c3a", "#3
 def _layout(fig: go.Figure, height: int, **kw) -> go.Figure:
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=40), legend=dict(orientation="h", y=-0.25),
                       **kw)
-    return fig
-
-
-def probability_chart(a: Analysis) -> go.Figure:
-    """Horizontal bars of the calibrated probabilities, the predicted class highlighted."""
-    return probability_bars(a.probabilities, a.label)
-
-
-def probability_bars(probabilities: dict[str, float], label: str | None = None, height: int | None = None
-                     ) -> go.Figure:
-    classes = list(probabilities)
-    probs = [probabilities[c] for c in classes]
-    colours = ["#1f6f8b" if c == label else "#9bb7c4" for c in classes]
-    fig = go.Figure(go.Bar(x=probs, y=classes, orientation="h", marker_color=colours,
-                           text=[f"{p:.1%}" for p in probs], textposition="outside", cliponaxis=False))
-    fig.update_layout(xaxis=dict(range=[0, 1.08], tickformat=".0%", title="calibrated probability"),
-                      yaxis=dict(autorange="reversed"), height=height or 60 + 38 * len(classes),
-                      margin=dict(l=10, r=30, t=10, b=40))
     return fig
 
 

@@ -110,9 +110,14 @@ def test_upload_phantom_shows_prediction_and_heatmap(app, oct_png):
     assert labels["Modality"] == "oct" and labels["Quality"] == "gradable"
     assert labels["Suggestion"] in get_cfg(DEFAULT_MODELS["oct"]).classes     # the default (real-data) OCT model
     assert any("heatmap" in c for c in [c.value for c in app.caption]) or "heatmap" in text
-    # every installed OCT model reads the scan: the default in full, each other one in an expander with its chart
+    # every installed OCT model reads the scan: the default in full, each other one in an expander with its
+    # probabilities (one native bar per class, the predicted class in bold; no plotly chart on this page)
     others = installed_models("oct")[1:]
-    assert len(app.get("plotly_chart")) == 1 + len(others)
+    bars = [b.proto.text for b in app.get("progress")]
+    n_classes = sum(len(get_cfg(m).classes) for m in installed_models("oct"))
+    assert len(bars) == n_classes and not app.get("plotly_chart")
+    first = bars[:len(get_cfg(DEFAULT_MODELS["oct"]).classes)]       # the default model's, in its class order
+    assert sum(f"**{labels['Suggestion']}**" in t for t in first) == 1
     assert [e.label.split(":")[0] for e in app.expander if e.label.split(":")[0] in others] == others
     assert any("trained on" in c.value for c in app.caption)
     assert {"dl_1", "report_pdf", "report_json"} <= {d.key for d in app.get("download_button")}

@@ -278,6 +278,15 @@ def disclaimer() -> None:
     st.warning(DISCLAIMER, icon=":material/science:")
 
 
+def probability_rows(probabilities: dict[str, float], label: str | None = None, where=None) -> None:
+    """The calibrated probabilities as one native progress bar per class, the predicted class in bold: what the
+    plotly bar chart showed, without the plotting library the browser must load and lay out for every result."""
+    where = where or st
+    for c, p in probabilities.items():
+        name = f"**{c}**" if c == label else c
+        where.progress(min(max(float(p), 0.0), 1.0), text=f"{name}: {p:.1%}")
+
+
 def trained_on_caption(a: Analysis, where=None) -> None:
     """What the model behind a suggestion was trained on, next to it: real set, size and held-out figure, or a
     visible 'synthetic phantoms only' for the tasks with no real data here."""
