@@ -19,7 +19,7 @@ from .explain.attribution import ALL_METHODS, available_methods, default_method,
 from .io.decode import SCREEN_SIDE, RetinalImage, read_image
 from .modality import Modality
 from .models import LoadedModel, load_model, read_manifest
-from .quality import Quality, assess_quality
+from .quality import MEDIA_OPACITY_CLASSES, Quality, assess_quality, hazy_only
 
 # Every model that reads a modality, in the order suggestions are shown: models trained on real images first, then
 # phantom-only models for the tasks that have no real data here (five DR grades; CNV and drusen on OCT).
@@ -201,6 +201,7 @@ class Reading:
     method: str                               # resolved: one of available_methods(model)
     target: str | int | None
     note: str | None = None                   # appended to the result's notes
+    hazy: bool = False                        # an ungradable, hazy fundus photograph read for media opacity only
 
 
 def plan_analysis(image, model: LoadedModel | str | None = None, method: str | None = None,
@@ -217,7 +218,9 @@ def plan_all(image, method: str | None = None, modality: str | None = None) -> l
     no-result Analysis saying why none applies."""
     img, q = _gated(image, method, modality)
     names = installed_models(q.modality) if q.modality in MODELS_BY_MODALITY else []
-    if not names or q.modality == "not_retinal" or not q.gradable:
+    if names and hazy_only(q):        # only a model with a media-opacity class reads a hazy photograph
+        names = [n for n in names if reads_media_opacity(get_model(n))]
+    if not names or q.modality == "not_retinal" or (not q.gradable and not hazy_only(q)):
         return [_plan(img, q, None, method, None)]
     models = [get_model(n) for n in names]
     if method is not None and not any(method in available_methods(m) for m in models):
@@ -272,7 +275,8 @@ def _plan(img: RetinalImage, q: Quality, model, method: str | None, target) -> A
         why = (f"This image looks like a {q.modality} image, but model {model.name} reads {model.cfg.modality} "
                f"images. Choose a {q.modality} model, or override the modality if the detection is wrong.")
         return _no_result(img, q, q.modality, asked, [why], model)
-    if not q.gradable:
+    hazy = not q.gradable and hazy_only(q) and reads_media_opacity(model)
+    if not q.gradable and not hazy:
         return _no_result(img, q, q.modality, asked, [q.verdict, *q.reasons], model)
 
     classes = model.cfg.classes
@@ -282,7 +286,19 @@ def _plan(img: RetinalImage, q: Quality, model, method: str | None, target) -> A
                                f"{', '.join(available_methods(model))}.")
     if target is not None:
         _target_index(target, classes, 0)   # a clear message for an unknown class, before any work
-    return Reading(img, q, model, method, target)
+    return Reading(img, q, model, method, target, hazy=hazy)
+
+
+def reads_media_opacity(model: LoadedModel) -> bool:
+    """Whether a model has a media-opacity class (`quality.MEDIA_OPACITY_CLASSES`): it reads hazy photographs."""
+    return any(c in MEDIA_OPACITY_CLASSES for c in model.cfg.classes)
+
+
+HAZY_NOTE = ("The retina itself cannot be graded on this photograph (blurred or low contrast). A hazy view is also "
+             "what media opacity such as cataract looks like, so only a media-opacity reading is shown; if the eye's "
+             "media are clear, retake the photograph.")
+HAZY_WITHHELD = ("This photograph is too hazy to grade the retina, and the model did not read it as media opacity "
+                 "(its answer was {label}), so no reading is shown: retake the photograph, or refer.")
 
 
 def finish_reading(plan: Reading, heatmap: np.ndarray, probabilities: np.ndarray, target_index: int) -> Analysis:
@@ -297,11 +313,18 @@ def finish_reading(plan: Reading, heatmap: np.ndarray, probabilities: np.ndarray
     pred = int(np.argmax(probs))
     t_idx = int(target_index)
     label = classes[pred]
+    if plan.hazy and label not in MEDIA_OPACITY_CLASSES:
+        return _no_result(img, q, q.modality, method, [q.verdict, *q.reasons, HAZY_WITHHELD.format(label=label)],
+                          model)
     referable, suggestion = suggestion_for(label, model)
+    if plan.hazy:
+        suggestion += " The retina itself is not gradable on this photograph."
     notes = [] if heatmap.max() > 0 else ["The heatmap is empty: no region raised the explained class's score."]
     if probs[pred] < LOW_CONFIDENCE:
         notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
         suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."
+    if plan.hazy:
+        notes.append(HAZY_NOTE)
     if plan.note:
         notes.append(plan.note)
     result = Analysis(modality=q.modality, quality=q, probabilities={c: float(p) for c, p in zip(classes, probs)},

@@ -75,12 +75,13 @@ class Prepared:
     tensor: torch.Tensor | None = None    # [C, h, w] normalised, when a model should read it
     size: tuple[int, int] | None = None   # H, W of the image as decoded (for the heatmap)
     box: FieldBox | None = None           # the field-of-view box the tensor was framed on (fov-framed models)
+    hazy: bool = False                    # an ungradable hazy photograph, read for media opacity only
 
 
 def prepare(path: str, model_override: str | None = None) -> Prepared:
     """Decode + quality gate + preprocess one file; errors become a row, never an exception."""
     from .io.decode import SCREEN_SIDE, read_image
-    from .quality import assess_quality
+    from .quality import MEDIA_OPACITY_CLASSES, assess_quality, hazy_only
 
     row = {c: "" for c in COLUMNS}
     row["file"] = path
@@ -92,10 +93,14 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
         q = assess_quality(img)
         row.update(modality=str(q.modality), quality=q.verdict, quality_score=round(float(q.score), 4))
         name = model_override or DEFAULT_MODELS.get(q.modality)
-        if q.modality == "not_retinal" or not q.gradable or name is None:
+        cfg = inference_cfg(name) if name else None   # the cfg only; the network stays in the main process
+        # as analysis._plan: a hazy (blurred, low-contrast) photograph is read by a model with a media-opacity
+        # class, which shows only that reading (`infer`)
+        hazy = (not q.gradable and hazy_only(q) and cfg is not None
+                and any(c in MEDIA_OPACITY_CLASSES for c in cfg.classes))
+        if q.modality == "not_retinal" or (not q.gradable and not hazy) or name is None:
             row["label"] = "no result"
             return Prepared(path, row)
-        cfg = inference_cfg(name)   # preprocessing needs the cfg only; the network stays in the main process
         if cfg.modality != q.modality:
             row.update(label="no result", error=f"{q.modality} image, model {name} reads {cfg.modality}")
             return Prepared(path, row)
@@ -103,7 +108,7 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
         box = fov_box(img.pixels, tuple(cfg.input_size[1:])) if uses_fov(cfg) else None
         x = preprocess_image(img.pixels, cfg, boxes=None if box is None else [box],
                              grey=bool((img.meta or {}).get("single_channel")))[0]
-        return Prepared(path, row, x, img.pixels.shape[:2], box)
+        return Prepared(path, row, x, img.pixels.shape[:2], box, hazy)
     except RetinaInputError as exc:
         row["error"] = str(exc)
         return Prepared(path, row)
@@ -137,6 +142,8 @@ def _onnx_predictor(name: str):
 def infer(items: list[Prepared], heatmaps: Path | None, runtime: str = "torch") -> list[dict]:
     """Batched forward per model (+ single-pass Grad-CAM when heatmaps are written); fills label, probabilities and
     heatmap into the rows. runtime "onnx": predictions through ONNX Runtime (no heatmaps)."""
+    from .quality import MEDIA_OPACITY_CLASSES
+
     by_model: dict[str, list[Prepared]] = {}
     for it in items:
         if it.tensor is not None:
@@ -155,6 +162,10 @@ def infer(items: list[Prepared], heatmaps: Path | None, runtime: str = "torch") 
         for g, p, cam in zip(group, probs, cams):
             k = int(np.argmax(p))
             label = model.cfg.classes[k]
+            if g.hazy and label not in MEDIA_OPACITY_CLASSES:   # as analysis.finish_reading: withheld
+                g.row.update(label="no result", error=f"too hazy to grade; the model's answer ({label}) was not "
+                                                      "media opacity")
+                continue
             g.row.update(label=label, confidence=round(float(p[k]), 6),
                          referable=suggestion_for(label, model)[0],
                          probabilities=json.dumps({c: round(float(v), 6) for c, v in zip(model.cfg.classes, p)}))

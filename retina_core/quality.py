@@ -45,6 +45,10 @@ GRADABLE, UNGRADABLE, NOT_RETINAL = "gradable", "ungradable: retake or refer", "
 DETECT_MIN = 0.5        # modality score needed to call an image retinal
 GRADABLE_MIN = 0.5      # gradability score needed to give a result
 WORK_SIDE = 256         # px: the working copy's size (fundus: field diameter; OCT: width)
+# Classes whose finding is itself a hazy view of the retina: media opacity. A fundus photograph refused only for
+# blur or low contrast (`hazy_only`) is still read by a model with one of these classes (analysis._plan).
+MEDIA_OPACITY_CLASSES = ("cataract",)
+HAZE_SUBSCORES = ("focus", "contrast")
 
 
 @dataclass
@@ -105,6 +109,19 @@ def assess_quality(img: RetinalImage, modality: str | None = None) -> Quality:
         subs, why = oct_gradability(work, of, g)
     features = {**{f"fundus_{k}": v for k, v in ff.items()}, **{f"oct_{k}": v for k, v in of.items()}}
     return _finish(chosen, scores, subs, reasons + why, features)
+
+
+def hazy_only(q: Quality) -> bool:
+    """A fundus photograph refused only because it is blurred or of low contrast (its focus or contrast sub-score
+    below GRADABLE_MIN, illumination and field of view fine): the look of media opacity such as cataract as much as
+    of a poor capture. Retaking does not clear a cataract, so such a photograph is still read by models with a
+    media-opacity class (`MEDIA_OPACITY_CLASSES`), which show only that reading (analysis._plan). In the 4-class set
+    201 of the 211 cataract photographs the gate refuses are refused for these reasons alone (docs/real_data.md)."""
+    if q.modality != Modality.FUNDUS or q.gradable:
+        return False
+    subs = {k[4:]: v for k, v in q.features.items() if k.startswith("sub_")}
+    failing = {k for k, v in subs.items() if v < GRADABLE_MIN}
+    return bool(failing) and failing <= set(HAZE_SUBSCORES)
 
 
 def _header_refusal(img: RetinalImage) -> Quality | None:

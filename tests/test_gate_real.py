@@ -127,3 +127,30 @@ def test_patient_halves_and_reason_groups():
     assert reason_group("image is blurred (focus score 0.21 < 0.29)") == "image is blurred"
     assert (reason_group("very low contrast (variation 0.030 < 0.05): haze, media opacity or wrong exposure")
             == "very low contrast: haze, media opacity or wrong exposure")
+
+
+@real
+def test_hazy_cataract_photographs_are_read_for_media_opacity_only():
+    """Cataract clouds the view: the gate refuses many cataract photographs as blurred (in the 4-class set 201 of
+    the 211 it refuses, for blur or low contrast alone). Retaking does not clear a cataract, so such a photograph is
+    still read by a model with a cataract class, which shows only a cataract reading; any other answer is withheld.
+    The upload page (analyze_all), `analyze` and batch screening agree."""
+    from retina_core.analysis import HAZY_NOTE, analyze, analyze_all, get_model, reads_media_opacity
+    from retina_core.batch import infer, prepare
+    from retina_core.quality import hazy_only
+
+    folder = real_set("eye_disease_4class") / "cataract"
+    files = sorted(folder.iterdir())[:40]
+    hazy = [f for f in files if hazy_only(assess_quality(read_image(f, max_side=1024)))][:3]
+    assert hazy, "no hazy-only refusal among the first 40 cataract photographs"
+    assert reads_media_opacity(get_model("fundus_resnet18_head"))
+    for f in hazy:
+        a = analyze(f)
+        assert a.quality.verdict == UNGRADABLE and not a.quality.gradable
+        if a.has_result:
+            assert a.label == "cataract" and HAZY_NOTE in a.notes and "not gradable" in a.suggestion
+        else:
+            assert any("did not read it as media opacity" in n for n in a.notes)
+        assert [x.label for x in analyze_all(f)] == [a.label]      # the DR-grade model (no cataract class) does not read it
+        row = infer([prepare(str(f))], None)[0]
+        assert row["label"] == (a.label or "no result") and row["quality"] == UNGRADABLE

@@ -207,3 +207,40 @@ def test_convex_hull_from_row_ends_equals_the_hull_of_every_pixel():
         assert np.array_equal(_convex_hull(m), every_pixel(m))
     empty = np.zeros((9, 9), bool)
     assert not _convex_hull(empty).any()
+
+
+def test_hazy_only_means_refused_for_blur_or_low_contrast_alone():
+    from retina_core.quality import hazy_only
+
+    def q(gradable, modality="fundus", **subs):
+        return Quality(modality, {}, gradable, min(subs.values()), [], GRADABLE if gradable else UNGRADABLE,
+                       {f"sub_{k}": v for k, v in subs.items()})
+
+    assert hazy_only(q(False, focus=0.1, illumination=1.0, field=1.0, contrast=0.9))
+    assert hazy_only(q(False, focus=0.2, illumination=0.8, field=1.0, contrast=0.3))
+    assert not hazy_only(q(False, focus=0.1, illumination=0.2, field=1.0, contrast=0.9))   # dark as well
+    assert not hazy_only(q(False, focus=1.0, illumination=1.0, field=0.1, contrast=1.0))   # cut off
+    assert not hazy_only(q(True, focus=0.9, illumination=1.0, field=1.0, contrast=0.9))
+    assert not hazy_only(q(False, "oct", focus=0.1, signal=1.0, cutoff=1.0, contrast=1.0))
+
+
+def test_a_hazy_reading_shows_media_opacity_and_withholds_every_other_answer():
+    from retina_core.analysis import HAZY_NOTE, Reading, finish_reading, get_model, reads_media_opacity
+
+    model = get_model("fundus_resnet18_head")
+    assert reads_media_opacity(model) and not reads_media_opacity(get_model("fundus_dr_effnet_b0"))
+    img = RetinalImage(pixels=np.zeros((32, 32, 3), np.uint8), kind="image", source_format="png",
+                       content_hash="0" * 64, grayscale=False)
+    quality = Quality("fundus", {}, False, 0.1, ["image is blurred"], UNGRADABLE,
+                      {"sub_focus": 0.1, "sub_illumination": 1.0, "sub_field": 1.0, "sub_contrast": 1.0})
+    plan = Reading(img, quality, model, "gradcam", None, hazy=True)
+    classes = list(model.cfg.classes)
+    heatmap = np.ones((32, 32), np.float32)
+    p = np.full(len(classes), 0.1)
+    p[classes.index("cataract")] = 0.7
+    a = finish_reading(plan, heatmap, p, classes.index("cataract"))
+    assert a.label == "cataract" and a.referable and HAZY_NOTE in a.notes
+    p = np.full(len(classes), 0.1)
+    p[classes.index("normal")] = 0.7
+    a = finish_reading(plan, heatmap, p, classes.index("normal"))
+    assert not a.has_result and a.referable is None and "(its answer was normal)" in a.notes[-1]
