@@ -419,6 +419,7 @@ def _safe_call(fn) -> bool:
 APP_NAME = "retina"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ONE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"    # "0": Ray keeps 127.0.0.1 (a one-machine cluster)
+CLIENT_CONNECT_TRIES = 3      # Ray Client connections: attempts when the head fails to start its server
 REPLICA_ENV = ("RETINA_WEIGHTS_DIR", "RETINA_AUDIT_LOG")   # the app's settings the replicas' code reads too
 HEADER_KEYS = ("format", "modality", "modality_name", "sop_class", "ophthalmic", "reason")   # `dicom.header_summary`
 
@@ -572,7 +573,17 @@ def _join_cluster(address: str) -> None:
                 ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool(ONE_MACHINE_ENV, True)
             except (ImportError, AttributeError):     # another Ray version: its own rules apply
                 pass
-    ray.init(address=address, log_to_driver=False)
+    for attempt in range(CLIENT_CONNECT_TRIES):
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except ConnectionAbortedError as exc:
+            # Ray Client starts a server process per connection on the head; on a busy head that start can fail
+            # ("Starting Ray client server failed") and succeed a moment later: seen on a 2-core test machine
+            if not address.startswith("ray://") or attempt == CLIENT_CONNECT_TRIES - 1:
+                raise
+            log.warning("Ray Client could not start its server on the cluster (%s); retrying", type(exc).__name__)
+            time.sleep(2.0 * (attempt + 1))
 
 
 def _running_app(app_name: str):

@@ -555,3 +555,26 @@ def test_the_app_finds_the_application_deployed_on_the_cluster(ray_cluster, othe
     shown = json.loads(capsys.readouterr().out)
     assert shown["deployed_here"] and shown["completed"] == 0                # a new replica
     assert not ray.is_initialized()
+
+
+def test_a_ray_client_connection_is_retried_when_the_head_fails_to_start_its_server(monkeypatch):
+    """Ray Client starts a server process per connection on the head; on a busy head that start can fail once
+    ("Starting Ray client server failed") and work a moment later. Other addresses fail at once."""
+    import ray
+
+    calls = []
+
+    def init(address, **kw):
+        calls.append(address)
+        if len(calls) == 1:
+            raise ConnectionAbortedError("Initialization failure from server: Starting Ray client server failed")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(serving, "_cluster_endpoint", lambda address: None)
+    monkeypatch.setattr(serving.time, "sleep", lambda s: None)
+    serving._join_cluster("ray://127.0.0.1:10001")
+    assert calls == ["ray://127.0.0.1:10001"] * 2
+    calls.clear()
+    with pytest.raises(ConnectionAbortedError):
+        serving._join_cluster("127.0.0.1:6379")
+    assert len(calls) == 1
