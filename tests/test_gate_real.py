@@ -78,7 +78,7 @@ def test_gate_eval_json_reports_every_field(capsys):
     for r, expected in zip(rows, ("fundus", "oct")):
         assert r["expected"] == expected and r["n"] == 3
         for key in ("modality_correct", "modality_pct", "gradable", "gradable_pct", "refusals_by_reason",
-                    "refused_files", "wrong_modality_files", "halves"):
+                    "refused_hazy_only", "refused_files", "wrong_modality_files", "halves"):
             assert key in r
         assert r["halves"]["fit"]["n"] + r["halves"]["heldout"]["n"] == 3
         assert r["modality_pct"] == pytest.approx(100.0 * r["modality_correct"] / 3, abs=0.05)
@@ -103,6 +103,7 @@ def test_gate_eval_on_a_plain_folder_refusals_grouped_and_contact_sheet(tmp_path
     assert r["expected"] == "fundus" and r["n"] == 2 and r["gradable"] == 0 and r["modality_correct"] == 0
     assert sorted(f["file"] for f in r["refused_files"]) == ["black.png", "sub/noise.png"]
     assert sum(r["refusals_by_reason"].values()) >= 2 and all(f["reasons"] for f in r["refused_files"])
+    assert r["refused_hazy_only"] == 0 and not any(f["hazy"] for f in r["refused_files"])   # not retinal: not hazy
     assert sheet.is_file() and Image.open(sheet).size[0] > 100
 
 
@@ -154,3 +155,5 @@ def test_hazy_cataract_photographs_are_read_for_media_opacity_only():
         assert [x.label for x in analyze_all(f)] == [a.label]      # the DR-grade model (no cataract class) does not read it
         row = infer([prepare(str(f))], None)[0]
         assert row["label"] == (a.label or "no result") and row["quality"] == UNGRADABLE
+    r = evaluate_set(folder.parent, limit=8)          # gate-eval counts them apart from the other refusals
+    assert r["refused_hazy_only"] == sum(f["hazy"] for f in r["refused_files"]) <= r["refused"]

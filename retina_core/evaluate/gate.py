@@ -27,7 +27,7 @@ from ..errors import RetinaInputError
 from ..io.datasets import IMAGE_EXTENSIONS
 from ..io.decode import SCREEN_SIDE, read_image
 from ..modality import IMAGE_MODALITIES, Modality
-from ..quality import GRADABLE, assess_quality
+from ..quality import GRADABLE, assess_quality, hazy_only
 
 EXPECTABLE = IMAGE_MODALITIES
 # words in a set's folder name that say what it holds
@@ -121,15 +121,16 @@ def _sample(rows: list[dict], limit: int | None) -> list[dict]:
 
 
 def assess_file(path: Path, expected: str, max_side: int | None = SCREEN_SIDE) -> dict:
-    """One image through `read_image` and `assess_quality`: modality, verdict, gradable, score, reasons. Read as
+    """One image through `read_image` and `assess_quality`: modality, verdict, gradable, score, reasons, and
+    whether a refusal is for haze alone (`quality.hazy_only`: the app still reads it for media opacity). Read as
     the app, `predict` and batch read it (long side at most SCREEN_SIDE; max_side None: full size)."""
     try:
         q = assess_quality(read_image(path, max_side=max_side))
     except RetinaInputError as exc:
         return {"modality": "error", "verdict": "error", "gradable": False, "score": 0.0,
-                "reasons": [f"could not be read: {exc}"], "modality_ok": False}
+                "reasons": [f"could not be read: {exc}"], "modality_ok": False, "hazy": False}
     return {"modality": q.modality, "verdict": q.verdict, "gradable": q.verdict == GRADABLE, "score": q.score,
-            "reasons": list(q.reasons), "modality_ok": q.modality == expected}
+            "reasons": list(q.reasons), "modality_ok": q.modality == expected, "hazy": hazy_only(q)}
 
 
 def summarise(records: list[dict]) -> dict:
@@ -142,6 +143,8 @@ def summarise(records: list[dict]) -> dict:
     pct = (lambda k: round(100.0 * k / n, 1) if n else None)
     return {"n": n, "modality_correct": ok, "modality_pct": pct(ok), "gradable": grad, "gradable_pct": pct(grad),
             "refused": len(refused), "refused_by_verdict": dict(Counter(r["verdict"] for r in refused)),
+            # refused for blur or low contrast alone: still read for media opacity (cataract) by the app
+            "refused_hazy_only": sum(bool(r.get("hazy")) for r in refused),
             "modality_by_call": dict(Counter(r["modality"] for r in records)),
             "refusals_by_reason": dict(by_reason.most_common())}
 
@@ -166,7 +169,7 @@ def evaluate_set(set_dir: str | Path, expect: str | None = None, limit: int | No
         records.append(rec)
         if progress:
             progress(i + 1, len(rows))
-    keep = ("file", "half", "modality", "verdict", "score", "reasons")
+    keep = ("file", "half", "modality", "verdict", "score", "reasons", "hazy")
     return {"set": set_dir.name, "path": str(set_dir), "expected": expected, "read_at": max_side or "full size",
             **summarise(records),
             "halves": {h: summarise([r for r in records if r["half"] == h]) for h in ("fit", "heldout")},
@@ -176,13 +179,15 @@ def evaluate_set(set_dir: str | Path, expect: str | None = None, limit: int | No
 
 def format_report(results: list[dict]) -> str:
     """Markdown: one table row per set (all / fit half / held-out half), then each set's refusals by reason."""
-    lines = ["| set | expected | half | n | modality right | gradable | refused |", "|---|---|---|---|---|---|---|"]
+    lines = ["| set | expected | half | n | modality right | gradable | refused | of which hazy only (read for "
+             "cataract) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name, s in (("all", r), ("fit", r["halves"]["fit"]), ("held-out", r["halves"]["heldout"])):
             if not s["n"]:
                 continue
             lines.append(f"| {r['set']} | {r['expected']} | {name} | {s['n']} | {s['modality_correct']} "
-                         f"({s['modality_pct']}%) | {s['gradable']} ({s['gradable_pct']}%) | {s['refused']} |")
+                         f"({s['modality_pct']}%) | {s['gradable']} ({s['gradable_pct']}%) | {s['refused']} | "
+                         f"{s['refused_hazy_only']} |")
     for r in results:
         if r["refusals_by_reason"]:
             lines.append(f"\n{r['set']}: refusals by reason (an image may have several)")
