@@ -93,12 +93,14 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
         q = assess_quality(img)
         row.update(modality=str(q.modality), quality=q.verdict, quality_score=round(float(q.score), 4))
         name = model_override or DEFAULT_MODELS.get(q.modality)
-        cfg = inference_cfg(name) if name else None   # the cfg only; the network stays in the main process
+        if q.modality == "not_retinal" or name is None or (not q.gradable and not hazy_only(q)):
+            row["label"] = "no result"
+            return Prepared(path, row)
+        cfg = inference_cfg(name)   # preprocessing needs the cfg only; the network stays in the main process
         # as analysis._plan: a hazy (blurred, low-contrast) photograph is read by a model with a media-opacity
         # class, which shows only that reading (`infer`)
-        hazy = (not q.gradable and hazy_only(q) and cfg is not None
-                and any(c in MEDIA_OPACITY_CLASSES for c in cfg.classes))
-        if q.modality == "not_retinal" or (not q.gradable and not hazy) or name is None:
+        hazy = not q.gradable
+        if hazy and not any(c in MEDIA_OPACITY_CLASSES for c in cfg.classes):
             row["label"] = "no result"
             return Prepared(path, row)
         if cfg.modality != q.modality:
