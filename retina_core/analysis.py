@@ -19,7 +19,7 @@ from .explain.attribution import ALL_METHODS, available_methods, default_method,
 from .io.decode import SCREEN_SIDE, RetinalImage, read_image
 from .modality import Modality
 from .models import LoadedModel, load_model, read_manifest
-from .quality import MEDIA_OPACITY_CLASSES, Quality, assess_quality, hazy_only
+from .quality import MEDIA_OPACITY_CLASSES, Quality, assess_quality, hazy_only, reads_media_opacity
 
 # Every model that reads a modality, in the order suggestions are shown: models trained on real images first, then
 # phantom-only models for the tasks that have no real data here (five DR grades; CNV and drusen on OCT).
@@ -287,11 +287,6 @@ def _plan(img: RetinalImage, q: Quality, model, method: str | None, target) -> A
     if target is not None:
         _target_index(target, classes, 0)   # a clear message for an unknown class, before any work
     return Reading(img, q, model, method, target, hazy=hazy)
-
-
-def reads_media_opacity(model: LoadedModel) -> bool:
-    """Whether a model has a media-opacity class (`quality.MEDIA_OPACITY_CLASSES`): it reads hazy photographs."""
-    return any(c in MEDIA_OPACITY_CLASSES for c in model.cfg.classes)
 
 
 HAZY_NOTE = ("The retina itself cannot be graded on this photograph (blurred or low contrast). A hazy view is also "

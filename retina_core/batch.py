@@ -81,7 +81,7 @@ class Prepared:
 def prepare(path: str, model_override: str | None = None) -> Prepared:
     """Decode + quality gate + preprocess one file; errors become a row, never an exception."""
     from .io.decode import SCREEN_SIDE, read_image
-    from .quality import MEDIA_OPACITY_CLASSES, assess_quality, hazy_only
+    from .quality import assess_quality, hazy_only, reads_media_opacity
 
     row = {c: "" for c in COLUMNS}
     row["file"] = path
@@ -100,7 +100,7 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
         # as analysis._plan: a hazy (blurred, low-contrast) photograph is read by a model with a media-opacity
         # class, which shows only that reading (`infer`)
         hazy = not q.gradable
-        if hazy and not any(c in MEDIA_OPACITY_CLASSES for c in cfg.classes):
+        if hazy and not reads_media_opacity(cfg):
             row["label"] = "no result"
             return Prepared(path, row)
         if cfg.modality != q.modality:

@@ -124,6 +124,12 @@ def hazy_only(q: Quality) -> bool:
     return bool(failing) and failing <= set(HAZE_SUBSCORES)
 
 
+def reads_media_opacity(model) -> bool:
+    """Whether a model (a LoadedModel or its ModelCfg) has a media-opacity class (`MEDIA_OPACITY_CLASSES`): the
+    models that read a `hazy_only` photograph (analysis._plan, batch.prepare)."""
+    return any(c in MEDIA_OPACITY_CLASSES for c in getattr(model, "cfg", model).classes)
+
+
 def _header_refusal(img: RetinalImage) -> Quality | None:
     """The "not a retinal image" verdict when the file's header names a non-ophthalmic modality (`meta["header"]`,
     recorded by the decoder: e.g. DICOM Modality US), for images and volumes alike, whatever the pixels or the
