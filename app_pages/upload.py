@@ -99,8 +99,9 @@ for i, (name, data) in enumerate(inputs, start=1):
         common.trained_on_caption(a)
         left, right = st.columns(2)
         left.image(img.pixels, caption="Original", width="stretch")
-        shown = overlay(img.pixels, a.heatmap, alpha)
-        x0, y0, x1, y1 = strongest_region(a.heatmap)
+        hm = a.heatmap                      # placed on the image once for this drawing
+        shown = overlay(img.pixels, hm, alpha)
+        x0, y0, x1, y1 = strongest_region(hm)
         right.image(shown, caption=f"{a.method} heatmap for '{a.target}' (red = where the model looked most; "
                                    f"opacity {alpha:.2f})", width="stretch")
         common.show_trust_note(a.model, a.weights_sha256, a.method, right, label=a.target)
@@ -111,7 +112,7 @@ for i, (name, data) in enumerate(inputs, start=1):
         with zoom:
             st.markdown("**Strongest heatmap region**")
             st.image(shown[y0:y1, x0:x1], caption=f"x {x0}-{x1}, y {y0}-{y1}", width="stretch")
-            st.download_button("Download heatmap (PNG)", lambda hm=a.heatmap: common.png_bytes(heatmap_to_rgb(hm)),
+            st.download_button("Download heatmap (PNG)", lambda hm=hm: common.png_bytes(heatmap_to_rgb(hm)),
                                file_name=f"heatmap_{a.content_hash[:12]}_{a.method}.png", mime="image/png",
                                key=f"dl_{i}", on_click="ignore")   # encoded on click, not on every rerun
         if a.quality.reasons:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import RetinaInputError
-from .explain.attribution import ALL_METHODS, available_methods, default_method, explain_batch
+from .explain.attribution import ALL_METHODS, ModelMap, available_methods, default_method, explain_batch
 from .io.decode import SCREEN_SIDE, RetinalImage, read_image
 from .modality import Modality
 from .models import LoadedModel, load_model, read_manifest
@@ -100,7 +100,12 @@ get_model.cache_clear = _clear_models
 @dataclass
 class Analysis:
     """One image read by one model. `heatmap`: float32 [H, W] in [0, 1] at the shown image's size, or None.
-    `modality` is kept a plain str (a Modality's value, or "not_retinal"): it is stored in the clinic's database."""
+    `modality` is kept a plain str (a Modality's value, or "not_retinal"): it is stored in the clinic's database.
+
+    A reading keeps its map at the model's resolution (`heatmap_at_model`, an `explain.attribution.ModelMap` of a
+    few KB) and places it on the image each time `heatmap` is read, so a result held in a session, a queue or a
+    Ray object store costs the image and little more; read `heatmap` once per drawing. It may also be given a
+    placed array (volumes, pairs), which it keeps as given."""
 
     modality: str
     quality: Quality
@@ -122,6 +127,20 @@ class Analysis:
     def __post_init__(self) -> None:
         if isinstance(self.modality, str):
             self.modality = str(self.modality)     # a Modality member -> its plain value
+
+    @property
+    def heatmap_at_model(self) -> ModelMap | None:
+        """The map as the model made it, when this result keeps one (else None: no map, or a placed array)."""
+        m = self.__dict__.get("_heatmap")
+        return m if isinstance(m, ModelMap) else None
+
+    @property
+    def heatmap_empty(self) -> bool:
+        """No region raised the explained class's score (True also when there is no map)."""
+        m = self.__dict__.get("_heatmap")
+        if m is None:
+            return True
+        return m.is_empty() if isinstance(m, ModelMap) else not float(np.max(m)) > 0
 
     @property
     def has_result(self) -> bool:
@@ -156,6 +175,20 @@ def _target_index(target: str | int | None, classes: tuple[str, ...], predicted:
     if target in classes:
         return classes.index(target)
     raise RetinaInputError(f"Cannot explain class {target!r}: the model's classes are {', '.join(classes)}.")
+
+
+def _heatmap_get(self: Analysis) -> np.ndarray | None:
+    m = self.__dict__.get("_heatmap")
+    return m.to_image() if isinstance(m, ModelMap) else m
+
+
+def _heatmap_set(self: Analysis, value: np.ndarray | ModelMap | None) -> None:
+    self.__dict__["_heatmap"] = value
+
+
+# the dataclass field `heatmap` (its __init__ sets it) is kept as given, a ModelMap placed on reading
+Analysis.heatmap = property(_heatmap_get, _heatmap_set,   # type: ignore[assignment]
+                            doc="float32 [H, W] in [0, 1] at the shown image's size, or None (placed on each read)")
 
 
 def suggestion_for(label: str, model: LoadedModel) -> tuple[bool, str]:
@@ -246,7 +279,7 @@ def run_readings(readings: list[Reading]) -> list[Analysis]:
     first = readings[0]
     pixels = np.stack([r.img.pixels for r in readings])
     grey = all((r.img.meta or {}).get("single_channel") for r in readings)   # channels copies of one
-    maps, probs, idx = explain_batch(first.model, pixels, first.method, first.target, grey=grey)
+    maps, probs, idx = explain_batch(first.model, pixels, first.method, first.target, grey=grey, placed=False)
     return [finish_reading(r, maps[i], probs[i], int(idx[i])) for i, r in enumerate(readings)]
 
 
@@ -296,10 +329,11 @@ HAZY_WITHHELD = ("This photograph is too hazy to grade the retina, and the model
                  "(its answer was {label}), so no reading is shown: retake the photograph, or refer.")
 
 
-def finish_reading(plan: Reading, heatmap: np.ndarray, probabilities: np.ndarray, target_index: int) -> Analysis:
+def finish_reading(plan: Reading, heatmap: np.ndarray | ModelMap, probabilities: np.ndarray,
+                   target_index: int) -> Analysis:
     """The forward's output for one planned reading -> its Analysis (label, suggestion, notes; audited).
-    heatmap: float32 [H, W] in [0, 1] at the image's size; probabilities: calibrated [K]; target_index: the class
-    the heatmap explains (`explain_batch`'s outputs for this image)."""
+    heatmap: the image's ModelMap (kept as is), or float32 [H, W] in [0, 1] at the image's size; probabilities:
+    calibrated [K]; target_index: the class the heatmap explains (`explain_batch`'s outputs for this image)."""
     img, q, model, method = plan.img, plan.quality, plan.model, plan.method
     classes = model.cfg.classes
     # One forward gives the prediction and (for Grad-CAM) the heatmap; other methods reuse that forward's logits.
@@ -314,7 +348,8 @@ def finish_reading(plan: Reading, heatmap: np.ndarray, probabilities: np.ndarray
     referable, suggestion = suggestion_for(label, model)
     if plan.hazy:
         suggestion += " The retina itself is not gradable on this photograph."
-    notes = [] if heatmap.max() > 0 else ["The heatmap is empty: no region raised the explained class's score."]
+    empty = heatmap.is_empty() if isinstance(heatmap, ModelMap) else not float(np.max(heatmap)) > 0
+    notes = ["The heatmap is empty: no region raised the explained class's score."] if empty else []
     if probs[pred] < LOW_CONFIDENCE:
         notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
         suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."

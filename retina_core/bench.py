@@ -194,8 +194,9 @@ def kept_bytes(obj, _seen=None) -> int:
         return int(obj.nbytes)
     if isinstance(obj, torch.Tensor):
         return int(obj.element_size() * obj.nelement())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(kept_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):   # what the instance holds, not what a
+        held = vars(obj).values() if hasattr(obj, "__dict__") else (getattr(obj, f.name) for f in dataclasses.fields(obj))
+        return sum(kept_bytes(v, seen) for v in held)                  # property computes on reading
     if isinstance(obj, dict):
         return sum(kept_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):

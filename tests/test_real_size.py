@@ -87,3 +87,45 @@ def test_the_least_decode_of_the_bench_floor_covers_the_model_input(tmp_path, mo
     bench._least_decode(data, (160, 160))
     bench._least_decode(data, (700, 1000))          # (h, w): 1/4 covers it, 1/8 would not
     assert seen == [(536, 356), (1072, 712)]
+
+
+def test_a_reading_keeps_its_map_at_model_resolution_and_places_it_when_read(tmp_path):
+    """The heatmap an Analysis keeps is the model's map (a few KB); reading `heatmap` places it on the image exactly
+    as `explain_batch` does, so what is drawn is unchanged while a held or pickled result stays small."""
+    import pickle
+
+    from retina_core.analysis import analyze, get_model
+    from retina_core.bench import _real_size_inputs
+    from retina_core.explain.attribution import explain_batch
+
+    data = _real_size_inputs(tmp_path)["fundus"][0].read_bytes()
+    a = analyze(data)
+    kept = a.heatmap_at_model
+    assert kept is not None and kept.raw.nbytes < 2**16 and kept.shape == a.image.shape[:2]
+    placed = explain_batch(get_model(a.model), a.image[None], a.method)[0][0]
+    assert np.array_equal(a.heatmap, placed) and a.heatmap.dtype == np.float32
+    assert kept_bytes(a) < a.image.nbytes + 2**16                # the image and the small map, nothing placed
+    assert len(pickle.dumps(a)) < a.image.nbytes + 2**17
+    assert np.array_equal(pickle.loads(pickle.dumps(a)).heatmap, placed)
+    assert a.heatmap_empty is False and not any("empty" in n for n in a.notes)
+
+
+@pytest.mark.parametrize("framed", [False, True])
+def test_model_map_emptiness_decided_small_matches_the_placed_map(framed):
+    """`ModelMap.is_empty` (mostly decided at the map's own size) says exactly whether the placed map is all zero:
+    zero, constant and negative maps, and maps whose only rise lies on the rim of a framed model's round field."""
+    from retina_core.explain.attribution import ModelMap
+    from retina_core.models.framing import FieldBox
+
+    rng = np.random.default_rng(3)
+    box = FieldBox(40.0, -10.0, 300.0, 300.0) if framed else None
+    cases = [np.zeros((5, 5)), np.full((5, 5), 0.7), -np.ones((7, 7)), rng.random((5, 5)), rng.random((160, 160))]
+    for _ in range(40):                                     # a single raised pixel anywhere, rim included
+        m = np.zeros((6, 6))
+        m[rng.integers(0, 6), rng.integers(0, 6)] = rng.random() + 0.1
+        cases.append(m)
+    for raw in cases:
+        mm = ModelMap(raw.astype(np.float32), box, (280, 400))
+        placed = mm.to_image()
+        assert placed.shape == (280, 400) and placed.dtype == np.float32
+        assert mm.is_empty() == (not placed.max() > 0), raw

@@ -224,10 +224,10 @@ def test_a_bad_input_in_a_batch_fails_alone(service, octs, monkeypatch):
     bad = octs[3]
     real = attribution.explain_batch
 
-    def flaky(model, images, method=None, target=None, grey=False):     # a forward that breaks on one image
+    def flaky(model, images, method=None, target=None, **kw):     # a forward that breaks on one image
         if any(np.array_equal(im, bad.pixels) for im in images):
             raise RuntimeError("corrupt input tensor")
-        return real(model, images, method, target, grey=grey)
+        return real(model, images, method, target, **kw)
 
     monkeypatch.setattr(attribution, "explain_batch", flaky)
     monkeypatch.setattr(analysis, "explain_batch", flaky)

@@ -18,6 +18,7 @@ from ..models.loading import register_explainer
 _EXPORTS = {
     "explain": "attribution", "explain_batch": "attribution", "available_methods": "attribution",
     "default_method": "attribution", "explain_pair": "attribution", "explain_volume": "volume_methods",
+    "ModelMap": "attribution",
     "ALL_METHODS": "attribution", "VIT_METHODS": "attribution", "make_predict_fn": "attribution",
     "centre_lr_shares": "zones", "etdrs_zone_scores": "zones", "etdrs_grid_mask": "zones",
     "optic_disc_zone": "zones", "oct_zone_scores": "zones", "locate_fovea_and_disc": "zones",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from ..modality import Modality
-from ..models.framing import fov_boxes, map_to_image, uses_fov
+from ..models.framing import FieldBox, fov_boxes, map_to_image, uses_fov
 from ..models.loading import preprocess_image, to_pixels
 from ..models.multimodal import pair_parts
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCfg, modality_of, model_cfg
@@ -424,12 +425,53 @@ def attribute(model, x: torch.Tensor, method: str = "gradcam",
         return cam_with_library(net, x, cfg.target_layer, method, idx), logits, idx
 
 
-def explain_batch(model, images, method: str | None = None, target=None,
-                  grey: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:
+@dataclass(frozen=True, eq=False)
+class ModelMap:
+    """A heatmap kept at the resolution its method made it (a few KB), placed on the image only when drawn:
+    `to_image()` gives exactly what `explain_batch` returns for that image (float32 [H, W] in [0, 1]), at the
+    cost of one upsampling. raw: the method's map [h, w] (Integrated Gradients already post-processed); box: the
+    field-of-view box the model read (fov-framed models), else None; out_hw: the image's (H, W)."""
+
+    raw: np.ndarray
+    box: FieldBox | None
+    out_hw: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.out_hw)
+
+    def to_image(self) -> np.ndarray:
+        if self.box is not None:
+            return map_to_image(self.raw, self.box, self.out_hw)
+        return normalise_map(self.raw, self.out_hw)
+
+    def is_empty(self) -> bool:
+        """Whether `to_image()` is all zero, mostly decided at the map's own resolution: a constant map is empty;
+        a varying one is not when it is upsampled (without a box) or when it rises above its minimum well inside
+        the round field a framed model read; otherwise the placed map is checked."""
+        r = np.maximum(self.raw, 0)
+        lo, hi = float(r.min()), float(r.max())
+        if hi <= lo:
+            return True
+        h, w = r.shape
+        up = h <= self.out_hw[0] and w <= self.out_hw[1]
+        if self.box is None and up:
+            return False
+        if up:
+            ys, xs = (np.arange(h) + 0.5) / h - 0.5, (np.arange(w) + 0.5) / w - 0.5
+            inner = ys[:, None] ** 2 + xs[None, :] ** 2 <= 0.2      # radius 0.45 of the box; the field's is 0.5
+            if (r[inner] > lo).any():
+                return False
+        return not float(self.to_image().max()) > 0
+
+
+def explain_batch(model, images, method: str | None = None, target=None, grey: bool = False,
+                  placed: bool = True) -> tuple[np.ndarray | list[ModelMap], np.ndarray, list[int]]:
     """Heatmaps for same-size images: (maps float32 [B, H, W] in [0, 1] at the image size, calibrated
     probabilities [B, K], explained class per image). images: uint8 [B, H, W, 3] or a list of [H, W, 3].
     method None: the model's `default_method`. grey: every image's three channels are exact copies of one
-    (decoded from a grey source: `RetinalImage.meta["single_channel"]`), so one is preprocessed."""
+    (decoded from a grey source: `RetinalImage.meta["single_channel"]`), so one is preprocessed. placed False:
+    the maps stay at the method's resolution, one `ModelMap` per image, placed on the image when drawn."""
     m = model if isinstance(model, _Model) else _Model(model)
     method = method or default_method(m)
     batch = np.stack([to_pixels(i) for i in images]) if not isinstance(images, np.ndarray) or images.ndim != 4 \
@@ -440,12 +482,12 @@ def explain_batch(model, images, method: str | None = None, target=None,
     raw, logits, idx = attribute(m, x, method, target)
     if method in IG_METHODS:
         raw = [postprocess_ig(r, r.shape[-2:]) for r in raw]
-    if boxes is not None:            # the map covers each image's field-of-view box: put it back in place
-        maps = np.stack([map_to_image(r, b, (h, w)) for r, b in zip(raw, boxes)])
-    else:
-        maps = np.stack([normalise_map(r, (h, w)) for r in raw])
     probs = torch.softmax(logits.float() / m.temperature, dim=1).cpu().numpy()
-    return maps.astype(np.float32), probs, idx
+    kept = [ModelMap(np.array(r, np.float32), None if boxes is None else boxes[i], (h, w)) for i, r in enumerate(raw)]
+    if not placed:
+        return kept, probs, idx
+    # the map covers each image's field-of-view box (fov framing): put it back in place
+    return np.stack([k.to_image() for k in kept]).astype(np.float32), probs, idx
 
 
 def explain(model, image, method: str | None = None, target=None, *, meta: dict | None = None,
