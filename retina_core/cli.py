@@ -6,7 +6,7 @@
     python -m retina_core data inspect data/oct --json
     python -m retina_core train --model oct_resnet18 --data data/oct --out runs/oct
     python -m retina_core evaluate --model oct_resnet18 --data data/oct --json
-    python -m retina_core serve --address 127.0.0.1:6379      # deploy the app's Ray Serve application (docs/app.md)
+    python -m retina_core serve --address 127.0.0.1:6379 [--replicas 2]   # deploy the app's Ray Serve application (docs/app.md)
 """
 from __future__ import annotations
 
@@ -342,12 +342,14 @@ def cmd_batch(args) -> int:
 
 def cmd_serve(args) -> int:
     """Deploy the app's Ray Serve application on a running cluster, or find it there, and print its stats."""
-    from .serving import RayServeService
+    from .serving import RayServeService, ServiceConfig
 
     if args.address == "local":
         raise RetinaInputError("serve deploys onto a running Ray cluster; give its address (\"auto\", \"host:port\" "
                                "or \"ray://host:10001\"), not \"local\".")
-    svc = RayServeService(args.address, redeploy=args.redeploy)
+    if args.replicas is not None and args.replicas < 1:
+        raise RetinaInputError("--replicas needs a whole number of at least 1.")
+    svc = RayServeService(args.address, ServiceConfig.from_env(args.replicas), redeploy=args.redeploy)
     try:
         _print_json(svc.stats())
     finally:
@@ -557,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "$RETINA_SERVE_ADDRESS, else auto)")
     p.add_argument("--redeploy", action="store_true",
                    help="replace a running application (new settings or code; its replicas restart)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="replicas to deploy, each reserving RETINA_THREADS CPUs (default 1) when several "
+                        "(default: $RETINA_SERVE_REPLICAS, else 1); a running application keeps its own unless "
+                        "--redeploy")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="performance ratios against same-process baselines (medians)")

@@ -37,6 +37,9 @@ Settings (environment, read when the service starts):
     RETINA_SERVE_ADDRESS    forward to a Ray Serve application instead ("local": start Ray in this process;
                             "auto", "host:port" or "ray://host:10001": a running cluster). Unset (the default):
                             in-process.
+    RETINA_SERVE_REPLICAS   replicas of the Ray Serve deployment (default 1, which uses the cores its machine leaves
+                            free). Several: each reserves RETINA_THREADS CPUs of the cluster (default 1) and runs
+                            that many threads, so Ray places them where CPUs are free, on any machine of the cluster.
 
 Ray Serve (`RayServeService`): the application "retina" has one deployment whose replicas each hold an
 `InferenceService`; the app reaches it through handles (no HTTP proxy). On a running cluster it is found by name and
@@ -108,7 +111,8 @@ class ServiceConfig:
     that may wait; window_ms: how long an idle worker waits for a batch to fill; max_batch: images per batch;
     timeout_s: how long a caller waits for its result; adaptive: before each batch (at most once a second) the
     worker runs on the cores other processes leave free, between 1 and `threads` (RETINA_THREADS unset or
-    "auto"; a number fixes it)."""
+    "auto"; a number fixes it); replicas: of the Ray Serve deployment (`application`), each holding a service
+    with these settings (with several, each reserves `threads` CPUs and is not adaptive)."""
 
     threads: int
     queue_size: int = 64
@@ -116,18 +120,25 @@ class ServiceConfig:
     max_batch: int = 8
     timeout_s: float = 120.0
     adaptive: bool = False          # use fewer threads while other processes keep cores busy (`threads_for`)
+    replicas: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "threads", max(1, min(int(self.threads), available_cores())))
         object.__setattr__(self, "queue_size", max(1, int(self.queue_size)))
         object.__setattr__(self, "max_batch", max(1, int(self.max_batch)))
         object.__setattr__(self, "window_ms", max(0.0, float(self.window_ms)))
+        object.__setattr__(self, "replicas", max(1, int(self.replicas)))
+        if self.replicas > 1:
+            object.__setattr__(self, "adaptive", False)     # a replica runs on the CPUs it reserved
 
     @classmethod
-    def from_env(cls) -> "ServiceConfig":
+    def from_env(cls, replicas: int | None = None) -> "ServiceConfig":
+        """The settings from the environment (module docstring); replicas: instead of RETINA_SERVE_REPLICAS."""
         fixed = os.environ.get("RETINA_THREADS", "auto").strip().lower() not in ("", "auto")
-        return cls(threads=_env_number("RETINA_THREADS", available_cores()) if fixed else available_cores(),
-                   adaptive=not fixed,
+        replicas = _env_number("RETINA_SERVE_REPLICAS", 1) if replicas is None else replicas
+        auto = available_cores() if replicas <= 1 else 1
+        return cls(threads=_env_number("RETINA_THREADS", auto) if fixed else auto,
+                   adaptive=not fixed, replicas=replicas,
                    queue_size=_env_number("RETINA_QUEUE_SIZE", 64),
                    window_ms=_env_number("RETINA_BATCH_WINDOW_MS", 5.0, float),
                    max_batch=_env_number("RETINA_MAX_BATCH", 8),
@@ -259,9 +270,7 @@ class InferenceService:
         with self._cond:
             sizes = dict(sorted(self._batch_sizes.items()))
             n_batches = sum(sizes.values())
-            return {"backend": self.backend, **{k: int(self._counts[k]) for k in
-                                                ("submitted", "completed", "failed", "rejected", "timed_out",
-                                                 "stopped", "batch_retried", "jobs")},
+            return {"backend": self.backend, **{k: int(self._counts[k]) for k in COUNTERS},
                     "batches": n_batches, "batch_sizes": sizes,
                     "mean_batch": round(sum(k * v for k, v in sizes.items()) / n_batches, 2) if n_batches else 0.0,
                     "max_batch_seen": max(sizes, default=0), "queued": len(self._pending),
@@ -424,6 +433,9 @@ REPLICA_ENV = ("RETINA_WEIGHTS_DIR", "RETINA_AUDIT_LOG")   # the app's settings 
 HEADER_KEYS = ("format", "modality", "modality_name", "sop_class", "ophthalmic", "reason")   # `dicom.header_summary`
 
 
+COUNTERS = ("submitted", "completed", "failed", "rejected", "timed_out", "stopped", "batch_retried", "jobs")
+
+
 def _model_name(model) -> str | None:
     return model if model is None or isinstance(model, str) else model.name
 
@@ -469,10 +481,29 @@ class RayServeService:
                             cancelled)
 
     def stats(self) -> dict:
-        """The replica's counters (`InferenceService.stats`), with the address, the application's name and whether
-        this process deployed it."""
-        return {**self._handle.stats.remote().result(timeout_s=30), "backend": self.backend,
-                "address": self.address, "app": self.app_name, "deployed_here": self.deployed}
+        """The replicas' counters (`InferenceService.stats`) summed over every replica reached, with each replica's
+        own under `per_replica` (node and counters), the replicas running, the address, the application's name
+        and whether this process deployed it. Serve routes each call to one replica, the least busy of two, so
+        the counters are collected by asking several times at once (`replicas_reached` says how many answered)."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.app_name)
+        running = sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values()) if app else 0
+        seen: dict[str, dict] = {}
+        for _ in range(3):
+            asks = [self._handle.stats.remote() for _ in range(4 * max(1, running))]
+            for ask in asks:
+                one = ask.result(timeout_s=30)
+                seen.setdefault(one.get("replica", "?"), one)
+            if len(seen) >= running:
+                break
+        first = next(iter(seen.values()))
+        total = {k: sum(int(r.get(k, 0)) for r in seen.values()) for k in COUNTERS + ("batches",)}
+        return {**first, **total, "replicas_running": running, "replicas_reached": len(seen),
+                "per_replica": {rid: {"node": r.get("node"), **{k: r.get(k) for k in COUNTERS}}
+                                for rid, r in seen.items()},
+                "backend": self.backend, "address": self.address, "app": self.app_name,
+                "deployed_here": self.deployed}
 
     def close(self) -> None:
         """Disconnect from Ray where this service connected it. On a cluster the application stays deployed, for the
@@ -599,7 +630,17 @@ def _running_app(app_name: str):
 
 def deploy(config: ServiceConfig, app_name: str = APP_NAME):
     """Deploy (or redeploy) the application on the Ray this process is connected to, without Serve's HTTP proxy
-    (the app calls it through handles); returns its handle once its replica is ready."""
+    (the app calls it through handles); returns its handle once its replicas are ready. Several replicas that
+    the cluster's CPUs cannot hold are refused at once (Serve would wait for them for ever)."""
+    import ray
+
+    if config.replicas > 1:
+        have = float(ray.cluster_resources().get("CPU", 0.0))
+        need = config.replicas * config.threads
+        if need > have:
+            raise RuntimeError(f"RETINA_SERVE_REPLICAS={config.replicas} with {config.threads} CPU(s) each "
+                               f"(RETINA_THREADS) needs {need} CPUs; the Ray cluster has {have:g}. Use fewer "
+                               "replicas or threads, or add machines to the cluster.")
     from ray import serve
 
     serve.start(proxy_location="Disabled")
@@ -617,13 +658,19 @@ def application(config: ServiceConfig):
     from ray import serve
 
     env = {k: os.environ[k] for k in REPLICA_ENV if os.environ.get(k)}
-    options = {"num_cpus": 0, **({"runtime_env": {"env_vars": env}} if env else {})}
+    # one replica takes the cores its machine leaves free (adaptive); several each reserve their threads' CPUs
+    cpus = config.threads if config.replicas > 1 else 0
+    options = {"num_cpus": cpus, **({"runtime_env": {"env_vars": env}} if env else {})}
 
-    @serve.deployment(name="RetinaInference", max_ongoing_requests=config.queue_size,
+    @serve.deployment(name="RetinaInference", num_replicas=config.replicas, max_ongoing_requests=config.queue_size,
                       max_queued_requests=config.queue_size, ray_actor_options=options)
     class RetinaInference:
         def __init__(self, settings: dict):
+            import ray
+
             self.service = InferenceService(ServiceConfig(**settings))
+            self.where = {"replica": serve.get_replica_context().replica_id.unique_id,
+                          "node": ray.get_runtime_context().get_node_id()[:12]}
 
         async def _call(self, fn, *args):
             # The replica's event loop stays free while the service batches: each call waits in a thread.
@@ -636,7 +683,7 @@ def application(config: ServiceConfig):
             return await self._call(self.service.analyze_all, image, method, modality)
 
         def stats(self) -> dict:
-            return self.service.stats()
+            return {**self.service.stats(), **self.where}
 
     return RetinaInference.bind(asdict(config))
 

@@ -287,16 +287,21 @@ def _ray_serve_missing() -> str | None:
 
 
 @pytest.mark.skipif(_ray_serve_missing() is not None, reason=str(_ray_serve_missing()))
-def test_ray_serve_local_mode_gives_the_same_results(monkeypatch, octs, fundus):
+def test_ray_serve_local_mode_gives_the_same_results_from_two_replicas(monkeypatch, octs, fundus):
+    """RETINA_SERVE_REPLICAS=2 on a 2-CPU local Ray: two replicas of one thread each, every reading equal to the
+    in-process one, the counters summed over both."""
     import ray
     from ray import serve
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RETINA_THREADS", raising=False)
     monkeypatch.setenv("RETINA_SERVE_ADDRESS", "local")
+    monkeypatch.setenv("RETINA_SERVE_REPLICAS", "2")
+    monkeypatch.setattr(serving, "available_cores", lambda: 2)      # the Ray it starts has 2 CPUs, one each
     serving.reset_service()
     try:
         svc = serving.get_service()
-        assert svc.backend == "ray"
+        assert svc.backend == "ray" and svc.config.replicas == 2 and svc.config.threads == 1
         got = in_threads(svc.analyze_all, [octs[0], octs[1], fundus])
         for img, g in zip([octs[0], octs[1], fundus], got):
             assert not isinstance(g, BaseException), g
@@ -305,11 +310,35 @@ def test_ray_serve_local_mode_gives_the_same_results(monkeypatch, octs, fundus):
         same(analyze(octs[2], "oct_resnet18"), svc.analyze(octs[2], get_model("oct_resnet18")))
         _input_error_comes_back_as_raised(svc, octs[2])
         s = svc.stats()
-        assert s["backend"] == "ray" and s["completed"] == 6 and s["failed"] == 0   # 2 + 2 + 1 readings, then 1
+        assert s["backend"] == "ray" and s["replicas_running"] == 2 and s["replicas_reached"] == 2
+        assert s["completed"] == 6 and s["failed"] == 0          # 2 + 2 + 1 readings, then 1, over both replicas
+        assert sum(r["completed"] for r in s["per_replica"].values()) == 6
+        assert s["config"]["threads"] == 1 and not s["config"]["adaptive"] and s["worker_torch_threads"] == 1
         assert s["deployed_here"] and serve.status().applications["retina"].status == "RUNNING"
     finally:
         serving.reset_service()
     assert not ray.is_initialized()       # "local": closing the service stops the Ray it started
+
+
+def test_replicas_settings_and_a_cluster_too_small_for_them(monkeypatch):
+    """One replica: the cores left free, adaptive (as before). Several: one thread each unless RETINA_THREADS says
+    otherwise, reserved, not adaptive; more than the cluster's CPUs is refused before Serve would wait for ever."""
+    import types
+
+    monkeypatch.setattr(serving, "available_cores", lambda: 2)
+    monkeypatch.delenv("RETINA_THREADS", raising=False)
+    monkeypatch.delenv("RETINA_SERVE_REPLICAS", raising=False)
+    one = ServiceConfig.from_env()
+    assert (one.replicas, one.threads, one.adaptive) == (1, 2, True)
+    monkeypatch.setenv("RETINA_SERVE_REPLICAS", "3")
+    three = ServiceConfig.from_env()
+    assert (three.replicas, three.threads, three.adaptive) == (3, 1, False)
+    monkeypatch.setenv("RETINA_THREADS", "2")
+    assert (ServiceConfig.from_env().threads, ServiceConfig.from_env().adaptive) == (2, False)
+    fake_ray = types.SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0})
+    monkeypatch.setitem(__import__("sys").modules, "ray", fake_ray)
+    with pytest.raises(RuntimeError, match="needs 6 CPUs; the Ray cluster has 4"):
+        serving.deploy(ServiceConfig.from_env())
 
 
 def _input_error_comes_back_as_raised(svc, img):
@@ -338,6 +367,7 @@ def test_a_wrong_cluster_address_fails_at_once(monkeypatch):
     from retina_core import cli
 
     assert cli.main(["serve", "--address", "local"]) == 2       # `serve` deploys onto a running cluster only
+    assert cli.main(["serve", "--address", "auto", "--replicas", "0"]) == 2
 
 
 PHI = ("DOE^JOHN", "PID-12345", "19450317", "St Elsewhere", "HOUSE^GREGORY", "ACC-998877", "20240102")
