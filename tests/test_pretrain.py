@@ -1,5 +1,6 @@
 """Masked-autoencoder pre-training (`retina_core pretrain`, train/pretrain.py): the masking, the loss falling on a
 fixed batch, the encoder checkpoint that `train --init` imports, and that only training-split pixels are used."""
+import hashlib
 import json
 
 import pytest
@@ -90,6 +91,7 @@ def test_pretrain_then_finetune_from_its_encoder(tmp_path):
     train("retfound_vit_tiny", data, ft, TrainConfig(**cfg, init=str(mae_out / "encoder.safetensors")))
     entry = json.loads((ft / "manifest.json").read_text())["retfound_vit_tiny"]
     assert entry["pretrained"]["labels_used"] is False
+    assert entry["init_sha256"] == hashlib.sha256((mae_out / "encoder.safetensors").read_bytes()).hexdigest()
     assert entry["pretrained"]["split_sha256"]["train"] == report["split_sha256"]["train"]
     # the same seed and fractions: pre-training saw the fine-tuning run's training split, and none of its test split
     pre = set(json.loads((mae_out / "splits.json").read_text())["files_sha256"]["train"])

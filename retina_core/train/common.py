@@ -379,6 +379,7 @@ def write_outputs(net, cfg, model_name, out, cfg_t, index, splits, data, data_no
         **({"recipe": cfg_t.recipe} if cfg_t.recipe else {}),
         **({"builder_kwargs": architecture_kwargs(cfg_t)} if architecture_kwargs(cfg_t) else {}),
         **({"pretrained": pretrained} if (pretrained := pretraining_of(cfg_t.init)) else {}),
+        **({"init_sha256": sha256_file(Path(cfg_t.init))} if cfg_t.init and Path(cfg_t.init).is_file() else {}),
         **(extra or {}),
     }
     manifest_path = out / MANIFEST
