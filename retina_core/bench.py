@@ -194,9 +194,11 @@ def kept_bytes(obj, _seen=None) -> int:
         return int(obj.nbytes)
     if isinstance(obj, torch.Tensor):
         return int(obj.element_size() * obj.nelement())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):   # what the instance holds, not what a
-        held = vars(obj).values() if hasattr(obj, "__dict__") else (getattr(obj, f.name) for f in dataclasses.fields(obj))
-        return sum(kept_bytes(v, seen) for v in held)                  # property computes on reading
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        # what the instance holds, not what a property computes when read (Analysis.heatmap)
+        held = vars(obj).values() if hasattr(obj, "__dict__") else [getattr(obj, f.name)
+                                                                    for f in dataclasses.fields(obj)]
+        return sum(kept_bytes(v, seen) for v in held)
     if isinstance(obj, dict):
         return sum(kept_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):

@@ -484,7 +484,8 @@ class RayServeService:
         """The replicas' counters (`InferenceService.stats`) summed over every replica reached, with each replica's
         own under `per_replica` (node and counters), the replicas running, the address, the application's name
         and whether this process deployed it. Serve routes each call to one replica, the least busy of two, so
-        the counters are collected by asking several times at once (`replicas_reached` says how many answered)."""
+        the counters are collected by asking several times at once (`replicas_reached` says how many answered).
+        The other fields (queue, batch sizes, settings, threads) are the first replica's."""
         from ray import serve
 
         app = serve.status().applications.get(self.app_name)
