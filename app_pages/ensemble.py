@@ -96,7 +96,7 @@ else:
         for i, (n, a) in enumerate(results.items()):
             with cols[i % len(cols)]:
                 if a.has_result:
-                    st.image(overlay(img.pixels, a.heatmap, alpha), width="stretch",
+                    st.image(overlay(img.pixels, common.heatmap_of(a), alpha), width="stretch",
                              caption=f"{n}: {a.label} ({a.probabilities[a.label]:.0%}), weight "
                                      f"{ens['weights'].get(n, 0):.2f}")
                 else:

@@ -99,7 +99,7 @@ for i, (name, data) in enumerate(inputs, start=1):
         common.trained_on_caption(a)
         left, right = st.columns(2)
         left.image(img.pixels, caption="Original", width="stretch")
-        hm = a.heatmap                      # placed on the image once for this drawing
+        hm = common.heatmap_of(a)
         shown = overlay(img.pixels, hm, alpha)
         x0, y0, x1, y1 = strongest_region(hm)
         right.image(shown, caption=f"{a.method} heatmap for '{a.target}' (red = where the model looked most; "
@@ -134,7 +134,7 @@ for i, (name, data) in enumerate(inputs, start=1):
                 st.markdown(o.suggestion)
                 common.trained_on_caption(o)
                 ol, orr = st.columns(2)
-                ol.image(overlay(img.pixels, o.heatmap, alpha), width="stretch",
+                ol.image(overlay(img.pixels, common.heatmap_of(o), alpha), width="stretch",
                          caption=f"{o.method} heatmap for '{o.target}'")
                 common.show_trust_note(o.model, o.weights_sha256, o.method, ol, label=o.target)
                 common.probability_rows(o.probabilities, o.label, orr)

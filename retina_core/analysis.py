@@ -137,10 +137,7 @@ class Analysis:
     @property
     def heatmap_empty(self) -> bool:
         """No region raised the explained class's score (True also when there is no map)."""
-        m = self.__dict__.get("_heatmap")
-        if m is None:
-            return True
-        return m.is_empty() if isinstance(m, ModelMap) else not float(np.max(m)) > 0
+        return _map_empty(self.__dict__.get("_heatmap"))
 
     @property
     def has_result(self) -> bool:
@@ -175,6 +172,12 @@ def _target_index(target: str | int | None, classes: tuple[str, ...], predicted:
     if target in classes:
         return classes.index(target)
     raise RetinaInputError(f"Cannot explain class {target!r}: the model's classes are {', '.join(classes)}.")
+
+
+def _map_empty(m: np.ndarray | ModelMap | None) -> bool:
+    if m is None:
+        return True
+    return m.is_empty() if isinstance(m, ModelMap) else not float(np.max(m)) > 0
 
 
 def _heatmap_get(self: Analysis) -> np.ndarray | None:
@@ -348,8 +351,7 @@ def finish_reading(plan: Reading, heatmap: np.ndarray | ModelMap, probabilities:
     referable, suggestion = suggestion_for(label, model)
     if plan.hazy:
         suggestion += " The retina itself is not gradable on this photograph."
-    empty = heatmap.is_empty() if isinstance(heatmap, ModelMap) else not float(np.max(heatmap)) > 0
-    notes = ["The heatmap is empty: no region raised the explained class's score."] if empty else []
+    notes = ["The heatmap is empty: no region raised the explained class's score."] if _map_empty(heatmap) else []
     if probs[pred] < LOW_CONFIDENCE:
         notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
         suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."

@@ -492,7 +492,7 @@ class RayServeService:
         running = sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values()) if app else 0
         seen: dict[str, dict] = {}
         for _ in range(3):
-            asks = [self._handle.stats.remote() for _ in range(4 * max(1, running))]
+            asks = [self._handle.stats.remote() for _ in range(4 * running if running > 1 else 1)]
             for ask in asks:
                 one = ask.result(timeout_s=30)
                 seen.setdefault(one.get("replica", "?"), one)

@@ -126,9 +126,12 @@ def test_upload_phantom_shows_prediction_and_heatmap(app, oct_png):
     # Moving the opacity slider reuses the cached analysis (no second forward pass).
     cache = app.session_state["_analyses"]
     before = {k: id(v) for k, v in cache.items()}
+    placed = {k: id(v) for k, v in app.session_state["_memo"]["placed_heatmap"].items()}
     app.slider(key="alpha").set_value(0.8).run()
     assert not app.exception
     assert {k: id(v) for k, v in app.session_state["_analyses"].items()} == before
+    # ... and the heatmaps placed on the image once (results keep them at model resolution) are reused, too
+    assert placed and {k: id(v) for k, v in app.session_state["_memo"]["placed_heatmap"].items()} == placed
 
 
 def test_switching_methods_computes_each_once(app, oct_png):

@@ -41,6 +41,7 @@ SAMPLES = {  # label shown -> (generator, class, seed)
 NO_SAMPLE = "(none)"
 EYE_OPTIONS = {"Not specified": None, "Right eye (OD)": "OD", "Left eye (OS)": "OS"}
 ANALYSIS_LIMIT = 64     # analyses kept per session (oldest dropped): bounded memory for long sessions
+PLACED_HEATMAP_LIMIT = 8   # heatmaps kept placed on their image per session (about 3 MB each at 1024 px)
 
 
 # ------------------------------------------------------------------------------------------- shared caches
@@ -276,6 +277,13 @@ def analyses_for(img: RetinalImage, model: str | None, method: str | None, modal
 def disclaimer() -> None:
     """The statement every page carries, with what the loaded weights were trained on."""
     st.warning(DISCLAIMER, icon=":material/science:")
+
+
+def heatmap_of(a: Analysis):
+    """`a.heatmap` placed on its image once per session, for the last few maps drawn (a result keeps its map at the
+    model's resolution, `Analysis.heatmap_at_model`): a slider move redraws the overlay without placing it again."""
+    key = (a.content_hash, a.model, a.weights_sha256, a.method, a.target, a.image.shape[:2])
+    return memo("placed_heatmap", key, lambda: a.heatmap, limit=PLACED_HEATMAP_LIMIT)
 
 
 def probability_rows(probabilities: dict[str, float], label: str | None = None, where=None) -> None:
