@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from .analysis import DEFAULT_MODELS, get_model, suggestion_for
 from .errors import RetinaInputError
 from .explain.cam import gradcam_single_pass, normalise_map
-from .models.framing import FieldBox, fov_box, map_to_image, uses_fov
+from .models.framing import FieldBox, frame_box, map_to_image, uses_fov
 from .models.loading import inference_cfg, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def prepare(path: str, model_override: str | None = None) -> Prepared:
             row.update(label="no result", error=f"{q.modality} image, model {name} reads {cfg.modality}")
             return Prepared(path, row)
         row["model"] = name
-        box = fov_box(img.pixels, tuple(cfg.input_size[1:])) if uses_fov(cfg) else None
+        box = frame_box(img.pixels, tuple(cfg.input_size[1:]), cfg.framing) if uses_fov(cfg) else None
         x = preprocess_image(img.pixels, cfg, boxes=None if box is None else [box],
                              grey=bool((img.meta or {}).get("single_channel")))[0]
         return Prepared(path, row, x, img.pixels.shape[:2], box, hazy)

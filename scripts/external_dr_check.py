@@ -12,6 +12,12 @@ A Mexico-trained DR model (class "DR", `--label-column dr_grade`):
    0.15, seed 0: the split the bundled 4-class model was trained on, so a model started from it never saw these).
 Both: 2. IDRiD lesion photographs (every one has DR lesions): how many the model calls DR, and the mean P(DR).
 Photographs are read as the app reads them (long side SCREEN_SIDE) and framed as the weights were trained.
+
+    python scripts/external_dr_check.py fundus_resnet18_head --record    # also into weights/manifest.json
+
+--record writes the figures into the bundled weights' manifest entry as `external_checks` (when the checked weights
+are the bundled ones, same sha256), so every reading of that model says next to what it was trained on where its
+answer did or did not hold outside its set (`models.loading.trained_on`: app, reports, `predict --json`).
 """
 from __future__ import annotations
 
@@ -67,5 +73,40 @@ def main(model: str = "fundus_resnet18_head", weights_dir: str | None = None) ->
     return out
 
 
+def checks_of(out: dict) -> list[dict]:
+    """The manifest's `external_checks` from `main`'s result: what was checked, the figure, and whether it held
+    (an AUC whose interval lies above 0.5; at least half of the IDRiD photographs, all with DR lesions, called DR)."""
+    checks = []
+    for key, what in (("mexico_noDME_dr_vs_none", "DR vs no DR on another clinic's photographs (Mexico set)"),
+                      ("fourclass_test_dr_vs_normal", "DR vs normal on the 4-class set's test photographs")):
+        r = out.get(key)
+        if r:
+            lo, hi = r["auc_ci95"] or (r["auc"], r["auc"])
+            checks.append({"check": what, "figure": f"AUC {r['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}), n = {r['n']}",
+                           "holds": bool(lo > 0.5), "command": "python scripts/external_dr_check.py"})
+    r = out["idrid_all_dr"]
+    checks.append({"check": "IDRiD photographs with DR lesions called DR", "figure": f"{r['called_dr']} of {r['n']}",
+                   "holds": bool(r["called_dr"] >= r["n"] / 2), "command": "python scripts/external_dr_check.py"})
+    return checks
+
+
+def record(out: dict) -> None:
+    from retina_core.models.loading import MANIFEST, weights_dir
+
+    path = weights_dir() / MANIFEST
+    manifest = json.loads(path.read_text())
+    entry = manifest.get(out["model"]) or {}
+    if not str(entry.get("sha256", "")).startswith(out["weights_sha256"]):
+        raise SystemExit(f"--record: the checked weights are not the bundled {out['model']} ({path})")
+    entry["external_checks"] = [{**c, "command": f"{c['command']} {out['model']}", "weights_sha256": out["weights_sha256"]}
+                                for c in checks_of(out)]
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"recorded {len(entry['external_checks'])} checks in {path}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:3]), indent=1))
+    args = [a for a in sys.argv[1:] if a != "--record"]
+    result = main(*args[:2])
+    print(json.dumps(result, indent=1))
+    if "--record" in sys.argv[1:]:
+        record(result)

@@ -30,7 +30,7 @@ PKG = "retina_core"
 LAYERS = {
     "retina_core.errors": 0, "retina_core.labels": 0, "retina_core.runtime": 0, "retina_core.audit_log": 0,
     "retina_core.about": 0, "retina_core.modality": 0,
-    "retina_core.io": 1, "retina_core.phantoms": 1,
+    "retina_core.io": 1, "retina_core.phantoms": 1, "retina_core.landmarks": 1,
     "retina_core.models": 2,
     "retina_core.quality": 3,
     "retina_core.explain": 3,

@@ -151,3 +151,39 @@ def test_fov_box_reads_the_channels_maximum():
     px[..., :2] = rng.integers(0, 15, (300, 400, 2))
     box = fov_box(px, (160, 160))
     assert abs(box.w - 220) <= 2 and abs(box.x0 - 90) <= 2 and abs(box.y0 - 40) <= 2
+
+
+def test_disc_framing_cuts_three_disc_diameters_around_the_disc_everywhere(tmp_path):
+    """framing "disc": a square of DISC_VIEW_RADII disc radii centred on the optic disc the landmark finder sees;
+    training caches, inference serves and heatmaps return through the same box."""
+    from PIL import Image
+
+    from retina_core.io.datasets import Record
+    from retina_core.models.framing import DISC_VIEW_RADII, frame_box
+    from retina_core.phantoms import fundus_phantom
+    from retina_core.train.engine import CachedImages, resolve_framing
+
+    ph = fundus_phantom("normal", 3, 256)
+    px = np.asarray(ph.image)
+    (dx, dy), r = ph.meta["disc_xy"], ph.meta["disc_radius"]
+    box = frame_box(px, (64, 64), "disc")
+    assert abs(box.x0 + box.w / 2 - dx) < r and abs(box.y0 + box.h / 2 - dy) < r        # centred on the disc
+    assert box.w == box.h and 0.6 * DISC_VIEW_RADII * r < box.w < 1.4 * DISC_VIEW_RADII * r
+    assert frame_box(px, (64, 64), "fov") == fov_box(px, (64, 64))
+    cfg = get_cfg("fundus_disc_resnet18_head")
+    assert cfg.framing == "disc" and uses_fov(cfg) and resolve_framing("auto", cfg.modality, cfg.framing) == "disc"
+    cfg = replace(cfg, input_size=(3, 64, 64))
+    x = preprocess_image(px, cfg)
+    ref = preprocess_image(px, cfg, boxes=[box])
+    assert x.shape == (1, 3, 64, 64) and torch.equal(x, ref)
+    Image.fromarray(px).save(tmp_path / "a.png")
+    cached = CachedImages([Record(tmp_path / "a.png", "normal")], ("normal",), cfg, augment=False)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    assert (cached.images[0].float() - ((x[0] * std + mean) * 255).round()).abs().max() <= 1.0
+    cam = np.zeros((8, 8), np.float32)
+    cam[4, 4] = 1.0                                                                     # the view's centre
+    hm = map_to_image(cam, box, px.shape[:2])
+    y, xx = np.unravel_index(hm.argmax(), hm.shape)
+    assert np.hypot(xx - dx, y - dy) < 1.5 * r
+    right, below = int(np.ceil(box.x0 + box.w)) + 1, int(np.ceil(box.y0 + box.h)) + 1
+    assert hm[:, right:].max(initial=0) == 0 and hm[below:].max(initial=0) == 0          # nothing outside the view

@@ -110,6 +110,32 @@ def test_trained_on_says_real_or_phantoms():
     assert trained_on(real) == ("real: Mexico OCT (DME), 536 training images; held-out AUC 0.93 "
                                 "(95% CI 0.88-0.97), n = 180")
     assert trained_on({"trained_on_phantoms": True}).startswith("synthetic phantoms only")
+    # checks on other sets (scripts/external_dr_check.py --record): the ones that failed are said with their figure
+    held = {"check": "DR on set B", "figure": "AUC 0.91 (95% CI 0.85-0.95), n = 90", "holds": True}
+    failed = {"check": "DR vs no DR on another clinic's photographs", "figure": "AUC 0.27 (95% CI 0.18-0.37), n = 398",
+              "holds": False}
+    real = {**real, "sha256": "ab" * 32}
+    held, failed = ({**c, "weights_sha256": "ab" * 6} for c in (held, failed))
+    assert trained_on({**real, "external_checks": [held]}) == trained_on(real)
+    assert trained_on({**real, "external_checks": [{**failed, "weights_sha256": "cd" * 6}]}) == trained_on(real)
+    said = trained_on({**real, "external_checks": [held, failed]})
+    assert said.startswith(trained_on(real) + ". Did not hold outside its training set: DR vs no DR on another "
+                           "clinic's photographs, AUC 0.27 (95% CI 0.18-0.37), n = 398.") and "set B" not in said
+
+
+def test_bundled_4class_reading_says_where_its_dr_answer_failed():
+    """The bundled 4-class weights carry the external DR check (scripts/external_dr_check.py --record): every
+    reading of them says so next to what they were trained on, the way the app, reports and predict --json do."""
+    from retina_core.models import read_manifest
+    from retina_core.models.loading import OUTSIDE_CAUTION
+
+    entry = read_manifest().get("fundus_resnet18_head")
+    if not entry or not entry.get("real_data"):
+        pytest.skip("no real-data fundus_resnet18_head weights installed in weights/")
+    checks = entry.get("external_checks") or []
+    assert any(not c["holds"] and "Mexico" in c["check"] for c in checks)
+    assert all(c["weights_sha256"] == entry["sha256"][:12] for c in checks)   # made on these very weights
+    assert OUTSIDE_CAUTION in trained_on(entry) and "Mexico" in trained_on(entry)
 
 
 def test_each_installed_real_data_model_reads_a_real_image_of_its_set(realdata):

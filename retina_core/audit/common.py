@@ -21,8 +21,9 @@ import cv2
 import numpy as np
 
 from ..errors import RetinaInputError
-from ..explain import volume_methods, zones
+from ..explain import volume_methods
 from ..io.datasets import load_dataset, training_splits
+from ..landmarks import field_of_view
 from ..modality import Modality
 from . import real_lesions, trust
 
@@ -56,7 +57,7 @@ def resize_sample(s: Sample, size: tuple[int, int] | None) -> Sample:
     """The sample at (H, W) `size` (None: as it is): the image by area / bilinear interpolation, its masks and
     landmarks scaled with it (a lesion smaller than a pixel keeps its centre pixel)."""
     if size is None or s.image.shape[:2] == tuple(size):
-        return replace(s, fov=zones.field_of_view(s.image)) if s.masks and s.fov is None else s
+        return replace(s, fov=field_of_view(s.image)) if s.masks and s.fov is None else s
     h0, w0 = s.image.shape[:2]
     h, w = size
     img = cv2.resize(s.image, (w, h), interpolation=cv2.INTER_AREA if h < h0 else cv2.INTER_LINEAR)
@@ -80,7 +81,7 @@ def resize_sample(s: Sample, size: tuple[int, int] | None) -> Sample:
     if s.masks:       # real lesions: "any" pooling keeps microaneurysms of a few pixels; the union follows the parts
         masks = {k: real_lesions.resize_mask_any(v, (h, w)) for k, v in s.masks.items()}
         mask = real_lesions.dr_union(masks)
-        fov = zones.field_of_view(img)
+        fov = field_of_view(img)
     return Sample(img, s.label, mask, s.modality, lm, s.name, masks, fov)
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..modality import Modality
-from ..models.framing import FieldBox, fov_boxes, map_to_image, uses_fov
+from ..models.framing import FieldBox, frame_boxes, map_to_image, uses_fov
 from ..models.loading import preprocess_image, to_pixels
 from ..models.multimodal import pair_parts
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCfg, modality_of, model_cfg
@@ -477,7 +477,7 @@ def explain_batch(model, images, method: str | None = None, target=None, grey: b
     batch = np.stack([to_pixels(i) for i in images]) if not isinstance(images, np.ndarray) or images.ndim != 4 \
         else images
     h, w = batch.shape[1:3]
-    boxes = fov_boxes(batch, tuple(m.cfg.input_size[1:])) if uses_fov(m.cfg) else None
+    boxes = frame_boxes(batch, tuple(m.cfg.input_size[1:]), m.cfg.framing) if uses_fov(m.cfg) else None
     x = m.preprocess(batch, boxes, grey)
     raw, logits, idx = attribute(m, x, method, target)
     if method in IG_METHODS:

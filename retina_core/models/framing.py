@@ -13,9 +13,16 @@ that crops the retina to a square and one that leaves black corners then look al
     x = frame_tensor(t, box, (224, 224))           # [C, H, W] float -> [C, 224, 224], black outside the frame
     hm = map_to_image(cam, box, pixels.shape[:2])  # a model-space map back onto the photograph
 
-Training (`train.engine.CachedImages`), inference (`models.loading.preprocess_image`) and heatmaps
-(`explain.attribution.explain_batch`) use these three functions, so the geometry a model was trained with is the
-one it is served with. The manifest records each model's framing; weights without it were trained stretched.
+With `framing="disc"` the box is instead a square of DISC_VIEW_RADII disc radii around the optic disc that
+`landmarks.locate_fovea_and_disc` finds: the disc, its cup and rim and the peripapillary retina at several times
+the resolution they have in a whole-field input of the same size (glaucoma is judged there). The heatmap goes back
+onto the photograph through the same box.
+
+    box = frame_box(pixels, (128, 128), "disc")      # the box a cfg's framing asks for
+
+Training (`train.engine.CachedImages`), inference (`models.loading.preprocess_image`), batch screening and heatmaps
+(`explain.attribution.explain_batch`) use these functions, so the geometry a model was trained with is the one it
+is served with. The manifest records each model's framing; weights without it were trained stretched.
 """
 from __future__ import annotations
 
@@ -26,9 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..landmarks import locate_fovea_and_disc
 from ..modality import Modality
 
-FRAMINGS = ("stretch", "fov", "fov_contrast")
+FRAMINGS = ("stretch", "fov", "fov_contrast", "disc")
+DISC_VIEW_RADII = 6.0   # the disc view's side, in disc radii: 3 disc diameters, disc and peripapillary retina
 _LEVEL = 20          # uint8: brighter than this (any channel) is inside the field; camera black is 0-15
 _MIN_SHARE = 0.02    # a row or column belongs to the field when this share of it is bright (burnt-in text is not)
 
@@ -44,8 +53,10 @@ class FieldBox:
 
 
 def uses_fov(cfg) -> bool:
-    """Whether images for this cfg are framed around their field of view (fundus models trained that way)."""
-    return getattr(cfg, "framing", "stretch") in ("fov", "fov_contrast") and getattr(cfg, "modality", None) == Modality.FUNDUS
+    """Whether images for this cfg are framed (cut to a box: around the field of view, or the optic disc) rather
+    than stretched (fundus models trained that way)."""
+    return getattr(cfg, "framing", "stretch") in ("fov", "fov_contrast", "disc") \
+        and getattr(cfg, "modality", None) == Modality.FUNDUS
 
 
 def uses_contrast(cfg) -> bool:
@@ -97,8 +108,25 @@ def fov_box(pixels: np.ndarray, out_hw: tuple[int, int]) -> FieldBox:
     return FieldBox(float(cx - w / 2.0), float(cy - h / 2.0), float(w), float(h))
 
 
-def fov_boxes(batch: np.ndarray, out_hw: tuple[int, int]) -> list[FieldBox]:
-    return [fov_box(p, out_hw) for p in batch]
+def disc_box(pixels: np.ndarray, out_hw: tuple[int, int]) -> FieldBox:
+    """The box of aspect out_hw (h, w) centred on the optic disc that `landmarks.locate_fovea_and_disc` finds,
+    DISC_VIEW_RADII disc radii across its shorter side (padded with black where it leaves the frame)."""
+    lm = locate_fovea_and_disc(pixels)
+    (cx, cy), r = lm["disc_xy"], float(lm["disc_radius"])
+    oh, ow = out_hw
+    side = DISC_VIEW_RADII * r
+    w, h = (side * ow / oh, side) if ow >= oh else (side, side * oh / ow)
+    return FieldBox(float(cx - w / 2.0), float(cy - h / 2.0), float(w), float(h))
+
+
+def frame_box(pixels: np.ndarray, out_hw: tuple[int, int], framing: str = "fov") -> FieldBox:
+    """The box a framed model cuts from a photograph: around the optic disc (framing "disc") or the field of view
+    (the other framings)."""
+    return disc_box(pixels, out_hw) if framing == "disc" else fov_box(pixels, out_hw)
+
+
+def frame_boxes(batch: np.ndarray, out_hw: tuple[int, int], framing: str = "fov") -> list[FieldBox]:
+    return [frame_box(p, out_hw, framing) for p in batch]
 
 
 def frame_tensor(x: torch.Tensor, box: FieldBox, out_hw: tuple[int, int], mode: str = "area",

@@ -69,18 +69,18 @@ register_model(ModelCfg(
           "beyond the bundle budget): start from an ImageNet ResNet-50 you have (`--init`)."),
 ), FundusResNet)
 
+# The half-width ResNet-18 layout with the source's head, shared by the CPU-sized fundus models below.
+_HALF_WIDTH = dict(arch="resnet18", modality=Modality.FUNDUS, target_layer="net.layer4", fine_layer="net.layer3",
+                   builder_kwargs={"channels": (32, 64, 128, 256), "stem_width": 32})
+
 register_model(ModelCfg(
     name="fundus_resnet18_head",
-    arch="resnet18",
-    modality=Modality.FUNDUS,
+    **_HALF_WIDTH,
     classes=FUNDUS4,
     task="Fundus photograph, 4 classes: cataract, diabetic retinopathy, glaucoma, normal",
     input_size=(3, 96, 96),
     weights="fundus_resnet18_head.safetensors",
-    target_layer="net.layer4",
-    fine_layer="net.layer3",
     referable=("cataract", "diabetic_retinopathy", "glaucoma"),
-    builder_kwargs={"channels": (32, 64, 128, 256), "stem_width": 32},
     card=("Demo variant of `fundus_resnet50` for CPU and the weights budget: the same head (GAP + BatchNorm + Dense "
           "256 ReLU + Dropout 0.5 + Dense 4) on a ResNet-18 layout at half width (32-64-128-256 channels, 2.8M), "
           "96x96 input. With no ImageNet weights available, the backbone was first trained end to end on phantoms "
@@ -93,16 +93,12 @@ register_model(ModelCfg(
 
 register_model(ModelCfg(
     name="fundus_anydr_resnet18_head",
-    arch="resnet18",
-    modality=Modality.FUNDUS,
+    **_HALF_WIDTH,
     classes=("noDR", "DR"),
     task="Colour fundus photograph: any diabetic retinopathy (non-proliferative or proliferative) or none",
     input_size=(3, 160, 160),
     weights="fundus_anydr_resnet18_head.safetensors",
-    target_layer="net.layer4",
-    fine_layer="net.layer3",
     referable=("DR",),
-    builder_kwargs={"channels": (32, 64, 128, 256), "stem_width": 32},
     card=("`fundus_resnet18_head`'s design (half-width ResNet-18 layout + GAP/BatchNorm/Dense head) answering 'any "
           "diabetic retinopathy' (NPDR or PDR) against none on a colour fundus photograph. Trained on the part of the "
           "real Mexico fundus set (Hughes-Cano et al.) that retinal specialists graded for DR (`--label-column "
@@ -111,4 +107,23 @@ register_model(ModelCfg(
           "view cut out and centred (fov framing), ImageNet normalisation, at the size the manifest records; "
           "Grad-CAM target `layer4`. The manifest's command says what it started from and its held-out metrics "
           "with 95% intervals; one clinical source, so read it on other cameras as unvalidated (docs/real_data.md)."),
+), FundusResNet)
+
+register_model(ModelCfg(
+    name="fundus_disc_resnet18_head",
+    **_HALF_WIDTH,
+    classes=FUNDUS4,
+    task="Fundus photograph, 4 classes, read at the optic disc: cataract, diabetic retinopathy, glaucoma, normal",
+    input_size=(3, 128, 128),
+    framing="disc",
+    weights="fundus_disc_resnet18_head.safetensors",
+    referable=("cataract", "diabetic_retinopathy", "glaucoma"),
+    card=("`fundus_resnet18_head`'s network reading the optic disc instead of the whole field: the input is a square "
+          "of three disc diameters around the disc that `landmarks.locate_fovea_and_disc` finds (framing \"disc\", "
+          "`models.framing`), so the cup, the rim and the peripapillary retina reach the network at several times "
+          "the resolution a whole-field input gives them; glaucoma is judged there. Meant to vote with the "
+          "whole-field model (`ensemble`), not alone: lesions away from the disc are outside its view. Grad-CAM "
+          "target `layer4`; the heatmap is drawn back onto the disc region of the photograph. No bundled weights: "
+          "trained on the real 4-class set it read glaucoma no better than the whole field, and its vote with "
+          "`fundus_resnet18_head` gained nothing measurable (docs/real_data.md gives the command and figures)."),
 ), FundusResNet)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import RetinaInputError
 from ..modality import Modality
-from .framing import fov_boxes, frame_tensor, local_contrast, uses_contrast, uses_fov
+from .framing import frame_boxes, frame_tensor, local_contrast, uses_contrast, uses_fov
 from .registry import ModelCfg, create_model, get_cfg, model_cfg
 
 Inputs = Union[torch.Tensor, tuple[torch.Tensor, ...]]   # what `LoadedModel.preprocess` returns
@@ -60,8 +60,8 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
                      boxes: list | None = None, grey: bool = False) -> torch.Tensor:
     """uint8 [H, W, 3] (or a batch [B, H, W, 3]) RGB -> float32 [B, C, h, w] resized to cfg.input_size and
     normalised with cfg.mean/std. Training, inference and every explainer call this, so what a model saw in
-    training is what it sees in the app. A cfg with framing "fov" cuts each image to its field of view first
-    (`models.framing`; `boxes`: the images' `fov_box`es when the caller already has them). grey: the caller
+    training is what it sees in the app. A framed cfg ("fov", "disc") cuts each image to its box first
+    (`models.framing`; `boxes`: the images' `frame_box`es when the caller already has them). grey: the caller
     knows the three channels are exact copies of one (`RetinalImage.meta["single_channel"]`): one channel is
     converted and resized, then copied (the same values, a third of the work)."""
     a = np.asarray(pixels)
@@ -73,7 +73,7 @@ def preprocess_image(pixels: np.ndarray, cfg: ModelCfg, device: torch.device | s
     one = grey and not uses_fov(cfg)
     x = torch.tensor(a[..., :1] if one else a, device=device).permute(0, 3, 1, 2).float().div_(255.0)
     if uses_fov(cfg):
-        boxes = boxes if boxes is not None else fov_boxes(a, (h, w))
+        boxes = boxes if boxes is not None else frame_boxes(a, (h, w), cfg.framing)
         x = torch.stack([frame_tensor(xi, b, (h, w)) for xi, b in zip(x, boxes)])
         if uses_contrast(cfg):   # as training caches it: on 0-255, rounded to uint8 levels
             x = local_contrast((x * 255.0).round().clamp(0, 255)).round().div_(255.0)
@@ -144,8 +144,26 @@ def trained_on(entry: dict) -> str:
     if m.get(key) is not None:
         interval = f" (95% CI {ci[key][0]:.2f}-{ci[key][1]:.2f})" if ci.get(key) else ""
         figure = f"; held-out {name} {m[key]:.2f}{interval}, n = {m.get('n')}"
+    caution = outside_caution(entry)
     return f"real: {real.get('title', real.get('name'))}" + (f", {n_train} training images" if n_train else "") + \
-        figure
+        figure + (f". {caution}" if caution else "")
+
+
+OUTSIDE_CAUTION = "Did not hold outside its training set"
+
+
+def outside_caution(entry: dict) -> str | None:
+    """What a manifest's `external_checks` (figures measured on sets the weights were not trained on, e.g.
+    scripts/external_dr_check.py --record; each names the weights it was made on, and checks of other weights
+    are ignored) say against these weights, in one sentence, or None when every check held or none was made: "Did not hold outside its training set: <check> <figure>; ...". Part of `trained_on`,
+    so it is shown wherever what a model was trained on is."""
+    sha = str(entry.get("sha256", ""))
+    failed = [c for c in entry.get("external_checks") or ()
+              if not c.get("holds", True) and sha.startswith(str(c.get("weights_sha256", "-")))]
+    if not failed:
+        return None
+    return OUTSIDE_CAUTION + ": " + "; ".join(f"{c['check']}, {c['figure']}" for c in failed) + \
+        ". Read its answers on photographs from other cameras as unvalidated"
 
 
 _EXPLAINER: dict[str, Callable[..., Any]] = {}      # "explain": installed by `retina_core.explain`

@@ -39,8 +39,8 @@ class ModelCfg:
     ordinal: bool = False                       # classes are ordered grades (quadratic kappa applies)
     card: str = ""                              # model card text (markdown): architecture, intended use, limits
     builder_kwargs: dict = field(default_factory=dict)
-    framing: str = "stretch"                    # "stretch" the frame to input_size, or "fov": the field of view,
-                                                # centred and letterboxed (models.framing); the manifest says which
+    framing: str = "stretch"                    # "stretch" the frame to input_size, "fov": the field of view
+                                                # centred and letterboxed, "disc": the optic disc (models.framing)
 
     @property
     def num_classes(self) -> int:

@@ -38,7 +38,7 @@ from ..errors import RetinaInputError
 from ..evaluate.metrics import classification_metrics
 from ..io.datasets import SPLIT_METHODS, parse_fractions, split_patients  # noqa: F401  (re-exported: train's API)
 from ..modality import Modality
-from ..models.framing import FRAMINGS, FieldBox, fov_box, frame_tensor, local_contrast, uses_contrast, uses_fov
+from ..models.framing import FRAMINGS, FieldBox, frame_box, frame_tensor, local_contrast, uses_contrast, uses_fov
 from ..models.loading import MANIFEST, default_device
 from ..models.registry import ModelCfg, create_model, get_cfg
 from . import distributed
@@ -75,7 +75,7 @@ class CachedImages(Dataset):
             pixels = read_image(r.path).pixels
             x = torch.tensor(pixels).permute(2, 0, 1)[None].float()
             # the frame as preprocess_image shapes it: around the field of view (fov framing) or stretched
-            box = fov_box(pixels, (h, w)) if framed else FieldBox(0.0, 0.0, float(pixels.shape[1]),
+            box = frame_box(pixels, (h, w), cfg.framing) if framed else FieldBox(0.0, 0.0, float(pixels.shape[1]),
                                                                    float(pixels.shape[0]))
             img = frame_tensor(x[0], box, (h, w), round_mask=framed).round().clamp(0, 255)
             imgs.append((local_contrast(img).round() if uses_contrast(cfg) else img).to(torch.uint8))
@@ -185,11 +185,11 @@ def _train_single(model_name, data, out, cfg_t, data_note, ctx) -> dict:
     return _train_images(model_name, data, out, cfg_t, data_note, ctx)
 
 
-def resolve_framing(framing: str, modality: str) -> str:
-    """TrainConfig.framing -> the cfg's: "auto" frames fundus photographs around their field of view
-    (`models.framing`) and stretches everything else."""
+def resolve_framing(framing: str, modality: str, registered: str = "stretch") -> str:
+    """TrainConfig.framing -> the cfg's: "auto" keeps the framing a model is registered with (e.g. "disc"), else
+    frames fundus photographs around their field of view (`models.framing`) and stretches everything else."""
     if framing == "auto":
-        return "fov" if modality == Modality.FUNDUS else "stretch"
+        return registered if registered != "stretch" else ("fov" if modality == Modality.FUNDUS else "stretch")
     if framing not in FRAMINGS:
         raise RetinaInputError(f"Unknown framing {framing!r}; choose auto, {' or '.join(FRAMINGS)}.")
     if framing != "stretch" and modality != Modality.FUNDUS:
@@ -203,7 +203,7 @@ def build_for_training(model_name: str, cfg_t: TrainConfig) -> nn.Module:
     overrides = {}
     if cfg_t.image_size:
         overrides["input_size"] = (base.input_size[0], *([cfg_t.image_size] * (len(base.input_size) - 1)))
-    framing = resolve_framing(cfg_t.framing, base.modality)
+    framing = resolve_framing(cfg_t.framing, base.modality, base.framing)
     if framing != base.framing:
         overrides["framing"] = framing
     kw = dict(base.builder_kwargs)

@@ -21,7 +21,7 @@ from ..analysis import DEFAULT_MODELS, LOAD_FAILURES, Analysis, get_model
 from ..errors import RetinaInputError
 from ..io.decode import SCREEN_SIDE, RetinalImage, read_image
 from ..models import get_cfg, list_models, read_manifest  # noqa: F401  (get_cfg: the pages read common.get_cfg)
-from ..models.loading import trained_on
+from ..models.loading import OUTSIDE_CAUTION, trained_on
 
 T = TypeVar("T")
 
@@ -297,12 +297,15 @@ def probability_rows(probabilities: dict[str, float], label: str | None = None, 
 
 def trained_on_caption(a: Analysis, where=None) -> None:
     """What the model behind a suggestion was trained on, next to it: real set, size and held-out figure, or a
-    visible 'synthetic phantoms only' for the tasks with no real data here."""
+    visible 'synthetic phantoms only' for the tasks with no real data here; a warning where its answers were
+    checked on another set and did not hold there."""
     where = where or st
     text = a.trained_on or "unknown training data"
     if text.startswith("synthetic"):
         where.caption(f":material/science: `{a.model}` was trained on **{text}**: no real images exist here for "
                       f"this task, so treat this reading as a demonstration.")
+    elif OUTSIDE_CAUTION in text:                   # `models.loading.outside_caution`: said as a warning
+        where.warning(f"`{a.model}` trained on {text}.", icon=":material/warning:")
     else:
         where.caption(f":material/verified: `{a.model}` trained on {text}.")
 
