@@ -6,7 +6,8 @@
 
 A 4-class model (class "diabetic_retinopathy", trained on the 4-class set):
 1. Mexico fundus set, no-DME photographs with a DR grade (one acquisition set-up): P(DR) for NPDR/PDR against
-   grade 0, AUC with a patient-level bootstrap 95% interval.
+   grade 0, AUC with a patient-level bootstrap 95% interval; and what the grade-0 photographs are called (how
+   many "normal").
 A Mexico-trained DR model (class "DR", `--label-column dr_grade`):
 1. 4-class set, diabetic_retinopathy against normal, on that set's test split (stratified patient split 0.7/0.15/
    0.15, seed 0: the split the bundled 4-class model was trained on, so a model started from it never saw these).
@@ -48,9 +49,12 @@ def main(model: str = "fundus_resnet18_head", weights_dir: str | None = None) ->
     dr = next(c for c in ("diabetic_retinopathy", "DR") if c in m.cfg.classes)
     k = m.cfg.classes.index(dr)
 
+    def probs(paths) -> np.ndarray:
+        return np.concatenate([m.predict_proba(m.preprocess(read_image(p, max_side=SCREEN_SIDE).pixels)).cpu().numpy()
+                               for p in paths])
+
     def p_dr(paths) -> np.ndarray:
-        return np.array([float(m.predict_proba(m.preprocess(read_image(p, max_side=SCREEN_SIDE).pixels))[0, k])
-                         for p in paths])
+        return probs(paths)[:, k]
 
     out = {"model": m.name, "weights_sha256": m.sha256[:12], "framing": m.cfg.framing,
            "input": list(m.cfg.input_size)}
@@ -58,8 +62,12 @@ def main(model: str = "fundus_resnet18_head", weights_dir: str | None = None) ->
         rows = [r for r in csv.DictReader(open(root / "mexico_fundus_dme_dr" / "labels.csv"))
                 if r["label"] == "noDME" and r["dr_grade"] in ("0", "NPDR", "PDR")]
         y = np.array([r["dr_grade"] != "0" for r in rows], int)
-        p = p_dr([root / "mexico_fundus_dme_dr" / r["file"] for r in rows])
-        out["mexico_noDME_dr_vs_none"] = _auc_row(y, p, [r["patient_id"] for r in rows])
+        pp = probs([root / "mexico_fundus_dme_dr" / r["file"] for r in rows])
+        out["mexico_noDME_dr_vs_none"] = _auc_row(y, pp[:, k], [r["patient_id"] for r in rows])
+        if "normal" in m.cfg.classes:       # what a photograph without DR from that clinic is called
+            calls = pp[y == 0].argmax(1)
+            out["mexico_noDR_called"] = {"n": int((y == 0).sum()), **{c: int((calls == i).sum())
+                                                                   for i, c in enumerate(m.cfg.classes)}}
     else:
         recs = load_dataset(root / "eye_disease_4class").records
         test = [r for r in split_patients(recs, 0, "0.7,0.15,0.15", "stratified")["test"]
@@ -84,6 +92,14 @@ def checks_of(out: dict) -> list[dict]:
             lo, hi = r["auc_ci95"] or (r["auc"], r["auc"])
             checks.append({"check": what, "figure": f"AUC {r['auc']:.2f} (95% CI {lo:.2f}-{hi:.2f}), n = {r['n']}",
                            "holds": bool(lo > 0.5), "command": "python scripts/external_dr_check.py"})
+    r = out.get("mexico_noDR_called")
+    if r:
+        checks.append({"check": "another clinic's photographs without DR (Mexico set) called normal",
+                       "figure": f"{r['normal']} of {r['n']} ("
+                                 + ", ".join(f"{r[c]} {c}" for c in sorted(r, key=lambda c: -r[c])
+                                             if c not in ("n", "normal") and r[c]) + ")",
+                       "holds": bool(r["normal"] >= r["n"] / 2),
+                       "command": "python scripts/external_dr_check.py"})
     r = out["idrid_all_dr"]
     checks.append({"check": "IDRiD photographs with DR lesions called DR", "figure": f"{r['called_dr']} of {r['n']}",
                    "holds": bool(r["called_dr"] >= r["n"] / 2), "command": "python scripts/external_dr_check.py"})
