@@ -114,8 +114,8 @@ def record(out: dict) -> None:
     entry = manifest.get(out["model"]) or {}
     if not str(entry.get("sha256", "")).startswith(out["weights_sha256"]):
         raise SystemExit(f"--record: the checked weights are not the bundled {out['model']} ({path})")
-    entry["external_checks"] = [{**c, "command": f"{c['command']} {out['model']}", "weights_sha256": out["weights_sha256"]}
-                                for c in checks_of(out)]
+    entry["external_checks"] = [{**c, "command": f"{c['command']} {out['model']}",
+                                 "weights_sha256": out["weights_sha256"]} for c in checks_of(out)]
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"recorded {len(entry['external_checks'])} checks in {path}", file=sys.stderr)
 

@@ -155,8 +155,9 @@ OUTSIDE_CAUTION = "Did not hold outside its training set"
 def outside_caution(entry: dict) -> str | None:
     """What a manifest's `external_checks` (figures measured on sets the weights were not trained on, e.g.
     scripts/external_dr_check.py --record; each names the weights it was made on, and checks of other weights
-    are ignored) say against these weights, in one sentence, or None when every check held or none was made: "Did not hold outside its training set: <check> <figure>; ...". Part of `trained_on`,
-    so it is shown wherever what a model was trained on is."""
+    are ignored) say against these weights, in one sentence, or None when every check held or none was made:
+    "Did not hold outside its training set: <check>, <figure>; ...". Part of `trained_on`, so it is shown
+    wherever what a model was trained on is."""
     sha = str(entry.get("sha256", ""))
     failed = [c for c in entry.get("external_checks") or ()
               if not c.get("holds", True) and sha.startswith(str(c.get("weights_sha256", "-")))]

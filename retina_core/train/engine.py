@@ -74,9 +74,9 @@ class CachedImages(Dataset):
         for r in records:
             pixels = read_image(r.path).pixels
             x = torch.tensor(pixels).permute(2, 0, 1)[None].float()
-            # the frame as preprocess_image shapes it: around the field of view (fov framing) or stretched
-            box = frame_box(pixels, (h, w), cfg.framing) if framed else FieldBox(0.0, 0.0, float(pixels.shape[1]),
-                                                                   float(pixels.shape[0]))
+            # the frame as preprocess_image shapes it: a box around the field of view or the disc, or stretched
+            box = frame_box(pixels, (h, w), cfg.framing) if framed else \
+                FieldBox(0.0, 0.0, float(pixels.shape[1]), float(pixels.shape[0]))
             img = frame_tensor(x[0], box, (h, w), round_mask=framed).round().clamp(0, 255)
             imgs.append((local_contrast(img).round() if uses_contrast(cfg) else img).to(torch.uint8))
             if mask_root is not None:
