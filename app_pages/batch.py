@@ -39,12 +39,17 @@ table = pd.DataFrame(done, columns=COLUMNS)
 n_err = int((table["error"] != "").sum())
 n_ref = int((table["referable"].astype(str) == "True").sum())
 n_nores = int((table["label"] == "no result").sum())
-c = st.columns(4)
+n_unsure = int(((table["label"] != "no result") & (table["model"] != "")
+                & (table["confident"].astype(str) == "False")).sum())
+c = st.columns(5)
 c[0].metric("Images", len(table))
 c[1].metric("Referable", n_ref)
-c[2].metric("No result (retake or refer)", n_nores)
-c[3].metric("Unreadable files", n_err)
-show = table[["file", "modality", "quality", "label", "confidence", "referable", "model", "error"]]
+c[2].metric("Below the confident level", n_unsure, help="Readings whose top-class probability is below the level at "
+            "which the model's held-out readings were right 90% of the time (Models & evaluation page); review "
+            "these images yourself.")
+c[3].metric("No result (retake or refer)", n_nores)
+c[4].metric("Unreadable files", n_err)
+show = table[["file", "modality", "quality", "label", "confidence", "confident", "referable", "model", "error"]]
 st.dataframe(show, hide_index=True, width="stretch",
              column_config={"confidence": st.column_config.ProgressColumn("confidence", min_value=0.0,
                                                                           max_value=1.0, format="%.2f")})

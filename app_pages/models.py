@@ -6,7 +6,7 @@ import streamlit as st
 from retina_core import figures
 from retina_core.audit.evidence import evidence_kind, evidence_reports, stability_table
 from retina_core.models import get_cfg, list_models, read_manifest
-from retina_core.models.loading import trained_on
+from retina_core.models.loading import confidence_of, trained_on
 from retina_core.webapp import common
 
 st.title("Models & evaluation")
@@ -126,6 +126,16 @@ for name in list_models():
                 rows = [metrics] + ([{k: f"{ci[k][0]:.3f}-{ci[k][1]:.3f}" if ci.get(k) else "" for k in metrics}]
                                     if ci else [])
                 st.dataframe(pd.DataFrame(rows, index=["estimate", "95% CI"][:len(rows)]))
+            conf = confidence_of(entry)
+            if conf:
+                t, b = conf["test"], conf["threshold"]
+                ci = t.get("ci95_confident") or (t["accuracy_confident"],) * 2
+                st.markdown(f"**Confident level:** {b:.2f}, the lowest top-class probability at which its "
+                            f"{conf['chosen_on']} readings were right {conf['target_accuracy']:.0%} of the time. On "
+                            f"the test split, {t['confident']} of {t['n']} readings reached it and were right "
+                            f"{t['accuracy_confident']:.1%} ({ci[0]:.1%}-{ci[1]:.1%}); the {t['unsure']} below it "
+                            + (f"{t['accuracy_unsure']:.1%}." if t["accuracy_unsure"] is not None else "-.")
+                            + f"  \n`{conf.get('command', '')}`")
             real = entry.get("real_data")
             if real:
                 st.markdown(f"**Data set:** {real.get('title')}. **Source and attribution:** {real.get('attribution')}."

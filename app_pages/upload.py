@@ -117,7 +117,8 @@ for i, (name, data) in enumerate(inputs, start=1):
                                key=f"dl_{i}", on_click="ignore")   # encoded on click, not on every rerun
         if a.quality.reasons:
             st.caption("Quality notes: " + "; ".join(a.quality.reasons))
-        notes = [n for n in a.notes if not n.startswith("Low confidence")]   # that one is in the suggestion
+        notes = [n for n in a.notes if not n.startswith("Low confidence")   # that one is in the suggestion
+                 and n not in common.confidence_notes(a)]                 # and that one under it
         if notes:
             st.caption(" ".join(notes))
         st.caption(f"Model `{a.model}` · weights sha256 `{a.weights_sha256[:16]}` · image hash "

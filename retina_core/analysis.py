@@ -19,6 +19,7 @@ from .explain.attribution import ALL_METHODS, ModelMap, available_methods, defau
 from .io.decode import SCREEN_SIDE, RetinalImage, read_image
 from .modality import Modality
 from .models import LoadedModel, load_model, read_manifest
+from .models.loading import confidence_note, confidence_threshold
 from .quality import MEDIA_OPACITY_CLASSES, Quality, assess_quality, hazy_only, reads_media_opacity
 
 # Every model that reads a modality, in the order suggestions are shown: models trained on real images first, then
@@ -67,7 +68,6 @@ class _DefaultModels(Mapping):
 # The model used when the caller names none, per detected modality.
 DEFAULT_MODELS = _DefaultModels()
 NO_RESULT = "No result: retake or refer"
-LOW_CONFIDENCE = 0.5   # below this top-class probability the suggestion says so
 
 
 _LOAD_LOCK = threading.Lock()
@@ -123,6 +123,7 @@ class Analysis:
     image: np.ndarray = field(repr=False)     # uint8 [H, W, 3], the image as shown to the user
     notes: list[str] = field(default_factory=list)
     trained_on: str | None = None             # what the model was trained on ("real: <set>, n, held-out AUC" / phantoms)
+    confident: bool | None = None             # top class at or above the model's confident level; None: no result
 
     def __post_init__(self) -> None:
         if isinstance(self.modality, str):
@@ -152,7 +153,8 @@ class Analysis:
                 "target": self.target,
                 "quality": {"verdict": q.verdict, "gradable": q.gradable, "score": round(float(q.score), 4),
                             "reasons": list(q.reasons)},
-                "laterality": self.laterality, "content_hash": self.content_hash, "notes": list(self.notes)}
+                "laterality": self.laterality, "content_hash": self.content_hash, "notes": list(self.notes),
+                "confident": self.confident}
 
 
 def _no_result(img: RetinalImage, q: Quality, modality: str, method: str, why: list[str],
@@ -352,9 +354,14 @@ def finish_reading(plan: Reading, heatmap: np.ndarray | ModelMap, probabilities:
     if plan.hazy:
         suggestion += " The retina itself is not gradable on this photograph."
     notes = ["The heatmap is empty: no region raised the explained class's score."] if _map_empty(heatmap) else []
-    if probs[pred] < LOW_CONFIDENCE:
-        notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
+    measured = confidence_note(model.entry, float(probs[pred]))   # the weights' recorded level, measured held out
+    confident = bool(probs[pred] >= confidence_threshold(model.entry))
+    if not confident:
+        if not measured:
+            notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
         suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."
+    if measured:
+        notes.append(measured)
     if plan.hazy:
         notes.append(HAZY_NOTE)
     if plan.note:
@@ -363,7 +370,7 @@ def finish_reading(plan: Reading, heatmap: np.ndarray | ModelMap, probabilities:
                       label=label, heatmap=heatmap, model=model.name, weights_sha256=model.sha256, method=method,
                       target=classes[t_idx], referable=referable, suggestion=suggestion,
                       content_hash=img.content_hash, laterality=img.laterality, image=img.pixels, notes=notes,
-                      trained_on=model.trained_on)
+                      trained_on=model.trained_on, confident=confident)
     audit(result)
     return result
 

@@ -34,11 +34,13 @@ from .analysis import DEFAULT_MODELS, get_model, suggestion_for
 from .errors import RetinaInputError
 from .explain.cam import gradcam_single_pass, normalise_map
 from .models.framing import FieldBox, frame_box, map_to_image, uses_fov
-from .models.loading import inference_cfg, preprocess_image
+from .models.loading import confidence_threshold, inference_cfg, preprocess_image
 
 log = logging.getLogger(__name__)
 COLUMNS = ["file", "content_hash", "modality", "quality", "quality_score", "model", "label", "confidence",
-           "referable", "probabilities", "heatmap", "error"]
+           "referable", "probabilities", "heatmap", "error", "confident"]
+# confident: the top-class probability reaches the model's confident level (the manifest's `confidence` record,
+# measured on held-out images; else models.loading.LOW_CONFIDENCE). Last, so results written before it resume.
 _SKIP = {".csv", ".json", ".txt", ".md", ".parquet"}
 
 
@@ -169,6 +171,7 @@ def infer(items: list[Prepared], heatmaps: Path | None, runtime: str = "torch") 
                                                       "media opacity")
                 continue
             g.row.update(label=label, confidence=round(float(p[k]), 6),
+                         confident=bool(p[k] >= confidence_threshold(model.entry)),
                          referable=suggestion_for(label, model)[0],
                          probabilities=json.dumps({c: round(float(v), 6) for c, v in zip(model.cfg.classes, p)}))
             if cam is not None:
@@ -176,6 +179,14 @@ def infer(items: list[Prepared], heatmaps: Path | None, runtime: str = "torch") 
                 g.row["heatmap"] = str(write_heatmap(hm,
                                                      heatmaps / f"{g.row['content_hash'][:16]}_heatmap.png"))
     return [it.row for it in items]
+
+
+def _header(out: Path) -> list[str] | None:
+    """The columns of an existing results CSV (None: no file yet, or an empty one)."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return None
+    with open(out, newline="") as f:
+        return next(csv.reader(f), None)
 
 
 def write_heatmap(heatmap: np.ndarray, path: Path) -> Path:
@@ -265,12 +276,13 @@ def run_batch(source: str | os.PathLike, out: str | os.PathLike, engine: str = "
 
     with tqdm(total=len(todo), disable=not progress, unit="img", desc="screening") as bar, \
             open(out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        columns = _header(out) or COLUMNS     # resuming a file written with fewer columns keeps its own
+        writer = csv.DictWriter(f, fieldnames=columns)
         if not done and f.tell() == 0:
             writer.writeheader()
         for rows in runner:
             for r in rows:
-                writer.writerow({c: r.get(c, "") for c in COLUMNS})
+                writer.writerow({c: r.get(c, "") for c in columns})
                 counts["processed"] += 1
                 counts["errors"] += bool(r.get("error"))
                 counts["no_result"] += r.get("label") == "no result"

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -108,7 +109,9 @@ def cmd_predict(args) -> int:
                 p = r["probabilities"][r["label"]]
                 head = f"{path}: {record['modality']} ->" if k == 0 else "    also:"
                 print(f"{head} {r['label']} ({p:.1%}) by {r['model']} [trained on {r['trained_on']}]; "
-                      f"{r['suggestion']}" + (f"; heatmap {r['heatmap']}" if "heatmap" in r else ""))
+                      f"{r['suggestion']}" + "".join(f" {n}" for n in r.get("notes", ())
+                                                     if n.startswith("Confidence: "))   # measured held out
+                      + (f"; heatmap {r['heatmap']}" if "heatmap" in r else ""))
     return 1 if failures else 0
 
 
@@ -329,6 +332,34 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_confidence(args) -> int:
+    from .evaluate.run import confidence_record, record_confidence
+
+    rec = confidence_record(args.model, args.data, target=args.target, weights_dir=args.weights_dir,
+                            encoders_dir=args.encoders_dir, min_confident=args.min_confident)
+    if args.plots:
+        from .evaluate.plots import write_risk_coverage_plot
+
+        rec["plot"] = str(write_risk_coverage_plot(rec, Path(args.plots) / f"{args.model}_risk_coverage.png"))
+    if args.record:
+        command = "python -m retina_core " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--record")
+        rec["recorded_in"] = str(record_confidence(rec, args.weights_dir, command=command))
+    rec.pop("curves")
+    if args.json:
+        _print_json(rec)
+    else:
+        for split in ("val", "test"):
+            b = rec[split]
+            ci = b["ci95_confident"]
+            print(f"{split}: {b['confident']} of {b['n']} readings at or above {rec['threshold']:.3f} "
+                  f"(coverage {b['coverage']:.3f}), accuracy {b['accuracy_confident']:.3f}"
+                  + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                  + (f"; below it {b['accuracy_unsure']:.3f}" if b["accuracy_unsure"] is not None else ""))
+        if rec.get("recorded_in"):
+            print(f"recorded in {rec['recorded_in']}")
+    return 0
+
+
 def cmd_batch(args) -> int:
     from .batch import run_batch
 
@@ -535,6 +566,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also per value of this labels.csv column, e.g. source (a `data combine` set)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("confidence", help="the confidence level at which a model's readings reach a target "
+                                          "accuracy: chosen on the validation split, measured on the test split")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--target", type=float, default=0.90, help="accuracy the confident readings must reach on "
+                                                               "validation (default 0.90)")
+    p.add_argument("--min-confident", type=int, default=30, help="the fewest validation readings the level may "
+                                                                 "keep (default 30)")
+    p.add_argument("--weights-dir", default=None, help="a folder written by `train` (default: bundled weights)")
+    p.add_argument("--encoders-dir", default=None, help="fundus_oct_fusion: folder(s) with the encoders' weights")
+    p.add_argument("--plots", default=None, help="folder for the risk-coverage plot (PNG)")
+    p.add_argument("--record", action="store_true", help="write the level and its figures into the weights' "
+                                                         "manifest: every reading then quotes them")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_confidence)
 
     p = sub.add_parser("batch", help="screen a folder or CSV of images into a results CSV (resumable)")
     p.add_argument("input", help="a folder of images, or a CSV with a 'path' column")

@@ -177,10 +177,25 @@ def _image_page(fig: Figure, it: ReportItem, index: int) -> None:
     ]
     lines += [f"  - {r}" for r in q.reasons]
     lines += [f"Note: {n}" for n in a.notes]
-    y = 0.29
-    for line in lines[:16]:
+    size, width = _fitting_size(lines, TEXT_TOP, TEXT_BOTTOM)
+    y = TEXT_TOP
+    for line in lines:
         # hashes in monospace: easier to compare by eye, and no typographic ligature (ff) inside a hash
-        y = _write(fig, y, line, family="monospace" if "sha256" in line else None)
+        y = _write(fig, y, line, size, width, family="monospace" if "sha256" in line else None)
+
+
+TEXT_TOP, TEXT_BOTTOM = 0.29, 0.075   # an image page's text block: under the probabilities, above the footer
+
+
+def _fitting_size(lines: list[str], top: float, bottom: float) -> tuple[float, int]:
+    """The largest font size (8 pt down to 5.5 pt, wrapped proportionally wider) at which `_write` puts every line
+    between top and bottom, so a long provenance or note never runs into the footer."""
+    for size in (8.0, 7.5, 7.0, 6.5, 6.0, 5.5):
+        width = int(120 * 8.0 / size)
+        height = sum(len(textwrap.wrap(t, width) or [""]) * (size * 0.0021 + 0.004) + 0.004 for t in lines)
+        if top - height >= bottom:
+            break
+    return size, width
 
 
 def report_figures(items: list[ReportItem], scope: str = "patient",

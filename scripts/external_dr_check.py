@@ -6,8 +6,9 @@
 
 A 4-class model (class "diabetic_retinopathy", trained on the 4-class set):
 1. Mexico fundus set, no-DME photographs with a DR grade (one acquisition set-up): P(DR) for NPDR/PDR against
-   grade 0, AUC with a patient-level bootstrap 95% interval; and what the grade-0 photographs are called (how
-   many "normal").
+   grade 0, AUC with a patient-level bootstrap 95% interval; what the grade-0 photographs are called (how
+   many "normal"); and, where the weights record a confident level (`retina_core confidence --record`), how many
+   of those readings reach it and how many of the confident ones are right.
 A Mexico-trained DR model (class "DR", `--label-column dr_grade`):
 1. 4-class set, diabetic_retinopathy against normal, on that set's test split (stratified patient split 0.7/0.15/
    0.15, seed 0: the split the bundled 4-class model was trained on, so a model started from it never saw these).
@@ -33,7 +34,7 @@ from retina_core.evaluate.metrics import bootstrap_ci
 from retina_core.io.datasets import load_dataset, split_patients
 from retina_core.io.decode import SCREEN_SIDE, read_image
 from retina_core.io.realsets import realdata_root
-from retina_core.models.loading import load_model
+from retina_core.models.loading import confidence_of, confidence_threshold, load_model
 
 
 def _auc_row(y: np.ndarray, p: np.ndarray, groups) -> dict:
@@ -68,6 +69,12 @@ def main(model: str = "fundus_resnet18_head", weights_dir: str | None = None) ->
             calls = pp[y == 0].argmax(1)
             out["mexico_noDR_called"] = {"n": int((y == 0).sum()), **{c: int((calls == i).sum())
                                                                    for i, c in enumerate(m.cfg.classes)}}
+            if confidence_of(m.entry):   # does "confident" (the level recorded on its own set) hold there?
+                t = confidence_threshold(m.entry)
+                sure = pp[y == 0].max(1) >= t
+                right = calls == m.cfg.classes.index("normal")
+                out["mexico_noDR_confident"] = {"threshold": t, "n": int((y == 0).sum()), "confident": int(sure.sum()),
+                                                "right": int((sure & right).sum())}
     else:
         recs = load_dataset(root / "eye_disease_4class").records
         test = [r for r in split_patients(recs, 0, "0.7,0.15,0.15", "stratified")["test"]
@@ -99,6 +106,13 @@ def checks_of(out: dict) -> list[dict]:
                                  + ", ".join(f"{r[c]} {c}" for c in sorted(r, key=lambda c: -r[c])
                                              if c not in ("n", "normal") and r[c]) + ")",
                        "holds": bool(r["normal"] >= r["n"] / 2),
+                       "command": "python scripts/external_dr_check.py"})
+    r = out.get("mexico_noDR_confident")
+    if r:
+        checks.append({"check": f"confident readings (at or above {r['threshold']:.0%}) of another clinic's "
+                                "photographs without DR (Mexico set) that were right",
+                       "figure": f"{r['right']} of {r['confident']} ({r['confident']} of {r['n']} were confident)",
+                       "holds": bool(r["right"] >= r["confident"] / 2),
                        "command": "python scripts/external_dr_check.py"})
     r = out["idrid_all_dr"]
     checks.append({"check": "IDRiD photographs with DR lesions called DR", "figure": f"{r['called_dr']} of {r['n']}",

@@ -85,6 +85,23 @@ def test_batch_matches_single_image_analysis(archive, tmp_path):
     assert row["label"] == a.label
     probs = json.loads(row["probabilities"])
     assert max(abs(probs[c] - a.probabilities[c]) for c in probs) < 1e-4
+    # "confident": the same level a reading's suggestion uses (the model's recorded one, or the default)
+    assert row["confident"] == str("Low confidence" not in a.suggestion)
+
+
+def test_resuming_results_written_before_the_confident_column_keeps_their_columns(archive, tmp_path):
+    from retina_core.batch import COLUMNS
+
+    out = tmp_path / "old.csv"
+    old = [c for c in COLUMNS if c != "confident"]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old)
+        w.writeheader()
+        w.writerow({c: "" for c in old} | {"file": str(archive / "broken.jpg"), "error": "unreadable"})
+    run_batch(archive, out, num_workers=0, progress=False)
+    with open(out, newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == old and len(lines) == 5 and all(len(r) == len(old) for r in lines)
 
 
 def test_csv_input_and_cli(archive, tmp_path, capsys):

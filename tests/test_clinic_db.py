@@ -217,6 +217,11 @@ def test_worklist_filters_and_order(clinic):
     assert records.reviewers(clinic) == ["dr-b", "dr-c"]
     row = records.worklist(clinic, awaiting_only=True)[0]
     assert row.referable and row.status == "awaiting review (1 of 1)" and row.eyes == ("OD",)
+    # readings below their model's confident level are counted for the latest visit
+    assert row.low_confidence == 0
+    save(clinic, "SCR-0010", 13, {"CNV": 0.45, "DME": 0.35, "DRUSEN": 0.1, "NORMAL": 0.1}, date=D2)
+    row = next(r for r in records.worklist(clinic) if r.ref == "SCR-0010")
+    assert row.low_confidence == 1 and row.visits == 2
 
 
 def test_change_since_last_visit(clinic):

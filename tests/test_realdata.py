@@ -138,6 +138,23 @@ def test_bundled_4class_reading_says_where_its_dr_answer_failed():
     assert OUTSIDE_CAUTION in trained_on(entry) and "Mexico" in trained_on(entry)
 
 
+def test_bundled_real_models_quote_a_confident_level_chosen_on_validation():
+    """`python -m retina_core confidence --record` on each bundled real-data model: a level chosen on the validation
+    split, measured on the same test split as the manifest's held-out figures, for these very weights."""
+    from retina_core.models import read_manifest
+    from retina_core.models.loading import confidence_note, confidence_of
+
+    real = {n: e for n, e in read_manifest().items() if e.get("real_data")}
+    if not real:
+        pytest.skip("no real-data weights installed in weights/")
+    for name, entry in real.items():
+        rec = confidence_of(entry)
+        assert rec and rec["chosen_on"] == "val", name
+        assert rec["val"]["accuracy_confident"] >= rec["target_accuracy"], name
+        assert rec["test"]["n"] == entry["heldout_metrics"]["n"] == entry["splits"]["test"], name
+        assert "test split" in confidence_note(entry, 0.999)
+
+
 def test_each_installed_real_data_model_reads_a_real_image_of_its_set(realdata):
     import retina_core as rc
     from retina_core.models import read_manifest

@@ -105,3 +105,19 @@ def test_bad_arguments():
         report_pdf([], "patient")
     with pytest.raises(ValueError):
         report_dict([], "household")
+
+
+def test_a_long_provenance_shrinks_the_text_to_stay_above_the_footer():
+    """A reading's text block (suggestion, provenance with its failed external checks, notes) is set smaller when
+    it would otherwise run into the page's footer."""
+    import textwrap
+
+    from retina_core.report import TEXT_BOTTOM, TEXT_TOP, _fitting_size
+
+    short = ["Suggestion: normal.", "Quality: gradable"]
+    assert _fitting_size(short, TEXT_TOP, TEXT_BOTTOM) == (8.0, 120)
+    long = short + ["Model trained on: " + "a check that did not hold elsewhere; " * 20, "Note: " + "x " * 150]
+    size, width = _fitting_size(long, TEXT_TOP, TEXT_BOTTOM)
+    assert size < 8.0 and width > 120
+    used = sum(len(textwrap.wrap(t, width)) * (size * 0.0021 + 0.004) + 0.004 for t in long)
+    assert TEXT_TOP - used >= TEXT_BOTTOM

@@ -477,6 +477,7 @@ class WorklistRow:
     reviewers: tuple[str, ...]          # who signed reviews of this case
     last_activity_at: dt.datetime | None
     linked_cases: int                   # other cases of the same DICOM patient
+    low_confidence: int = 0             # readings at an eye's latest visit below their model's confident level
 
     @property
     def status(self) -> str:
@@ -509,11 +510,13 @@ def worklist(clinic: Clinic, *, awaiting_only: bool = False, referable_first: bo
         if awaiting_only and not awaiting:
             continue
         referable = any(bool(a.referable) for e in c.eyes if e.visits for a in e.visits[-1].analyses)
+        unsure = sum((a.outputs or {}).get("confident") is False for e in c.eyes if e.visits
+                     for a in e.visits[-1].analyses)
         rows.append(WorklistRow(c.id, case_number(c.id) if deidentified else c.ref, tuple(e.laterality for e in c.eyes),
                                 max(dates, default=None), len(dates),
                                 len({i.id for e in c.eyes for v in e.visits for i in v.images}),
                                 referable, awaiting, len(analyses), signers, c.last_activity_at,
-                                keys[c.patient_key] - 1 if c.patient_key and not deidentified else 0))
+                                keys[c.patient_key] - 1 if c.patient_key and not deidentified else 0, unsure))
     newest = dt.date.min
     rows.sort(key=lambda r: (r.last_visit or newest, _ts(r.last_activity_at)), reverse=True)
     if referable_first:

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..analysis import Analysis
 from ..io.decode import RetinalImage
+from ..models.loading import LOW_CONFIDENCE
 from ..quality import Quality
 
 
@@ -38,7 +39,7 @@ def synthetic_analysis(image: RetinalImage, probabilities: dict[str, float] | No
                   f"Not referable by this model: findings suggest {label}. Routine follow-up.")
     return Analysis("oct", q, dict(probabilities), label, heatmap, model, "0" * 64, method, label, referable,
                     suggestion, image.content_hash, image.laterality, image.pixels, [],
-                    "synthetic phantoms only (no real images)")
+                    "synthetic phantoms only (no real images)", confident=probabilities[label] >= LOW_CONFIDENCE)
 
 
 TEST_PASSWORD = "test passphrase 1234"     # for test accounts only

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["write_eval_plots"]
+__all__ = ["write_eval_plots", "write_risk_coverage_plot"]
 
 
 def _confusion(ax, cm: np.ndarray, classes: list[str]) -> None:
@@ -75,3 +75,34 @@ def write_eval_plots(report: dict, out_dir: str | Path, stem: str | None = None)
         fig.savefig(path)
         paths.append(path)
     return paths
+
+
+def write_risk_coverage_plot(record: dict, path: str | Path) -> Path:
+    """Accuracy of the most confident readings against the share of readings kept (risk-coverage), one line per
+    split of a `confidence_record`, with the chosen level marked; returns the PNG's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(5.2, 4.4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    for split, colour in (("val", "#9bb7c4"), ("test", "#1f6f8b")):
+        curve = record["curves"].get(split)
+        if not curve:
+            continue
+        band = record[split]
+        ax.plot(curve["coverage"], curve["accuracy"], color=colour, lw=1.5, label=f"{split} (n = {band['n']})")
+        ax.scatter([band["coverage"]], [band["accuracy_confident"]], color=colour, zorder=3, s=30)
+    ax.axhline(record["target_accuracy"], ls="--", color="#888888", lw=1,
+               label=f"target {record['target_accuracy']:.2f} (level chosen on val)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(max(0.0, min(0.5, ax.get_ylim()[0])), 1.01)
+    ax.set_xlabel("share of readings at or above a confidence level (coverage)")
+    ax.set_ylabel("accuracy of those readings")
+    ax.legend(fontsize=7, loc="lower left")
+    test = record["test"]
+    fig.suptitle(f"{record['model']} on {record['data']}: confident level {record['threshold']:.2f}\ntest: "
+                 f"{test['confident']} of {test['n']} readings confident, accuracy {test['accuracy_confident']:.3f}",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

@@ -13,9 +13,10 @@ import numpy as np
 
 from ..errors import RetinaInputError
 from ..modality import Modality
-from ..models.loading import LoadedModel, load_model
+from ..models.loading import LoadedModel, confidence_of, confidence_threshold, load_model
 from ..models.predict import predict_pairs, predict_paths, predict_volumes
 from .metrics import bootstrap_ci, classification_metrics
+from .selective import band_accuracy, fit_threshold, risk_coverage
 
 MULTI_INPUT = (Modality.FUNDUS_OCT, Modality.OCT_VOLUME)
 LAYOUT = {Modality.FUNDUS_OCT: "paired", Modality.OCT_VOLUME: "volumes"}   # the data set layout they read
@@ -88,6 +89,10 @@ def evaluate(model_name: str, data: str | Path, split: str = "test", weights_dir
     records, y, index = split_records(model, data, split, seed)
     probs = member_probabilities(model, records)
     report = _metrics_report(model, y, probs, records)
+    # the readings the app calls confident (the weights' recorded level, else the default) and how often right
+    report["selective"] = {**band_accuracy(y, probs, confidence_threshold(model.entry),
+                                           groups=[r.patient_id or str(r.path) for r in records]),
+                           "level": "recorded (chosen on val)" if confidence_of(model.entry) else "default"}
     if by:
         values = [str(r.meta.get(by, "")) for r in records]
         if not any(values):
@@ -102,6 +107,57 @@ def evaluate(model_name: str, data: str | Path, split: str = "test", weights_dir
             "split": split, "n": int(len(y)), "metric_kind": "phantom" if is_phantom(index, data)
             else "as measured on this data", "temperature": model.temperature, "trained_on": model.entry.get("data"),
             **report}
+
+
+def confidence_record(model_name: str, data: str | Path, target: float = 0.90, weights_dir: str | Path | None = None,
+                      encoders_dir: str | None = None, n_boot: int = 1000, min_confident: int = 30) -> dict:
+    """Where a model's readings become confident, chosen on the validation split and measured on the test split.
+
+    The threshold is the lowest top-class probability at which the validation readings at or above it are right
+    `target` of the time (`selective.fit_threshold`); the test split (the one `train` held out) then says how many
+    readings reach it and how often they, and the ones below it, are right, with patient-level intervals. The
+    result is what `python -m retina_core confidence --record` writes into the manifest entry (`confidence`), and
+    carries the risk-coverage curves of both splits under "curves" (not recorded). min_confident: the fewest
+    validation readings a level may keep (a level kept by a handful of lucky readings says nothing)."""
+    model = load_member(model_name, weights_dir, encoders_dir)
+    seed = int(model.entry.get("config", {}).get("seed", 0))
+    bands, curves, threshold = {}, {}, None
+    for split in ("val", "test"):
+        records, y, index = split_records(model, data, split, seed)
+        probs = member_probabilities(model, records)
+        if split == "val":
+            threshold = fit_threshold(y, probs, target, min_confident)
+            if threshold is None:
+                raise RetinaInputError(f"No confidence level of {model_name} reaches accuracy {target:.2f} on "
+                                       f"{len(y)} validation images (with at least {min_confident} readings at or "
+                                       "above it): lower --target.")
+            threshold = float(np.floor(threshold * 1e4) / 1e4)   # as recorded: the figures hold for this value
+        groups = [r.patient_id or str(r.path) for r in records]
+        bands[split] = band_accuracy(y, probs, threshold, groups=groups, n_boot=n_boot)
+        curves[split] = risk_coverage(y, probs)
+    return {"model": model_name, "weights_sha256": (model.sha256 or "")[:12], "data": Path(str(data)).name,
+            "real_data": not is_phantom(index, data), "target_accuracy": target, "threshold": bands["val"]["threshold"],
+            "chosen_on": "val", "val": bands["val"], "test": bands["test"], "curves": curves}
+
+
+def record_confidence(record: dict, weights_dir: str | Path | None = None, command: str | None = None) -> Path:
+    """Write a `confidence_record` (without its curves) into the manifest entry of the weights it was measured on
+    (the bundled folder, or a `train` run's), refusing when that entry holds other weights; returns the manifest."""
+    import json
+
+    from ..models.loading import MANIFEST
+    from ..models.loading import weights_dir as bundled
+
+    path = Path(weights_dir or bundled()) / MANIFEST
+    manifest = json.loads(path.read_text())
+    entry = manifest.get(record["model"]) or {}
+    if not record["weights_sha256"] or not str(entry.get("sha256", "")).startswith(record["weights_sha256"]):
+        raise RetinaInputError(f"{path} holds other weights of {record['model']} than the ones measured: "
+                               "nothing recorded.")
+    entry["confidence"] = {**{k: v for k, v in record.items() if k not in ("model", "curves", "plot")},
+                           **({"command": command} if command else {})}
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
 
 
 def _metrics_report(model: LoadedModel, y: np.ndarray, probs: np.ndarray, records) -> dict:

@@ -298,7 +298,8 @@ def probability_rows(probabilities: dict[str, float], label: str | None = None, 
 def trained_on_caption(a: Analysis, where=None) -> None:
     """What the model behind a suggestion was trained on, next to it: real set, size and held-out figure, or a
     visible 'synthetic phantoms only' for the tasks with no real data here; a warning where its answers were
-    checked on another set and did not hold there."""
+    checked on another set and did not hold there; then how often readings as confident as this one were right on
+    held-out images, where the weights record it."""
     where = where or st
     text = a.trained_on or "unknown training data"
     if text.startswith("synthetic"):
@@ -308,6 +309,16 @@ def trained_on_caption(a: Analysis, where=None) -> None:
         where.warning(f"`{a.model}` trained on {text}.", icon=":material/warning:")
     else:
         where.caption(f":material/verified: `{a.model}` trained on {text}.")
+    for note in confidence_notes(a):            # `models.loading.confidence_note`: this reading's level, measured
+        where.caption(f":material/speed: {note}")
+
+
+CONFIDENCE_NOTE = "Confidence: "
+
+
+def confidence_notes(a: Analysis) -> list[str]:
+    """The reading's notes on its confidence level as measured on held-out images (shown by `trained_on_caption`)."""
+    return [n for n in a.notes if n.startswith(CONFIDENCE_NOTE)]
 
 
 def weights_caption(model_names: list[str] | None = None) -> None:
