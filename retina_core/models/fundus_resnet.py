@@ -83,12 +83,14 @@ register_model(ModelCfg(
     referable=("cataract", "diabetic_retinopathy", "glaucoma"),
     card=("Demo variant of `fundus_resnet50` for CPU and the weights budget: the same head (GAP + BatchNorm + Dense "
           "256 ReLU + Dropout 0.5 + Dense 4) on a ResNet-18 layout at half width (32-64-128-256 channels, 2.8M), "
-          "96x96 input. With no ImageNet weights available, the backbone was first trained end to end on phantoms "
-          "(a stand-in for pre-training). The bundled weights were then trained end to end on the real 4-class eye "
-          "disease set (the Kaggle set of the source projects; patient-level split; held-out accuracy 0.75, macro "
-          "AUC 0.93 with 95% intervals in the manifest and docs/real_data.md, below the sources' ~92% with "
-          "pre-trained trunks). Its classes come from different cameras and sources, so part of what it learnt may be "
-          "the source. " + _RECIPE),
+          "built at 96x96; the bundled weights read 160x160 with the field of view cut out (framing `fov`). With no "
+          "ImageNet weights available, the backbone was first trained end to end on phantoms (a stand-in for "
+          "pre-training). The bundled weights were then trained end to end on the real 4-class eye disease set (the "
+          "Kaggle set of the source projects; patient-level split), not in two phases: their held-out figures with "
+          "95% intervals, their confident level and the checks on other sets are below (the manifest) and in "
+          "docs/real_data.md, below the sources' ~92% with pre-trained trunks. Its classes come from different "
+          "cameras and sources, so part of what it learnt may be the source. The source's recipe, for "
+          "`fundus_resnet50`: " + _RECIPE),
 ), FundusResNet)
 
 register_model(ModelCfg(
