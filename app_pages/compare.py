@@ -76,6 +76,7 @@ for col, (kind, model, title) in zip(cols, (("fundus", f_model, "Fundus photogra
             st.image(img.pixels, width="stretch")
             continue
         st.metric(f"{model}", a.label, f"{a.probabilities[a.label]:.0%}", delta_color="off", delta_arrow="off")
+        common.trained_on_caption(a)
         st.image(overlay(img.pixels, common.heatmap_of(a), alpha), caption=f"Grad-CAM for '{a.target}'",
                  width="stretch")
         common.probability_rows(a.probabilities, a.label)

@@ -110,6 +110,7 @@ if not a.has_result:
     st.stop()
 st.markdown(f"**{model_name}** suggests **{a.label}** ({a.probabilities[a.label]:.0%}); every map below explains "
             f"'{a.target}'.")
+common.trained_on_caption(a)
 if not methods:
     view_settings()
     st.info("Choose at least one explanation method in the sidebar.")
