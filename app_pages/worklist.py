@@ -38,7 +38,8 @@ if not rows:
 
 st.dataframe(pd.DataFrame([{
     "Case": r.ref, "Eyes": ", ".join(r.eyes), "Last visit": r.last_visit, "Visits": r.visits, "Images": r.images,
-    "Referable": "refer" if r.referable else "", "Low confidence": r.low_confidence or "", "Status": r.status, "Signed by": ", ".join(r.reviewers),
+    "Referable": "refer" if r.referable else "", "Low confidence": r.low_confidence or "", "Status": r.status,
+    "Signed by": ", ".join(r.reviewers),
     "Same patient as": f"{r.linked_cases} other case(s)" if r.linked_cases else ""} for r in rows]),
     hide_index=True, width="stretch", key="wl_table")
 st.caption(f"{len(rows)} case(s). 'Referable' means a suggestion at an eye's latest visit says refer; 'Low "

@@ -354,14 +354,12 @@ def finish_reading(plan: Reading, heatmap: np.ndarray | ModelMap, probabilities:
     if plan.hazy:
         suggestion += " The retina itself is not gradable on this photograph."
     notes = ["The heatmap is empty: no region raised the explained class's score."] if _map_empty(heatmap) else []
-    measured = confidence_note(model.entry, float(probs[pred]))   # the weights' recorded level, measured held out
     confident = bool(probs[pred] >= confidence_threshold(model.entry))
+    measured = confidence_note(model.entry, float(probs[pred]))   # the weights' recorded level, measured held out
     if not confident:
-        if not measured:
-            notes.append(f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
         suggestion += f" Low confidence ({probs[pred]:.0%}): review the image yourself."
-    if measured:
-        notes.append(measured)
+    if measured or not confident:
+        notes.append(measured or f"Low confidence: the top class has {probs[pred]:.0%}; review the image yourself.")
     if plan.hazy:
         notes.append(HAZY_NOTE)
     if plan.note:

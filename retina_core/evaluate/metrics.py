@@ -181,14 +181,7 @@ def bootstrap_ci(y_true, probs, class_names, n_boot: int = 1000, level: float = 
     names = [str(c) for c in class_names]
     y, p = _check(y_true, probs, names)
     rng = np.random.default_rng(seed)
-    if groups is None:
-        members = [np.array([i]) for i in range(len(y))]
-    else:
-        g = np.asarray(groups).reshape(-1)
-        if len(g) != len(y):
-            raise RetinaInputError(f"{len(g)} groups for {len(y)} samples: they must match one to one.")
-        _, inv = np.unique(g.astype(str), return_inverse=True)
-        members = [np.flatnonzero(inv == k) for k in range(inv.max() + 1)]
+    members = group_members(groups, len(y))
     draws: dict[str, list[float]] = {k: [] for k in BOOTSTRAP_KEYS}
     for _ in range(int(n_boot)):
         pick = rng.integers(0, len(members), len(members))
@@ -196,7 +189,25 @@ def bootstrap_ci(y_true, probs, class_names, n_boot: int = 1000, level: float = 
         for k, v in _point(y[idx], p[idx], len(names)).items():
             if v is not None:
                 draws[k].append(v)
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {k: ([round(float(np.percentile(v, lo)), 4), round(float(np.percentile(v, hi)), 4)] if len(v) >= 20
-               else None) for k, v in draws.items()}
+    out = {k: percentile_interval(v, level) for k, v in draws.items()}
     return {**out, "n_boot": int(n_boot), "level": level, "resampled": "patients" if groups is not None else "images"}
+
+
+def group_members(groups, n: int) -> list[np.ndarray]:
+    """The sample indices of each group (e.g. patient ids, one per sample), the units a bootstrap resamples; one
+    group per sample when `groups` is None."""
+    if groups is None:
+        return [np.array([i]) for i in range(n)]
+    g = np.asarray(groups).reshape(-1)
+    if len(g) != n:
+        raise RetinaInputError(f"{len(g)} groups for {n} samples: they must match one to one.")
+    _, inv = np.unique(g.astype(str), return_inverse=True)
+    return [np.flatnonzero(inv == k) for k in range(inv.max() + 1)]
+
+
+def percentile_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """The percentile bootstrap interval [low, high] of resampled values, or None from fewer than 20 of them."""
+    if len(values) < 20:
+        return None
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return [round(float(np.percentile(values, lo)), 4), round(float(np.percentile(values, hi)), 4)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import RetinaInputError
+from .metrics import group_members, percentile_interval
 
 __all__ = ["top_confidence", "fit_threshold", "band_accuracy", "risk_coverage"]
 
@@ -50,7 +51,7 @@ def fit_threshold(y_true, probs, target: float = 0.90, min_confident: int = 30) 
 
 
 def _accuracy(right: np.ndarray) -> float | None:
-    return float(right.mean()) if len(right) else None
+    return round(float(right.mean()), 4) if len(right) else None
 
 
 def band_accuracy(y_true, probs, threshold: float, groups=None, n_boot: int = 1000, level: float = 0.95,
@@ -65,11 +66,7 @@ def band_accuracy(y_true, probs, threshold: float, groups=None, n_boot: int = 10
         raise RetinaInputError(f"{len(y)} labels for {len(conf)} probability rows: they must match one to one.")
     right = pred == y
     sure = conf >= threshold
-    if groups is None:
-        members = [np.array([i]) for i in range(len(y))]
-    else:
-        _, inv = np.unique(np.asarray(groups).astype(str).reshape(-1), return_inverse=True)
-        members = [np.flatnonzero(inv == k) for k in range(inv.max() + 1)]
+    members = group_members(groups, len(y))
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {"confident": [], "unsure": []}
     for _ in range(int(n_boot)):
@@ -77,19 +74,11 @@ def band_accuracy(y_true, probs, threshold: float, groups=None, n_boot: int = 10
         for key, keep in (("confident", sure[idx]), ("unsure", ~sure[idx])):
             if keep.any():
                 draws[key].append(float(right[idx][keep].mean()))
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-
-    def interval(v: list[float]) -> list[float] | None:
-        return [round(float(np.percentile(v, lo)), 4), round(float(np.percentile(v, hi)), 4)] if len(v) >= 20 \
-            else None
-
-    def rounded(x: float | None) -> float | None:
-        return None if x is None else round(x, 4)
-
     return {"threshold": round(float(threshold), 4), "n": int(len(y)), "confident": int(sure.sum()),
-            "coverage": round(float(sure.mean()), 4), "accuracy_confident": rounded(_accuracy(right[sure])),
-            "ci95_confident": interval(draws["confident"]), "unsure": int((~sure).sum()),
-            "accuracy_unsure": rounded(_accuracy(right[~sure])), "ci95_unsure": interval(draws["unsure"]),
+            "coverage": round(float(sure.mean()), 4), "accuracy_confident": _accuracy(right[sure]),
+            "ci95_confident": percentile_interval(draws["confident"], level), "unsure": int((~sure).sum()),
+            "accuracy_unsure": _accuracy(right[~sure]),
+            "ci95_unsure": percentile_interval(draws["unsure"], level),
             "resampled": "patients" if groups is not None else "images"}
 
 
